@@ -1,0 +1,1276 @@
+"""Image captioning on Flickr8k / Flickr30k: a frozen ResNet50 encoder and a 2-layer LSTM decoder.
+
+    python flickr_image_caption_with_pytorch_resnet_lstm.py                 # train (demo set if no Flickr8k)
+    python flickr_image_caption_with_pytorch_resnet_lstm.py --resume        # continue from last.pt
+    python flickr_image_caption_with_pytorch_resnet_lstm.py --evaluate      # test-split metrics of best.pt
+    python flickr_image_caption_with_pytorch_resnet_lstm.py --caption photo.jpg folder/ [--caption_figure=out.png]
+
+Every constant in the config section can be overridden on the command line as --name=value.
+"""
+import contextlib
+import functools
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parent
+
+# -----------------------------------------------------------------------------
+# config: plain constants; override any of them as --name=value
+# data
+dataset = "auto"            # 'auto' (Flickr8k if present, else the demo), 'demo', 'flickr8k' or 'flickr30k'
+data_dir = ""               # '' means resources/input/<dataset>
+encoder_weights = "resources/models/resnet50-19c8e357.pth"  # fetched by ./setup.sh
+output_dir = ""             # '' means resources/output/<dataset>
+cache_dir = "resources/cache"
+cache_features = True       # compute the frozen ResNet50 features once per image instead of every step
+image_size = 224            # images are resized and centre-cropped to this many pixels
+max_images = 0              # 0 = every image; else a quick partial run on this many
+# model
+embed_size = 400
+hidden_size = 512
+num_layers = 2
+dropout = 0.3
+freq_threshold = 5          # a word enters the vocabulary when it occurs this often in the training captions
+# training
+batch_size = 32
+num_epochs = 2
+learning_rate = 0.0002      # the original's 3e-4 scaled for batch size 32
+max_batches_per_epoch = 0   # 0 = whole epochs
+seed = 42
+device = "auto"             # 'auto' picks cuda, then mps, then cpu
+num_workers = 2             # image-decoding processes
+sample_every = 200          # print sample captions every this many batches
+log_every = 10              # read the loss back from the device every this many batches
+resume = False              # continue from last.pt in output_dir
+# decoding and evaluation
+max_caption_len = 20
+beam_size = 3
+# the built-in demo set: these replace image_size, num_epochs, batch_size and learning_rate
+# in a demo run unless those are given on the command line
+demo_images = 2000
+demo_image_size = 128
+demo_num_epochs = 7
+demo_batch_size = 64
+demo_learning_rate = 0.001
+# modes
+evaluate = False            # evaluate a checkpoint on the test split and exit
+checkpoint = ""             # '' means best.pt in output_dir (for --evaluate and --caption)
+caption_figure = ""         # with --caption: also save the images and their captions to this PNG
+
+CONFIG_NAMES = [k for k, v in globals().items()
+                if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))]
+DEMO_SETTINGS = ["image_size", "num_epochs", "batch_size", "learning_rate"]
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, without a traceback."""
+
+
+def log(message):
+    tqdm.write(message)
+
+
+def warn(message):
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def parse_args(argv, defaults=None):
+    """--name=value overrides (type-checked), bare --flag for booleans, --caption PATH..."""
+    cfg = dict(defaults or {k: globals()[k] for k in CONFIG_NAMES})
+    explicit, caption_paths, args = set(), None, list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--caption":
+            caption_paths = []
+            while args and not args[0].startswith("--"):
+                caption_paths.append(args.pop(0))
+            if not caption_paths:
+                raise UserError("--caption needs at least one image file or folder")
+            continue
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}: settings are written --name=value")
+        name, has_value, text = arg[2:].partition("=")
+        if name not in cfg:
+            raise UserError(f"unknown setting {name!r}. Valid settings: {', '.join(sorted(cfg))}")
+        default = cfg[name]
+        if not has_value:
+            if not isinstance(default, bool):
+                raise UserError(f"--{name} needs a value: --{name}={default!r}")
+            text = "true"
+        cfg[name] = convert_value(name, text, default)
+        explicit.add(name)
+    cfg["_explicit"] = sorted(explicit)
+    return cfg, caption_paths
+
+
+def convert_value(name, text, default):
+    try:
+        if isinstance(default, bool):
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return lowered in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        return text
+    except ValueError:
+        raise UserError(f"--{name}={text!r}: expected a {type(default).__name__} like {default!r}") from None
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# -----------------------------------------------------------------------------
+# tokenization and vocabulary
+@functools.lru_cache(maxsize=1)
+def spacy_tokenizer():
+    import spacy  # spacy.blank("en") tokenizes exactly as en_core_web_sm does, with no model download
+    return spacy.blank("en").tokenizer
+
+
+class Vocabulary:
+    PAD, SOS, EOS, UNK = 0, 1, 2, 3
+    SPECIALS = ["<PAD>", "<SOS>", "<EOS>", "<UNK>"]
+
+    def __init__(self, freq_threshold=5, itos=None):
+        self.freq_threshold = freq_threshold
+        self.itos = list(itos) if itos is not None else list(self.SPECIALS)
+        if self.itos[:4] != self.SPECIALS:
+            raise ValueError(f"a vocabulary must start with {self.SPECIALS}")
+        self.stoi = {word: i for i, word in enumerate(self.itos)}
+
+    def __len__(self):
+        return len(self.itos)
+
+    @staticmethod
+    def tokenize(text):
+        return [token.text.lower() for token in spacy_tokenizer()(text)]
+
+    @staticmethod
+    def tokenize_many(texts):
+        return [[t.text.lower() for t in doc] for doc in spacy_tokenizer().pipe(texts, batch_size=2000)]
+
+    def build_vocab(self, sentences):
+        """Counts words in sentences (strings, or lists of tokens already split)."""
+        sentences = list(sentences)
+        tokenized = sentences if sentences and isinstance(sentences[0], list) else self.tokenize_many(sentences)
+        counts = Counter(token for tokens in tokenized for token in tokens)
+        for word, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+            if count >= self.freq_threshold and word not in self.stoi:
+                self.stoi[word] = len(self.itos)
+                self.itos.append(word)
+        return self
+
+    def numericalize(self, text):
+        tokens = text if isinstance(text, list) else self.tokenize(text)
+        return [self.stoi.get(token, self.UNK) for token in tokens]
+
+    def decode(self, ids):
+        words = []
+        for i in ids:
+            if i == self.EOS:
+                break
+            if i not in (self.PAD, self.SOS):
+                words.append(self.itos[i])
+        return " ".join(words)
+
+    def save(self, path):
+        Path(path).write_text(json.dumps({"freq_threshold": self.freq_threshold, "itos": self.itos}, indent=0))
+
+    @classmethod
+    def load(cls, path):
+        data = json.loads(Path(path).read_text())
+        return cls(data["freq_threshold"], data["itos"])
+
+
+# -----------------------------------------------------------------------------
+# dataset: caption files, image folders, splits
+CAPTION_FILES = ["dataset_flickr8k.json", "dataset_flickr30k.json", "captions.txt", "results.csv",
+                 "Flickr8k.token.txt"]
+IMAGE_DIRS = ["Images", "flickr30k_images/flickr30k_images", "flickr30k_images", "Flicker8k_Dataset",
+              "Flickr8k_Dataset"]
+SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+               "test": "Flickr_8k.testImages.txt"}
+FORMATS_ACCEPTED = ("Kaggle captions.txt ('image,caption' CSV), Kaggle Flickr30k results.csv "
+                    "('image_name| comment_number| comment'), Flickr8k.token.txt ('name.jpg#0<TAB>caption') "
+                    "or Karpathy's dataset_flickr8k.json / dataset_flickr30k.json")
+
+
+def read_text(path):
+    raw = Path(path).read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    for encoding in ("utf-8-sig", "cp1252"):
+        with contextlib.suppress(UnicodeDecodeError):
+            return raw.decode(encoding)
+    return raw.decode("latin-1")
+
+
+def read_captions(path):
+    """Reads any supported caption file: (DataFrame of image, caption[, split]; counts of what was dropped)."""
+    path = Path(path)
+    text = read_text(path)
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    dropped = Counter(blank_lines=sum(1 for line in lines if not line.strip()))
+    rows, bad_lines = [], []
+    if first.lstrip().startswith("{"):
+        for image in json.loads(text)["images"]:
+            split = {"restval": "train"}.get(image.get("split"), image.get("split"))
+            rows += [(image["filename"], s["raw"], split) for s in image["sentences"]]
+    elif re.match(r"^[^\t,|]+#\d+\t", first):
+        for number, line in enumerate(lines, 1):
+            name, tab, caption = line.partition("\t")
+            if line.strip() and (not tab or "#" not in name):
+                bad_lines.append(number)
+            elif line.strip():
+                rows.append((name.rsplit("#", 1)[0].strip(), caption))
+    elif re.sub(r"\s", "", first).lower().startswith("image_name|comment_number|comment"):
+        row_pattern = re.compile(r"^\s*([^|]+?)\s*\|\s*(\d+)\s*(?:\|\s*)?(.*)$")  # recovers a missing 2nd '|'
+        for number, line in enumerate(lines[lines.index(first) + 1:], lines.index(first) + 2):
+            match = row_pattern.match(line)
+            if line.strip() and not match:
+                bad_lines.append(number)
+            elif match:
+                rows.append((match[1], match[3]))
+    elif re.sub(r"\s", "", first).lower() == "image,caption":
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skip_blank_lines=True)
+        rows = list(zip(frame["image"].str.strip(), frame["caption"]))
+    else:
+        raise UserError(f"{path}: unknown caption file format. Its first line is {first[:120]!r}; "
+                        f"accepted formats: {FORMATS_ACCEPTED}")
+    columns = ["image", "caption", "split"] if rows and len(rows[0]) == 3 else ["image", "caption"]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame["caption"] = frame["caption"].str.strip()
+    empty = frame["caption"] == ""
+    dropped["empty_captions"] = int(empty.sum())
+    frame = frame[~empty]
+    before = len(frame)
+    frame = frame.drop_duplicates(["image", "caption"]).reset_index(drop=True)
+    dropped["duplicate_rows"] = before - len(frame)
+    dropped["malformed_rows"] = len(bad_lines)
+    if bad_lines:
+        warn(f"{path}: skipped {len(bad_lines)} malformed line(s): {bad_lines[:10]}")
+    return frame, {k: v for k, v in dropped.items() if v}
+
+
+def find_dataset_files(folder):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"dataset folder {folder} does not exist. Download the data into it (see the README: "
+                        f"./setup.sh --flickr8k fetches Flickr8k) or point --data_dir at it.")
+    places = [folder] + [folder / d for d in IMAGE_DIRS]
+    caption_file = next((p / name for name in CAPTION_FILES for p in places if (p / name).is_file()), None)
+    if caption_file is None:
+        raise UserError(f"no caption file in {folder}: expected one of {', '.join(CAPTION_FILES)}")
+    image_dir = next((folder / d for d in IMAGE_DIRS if (folder / d).is_dir()
+                      and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (folder / d).iterdir())), None)
+    if image_dir is None:
+        raise UserError(f"no image folder with images in {folder}: expected one of {', '.join(IMAGE_DIRS)}")
+    return caption_file, image_dir
+
+
+def assign_splits(frame, folder, seed, holdout_fraction=0.1):
+    """Split by image, never by caption: Karpathy splits, else the official Flickr8k lists, else seeded."""
+    if "split" in frame:
+        return frame, "Karpathy's splits"
+    if all((Path(folder) / f).is_file() for f in SPLIT_FILES.values()):
+        split_of = {name.strip(): split for split, f in SPLIT_FILES.items()
+                    for name in read_text(Path(folder) / f).split() if name.strip()}
+        frame = frame.assign(split=frame["image"].map(split_of))
+        unlisted = frame["split"].isna()
+        if unlisted.any():
+            log(f"{frame.loc[unlisted, 'image'].nunique()} images are in none of the official split lists: left out")
+        return frame[~unlisted].reset_index(drop=True), "the official Flickr8k split lists"
+    images = sorted(frame["image"].unique())
+    random.Random(seed).shuffle(images)
+    n_holdout = max(1, round(holdout_fraction * len(images)))
+    split_of = {name: "test" for name in images[:n_holdout]}
+    split_of.update({name: "val" for name in images[n_holdout:2 * n_holdout]})
+    return frame.assign(split=frame["image"].map(split_of).fillna("train")), f"a seeded split (seed {seed})"
+
+
+def load_captions(folder, seed, max_images=0):
+    """Caption table with a split column, for images that exist; reports everything it dropped."""
+    caption_file, image_dir = find_dataset_files(folder)
+    frame, dropped = read_captions(caption_file)
+    present = {p.name for p in image_dir.iterdir()}
+    missing = sorted(set(frame["image"]) - present)
+    if missing:
+        warn(f"{len(missing)} image(s) named in {caption_file.name} are not in {image_dir}, skipped: "
+             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        frame = frame[frame["image"].isin(present)]
+    frame, split_source = assign_splits(frame, folder, seed)
+    if max_images:
+        keep = sorted(frame["image"].unique())
+        random.Random(seed).shuffle(keep)
+        frame = frame[frame["image"].isin(set(keep[:max_images]))]
+    frame = frame.reset_index(drop=True)
+    counts = frame.drop_duplicates("image")["split"].value_counts()
+    log(f"captions: {caption_file} ({len(frame)} captions of {frame['image'].nunique()} images; images in "
+        f"{image_dir}); split by {split_source}: train {counts.get('train', 0)}, val {counts.get('val', 0)}, "
+        f"test {counts.get('test', 0)} images" + (f"; dropped {dict(dropped)}" if dropped else ""))
+    if not counts.get("train", 0):
+        raise UserError(f"no training images found in {folder}")
+    return frame, image_dir
+
+
+def image_transform(size):
+    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+
+
+def load_image(path, transform):
+    """The transformed image, or None (with a warning naming it) when it cannot be read."""
+    try:
+        return transform(torchvision.io.decode_image(str(path), mode=torchvision.io.ImageReadMode.RGB))
+    except Exception as error:  # torchvision raises RuntimeError, OSError or ValueError by format
+        warn(f"cannot read image {path}: {error}")
+        return None
+
+
+class ImageSource:
+    """Encoder inputs by image name: cached 2048-d features when there are some, else decoded images."""
+
+    def __init__(self, image_dir, transform, features=None, names=None):
+        self.image_dir, self.transform, self.features = Path(image_dir), transform, features
+        self.row = {name: i for i, name in enumerate(names or [])}
+
+    def get(self, name):
+        if self.features is not None:
+            return self.features[self.row[name]]
+        return load_image(self.image_dir / name, self.transform)
+
+
+class ImageList(Dataset):
+    def __init__(self, source, names):
+        self.source, self.names = source, list(names)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        return i, self.source.get(self.names[i])
+
+
+def collate_images(batch):
+    ok = [(i, image) for i, image in batch if image is not None]
+    failed = [i for i, image in batch if image is None]
+    if not ok:
+        return torch.empty(0, dtype=torch.long), None, failed
+    return torch.tensor([i for i, _ in ok]), torch.stack([image for _, image in ok]), failed
+
+
+def image_batches(source, names, batch_size, num_workers=0, pin_memory=False, desc=None):
+    """Yields (indices into names, encoder inputs, indices that failed to load), one batch at a time."""
+    workers = 0 if source.features is not None else num_workers
+    loader = DataLoader(ImageList(source, names), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_images, pin_memory=pin_memory, persistent_workers=False)
+    return tqdm(loader, desc=desc, unit="batch", leave=False, disable=desc is None)
+
+
+class FlickrDataset(Dataset):
+    """One item per caption: (encoder input for its image, caption ids with <SOS> and <EOS>)."""
+
+    def __init__(self, captions, vocab, source):
+        self.images = captions["image"].tolist()
+        self.source = source
+        tokens = Vocabulary.tokenize_many(captions["caption"].tolist())
+        self.captions = [torch.tensor([Vocabulary.SOS] + vocab.numericalize(t) + [Vocabulary.EOS]) for t in tokens]
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i):
+        return self.source.get(self.images[i]), self.captions[i]
+
+
+class CapsCollate:
+    """Pads captions to the longest in the batch; drops items whose image could not be read."""
+
+    def __init__(self, pad_idx=Vocabulary.PAD):
+        self.pad_idx = pad_idx
+
+    def __call__(self, batch):
+        batch = [(image, caption) for image, caption in batch if image is not None]
+        images = torch.stack([image for image, _ in batch])
+        return images, pad_sequence([c for _, c in batch], batch_first=True, padding_value=self.pad_idx)
+
+
+# -----------------------------------------------------------------------------
+# the built-in demo set: coloured shapes with captions, in the Flickr8k layout
+DEMO_COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (240, 210, 30)}
+DEMO_BACKGROUNDS = {"white": (255, 255, 255), "grey": (128, 128, 128), "black": (0, 0, 0)}
+DEMO_SHAPES = ["circle", "square", "triangle"]
+ONE_SHAPE_CAPTIONS = ["a {c} {s} .", "a {c} {s} on a {bg} background .", "there is a {c} {s} on a {bg} background .",
+                      "a large {c} {s} in the middle of the picture .", "a picture of a {c} {s} .",
+                      "one big {c} {s} in the centre ."]
+TWO_SHAPE_CAPTIONS = ["a {c} {s} next to a {c2} {s2} .", "a {c} {s} and a {c2} {s2} on a {bg} background .",
+                      "two shapes : a {c} {s} and a {c2} {s2} .", "a {c} {s} to the left of a {c2} {s2} .",
+                      "there is a {c2} {s2} on the right and a {c} {s} on the left .",
+                      "a {c} {s} beside a {c2} {s2} ."]
+
+
+def draw_shape(draw, shape, centre, size, colour):
+    x, y, r = centre[0], centre[1], size / 2
+    if shape == "circle":
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    elif shape == "square":
+        draw.rectangle([x - r, y - r, x + r, y + r], fill=colour)
+    else:
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
+
+
+def make_demo_dataset(folder, n_images, size, seed=0):
+    """Writes Images/, captions.txt and shapes.csv deterministically; rebuilt only when the settings change."""
+    from PIL import Image, ImageDraw
+    folder = Path(folder)
+    stamp = {"images": n_images, "size": size, "seed": seed, "version": 1}
+    if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
+        return folder
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "Images").mkdir(parents=True)
+    rng = random.Random(seed)
+    captions, shapes = [], []
+    for i in tqdm(range(n_images), desc="making the demo set", unit="img", leave=False):
+        name, bg = f"demo_{i:05d}.jpg", rng.choice(list(DEMO_BACKGROUNDS))
+        image = Image.new("RGB", (size, size), DEMO_BACKGROUNDS[bg])
+        draw = ImageDraw.Draw(image)
+        n_shapes = rng.choice([1, 2])
+        objects = [(rng.choice(list(DEMO_COLOURS)), rng.choice(DEMO_SHAPES)) for _ in range(n_shapes)]
+        jitter = lambda: rng.uniform(-0.05, 0.05) * size  # noqa: E731
+        if n_shapes == 1:  # large and near the centre: what a random-weight encoder can still tell apart
+            draw_shape(draw, objects[0][1], (size / 2 + jitter(), size / 2 + jitter()),
+                       rng.uniform(0.5, 0.75) * size, DEMO_COLOURS[objects[0][0]])
+        else:
+            for (colour, shape), x in zip(objects, (0.27, 0.73)):
+                draw_shape(draw, shape, (x * size + jitter(), size / 2 + jitter()),
+                           rng.uniform(0.36, 0.44) * size, DEMO_COLOURS[colour])
+        image.save(tmp / "Images" / name, quality=92)
+        (c, s), (c2, s2) = objects[0], objects[-1]
+        templates = rng.sample(ONE_SHAPE_CAPTIONS if n_shapes == 1 else TWO_SHAPE_CAPTIONS, 5)
+        captions += [(name, t.format(c=c, s=s, c2=c2, s2=s2, bg=bg)) for t in templates]
+        shapes.append((name, ";".join(f"{c} {s}" for c, s in objects)))
+    pd.DataFrame(captions, columns=["image", "caption"]).to_csv(tmp / "captions.txt", index=False)
+    pd.DataFrame(shapes, columns=["image", "shapes"]).to_csv(tmp / "shapes.csv", index=False)
+    (tmp / "demo.json").write_text(json.dumps(stamp))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def demo_accuracy(captions_by_image, shapes_file):
+    """Share of single-shape images whose caption names exactly the right colour and shape."""
+    truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()
+    single = [name for name in captions_by_image if ";" not in truth[name]]
+    correct = 0
+    for name in single:
+        words = set(captions_by_image[name].split())
+        colour, shape = truth[name].split()
+        correct += words & set(DEMO_COLOURS) == {colour} and words & set(DEMO_SHAPES) == {shape}
+    return correct / max(1, len(single)), len(single)
+
+
+# -----------------------------------------------------------------------------
+# models
+KNOWN_LEGACY_WEIGHTS = {"resnet50-19c8e357.pth"}  # torch.hub's old-format file: loadable only by unpickling
+WEIGHTS_NAME = re.compile(r"resnet50-([0-9a-f]{8,64})\.pth")
+
+
+@functools.lru_cache(maxsize=8)
+def file_sha256(path, size=None, mtime=None):  # size and mtime are part of the cache key
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(path):
+    stat = Path(path).stat()
+    return file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def load_resnet50(weights_path):
+    """torchvision ResNet50 without its classifier, from a local .pth, loaded without running pickled code."""
+    path = Path(weights_path)
+    fetch = "run ./setup.sh to download it (or see the README)"
+    if not path.is_file():
+        raise UserError(f"ResNet50 weights {path} not found: {fetch}")
+    named_hash = WEIGHTS_NAME.fullmatch(path.name)
+    if named_hash and not weights_sha256(path).startswith(named_hash[1]):
+        raise UserError(f"{path} is corrupt or incomplete (its sha256 does not start with {named_hash[1]}): "
+                        f"delete it and {fetch}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        if not (named_hash and path.name in KNOWN_LEGACY_WEIGHTS):
+            raise UserError(f"{path} is not a plain weights file ({type(error).__name__}); it is refused because "
+                            f"loading it could run code inside it. Use a torchvision ResNet50 .pth: {fetch}") from None
+        state = torch.load(path, map_location="cpu", weights_only=False)  # safe: its sha256 was verified above
+    model = torchvision.models.resnet50(weights=None)
+    try:
+        model.load_state_dict(state)
+    except Exception as error:
+        raise UserError(f"{path} does not hold ResNet50 weights ({str(error)[:200]}): {fetch}") from None
+    model.fc = nn.Identity()
+    return model
+
+
+def random_resnet50_weights(path, seed=0):
+    """A fixed random-init ResNet50 for the demo without downloads; saved so that captions can be reproduced."""
+    path = Path(path)
+    if not path.is_file():
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            state = torchvision.models.resnet50(weights=None).state_dict()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    return path
+
+
+class EncoderCNN(nn.Module):
+    """Frozen ResNet50 (always in eval mode) and a trained projection of its standardised 2048-d features.
+
+    forward() takes images (B, 3, H, W) or, when features are cached, the 2048-d features (B, 2048)."""
+
+    def __init__(self, embed_size, resnet=None):
+        super().__init__()
+        self.resnet = resnet
+        if resnet is not None:
+            resnet.requires_grad_(False)
+            resnet.eval()
+        # standardising with the training set's statistics is what lets the decoder read random-weight features
+        self.register_buffer("feature_mean", torch.zeros(2048))
+        self.register_buffer("feature_std", torch.ones(2048))
+        self.embed = nn.Linear(2048, embed_size)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.resnet is not None:
+            self.resnet.eval()  # BatchNorm running statistics must never change
+        return self
+
+    def features(self, images):
+        with torch.no_grad():
+            return self.resnet(images.contiguous(memory_format=torch.channels_last)).flatten(1).float()
+
+    def forward(self, x):
+        features = x if x.dim() == 2 else self.features(x)
+        return self.embed((features - self.feature_mean) / self.feature_std)
+
+    def trainable_state_dict(self):
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("resnet.")}
+
+
+class DecoderRNN(nn.Module):
+    """The image embedding is the first input step, then <SOS> and the caption's words."""
+
+    def __init__(self, embed_size, hidden_size, vocab_size, num_layers=2, dropout=0.3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_size)
+        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True,
+                            dropout=dropout if num_layers > 1 else 0.0)
+        self.fcn = nn.Linear(hidden_size, vocab_size)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, image_embeds, captions):
+        """Logits for captions[:, 1:] given the image and captions[:, :-1]."""
+        x = torch.cat([image_embeds.unsqueeze(1), self.drop(self.embed(captions[:, :-1]))], dim=1)
+        out, _ = self.lstm(x)
+        return self.fcn(self.drop(out[:, 1:]))
+
+    def start(self, image_embeds):
+        _, state = self.lstm(image_embeds.unsqueeze(1))
+        return state
+
+    def step(self, tokens, state):
+        out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)
+        return F.log_softmax(self.fcn(out.squeeze(1)).float(), dim=-1), state
+
+
+def build_models(cfg, vocab_size, resnet=None):
+    encoder = EncoderCNN(cfg["embed_size"], resnet)
+    decoder = DecoderRNN(cfg["embed_size"], cfg["hidden_size"], vocab_size, cfg["num_layers"], cfg["dropout"])
+    return encoder, decoder
+
+
+# -----------------------------------------------------------------------------
+# feature cache: the frozen encoder runs once per image, not once per caption per epoch
+def features_cache_key(weights_sha, transform, image_dir, names):
+    spec = {"weights": weights_sha, "transform": repr(transform), "image_dir": str(Path(image_dir).resolve()),
+            "images": sorted(names), "version": 1}
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+
+def tensor_sha256(tensor):
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+def extract_features(resnet, image_dir, names, transform, device, batch_size=64, num_workers=2):
+    """Pooled 2048-d ResNet50 features of each image (as fast as the machine allows), and the names that failed."""
+    resnet = resnet.to(device).eval().to(memory_format=torch.channels_last)
+    features = torch.zeros(len(names), 2048)
+    ok = torch.zeros(len(names), dtype=torch.bool)
+    failed = []
+    cuda = device.type == "cuda"
+    bar = tqdm(total=len(names), desc="ResNet50 features", unit="img", leave=False)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        for index, images, bad in image_batches(ImageSource(image_dir, transform), names, batch_size,
+                                                num_workers, pin_memory=cuda):
+            failed += [names[i] for i in bad]
+            if images is not None:
+                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                features[index] = resnet(images).flatten(1).float().cpu()
+                ok[index] = True
+            bar.update(len(index) + len(bad))
+    bar.close()
+    return features[ok], [n for n, good in zip(names, ok.tolist()) if good], failed
+
+
+def load_cached_features(path, key):
+    """The cache's contents, or None when it is absent, for other inputs, or damaged in any way."""
+    if not path.is_file():
+        return None
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+        if cache["key"] == key and tensor_sha256(cache["features"]) == cache["sha256"]:
+            return cache
+    except Exception:  # a truncated or corrupt file fails in many ways; all mean rebuild
+        pass
+    warn(f"feature cache {path} is damaged or stale: rebuilding it")
+    return None
+
+
+def cached_features(resnet, weights_sha, image_dir, names, transform, cache_folder, device, cfg):
+    key = features_cache_key(weights_sha, transform, image_dir, names)
+    path = Path(cache_folder) / f"features-{key[:20]}.pt"
+    cache = load_cached_features(path, key)
+    if cache is not None:
+        log(f"features: reusing {path} ({len(cache['images'])} images)")
+        return cache
+    start = time.time()
+    features, good, failed = extract_features(resnet, image_dir, names, transform, device,
+                                              batch_size=max(cfg["batch_size"], 64), num_workers=cfg["num_workers"])
+    seconds = time.time() - start
+    log(f"features: {len(good)} images in {seconds:.1f} s ({len(good) / max(seconds, 1e-9):.1f} images/s), "
+        f"cached in {path}")
+    cache = {"key": key, "images": good, "failed": failed, "features": features, "sha256": tensor_sha256(features)}
+    atomic_save(cache, path)
+    return cache
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, fsync, then rename: a crash leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# settings and data for a run
+def resolve_settings(cfg):
+    """Fills in the dataset name, default paths and, for the demo, the demo's own sizes (no side effects)."""
+    if cfg["dataset"] not in ("auto", "demo", "flickr8k", "flickr30k"):
+        raise UserError(f"--dataset={cfg['dataset']!r}: expected 'auto', 'demo', 'flickr8k' or 'flickr30k'")
+    explicit = set(cfg.get("_explicit", []))
+    for name in ("data_dir", "encoder_weights", "output_dir", "cache_dir", "checkpoint", "caption_figure"):
+        if cfg[name] and name not in explicit:  # defaults live in the project; the user's paths are theirs
+            cfg[name] = str(ROOT / cfg[name])
+    if cfg["dataset"] == "auto":
+        found = cfg["data_dir"] or (ROOT / "resources/input/flickr8k").is_dir()
+        cfg["dataset"] = "flickr8k" if found else "demo"
+    cfg["data_dir"] = cfg["data_dir"] or str(ROOT / "resources/input" / cfg["dataset"])
+    cfg["output_dir"] = cfg["output_dir"] or str(ROOT / "resources/output" / cfg["dataset"])
+    if cfg["dataset"] == "demo":
+        for name in DEMO_SETTINGS:
+            if name not in explicit:
+                cfg[name] = cfg["demo_" + name]
+    return cfg
+
+
+def demo_banner(cfg):
+    line = "=" * 100
+    log(f"{line}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run trains on the built-in demo "
+        f"set\n({cfg['demo_images']} generated images of coloured shapes). For real captions: ./setup.sh --flickr8k, "
+        f"then run this script again (README: 'Getting the data').\n{line}")
+
+
+def encoder_weights_file(cfg):
+    path = Path(cfg["encoder_weights"])
+    if path.is_file() or cfg["dataset"] != "demo":
+        return path
+    warn(f"no ResNet50 weights at {path}: the demo uses a randomly initialised (still frozen) ResNet50. "
+         f"./setup.sh downloads the ImageNet weights.")
+    return random_resnet50_weights(ROOT / "resources/models/resnet50-random-init.pth")
+
+
+def feature_statistics(features):
+    return features.mean(0), features.std(0).clamp_min(1e-6)
+
+
+def prepare(cfg, device, vocab=None):
+    """Captions, vocabulary (from the training split), encoder inputs and models for a run."""
+    if cfg["dataset"] == "demo":
+        demo_banner(cfg)
+        make_demo_dataset(cfg["data_dir"], cfg["demo_images"], cfg["demo_image_size"])
+    frame, image_dir = load_captions(cfg["data_dir"], cfg["seed"], cfg["max_images"])
+    weights = encoder_weights_file(cfg)
+    resnet, weights_sha = load_resnet50(weights), weights_sha256(weights)
+    transform = image_transform(cfg["image_size"])
+    train_names = sorted(frame.loc[frame["split"] == "train", "image"].unique())
+    if cfg["cache_features"]:
+        cache = cached_features(resnet, weights_sha, image_dir, sorted(frame["image"].unique()), transform,
+                                cfg["cache_dir"], device, cfg)
+        if cache["failed"]:
+            warn(f"skipped {len(cache['failed'])} unreadable image(s): {', '.join(cache['failed'][:5])}")
+            frame = frame[~frame["image"].isin(set(cache["failed"]))].reset_index(drop=True)
+        source = ImageSource(image_dir, transform, cache["features"], cache["images"])
+        rows = [source.row[n] for n in train_names if n in source.row]
+        stats = feature_statistics(cache["features"][rows])
+        resnet = None  # training needs only the projection; the checkpoint records the backbone's hash
+    else:
+        source = ImageSource(image_dir, transform)
+        sample = random.Random(cfg["seed"]).sample(train_names, min(512, len(train_names)))
+        stats = feature_statistics(extract_features(resnet, image_dir, sample, transform, device)[0])
+    frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
+    if vocab is None:
+        vocab = Vocabulary(cfg["freq_threshold"]).build_vocab(frame.loc[frame["split"] == "train", "tokens"])
+    log(f"vocabulary: {len(vocab)} words (from the training split, threshold {vocab.freq_threshold})")
+    encoder, decoder = build_models(cfg, len(vocab), resnet)
+    encoder.feature_mean.copy_(stats[0])
+    encoder.feature_std.copy_(stats[1])
+    return {"frame": frame, "source": source, "vocab": vocab, "encoder": encoder.to(device),
+            "decoder": decoder.to(device), "weights_sha": weights_sha, "weights": str(weights)}
+
+
+def split_frame(data, split):
+    return data["frame"][data["frame"]["split"] == split]
+
+
+# -----------------------------------------------------------------------------
+# training
+def epoch_batches(n, batch_size, seed, epoch, max_batches=0):
+    """The epoch's batches of caption indices: a fixed order per (seed, epoch), so a resumed run repeats it."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return batches[:max_batches] if max_batches else batches
+
+
+def caption_loss(encoder, decoder, images, captions):
+    logits = decoder(encoder(images), captions)
+    targets = captions[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                           ignore_index=Vocabulary.PAD)
+    mask = targets != Vocabulary.PAD
+    correct = ((logits.argmax(-1) == targets) & mask).sum()
+    return loss, correct, mask.sum()
+
+
+def caption_loader(dataset, batches, cfg, device):
+    per_step = dataset.source.features is None
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=CapsCollate(),
+                      num_workers=cfg["num_workers"] if per_step else 0, pin_memory=device.type == "cuda")
+
+
+def train_one_epoch(run, epoch, state, cfg, device, on_batch):
+    encoder, decoder, optimizer = run["encoder"], run["decoder"], run["optimizer"]
+    batches = epoch_batches(len(run["train_set"]), cfg["batch_size"], cfg["seed"], epoch,
+                            cfg["max_batches_per_epoch"])
+    encoder.train()
+    decoder.train()
+    pending = []  # losses still on the device: reading each back would sync the host every step
+
+    def flush():
+        if pending:
+            values = torch.stack([loss for _, loss in pending]).tolist()
+            rows = [(epoch, step, value) for (step, _), value in zip(pending, values)]
+            state["loss_sum"] += sum(values)
+            state["loss_count"] += len(values)
+            append_csv(run["out"] / "loss_per_batch.csv", rows, ["epoch", "step", "loss"])
+            bar.set_postfix(loss=f"{values[-1]:.3f}", avg=f"{state['loss_sum'] / state['loss_count']:.3f}")
+            pending.clear()
+
+    bar = tqdm(caption_loader(run["train_set"], batches[state["batch"]:], cfg, device), total=len(batches),
+               initial=state["batch"], desc=f"epoch {epoch}/{cfg['num_epochs']}", unit="batch", leave=False)
+    try:
+        for images, captions in bar:
+            images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, _, _ = caption_loss(encoder, decoder, images, captions)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            state["batch"] += 1
+            state["step"] += 1
+            pending.append((state["step"], loss.detach()))
+            if len(pending) >= cfg["log_every"]:
+                flush()
+            on_batch(state)
+    finally:
+        flush()
+        bar.close()
+
+
+@torch.no_grad()
+def validation_loss(encoder, decoder, dataset, cfg, device):
+    """Teacher-forced loss and token accuracy: the share of non-padding targets whose argmax is right."""
+    encoder.eval()
+    decoder.eval()
+    batches = [list(range(i, min(i + cfg["batch_size"], len(dataset)))) for i in range(0, len(dataset),
+                                                                                          cfg["batch_size"])]
+    total_loss, correct, tokens = 0.0, 0, 0
+    for images, captions in caption_loader(dataset, batches, cfg, device):
+        images, captions = images.to(device), captions.to(device)
+        loss, right, count = caption_loss(encoder, decoder, images, captions)
+        total_loss += loss.item() * count.item()
+        correct += right.item()
+        tokens += count.item()
+    return total_loss / max(tokens, 1), correct / max(tokens, 1)
+
+
+def append_csv(path, rows, columns):
+    pd.DataFrame(rows, columns=columns).to_csv(path, mode="a", header=not Path(path).exists(), index=False)
+
+
+def truncate_csv(path, column, last):
+    """Keeps the rows up to a checkpoint, so a resumed run neither repeats nor loses any."""
+    if Path(path).is_file():
+        frame = pd.read_csv(path)
+        frame[frame[column] <= last].to_csv(path, index=False)
+
+
+def checkpoint_payload(run, cfg, state):
+    return {"encoder": run["encoder"].trainable_state_dict(), "decoder": run["decoder"].state_dict(),
+            "optimizer": run["optimizer"].state_dict(), "state": {**state, "rng_state": torch.get_rng_state()},
+            "config": {k: cfg[k] for k in CONFIG_NAMES}, "vocab": run["vocab"].itos,
+            "freq_threshold": run["vocab"].freq_threshold, "encoder_weights_sha256": run["weights_sha"]}
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}: train one first with `python {Path(__file__).name}` "
+                        f"(it writes best.pt and last.pt to output_dir), or name one with --checkpoint=FILE")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"cannot load checkpoint {path}: it is damaged or holds pickled Python objects, "
+                        f"which are refused ({type(error).__name__})") from None
+
+
+def check_compatible(ckpt, cfg, vocab, weights_sha, path):
+    for name in ("embed_size", "hidden_size", "num_layers"):
+        if ckpt["config"][name] != cfg[name]:
+            raise UserError(f"checkpoint {path} has {name}={ckpt['config'][name]} but the config says "
+                            f"{name}={cfg[name]}: set --{name}={ckpt['config'][name]}, or train afresh")
+    if vocab is not None and ckpt["vocab"] != vocab.itos:
+        raise UserError(f"checkpoint {path} has a different vocabulary ({len(ckpt['vocab'])} words, now "
+                        f"{len(vocab)}): the dataset, max_images or freq_threshold differ from its run "
+                        f"(it had dataset={ckpt['config']['dataset']}, max_images={ckpt['config']['max_images']}, "
+                        f"freq_threshold={ckpt['freq_threshold']})")
+    if ckpt["encoder_weights_sha256"] != weights_sha:
+        raise UserError(f"checkpoint {path} was trained on other ResNet50 weights than {cfg['encoder_weights']}")
+
+
+def restore(run, ckpt):
+    run["encoder"].load_state_dict(ckpt["encoder"], strict=False)  # the backbone comes from the weights file
+    run["decoder"].load_state_dict(ckpt["decoder"])
+
+
+def train_model(cfg):
+    device = pick_device(cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    data = prepare(cfg, device)
+    out = Path(cfg["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    params = [p for m in (data["encoder"], data["decoder"]) for p in m.parameters() if p.requires_grad]
+    run = {**data, "out": out, "optimizer": torch.optim.Adam(params, lr=cfg["learning_rate"]),
+           "train_set": FlickrDataset(split_frame(data, "train"), data["vocab"], data["source"]),
+           "val_set": FlickrDataset(split_frame(data, "val"), data["vocab"], data["source"])}
+    state = {"epoch": 0, "step": 0, "batch": 0, "best_score": float("-inf"), "loss_sum": 0.0, "loss_count": 0}
+    if cfg["resume"]:
+        ckpt = load_checkpoint(out / "last.pt")
+        check_compatible(ckpt, cfg, data["vocab"], data["weights_sha"], out / "last.pt")
+        restore(run, ckpt)
+        run["optimizer"].load_state_dict(ckpt["optimizer"])
+        state = {k: v for k, v in ckpt["state"].items() if k != "rng_state"}
+        if state["batch"]:
+            torch.set_rng_state(ckpt["state"]["rng_state"])
+        truncate_csv(out / "loss_per_batch.csv", "step", state["step"])
+        truncate_csv(out / "loss_per_epoch.csv", "epoch", state["epoch"])
+        log(f"resuming from {out / 'last.pt'}: epoch {state['epoch']} done, step {state['step']}")
+    else:
+        for name in ("loss_per_batch.csv", "loss_per_epoch.csv"):
+            (out / name).unlink(missing_ok=True)
+    data["vocab"].save(out / "vocab.json")
+    (out / "config.json").write_text(json.dumps({k: cfg[k] for k in CONFIG_NAMES}, indent=2))
+    val_names = sorted(split_frame(data, "val")["image"].unique())[:3]
+    meteor_scorer()  # its JVM loads while the first epoch trains
+
+    def on_batch(state):
+        if cfg["sample_every"] and state["batch"] % cfg["sample_every"] == 0:
+            print_samples(run, val_names, cfg, device, f"step {state['step']}")
+
+    try:
+        for epoch in tqdm(range(state["epoch"] + 1, cfg["num_epochs"] + 1), desc="epochs", unit="epoch"):
+            if state["batch"] == 0:
+                torch.manual_seed(cfg["seed"] * 1000 + epoch)  # epochs are reproducible one by one
+            start = time.time()
+            train_one_epoch(run, epoch, state, cfg, device, on_batch)
+            end_epoch(run, epoch, state, cfg, device, time.time() - start)
+            print_samples(run, val_names, cfg, device, f"end of epoch {epoch}")
+    except KeyboardInterrupt:
+        atomic_save(checkpoint_payload(run, cfg, state), out / "last.pt")
+        log(f"\ninterrupted: saved {out / 'last.pt'} at step {state['step']}. Resume with:\n  python "
+            f"{Path(__file__).name} {' '.join(a for a in sys.argv[1:] if a != '--resume')} --resume")
+        sys.exit(130)
+    finish_training(run, cfg, device)
+    return 0
+
+
+def end_epoch(run, epoch, state, cfg, device, train_seconds):
+    start = time.time()
+    val_loss, token_accuracy = validation_loss(run["encoder"], run["decoder"], run["val_set"], cfg, device)
+    metrics, _ = evaluate_split(run, "val", cfg, device)
+    eval_seconds = time.time() - start
+    train_loss = state["loss_sum"] / max(state["loss_count"], 1)
+    row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_token_accuracy": token_accuracy,
+           **metrics, "epoch_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2)}
+    append_csv(run["out"] / "loss_per_epoch.csv", [row], list(row))
+    log(f"epoch {epoch}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, token accuracy "
+        f"{token_accuracy:.1%}, {format_metrics(metrics)}; {train_seconds:.1f} s training, "
+        f"{eval_seconds:.1f} s validation (beam {cfg['beam_size']})")
+    state.update(epoch=epoch, batch=0, loss_sum=0.0, loss_count=0)
+    score = metrics["CIDEr"]
+    if score > state["best_score"]:
+        state["best_score"] = score
+        atomic_save(checkpoint_payload(run, cfg, state), run["out"] / "best.pt")
+    atomic_save(checkpoint_payload(run, cfg, state), run["out"] / "last.pt")
+    plot_history(run["out"])
+
+
+# -----------------------------------------------------------------------------
+# evaluation and decoding
+@torch.no_grad()
+def greedy_decode(decoder, image_embeds, max_len):
+    state = decoder.start(image_embeds)
+    tokens = torch.full((image_embeds.size(0),), Vocabulary.SOS, device=image_embeds.device)
+    steps, done = [], torch.zeros_like(tokens, dtype=torch.bool)
+    for _ in range(max_len):
+        logp, state = decoder.step(tokens, state)
+        tokens = logp.argmax(-1)
+        steps.append(tokens)
+        done |= tokens == Vocabulary.EOS
+        if done.all():
+            break
+    return [ids[:ids.index(Vocabulary.EOS)] if Vocabulary.EOS in ids else ids
+            for ids in torch.stack(steps, 1).tolist()]
+
+
+@torch.no_grad()
+def beam_search(decoder, image_embeds, beam_size, max_len):
+    """Batched beam search scored by log-probability per word; beam_size=1 is exactly greedy decoding."""
+    n, k, dev = image_embeds.size(0), beam_size, image_embeds.device
+    state = tuple(s.repeat_interleave(k, dim=1) for s in decoder.start(image_embeds))
+    tokens = torch.full((n * k,), Vocabulary.SOS, device=dev)
+    seqs = torch.zeros(n * k, 0, dtype=torch.long, device=dev)
+    scores = torch.full((n, k), float("-inf"), device=dev)
+    scores[:, 0] = 0.0  # all beams start as the same hypothesis
+    best_score, best_seq = torch.full((n,), float("-inf"), device=dev), [None] * n
+    finished = torch.zeros(n, dtype=torch.long, device=dev)
+    offsets = torch.arange(n, device=dev).unsqueeze(1) * k
+    for t in range(max_len):
+        logp, state = decoder.step(tokens, state)
+        vocab_size = logp.size(-1)
+        top, index = (scores.unsqueeze(-1) + logp.view(n, k, -1)).view(n, -1).topk(min(2 * k, k * vocab_size), 1)
+        beam, word = index // vocab_size, index % vocab_size
+        rank = torch.arange(top.size(1), device=dev).expand_as(top)
+        ends = (word == Vocabulary.EOS) & (rank < k) & (finished < k).unsqueeze(1) & (top > float("-inf"))
+        ended_score, ended_at = torch.where(ends, top / (t + 1), float("-inf")).max(1)
+        for i in (ended_score > best_score).nonzero().flatten().tolist():
+            best_score[i] = ended_score[i]
+            best_seq[i] = seqs[offsets[i, 0] + beam[i, ended_at[i]]].tolist()
+        finished += ends.sum(1)
+        keep = (rank + (word == Vocabulary.EOS) * top.size(1)).argsort(1)[:, :k]  # best k that go on
+        rows = (offsets + beam.gather(1, keep)).view(-1)
+        tokens, scores = word.gather(1, keep).view(-1), top.gather(1, keep)
+        seqs = torch.cat([seqs[rows], tokens.unsqueeze(1)], 1)
+        state = tuple(s[:, rows] for s in state)
+        if (finished >= k).all():
+            break
+    for i in range(n):  # none ended within max_len: the best hypothesis still going
+        if best_seq[i] is None:
+            best_seq[i] = seqs[offsets[i, 0] + scores[i].argmax()].tolist()
+    return best_seq
+
+
+def generate_captions(encoder, decoder, source, names, vocab, cfg, device, greedy=False):
+    """{name: caption} for images (one encoder pass or cached row each), and the names that could not be read."""
+    encoder.eval()
+    decoder.eval()
+    captions, failed = {}, []
+    for index, inputs, bad in image_batches(source, names, 64, cfg["num_workers"]):
+        failed += [names[i] for i in bad]
+        if inputs is None:
+            continue
+        with torch.no_grad():
+            embeds = encoder(inputs.to(device))
+        ids = (greedy_decode(decoder, embeds, cfg["max_caption_len"]) if greedy else
+               beam_search(decoder, embeds, cfg["beam_size"], cfg["max_caption_len"]))
+        captions.update({names[i]: vocab.decode(seq) for i, seq in zip(index.tolist(), ids)})
+    return captions, failed
+
+
+def metric_text(caption):
+    # coco-caption's PTB tokenizer drops punctuation before scoring; so do we, with the vocabulary's tokenizer
+    return " ".join(t for t in Vocabulary.tokenize(caption) if any(ch.isalnum() or ch in "<>" for ch in t))
+
+
+@functools.lru_cache(maxsize=1)
+def meteor_scorer():
+    """One METEOR process per run: starting its JVM and paraphrase table takes seconds, scoring milliseconds."""
+    from pycocoevalcap.meteor.meteor import Meteor
+    return Meteor() if shutil.which("java") else None
+
+
+def caption_metrics(references, hypotheses):
+    """BLEU-1..4, METEOR, ROUGE-L and CIDEr with the coco-caption scorers (METEOR None without Java)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    refs = {i: [metric_text(c) for c in references[i]] for i in hypotheses}
+    hyps = {i: [metric_text(hypotheses[i])] for i in hypotheses}
+    metrics = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their progress
+        bleu, _ = Bleu(4).compute_score(refs, hyps)
+        metrics.update({f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)})
+        meteor = meteor_scorer()
+        metrics["METEOR"] = None if meteor is None else float(meteor.compute_score(refs, hyps)[0])
+        metrics["ROUGE-L"] = float(Rouge().compute_score(refs, hyps)[0])
+        metrics["CIDEr"] = float(Cider().compute_score(refs, hyps)[0])
+    if metrics["METEOR"] is None and not getattr(caption_metrics, "warned", False):
+        caption_metrics.warned = True
+        warn("METEOR is not computed: it needs Java (`java` on the PATH), e.g. apt-get install default-jre")
+    return metrics
+
+
+def format_metrics(metrics):
+    return ", ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f}'}" for k, v in metrics.items())
+
+
+def references_of(frame):
+    return frame.groupby("image")["caption"].apply(list).to_dict()
+
+
+def evaluate_split(run, split, cfg, device, greedy=False):
+    frame = split_frame(run, split)
+    names = sorted(frame["image"].unique())
+    captions, _ = generate_captions(run["encoder"], run["decoder"], run["source"], names, run["vocab"], cfg,
+                                    device, greedy)
+    return caption_metrics(references_of(frame), captions), captions
+
+
+def print_samples(run, names, cfg, device, label):
+    was_training = run["decoder"].training
+    captions, _ = generate_captions(run["encoder"], run["decoder"], run["source"], names, run["vocab"], cfg, device)
+    for name, caption in captions.items():
+        log(f"  [{label}] {name}: {caption}")
+    run["encoder"].train(was_training)
+    run["decoder"].train(was_training)
+
+
+def test_report(run, cfg, device, checkpoint_path):
+    """Test-split metrics, captions and an example figure for the given (already loaded) model."""
+    out, frame = Path(cfg["output_dir"]), split_frame(run, "test")
+    start = time.time()
+    metrics, captions = evaluate_split(run, "test", cfg, device)
+    refs = references_of(frame)
+    pd.DataFrame([(n, c, " | ".join(refs[n])) for n, c in captions.items()],
+                 columns=["image", "caption", "references"]).to_csv(out / "test_captions.csv", index=False)
+    report = {"checkpoint": str(checkpoint_path), "split": "test", "images": len(captions),
+              "beam_size": cfg["beam_size"], **metrics, "seconds": round(time.time() - start, 2)}
+    if cfg["dataset"] == "demo":
+        greedy, _ = evaluate_split(run, "test", cfg, device, greedy=True)[1], None
+        report["demo_colour_shape_accuracy"], singles = demo_accuracy(greedy, Path(cfg["data_dir"]) / "shapes.csv")
+        log(f"demo: the greedy captions name the right colour and shape of "
+            f"{report['demo_colour_shape_accuracy']:.1%} of {singles} held-out single-shape images")
+    (out / "test_metrics.json").write_text(json.dumps(report, indent=2))
+    log(f"test split, {len(captions)} images, beam {cfg['beam_size']} ({checkpoint_path}):\n"
+        + "\n".join(f"  {k:8s} {'n/a (needs Java)' if v is None else f'{100 * v:5.1f}'}"
+                    for k, v in metrics.items()))
+    examples = random.Random(cfg["seed"]).sample(sorted(captions), min(6, len(captions)))
+    items = []
+    for name in examples:
+        log(f"  {name}: {captions[name]}\n      reference: {refs[name][0]}")
+        items.append((run["source"].image_dir / name, f"{captions[name]}\n(reference: {refs[name][0]})"))
+    save_caption_figure(items, out / "test_examples.png")
+    return report
+
+
+def save_caption_figure(items, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    cols = min(3, len(items))
+    rows = (len(items) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 4.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, text) in zip(axes.flat, items):
+        ax.imshow(Image.open(image).convert("RGB"))
+        ax.set_title("\n".join(__import__("textwrap").wrap(text, 48)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_history(out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    batches, epochs = pd.read_csv(out / "loss_per_batch.csv"), pd.read_csv(out / "loss_per_epoch.csv")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    left.plot(batches["step"], batches["loss"], alpha=0.4, label="batch")
+    left.plot(batches["step"], batches["loss"].rolling(50, min_periods=1).mean(), label="batch, mean of 50")
+    left.set(xlabel="step", ylabel="training loss", title="loss per batch")
+    right.plot(epochs["epoch"], epochs["train_loss"], "o-", label="train")
+    right.plot(epochs["epoch"], epochs["val_loss"], "o-", label="validation")
+    right.set(xlabel="epoch", ylabel="loss", title="loss per epoch")
+    for ax in (left, right):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_graph.png", dpi=90)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in ["val_token_accuracy", "BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]:
+        if epochs[name].notna().any():
+            ax.plot(epochs["epoch"], 100 * epochs[name], "o-", label=name)
+    ax.set(xlabel="epoch", ylabel="score x 100", title="validation metrics")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "metrics_graph.png", dpi=90)
+    plt.close(fig)
+
+
+def finish_training(run, cfg, device):
+    best = run["out"] / "best.pt"
+    restore(run, load_checkpoint(best))
+    test_report(run, cfg, device, best)
+    log(f"outputs in {run['out']}: loss_per_batch.csv, loss_per_epoch.csv, loss_graph.png, metrics_graph.png, "
+        f"test_metrics.json, test_captions.csv, test_examples.png, best.pt, last.pt")
+
+
+def evaluate_checkpoint(cfg):
+    device = pick_device(cfg["device"])
+    path = Path(cfg["checkpoint"] or Path(cfg["output_dir"]) / "best.pt")
+    ckpt = load_checkpoint(path)
+    for name in ("embed_size", "hidden_size", "num_layers", "dropout", "image_size"):
+        cfg[name] = ckpt["config"][name]  # the model's shape and input size come from the checkpoint
+    run = prepare(cfg, device, Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]))
+    check_compatible(ckpt, cfg, None, run["weights_sha"], path)
+    restore(run, ckpt)
+    Path(cfg["output_dir"]).mkdir(parents=True, exist_ok=True)
+    test_report(run, cfg, device, path)
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# captioning new images
+def collect_images(paths):
+    files, missing = [], []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append(path)
+    return files, missing
+
+
+def caption_images(cfg, paths):
+    resolve_settings(cfg)
+    device = pick_device(cfg["device"])
+    path = Path(cfg["checkpoint"] or Path(cfg["output_dir"]) / "best.pt")
+    ckpt = load_checkpoint(path)
+    trained = ckpt["config"]
+    weights = Path(cfg["encoder_weights"] if "encoder_weights" in cfg["_explicit"] else trained["encoder_weights"])
+    if not weights.is_file() and trained["dataset"] == "demo":
+        weights = random_resnet50_weights(ROOT / "resources/models/resnet50-random-init.pth")
+    cfg = {**cfg, **{k: trained[k] for k in ("embed_size", "hidden_size", "num_layers", "dropout", "image_size")}}
+    vocab = Vocabulary(ckpt["freq_threshold"], ckpt["vocab"])
+    check_compatible(ckpt, cfg, None, weights_sha256(weights) if weights.is_file() else None, path)
+    encoder, decoder = build_models(cfg, len(vocab), load_resnet50(weights))
+    restore({"encoder": encoder, "decoder": decoder}, ckpt)
+    files, missing = collect_images(paths)
+    names = [str(f.resolve()) for f in files]
+    captions, failed = generate_captions(encoder.to(device), decoder.to(device),
+                                         ImageSource(Path("/"), image_transform(cfg["image_size"])), names,
+                                         vocab, cfg, device)
+    for file, name in zip(files, names):
+        if name in captions:
+            print(f"{file}\t{captions[name]}", flush=True)
+        else:
+            print(f"error: cannot read image {file}", file=sys.stderr, flush=True)
+    for file in missing:
+        print(f"error: no such file or folder: {file}", file=sys.stderr, flush=True)
+    if cfg["caption_figure"] and captions:
+        save_caption_figure([(n, c) for n, c in captions.items()], cfg["caption_figure"])
+        log(f"saved {cfg['caption_figure']}")
+    return 1 if failed or missing or not files else 0
+
+
+# -----------------------------------------------------------------------------
+def main(argv=None):
+    try:
+        cfg, caption_paths = parse_args(sys.argv[1:] if argv is None else argv)
+        if caption_paths is not None:
+            return caption_images(cfg, caption_paths)
+        resolve_settings(cfg)
+        return evaluate_checkpoint(cfg) if cfg["evaluate"] else train_model(cfg)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

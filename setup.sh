@@ -1,0 +1,355 @@
+#!/usr/bin/env bash
+# One-shot project setup: Python venv, ResNet50 weights and (optionally) Flickr8k.
+# Safe to run again: every step checks what is already there and skips it.
+# Run ./setup.sh --help for the options and the environment variables.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: ./setup.sh [--flickr8k] [--help]
+
+Sets up this project (it can be run from any folder, and again at any time):
+  1. creates the Python virtual environment .venv/ if it is missing and installs
+     requirements.txt into it (again only when requirements.txt has changed);
+  2. downloads the ImageNet ResNet50 weights to
+     resources/models/resnet50-19c8e357.pth and checks their sha256 (if the
+     download fails, e.g. offline, it says so and carries on: the built-in demo
+     needs no download);
+  3. with --flickr8k, also downloads and unpacks the Flickr8k data set
+     (about 1 GB) into resources/input/flickr8k/.
+
+Options:
+  --flickr8k   also fetch Flickr8k into resources/input/flickr8k/
+  -h, --help   show this help and exit
+
+Environment variables:
+  RESNET50_URL         where to get the ResNet50 weights
+                       (default https://download.pytorch.org/models/resnet50-19c8e357.pth)
+  FLICKR8K_IMAGES_URL  Flickr8k image zip (default
+                       https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip)
+  FLICKR8K_TEXT_URL    Flickr8k caption/split zip (default
+                       https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip)
+  SETUP_SKIP_VENV=1    skip step 1 (the Python environment)
+
+Flickr30k is not downloaded by this script: it has to be fetched by hand from
+Kaggle (which needs an account) and unpacked into resources/input/flickr30k/.
+EOF
+}
+
+say()  { printf 'setup: %s\n' "$*"; }
+warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
+die()  { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
+
+WANT_FLICKR8K=0
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --flickr8k) WANT_FLICKR8K=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) printf 'setup: unknown option: %s\n\n' "$1" >&2; usage >&2; exit 2 ;;
+    esac
+    shift
+done
+
+# Always work relative to the folder this script lives in.
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+RESNET50_URL="${RESNET50_URL:-https://download.pytorch.org/models/resnet50-19c8e357.pth}"
+FLICKR8K_IMAGES_URL="${FLICKR8K_IMAGES_URL:-https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip}"
+FLICKR8K_TEXT_URL="${FLICKR8K_TEXT_URL:-https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip}"
+
+# curl: fail on HTTP errors, follow redirects, retry transient errors, give up on a
+# transfer that stalls (under 1 kB/s for a minute). Never -k/--insecure.
+CURL_OPTS=(-fL --retry 2 --connect-timeout 20 --speed-limit 1000 --speed-time 60)
+if [ -t 2 ]; then CURL_OPTS+=(--progress-bar); else CURL_OPTS+=(-sS); fi
+
+# ---------------------------------------------------------------- helpers
+
+# A Python 3 interpreter for the zip handling (and for hashing as a fallback).
+PY=""
+find_python() {
+    if [ -n "$PY" ]; then return 0; fi
+    local c
+    for c in python3 python .venv/bin/python; do
+        if command -v "$c" >/dev/null 2>&1 \
+                && "$c" -c 'import sys; sys.exit(sys.version_info[0] != 3)' >/dev/null 2>&1; then
+            PY="$c"
+            return 0
+        fi
+    done
+    die "no Python 3 interpreter found (python3); please install Python 3"
+}
+
+# sha256 of a file, lowercase hex only.
+sha256_of() {
+    if command -v sha256sum >/dev/null 2>&1; then
+        sha256sum <"$1" | awk '{print $1}'
+    elif command -v shasum >/dev/null 2>&1; then
+        shasum -a 256 <"$1" | awk '{print $1}'
+    else
+        find_python
+        "$PY" -c 'import hashlib, sys
+h = hashlib.sha256()
+with open(sys.argv[1], "rb") as f:
+    for b in iter(lambda: f.read(1 << 20), b""):
+        h.update(b)
+print(h.hexdigest())' "$1"
+    fi
+}
+
+# zip_ok FILE: true when FILE is a complete zip whose members all pass their CRC.
+zip_ok() {
+    find_python
+    "$PY" - "$1" <<'PYEOF'
+import sys, zipfile
+path = sys.argv[1]
+try:
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+except Exception as e:  # BadZipFile, EOFError, OSError, zlib.error, ...
+    print(f"setup: {path} is not a valid zip ({e})", file=sys.stderr)
+    sys.exit(1)
+if bad is not None:
+    print(f"setup: {path} is corrupt (bad member {bad})", file=sys.stderr)
+    sys.exit(1)
+PYEOF
+}
+
+# zip_extract ZIP DEST (zipfile drops absolute paths and '..' components).
+zip_extract() {
+    find_python
+    "$PY" - "$1" "$2" <<'PYEOF'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    z.extractall(sys.argv[2])
+PYEOF
+}
+
+# ---------------------------------------------------------------- 1. venv
+
+setup_venv() {
+    if [ "${SETUP_SKIP_VENV:-0}" = "1" ]; then
+        say "SETUP_SKIP_VENV=1: skipping the Python environment"
+        return 0
+    fi
+    [ -f requirements.txt ] || die "requirements.txt not found in $(pwd)"
+    if [ ! -x .venv/bin/python ]; then
+        command -v python3 >/dev/null 2>&1 || die "python3 not found; please install Python 3"
+        say "creating the virtual environment .venv"
+        python3 -m venv .venv \
+            || die "'python3 -m venv .venv' failed (on Debian/Ubuntu: apt install python3-venv)"
+    fi
+    local want have=""
+    want="$(sha256_of requirements.txt)"
+    if [ -f .venv/.requirements.sha256 ]; then
+        have="$(cat .venv/.requirements.sha256)"
+    fi
+    if [ "$want" = "$have" ]; then
+        say "Python packages are up to date with requirements.txt"
+        return 0
+    fi
+    say "installing requirements.txt into .venv (this can take a while the first time)"
+    .venv/bin/pip install -r requirements.txt \
+        || die "'.venv/bin/pip install -r requirements.txt' failed (see the messages above)"
+    printf '%s\n' "$want" >.venv/.requirements.sha256
+    say "Python packages installed"
+}
+
+# ---------------------------------------------------------------- 2. weights
+
+RESNET50_DIR="resources/models"
+RESNET50_FILE="resnet50-19c8e357.pth"
+
+setup_resnet50() {
+    local target="$RESNET50_DIR/$RESNET50_FILE"
+    local part="$target.part"
+    # The expected sha256 prefix is the hex tag in the file name (torchvision convention).
+    local prefix="${RESNET50_FILE##*-}"
+    prefix="${prefix%.pth}"
+    local sum
+
+    mkdir -p "$RESNET50_DIR"
+    if [ -f "$target" ]; then
+        sum="$(sha256_of "$target")"
+        if [ "${sum:0:${#prefix}}" = "$prefix" ]; then
+            say "ResNet50 weights already present and verified ($target)"
+            return 0
+        fi
+        warn "$target is corrupt (sha256 $sum does not start with $prefix); removing it and downloading it again"
+        rm -f "$target"
+    fi
+
+    rm -f "$part"
+    if ! command -v curl >/dev/null 2>&1; then
+        resnet50_failed "curl is not installed"
+        return 0
+    fi
+    say "downloading ResNet50 weights from $RESNET50_URL"
+    if ! curl "${CURL_OPTS[@]}" -o "$part" "$RESNET50_URL"; then
+        rm -f "$part"
+        resnet50_failed "curl could not fetch $RESNET50_URL"
+        return 0
+    fi
+    if [ ! -f "$part" ]; then
+        resnet50_failed "the download produced no file"
+        return 0
+    fi
+    sum="$(sha256_of "$part")"
+    if [ "${sum:0:${#prefix}}" != "$prefix" ]; then
+        rm -f "$part"
+        resnet50_failed "sha256 hash mismatch (got $sum, expected it to start with $prefix); the file was discarded"
+        return 0
+    fi
+    mv -f "$part" "$target"
+    say "ResNet50 weights downloaded and verified ($target)"
+}
+
+resnet50_failed() {
+    warn "the ResNet50 weights download failed: $1"
+    warn "  (you may be offline). Carrying on: the built-in demo needs no download."
+    warn "  To fetch the weights by hand, download $RESNET50_URL"
+    warn "  to $RESNET50_DIR/$RESNET50_FILE, e.g.:"
+    warn "    curl -fL -o $RESNET50_DIR/$RESNET50_FILE $RESNET50_URL"
+}
+
+# ---------------------------------------------------------------- 3. Flickr8k
+
+INPUT_DIR="resources/input"
+FLICKR8K_DIR="$INPUT_DIR/flickr8k"
+FLICKR8K_TMP="$INPUT_DIR/flickr8k.tmp"
+DOWNLOADS="$INPUT_DIR/.downloads"
+
+# fetch_zip NAME URL ENVVAR: leaves a validated $DOWNLOADS/NAME.zip or exits non-zero.
+fetch_zip() {
+    local name="$1" url="$2" var="$3"
+    local zip="$DOWNLOADS/$name.zip"
+    local part="$zip.part"
+    local rc
+
+    if [ -f "$zip" ]; then
+        if zip_ok "$zip"; then
+            say "reusing the already downloaded $zip"
+            return 0
+        fi
+        warn "$zip is incomplete or corrupt; downloading it again"
+        rm -f "$zip"
+    fi
+
+    command -v curl >/dev/null 2>&1 || die "curl is not installed; it is needed to download $url"
+
+    # A leftover .part from an interrupted run: try to resume it first.
+    if [ -s "$part" ]; then
+        if zip_ok "$part" 2>/dev/null; then
+            # The previous run was stopped just after the last byte arrived.
+            mv -f "$part" "$zip"
+            say "the earlier download of $name.zip was already complete"
+            return 0
+        fi
+        say "resuming the interrupted download of $name.zip from $url"
+        rc=0
+        curl "${CURL_OPTS[@]}" -C - -o "$part" "$url" || rc=$?
+        if [ "$rc" -eq 0 ]; then
+            if zip_ok "$part"; then
+                mv -f "$part" "$zip"
+                say "downloaded $zip"
+                return 0
+            fi
+            rc=-1  # resumed onto a stale or foreign partial file
+        fi
+        case "$rc" in
+            6|7|18|28|35|52|55|56)
+                # Network trouble: keep the partial file so that the next run can resume.
+                die "downloading $name.zip failed (curl exit code $rc; are you offline?).
+    URL: $url (set $var to use another URL)
+    Run ./setup.sh --flickr8k again to resume the download." ;;
+        esac
+        if [ "$rc" -eq -1 ]; then
+            warn "the resumed $part is not a valid zip; starting that download again"
+        else
+            warn "could not resume $part (curl exit code $rc); starting that download again"
+        fi
+    fi
+
+    rm -f "$part"
+    say "downloading $name.zip from $url"
+    rc=0
+    curl "${CURL_OPTS[@]}" -o "$part" "$url" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        # Keep a non-empty partial file so that the next run can resume it.
+        if [ -f "$part" ] && [ ! -s "$part" ]; then rm -f "$part"; fi
+        die "downloading $name.zip failed (curl exit code $rc; are you offline, or is the URL wrong?).
+    URL: $url
+    Set $var to another URL (file:///path/to/$name.zip works too) and run ./setup.sh --flickr8k again."
+    fi
+    if [ ! -f "$part" ] || ! zip_ok "$part"; then
+        rm -f "$part"
+        die "the file downloaded from $url is not a valid zip.
+    Set $var to another URL (file:///path/to/$name.zip works too) and run ./setup.sh --flickr8k again."
+    fi
+    mv -f "$part" "$zip"
+    say "downloaded $zip"
+}
+
+setup_flickr8k() {
+    if [ -d "$FLICKR8K_DIR" ]; then
+        say "Flickr8k is already there ($FLICKR8K_DIR); skipping"
+        if [ ! -d "$FLICKR8K_DIR/Flicker8k_Dataset" ] || [ ! -f "$FLICKR8K_DIR/Flickr8k.token.txt" ]; then
+            warn "$FLICKR8K_DIR lacks Flicker8k_Dataset/ or Flickr8k.token.txt; delete that folder and run ./setup.sh --flickr8k again to re-fetch it"
+        fi
+        return 0
+    fi
+
+    mkdir -p "$DOWNLOADS"
+    fetch_zip Flickr8k_Dataset "$FLICKR8K_IMAGES_URL" FLICKR8K_IMAGES_URL
+    fetch_zip Flickr8k_text "$FLICKR8K_TEXT_URL" FLICKR8K_TEXT_URL
+
+    say "unpacking Flickr8k into $FLICKR8K_TMP"
+    rm -rf "$FLICKR8K_TMP"
+    mkdir -p "$FLICKR8K_TMP/.images" "$FLICKR8K_TMP/.text"
+    zip_extract "$DOWNLOADS/Flickr8k_Dataset.zip" "$FLICKR8K_TMP/.images" \
+        || die "could not unpack $DOWNLOADS/Flickr8k_Dataset.zip"
+    zip_extract "$DOWNLOADS/Flickr8k_text.zip" "$FLICKR8K_TMP/.text" \
+        || die "could not unpack $DOWNLOADS/Flickr8k_text.zip"
+    find "$FLICKR8K_TMP" -depth -type d -name __MACOSX -exec rm -rf {} +
+
+    # Images: keep the zip's Flicker8k_Dataset/ folder (the name the main script expects);
+    # otherwise use whichever folder holds the JPEGs.
+    local img_dir first tok text_dir
+    if [ -d "$FLICKR8K_TMP/.images/Flicker8k_Dataset" ]; then
+        img_dir="$FLICKR8K_TMP/.images/Flicker8k_Dataset"
+    else
+        first="$(find "$FLICKR8K_TMP/.images" -type f \( -iname '*.jpg' -o -iname '*.jpeg' \) -print -quit)"
+        [ -n "$first" ] || die "$FLICKR8K_IMAGES_URL holds no JPEG images (set FLICKR8K_IMAGES_URL to the Flickr8k_Dataset.zip URL)"
+        img_dir="$(dirname "$first")"
+    fi
+    mv "$img_dir" "$FLICKR8K_TMP/Flicker8k_Dataset"
+    rm -rf "$FLICKR8K_TMP/.images"
+
+    # Text files: move them to the top of flickr8k/, even if the zip had them in a subfolder.
+    tok="$(find "$FLICKR8K_TMP/.text" -type f -name Flickr8k.token.txt -print -quit)"
+    [ -n "$tok" ] || die "$FLICKR8K_TEXT_URL holds no Flickr8k.token.txt (set FLICKR8K_TEXT_URL to the Flickr8k_text.zip URL)"
+    text_dir="$(dirname "$tok")"
+    find "$text_dir" -mindepth 1 -maxdepth 1 -exec mv -f {} "$FLICKR8K_TMP/" \;
+    rm -rf "$FLICKR8K_TMP/.text"
+
+    local n_images
+    n_images="$(find "$FLICKR8K_TMP/Flicker8k_Dataset" -type f \( -iname '*.jpg' -o -iname '*.jpeg' \) | wc -l | tr -d ' ')"
+    [ "$n_images" -gt 0 ] || die "no JPEG images found in $FLICKR8K_TMP/Flicker8k_Dataset"
+
+    [ ! -e "$FLICKR8K_DIR" ] || die "$FLICKR8K_DIR appeared while unpacking (another setup.sh running?)"
+    mv "$FLICKR8K_TMP" "$FLICKR8K_DIR"
+    rm -f "$DOWNLOADS/Flickr8k_Dataset.zip" "$DOWNLOADS/Flickr8k_text.zip"
+    rmdir "$DOWNLOADS" 2>/dev/null || true
+    say "Flickr8k ready in $FLICKR8K_DIR ($n_images images)"
+}
+
+# ---------------------------------------------------------------- main
+
+setup_venv
+setup_resnet50
+if [ "$WANT_FLICKR8K" = "1" ]; then
+    setup_flickr8k
+fi
+
+say "done. Next:"
+printf '  .venv/bin/python flickr_image_caption_with_pytorch_resnet_lstm.py\n'
+printf '  .venv/bin/python -m pytest\n'
