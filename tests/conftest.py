@@ -1,0 +1,60 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+import flickr_image_caption_with_pytorch_resnet_lstm as cap  # noqa: E402
+
+SCRIPT = ROOT / "flickr_image_caption_with_pytorch_resnet_lstm.py"
+# A small demo run that still shows the model reading the image (see tests/test_training.py for figures).
+SMALL_DEMO = ["--dataset=demo", "--demo_images=600", "--demo_image_size=64", "--num_epochs=6",
+              "--batch_size=32", "--learning_rate=0.002", "--embed_size=128", "--hidden_size=256",
+              "--sample_every=0", "--num_workers=0", "--seed=3"]
+
+
+def shared(*parts):
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (the team's shared data is not beside this clone)")
+    return path
+
+
+def run_script(*args, timeout=300, **kwargs):
+    """Runs the script as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory):
+    """A random-init ResNet50 .pth, as a user's downloaded file would hold real weights."""
+    path = tmp_path_factory.mktemp("weights") / "resnet50-test.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_dirs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("demo")
+    return {"data_dir": base / "data", "cache_dir": base / "cache"}
+
+
+def demo_args(demo_dirs, weights, out, *extra):
+    return [*SMALL_DEMO, f"--data_dir={demo_dirs['data_dir']}", f"--cache_dir={demo_dirs['cache_dir']}",
+            f"--encoder_weights={weights}", f"--output_dir={out}", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory, demo_dirs, random_weights):
+    """One small demo training run shared by the tests that need a trained model."""
+    out = tmp_path_factory.mktemp("demo_out")
+    assert cap.main(demo_args(demo_dirs, random_weights, out)) == 0
+    return out

@@ -1,0 +1,37 @@
+"""--caption: captioning new images with a trained checkpoint."""
+from PIL import Image
+
+from conftest import cap, run_script
+
+
+def test_caption_a_folder_with_a_good_image_a_text_file_and_a_corrupt_jpeg(tmp_path, trained_demo, demo_dirs):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    source = sorted((demo_dirs["data_dir"] / "Images").iterdir())[0]
+    Image.open(source).save(folder / "good.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    figure = tmp_path / "captions.png"
+    result = run_script("--caption", folder, f"--checkpoint={trained_demo / 'best.pt'}",
+                        f"--caption_figure={figure}", "--device=cpu")
+    lines = result.stdout.strip().splitlines()
+    assert result.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith(str(folder / "good.png") + "\t") and lines[0].split("\t")[1]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors == [f"error: cannot read image {folder / 'broken.jpg'}"]
+    assert "notes.txt" not in result.stdout + result.stderr and figure.stat().st_size > 0
+
+
+def test_caption_an_image_file_works_without_the_dataset(tmp_path, trained_demo, demo_dirs):
+    image = tmp_path / "one.jpg"
+    Image.open(sorted((demo_dirs["data_dir"] / "Images").iterdir())[1]).save(image)
+    result = run_script("--caption", image, f"--checkpoint={trained_demo / 'best.pt'}",
+                        f"--data_dir={tmp_path / 'no-dataset-here'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    path, caption = result.stdout.strip().split("\t")
+    assert path == str(image) and any(colour in caption for colour in cap.DEMO_COLOURS)
+
+
+def test_missing_checkpoint_says_how_to_train(tmp_path):
+    result = run_script("--caption", tmp_path, f"--checkpoint={tmp_path / 'best.pt'}")
+    assert result.returncode == 2 and "train one first" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,171 @@
+"""Caption files in every supported format, image folders, splits by image, bad input."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from conftest import cap, run_script, shared
+
+CAPTIONS = [("1000_a.jpg", "A dog runs, fast ."), ("1000_a.jpg", "A brown dog ."),
+            ("2000_b.jpg", "Two \"kids\" play ."), ("2000_b.jpg", "Kids, on grass , play .")]
+
+
+def write_all_formats(folder):
+    """The same captions as Kaggle CSV, results.csv (malformed row, BOM), token.txt and Karpathy JSON."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(CAPTIONS, columns=["image", "caption"]).to_csv(folder / "captions.txt", index=False)
+    rows = ["image_name| comment_number| comment"]
+    for n, (image, caption) in enumerate(CAPTIONS):
+        rows.append(f"{image}| {n % 2}| {caption}" if n != 2 else f"{image}| {n % 2} {caption}")  # missing '|'
+    (folder / "results.csv").write_bytes(b"\xef\xbb\xbf" + "\n\n".join(rows).encode())  # BOM and blank lines
+    (folder / "Flickr8k.token.txt").write_text("\n".join(f"{i}#{n % 2}\t{c}" for n, (i, c) in enumerate(CAPTIONS)))
+    images = {}
+    for image, caption in CAPTIONS:
+        images.setdefault(image, []).append({"raw": caption})
+    karpathy = {"images": [{"filename": i, "split": s, "sentences": images[i]}
+                           for i, s in zip(images, ["train", "test"])], "dataset": "flickr8k"}
+    (folder / "dataset_flickr8k.json").write_text(json.dumps(karpathy))
+    return folder
+
+
+@pytest.mark.parametrize("name", ["captions.txt", "results.csv", "Flickr8k.token.txt", "dataset_flickr8k.json"])
+def test_every_format_gives_the_same_captions(tmp_path, name):
+    frame, _ = cap.read_captions(write_all_formats(tmp_path) / name)
+    assert list(zip(frame["image"], frame["caption"])) == [(i, c.strip()) for i, c in CAPTIONS]
+
+
+def test_karpathy_json_keeps_its_splits(tmp_path):
+    frame, _ = cap.read_captions(write_all_formats(tmp_path) / "dataset_flickr8k.json")
+    assert dict(zip(frame["image"], frame["split"])) == {"1000_a.jpg": "train", "2000_b.jpg": "test"}
+
+
+def test_dropped_rows_are_counted(tmp_path):
+    (tmp_path / "captions.txt").write_text('image,caption\na.jpg,"one, two"\na.jpg,"one, two"\nb.jpg,\n\nb.jpg,x\n',
+                                           encoding="cp1252")
+    frame, dropped = cap.read_captions(tmp_path / "captions.txt")
+    assert list(frame["caption"]) == ["one, two", "x"]
+    assert dropped == {"duplicate_rows": 1, "empty_captions": 1, "blank_lines": 1}
+
+
+def test_other_encodings(tmp_path):
+    (tmp_path / "captions.txt").write_bytes("image,caption\na.jpg,un café\n".encode("cp1252"))
+    assert cap.read_captions(tmp_path / "captions.txt")[0]["caption"][0] == "un café"
+    (tmp_path / "captions.txt").write_text("image,caption\na.jpg,un café\n", encoding="utf-16")
+    assert cap.read_captions(tmp_path / "captions.txt")[0]["caption"][0] == "un café"
+
+
+def test_unreadable_row_reported_by_line_number(tmp_path, capsys):
+    (tmp_path / "results.csv").write_text("image_name| comment_number| comment\na.jpg| 0| fine\nno separator here\n")
+    frame, dropped = cap.read_captions(tmp_path / "results.csv")
+    assert len(frame) == 1 and dropped["malformed_rows"] == 1 and "[3]" in capsys.readouterr().err
+
+
+def test_unknown_format_shows_first_line(tmp_path):
+    (tmp_path / "captions.txt").write_text("what is this\n")
+    with pytest.raises(cap.UserError, match="'what is this'.*accepted formats"):
+        cap.read_captions(tmp_path / "captions.txt")
+
+
+def test_real_caption_files_agree():
+    kaggle, _ = cap.read_captions(shared("flickr8k", "captions.txt"))
+    token, _ = cap.read_captions(shared("flickr8k", "Flickr8k.token.txt"))
+    assert len(kaggle) == 40455 - 10  # ten rows repeat an image's caption word for word
+    token = token[token["image"].isin(set(kaggle["image"]))].reset_index(drop=True)  # one id has no image
+    pd.testing.assert_frame_equal(kaggle, token)
+
+
+def make_images(folder, names, size=(40, 30)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", size, (i * 40 % 255, 100, 50)).save(folder / name)
+
+
+@pytest.mark.parametrize("layout", ["Images", "flickr30k_images/flickr30k_images", "flickr30k_images",
+                                    "Flicker8k_Dataset"])
+def test_image_folder_layouts(tmp_path, layout):
+    make_images(tmp_path / layout, ["1000_a.jpg", "2000_b.jpg"])
+    caption_home = tmp_path / "flickr30k_images" if layout.startswith("flickr30k_images/") else tmp_path
+    write_all_formats(tmp_path)
+    (tmp_path / "captions.txt").rename(caption_home / "captions.txt")
+    for other in ["results.csv", "Flickr8k.token.txt", "dataset_flickr8k.json"]:
+        (tmp_path / other).unlink()
+    caption_file, image_dir = cap.find_dataset_files(tmp_path)
+    assert image_dir == tmp_path / layout and caption_file == caption_home / "captions.txt"
+
+
+def test_split_by_image_without_leakage(tmp_path):
+    names = [f"{i}.jpg" for i in range(50)]
+    make_images(tmp_path / "Images", names)
+    pd.DataFrame([(n, f"caption {k}") for n in names for k in range(5)],
+                 columns=["image", "caption"]).to_csv(tmp_path / "captions.txt", index=False)
+    frame, _ = cap.load_captions(tmp_path, seed=1)
+    assert frame.groupby("image")["split"].nunique().max() == 1
+    counts = frame.drop_duplicates("image")["split"].value_counts().to_dict()
+    assert counts == {"train": 40, "val": 5, "test": 5}
+    again, _ = cap.load_captions(tmp_path, seed=1)
+    assert again.equals(frame)
+
+
+def test_official_split_lists_are_honoured(tmp_path):
+    names = [f"{i}.jpg" for i in range(6)]
+    make_images(tmp_path / "Images", names)
+    pd.DataFrame([(n, "a caption") for n in names], columns=["image", "caption"]).to_csv(
+        tmp_path / "captions.txt", index=False)
+    for split, listed in [("train", names[:3]), ("dev", names[3:4]), ("test", names[4:5])]:
+        (tmp_path / f"Flickr_8k.{split}Images.txt").write_text("\n".join(listed))
+    frame, _ = cap.load_captions(tmp_path, seed=1)
+    assert dict(zip(frame["image"], frame["split"])) == {
+        "0.jpg": "train", "1.jpg": "train", "2.jpg": "train", "3.jpg": "val", "4.jpg": "test"}  # 5.jpg unlisted
+
+
+def test_max_images_limits_a_partial_run(tmp_path):
+    names = [f"{i}.jpg" for i in range(30)]
+    make_images(tmp_path / "Images", names)
+    pd.DataFrame([(n, "a caption") for n in names], columns=["image", "caption"]).to_csv(
+        tmp_path / "captions.txt", index=False)
+    frame, _ = cap.load_captions(tmp_path, seed=1, max_images=12)
+    assert frame["image"].nunique() == 12
+
+
+def test_missing_images_are_skipped_with_a_warning(tmp_path, capsys):
+    names = [f"{i}.jpg" for i in range(12)]
+    make_images(tmp_path / "Images", names)
+    pd.DataFrame([(n, "x") for n in names + ["gone.jpg"]], columns=["image", "caption"]).to_csv(
+        tmp_path / "captions.txt", index=False)
+    frame, _ = cap.load_captions(tmp_path, seed=1)
+    assert set(frame["image"]) == set(names) and "gone.jpg" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("broken, message", [("no_folder", "does not exist"), ("no_captions", "no caption file"),
+                                             ("no_images", "no image folder")])
+def test_missing_inputs_give_one_clear_error(tmp_path, broken, message):
+    folder = tmp_path / "data"
+    if broken != "no_folder":
+        make_images(folder / "Images", ["a.jpg"]) if broken == "no_captions" else folder.mkdir()
+        if broken == "no_images":
+            (folder / "captions.txt").write_text("image,caption\na.jpg,x\n")
+    result = run_script("--dataset=flickr8k", f"--data_dir={folder}", timeout=60)
+    assert result.returncode == 2 and message in result.stderr and str(folder) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_dataset_and_collate_pad_captions(tmp_path):
+    frame = pd.DataFrame([("a.jpg", "a red circle"), ("a.jpg", "red")], columns=["image", "caption"])
+    vocab = cap.Vocabulary(1).build_vocab(frame["caption"])
+    source = cap.ImageSource(tmp_path, None, torch.arange(4.0).view(1, 4), ["a.jpg"])
+    dataset = cap.FlickrDataset(frame, vocab, source)
+    images, captions = cap.CapsCollate()([dataset[0], dataset[1]])
+    assert images.shape == (2, 4) and captions.shape == (2, 5)
+    assert captions[1].tolist() == [1, vocab.stoi["red"], 2, 0, 0]
+
+
+def test_unreadable_image_is_dropped_from_a_batch(tmp_path, capsys):
+    make_images(tmp_path, ["good.jpg"])
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    frame = pd.DataFrame([("good.jpg", "x"), ("bad.jpg", "y")], columns=["image", "caption"])
+    dataset = cap.FlickrDataset(frame, cap.Vocabulary(1).build_vocab(["x y"]),
+                                cap.ImageSource(tmp_path, cap.image_transform(32)))
+    images, captions = cap.CapsCollate()([dataset[0], dataset[1]])
+    assert images.shape == (1, 3, 32, 32) and len(captions) == 1 and "bad.jpg" in capsys.readouterr().err

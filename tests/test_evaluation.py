@@ -1,0 +1,97 @@
+"""Caption metrics (coco-caption scorers), beam search and --evaluate."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+
+from conftest import cap, demo_args, run_script
+
+REFS = {"a": ["A dog runs on the grass .", "a brown dog is running", "The dog runs outside ."],
+        "b": ["Two children play football .", "kids playing with a ball", "two kids kick a ball on a field"],
+        "c": ["A man rides a bike down the road .", "a cyclist on a street", "man riding a bicycle"]}
+HYPS = {"a": "a dog runs on grass .", "b": "two kids play with a ball", "c": "a man rides a bicycle"}
+
+
+def test_metrics_agree_with_pycocoevalcap():
+    ours = cap.caption_metrics(REFS, HYPS)
+    refs = {k: [cap.metric_text(c) for c in v] for k, v in REFS.items()}
+    hyps = {k: [cap.metric_text(v)] for k, v in HYPS.items()}
+    bleu, _ = Bleu(4).compute_score(refs, hyps)
+    expected = {**{f"BLEU-{n + 1}": b for n, b in enumerate(bleu)}, "METEOR": Meteor().compute_score(refs, hyps)[0],
+                "ROUGE-L": Rouge().compute_score(refs, hyps)[0], "CIDEr": Cider().compute_score(refs, hyps)[0]}
+    assert set(ours) == set(expected)
+    for name, value in expected.items():
+        assert ours[name] == pytest.approx(value, abs=1e-6), name
+    assert 0 < ours["BLEU-4"] < ours["BLEU-1"] < 1 and ours["CIDEr"] > 0
+
+
+def test_metric_text_is_lowercased_without_punctuation():
+    assert cap.metric_text("A Dog, running .") == "a dog running"
+
+
+def test_identical_caption_scores_bleu_4_of_one():
+    caption = "a little girl in a pink dress climbs the stairs"
+    assert cap.caption_metrics({1: [caption]}, {1: caption})["BLEU-4"] == pytest.approx(1.0)
+
+
+def test_meteor_is_absent_without_java(monkeypatch, capsys):
+    monkeypatch.setattr(cap.shutil, "which", lambda name: None)
+    cap.meteor_scorer.cache_clear()
+    monkeypatch.setattr(cap.caption_metrics, "warned", False, raising=False)
+    try:
+        metrics = cap.caption_metrics(REFS, HYPS)
+    finally:
+        cap.meteor_scorer.cache_clear()
+    assert metrics["METEOR"] is None and metrics["BLEU-1"] > 0
+    assert "METEOR is not computed: it needs Java" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(trained_demo, demo_dirs, random_weights):
+    """The trained demo model with its data, as the script itself loads them."""
+    cfg, _ = cap.parse_args(demo_args(demo_dirs, random_weights, trained_demo))
+    cap.resolve_settings(cfg)
+    ckpt = torch.load(trained_demo / "best.pt", weights_only=True)
+    run = cap.prepare(cfg, torch.device("cpu"), cap.Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]))
+    cap.restore(run, ckpt)
+    names = sorted(cap.split_frame(run, "test")["image"].unique())
+    embeds = torch.cat([run["encoder"].eval()(inputs) for _, inputs, _ in
+                        cap.image_batches(run["source"], names, 64)])
+    return run, cfg, embeds
+
+
+def test_beam_1_equals_greedy_on_a_trained_model(trained):
+    run, cfg, embeds = trained
+    decoder = run["decoder"].eval()
+    assert cap.beam_search(decoder, embeds, 1, cfg["max_caption_len"]) == \
+        cap.greedy_decode(decoder, embeds, cfg["max_caption_len"])
+
+
+def test_beam_search_gives_non_empty_clean_captions(trained):
+    run, cfg, embeds = trained
+    for size in (3, 5):
+        beams = cap.beam_search(run["decoder"].eval(), embeds, size, cfg["max_caption_len"])
+        captions = [run["vocab"].decode(ids) for ids in beams]
+        assert len(captions) == len(embeds) and all(captions)
+        assert not any(s in c for c in captions for s in ("<PAD>", "<SOS>", "<EOS>"))
+
+
+def test_beam_search_returns_the_best_hypothesis_when_none_ends(trained):
+    run, _, embeds = trained
+    beams = cap.beam_search(run["decoder"].eval(), embeds[:4], 3, max_len=2)
+    assert all(len(ids) == 2 for ids in beams)  # cut at max_len: still a caption, not nothing
+
+
+def test_evaluate_mode_prints_the_metrics_table(trained_demo, demo_dirs, random_weights):
+    (trained_demo / "test_metrics.json").unlink()
+    result = run_script(*demo_args(demo_dirs, random_weights, trained_demo, "--evaluate"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "test split, 60 images, beam 3" in result.stdout and "CIDEr" in result.stdout
+    report = json.loads((trained_demo / "test_metrics.json").read_text())
+    assert report["checkpoint"].endswith("best.pt") and report["BLEU-1"] > 0 and report["METEOR"] > 0
+    assert len(pd.read_csv(trained_demo / "test_captions.csv")) == 60

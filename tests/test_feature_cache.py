@@ -1,0 +1,79 @@
+"""The frozen encoder's features, computed once per image and cached."""
+import pytest
+import torch
+from PIL import Image
+
+from conftest import cap
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "Images"
+    folder.mkdir()
+    names = []
+    for i in range(5):
+        Image.new("RGB", (60, 45), (50 * i, 200 - 30 * i, 90)).save(folder / f"{i}.jpg")
+        names.append(f"{i}.jpg")
+    return folder, names
+
+
+def cache_args(tmp_path, weights, folder, names, size=32):
+    cfg = {"batch_size": 4, "num_workers": 0}
+    return (cap.load_resnet50(weights), cap.weights_sha256(weights), folder, names, cap.image_transform(size),
+            tmp_path / "cache", torch.device("cpu"), cfg)
+
+
+def test_cached_features_equal_per_step_features(tmp_path, images, random_weights):
+    folder, names = images
+    transform = cap.image_transform(32)
+    cache = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
+    encoder = cap.EncoderCNN(8, cap.load_resnet50(random_weights))
+    per_step = encoder.features(torch.stack([cap.load_image(folder / n, transform) for n in cache["images"]]))
+    assert cache["images"] == names and cache["features"].shape == (5, 2048)
+    assert torch.allclose(cache["features"], per_step, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(encoder(cache["features"]), encoder(torch.stack(
+        [cap.load_image(folder / n, transform) for n in names])), atol=1e-4)
+
+
+def test_second_run_reuses_the_cache(tmp_path, images, random_weights, monkeypatch):
+    folder, names = images
+    first = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
+    monkeypatch.setattr(cap, "extract_features", lambda *a, **k: pytest.fail("features extracted twice"))
+    assert torch.equal(cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))["features"],
+                       first["features"])
+
+
+def test_weights_transform_or_image_list_change_rebuilds(tmp_path, images, random_weights):
+    folder, names = images
+    cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
+    other = tmp_path / "other.pth"
+    state = torch.load(random_weights, weights_only=True)
+    state["conv1.weight"] = state["conv1.weight"] * 2
+    torch.save(state, other)
+    cap.cached_features(*cache_args(tmp_path, other, folder, names))
+    cap.cached_features(*cache_args(tmp_path, random_weights, folder, names, size=48))
+    cap.cached_features(*cache_args(tmp_path, random_weights, folder, names[:3]))
+    assert len(list((tmp_path / "cache").glob("features-*.pt"))) == 4
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_cache_is_rebuilt(tmp_path, images, random_weights, capsys, damage):
+    folder, names = images
+    first = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
+    (path,) = (tmp_path / "cache").glob("features-*.pt")
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[:len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x55  # inside the feature tensor: only the checksum notices
+    path.write_bytes(bytes(data))
+    rebuilt = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
+    assert "damaged or stale: rebuilding" in capsys.readouterr().err
+    assert torch.equal(rebuilt["features"], first["features"])
+
+
+def test_unreadable_image_is_left_out_and_named(tmp_path, images, random_weights):
+    folder, names = images
+    (folder / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+    cache = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names + ["bad.jpg"]))
+    assert cache["failed"] == ["bad.jpg"] and cache["images"] == names

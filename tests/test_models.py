@@ -1,0 +1,122 @@
+"""EncoderCNN, DecoderRNN and loading ResNet50 weights safely."""
+import hashlib
+import pickle
+
+import pytest
+import torch
+import torchvision
+
+from conftest import cap
+
+
+def test_encoder_loads_the_weights_file_and_is_frozen(random_weights):
+    saved = torch.load(random_weights, weights_only=True)
+    encoder = cap.EncoderCNN(32, cap.load_resnet50(random_weights))
+    assert torch.equal(encoder.resnet.conv1.weight, saved["conv1.weight"])
+    assert not any(p.requires_grad for p in encoder.resnet.parameters())
+    assert all(p.requires_grad for p in encoder.embed.parameters())
+    images = torch.randn(2, 3, 64, 64)
+    encoder(images).sum().backward()
+    assert all(p.grad is None for p in encoder.resnet.parameters()) and encoder.embed.weight.grad is not None
+
+
+def test_batchnorm_statistics_never_change_in_train_mode(random_weights):
+    encoder = cap.EncoderCNN(32, cap.load_resnet50(random_weights))
+    before = {k: v.clone() for k, v in encoder.resnet.state_dict().items()}
+    encoder.train()
+    assert not encoder.resnet.training and encoder.embed.training
+    for _ in range(2):
+        encoder(torch.randn(4, 3, 64, 64) * 3 + 1)
+    after = encoder.resnet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_encoder_takes_cached_features_too():
+    encoder = cap.EncoderCNN(16)
+    encoder.feature_mean.fill_(1.0)
+    encoder.feature_std.fill_(2.0)
+    features = torch.randn(3, 2048)
+    assert torch.allclose(encoder(features), encoder.embed((features - 1) / 2))
+    assert set(encoder.trainable_state_dict()) == {"feature_mean", "feature_std", "embed.weight", "embed.bias"}
+
+
+def test_decoder_shapes():
+    decoder = cap.DecoderRNN(16, 32, vocab_size=50, num_layers=2)
+    captions = torch.randint(4, 50, (5, 9))
+    assert decoder(torch.randn(5, 16), captions).shape == (5, 8, 50)
+
+
+def test_greedy_decoding_is_batched_and_per_image_independent():
+    torch.manual_seed(0)
+    decoder = cap.DecoderRNN(16, 32, vocab_size=30).eval()
+    embeds = torch.randn(6, 16)
+    batch = cap.greedy_decode(decoder, embeds, max_len=7)
+    assert len(batch) == 6 and all(len(ids) <= 7 for ids in batch)
+    assert batch == [cap.greedy_decode(decoder, embeds[i:i + 1], 7)[0] for i in range(6)]
+    assert all(i not in (cap.Vocabulary.PAD, cap.Vocabulary.SOS, cap.Vocabulary.EOS) for ids in batch for i in ids)
+
+
+def test_beam_search_on_a_random_model_returns_one_caption_per_image():
+    torch.manual_seed(0)
+    decoder = cap.DecoderRNN(16, 32, vocab_size=30).eval()
+    embeds = torch.randn(4, 16)
+    beams = cap.beam_search(decoder, embeds, beam_size=3, max_len=6)
+    assert len(beams) == 4 and all(len(ids) <= 6 for ids in beams)
+    assert cap.beam_search(decoder, embeds, 1, 6) == cap.greedy_decode(decoder, embeds, 6)
+
+
+def named_by_hash(tmp_path, state):
+    path = tmp_path / "weights.pth"
+    torch.save(state, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return path.rename(tmp_path / f"resnet50-{digest[:8]}.pth")
+
+
+def test_hash_named_file_is_verified(tmp_path, random_weights):
+    path = named_by_hash(tmp_path, torch.load(random_weights, weights_only=True))
+    assert isinstance(cap.load_resnet50(path), torchvision.models.ResNet)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(cap.UserError, match=f"{path.name} is corrupt.*setup.sh"):
+        cap.load_resnet50(path)
+
+
+def test_truncated_torchvision_file_names_setup(tmp_path, random_weights):
+    path = tmp_path / "resnet50-0676ba61.pth"
+    path.write_bytes(random_weights.read_bytes()[:1000])
+    with pytest.raises(cap.UserError, match="corrupt or incomplete.*setup.sh"):
+        cap.load_resnet50(path)
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickled_payload_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "resnet50-custom.pth"
+    path.write_bytes(pickle.dumps({"conv1.weight": Payload(marker)}))
+    with pytest.raises(cap.UserError, match="refused because loading it could run code"):
+        cap.load_resnet50(path)
+    assert not marker.exists()
+    # a hash in the name is no licence either: only the known legacy torch.hub file may be unpickled
+    named = named_by_hash(tmp_path, {"x": 1})
+    named.write_bytes(pickle.dumps(Payload(marker)))
+    named = named.rename(tmp_path / f"resnet50-{hashlib.sha256(named.read_bytes()).hexdigest()[:8]}.pth")
+    with pytest.raises(cap.UserError, match="refused"):
+        cap.load_resnet50(named)
+    assert not marker.exists()
+
+
+def test_wrong_weights_or_missing_file(tmp_path):
+    path = tmp_path / "resnet50-other.pth"
+    torch.save({"fc.weight": torch.zeros(3)}, path)
+    with pytest.raises(cap.UserError, match="does not hold ResNet50 weights"):
+        cap.load_resnet50(path)
+    with pytest.raises(cap.UserError, match="not found: run ./setup.sh"):
+        cap.load_resnet50(tmp_path / "absent.pth")

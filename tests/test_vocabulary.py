@@ -1,0 +1,41 @@
+"""Tokenization and vocabulary."""
+import pandas as pd
+import pytest
+
+from conftest import cap, shared
+
+Vocabulary = cap.Vocabulary
+
+
+def test_tokenizer_is_spacy_english_lowercased():
+    assert Vocabulary.tokenize("A dog's ball, isn't it?") == ["a", "dog", "'s", "ball", ",", "is", "n't", "it", "?"]
+
+
+def test_specials_and_threshold():
+    vocab = Vocabulary(freq_threshold=2).build_vocab(["a dog runs", "a dog sits", "a cat"])
+    assert vocab.itos[:4] == ["<PAD>", "<SOS>", "<EOS>", "<UNK>"]
+    assert (vocab.stoi["<PAD>"], vocab.stoi["<SOS>"], vocab.stoi["<EOS>"], vocab.stoi["<UNK>"]) == (0, 1, 2, 3)
+    assert set(vocab.itos[4:]) == {"a", "dog"} and len(vocab) == 6
+    assert vocab.numericalize("a cat dog") == [vocab.stoi["a"], 3, vocab.stoi["dog"]]
+    assert vocab.decode([1, vocab.stoi["a"], 3, 2, vocab.stoi["dog"]]) == "a <UNK>"
+
+
+def test_json_round_trip(tmp_path):
+    vocab = Vocabulary(1).build_vocab(["a red circle .", "a blue square"])
+    vocab.save(tmp_path / "vocab.json")
+    loaded = Vocabulary.load(tmp_path / "vocab.json")
+    assert loaded.itos == vocab.itos and loaded.stoi == vocab.stoi and loaded.freq_threshold == 1
+
+
+def test_real_flickr8k_vocabulary_has_2994_entries():
+    path = shared("flickr8k", "captions.txt")
+    every_row = pd.read_csv(path)["caption"].tolist()  # as the original script read it
+    assert len(every_row) == 40455 and len(Vocabulary(5).build_vocab(every_row)) == 2994
+    frame, dropped = cap.read_captions(path)  # the script drops the file's 10 repeated rows
+    assert len(frame) == 40445 and dropped == {"duplicate_rows": 10}
+    assert len(Vocabulary(5).build_vocab(frame["caption"].tolist())) == 2994
+
+
+def test_vocabulary_must_start_with_specials():
+    with pytest.raises(ValueError):
+        Vocabulary(5, ["a", "b"])
