@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from collections import Counter
@@ -758,6 +759,7 @@ def prepare(cfg, device, vocab=None):
         make_demo_dataset(cfg["data_dir"], cfg["demo_images"], cfg["demo_image_size"])
     frame, image_dir = load_captions(cfg["data_dir"], cfg["seed"], cfg["max_images"])
     weights = encoder_weights_file(cfg)
+    cfg["encoder_weights"] = str(weights)  # the file actually used, as the checkpoint must record
     resnet, weights_sha = load_resnet50(weights), weights_sha256(weights)
     transform = image_transform(cfg["image_size"])
     train_names = sorted(frame.loc[frame["split"] == "train", "image"].unique())
@@ -948,9 +950,20 @@ def train_model(cfg):
     data["vocab"].save(out / "vocab.json")
     (out / "config.json").write_text(json.dumps({k: cfg[k] for k in CONFIG_NAMES}, indent=2))
     val_names = sorted(split_frame(data, "val")["image"].unique())[:3]
+    stop_requested = []
+
+    def request_stop(signum, frame):
+        if stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop_requested.append(True)
+        log("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)")
+
+    previous_handler = signal.signal(signal.SIGINT, request_stop)
     meteor_scorer()  # its JVM loads while the first epoch trains
 
     def on_batch(state):
+        if stop_requested:
+            raise KeyboardInterrupt
         if cfg["sample_every"] and state["batch"] % cfg["sample_every"] == 0:
             print_samples(run, val_names, cfg, device, f"step {state['step']}")
 
@@ -962,11 +975,15 @@ def train_model(cfg):
             train_one_epoch(run, epoch, state, cfg, device, on_batch)
             end_epoch(run, epoch, state, cfg, device, time.time() - start)
             print_samples(run, val_names, cfg, device, f"end of epoch {epoch}")
+            if stop_requested:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         atomic_save(checkpoint_payload(run, cfg, state), out / "last.pt")
         log(f"\ninterrupted: saved {out / 'last.pt'} at step {state['step']}. Resume with:\n  python "
             f"{Path(__file__).name} {' '.join(a for a in sys.argv[1:] if a != '--resume')} --resume")
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
     finish_training(run, cfg, device)
     return 0
 
@@ -1133,7 +1150,8 @@ def test_report(run, cfg, device, checkpoint_path):
     report = {"checkpoint": str(checkpoint_path), "split": "test", "images": len(captions),
               "beam_size": cfg["beam_size"], **metrics, "seconds": round(time.time() - start, 2)}
     if cfg["dataset"] == "demo":
-        greedy, _ = evaluate_split(run, "test", cfg, device, greedy=True)[1], None
+        greedy, _ = generate_captions(run["encoder"], run["decoder"], run["source"], sorted(captions), run["vocab"],
+                                      cfg, device, greedy=True)
         report["demo_colour_shape_accuracy"], singles = demo_accuracy(greedy, Path(cfg["data_dir"]) / "shapes.csv")
         log(f"demo: the greedy captions name the right colour and shape of "
             f"{report['demo_colour_shape_accuracy']:.1%} of {singles} held-out single-shape images")
@@ -1242,8 +1260,9 @@ def caption_images(cfg, paths):
         weights = random_resnet50_weights(ROOT / "resources/models/resnet50-random-init.pth")
     cfg = {**cfg, **{k: trained[k] for k in ("embed_size", "hidden_size", "num_layers", "dropout", "image_size")}}
     vocab = Vocabulary(ckpt["freq_threshold"], ckpt["vocab"])
-    check_compatible(ckpt, cfg, None, weights_sha256(weights) if weights.is_file() else None, path)
-    encoder, decoder = build_models(cfg, len(vocab), load_resnet50(weights))
+    resnet = load_resnet50(weights)
+    check_compatible(ckpt, cfg, None, weights_sha256(weights), path)
+    encoder, decoder = build_models(cfg, len(vocab), resnet)
     restore({"encoder": encoder, "decoder": decoder}, ckpt)
     files, missing = collect_images(paths)
     names = [str(f.resolve()) for f in files]
