@@ -398,7 +398,7 @@ def image_batches(source, names, batch_size, num_workers=0, pin_memory=False, de
     """Yields (indices into names, encoder inputs, indices that failed to load), one batch at a time."""
     workers = 0 if source.features is not None else num_workers
     loader = DataLoader(ImageList(source, names), batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate_images, pin_memory=pin_memory, persistent_workers=False)
+                        collate_fn=collate_images, pin_memory=pin_memory, generator=torch.Generator())
     return tqdm(loader, desc=desc, unit="batch", leave=False, disable=desc is None)
 
 
@@ -813,7 +813,8 @@ def caption_loss(encoder, decoder, images, captions):
 
 def caption_loader(dataset, batches, cfg, device):
     per_step = dataset.source.features is None
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=CapsCollate(),
+    # its own generator: a DataLoader otherwise draws from the global RNG, and a resumed run would differ
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=CapsCollate(), generator=torch.Generator(),
                       num_workers=cfg["num_workers"] if per_step else 0, pin_memory=device.type == "cuda")
 
 
@@ -1278,7 +1279,7 @@ def caption_images(cfg, paths):
         print(f"error: no such file or folder: {file}", file=sys.stderr, flush=True)
     if cfg["caption_figure"] and captions:
         save_caption_figure([(n, c) for n, c in captions.items()], cfg["caption_figure"])
-        log(f"saved {cfg['caption_figure']}")
+        print(f"saved {cfg['caption_figure']}", file=sys.stderr)  # stdout holds only the captions
     return 1 if failed or missing or not files else 0
 
 
