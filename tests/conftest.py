@@ -14,7 +14,7 @@ import flickr_image_caption_with_pytorch_resnet_lstm as cap  # noqa: E402
 
 SCRIPT = ROOT / "flickr_image_caption_with_pytorch_resnet_lstm.py"
 # A small demo run that still shows the model reading the image (see tests/test_training.py for figures).
-SMALL_DEMO = ["--dataset=demo", "--demo_images=600", "--demo_image_size=64", "--num_epochs=6",
+SMALL_DEMO = ["--dataset=demo", "--demo_images=1000", "--demo_image_size=96", "--num_epochs=8",
               "--batch_size=32", "--learning_rate=0.002", "--embed_size=128", "--hidden_size=256",
               "--sample_every=0", "--num_workers=0", "--seed=3"]
 
@@ -58,3 +58,14 @@ def trained_demo(tmp_path_factory, demo_dirs, random_weights):
     out = tmp_path_factory.mktemp("demo_out")
     assert cap.main(demo_args(demo_dirs, random_weights, out)) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained_demo, demo_dirs, random_weights):
+    """The trained demo model (best.pt) with its data, loaded as the script itself loads them."""
+    cfg, _ = cap.parse_args(demo_args(demo_dirs, random_weights, trained_demo))
+    cap.resolve_settings(cfg)
+    ckpt = torch.load(trained_demo / "best.pt", weights_only=True)
+    run = cap.prepare(cfg, torch.device("cpu"), cap.Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]))
+    cap.restore(run, ckpt)
+    return run, cfg

@@ -52,13 +52,8 @@ def test_meteor_is_absent_without_java(monkeypatch, capsys):
 
 
 @pytest.fixture(scope="module")
-def trained(trained_demo, demo_dirs, random_weights):
-    """The trained demo model with its data, as the script itself loads them."""
-    cfg, _ = cap.parse_args(demo_args(demo_dirs, random_weights, trained_demo))
-    cap.resolve_settings(cfg)
-    ckpt = torch.load(trained_demo / "best.pt", weights_only=True)
-    run = cap.prepare(cfg, torch.device("cpu"), cap.Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]))
-    cap.restore(run, ckpt)
+def trained(trained_run):
+    run, cfg = trained_run
     names = sorted(cap.split_frame(run, "test")["image"].unique())
     embeds = torch.cat([run["encoder"].eval()(inputs) for _, inputs, _ in
                         cap.image_batches(run["source"], names, 64)])
@@ -91,7 +86,7 @@ def test_evaluate_mode_prints_the_metrics_table(trained_demo, demo_dirs, random_
     (trained_demo / "test_metrics.json").unlink()
     result = run_script(*demo_args(demo_dirs, random_weights, trained_demo, "--evaluate"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "test split, 60 images, beam 3" in result.stdout and "CIDEr" in result.stdout
+    assert "test split, 100 images, beam 3" in result.stdout and "CIDEr" in result.stdout
     report = json.loads((trained_demo / "test_metrics.json").read_text())
     assert report["checkpoint"].endswith("best.pt") and report["BLEU-1"] > 0 and report["METEOR"] > 0
-    assert len(pd.read_csv(trained_demo / "test_captions.csv")) == 60
+    assert len(pd.read_csv(trained_demo / "test_captions.csv")) == 100

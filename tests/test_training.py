@@ -13,16 +13,17 @@ from conftest import SCRIPT, cap, demo_args, run_script
 
 OUTPUTS = ["loss_per_batch.csv", "loss_per_epoch.csv", "loss_graph.png", "metrics_graph.png", "vocab.json",
            "config.json", "last.pt", "best.pt", "test_metrics.json", "test_captions.csv", "test_examples.png"]
-# Measured on this configuration (2-core CPU): the trained model names colour and shape of about 95% of
-# held-out single-shape images; an image-blind model (features zeroed) gets 5-11%. See the issue notes.
-DEMO_ACCURACY_FLOOR = 0.6
+# Measured on tests/conftest.py's SMALL_DEMO (2-core CPU, see the issue notes): about 77% of held-out
+# single-shape images get the right colour and shape; blind, the same model gets 7%.
+DEMO_ACCURACY_FLOOR = 0.5
+BLIND_ACCURACY_CEILING = 0.25
 
 
 def test_demo_run_writes_every_output(trained_demo):
     for name in OUTPUTS:
         assert (trained_demo / name).is_file() and (trained_demo / name).stat().st_size > 0, name
     epochs = pd.read_csv(trained_demo / "loss_per_epoch.csv")
-    assert list(epochs["epoch"]) == list(range(1, 7))
+    assert list(epochs["epoch"]) == list(range(1, 9))
     for column in ["train_loss", "val_loss", "val_token_accuracy", "BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr",
                    "epoch_seconds", "eval_seconds"]:
         assert epochs[column].notna().all(), column
@@ -30,12 +31,25 @@ def test_demo_run_writes_every_output(trained_demo):
     batches = pd.read_csv(trained_demo / "loss_per_batch.csv")
     assert list(batches["step"]) == list(range(1, len(batches) + 1))
     captions = pd.read_csv(trained_demo / "test_captions.csv")
-    assert set(captions.columns) == {"image", "caption", "references"} and len(captions) == 60
+    assert set(captions.columns) == {"image", "caption", "references"} and len(captions) == 100
 
 
-def test_demo_model_reads_the_image(trained_demo):
-    report = json.loads((trained_demo / "test_metrics.json").read_text())
-    assert report["demo_colour_shape_accuracy"] >= DEMO_ACCURACY_FLOOR
+def test_demo_model_reads_the_image(trained_demo, trained_run):
+    seeing = json.loads((trained_demo / "test_metrics.json").read_text())["demo_colour_shape_accuracy"]
+    run, cfg = trained_run
+    names = sorted(cap.split_frame(run, "test")["image"].unique())
+    # the same model, blind: every image's features replaced by the training set's mean
+    blind_source = cap.ImageSource(run["source"].image_dir, None,
+                                   run["encoder"].feature_mean.expand(len(names), -1), names)
+    blind, _ = cap.generate_captions(run["encoder"], run["decoder"], blind_source, names, run["vocab"], cfg,
+                                     torch.device("cpu"), greedy=True)
+    blind_accuracy, singles = cap.demo_accuracy(blind, demo_shapes(cfg))
+    assert singles >= 50
+    assert seeing >= DEMO_ACCURACY_FLOOR and blind_accuracy <= BLIND_ACCURACY_CEILING, (seeing, blind_accuracy)
+
+
+def demo_shapes(cfg):
+    return f"{cfg['data_dir']}/shapes.csv"
 
 
 def test_checkpoint_loads_without_pickle(trained_demo):
@@ -114,14 +128,15 @@ def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(tmp_path, demo_dirs, random_
     assert_same_run(out, uninterrupted)
 
 
-def test_mismatched_checkpoint_is_explained(tmp_path, demo_dirs, random_weights, uninterrupted):
-    result = run_script(*quick_args(demo_dirs, random_weights, uninterrupted, "--resume", "--hidden_size=64"))
-    assert result.returncode == 2 and "hidden_size=256 but the config says hidden_size=64" in result.stderr
-    result = run_script(*quick_args(demo_dirs, random_weights, uninterrupted, "--resume", "--freq_threshold=100000"))
-    assert result.returncode == 2 and "different vocabulary" in result.stderr and "freq_threshold" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_mismatched_checkpoint_is_explained(demo_dirs, random_weights, uninterrupted, capsys):
+    assert cap.main(quick_args(demo_dirs, random_weights, uninterrupted, "--resume", "--hidden_size=64")) == 2
+    assert "hidden_size=256 but the config says hidden_size=64" in capsys.readouterr().err
+    assert cap.main(quick_args(demo_dirs, random_weights, uninterrupted, "--resume", "--freq_threshold=100000")) == 2
+    error = capsys.readouterr().err
+    assert "different vocabulary" in error and "freq_threshold" in error
 
 
-def test_resume_without_checkpoint_says_how_to_train(tmp_path, demo_dirs, random_weights):
-    result = run_script(*quick_args(demo_dirs, random_weights, tmp_path / "none", "--resume"))
-    assert result.returncode == 2 and "no checkpoint at" in result.stderr and "train one first" in result.stderr
+def test_resume_without_checkpoint_says_how_to_train(tmp_path, demo_dirs, random_weights, capsys):
+    assert cap.main(quick_args(demo_dirs, random_weights, tmp_path / "none", "--resume")) == 2
+    error = capsys.readouterr().err
+    assert "no checkpoint at" in error and "train one first" in error
