@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import sys
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -1154,13 +1155,12 @@ def save_caption_figure(items, path):
     import matplotlib.pyplot as plt
     cols = min(3, len(items))
     rows = (len(items) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 4.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 5.2 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image, text) in zip(axes.flat, items):
         ax.imshow(Image.open(image).convert("RGB"))
-        ax.set_title("\n".join(__import__("textwrap").wrap(text, 48)), fontsize=8)
-    fig.tight_layout()
+        ax.set_title("\n".join(textwrap.wrap(text, 50)), fontsize=8, loc="left")
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -1182,13 +1182,14 @@ def plot_history(out):
     fig.tight_layout()
     fig.savefig(out / "loss_graph.png", dpi=90)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name in ["val_token_accuracy", "BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+    for name in ["val_token_accuracy", "BLEU-1", "BLEU-4", "METEOR", "ROUGE-L"]:
         if epochs[name].notna().any():
-            ax.plot(epochs["epoch"], 100 * epochs[name], "o-", label=name)
-    ax.set(xlabel="epoch", ylabel="score x 100", title="validation metrics")
-    ax.legend()
-    fig.tight_layout()
+            left.plot(epochs["epoch"], 100 * epochs[name], "o-", label=name)
+    right.plot(epochs["epoch"], 100 * epochs["CIDEr"], "o-", color="tab:brown", label="CIDEr (best.pt: its best)")
+    for ax, title in ((left, "validation metrics"), (right, "validation CIDEr")):
+        ax.set(xlabel="epoch", ylabel="score x 100", title=title)
+        ax.legend()
     fig.savefig(out / "metrics_graph.png", dpi=90)
     plt.close(fig)
 

@@ -100,13 +100,13 @@ class Payload:
 def test_pickled_payload_is_refused_and_never_run(tmp_path):
     marker = tmp_path / "payload-ran"
     path = tmp_path / "resnet50-custom.pth"
-    path.write_bytes(pickle.dumps({"conv1.weight": Payload(marker)}))
+    path.write_bytes(pickle.dumps({"conv1.weight": Payload(marker)}, protocol=2))
     with pytest.raises(cap.UserError, match="refused because loading it could run code"):
         cap.load_resnet50(path)
     assert not marker.exists()
     # a hash in the name is no licence either: only the known legacy torch.hub file may be unpickled
     named = named_by_hash(tmp_path, {"x": 1})
-    named.write_bytes(pickle.dumps(Payload(marker)))
+    named.write_bytes(pickle.dumps(Payload(marker), protocol=2))
     named = named.rename(tmp_path / f"resnet50-{hashlib.sha256(named.read_bytes()).hexdigest()[:8]}.pth")
     with pytest.raises(cap.UserError, match="refused"):
         cap.load_resnet50(named)
