@@ -388,7 +388,7 @@ class FlickrDataset(Dataset):
     def __init__(self, captions, vocab, source):
         self.images = captions["image"].tolist()
         self.source = source
-        tokens = Vocabulary.tokenize_many(captions["caption"].tolist())
+        tokens = captions["tokens"] if "tokens" in captions else Vocabulary.tokenize_many(captions["caption"].tolist())
         self.captions = [torch.tensor([Vocabulary.SOS] + vocab.numericalize(t) + [Vocabulary.EOS]) for t in tokens]
 
     def __len__(self):
@@ -409,6 +409,8 @@ class CapsCollate:
 
     def __call__(self, batch):
         batch = [(image, caption) for image, caption in batch if image is not None]
+        if not batch:
+            return None, None
         images = torch.stack([image for image, _ in batch])
         return images, pad_sequence([c for _, c in batch], batch_first=True, padding_value=self.pad_idx)
 
@@ -820,6 +822,8 @@ def train_one_epoch(run, epoch, state, cfg, device, on_batch):
                initial=state["batch"], desc=f"epoch {epoch}/{cfg['num_epochs']}", unit="batch", leave=False)
     try:
         for images, captions in bar:
+            if images is None:  # every image of the batch was unreadable (already reported)
+                continue
             images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss, _, _ = caption_loss(encoder, decoder, images, captions)
@@ -846,6 +850,8 @@ def validation_loss(encoder, decoder, dataset, cfg, device):
                                                                                           cfg["batch_size"])]
     total_loss, correct, tokens = 0.0, 0, 0
     for images, captions in caption_loader(dataset, batches, cfg, device):
+        if images is None:
+            continue
         images, captions = images.to(device), captions.to(device)
         loss, right, count = caption_loss(encoder, decoder, images, captions)
         total_loss += loss.item() * count.item()
@@ -1050,7 +1056,7 @@ def generate_captions(encoder, decoder, source, names, vocab, cfg, device, greed
     encoder.eval()
     decoder.eval()
     captions, failed = {}, []
-    for index, inputs, bad in image_batches(source, names, 64, cfg["num_workers"]):
+    for index, inputs, bad in image_batches(source, names, 64, cfg["num_workers"], desc="captioning"):
         failed += [names[i] for i in bad]
         if inputs is None:
             continue
