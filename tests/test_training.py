@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import SCRIPT, cap, demo_args, run_script
+from conftest import SCRIPT, cap, demo_args, run_script, shared
 
 OUTPUTS = ["loss_per_batch.csv", "loss_per_epoch.csv", "loss_graph.png", "metrics_graph.png", "vocab.json",
            "config.json", "last.pt", "best.pt", "test_metrics.json", "test_captions.csv", "test_examples.png"]
@@ -140,3 +140,31 @@ def test_resume_without_checkpoint_says_how_to_train(tmp_path, demo_dirs, random
     assert cap.main(quick_args(demo_dirs, random_weights, tmp_path / "none", "--resume")) == 2
     error = capsys.readouterr().err
     assert "no checkpoint at" in error and "train one first" in error
+
+
+def test_per_step_encoding_trains_like_cached_features(tmp_path, random_weights):
+    """cache_features=False runs the frozen encoder every step; the model must learn the same."""
+    common = ["--dataset=demo", "--demo_images=60", "--demo_image_size=64", "--num_epochs=1",
+              "--max_batches_per_epoch=5", "--batch_size=16", "--embed_size=32", "--hidden_size=64", "--sample_every=0",
+              "--num_workers=2", "--beam_size=1", f"--data_dir={tmp_path / 'data'}", f"--cache_dir={tmp_path / 'cache'}",
+              f"--encoder_weights={random_weights}"]
+    assert cap.main([*common, f"--output_dir={tmp_path / 'cached'}"]) == 0
+    assert cap.main([*common, f"--output_dir={tmp_path / 'per_step'}", "--cache_features=false"]) == 0
+    cached, per_step = (pd.read_csv(tmp_path / name / "loss_per_batch.csv") for name in ("cached", "per_step"))
+    assert len(cached) == 5
+    pd.testing.assert_frame_equal(cached, per_step, rtol=1e-4)
+
+
+def test_one_short_epoch_on_real_flickr8k_jpegs(tmp_path, random_weights):
+    data = shared("flickr8k-mini")
+    args = ["--dataset=flickr8k", f"--data_dir={data}", f"--encoder_weights={random_weights}",
+            f"--output_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}", "--image_size=96",
+            "--num_epochs=1", "--max_batches_per_epoch=8", "--embed_size=32", "--hidden_size=64",
+            "--freq_threshold=2", "--sample_every=4", "--num_workers=2"]
+    assert cap.main(args) == 0
+    epochs = pd.read_csv(tmp_path / "out" / "loss_per_epoch.csv")
+    assert len(epochs) == 1 and epochs["train_loss"].iloc[0] > 0 and epochs["CIDEr"].notna().all()
+    report = json.loads((tmp_path / "out" / "test_metrics.json").read_text())
+    assert report["images"] == 30 and "demo_colour_shape_accuracy" not in report
+    captions = pd.read_csv(tmp_path / "out" / "test_captions.csv")
+    assert captions["references"].str.count(r" \| ").eq(4).all()  # five real references per image
