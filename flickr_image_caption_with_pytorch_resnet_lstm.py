@@ -446,6 +446,8 @@ def make_demo_dataset(folder, n_images, size, seed=0):
     stamp = {"images": n_images, "size": size, "seed": seed, "version": 2}
     if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
         return folder
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "demo.json").is_file():
+        raise UserError(f"{folder} holds files but no demo set: choose an empty or new --data_dir for the demo")
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "Images").mkdir(parents=True)
@@ -498,11 +500,8 @@ WEIGHTS_NAME = re.compile(r"resnet50-([0-9a-f]{8,64})\.pth")
 
 @functools.lru_cache(maxsize=8)
 def file_sha256(path, size=None, mtime=None):  # size and mtime are part of the cache key
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def weights_sha256(path):

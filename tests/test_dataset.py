@@ -169,3 +169,18 @@ def test_unreadable_image_is_dropped_from_a_batch(tmp_path, capsys):
                                 cap.ImageSource(tmp_path, cap.image_transform(32)))
     images, captions = cap.CapsCollate()([dataset[0], dataset[1]])
     assert images.shape == (1, 3, 32, 32) and len(captions) == 1 and "bad.jpg" in capsys.readouterr().err
+
+
+def test_demo_set_is_made_once_and_never_over_a_users_folder(tmp_path):
+    folder = cap.make_demo_dataset(tmp_path / "demo", n_images=12, size=32)
+    frame = pd.read_csv(folder / "captions.txt")
+    assert len(list((folder / "Images").iterdir())) == 12 and len(frame) == 60
+    stamp = (folder / "demo.json").stat().st_mtime_ns
+    cap.make_demo_dataset(folder, n_images=12, size=32)
+    assert (folder / "demo.json").stat().st_mtime_ns == stamp  # reused, not remade
+    mine = tmp_path / "my_photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(cap.UserError, match="holds files but no demo set"):
+        cap.make_demo_dataset(mine, n_images=12, size=32)
+    assert (mine / "holiday.jpg").read_bytes() == b"precious"
