@@ -9,13 +9,16 @@ Every constant in the config section can be overridden on the command line as --
 """
 import argparse
 import contextlib
+import csv
 import functools
 import hashlib
 import io
 import json
 import os
+import pickle
 import random
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -124,9 +127,24 @@ def parse_args(argv):
     return cfg, caption_paths
 
 
+def uses_bf16(device):
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def autocast(device):
+    """bf16 mixed precision on GPUs that support it natively; full precision elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device))
+
+
 def pick_device(name):
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device={name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"--device={name}: this machine has no CUDA GPU that torch can use")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -234,7 +252,11 @@ def read_captions(path):
     dropped = Counter(blank_lines=sum(1 for line in lines if not line.strip()))
     rows, bad_lines = [], []
     if first.lstrip().startswith("{"):
-        for image in json.loads(text)["images"]:
+        try:
+            images = json.loads(text)["images"]
+        except (ValueError, KeyError) as error:
+            raise UserError(f"{path}: not a Karpathy-format JSON file ({error})") from None
+        for image in images:
             split = {"restval": "train"}.get(image.get("split"), image.get("split"))
             rows += [(image["filename"], s["raw"], split) for s in image["sentences"]]
     elif TOKEN_LINE.match(first) or RESULTS_HEADER.match(first):
@@ -246,8 +268,13 @@ def read_captions(path):
             elif line.strip() and line is not first:
                 bad_lines.append(number)
     elif re.sub(r"\s", "", first).lower() == "image,caption":
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skip_blank_lines=True)
-        rows = list(zip(frame["image"].str.strip(), frame["caption"]))
+        reader = csv.reader(io.StringIO(text))
+        next(reader)
+        for row in reader:
+            if len(row) >= 2:  # more than 2 fields: a caption's unquoted commas
+                rows.append((row[0].strip(), ",".join(row[1:])))
+            elif row:
+                bad_lines.append(reader.line_num)
     else:
         raise UserError(f"{path}: unknown caption file format. Its first line is {first[:120]!r}; "
                         f"accepted formats: {FORMATS_ACCEPTED}")
@@ -312,19 +339,24 @@ def load_captions(folder, seed, max_images=0):
         warn(f"{len(missing)} image(s) named in {caption_file.name} are not in {image_dir}, skipped: "
              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
         frame = frame[frame["image"].isin(present)]
-    frame, split_source = assign_splits(frame, folder, seed)
-    if max_images:
+    if max_images:  # a random subset before splitting, so that every split keeps its share
         keep = sorted(frame["image"].unique())
-        random.Random(seed).shuffle(keep)
+        random.Random(f"max_images {seed}").shuffle(keep)
         frame = frame[frame["image"].isin(set(keep[:max_images]))]
-    frame = frame.reset_index(drop=True)
+    frame, split_source = assign_splits(frame.reset_index(drop=True), folder, seed)
     counts = frame.drop_duplicates("image")["split"].value_counts()
     log(f"captions: {caption_file} ({len(frame)} captions of {frame['image'].nunique()} images; images in "
         f"{image_dir}); split by {split_source}: train {counts.get('train', 0)}, val {counts.get('val', 0)}, "
         f"test {counts.get('test', 0)} images" + (f"; dropped {dict(dropped)}" if dropped else ""))
-    if not counts.get("train", 0):
-        raise UserError(f"no training images found in {folder}")
+    check_splits(frame, folder)
     return frame, image_dir
+
+
+def check_splits(frame, folder):
+    for split in ("train", "val", "test"):
+        if not (frame["split"] == split).any():
+            raise UserError(f"no {split} images in {folder} (after leaving out missing or unreadable ones): "
+                            f"use more images (max_images) or check the split files")
 
 
 def image_transform(size):
@@ -340,6 +372,16 @@ def load_image(path, transform):
             return transform(image.convert("RGB"))
     except Exception:  # PIL raises OSError, ValueError or others by format and damage
         return None
+
+
+def image_opens(path):
+    """A cheap check (no full decode) for the per-step encoder, which cannot drop images up front otherwise."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except Exception:
+        return False
 
 
 class ImageSource:
@@ -522,10 +564,14 @@ def load_resnet50(weights_path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        if not (named_hash and path.name in KNOWN_LEGACY_WEIGHTS):
-            raise UserError(f"{path} is not a plain weights file ({type(error).__name__}); it is refused because "
-                            f"loading it could run code inside it. Use a torchvision ResNet50 .pth: {fetch}") from None
-        state = torch.load(path, map_location="cpu", weights_only=False)  # safe: its sha256 was verified above
+        if named_hash and path.name in KNOWN_LEGACY_WEIGHTS:
+            state = torch.load(path, map_location="cpu", weights_only=False)  # safe: its sha256 was verified above
+        elif isinstance(error, pickle.UnpicklingError):
+            raise UserError(f"{path} holds pickled Python objects, refused because loading it could run code "
+                            f"inside it. Use a torchvision ResNet50 .pth: {fetch}") from None
+        else:
+            raise UserError(f"{path} is damaged or not a PyTorch weights file ({type(error).__name__}): "
+                            f"delete it and {fetch}") from None
     model = torchvision.models.resnet50(weights=None)
     try:
         model.load_state_dict(state)
@@ -603,9 +649,12 @@ class DecoderRNN(nn.Module):
         _, state = self.lstm(image_embeds.unsqueeze(1))
         return state
 
-    def step(self, tokens, state):
+    def step(self, tokens, state, first=False):
+        """Log-probabilities of the next word: never <PAD> or <SOS>, nor <EOS> first (no empty captions)."""
         out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)
-        return F.log_softmax(self.fcn(out.squeeze(1)).float(), dim=-1), state
+        logp = F.log_softmax(self.fcn(out.squeeze(1)).float(), dim=-1)
+        logp[:, [Vocabulary.PAD, Vocabulary.SOS] + [Vocabulary.EOS] * first] = float("-inf")
+        return logp, state
 
 
 def build_models(cfg, vocab_size, resnet=None):
@@ -616,9 +665,9 @@ def build_models(cfg, vocab_size, resnet=None):
 
 # -----------------------------------------------------------------------------
 # feature cache: the frozen encoder runs once per image, not once per caption per epoch
-def features_cache_key(weights_sha, transform, image_dir, names):
+def features_cache_key(weights_sha, transform, image_dir, names, precision="fp32"):
     spec = {"weights": weights_sha, "transform": repr(transform), "image_dir": str(Path(image_dir).resolve()),
-            "images": sorted(names), "version": 1}
+            "images": sorted(names), "precision": precision, "version": 1}
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
 
@@ -632,11 +681,10 @@ def extract_features(resnet, image_dir, names, transform, device, batch_size=64,
     features = torch.zeros(len(names), 2048)
     ok = torch.zeros(len(names), dtype=torch.bool)
     failed = []
-    cuda = device.type == "cuda"
     bar = tqdm(total=len(names), desc="ResNet50 features", unit="img", leave=False)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+    with torch.inference_mode(), autocast(device):
         for index, images, bad in image_batches(ImageSource(image_dir, transform), names, batch_size,
-                                                num_workers, pin_memory=cuda):
+                                                num_workers, pin_memory=device.type == "cuda"):
             failed += [names[i] for i in bad]
             if images is not None:
                 images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -662,7 +710,7 @@ def load_cached_features(path, key):
 
 
 def cached_features(resnet, weights_sha, image_dir, names, transform, cache_folder, device, cfg):
-    key = features_cache_key(weights_sha, transform, image_dir, names)
+    key = features_cache_key(weights_sha, transform, image_dir, names, "bf16" if uses_bf16(device) else "fp32")
     path = Path(cache_folder) / f"features-{key[:20]}.pt"
     cache = load_cached_features(path, key)
     if cache is not None:
@@ -698,6 +746,13 @@ def resolve_settings(cfg):
     if cfg["dataset"] not in ("auto", "demo", "flickr8k", "flickr30k"):
         raise UserError(f"--dataset={cfg['dataset']!r}: expected 'auto', 'demo', 'flickr8k' or 'flickr30k'")
     explicit = set(cfg.get("_explicit", []))
+    for name in ("batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_size", "hidden_size",
+                 "num_layers", "freq_threshold", "image_size", "log_every", "demo_images", "demo_image_size"):
+        if cfg[name] < 1:
+            raise UserError(f"--{name}={cfg[name]}: must be at least 1")
+    for name in ("max_images", "max_batches_per_epoch", "num_workers", "sample_every"):
+        if cfg[name] < 0:
+            raise UserError(f"--{name}={cfg[name]}: must be 0 or more")
     for name in ("data_dir", "encoder_weights", "output_dir", "cache_dir", "checkpoint", "caption_figure"):
         if cfg[name] and name not in explicit:  # defaults live in the project; the user's paths are theirs
             cfg[name] = str(ROOT / cfg[name])
@@ -740,22 +795,25 @@ def prepare(cfg, device, vocab=None):
         make_demo_dataset(cfg["data_dir"], cfg["demo_images"], cfg["demo_image_size"])
     frame, image_dir = load_captions(cfg["data_dir"], cfg["seed"], cfg["max_images"])
     weights = encoder_weights_file(cfg)
-    cfg["encoder_weights"] = str(weights)  # the file actually used, as the checkpoint must record
+    cfg["encoder_weights"] = str(Path(weights).resolve())  # the file actually used, as the checkpoint records
     resnet, weights_sha = load_resnet50(weights), weights_sha256(weights)
     transform = image_transform(cfg["image_size"])
-    train_names = sorted(frame.loc[frame["split"] == "train", "image"].unique())
+    names = sorted(frame["image"].unique())
     if cfg["cache_features"]:
-        cache = cached_features(resnet, weights_sha, image_dir, sorted(frame["image"].unique()), transform,
-                                cfg["cache_dir"], device, cfg)
-        if cache["failed"]:
-            warn(f"skipped {len(cache['failed'])} unreadable image(s): {', '.join(cache['failed'][:5])}")
-            frame = frame[~frame["image"].isin(set(cache["failed"]))].reset_index(drop=True)
-        source = ImageSource(image_dir, transform, cache["features"], cache["images"])
-        rows = [source.row[n] for n in train_names if n in source.row]
-        stats = feature_statistics(cache["features"][rows])
-        resnet = None  # training needs only the projection; the checkpoint records the backbone's hash
+        cache = cached_features(resnet, weights_sha, image_dir, names, transform, cfg["cache_dir"], device, cfg)
+        source, failed = ImageSource(image_dir, transform, cache["features"], cache["images"]), cache["failed"]
     else:
         source = ImageSource(image_dir, transform)
+        failed = [n for n in tqdm(names, desc="checking images", leave=False) if not image_opens(image_dir / n)]
+    if failed:
+        warn(f"skipped {len(failed)} unreadable image(s): {', '.join(failed[:5])}{' ...' * (len(failed) > 5)}")
+        frame = frame[~frame["image"].isin(set(failed))].reset_index(drop=True)
+        check_splits(frame, cfg["data_dir"])
+    train_names = sorted(frame.loc[frame["split"] == "train", "image"].unique())
+    if cfg["cache_features"]:
+        stats = feature_statistics(cache["features"][[source.row[n] for n in train_names]])
+        resnet = None  # training needs only the projection; the checkpoint records the backbone's hash
+    else:
         sample = random.Random(cfg["seed"]).sample(train_names, min(512, len(train_names)))
         stats = feature_statistics(extract_features(resnet, image_dir, sample, transform, device)[0])
     frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
@@ -783,13 +841,11 @@ def epoch_batches(n, batch_size, seed, epoch, max_batches=0):
 
 
 def caption_loss(encoder, decoder, images, captions):
-    logits = decoder(encoder(images), captions)
-    targets = captions[:, 1:]
+    """Cross-entropy of every next word (padding ignored), and the logits and targets it compared."""
+    logits, targets = decoder(encoder(images), captions), captions[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                            ignore_index=Vocabulary.PAD)
-    mask = targets != Vocabulary.PAD
-    correct = ((logits.argmax(-1) == targets) & mask).sum()
-    return loss, correct, mask.sum()
+    return loss, logits, targets
 
 
 def caption_loader(dataset, batches, cfg, device):
@@ -821,16 +877,16 @@ def train_one_epoch(run, epoch, state, cfg, device, on_batch):
                initial=state["batch"], desc=f"epoch {epoch}/{cfg['num_epochs']}", unit="batch", leave=False)
     try:
         for images, captions in bar:
+            state["batch"] += 1
+            state["step"] += 1
             if images is None:  # every image of the batch was unreadable (already reported)
                 continue
             images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 loss, _, _ = caption_loss(encoder, decoder, images, captions)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            state["batch"] += 1
-            state["step"] += 1
             pending.append((state["step"], loss.detach()))
             if len(pending) >= cfg["log_every"]:
                 flush()
@@ -852,10 +908,11 @@ def validation_loss(encoder, decoder, dataset, cfg, device):
         if images is None:
             continue
         images, captions = images.to(device), captions.to(device)
-        loss, right, count = caption_loss(encoder, decoder, images, captions)
-        total_loss += loss.item() * count.item()
-        correct += right.item()
-        tokens += count.item()
+        loss, logits, targets = caption_loss(encoder, decoder, images, captions)
+        mask = targets != Vocabulary.PAD
+        total_loss += loss.item() * mask.sum().item()
+        correct += ((logits.argmax(-1) == targets) & mask).sum().item()
+        tokens += mask.sum().item()
     return total_loss / max(tokens, 1), correct / max(tokens, 1)
 
 
@@ -872,7 +929,8 @@ def truncate_csv(path, column, last):
 
 def checkpoint_payload(run, cfg, state):
     return {"encoder": run["encoder"].trainable_state_dict(), "decoder": run["decoder"].state_dict(),
-            "optimizer": run["optimizer"].state_dict(), "state": {**state, "rng_state": torch.get_rng_state()},
+            "optimizer": run["optimizer"].state_dict(), "state": {**state, "rng_state": torch.get_rng_state(),
+                                                         "cuda_rng_state": torch.cuda.get_rng_state_all()},
             "config": {k: cfg[k] for k in CONFIG_NAMES}, "vocab": run["vocab"].itos,
             "freq_threshold": run["vocab"].freq_threshold, "encoder_weights_sha256": run["weights_sha"]}
 
@@ -883,10 +941,13 @@ def load_checkpoint(path):
         raise UserError(f"no checkpoint at {path}: train one first with `python {Path(__file__).name}` "
                         f"(it writes best.pt and last.pt to output_dir), or name one with --checkpoint=FILE")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise UserError(f"cannot load checkpoint {path}: it is damaged or holds pickled Python objects, "
                         f"which are refused ({type(error).__name__})") from None
+    if not isinstance(ckpt, dict) or not {"encoder", "decoder", "config", "vocab", "state"} <= set(ckpt):
+        raise UserError(f"{path} is not a checkpoint written by this script (best.pt or last.pt)")
+    return ckpt
 
 
 def check_compatible(ckpt, cfg, vocab, weights_sha, path):
@@ -924,9 +985,11 @@ def train_model(cfg):
         check_compatible(ckpt, cfg, data["vocab"], data["weights_sha"], out / "last.pt")
         restore(run, ckpt)
         run["optimizer"].load_state_dict(ckpt["optimizer"])
-        state = {k: v for k, v in ckpt["state"].items() if k != "rng_state"}
-        if state["batch"]:
+        state = {k: v for k, v in ckpt["state"].items() if not k.endswith("rng_state")}
+        if state["batch"]:  # mid-epoch: dropout goes on as it would have
             torch.set_rng_state(ckpt["state"]["rng_state"])
+            if torch.cuda.is_available() and ckpt["state"]["cuda_rng_state"]:
+                torch.cuda.set_rng_state_all(ckpt["state"]["cuda_rng_state"])
         truncate_csv(out / "loss_per_batch.csv", "step", state["step"])
         truncate_csv(out / "loss_per_epoch.csv", "epoch", state["epoch"])
         log(f"resuming from {out / 'last.pt'}: epoch {state['epoch']} done, step {state['step']}")
@@ -939,8 +1002,8 @@ def train_model(cfg):
     stop_requested = []
 
     def request_stop(signum, frame):
-        if stop_requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
+        if stop_requested:  # a second Ctrl-C stops at once; last.pt stays the previous, consistent one
+            raise SystemExit(130)
         stop_requested.append(True)
         log("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)")
 
@@ -965,8 +1028,8 @@ def train_model(cfg):
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         atomic_save(checkpoint_payload(run, cfg, state), out / "last.pt")
-        log(f"\ninterrupted: saved {out / 'last.pt'} at step {state['step']}. Resume with:\n  python "
-            f"{Path(__file__).name} {' '.join(a for a in sys.argv[1:] if a != '--resume')} --resume")
+        command = shlex.join([Path(__file__).name, *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
+        log(f"\ninterrupted: saved {out / 'last.pt'} at step {state['step']}. Resume with:\n  python {command}")
         sys.exit(130)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
@@ -1002,8 +1065,8 @@ def greedy_decode(decoder, image_embeds, max_len):
     state = decoder.start(image_embeds)
     tokens = torch.full((image_embeds.size(0),), Vocabulary.SOS, device=image_embeds.device)
     steps, done = [], torch.zeros_like(tokens, dtype=torch.bool)
-    for _ in range(max_len):
-        logp, state = decoder.step(tokens, state)
+    for t in range(max_len):
+        logp, state = decoder.step(tokens, state, first=t == 0)
         tokens = logp.argmax(-1)
         steps.append(tokens)
         done |= tokens == Vocabulary.EOS
@@ -1026,7 +1089,7 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
     finished = torch.zeros(n, dtype=torch.long, device=dev)
     offsets = torch.arange(n, device=dev).unsqueeze(1) * k
     for t in range(max_len):
-        logp, state = decoder.step(tokens, state)
+        logp, state = decoder.step(tokens, state, first=t == 0)
         vocab_size = logp.size(-1)
         top, index = (scores.unsqueeze(-1) + logp.view(n, k, -1)).view(n, -1).topk(min(2 * k, k * vocab_size), 1)
         beam, word = index // vocab_size, index % vocab_size
@@ -1050,12 +1113,11 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
     return best_seq
 
 
-def generate_captions(encoder, decoder, source, names, vocab, cfg, device, greedy=False):
+def generate_captions(run, names, cfg, device, greedy=False):
     """{name: caption} for images (one encoder pass or cached row each), and the names that could not be read."""
-    encoder.eval()
-    decoder.eval()
+    encoder, decoder, vocab = run["encoder"].eval(), run["decoder"].eval(), run["vocab"]
     captions, failed = {}, []
-    for index, inputs, bad in image_batches(source, names, 64, cfg["num_workers"], desc="captioning"):
+    for index, inputs, bad in image_batches(run["source"], names, 64, cfg["num_workers"], desc="captioning"):
         failed += [names[i] for i in bad]
         if inputs is None:
             continue
@@ -1111,14 +1173,13 @@ def references_of(frame):
 def evaluate_split(run, split, cfg, device, greedy=False):
     frame = split_frame(run, split)
     names = sorted(frame["image"].unique())
-    captions, _ = generate_captions(run["encoder"], run["decoder"], run["source"], names, run["vocab"], cfg,
-                                    device, greedy)
+    captions, _ = generate_captions(run, names, cfg, device, greedy)
     return caption_metrics(references_of(frame), captions), captions
 
 
 def print_samples(run, names, cfg, device, label):
     was_training = run["decoder"].training
-    captions, _ = generate_captions(run["encoder"], run["decoder"], run["source"], names, run["vocab"], cfg, device)
+    captions, _ = generate_captions(run, names, cfg, device)
     for name, caption in captions.items():
         log(f"  [{label}] {name}: {caption}")
     run["encoder"].train(was_training)
@@ -1136,8 +1197,7 @@ def test_report(run, cfg, device, checkpoint_path):
     report = {"checkpoint": str(checkpoint_path), "split": "test", "images": len(captions),
               "beam_size": cfg["beam_size"], **metrics, "seconds": round(time.time() - start, 2)}
     if cfg["dataset"] == "demo":
-        greedy, _ = generate_captions(run["encoder"], run["decoder"], run["source"], sorted(captions), run["vocab"],
-                                      cfg, device, greedy=True)
+        greedy, _ = generate_captions(run, sorted(captions), cfg, device, greedy=True)
         report["demo_colour_shape_accuracy"], singles = demo_accuracy(greedy, Path(cfg["data_dir"]) / "shapes.csv")
         log(f"demo: the greedy captions name the right colour and shape of "
             f"{report['demo_colour_shape_accuracy']:.1%} of {singles} held-out single-shape images")
@@ -1154,10 +1214,17 @@ def test_report(run, cfg, device, checkpoint_path):
     return report
 
 
-def save_caption_figure(items, path):
+def pyplot():
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # figures go to files; no window, no display needed
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_caption_figure(items, path):
+    if not items:
+        return
+    plt = pyplot()
     cols = min(3, len(items))
     rows = (len(items) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 5.2 * rows), squeeze=False, layout="constrained")
@@ -1171,9 +1238,7 @@ def save_caption_figure(items, path):
 
 
 def plot_history(out):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     batches, epochs = pd.read_csv(out / "loss_per_batch.csv"), pd.read_csv(out / "loss_per_epoch.csv")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     left.plot(batches["step"], batches["loss"], alpha=0.4, label="batch")
@@ -1251,10 +1316,12 @@ def caption_images(cfg, paths):
     encoder, decoder = build_models(cfg, len(vocab), resnet)
     restore({"encoder": encoder, "decoder": decoder}, ckpt)
     files, missing = collect_images(paths)
+    if not files:
+        print(f"error: no images found in {' '.join(paths)}", file=sys.stderr)
     names = [str(f.resolve()) for f in files]
-    captions, failed = generate_captions(encoder.to(device), decoder.to(device),
-                                         ImageSource(Path("/"), image_transform(cfg["image_size"])), names,
-                                         vocab, cfg, device)
+    run = {"encoder": encoder.to(device), "decoder": decoder.to(device), "vocab": vocab,
+           "source": ImageSource(Path("/"), image_transform(cfg["image_size"]))}
+    captions, failed = generate_captions(run, names, cfg, device)
     for file, name in zip(files, names):
         if name in captions:
             print(f"{file}\t{captions[name]}", flush=True)

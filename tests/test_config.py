@@ -63,3 +63,21 @@ def test_import_has_no_side_effects(tmp_path):
     code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import flickr_image_caption_with_pytorch_resnet_lstm"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert result.returncode == 0 and result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arg, message", [("--batch_size=0", "--batch_size=0: must be at least 1"),
+                                          ("--beam_size=0", "must be at least 1"),
+                                          ("--max_images=-1", "--max_images=-1: must be 0 or more")])
+def test_impossible_values_are_refused(arg, message):
+    cfg, _ = cap.parse_args([arg])
+    with pytest.raises(cap.UserError, match=message):
+        cap.resolve_settings(cfg)
+
+
+def test_devices_are_checked():
+    with pytest.raises(cap.UserError, match="expected auto, cpu, cuda"):
+        cap.pick_device("quantum")
+    if not cap.torch.cuda.is_available():
+        with pytest.raises(cap.UserError, match="no CUDA GPU"):
+            cap.pick_device("cuda")
+    assert cap.pick_device("cpu").type == "cpu"

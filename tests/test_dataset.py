@@ -125,8 +125,17 @@ def test_max_images_limits_a_partial_run(tmp_path):
     make_images(tmp_path / "Images", names)
     pd.DataFrame([(n, "a caption") for n in names], columns=["image", "caption"]).to_csv(
         tmp_path / "captions.txt", index=False)
-    frame, _ = cap.load_captions(tmp_path, seed=1, max_images=12)
-    assert frame["image"].nunique() == 12
+    frame, _ = cap.load_captions(tmp_path, seed=1, max_images=20)
+    assert frame.drop_duplicates("image")["split"].value_counts().to_dict() == {"train": 16, "val": 2, "test": 2}
+
+
+def test_a_split_without_images_is_a_clear_error(tmp_path):
+    names = [f"{i}.jpg" for i in range(30)]
+    make_images(tmp_path / "Images", names)
+    pd.DataFrame([(n, "a caption") for n in names], columns=["image", "caption"]).to_csv(
+        tmp_path / "captions.txt", index=False)
+    with pytest.raises(cap.UserError, match="no train images .* use more images"):
+        cap.load_captions(tmp_path, seed=1, max_images=2)  # one test and one validation image
 
 
 def test_missing_images_are_skipped_with_a_warning(tmp_path, capsys):
@@ -159,6 +168,24 @@ def test_dataset_and_collate_pad_captions(tmp_path):
     images, captions = cap.CapsCollate()([dataset[0], dataset[1]])
     assert images.shape == (2, 4) and captions.shape == (2, 5)
     assert captions[1].tolist() == [1, vocab.stoi["red"], 2, 0, 0]
+
+
+def test_a_batch_of_only_unreadable_images_is_skipped(tmp_path):
+    dataset = cap.FlickrDataset(pd.DataFrame([("bad.jpg", "x")], columns=["image", "caption"]),
+                                cap.Vocabulary(1).build_vocab(["x"]), cap.ImageSource(tmp_path, cap.image_transform(32)))
+    assert cap.CapsCollate()([dataset[0]]) == (None, None)
+
+
+def test_unquoted_commas_and_spaced_header(tmp_path):
+    (tmp_path / "captions.txt").write_text("image, caption\na.jpg,A dog, running , fast .\n")
+    frame, _ = cap.read_captions(tmp_path / "captions.txt")
+    assert list(frame["caption"]) == ["A dog, running , fast ."]
+
+
+def test_broken_karpathy_json_is_a_clear_error(tmp_path):
+    (tmp_path / "dataset_flickr8k.json").write_text('{"images": [')
+    with pytest.raises(cap.UserError, match="not a Karpathy-format JSON"):
+        cap.read_captions(tmp_path / "dataset_flickr8k.json")
 
 
 def test_unreadable_image_is_dropped_from_a_batch(tmp_path, capsys):

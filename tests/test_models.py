@@ -113,6 +113,22 @@ def test_pickled_payload_is_refused_and_never_run(tmp_path):
     assert not marker.exists()
 
 
+def test_truncated_file_without_a_hash_is_called_damaged(tmp_path, random_weights):
+    path = tmp_path / "my-resnet50.pth"
+    path.write_bytes(random_weights.read_bytes()[:5000])
+    with pytest.raises(cap.UserError, match="is damaged or not a PyTorch weights file.*setup.sh"):
+        cap.load_resnet50(path)
+
+
+def test_batched_beam_search_equals_one_image_at_a_time():
+    torch.manual_seed(1)
+    decoder = cap.DecoderRNN(16, 32, vocab_size=25).eval()
+    embeds = torch.randn(7, 16) * 3
+    batched = cap.beam_search(decoder, embeds, beam_size=4, max_len=8)
+    assert batched == [cap.beam_search(decoder, embeds[i:i + 1], 4, 8)[0] for i in range(7)]
+    assert all(batched)  # <EOS> can never come first: no empty captions
+
+
 def test_wrong_weights_or_missing_file(tmp_path):
     path = tmp_path / "resnet50-other.pth"
     torch.save({"fc.weight": torch.zeros(3)}, path)

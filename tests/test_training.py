@@ -41,8 +41,7 @@ def test_demo_model_reads_the_image(trained_demo, trained_run):
     # the same model, blind: every image's features replaced by the training set's mean
     blind_source = cap.ImageSource(run["source"].image_dir, None,
                                    run["encoder"].feature_mean.expand(len(names), -1), names)
-    blind, _ = cap.generate_captions(run["encoder"], run["decoder"], blind_source, names, run["vocab"], cfg,
-                                     torch.device("cpu"), greedy=True)
+    blind, _ = cap.generate_captions({**run, "source": blind_source}, names, cfg, torch.device("cpu"), greedy=True)
     blind_accuracy, singles = cap.demo_accuracy(blind, demo_shapes(cfg))
     assert singles >= 50
     assert seeing >= DEMO_ACCURACY_FLOOR and blind_accuracy <= BLIND_ACCURACY_CEILING, (seeing, blind_accuracy)
