@@ -136,3 +136,20 @@ def test_wrong_weights_or_missing_file(tmp_path):
         cap.load_resnet50(path)
     with pytest.raises(cap.UserError, match="not found: run ./setup.sh"):
         cap.load_resnet50(tmp_path / "absent.pth")
+
+
+class LegacyDict(dict):
+    """Stands for the old torch.hub file's pickled types, which weights_only=True refuses."""
+
+
+def test_known_legacy_file_is_unpickled_only_after_its_hash_checks(tmp_path, random_weights, monkeypatch):
+    path = named_by_hash(tmp_path, LegacyDict(torch.load(random_weights, weights_only=True)))
+    with pytest.raises(cap.UserError, match="refused"):
+        cap.load_resnet50(path)  # a name not on the known list is never unpickled
+    monkeypatch.setattr(cap, "KNOWN_LEGACY_WEIGHTS", {path.name})
+    assert isinstance(cap.load_resnet50(path), torchvision.models.ResNet)
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(cap.UserError, match="corrupt or incomplete"):
+        cap.load_resnet50(path)  # tampered: the hash check stops it before any unpickling
