@@ -171,8 +171,9 @@ def test_dataset_and_collate_pad_captions(tmp_path):
 
 
 def test_a_batch_of_only_unreadable_images_is_skipped(tmp_path):
-    dataset = cap.FlickrDataset(pd.DataFrame([("bad.jpg", "x")], columns=["image", "caption"]),
-                                cap.Vocabulary(1).build_vocab(["x"]), cap.ImageSource(tmp_path, cap.image_transform(32)))
+    frame = pd.DataFrame([("bad.jpg", "x")], columns=["image", "caption"])
+    source = cap.ImageSource(tmp_path, cap.image_transform(32))
+    dataset = cap.FlickrDataset(frame, cap.Vocabulary(1).build_vocab(["x"]), source)
     assert cap.CapsCollate()([dataset[0]]) == (None, None)
 
 

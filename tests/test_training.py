@@ -144,9 +144,9 @@ def test_resume_without_checkpoint_says_how_to_train(tmp_path, demo_dirs, random
 def test_per_step_encoding_trains_like_cached_features(tmp_path, random_weights):
     """cache_features=False runs the frozen encoder every step; the model must learn the same."""
     common = ["--dataset=demo", "--demo_images=60", "--demo_image_size=64", "--num_epochs=1",
-              "--max_batches_per_epoch=5", "--batch_size=16", "--embed_size=32", "--hidden_size=64", "--sample_every=0",
-              "--num_workers=2", "--beam_size=1", f"--data_dir={tmp_path / 'data'}", f"--cache_dir={tmp_path / 'cache'}",
-              f"--encoder_weights={random_weights}"]
+              "--max_batches_per_epoch=5", "--batch_size=16", "--embed_size=32", "--hidden_size=64",
+              "--sample_every=0", "--num_workers=2", "--beam_size=1", f"--data_dir={tmp_path / 'data'}",
+              f"--cache_dir={tmp_path / 'cache'}", f"--encoder_weights={random_weights}"]
     assert cap.main([*common, f"--output_dir={tmp_path / 'cached'}"]) == 0
     assert cap.main([*common, f"--output_dir={tmp_path / 'per_step'}", "--cache_features=false"]) == 0
     cached, per_step = (pd.read_csv(tmp_path / name / "loss_per_batch.csv") for name in ("cached", "per_step"))
