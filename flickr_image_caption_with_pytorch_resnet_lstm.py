@@ -535,6 +535,7 @@ def demo_accuracy(captions_by_image, shapes_file):
 
 # -----------------------------------------------------------------------------
 # models
+FETCH_WEIGHTS = "run ./setup.sh to download it (or see the README)"
 KNOWN_LEGACY_WEIGHTS = {"resnet50-19c8e357.pth"}  # torch.hub's old-format file: loadable only by unpickling
 WEIGHTS_NAME = re.compile(r"resnet50-([0-9a-f]{8,64})\.pth")
 
@@ -552,8 +553,7 @@ def weights_sha256(path):
 
 def load_resnet50(weights_path):
     """torchvision ResNet50 without its classifier, from a local .pth, loaded without running pickled code."""
-    path = Path(weights_path)
-    fetch = "run ./setup.sh to download it (or see the README)"
+    path, fetch = Path(weights_path), FETCH_WEIGHTS
     if not path.is_file():
         raise UserError(f"ResNet50 weights {path} not found: {fetch}")
     named_hash = WEIGHTS_NAME.fullmatch(path.name)
@@ -708,15 +708,17 @@ def load_cached_features(path, key):
     return None
 
 
-def cached_features(resnet, weights_sha, image_dir, names, transform, cache_folder, device, cfg):
-    key = features_cache_key(weights_sha, transform, image_dir, names, "bf16" if uses_bf16(device) else "fp32")
+def cached_features(weights, image_dir, names, transform, cache_folder, device, cfg):
+    """The images' features from the cache, extracted (and cached) first when the cache lacks them."""
+    key = features_cache_key(weights_sha256(weights), transform, image_dir, names,
+                             "bf16" if uses_bf16(device) else "fp32")
     path = Path(cache_folder) / f"features-{key[:20]}.pt"
     cache = load_cached_features(path, key)
     if cache is not None:
         log(f"features: reusing {path} ({len(cache['images'])} images)")
         return cache
     start = time.time()
-    features, good, failed = extract_features(resnet, image_dir, names, transform, device,
+    features, good, failed = extract_features(load_resnet50(weights), image_dir, names, transform, device,
                                               batch_size=max(cfg["batch_size"], 64), num_workers=cfg["num_workers"])
     seconds = time.time() - start
     log(f"features: {len(good)} images in {seconds:.1f} s ({len(good) / max(seconds, 1e-9):.1f} images/s), "
@@ -776,8 +778,10 @@ def demo_banner(cfg):
 
 def encoder_weights_file(cfg):
     path = Path(cfg["encoder_weights"])
-    if path.is_file() or cfg["dataset"] != "demo":
+    if path.is_file():
         return path
+    if cfg["dataset"] != "demo":
+        raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
     warn(f"no ResNet50 weights at {path}: the demo uses a randomly initialised (still frozen) ResNet50. "
          f"./setup.sh downloads the ImageNet weights.")
     return random_resnet50_weights(ROOT / "resources/models/resnet50-random-init.pth")
@@ -795,14 +799,14 @@ def prepare(cfg, device, vocab=None):
     frame, image_dir = load_captions(cfg["data_dir"], cfg["seed"], cfg["max_images"])
     weights = encoder_weights_file(cfg)
     cfg["encoder_weights"] = str(Path(weights).resolve())  # the file actually used, as the checkpoint records
-    resnet, weights_sha = load_resnet50(weights), weights_sha256(weights)
     transform = image_transform(cfg["image_size"])
     names = sorted(frame["image"].unique())
+    resnet = None  # with cached features, training needs only the projection; the checkpoint records the hash
     if cfg["cache_features"]:
-        cache = cached_features(resnet, weights_sha, image_dir, names, transform, cfg["cache_dir"], device, cfg)
+        cache = cached_features(weights, image_dir, names, transform, cfg["cache_dir"], device, cfg)
         source, failed = ImageSource(image_dir, transform, cache["features"], cache["images"]), cache["failed"]
     else:
-        source = ImageSource(image_dir, transform)
+        resnet, source = load_resnet50(weights), ImageSource(image_dir, transform)
         failed = [n for n in tqdm(names, desc="checking images", leave=False) if not image_opens(image_dir / n)]
     if failed:
         warn(f"skipped {len(failed)} unreadable image(s): {', '.join(failed[:5])}{' ...' * (len(failed) > 5)}")
@@ -811,7 +815,6 @@ def prepare(cfg, device, vocab=None):
     train_names = sorted(frame.loc[frame["split"] == "train", "image"].unique())
     if cfg["cache_features"]:
         stats = feature_statistics(cache["features"][[source.row[n] for n in train_names]])
-        resnet = None  # training needs only the projection; the checkpoint records the backbone's hash
     else:
         sample = random.Random(cfg["seed"]).sample(train_names, min(512, len(train_names)))
         stats = feature_statistics(extract_features(resnet, image_dir, sample, transform, device)[0])
@@ -823,7 +826,7 @@ def prepare(cfg, device, vocab=None):
     encoder.feature_mean.copy_(stats[0])
     encoder.feature_std.copy_(stats[1])
     return {"frame": frame, "source": source, "vocab": vocab, "encoder": encoder.to(device),
-            "decoder": decoder.to(device), "weights_sha": weights_sha}
+            "decoder": decoder.to(device), "weights_sha": weights_sha256(weights)}
 
 
 def split_frame(data, split):

@@ -58,7 +58,7 @@ FLICKR8K_IMAGES_URL="${FLICKR8K_IMAGES_URL:-https://github.com/jbrownlee/Dataset
 FLICKR8K_TEXT_URL="${FLICKR8K_TEXT_URL:-https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip}"
 
 # curl: fail on HTTP errors, follow redirects, retry transient errors, give up on a
-# transfer that stalls (under 1 kB/s for a minute). Never -k/--insecure.
+# transfer that stalls (under 1 kB/s for a minute). TLS certificates are always verified; the hash check comes on top.
 CURL_OPTS=(-fL --retry 2 --connect-timeout 20 --speed-limit 1000 --speed-time 60)
 if [ -t 2 ]; then CURL_OPTS+=(--progress-bar); else CURL_OPTS+=(-sS); fi
 

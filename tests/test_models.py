@@ -153,3 +153,15 @@ def test_known_legacy_file_is_unpickled_only_after_its_hash_checks(tmp_path, ran
     path.write_bytes(bytes(data))
     with pytest.raises(cap.UserError, match="corrupt or incomplete"):
         cap.load_resnet50(path)  # tampered: the hash check stops it before any unpickling
+
+
+def test_missing_weights_for_flickr8k_name_the_setup_step(tmp_path, capsys):
+    data = tmp_path / "flickr8k"
+    (data / "Images").mkdir(parents=True)
+    for i in range(10):
+        cap.Image.new("RGB", (8, 8)).save(data / "Images" / f"{i}.jpg")
+    (data / "captions.txt").write_text("image,caption\n" + "".join(f"{i}.jpg,a caption\n" for i in range(10)))
+    args = ["--dataset=flickr8k", f"--data_dir={data}", f"--encoder_weights={tmp_path / 'absent.pth'}",
+            f"--output_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}"]
+    assert cap.main(args) == 2
+    assert "absent.pth not found: run ./setup.sh" in capsys.readouterr().err
