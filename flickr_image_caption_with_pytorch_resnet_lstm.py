@@ -397,6 +397,8 @@ class ImageSource:
 
 
 class ImageList(Dataset):
+    """One item per image: (encoder input, [its index in names]), batched by CapsCollate like captions."""
+
     def __init__(self, source, names):
         self.source, self.names = source, list(names)
 
@@ -404,23 +406,17 @@ class ImageList(Dataset):
         return len(self.names)
 
     def __getitem__(self, i):
-        return i, self.source.get(self.names[i])
-
-
-def collate_images(batch):
-    ok = [(i, image) for i, image in batch if image is not None]
-    failed = [i for i, image in batch if image is None]
-    if not ok:
-        return torch.empty(0, dtype=torch.long), None, failed
-    return torch.tensor([i for i, _ in ok]), torch.stack([image for _, image in ok]), failed
+        return self.source.get(self.names[i]), torch.tensor([i])
 
 
 def image_batches(source, names, batch_size, num_workers=0, pin_memory=False, desc=None):
-    """Yields (indices into names, encoder inputs, indices that failed to load), one batch at a time."""
+    """Yields (encoder inputs, indices into names) per batch; unreadable images are left out of both."""
     workers = 0 if source.features is not None else num_workers
     loader = DataLoader(ImageList(source, names), batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate_images, pin_memory=pin_memory, generator=torch.Generator())
-    return tqdm(loader, desc=desc, unit="batch", leave=False, disable=desc is None)
+                        collate_fn=CapsCollate(), pin_memory=pin_memory, generator=torch.Generator())
+    for inputs, index in tqdm(loader, desc=desc, unit="batch", leave=False, disable=desc is None):
+        if inputs is not None:
+            yield inputs, index.flatten()
 
 
 class FlickrDataset(Dataset):
@@ -679,19 +675,17 @@ def extract_features(resnet, image_dir, names, transform, device, batch_size=64,
     resnet = resnet.to(device).eval().to(memory_format=torch.channels_last)
     features = torch.zeros(len(names), 2048)
     ok = torch.zeros(len(names), dtype=torch.bool)
-    failed = []
     bar = tqdm(total=len(names), desc="ResNet50 features", unit="img", leave=False)
     with torch.inference_mode(), autocast(device):
-        for index, images, bad in image_batches(ImageSource(image_dir, transform), names, batch_size,
-                                                num_workers, pin_memory=device.type == "cuda"):
-            failed += [names[i] for i in bad]
-            if images is not None:
-                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                features[index] = resnet(images).flatten(1).float().cpu()
-                ok[index] = True
-            bar.update(len(index) + len(bad))
+        for images, index in image_batches(ImageSource(image_dir, transform), names, batch_size, num_workers,
+                                           pin_memory=device.type == "cuda"):
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            features[index] = resnet(images).flatten(1).float().cpu()
+            ok[index] = True
+            bar.update(int(index[-1]) + 1 - bar.n)  # up to this batch's last image, unreadable ones included
     bar.close()
-    return features[ok], [n for n, good in zip(names, ok.tolist()) if good], failed
+    return (features[ok], [n for n, good in zip(names, ok.tolist()) if good],
+            [n for n, good in zip(names, ok.tolist()) if not good])
 
 
 def load_cached_features(path, key):
@@ -881,15 +875,14 @@ def train_one_epoch(run, epoch, state, cfg, device, on_batch):
         for images, captions in bar:
             state["batch"] += 1
             state["step"] += 1
-            if images is None:  # every image of the batch was unreadable (already reported)
-                continue
-            images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
-            with autocast(device):
-                loss, _, _ = caption_loss(encoder, decoder, images, captions)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            pending.append((state["step"], loss.detach()))
+            if images is not None:  # else every image of the batch was unreadable (already reported)
+                images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+                with autocast(device):
+                    loss, _, _ = caption_loss(encoder, decoder, images, captions)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                pending.append((state["step"], loss.detach()))
             if len(pending) >= cfg["log_every"]:
                 flush()
             on_batch(state)
@@ -903,8 +896,7 @@ def validation_loss(encoder, decoder, dataset, cfg, device):
     """Teacher-forced loss and token accuracy: the share of non-padding targets whose argmax is right."""
     encoder.eval()
     decoder.eval()
-    batches = [list(range(i, min(i + cfg["batch_size"], len(dataset)))) for i in range(0, len(dataset),
-                                                                                          cfg["batch_size"])]
+    batches = [b.tolist() for b in torch.arange(len(dataset)).split(cfg["batch_size"])]
     total_loss, correct, tokens = 0.0, 0, 0
     for images, captions in caption_loader(dataset, batches, cfg, device):
         if images is None:
@@ -1118,17 +1110,14 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
 def generate_captions(run, names, cfg, device, greedy=False):
     """{name: caption} for images (one encoder pass or cached row each), and the names that could not be read."""
     encoder, decoder, vocab = run["encoder"].eval(), run["decoder"].eval(), run["vocab"]
-    captions, failed = {}, []
-    for index, inputs, bad in image_batches(run["source"], names, 64, cfg["num_workers"], desc="captioning"):
-        failed += [names[i] for i in bad]
-        if inputs is None:
-            continue
+    captions = {}
+    for inputs, index in image_batches(run["source"], names, 64, cfg["num_workers"], desc="captioning"):
         with torch.no_grad():
             embeds = encoder(inputs.to(device))
         ids = (greedy_decode(decoder, embeds, cfg["max_caption_len"]) if greedy else
                beam_search(decoder, embeds, cfg["beam_size"], cfg["max_caption_len"]))
         captions.update({names[i]: vocab.decode(seq) for i, seq in zip(index.tolist(), ids)})
-    return captions, failed
+    return captions, [n for n in names if n not in captions]
 
 
 def metric_text(caption):
@@ -1308,7 +1297,6 @@ def collect_images(paths):
 
 
 def caption_images(cfg, paths):
-    resolve_settings(cfg)
     device = pick_device(cfg["device"])
     path, ckpt, vocab = open_checkpoint(cfg)
     explicit = "encoder_weights" in cfg["_explicit"]  # else the very file it was trained with
@@ -1341,9 +1329,9 @@ def caption_images(cfg, paths):
 def main(argv=None):
     try:
         cfg, caption_paths = parse_args(sys.argv[1:] if argv is None else argv)
+        resolve_settings(cfg)
         if caption_paths is not None:
             return caption_images(cfg, caption_paths)
-        resolve_settings(cfg)
         return evaluate_checkpoint(cfg) if cfg["evaluate"] else train_model(cfg)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -57,8 +57,7 @@ def test_meteor_is_absent_without_java(monkeypatch, capsys):
 def trained(trained_run):
     run, cfg = trained_run
     names = sorted(cap.split_frame(run, "test")["image"].unique())
-    embeds = torch.cat([run["encoder"].eval()(inputs) for _, inputs, _ in
-                        cap.image_batches(run["source"], names, 64)])
+    embeds = torch.cat([run["encoder"].eval()(inputs) for inputs, _ in cap.image_batches(run["source"], names, 64)])
     return run, cfg, embeds
 
 
