@@ -311,7 +311,7 @@ def find_dataset_files(folder):
 def assign_splits(frame, folder, seed, holdout_fraction=0.1):
     """Split by image, never by caption: Karpathy splits, else the official Flickr8k lists, else seeded."""
     if "split" in frame:
-        return frame, "Karpathy's splits"
+        return frame, "from Karpathy's JSON"
     if all((Path(folder) / f).is_file() for f in SPLIT_FILES.values()):
         split_of = {name.strip(): split for split, f in SPLIT_FILES.items()
                     for name in read_text(Path(folder) / f).split() if name.strip()}
@@ -319,13 +319,13 @@ def assign_splits(frame, folder, seed, holdout_fraction=0.1):
         unlisted = frame["split"].isna()
         if unlisted.any():
             log(f"{frame.loc[unlisted, 'image'].nunique()} images are in none of the official split lists: left out")
-        return frame[~unlisted].reset_index(drop=True), "the official Flickr8k split lists"
+        return frame[~unlisted].reset_index(drop=True), "from the official Flickr8k lists"
     images = sorted(frame["image"].unique())
     random.Random(seed).shuffle(images)
     n_holdout = max(1, round(holdout_fraction * len(images)))
     split_of = {name: "test" for name in images[:n_holdout]}
     split_of.update({name: "val" for name in images[n_holdout:2 * n_holdout]})
-    return frame.assign(split=frame["image"].map(split_of).fillna("train")), f"a seeded split (seed {seed})"
+    return frame.assign(split=frame["image"].map(split_of).fillna("train")), f"random by image, seed {seed}"
 
 
 def load_captions(folder, seed, max_images=0):
@@ -345,7 +345,7 @@ def load_captions(folder, seed, max_images=0):
     frame, split_source = assign_splits(frame.reset_index(drop=True), folder, seed)
     counts = frame.drop_duplicates("image")["split"].value_counts()
     log(f"captions: {caption_file} ({len(frame)} captions of {frame['image'].nunique()} images; images in "
-        f"{image_dir}); split by {split_source}: train {counts.get('train', 0)}, val {counts.get('val', 0)}, "
+        f"{image_dir}); splits ({split_source}): train {counts.get('train', 0)}, val {counts.get('val', 0)}, "
         f"test {counts.get('test', 0)} images" + (f"; dropped {dict(dropped)}" if dropped else ""))
     check_splits(frame, folder)
     return frame, image_dir
@@ -1200,7 +1200,7 @@ def test_report(run, cfg, device, checkpoint_path):
     items = []
     for name in examples:
         log(f"  {name}: {captions[name]}\n      reference: {refs[name][0]}")
-        items.append((run["source"].image_dir / name, f"{captions[name]}\n(reference: {refs[name][0]})"))
+        items.append((run["source"].image_dir / name, f"generated: {captions[name]}\nreference: {refs[name][0]}"))
     save_caption_figure(items, out / "test_examples.png")
     return report
 
@@ -1223,8 +1223,8 @@ def save_caption_figure(items, path):
         ax.axis("off")
     for ax, (image, text) in zip(axes.flat, items):
         ax.imshow(Image.open(image).convert("RGB"))
-        ax.set_title("\n".join(textwrap.wrap(text, 50)), fontsize=8, loc="left")
-    fig.savefig(path, dpi=90)
+        ax.set_title("\n".join(textwrap.fill(line, 50) for line in text.splitlines()), fontsize=8, loc="left")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
