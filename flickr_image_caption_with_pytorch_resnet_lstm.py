@@ -10,10 +10,13 @@ Every constant in the config section can be overridden on the command line as --
 import argparse
 import contextlib
 import csv
+import dataclasses
+import fcntl
 import functools
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import random
@@ -51,6 +54,8 @@ cache_dir = "resources/cache"
 cache_features = True       # compute the frozen ResNet50 features once per image instead of every step
 image_size = 224            # images are resized and centre-cropped to this many pixels
 max_images = 0              # 0 = every image; else a quick partial run on this many
+demo_images = 3000          # the built-in demo set: how many images of coloured shapes it generates
+demo_image_size = 128       # and their size in pixels
 # model
 embed_size = 400
 hidden_size = 512
@@ -61,6 +66,8 @@ freq_threshold = 5          # a word enters the vocabulary when it occurs this o
 batch_size = 32
 num_epochs = 2
 learning_rate = 0.0002      # the original's 3e-4 scaled for batch size 32
+lr_schedule = "constant"    # 'constant' (the original) or 'cosine' (decays to 0 by the last step)
+warmup_steps = 0            # steps of linear warm-up from 0 to learning_rate, before either schedule
 max_batches_per_epoch = 0   # 0 = whole epochs
 seed = 42
 device = "auto"             # 'auto' picks cuda, then mps, then cpu
@@ -71,24 +78,20 @@ resume = False              # continue from last.pt in output_dir
 # decoding and evaluation
 max_caption_len = 20
 beam_size = 3
-# the built-in demo set: a demo run uses these in place of the settings without 'demo_', unless those
-# are given on the command line. Sized to finish in under 5 minutes on a 2-core CPU; its 38-word
-# vocabulary needs no 512-unit LSTM.
-demo_images = 3000
-demo_image_size = 128
-demo_num_epochs = 12
-demo_batch_size = 64
-demo_learning_rate = 0.002
-demo_embed_size = 128
-demo_hidden_size = 256
 # modes
 evaluate = False            # evaluate a checkpoint on the test split and exit
 checkpoint = ""             # '' means best.pt in output_dir (for --evaluate and --caption)
 caption_figure = ""         # with --caption: also save the images and their captions to this PNG
+preset = "auto"             # settings from PRESETS over the constants above: 'auto' (the dataset's own), or 'none'
 
 CONFIG_NAMES = [k for k, v in globals().items()
                 if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))]
-DEMO_SETTINGS = ["image_size", "num_epochs", "batch_size", "learning_rate", "embed_size", "hidden_size"]
+# Presets apply over the constants and under the command line. The demo's is sized to finish in under
+# 5 minutes on a 2-core CPU: its 38-word vocabulary needs no 512-unit LSTM, and it learns faster.
+PRESETS = {"demo": dict(image_size=128, num_epochs=12, batch_size=64, learning_rate=0.002, embed_size=128,
+                        hidden_size=256)}
+# Settings resolved once per run, then frozen: cfg.learning_rate, never a dictionary that code changes.
+Config = dataclasses.make_dataclass("Config", [(name, type(globals()[name])) for name in CONFIG_NAMES], frozen=True)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
 
@@ -111,19 +114,77 @@ def parse_bool(text):
 
 
 def parse_args(argv):
-    """--name=value for every config constant (type-checked; a bare --flag sets a boolean), --caption PATH..."""
+    """The command line: ({name: value} for each --name=value given, type-checked; the --caption paths or None)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+                                     allow_abbrev=False, argument_default=argparse.SUPPRESS)
     for name in CONFIG_NAMES:
         default = globals()[name]
         kind = parse_bool if isinstance(default, bool) else type(default)
-        parser.add_argument(f"--{name}", type=kind, default=default, help=f"default: {default!r}",
+        parser.add_argument(f"--{name}", type=kind, help=f"default: {default!r}",
                             **({"nargs": "?", "const": True} if isinstance(default, bool) else {}))
     parser.add_argument("--caption", nargs="+", metavar="PATH", help="caption these image files or folders")
-    cfg = vars(parser.parse_args(argv))
-    caption_paths = cfg.pop("caption")
-    cfg["_explicit"] = sorted({a[2:].split("=")[0] for a in argv if a.startswith("--")} - {"caption"})
-    return cfg, caption_paths
+    overrides = vars(parser.parse_args(argv))
+    return overrides, overrides.pop("caption", None)
+
+
+POSITIVE = ("batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_size", "hidden_size", "num_layers",
+            "freq_threshold", "image_size", "log_every", "demo_images", "demo_image_size")
+NON_NEGATIVE = ("max_images", "max_batches_per_epoch", "num_workers", "sample_every", "warmup_steps")
+PATHS = ("data_dir", "encoder_weights", "output_dir", "cache_dir", "checkpoint", "caption_figure")
+
+
+def resolve_settings(overrides=None, echo=None):
+    """constants < preset < command line, then the dataset and default paths filled in: one frozen Config.
+
+    Every value that differs from the constants at the top is printed with where it came from."""
+    overrides = dict(overrides or {})
+    values = {name: globals()[name] for name in CONFIG_NAMES} | overrides
+    source = {name: "command line" for name in overrides}
+    if values["dataset"] not in ("auto", "demo", "flickr8k", "flickr30k"):
+        raise UserError(f"--dataset={values['dataset']!r}: expected 'auto', 'demo', 'flickr8k' or 'flickr30k'")
+    if values["dataset"] == "auto":
+        found = values["data_dir"] or (ROOT / "resources/input/flickr8k").is_dir()
+        values["dataset"] = "flickr8k" if found else "demo"
+        source["dataset"] = "found resources/input/flickr8k" if found else "no Flickr8k in resources/input"
+    preset = values["dataset"] if values["preset"] == "auto" else values["preset"]
+    if preset in PRESETS:
+        for name, value in PRESETS[preset].items():
+            if name not in overrides:
+                values[name], source[name] = value, f"{preset} preset (--preset=none: the constants)"
+    elif values["preset"] not in ("auto", "none"):
+        raise UserError(f"--preset={values['preset']!r}: expected 'auto', 'none' or one of {', '.join(PRESETS)}")
+    for name in PATHS:  # the defaults live in the project; the user's own paths are relative to where they are
+        if values[name] and name not in overrides:
+            values[name] = str(ROOT / values[name])
+    for name, folder in (("data_dir", "input"), ("output_dir", "output")):
+        if not values[name]:
+            values[name] = str(ROOT / "resources" / folder / values["dataset"])
+            source[name] = f"default for {values['dataset']}"
+    check_settings(values)
+    changed = [name for name in CONFIG_NAMES if name in source and values[name] != globals()[name]]
+    if echo and changed:
+        echo("settings that differ from the constants at the top of the script:\n" + "\n".join(
+            f"  {name:15s} = {values[name]!r:30s} ({source[name]})" for name in changed))
+    return Config(**values)
+
+
+def check_settings(values):
+    """Impossible values, each refused before any work with one line that says what the value must be."""
+    rules = [(POSITIVE, lambda v: v >= 1, "at least 1"), (NON_NEGATIVE, lambda v: v >= 0, "0 or more"),
+             (["learning_rate"], lambda v: math.isfinite(v) and v > 0, "a positive number such as 0.0002"),
+             (["dropout"], lambda v: 0 <= v < 1, "at least 0 and below 1, such as 0.3"),
+             (["seed"], lambda v: 0 <= v < 2 ** 32, f"between 0 and {2 ** 32 - 1}"),
+             (["lr_schedule"], lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'")]
+    for names, valid, must_be in rules:
+        for name in (n for n in names if not valid(values[n])):
+            raise UserError(f"--{name}={values[name]}: must be {must_be}")
+    if values["dataset"] == "demo" and is_within(values["output_dir"], values["data_dir"]):
+        raise UserError(f"--output_dir={values['output_dir']} lies in the demo's data folder {values['data_dir']}, "
+                        f"which the demo rewrites: choose an output_dir outside it")
+
+
+def is_within(path, folder):
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
 
 
 def uses_bf16(device):
@@ -143,6 +204,8 @@ def pick_device(name):
             raise UserError(f"--device={name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"--device={name}: this machine has no CUDA GPU that torch can use")
+        if device.type == "mps" and not (torch.backends.mps.is_available()):
+            raise UserError(f"--device={name}: this machine has no Apple GPU (MPS) that torch can use; try --device=cpu")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -596,14 +659,18 @@ class EncoderCNN(nn.Module):
 
     def __init__(self, embed_size, resnet=None):
         super().__init__()
-        self.resnet = resnet
+        self.resnet = None
         if resnet is not None:
-            resnet.requires_grad_(False)
-            resnet.eval()
+            self.attach(resnet)
         # standardising with the training set's statistics is what lets the decoder read random-weight features
         self.register_buffer("feature_mean", torch.zeros(2048))
         self.register_buffer("feature_std", torch.ones(2048))
         self.embed = nn.Linear(2048, embed_size)
+
+    def attach(self, resnet):
+        """Adds the frozen backbone, for images instead of cached features."""
+        self.resnet = resnet.requires_grad_(False).eval()
+        return self
 
     def train(self, mode=True):
         super().train(mode)
@@ -619,9 +686,6 @@ class EncoderCNN(nn.Module):
         features = x if x.dim() == 2 else self.features(x)
         return self.embed((features - self.feature_mean) / self.feature_std)
 
-    def trainable_state_dict(self):
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("resnet.")}
-
 
 class DecoderRNN(nn.Module):
     """The image embedding is the first input step, then <SOS> and the caption's words."""
@@ -635,27 +699,87 @@ class DecoderRNN(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, image_embeds, captions):
-        """Logits for captions[:, 1:] given the image and captions[:, :-1]."""
-        x = torch.cat([image_embeds.unsqueeze(1), self.drop(self.embed(captions[:, :-1]))], dim=1)
-        out, _ = self.lstm(x)
-        return self.fcn(self.drop(out[:, 1:]))
+        """Logits for captions[:, 1:] given the image (B, E) and captions[:, :-1] (B, T-1): (B, T-1, V)."""
+        x = torch.cat([image_embeds.unsqueeze(1), self.drop(self.embed(captions[:, :-1]))], dim=1)  # (B, T, E)
+        out, _ = self.lstm(x)  # (B, T, H)
+        return self.fcn(self.drop(out[:, 1:]))  # the image step predicts nothing: (B, T-1, V)
 
     def start(self, image_embeds):
-        _, state = self.lstm(image_embeds.unsqueeze(1))
+        """The LSTM state after reading the image: (h, c), each (num_layers, B, H)."""
+        _, state = self.lstm(image_embeds.unsqueeze(1))  # (B, 1, E) in
         return state
 
     def step(self, tokens, state, first=False):
-        """Log-probabilities of the next word: never <PAD> or <SOS>, nor <EOS> first (no empty captions)."""
-        out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)
-        logp = F.log_softmax(self.fcn(out.squeeze(1)).float(), dim=-1)
+        """Log-probabilities (B, V) of the next word after tokens (B,): never <PAD> or <SOS>, nor <EOS> first
+        (so no caption is empty)."""
+        out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # (B, 1, H)
+        logp = F.log_softmax(self.fcn(out.squeeze(1)).float(), dim=-1)  # (B, V)
         logp[:, [Vocabulary.PAD, Vocabulary.SOS] + [Vocabulary.EOS] * first] = float("-inf")
         return logp, state
 
 
-def build_models(cfg, vocab_size, resnet=None):
-    encoder = EncoderCNN(cfg["embed_size"], resnet)
-    decoder = DecoderRNN(cfg["embed_size"], cfg["hidden_size"], vocab_size, cfg["num_layers"], cfg["dropout"])
-    return encoder, decoder
+class Captioner(nn.Module):
+    """The trained model: encoder projection and decoder, with its vocabulary and the sizes that rebuild it."""
+
+    def __init__(self, vocab, embed_size, hidden_size, num_layers=2, dropout=0.3, image_size=224, resnet=None):
+        super().__init__()
+        self.vocab = vocab
+        self.args = dict(embed_size=embed_size, hidden_size=hidden_size, num_layers=num_layers, dropout=dropout,
+                         image_size=image_size)  # stored in checkpoints, like nanoGPT's model_args
+        self.encoder = EncoderCNN(embed_size, resnet)
+        self.decoder = DecoderRNN(embed_size, hidden_size, len(vocab), num_layers, dropout)
+
+    def loss(self, inputs, captions):
+        """Cross-entropy of every next word (padding ignored), and the logits (B, T-1, V) and targets it compared."""
+        logits, targets = self.decoder(self.encoder(inputs), captions), captions[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),  # (B*(T-1), V)
+                               ignore_index=Vocabulary.PAD)
+        return loss, logits, targets
+
+    @torch.no_grad()
+    def generate(self, inputs, beam_size=3, max_len=20):
+        """Captions (strings) of a batch of images or cached features; beam_size=1 is greedy decoding."""
+        ids = beam_search(self.decoder, self.encoder(inputs), beam_size, max_len)
+        return [self.vocab.decode(seq) for seq in ids]
+
+    def trainable_state_dict(self):
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.resnet.")}
+
+
+CHECKPOINT_KEYS = {"model_args", "model", "optimizer", "vocab", "freq_threshold", "config", "encoder_weights",
+                   "encoder_weights_sha256", "epoch", "step", "batch", "best_score", "loss_sum", "loss_count"}
+
+
+def load_checkpoint(path):
+    """A checkpoint written by this script, loaded without running any pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}: train one first with `python {Path(__file__).name}` "
+                        f"(it writes best.pt and last.pt to output_dir), or name one with --checkpoint=FILE")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"cannot load checkpoint {path}: it is damaged or holds pickled Python objects, "
+                        f"which are refused ({type(error).__name__})") from None
+    missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
+    missing |= {f"model_args.{k}" for k in ("embed_size", "hidden_size", "num_layers", "dropout", "image_size")
+                if not missing and k not in ckpt["model_args"]}
+    missing |= {f"config.{k}" for k in CONFIG_NAMES if not missing and k not in ckpt["config"]}
+    if missing:
+        raise UserError(f"{path} is not a checkpoint written by this version of the script (best.pt or last.pt): "
+                        f"it lacks {', '.join(sorted(missing)[:5])}. Train afresh, or use the script that wrote it")
+    return ckpt
+
+
+def load_captioner(path, resnet=None):
+    """The one way a model comes back from a checkpoint (resume, --evaluate, the test report, --caption):
+    rebuilt from the sizes stored in it, never from today's settings. Returns (model, checkpoint)."""
+    ckpt = load_checkpoint(path)
+    model = Captioner(Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]), **ckpt["model_args"], resnet=resnet)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if unexpected or any(not k.startswith("encoder.resnet.") for k in missing):  # the backbone has its own file
+        raise UserError(f"{path} does not match its own model sizes: it is damaged; train afresh")
+    return model, ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -702,7 +826,7 @@ def load_cached_features(path, key):
     return None
 
 
-def cached_features(weights, image_dir, names, transform, cache_folder, device, cfg):
+def cached_features(weights, image_dir, names, transform, cache_folder, device, batch_size=64, num_workers=2):
     """The images' features from the cache, extracted (and cached) first when the cache lacks them."""
     key = features_cache_key(weights_sha256(weights), transform, image_dir, names,
                              "bf16" if uses_bf16(device) else "fp32")
@@ -713,7 +837,7 @@ def cached_features(weights, image_dir, names, transform, cache_folder, device, 
         return cache
     start = time.time()
     features, good, failed = extract_features(load_resnet50(weights), image_dir, names, transform, device,
-                                              batch_size=max(cfg["batch_size"], 64), num_workers=cfg["num_workers"])
+                                              batch_size=max(batch_size, 64), num_workers=num_workers)
     seconds = time.time() - start
     log(f"features: {len(good)} images in {seconds:.1f} s ({len(good) / max(seconds, 1e-9):.1f} images/s), "
         f"cached in {path}")
@@ -723,58 +847,52 @@ def cached_features(weights, image_dir, names, transform, cache_folder, device, 
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, fsync, then rename: a crash leaves the previous file intact."""
+    """torch.save to a temporary file, fsync, then rename: a crash leaves the previous file intact, and a
+    failed write (a full disk) leaves no temporary file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {error.strerror or error}. Free some space or choose another "
+                        f"folder; the previous {path.name}, if any, is intact") from None
 
 
 # -----------------------------------------------------------------------------
-# settings and data for a run
-def resolve_settings(cfg):
-    """Fills in the dataset name, default paths and, for the demo, the demo's own sizes (no side effects)."""
-    if cfg["dataset"] not in ("auto", "demo", "flickr8k", "flickr30k"):
-        raise UserError(f"--dataset={cfg['dataset']!r}: expected 'auto', 'demo', 'flickr8k' or 'flickr30k'")
-    explicit = set(cfg.get("_explicit", []))
-    for name in ("batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_size", "hidden_size",
-                 "num_layers", "freq_threshold", "image_size", "log_every", "demo_images", "demo_image_size"):
-        if cfg[name] < 1:
-            raise UserError(f"--{name}={cfg[name]}: must be at least 1")
-    for name in ("max_images", "max_batches_per_epoch", "num_workers", "sample_every"):
-        if cfg[name] < 0:
-            raise UserError(f"--{name}={cfg[name]}: must be 0 or more")
-    for name in ("data_dir", "encoder_weights", "output_dir", "cache_dir", "checkpoint", "caption_figure"):
-        if cfg[name] and name not in explicit:  # defaults live in the project; the user's paths are theirs
-            cfg[name] = str(ROOT / cfg[name])
-    if cfg["dataset"] == "auto":
-        found = cfg["data_dir"] or (ROOT / "resources/input/flickr8k").is_dir()
-        cfg["dataset"] = "flickr8k" if found else "demo"
-    cfg["data_dir"] = cfg["data_dir"] or str(ROOT / "resources/input" / cfg["dataset"])
-    cfg["output_dir"] = cfg["output_dir"] or str(ROOT / "resources/output" / cfg["dataset"])
-    if cfg["dataset"] == "demo":
-        for name in DEMO_SETTINGS:
-            if name not in explicit:
-                cfg[name] = cfg["demo_" + name]
-    return cfg
+# data for a run: captions, vocabulary (from the training split) and encoder inputs
+@dataclasses.dataclass
+class Data:
+    frame: pd.DataFrame         # image, caption, tokens, split: one row per caption
+    source: "ImageSource"       # encoder inputs by image name
+    weights: Path               # the ResNet50 file the features come from
+    feature_stats: tuple        # mean and std (2048,) of the training split's features
+    resnet: nn.Module = None    # only when features are not cached: the encoder then runs every step
+
+    def split(self, name):
+        return self.frame[self.frame["split"] == name]
+
+    def images(self, split):
+        return sorted(self.split(split)["image"].unique())
 
 
 def demo_banner(cfg):
     line = "=" * 100
     log(f"{line}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run trains on the built-in demo "
-        f"set\n({cfg['demo_images']} generated images of coloured shapes). For real captions: ./setup.sh --flickr8k, "
+        f"set\n({cfg.demo_images} generated images of coloured shapes). For real captions: ./setup.sh --flickr8k, "
         f"then run this script again (README: 'Getting the data').\n{line}")
 
 
 def encoder_weights_file(cfg):
-    path = Path(cfg["encoder_weights"])
+    path = Path(cfg.encoder_weights)
     if path.is_file():
         return path
-    if cfg["dataset"] != "demo":
+    if cfg.dataset != "demo":
         raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
     warn(f"no ResNet50 weights at {path}: the demo uses a randomly initialised (still frozen) ResNet50. "
          f"./setup.sh downloads the ImageNet weights.")
@@ -785,19 +903,19 @@ def feature_statistics(features):
     return features.mean(0), features.std(0).clamp_min(1e-6)
 
 
-def prepare(cfg, device, vocab=None):
-    """Captions, vocabulary (from the training split), encoder inputs and models for a run."""
-    if cfg["dataset"] == "demo":
+def prepare_data(cfg, device, image_size):
+    """Captions with their splits and tokens, and the encoder inputs of every image that could be read."""
+    if cfg.dataset == "demo":
         demo_banner(cfg)
-        make_demo_dataset(cfg["data_dir"], cfg["demo_images"], cfg["demo_image_size"])
-    frame, image_dir = load_captions(cfg["data_dir"], cfg["seed"], cfg["max_images"])
+        make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.demo_image_size)
+    frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
     weights = encoder_weights_file(cfg)
-    cfg["encoder_weights"] = str(Path(weights).resolve())  # the file actually used, as the checkpoint records
-    transform = image_transform(cfg["image_size"])
+    transform = image_transform(image_size)
     names = sorted(frame["image"].unique())
     resnet = None  # with cached features, training needs only the projection; the checkpoint records the hash
-    if cfg["cache_features"]:
-        cache = cached_features(weights, image_dir, names, transform, cfg["cache_dir"], device, cfg)
+    if cfg.cache_features:
+        cache = cached_features(weights, image_dir, names, transform, cfg.cache_dir, device, cfg.batch_size,
+                                cfg.num_workers)
         source, failed = ImageSource(image_dir, transform, cache["features"], cache["images"]), cache["failed"]
     else:
         resnet, source = load_resnet50(weights), ImageSource(image_dir, transform)
@@ -805,26 +923,24 @@ def prepare(cfg, device, vocab=None):
     if failed:
         warn(f"skipped {len(failed)} unreadable image(s): {', '.join(failed[:5])}{' ...' * (len(failed) > 5)}")
         frame = frame[~frame["image"].isin(set(failed))].reset_index(drop=True)
-        check_splits(frame, cfg["data_dir"])
+        check_splits(frame, cfg.data_dir)
     train_names = sorted(frame.loc[frame["split"] == "train", "image"].unique())
-    if cfg["cache_features"]:
+    if cfg.cache_features:
         stats = feature_statistics(cache["features"][[source.row[n] for n in train_names]])
     else:
-        sample = random.Random(cfg["seed"]).sample(train_names, min(512, len(train_names)))
+        sample = random.Random(cfg.seed).sample(train_names, min(512, len(train_names)))
         stats = feature_statistics(extract_features(resnet, image_dir, sample, transform, device)[0])
     frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
-    if vocab is None:
-        vocab = Vocabulary(cfg["freq_threshold"]).build_vocab(frame.loc[frame["split"] == "train", "tokens"])
-    log(f"vocabulary: {len(vocab)} words (from the training split, threshold {vocab.freq_threshold})")
-    encoder, decoder = build_models(cfg, len(vocab), resnet)
-    encoder.feature_mean.copy_(stats[0])
-    encoder.feature_std.copy_(stats[1])
-    return {"frame": frame, "source": source, "vocab": vocab, "encoder": encoder.to(device),
-            "decoder": decoder.to(device), "weights_sha": weights_sha256(weights)}
+    return Data(frame, source, Path(weights).resolve(), stats, resnet)
 
 
-def split_frame(data, split):
-    return data["frame"][data["frame"]["split"] == split]
+def build_vocabulary(data, freq_threshold):
+    vocab = Vocabulary(freq_threshold).build_vocab(data.split("train")["tokens"])
+    if len(vocab) == len(Vocabulary.SPECIALS):
+        raise UserError(f"--freq_threshold={freq_threshold} leaves no word in the vocabulary (no training word "
+                        f"occurs that often): lower it, e.g. --freq_threshold=5")
+    log(f"vocabulary: {len(vocab)} words (from the training split, threshold {freq_threshold})")
+    return vocab
 
 
 # -----------------------------------------------------------------------------
@@ -836,73 +952,33 @@ def epoch_batches(n, batch_size, seed, epoch, max_batches=0):
     return batches[:max_batches] if max_batches else batches
 
 
-def caption_loss(encoder, decoder, images, captions):
-    """Cross-entropy of every next word (padding ignored), and the logits and targets it compared."""
-    logits, targets = decoder(encoder(images), captions), captions[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                           ignore_index=Vocabulary.PAD)
-    return loss, logits, targets
+def learning_rate_at(step, total_steps, cfg):
+    """The learning rate of a step (1-based): a pure function of the step, so a resumed run continues it exactly."""
+    if step <= cfg.warmup_steps:
+        return cfg.learning_rate * step / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        progress = (step - 1 - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.learning_rate
 
 
 def caption_loader(dataset, batches, cfg, device):
     per_step = dataset.source.features is None
     # its own generator: a DataLoader otherwise draws from the global RNG, and a resumed run would differ
     return DataLoader(dataset, batch_sampler=batches, collate_fn=CapsCollate(), generator=torch.Generator(),
-                      num_workers=cfg["num_workers"] if per_step else 0, pin_memory=device.type == "cuda")
-
-
-def train_one_epoch(run, epoch, state, cfg, device, on_batch):
-    encoder, decoder, optimizer = run["encoder"], run["decoder"], run["optimizer"]
-    batches = epoch_batches(len(run["train_set"]), cfg["batch_size"], cfg["seed"], epoch,
-                            cfg["max_batches_per_epoch"])
-    encoder.train()
-    decoder.train()
-    pending = []  # losses still on the device: reading each back would sync the host every step
-
-    def flush():
-        if pending:
-            values = torch.stack([loss for _, loss in pending]).tolist()
-            rows = [(epoch, step, value) for (step, _), value in zip(pending, values)]
-            state["loss_sum"] += sum(values)
-            state["loss_count"] += len(values)
-            append_csv(run["out"] / "loss_per_batch.csv", rows, ["epoch", "step", "loss"])
-            bar.set_postfix(loss=f"{values[-1]:.3f}", avg=f"{state['loss_sum'] / state['loss_count']:.3f}")
-            pending.clear()
-
-    bar = tqdm(caption_loader(run["train_set"], batches[state["batch"]:], cfg, device), total=len(batches),
-               initial=state["batch"], desc=f"epoch {epoch}/{cfg['num_epochs']}", unit="batch", leave=False)
-    try:
-        for images, captions in bar:
-            state["batch"] += 1
-            state["step"] += 1
-            if images is not None:  # else every image of the batch was unreadable (already reported)
-                images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
-                with autocast(device):
-                    loss, _, _ = caption_loss(encoder, decoder, images, captions)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                pending.append((state["step"], loss.detach()))
-            if len(pending) >= cfg["log_every"]:
-                flush()
-            on_batch(state)
-    finally:
-        flush()
-        bar.close()
+                      num_workers=cfg.num_workers if per_step else 0, pin_memory=device.type == "cuda")
 
 
 @torch.no_grad()
-def validation_loss(encoder, decoder, dataset, cfg, device):
+def validation_loss(model, dataset, cfg, device):
     """Teacher-forced loss and token accuracy: the share of non-padding targets whose argmax is right."""
-    encoder.eval()
-    decoder.eval()
-    batches = [b.tolist() for b in torch.arange(len(dataset)).split(cfg["batch_size"])]
+    model.eval()
+    batches = [b.tolist() for b in torch.arange(len(dataset)).split(cfg.batch_size)]
     total_loss, correct, tokens = 0.0, 0, 0
     for images, captions in caption_loader(dataset, batches, cfg, device):
         if images is None:
             continue
-        images, captions = images.to(device), captions.to(device)
-        loss, logits, targets = caption_loss(encoder, decoder, images, captions)
+        loss, logits, targets = model.loss(images.to(device), captions.to(device))
         mask = targets != Vocabulary.PAD
         total_loss += loss.item() * mask.sum().item()
         correct += ((logits.argmax(-1) == targets) & mask).sum().item()
@@ -917,82 +993,122 @@ def append_csv(path, rows, columns):
 def truncate_csv(path, column, last):
     """Keeps the rows up to a checkpoint, so a resumed run neither repeats nor loses any."""
     if Path(path).is_file():
-        frame = pd.read_csv(path)
+        try:
+            frame = pd.read_csv(path)
+        except pd.errors.EmptyDataError:  # killed before its first row: nothing to keep
+            Path(path).unlink()
+            return
         frame[frame[column] <= last].to_csv(path, index=False)
 
 
-def checkpoint_payload(run, cfg, state):
-    return {"encoder": run["encoder"].trainable_state_dict(), "decoder": run["decoder"].state_dict(),
-            "optimizer": run["optimizer"].state_dict(), "state": {**state, "rng_state": torch.get_rng_state(),
-                                                         "cuda_rng_state": torch.cuda.get_rng_state_all()},
-            "config": {k: cfg[k] for k in CONFIG_NAMES}, "vocab": run["vocab"].itos,
-            "freq_threshold": run["vocab"].freq_threshold, "encoder_weights_sha256": run["weights_sha"]}
-
-
-def load_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}: train one first with `python {Path(__file__).name}` "
-                        f"(it writes best.pt and last.pt to output_dir), or name one with --checkpoint=FILE")
+def claim_output_dir(out):
+    """Creates output_dir and locks it for this run: a second run into the same folder would interleave its CSV
+    rows with ours. The lock is the kernel's (flock), so it dies with the process, even after kill -9."""
+    out = Path(out)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"cannot load checkpoint {path}: it is damaged or holds pickled Python objects, "
-                        f"which are refused ({type(error).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"encoder", "decoder", "config", "vocab", "state"} <= set(ckpt):
-        raise UserError(f"{path} is not a checkpoint written by this script (best.pt or last.pt)")
-    return ckpt
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")
+    except OSError as error:
+        raise UserError(f"cannot write to --output_dir={out}: {error.strerror or error} (is it, or a folder "
+                        f"above it, a file or read-only?). Choose another output_dir") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        raise UserError(f"another run (process {lock.read().strip() or '?'}) is writing to {out}: wait for it "
+                        f"to finish, stop it, or choose another --output_dir") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock  # held open until the process ends
 
 
-def check_compatible(ckpt, cfg, vocab, weights_sha, path):
-    for name in ("embed_size", "hidden_size", "num_layers"):
-        if ckpt["config"][name] != cfg[name]:
-            raise UserError(f"checkpoint {path} has {name}={ckpt['config'][name]} but the config says "
-                            f"{name}={cfg[name]}: set --{name}={ckpt['config'][name]}, or train afresh")
+# these decide the batches, the vocabulary or the model: a resumed run must keep them
+RESUME_FIXED = ("dataset", "data_dir", "max_images", "demo_images", "demo_image_size", "image_size", "freq_threshold",
+                "embed_size", "hidden_size", "num_layers", "dropout", "batch_size", "max_batches_per_epoch", "seed")
+NOT_TRAINING = ("resume", "evaluate", "checkpoint", "caption_figure", "preset", "output_dir")
+
+
+def check_resumable(ckpt, cfg, path):
+    """Refuses a resume whose settings would make it another run; says which changed settings it applies."""
+    old = ckpt["config"]
+    for name in RESUME_FIXED:
+        if old[name] != getattr(cfg, name):
+            raise UserError(f"checkpoint {path} was trained with {name}={old[name]} but the config says "
+                            f"{name}={getattr(cfg, name)}: set --{name}={old[name]} to resume it, or train afresh "
+                            f"(without --resume)")
+    for name in CONFIG_NAMES:
+        if name not in RESUME_FIXED + NOT_TRAINING and old[name] != getattr(cfg, name):
+            log(f"resume: {name} was {old[name]!r}, now {getattr(cfg, name)!r} (applied from here on)")
+
+
+def check_same_data(ckpt, vocab, weights_sha, cfg, path):
+    if weights_sha != ckpt["encoder_weights_sha256"]:
+        raise UserError(f"checkpoint {path} was trained on other ResNet50 weights than {cfg.encoder_weights}")
     if vocab is not None and ckpt["vocab"] != vocab.itos:
         raise UserError(f"checkpoint {path} has a different vocabulary ({len(ckpt['vocab'])} words, now "
-                        f"{len(vocab)}): the dataset, max_images or freq_threshold differ from its run "
-                        f"(it had dataset={ckpt['config']['dataset']}, max_images={ckpt['config']['max_images']}, "
-                        f"freq_threshold={ckpt['freq_threshold']})")
-    if ckpt["encoder_weights_sha256"] != weights_sha:
-        raise UserError(f"checkpoint {path} was trained on other ResNet50 weights than {cfg['encoder_weights']}")
+                        f"{len(vocab)}): the captions in {cfg.data_dir} changed since it was written; train afresh")
 
 
-def restore(run, ckpt):
-    run["encoder"].load_state_dict(ckpt["encoder"], strict=False)  # the backbone comes from the weights file
-    run["decoder"].load_state_dict(ckpt["decoder"])
+def diverged(loss, vocab_size):
+    # a fresh model's loss is about log(vocab_size); ten times that only comes from a blown-up model
+    return not math.isfinite(loss) or loss > 10 * math.log(vocab_size)
 
 
-def train_model(cfg):
-    device = pick_device(cfg["device"])
-    torch.manual_seed(cfg["seed"])
-    data = prepare(cfg, device)
-    out = Path(cfg["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    params = [p for m in (data["encoder"], data["decoder"]) for p in m.parameters() if p.requires_grad]
-    run = {**data, "out": out, "optimizer": torch.optim.Adam(params, lr=cfg["learning_rate"]),
-           "train_set": FlickrDataset(split_frame(data, "train"), data["vocab"], data["source"]),
-           "val_set": FlickrDataset(split_frame(data, "val"), data["vocab"], data["source"])}
-    state = {"epoch": 0, "step": 0, "batch": 0, "best_score": float("-inf"), "loss_sum": 0.0, "loss_count": 0}
-    if cfg["resume"]:
-        ckpt = load_checkpoint(out / "last.pt")
-        check_compatible(ckpt, cfg, data["vocab"], data["weights_sha"], out / "last.pt")
-        restore(run, ckpt)
-        run["optimizer"].load_state_dict(ckpt["optimizer"])
-        state = {k: v for k, v in ckpt["state"].items() if not k.endswith("rng_state")}
-        if state["batch"]:  # mid-epoch: dropout goes on as it would have
-            torch.set_rng_state(ckpt["state"]["rng_state"])
-            if torch.cuda.is_available() and ckpt["state"]["cuda_rng_state"]:
-                torch.cuda.set_rng_state_all(ckpt["state"]["cuda_rng_state"])
-        truncate_csv(out / "loss_per_batch.csv", "step", state["step"])
-        truncate_csv(out / "loss_per_epoch.csv", "epoch", state["epoch"])
-        log(f"resuming from {out / 'last.pt'}: epoch {state['epoch']} done, step {state['step']}")
+def train(cfg, device):
+    """Trains, validates every epoch, keeps best.pt (validation CIDEr) and last.pt, then reports on test."""
+    out = Path(cfg.output_dir)
+    lock = claim_output_dir(out)  # noqa: F841 (held for the whole run)
+    resume_from = out / "last.pt"
+    ckpt = load_checkpoint(resume_from) if cfg.resume else None
+    if ckpt:
+        check_resumable(ckpt, cfg, resume_from)
+    data = prepare_data(cfg, device, cfg.image_size)
+    torch.manual_seed(cfg.seed)  # after the data: the model's initial weights never depend on what was cached
+    if ckpt:
+        model, ckpt = load_captioner(resume_from, data.resnet)
+        check_same_data(ckpt, build_vocabulary(data, cfg.freq_threshold), weights_sha256(data.weights), cfg,
+                        resume_from)
+    else:
+        model = Captioner(build_vocabulary(data, cfg.freq_threshold), cfg.embed_size, cfg.hidden_size,
+                          cfg.num_layers, cfg.dropout, cfg.image_size, data.resnet)
+        model.encoder.feature_mean.copy_(data.feature_stats[0])
+        model.encoder.feature_std.copy_(data.feature_stats[1])
+    model.to(device)
+    vocab = model.vocab
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    train_set = FlickrDataset(data.split("train"), vocab, data.source)
+    val_set = FlickrDataset(data.split("val"), vocab, data.source)
+    steps_per_epoch = len(epoch_batches(len(train_set), cfg.batch_size, cfg.seed, 1, cfg.max_batches_per_epoch))
+    total_steps = cfg.num_epochs * steps_per_epoch
+    epoch, step, batch, best_score, loss_sum, loss_count = 0, 0, 0, float("-inf"), 0.0, 0
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        epoch, step, batch, best_score, loss_sum, loss_count = (ckpt[k] for k in (
+            "epoch", "step", "batch", "best_score", "loss_sum", "loss_count"))
+        if batch:  # mid-epoch: dropout goes on as it would have
+            torch.set_rng_state(ckpt["rng_state"])
+            if torch.cuda.is_available() and ckpt["cuda_rng_state"]:
+                torch.cuda.set_rng_state_all(ckpt["cuda_rng_state"])
+        truncate_csv(out / "loss_per_batch.csv", "step", step)
+        truncate_csv(out / "loss_per_epoch.csv", "epoch", epoch)
+        log(f"resuming from {resume_from}: epoch {epoch} done, step {step}")
     else:
         for name in ("loss_per_batch.csv", "loss_per_epoch.csv"):
             (out / name).unlink(missing_ok=True)
-    data["vocab"].save(out / "vocab.json")
-    (out / "config.json").write_text(json.dumps({k: cfg[k] for k in CONFIG_NAMES}, indent=2))
-    val_names = sorted(split_frame(data, "val")["image"].unique())[:3]
+    vocab.save(out / "vocab.json")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    def save_checkpoint(path):  # a flat dict of state dicts and counters, loaded with weights_only=True
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise UserError(f"the model's weights are not finite at step {step}: {path.name} not written")
+        atomic_save({"model_args": model.args, "model": model.trainable_state_dict(),
+                     "optimizer": optimizer.state_dict(), "vocab": vocab.itos, "freq_threshold": vocab.freq_threshold,
+                     "config": dataclasses.asdict(cfg), "encoder_weights": str(data.weights),
+                     "encoder_weights_sha256": weights_sha256(data.weights), "epoch": epoch, "step": step,
+                     "batch": batch, "best_score": best_score, "loss_sum": loss_sum, "loss_count": loss_count,
+                     "rng_state": torch.get_rng_state(), "cuda_rng_state": torch.cuda.get_rng_state_all()}, path)
+
     stop_requested = []
 
     def request_stop(signum, frame):
@@ -1003,101 +1119,117 @@ def train_model(cfg):
 
     previous_handler = signal.signal(signal.SIGINT, request_stop)
     meteor_scorer()  # its JVM loads while the first epoch trains
-
-    def on_batch(state):
-        if stop_requested:
-            raise KeyboardInterrupt
-        if cfg["sample_every"] and state["batch"] % cfg["sample_every"] == 0:
-            print_samples(run, val_names, cfg, device, f"step {state['step']}")
-
+    sample_names = data.images("val")[:3]
     try:
-        for epoch in tqdm(range(state["epoch"] + 1, cfg["num_epochs"] + 1), desc="epochs", unit="epoch"):
-            if state["batch"] == 0:
-                torch.manual_seed(cfg["seed"] * 1000 + epoch)  # epochs are reproducible one by one
+        while epoch < cfg.num_epochs and not stop_requested:
+            if batch == 0:
+                torch.manual_seed(cfg.seed * 1000 + epoch + 1)  # epochs are reproducible one by one
+            batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch + 1, cfg.max_batches_per_epoch)
+            model.train()
+            pending = []  # (step, lr, loss on the device): reading each back would sync the host every step
             start = time.time()
-            train_one_epoch(run, epoch, state, cfg, device, on_batch)
-            end_epoch(run, epoch, state, cfg, device, time.time() - start)
-            print_samples(run, val_names, cfg, device, f"end of epoch {epoch}")
-            if stop_requested:
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        atomic_save(checkpoint_payload(run, cfg, state), out / "last.pt")
-        command = shlex.join([Path(__file__).name, *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
-        log(f"\ninterrupted: saved {out / 'last.pt'} at step {state['step']}. Resume with:\n  python {command}")
-        sys.exit(130)
+            bar = tqdm(caption_loader(train_set, batches[batch:], cfg, device), total=len(batches), initial=batch,
+                       desc=f"epoch {epoch + 1}/{cfg.num_epochs}", unit="batch", leave=False)
+            for images, captions in bar:
+                batch, step = batch + 1, step + 1
+                lr = learning_rate_at(step, total_steps, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if images is not None:  # else every image of the batch was unreadable (already reported)
+                    images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+                    with autocast(device):
+                        loss, _, _ = model.loss(images, captions)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    pending.append((step, lr, loss.detach()))
+                if pending and (len(pending) >= cfg.log_every or batch == len(batches) or stop_requested):
+                    losses = torch.stack([loss for _, _, loss in pending]).tolist()
+                    bad = next((s for (s, _, _), v in zip(pending, losses) if diverged(v, len(vocab))), None)
+                    if bad is not None:
+                        raise UserError(f"the training loss diverged at epoch {epoch + 1}, step {bad} (loss "
+                                        f"{losses[[s for s, _, _ in pending].index(bad)]:.4g}): lower --learning_rate "
+                                        f"(now {cfg.learning_rate}). No checkpoint was written after that step")
+                    append_csv(out / "loss_per_batch.csv", [(epoch + 1, s, r, v) for (s, r, _), v in
+                                                             zip(pending, losses)], ["epoch", "step", "lr", "loss"])
+                    loss_sum, loss_count = loss_sum + sum(losses), loss_count + len(losses)
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}", avg=f"{loss_sum / loss_count:.3f}")
+                    pending.clear()
+                if cfg.sample_every and batch % cfg.sample_every == 0:
+                    print_samples(model, data.source, sample_names, cfg, device, f"step {step}")
+                if stop_requested:
+                    break
+            bar.close()
+            train_seconds = time.time() - start
+            if stop_requested and batch < len(batches):
+                break  # mid-epoch: last.pt below records the batch to go on from
+            epoch, batch = epoch + 1, 0
+            start = time.time()
+            val_loss, token_accuracy = validation_loss(model, val_set, cfg, device)
+            metrics, _ = evaluate_split(model, data, "val", cfg, device)
+            eval_seconds = time.time() - start
+            row = {"epoch": epoch, "train_loss": loss_sum / max(loss_count, 1), "val_loss": val_loss,
+                   "val_token_accuracy": token_accuracy, **metrics, "epoch_seconds": round(train_seconds, 2),
+                   "eval_seconds": round(eval_seconds, 2)}
+            append_csv(out / "loss_per_epoch.csv", [row], list(row))
+            log(f"epoch {epoch}: train loss {row['train_loss']:.3f}, val loss {val_loss:.3f}, token accuracy "
+                f"{token_accuracy:.1%}, {format_metrics(metrics)}; {train_seconds:.1f} s training, "
+                f"{eval_seconds:.1f} s validation (beam {cfg.beam_size})")
+            loss_sum, loss_count = 0.0, 0
+            if metrics["CIDEr"] > best_score:
+                best_score = metrics["CIDEr"]
+                save_checkpoint(out / "best.pt")
+            save_checkpoint(out / "last.pt")
+            plot_history(out)
+            print_samples(model, data.source, sample_names, cfg, device, f"end of epoch {epoch}")
+        if stop_requested:
+            save_checkpoint(out / "last.pt")
+            command = shlex.join([Path(__file__).name, *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
+            log(f"\ninterrupted: saved {out / 'last.pt'} at step {step}. Resume with:\n  python {command}")
+            return 130
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-    finish_training(run, cfg, device)
+    best, _ = load_captioner(out / "best.pt", data.resnet)
+    test_report(best.to(device), data, cfg, device, out / "best.pt")
+    log(f"outputs in {out}: loss_per_batch.csv, loss_per_epoch.csv, loss_graph.png, metrics_graph.png, "
+        f"test_metrics.json, test_captions.csv, test_examples.png, best.pt, last.pt")
     return 0
-
-
-def end_epoch(run, epoch, state, cfg, device, train_seconds):
-    start = time.time()
-    val_loss, token_accuracy = validation_loss(run["encoder"], run["decoder"], run["val_set"], cfg, device)
-    metrics, _ = evaluate_split(run, "val", cfg, device)
-    eval_seconds = time.time() - start
-    train_loss = state["loss_sum"] / max(state["loss_count"], 1)
-    row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_token_accuracy": token_accuracy,
-           **metrics, "epoch_seconds": round(train_seconds, 2), "eval_seconds": round(eval_seconds, 2)}
-    append_csv(run["out"] / "loss_per_epoch.csv", [row], list(row))
-    log(f"epoch {epoch}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, token accuracy "
-        f"{token_accuracy:.1%}, {format_metrics(metrics)}; {train_seconds:.1f} s training, "
-        f"{eval_seconds:.1f} s validation (beam {cfg['beam_size']})")
-    state.update(epoch=epoch, batch=0, loss_sum=0.0, loss_count=0)
-    score = metrics["CIDEr"]
-    if score > state["best_score"]:
-        state["best_score"] = score
-        atomic_save(checkpoint_payload(run, cfg, state), run["out"] / "best.pt")
-    atomic_save(checkpoint_payload(run, cfg, state), run["out"] / "last.pt")
-    plot_history(run["out"])
 
 
 # -----------------------------------------------------------------------------
 # evaluation and decoding
 @torch.no_grad()
-def greedy_decode(decoder, image_embeds, max_len):
-    state = decoder.start(image_embeds)
-    tokens = torch.full((image_embeds.size(0),), Vocabulary.SOS, device=image_embeds.device)
-    steps, done = [], torch.zeros_like(tokens, dtype=torch.bool)
-    for t in range(max_len):
-        logp, state = decoder.step(tokens, state, first=t == 0)
-        tokens = logp.argmax(-1)
-        steps.append(tokens)
-        done |= tokens == Vocabulary.EOS
-        if done.all():
-            break
-    return [ids[:ids.index(Vocabulary.EOS)] if Vocabulary.EOS in ids else ids
-            for ids in torch.stack(steps, 1).tolist()]
-
-
-@torch.no_grad()
 def beam_search(decoder, image_embeds, beam_size, max_len):
-    """Batched beam search scored by log-probability per word; beam_size=1 is exactly greedy decoding."""
+    """Batched beam search scored by log-probability per word; beam_size=1 is exactly greedy decoding.
+
+    decoder: anything with start(embeds) -> state and step(tokens, state, first) -> (log-probs, state), whose
+    state is a tuple of tensors with the batch in dimension 1. Returns each image's best word ids."""
     n, k, dev = image_embeds.size(0), beam_size, image_embeds.device
-    state = tuple(s.repeat_interleave(k, dim=1) for s in decoder.start(image_embeds))
-    tokens = torch.full((n * k,), Vocabulary.SOS, device=dev)
-    seqs = torch.zeros(n * k, 0, dtype=torch.long, device=dev)
-    scores = torch.full((n, k), float("-inf"), device=dev)
+    state = tuple(s.repeat_interleave(k, dim=1) for s in decoder.start(image_embeds))  # each (L, n*k, H)
+    tokens = torch.full((n * k,), Vocabulary.SOS, device=dev)  # (n*k,)
+    seqs = torch.zeros(n * k, 0, dtype=torch.long, device=dev)  # (n*k, t): the words so far of every beam
+    scores = torch.full((n, k), float("-inf"), device=dev)  # (n, k): summed log-probabilities
     scores[:, 0] = 0.0  # all beams start as the same hypothesis
     best_score, best_seq = torch.full((n,), float("-inf"), device=dev), [None] * n
-    finished = torch.zeros(n, dtype=torch.long, device=dev)
-    offsets = torch.arange(n, device=dev).unsqueeze(1) * k
+    finished = torch.zeros(n, dtype=torch.long, device=dev)  # (n,): hypotheses ended so far
+    offsets = torch.arange(n, device=dev).unsqueeze(1) * k  # (n, 1): each image's first row in n*k
     for t in range(max_len):
-        logp, state = decoder.step(tokens, state, first=t == 0)
+        logp, state = decoder.step(tokens, state, first=t == 0)  # (n*k, V)
         vocab_size = logp.size(-1)
-        top, index = (scores.unsqueeze(-1) + logp.view(n, k, -1)).view(n, -1).topk(min(2 * k, k * vocab_size), 1)
-        beam, word = index // vocab_size, index % vocab_size
-        rank = torch.arange(top.size(1), device=dev).expand_as(top)
+        candidates = (scores.unsqueeze(-1) + logp.view(n, k, -1)).view(n, -1)  # (n, k*V)
+        top, index = candidates.topk(min(2 * k, k * vocab_size), 1)  # (n, 2k): enough that k go on after EOS
+        beam, word = index // vocab_size, index % vocab_size  # (n, 2k) each
+        rank = torch.arange(top.size(1), device=dev).expand_as(top)  # (n, 2k)
         ends = (word == Vocabulary.EOS) & (rank < k) & (finished < k).unsqueeze(1) & (top > float("-inf"))
-        ended_score, ended_at = torch.where(ends, top / (t + 1), float("-inf")).max(1)
+        ended_score, ended_at = torch.where(ends, top / (t + 1), float("-inf")).max(1)  # (n,) per-word scores
         for i in (ended_score > best_score).nonzero().flatten().tolist():
             best_score[i] = ended_score[i]
             best_seq[i] = seqs[offsets[i, 0] + beam[i, ended_at[i]]].tolist()
         finished += ends.sum(1)
-        keep = (rank + (word == Vocabulary.EOS) * top.size(1)).argsort(1)[:, :k]  # best k that go on
-        rows = (offsets + beam.gather(1, keep)).view(-1)
-        tokens, scores = word.gather(1, keep).view(-1), top.gather(1, keep)
-        seqs = torch.cat([seqs[rows], tokens.unsqueeze(1)], 1)
+        keep = (rank + (word == Vocabulary.EOS) * top.size(1)).argsort(1)[:, :k]  # (n, k): best k that go on
+        rows = (offsets + beam.gather(1, keep)).view(-1)  # (n*k,): the beam each survivor extends
+        tokens, scores = word.gather(1, keep).view(-1), top.gather(1, keep)  # (n*k,), (n, k)
+        seqs = torch.cat([seqs[rows], tokens.unsqueeze(1)], 1)  # (n*k, t+1)
         state = tuple(s[:, rows] for s in state)
         if (finished >= k).all():
             break
@@ -1107,16 +1239,13 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
     return best_seq
 
 
-def generate_captions(run, names, cfg, device, greedy=False):
+def generate_captions(model, source, names, cfg, device, beam_size=None):
     """{name: caption} for images (one encoder pass or cached row each), and the names that could not be read."""
-    encoder, decoder, vocab = run["encoder"].eval(), run["decoder"].eval(), run["vocab"]
+    model.eval()
     captions = {}
-    for inputs, index in image_batches(run["source"], names, 64, cfg["num_workers"], desc="captioning"):
-        with torch.no_grad():
-            embeds = encoder(inputs.to(device))
-        ids = (greedy_decode(decoder, embeds, cfg["max_caption_len"]) if greedy else
-               beam_search(decoder, embeds, cfg["beam_size"], cfg["max_caption_len"]))
-        captions.update({names[i]: vocab.decode(seq) for i, seq in zip(index.tolist(), ids)})
+    for inputs, index in image_batches(source, names, 64, cfg.num_workers, desc="captioning"):
+        texts = model.generate(inputs.to(device), beam_size or cfg.beam_size, cfg.max_caption_len)
+        captions.update({names[i]: text for i, text in zip(index.tolist(), texts)})
     return captions, [n for n in names if n not in captions]
 
 
@@ -1161,46 +1290,44 @@ def references_of(frame):
     return frame.groupby("image")["caption"].apply(list).to_dict()
 
 
-def evaluate_split(run, split, cfg, device, greedy=False):
-    frame = split_frame(run, split)
-    names = sorted(frame["image"].unique())
-    captions, _ = generate_captions(run, names, cfg, device, greedy)
-    return caption_metrics(references_of(frame), captions), captions
+def evaluate_split(model, data, split, cfg, device):
+    """Metrics of the model's captions of one split against its references, and the captions."""
+    captions, _ = generate_captions(model, data.source, data.images(split), cfg, device)
+    return caption_metrics(references_of(data.split(split)), captions), captions
 
 
-def print_samples(run, names, cfg, device, label):
-    was_training = run["decoder"].training
-    captions, _ = generate_captions(run, names, cfg, device)
+def print_samples(model, source, names, cfg, device, label):
+    was_training = model.training
+    captions, _ = generate_captions(model, source, names, cfg, device)
     for name, caption in captions.items():
         log(f"  [{label}] {name}: {caption}")
-    run["encoder"].train(was_training)
-    run["decoder"].train(was_training)
+    model.train(was_training)
 
 
-def test_report(run, cfg, device, checkpoint_path):
-    """Test-split metrics, captions and an example figure for the given (already loaded) model."""
-    out, frame = Path(cfg["output_dir"]), split_frame(run, "test")
+def test_report(model, data, cfg, device, checkpoint_path):
+    """Test-split metrics, captions and an example figure for a loaded model, written to output_dir."""
+    out = Path(cfg.output_dir)
     start = time.time()
-    metrics, captions = evaluate_split(run, "test", cfg, device)
-    refs = references_of(frame)
+    metrics, captions = evaluate_split(model, data, "test", cfg, device)
+    refs = references_of(data.split("test"))
     pd.DataFrame([(n, c, " | ".join(refs[n])) for n, c in captions.items()],
                  columns=["image", "caption", "references"]).to_csv(out / "test_captions.csv", index=False)
     report = {"checkpoint": str(checkpoint_path), "split": "test", "images": len(captions),
-              "beam_size": cfg["beam_size"], **metrics, "seconds": round(time.time() - start, 2)}
-    if cfg["dataset"] == "demo":
-        greedy, _ = generate_captions(run, sorted(captions), cfg, device, greedy=True)
-        report["demo_colour_shape_accuracy"], singles = demo_accuracy(greedy, Path(cfg["data_dir"]) / "shapes.csv")
+              "beam_size": cfg.beam_size, **metrics, "seconds": round(time.time() - start, 2)}
+    if cfg.dataset == "demo":
+        greedy, _ = generate_captions(model, data.source, sorted(captions), cfg, device, beam_size=1)
+        report["demo_colour_shape_accuracy"], singles = demo_accuracy(greedy, Path(cfg.data_dir) / "shapes.csv")
         log(f"demo: the greedy captions name the right colour and shape of "
             f"{report['demo_colour_shape_accuracy']:.1%} of {singles} held-out single-shape images")
     (out / "test_metrics.json").write_text(json.dumps(report, indent=2))
-    log(f"test split, {len(captions)} images, beam {cfg['beam_size']} ({checkpoint_path}):\n"
+    log(f"test split, {len(captions)} images, beam {cfg.beam_size} ({checkpoint_path}):\n"
         + "\n".join(f"  {k:8s} {'n/a (needs Java)' if v is None else f'{100 * v:5.1f}'}"
                     for k, v in metrics.items()))
-    examples = random.Random(cfg["seed"]).sample(sorted(captions), min(6, len(captions)))
+    examples = random.Random(cfg.seed).sample(sorted(captions), min(6, len(captions)))
     items = []
     for name in examples:
         log(f"  {name}: {captions[name]}\n      reference: {refs[name][0]}")
-        items.append((run["source"].image_dir / name, f"generated: {captions[name]}\nreference: {refs[name][0]}"))
+        items.append((data.source.image_dir / name, f"generated: {captions[name]}\nreference: {refs[name][0]}"))
     save_caption_figure(items, out / "test_examples.png")
     return report
 
@@ -1255,30 +1382,16 @@ def plot_history(out):
     plt.close(fig)
 
 
-def finish_training(run, cfg, device):
-    best = run["out"] / "best.pt"
-    restore(run, load_checkpoint(best))
-    test_report(run, cfg, device, best)
-    log(f"outputs in {run['out']}: loss_per_batch.csv, loss_per_epoch.csv, loss_graph.png, metrics_graph.png, "
-        f"test_metrics.json, test_captions.csv, test_examples.png, best.pt, last.pt")
-
-
-def open_checkpoint(cfg):
-    """The checkpoint to evaluate or caption with (best.pt by default); the model's shape comes from it."""
-    path = Path(cfg["checkpoint"] or Path(cfg["output_dir"]) / "best.pt")
-    ckpt = load_checkpoint(path)
-    cfg.update({k: ckpt["config"][k] for k in ("embed_size", "hidden_size", "num_layers", "dropout", "image_size")})
-    return path, ckpt, Vocabulary(ckpt["freq_threshold"], ckpt["vocab"])
-
-
-def evaluate_checkpoint(cfg):
-    device = pick_device(cfg["device"])
-    path, ckpt, vocab = open_checkpoint(cfg)
-    run = prepare(cfg, device, vocab)
-    check_compatible(ckpt, cfg, None, run["weights_sha"], path)
-    restore(run, ckpt)
-    Path(cfg["output_dir"]).mkdir(parents=True, exist_ok=True)
-    test_report(run, cfg, device, path)
+def evaluate_checkpoint(cfg, device):
+    """--evaluate: the test report of a checkpoint (best.pt by default), on the dataset of the settings."""
+    path = Path(cfg.checkpoint or Path(cfg.output_dir) / "best.pt")
+    model, ckpt = load_captioner(path)
+    data = prepare_data(cfg, device, model.args["image_size"])
+    check_same_data(ckpt, None, weights_sha256(data.weights), cfg, path)
+    if data.resnet is not None:
+        model.encoder.attach(data.resnet)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    test_report(model.to(device), data, cfg, device, path)
     return 0
 
 
@@ -1296,22 +1409,24 @@ def collect_images(paths):
     return files, missing
 
 
-def caption_images(cfg, paths):
-    device = pick_device(cfg["device"])
-    path, ckpt, vocab = open_checkpoint(cfg)
-    explicit = "encoder_weights" in cfg["_explicit"]  # else the very file it was trained with
-    weights = Path(cfg["encoder_weights"] if explicit else ckpt["config"]["encoder_weights"])
+def caption_images(cfg, paths, weights=None, device=None):
+    """--caption: prints path<TAB>caption for each image; messages go to stderr. weights: the ResNet50 file
+    (default: the one the checkpoint was trained with)."""
+    figure = Path(cfg.caption_figure) if cfg.caption_figure else None
+    if figure and not figure.parent.is_dir():
+        raise UserError(f"--caption_figure={figure}: its folder {figure.parent} does not exist; create it first")
+    path = Path(cfg.checkpoint or Path(cfg.output_dir) / "best.pt")
+    model, ckpt = load_captioner(path)
+    weights = Path(weights or ckpt["encoder_weights"])
     resnet = load_resnet50(weights)
-    check_compatible(ckpt, cfg, None, weights_sha256(weights), path)
-    encoder, decoder = build_models(cfg, len(vocab), resnet)
-    restore({"encoder": encoder, "decoder": decoder}, ckpt)
+    check_same_data(ckpt, None, weights_sha256(weights), cfg, path)
+    model.encoder.attach(resnet)
     files, missing = collect_images(paths)
     if not files:
-        print(f"error: no images found in {' '.join(paths)}", file=sys.stderr)
+        print(f"error: no images found in {' '.join(map(str, paths))}", file=sys.stderr)
     names = [str(f.resolve()) for f in files]
-    run = {"encoder": encoder.to(device), "decoder": decoder.to(device), "vocab": vocab,
-           "source": ImageSource(Path("/"), image_transform(cfg["image_size"]))}
-    captions, failed = generate_captions(run, names, cfg, device)
+    source = ImageSource(Path("/"), image_transform(model.args["image_size"]))
+    captions, failed = generate_captions(model.to(device), source, names, cfg, device)
     for file, name in zip(files, names):
         if name in captions:
             print(f"{file}\t{captions[name]}", flush=True)
@@ -1319,20 +1434,22 @@ def caption_images(cfg, paths):
             print(f"error: cannot read image {file}", file=sys.stderr, flush=True)
     for file in missing:
         print(f"error: no such file or folder: {file}", file=sys.stderr, flush=True)
-    if cfg["caption_figure"] and captions:
-        save_caption_figure([(n, c) for n, c in captions.items()], cfg["caption_figure"])
-        print(f"saved {cfg['caption_figure']}", file=sys.stderr)  # stdout holds only the captions
+    if figure and captions:
+        save_caption_figure([(n, c) for n, c in captions.items()], figure)
+        print(f"saved {figure}", file=sys.stderr)  # stdout holds only the captions
     return 1 if failed or missing or not files else 0
 
 
 # -----------------------------------------------------------------------------
 def main(argv=None):
     try:
-        cfg, caption_paths = parse_args(sys.argv[1:] if argv is None else argv)
-        resolve_settings(cfg)
-        if caption_paths is not None:
-            return caption_images(cfg, caption_paths)
-        return evaluate_checkpoint(cfg) if cfg["evaluate"] else train_model(cfg)
+        overrides, caption_paths = parse_args(sys.argv[1:] if argv is None else argv)
+        captioning = caption_paths is not None  # then stdout holds only captions
+        cfg = resolve_settings(overrides, echo=(lambda m: print(m, file=sys.stderr)) if captioning else log)
+        device = pick_device(cfg.device)
+        if captioning:
+            return caption_images(cfg, caption_paths, overrides.get("encoder_weights"), device)
+        return evaluate_checkpoint(cfg, device) if cfg.evaluate else train(cfg, device)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -19,6 +19,19 @@ SMALL_DEMO = ["--dataset=demo", "--demo_images=1000", "--demo_image_size=96", "-
               "--sample_every=0", "--num_workers=0", "--seed=3"]
 
 
+def greedy_decode(decoder, image_embeds, max_len):
+    """The reference that beam search with beam_size=1 must match: the most likely word at each step."""
+    state = decoder.start(image_embeds)
+    tokens = torch.full((image_embeds.size(0),), cap.Vocabulary.SOS)
+    steps = []
+    for t in range(max_len):
+        logp, state = decoder.step(tokens, state, first=t == 0)
+        tokens = logp.argmax(-1)
+        steps.append(tokens)
+    ids = torch.stack(steps, 1).tolist()
+    return [seq[:seq.index(cap.Vocabulary.EOS)] if cap.Vocabulary.EOS in seq else seq for seq in ids]
+
+
 def shared(*parts):
     path = SHARED.joinpath(*parts)
     if not path.exists():
@@ -62,10 +75,7 @@ def trained_demo(tmp_path_factory, demo_dirs, random_weights):
 
 @pytest.fixture(scope="session")
 def trained_run(trained_demo, demo_dirs, random_weights):
-    """The trained demo model (best.pt) with its data, loaded as the script itself loads them."""
-    cfg, _ = cap.parse_args(demo_args(demo_dirs, random_weights, trained_demo))
-    cap.resolve_settings(cfg)
-    ckpt = torch.load(trained_demo / "best.pt", weights_only=True)
-    run = cap.prepare(cfg, torch.device("cpu"), cap.Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]))
-    cap.restore(run, ckpt)
-    return run, cfg
+    """The trained demo model (best.pt), its data and settings, loaded as the script itself loads them."""
+    cfg = cap.resolve_settings(cap.parse_args(demo_args(demo_dirs, random_weights, trained_demo))[0])
+    model, _ = cap.load_captioner(trained_demo / "best.pt")
+    return model.eval(), cap.prepare_data(cfg, torch.device("cpu"), model.args["image_size"]), cfg

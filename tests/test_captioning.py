@@ -35,3 +35,11 @@ def test_caption_an_image_file_works_without_the_dataset(tmp_path, trained_demo,
 def test_missing_checkpoint_says_how_to_train(tmp_path):
     result = run_script("--caption", tmp_path, f"--checkpoint={tmp_path / 'best.pt'}")
     assert result.returncode == 2 and "train one first" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_figure_in_a_missing_folder_is_refused_before_captioning(tmp_path, trained_demo, demo_dirs):
+    image = sorted((demo_dirs["data_dir"] / "Images").iterdir())[0]
+    result = run_script("--caption", image, f"--checkpoint={trained_demo / 'best.pt'}",
+                        f"--caption_figure={tmp_path / 'nowhere' / 'out.png'}")
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert f"error: --caption_figure={tmp_path / 'nowhere' / 'out.png'}: its folder" in result.stderr

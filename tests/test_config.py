@@ -1,4 +1,5 @@
 """Config constants and their --name=value overrides."""
+import re
 import subprocess
 import sys
 
@@ -7,18 +8,27 @@ import pytest
 from conftest import ROOT, cap, run_script
 
 
+def settings(*argv, **kw):
+    return cap.resolve_settings(cap.parse_args(list(argv))[0], **kw)
+
+
 def test_overrides_are_typed():
-    cfg, paths = cap.parse_args(["--embed_size=64", "--learning_rate=1e-3", "--dataset=demo", "--resume",
-                                 "--cache_features=false"])
-    assert (cfg["embed_size"], cfg["learning_rate"], cfg["dataset"]) == (64, 1e-3, "demo")
-    assert cfg["resume"] is True and cfg["cache_features"] is False and paths is None
-    assert cfg["_explicit"] == sorted(["embed_size", "learning_rate", "dataset", "resume", "cache_features"])
+    overrides, paths = cap.parse_args(["--embed_size=64", "--learning_rate=1e-3", "--dataset=demo", "--resume",
+                                       "--cache_features=false"])
+    assert overrides == {"embed_size": 64, "learning_rate": 1e-3, "dataset": "demo", "resume": True,
+                         "cache_features": False} and paths is None
 
 
 def test_defaults_are_the_originals():
-    cfg, _ = cap.parse_args([])
-    assert (cfg["embed_size"], cfg["hidden_size"], cfg["num_layers"], cfg["batch_size"], cfg["num_epochs"],
-            cfg["learning_rate"], cfg["freq_threshold"]) == (400, 512, 2, 32, 2, 0.0002, 5)
+    cfg = settings("--dataset=flickr8k")
+    assert (cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.batch_size, cfg.num_epochs,
+            cfg.learning_rate, cfg.freq_threshold, cfg.lr_schedule) == (400, 512, 2, 32, 2, 0.0002, 5, "constant")
+
+
+def test_settings_are_frozen():
+    cfg = settings("--dataset=flickr8k")
+    with pytest.raises(cap.dataclasses.FrozenInstanceError):
+        cfg.learning_rate = 1.0
 
 
 @pytest.mark.parametrize("arg, message", [
@@ -48,15 +58,30 @@ def test_help_lists_every_setting():
 
 
 def test_caption_takes_paths():
-    cfg, paths = cap.parse_args(["--caption", "a.jpg", "folder", "--beam_size=5"])
-    assert paths == ["a.jpg", "folder"] and cfg["beam_size"] == 5
+    overrides, paths = cap.parse_args(["--caption", "a.jpg", "folder", "--beam_size=5"])
+    assert paths == ["a.jpg", "folder"] and overrides == {"beam_size": 5}
 
 
-def test_demo_settings_apply_unless_given():
-    cfg, _ = cap.parse_args(["--dataset=demo", "--num_epochs=1"])
-    cap.resolve_settings(cfg)
-    assert cfg["num_epochs"] == 1 and cfg["batch_size"] == cfg["demo_batch_size"]
-    assert cfg["image_size"] == cfg["demo_image_size"]
+def test_preset_applies_over_the_constants_and_under_the_command_line():
+    cfg = settings("--dataset=demo", "--num_epochs=1")
+    assert cfg.num_epochs == 1 and cfg.batch_size == cap.PRESETS["demo"]["batch_size"]
+    assert cfg.image_size == cap.PRESETS["demo"]["image_size"] and cfg.embed_size == 128
+    plain = settings("--dataset=demo", "--preset=none")
+    assert (plain.batch_size, plain.embed_size, plain.learning_rate) == (32, 400, 0.0002)
+    assert settings("--dataset=flickr8k").batch_size == 32  # no preset of its own
+
+
+def test_an_edited_constant_acts_and_every_difference_is_printed(monkeypatch):
+    monkeypatch.setattr(cap, "beam_size", 7)  # as if edited at the top of the script
+    monkeypatch.setattr(cap, "learning_rate", 0.01)
+    printed = []
+    cfg = settings("--dataset=demo", "--num_epochs=1", echo=printed.append)
+    assert cfg.beam_size == 7
+    (text,) = printed
+    assert "num_epochs      = 1" in text and "(command line)" in text
+    assert "learning_rate   = 0.002" in text and "(demo preset (--preset=none: the constants))" in text
+    assert "beam_size" not in text  # equal to its constant: nothing to say
+    assert settings("--dataset=demo", "--preset=none").learning_rate == 0.01
 
 
 def test_import_has_no_side_effects(tmp_path):
@@ -67,11 +92,33 @@ def test_import_has_no_side_effects(tmp_path):
 
 @pytest.mark.parametrize("arg, message", [("--batch_size=0", "--batch_size=0: must be at least 1"),
                                           ("--beam_size=0", "must be at least 1"),
-                                          ("--max_images=-1", "--max_images=-1: must be 0 or more")])
+                                          ("--max_images=-1", "--max_images=-1: must be 0 or more"),
+                                          ("--learning_rate=nan", "--learning_rate=nan: must be a positive"),
+                                          ("--learning_rate=-1", "--learning_rate=-1.0: must be a positive"),
+                                          ("--learning_rate=inf", "--learning_rate=inf: must be a positive"),
+                                          ("--dropout=2", "--dropout=2.0: must be at least 0 and below 1"),
+                                          ("--seed=100000000000000000", "--seed=100000000000000000: must be"),
+                                          ("--lr_schedule=linear", "--lr_schedule=linear: must be 'constant' or 'cosine'"),
+                                          ("--preset=huge", "--preset='huge': expected"),
+                                          ("--warmup_steps=-5", "must be 0 or more")])
 def test_impossible_values_are_refused(arg, message):
-    cfg, _ = cap.parse_args([arg])
-    with pytest.raises(cap.UserError, match=message):
-        cap.resolve_settings(cfg)
+    with pytest.raises(cap.UserError, match=re.escape(message)):
+        settings("--dataset=flickr8k", arg)
+
+
+def test_demo_output_inside_its_data_folder_is_refused(tmp_path):
+    with pytest.raises(cap.UserError, match="lies in the demo's data folder"):
+        settings("--dataset=demo", f"--data_dir={tmp_path}", f"--output_dir={tmp_path}")
+    with pytest.raises(cap.UserError, match="lies in the demo's data folder"):
+        settings("--dataset=demo", f"--data_dir={tmp_path}", f"--output_dir={tmp_path / 'out'}")
+    settings("--dataset=demo", f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'out'}")
+
+
+def test_bad_settings_give_one_line_before_any_work(tmp_path):
+    result = run_script("--dataset=demo", "--learning_rate=nan", f"--data_dir={tmp_path / 'data'}", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --learning_rate=nan")
+    assert not (tmp_path / "data").exists()  # refused before the demo set was made
 
 
 def test_devices_are_checked():
@@ -80,4 +127,7 @@ def test_devices_are_checked():
     if not cap.torch.cuda.is_available():
         with pytest.raises(cap.UserError, match="no CUDA GPU"):
             cap.pick_device("cuda")
+    if not cap.torch.backends.mps.is_available():
+        with pytest.raises(cap.UserError, match="no Apple GPU"):
+            cap.pick_device("mps")
     assert cap.pick_device("cpu").type == "cpu"

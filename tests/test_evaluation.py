@@ -10,7 +10,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
-from conftest import cap, demo_args, run_script
+from conftest import cap, demo_args, greedy_decode, run_script
 
 REFS = {"a": ["A dog runs on the grass .", "a brown dog is running", "The dog runs outside ."],
         "b": ["Two children play football .", "kids playing with a ball", "two kids kick a ball on a field"],
@@ -55,31 +55,32 @@ def test_meteor_is_absent_without_java(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def trained(trained_run):
-    run, cfg = trained_run
-    names = sorted(cap.split_frame(run, "test")["image"].unique())
-    embeds = torch.cat([run["encoder"].eval()(inputs) for inputs, _ in cap.image_batches(run["source"], names, 64)])
-    return run, cfg, embeds
+    model, data, cfg = trained_run
+    with torch.no_grad():
+        embeds = torch.cat([model.encoder(inputs) for inputs, _ in cap.image_batches(data.source, data.images("test"),
+                                                                                      64)])
+    return model, cfg, embeds
 
 
 def test_beam_1_equals_greedy_on_a_trained_model(trained):
-    run, cfg, embeds = trained
-    decoder = run["decoder"].eval()
-    assert cap.beam_search(decoder, embeds, 1, cfg["max_caption_len"]) == \
-        cap.greedy_decode(decoder, embeds, cfg["max_caption_len"])
+    model, cfg, embeds = trained
+    with torch.no_grad():
+        assert cap.beam_search(model.decoder, embeds, 1, cfg.max_caption_len) == \
+            greedy_decode(model.decoder, embeds, cfg.max_caption_len)
 
 
 def test_beam_search_gives_non_empty_clean_captions(trained):
-    run, cfg, embeds = trained
+    model, cfg, embeds = trained
     for size in (3, 5):
-        beams = cap.beam_search(run["decoder"].eval(), embeds, size, cfg["max_caption_len"])
-        captions = [run["vocab"].decode(ids) for ids in beams]
+        beams = cap.beam_search(model.decoder, embeds, size, cfg.max_caption_len)
+        captions = [model.vocab.decode(ids) for ids in beams]
         assert len(captions) == len(embeds) and all(captions)
         assert not any(s in c for c in captions for s in ("<PAD>", "<SOS>", "<EOS>"))
 
 
 def test_beam_search_returns_the_best_hypothesis_when_none_ends(trained):
-    run, _, embeds = trained
-    beams = cap.beam_search(run["decoder"].eval(), embeds[:4], 3, max_len=2)
+    model, _, embeds = trained
+    beams = cap.beam_search(model.decoder, embeds[:4], 3, max_len=2)
     assert all(len(ids) == 2 for ids in beams)  # cut at max_len: still a caption, not nothing
 
 

@@ -18,8 +18,7 @@ def images(tmp_path):
 
 
 def cache_args(tmp_path, weights, folder, names, size=32):
-    cfg = {"batch_size": 4, "num_workers": 0}
-    return weights, folder, names, cap.image_transform(size), tmp_path / "cache", torch.device("cpu"), cfg
+    return weights, folder, names, cap.image_transform(size), tmp_path / "cache", torch.device("cpu"), 4, 0
 
 
 def test_cached_features_equal_per_step_features(tmp_path, images, random_weights):

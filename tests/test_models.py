@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import cap
+from conftest import cap, greedy_decode
 
 
 def test_encoder_loads_the_weights_file_and_is_frozen(random_weights):
@@ -37,7 +37,9 @@ def test_encoder_takes_cached_features_too():
     encoder.feature_std.fill_(2.0)
     features = torch.randn(3, 2048)
     assert torch.allclose(encoder(features), encoder.embed((features - 1) / 2))
-    assert set(encoder.trainable_state_dict()) == {"feature_mean", "feature_std", "embed.weight", "embed.bias"}
+    model = cap.Captioner(cap.Vocabulary(1).build_vocab(["a b"]), 16, 32, resnet=encoder.resnet)
+    assert {k for k in model.trainable_state_dict() if k.startswith("encoder.")} == {
+        "encoder.feature_mean", "encoder.feature_std", "encoder.embed.weight", "encoder.embed.bias"}
 
 
 def test_decoder_shapes():
@@ -50,9 +52,9 @@ def test_greedy_decoding_is_batched_and_per_image_independent():
     torch.manual_seed(0)
     decoder = cap.DecoderRNN(16, 32, vocab_size=30).eval()
     embeds = torch.randn(6, 16)
-    batch = cap.greedy_decode(decoder, embeds, max_len=7)
+    batch = cap.beam_search(decoder, embeds, 1, max_len=7)
     assert len(batch) == 6 and all(len(ids) <= 7 for ids in batch)
-    assert batch == [cap.greedy_decode(decoder, embeds[i:i + 1], 7)[0] for i in range(6)]
+    assert batch == [cap.beam_search(decoder, embeds[i:i + 1], 1, 7)[0] for i in range(6)]
     assert all(i not in (cap.Vocabulary.PAD, cap.Vocabulary.SOS, cap.Vocabulary.EOS) for ids in batch for i in ids)
 
 
@@ -60,9 +62,10 @@ def test_beam_search_on_a_random_model_returns_one_caption_per_image():
     torch.manual_seed(0)
     decoder = cap.DecoderRNN(16, 32, vocab_size=30).eval()
     embeds = torch.randn(4, 16)
-    beams = cap.beam_search(decoder, embeds, beam_size=3, max_len=6)
-    assert len(beams) == 4 and all(len(ids) <= 6 for ids in beams)
-    assert cap.beam_search(decoder, embeds, 1, 6) == cap.greedy_decode(decoder, embeds, 6)
+    with torch.no_grad():
+        beams = cap.beam_search(decoder, embeds, beam_size=3, max_len=6)
+        assert len(beams) == 4 and all(len(ids) <= 6 for ids in beams)
+        assert cap.beam_search(decoder, embeds, 1, 6) == greedy_decode(decoder, embeds, 6)
 
 
 def named_by_hash(tmp_path, state):

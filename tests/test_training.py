@@ -1,9 +1,13 @@
 """End-to-end training on the demo set, resume after kill -9 and Ctrl-C, checkpoints."""
+import errno
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -36,30 +40,30 @@ def test_demo_run_writes_every_output(trained_demo):
 
 def test_demo_model_reads_the_image(trained_demo, trained_run):
     seeing = json.loads((trained_demo / "test_metrics.json").read_text())["demo_colour_shape_accuracy"]
-    run, cfg = trained_run
-    names = sorted(cap.split_frame(run, "test")["image"].unique())
+    model, data, cfg = trained_run
+    names = data.images("test")
     # the same model, blind: every image's features replaced by the training set's mean
-    blind_source = cap.ImageSource(run["source"].image_dir, None,
-                                   run["encoder"].feature_mean.expand(len(names), -1), names)
-    blind, _ = cap.generate_captions({**run, "source": blind_source}, names, cfg, torch.device("cpu"), greedy=True)
-    blind_accuracy, singles = cap.demo_accuracy(blind, demo_shapes(cfg))
+    blind_source = cap.ImageSource(data.source.image_dir, None,
+                                   model.encoder.feature_mean.expand(len(names), -1), names)
+    blind, _ = cap.generate_captions(model, blind_source, names, cfg, torch.device("cpu"), beam_size=1)
+    blind_accuracy, singles = cap.demo_accuracy(blind, f"{cfg.data_dir}/shapes.csv")
     assert singles >= 50
     assert seeing >= DEMO_ACCURACY_FLOOR and blind_accuracy <= BLIND_ACCURACY_CEILING, (seeing, blind_accuracy)
 
 
-def demo_shapes(cfg):
-    return f"{cfg['data_dir']}/shapes.csv"
-
-
 def test_checkpoint_loads_without_pickle(trained_demo):
     ckpt = torch.load(trained_demo / "best.pt", weights_only=True)
-    assert set(ckpt) >= {"encoder", "decoder", "optimizer", "state", "config", "vocab", "encoder_weights_sha256"}
-    assert not any(k.startswith("resnet.") for k in ckpt["encoder"])  # the backbone comes from its own file
+    assert set(ckpt) >= cap.CHECKPOINT_KEYS | {"rng_state", "cuda_rng_state"}
+    assert ckpt["model_args"] == {"embed_size": 128, "hidden_size": 256, "num_layers": 2, "dropout": 0.3,
+                                  "image_size": 96}
+    assert not any("resnet." in k for k in ckpt["model"])  # the backbone comes from its own file
     assert ckpt["vocab"] == json.loads((trained_demo / "vocab.json").read_text())["itos"]
+    assert ckpt["config"] == json.loads((trained_demo / "config.json").read_text())
 
 
 def quick_args(demo_dirs, weights, out, *extra):
-    return demo_args(demo_dirs, weights, out, "--num_epochs=3", "--max_batches_per_epoch=12", *extra)
+    return demo_args(demo_dirs, weights, out, "--num_epochs=3", "--max_batches_per_epoch=12", "--lr_schedule=cosine",
+                     "--warmup_steps=5", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +79,26 @@ def assert_same_run(out, reference):
         drop = [c for c in ours.columns if c.endswith("seconds")]
         pd.testing.assert_frame_equal(ours.drop(columns=drop), theirs.drop(columns=drop), rtol=1e-5)
     ours, theirs = torch.load(out / "last.pt", weights_only=True), torch.load(reference / "last.pt", weights_only=True)
-    for key, value in theirs["decoder"].items():
-        assert torch.allclose(ours["decoder"][key], value, atol=1e-6), key
+    for key, value in theirs["model"].items():
+        assert torch.allclose(ours["model"][key], value, atol=1e-6), key
 
 
 def test_max_batches_per_epoch_stops_early(uninterrupted):
     batches = pd.read_csv(uninterrupted / "loss_per_batch.csv")
     assert batches.groupby("epoch").size().tolist() == [12, 12, 12]
+
+
+def test_the_learning_rate_follows_its_schedule(uninterrupted):
+    cfg = cap.resolve_settings(cap.parse_args(["--dataset=flickr8k", "--learning_rate=0.01", "--warmup_steps=4",
+                                               "--lr_schedule=cosine"])[0])
+    rates = [cap.learning_rate_at(step, 20, cfg) for step in range(1, 21)]
+    assert rates[:4] == pytest.approx([0.0025, 0.005, 0.0075, 0.01])
+    assert rates[4] == pytest.approx(0.01) and all(a > b for a, b in zip(rates[4:], rates[5:])) and rates[-1] < 2e-4
+    constant = cap.resolve_settings(cap.parse_args(["--dataset=flickr8k"])[0])
+    assert {cap.learning_rate_at(step, 20, constant) for step in range(1, 21)} == {0.0002}  # the original's
+    batches = pd.read_csv(uninterrupted / "loss_per_batch.csv")
+    demo = cap.resolve_settings(cap.parse_args(quick_args({"data_dir": "d", "cache_dir": "c"}, "w", "o"))[0])
+    assert batches["lr"].tolist() == pytest.approx([cap.learning_rate_at(s, 36, demo) for s in batches["step"]])
 
 
 def start_training(args):
@@ -104,7 +121,7 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, demo_dirs, r
     process.kill()  # SIGKILL: no chance to clean up
     process.wait()
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["state"]["epoch"] >= 1
+    assert ckpt["epoch"] >= 1
     result = run_script(*quick_args(demo_dirs, random_weights, out, "--resume"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming from" in result.stdout
@@ -121,7 +138,7 @@ def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(tmp_path, demo_dirs, random_
     assert process.returncode == 130, output[-2000:]
     assert "--resume" in output and "interrupted: saved" in output
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert ckpt["state"]["step"] >= 3
+    assert ckpt["step"] >= 3
     result = run_script(*quick_args(demo_dirs, random_weights, out, "--log_every=1", "--resume"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_run(out, uninterrupted)
@@ -130,9 +147,8 @@ def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(tmp_path, demo_dirs, random_
 def test_mismatched_checkpoint_is_explained(demo_dirs, random_weights, uninterrupted, capsys):
     assert cap.main(quick_args(demo_dirs, random_weights, uninterrupted, "--resume", "--hidden_size=64")) == 2
     assert "hidden_size=256 but the config says hidden_size=64" in capsys.readouterr().err
-    assert cap.main(quick_args(demo_dirs, random_weights, uninterrupted, "--resume", "--freq_threshold=100000")) == 2
-    error = capsys.readouterr().err
-    assert "different vocabulary" in error and "freq_threshold" in error
+    assert cap.main(quick_args(demo_dirs, random_weights, uninterrupted, "--resume", "--freq_threshold=1")) == 2
+    assert "freq_threshold=5 but the config says freq_threshold=1" in capsys.readouterr().err
 
 
 def test_resume_without_checkpoint_says_how_to_train(tmp_path, demo_dirs, random_weights, capsys):
@@ -167,3 +183,116 @@ def test_one_short_epoch_on_real_flickr8k_jpegs(tmp_path, random_weights):
     assert report["images"] == 30 and "demo_colour_shape_accuracy" not in report
     captions = pd.read_csv(tmp_path / "out" / "test_captions.csv")
     assert captions["references"].str.count(r" \| ").eq(4).all()  # five real references per image
+
+
+def copy_run(source, target):
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".lock"))
+    return target
+
+
+def test_resume_applies_a_changed_learning_rate_and_records_it(tmp_path, demo_dirs, random_weights, uninterrupted):
+    out = copy_run(uninterrupted, tmp_path / "out")
+    result = run_script(*quick_args(demo_dirs, random_weights, out, "--resume", "--num_epochs=4",
+                                    "--learning_rate=0.001"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resume: learning_rate was 0.002, now 0.001 (applied from here on)" in result.stdout
+    assert "resume: num_epochs was 3, now 4" in result.stdout
+    batches = pd.read_csv(out / "loss_per_batch.csv")
+    cfg = cap.resolve_settings(cap.parse_args(quick_args(demo_dirs, random_weights, out, "--num_epochs=4",
+                                                         "--learning_rate=0.001"))[0])
+    fourth = batches[batches["epoch"] == 4]
+    assert len(fourth) == 12 and fourth["lr"].tolist() == pytest.approx(
+        [cap.learning_rate_at(s, 48, cfg) for s in fourth["step"]])
+    assert fourth["lr"].max() < 0.001 / 2  # the new rate, on the cosine's tail
+    for recorded in (json.loads((out / "config.json").read_text()), torch.load(out / "last.pt")["config"]):
+        assert recorded["learning_rate"] == 0.001 and recorded["num_epochs"] == 4
+
+
+def test_results_do_not_depend_on_an_existing_feature_cache(tmp_path, random_weights):
+    common = ["--dataset=demo", "--demo_images=60", "--demo_image_size=64", "--num_epochs=1",
+              "--max_batches_per_epoch=4", "--batch_size=16", "--embed_size=32", "--hidden_size=64",
+              "--sample_every=0", "--num_workers=0", "--beam_size=1", f"--data_dir={tmp_path / 'data'}",
+              f"--cache_dir={tmp_path / 'cache'}", f"--encoder_weights={random_weights}"]
+    assert cap.main([*common, f"--output_dir={tmp_path / 'cold'}"]) == 0
+    assert cap.main([*common, f"--output_dir={tmp_path / 'warm'}"]) == 0
+    cold, warm = (pd.read_csv(tmp_path / name / "loss_per_batch.csv") for name in ("cold", "warm"))
+    assert len(cold) == 4
+    pd.testing.assert_frame_equal(cold, warm, rtol=0, atol=0)
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, demo_dirs, random_weights,
+                                                                       uninterrupted):
+    out = copy_run(uninterrupted, tmp_path / "out")
+    before = (out / "last.pt").read_bytes(), (out / "best.pt").read_bytes()
+    result = run_script(*quick_args(demo_dirs, random_weights, out, "--resume", "--num_epochs=4",
+                                    "--learning_rate=1e9"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: the training loss diverged at epoch 4, step" in result.stderr and "lower --learning_rate" in \
+        result.stderr
+    assert ((out / "last.pt").read_bytes(), (out / "best.pt").read_bytes()) == before
+    fresh = tmp_path / "fresh"
+    assert cap.main(quick_args(demo_dirs, random_weights, fresh, "--learning_rate=1e9")) == 2
+    assert not (fresh / "last.pt").exists() and not (fresh / "best.pt").exists()
+
+
+def test_a_second_run_into_a_busy_output_dir_is_refused(tmp_path, demo_dirs, random_weights, capsys):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); "
+                               f"import flickr_image_caption_with_pytorch_resnet_lstm as c; "
+                               f"lock = c.claim_output_dir({str(out)!r}); print('locked', flush=True); "
+                               f"import time; time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert cap.main(quick_args(demo_dirs, random_weights, out)) == 2
+        assert f"another run (process {holder.pid}) is writing to {out}" in capsys.readouterr().err
+    finally:
+        holder.kill()  # kill -9: the kernel drops its lock
+        holder.wait()
+    lock = cap.claim_output_dir(out)  # no stale lock left behind
+    lock.close()
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "refused"])
+def test_an_unusable_output_dir_is_one_line(tmp_path, demo_dirs, random_weights, capsys, where):
+    (tmp_path / "afile").write_text("x")
+    out = {"file": tmp_path / "afile", "under_file": tmp_path / "afile" / "out", "refused": Path("/sys/captions")}
+    if where == "refused" and not Path("/sys").is_dir():
+        pytest.skip("no /sys here to refuse a folder")
+    assert cap.main(quick_args(demo_dirs, random_weights, out[where])) == 2
+    assert f"error: cannot write to --output_dir={out[where]}" in capsys.readouterr().err
+
+
+def test_resume_with_an_empty_batch_log(tmp_path, demo_dirs, random_weights, uninterrupted):
+    out = copy_run(uninterrupted, tmp_path / "out")
+    (out / "loss_per_batch.csv").write_text("")  # killed before its first row reached the disk
+    result = run_script(*quick_args(demo_dirs, random_weights, out, "--resume", "--num_epochs=4"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert pd.read_csv(out / "loss_per_batch.csv")["epoch"].unique().tolist() == [4]
+
+
+def test_a_failed_save_leaves_no_temporary_file_and_the_old_one_intact(tmp_path, monkeypatch):
+    path = tmp_path / "best.pt"
+    cap.atomic_save({"x": torch.ones(3)}, path)
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cap.torch, "save", full_disk)
+    with pytest.raises(cap.UserError, match="cannot write .*best.pt: No space left on device"):
+        cap.atomic_save({"x": torch.zeros(3)}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+    assert torch.equal(torch.load(path)["x"], torch.ones(3))
+
+
+def test_an_empty_vocabulary_is_refused(tmp_path, demo_dirs, random_weights, capsys):
+    assert cap.main(quick_args(demo_dirs, random_weights, tmp_path / "out", "--freq_threshold=100000")) == 2
+    assert "--freq_threshold=100000 leaves no word in the vocabulary" in capsys.readouterr().err
+
+
+def test_a_checkpoint_lacking_a_setting_is_explained(tmp_path, trained_demo):
+    ckpt = torch.load(trained_demo / "best.pt", weights_only=True)
+    del ckpt["model_args"]["embed_size"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    with pytest.raises(cap.UserError, match="not a checkpoint written by this version.*model_args.embed_size"):
+        cap.load_captioner(tmp_path / "old.pt")
