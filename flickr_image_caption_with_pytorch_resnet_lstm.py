@@ -22,6 +22,7 @@ import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import textwrap
 import time
 from collections import Counter
@@ -476,18 +477,37 @@ def draw_shape(draw, shape, centre, size, colour):
         draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
 
 
+DEMO_ENTRIES = ["Images", "captions.txt", "shapes.csv", "demo.json"]  # all that the demo set owns in its folder
+
+
 def make_demo_dataset(folder, n_images, size, seed=0):
     """Writes Images/, captions.txt and shapes.csv deterministically; rebuilt only when the settings change."""
-    from PIL import ImageDraw
     folder = Path(folder)
     stamp = {"images": n_images, "size": size, "seed": seed, "version": 2}
     if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
         return folder
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "demo.json").is_file():
         raise UserError(f"{folder} holds files but no demo set: choose an empty or new --data_dir for the demo")
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "Images").mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-demo-", dir=folder.parent))
+    try:
+        write_demo_set(tmp, n_images, size, seed, stamp)
+        # the folder may also hold a run's outputs or the user's files (--data_dir = --output_dir): only the
+        # demo's own entries are replaced. A stamp that matches no settings first, so an interrupted swap is redone
+        (folder / "demo.json").write_text(json.dumps({"incomplete": True}))
+        for name in DEMO_ENTRIES:
+            if (folder / name).is_dir():
+                shutil.rmtree(folder / name)
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def write_demo_set(tmp, n_images, size, seed, stamp):
+    """The demo set's entries (DEMO_ENTRIES) in the empty folder tmp."""
+    from PIL import ImageDraw
+    (tmp / "Images").mkdir()
     rng = random.Random(seed)
     captions, shapes = [], []
     for i in tqdm(range(n_images), desc="making the demo set", unit="img", leave=False):
@@ -512,9 +532,6 @@ def make_demo_dataset(folder, n_images, size, seed=0):
     pd.DataFrame(captions, columns=["image", "caption"]).to_csv(tmp / "captions.txt", index=False)
     pd.DataFrame(shapes, columns=["image", "shapes"]).to_csv(tmp / "shapes.csv", index=False)
     (tmp / "demo.json").write_text(json.dumps(stamp))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
 
 
 def demo_accuracy(captions_by_image, shapes_file):

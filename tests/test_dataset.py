@@ -212,3 +212,17 @@ def test_demo_set_is_made_once_and_never_over_a_users_folder(tmp_path):
     with pytest.raises(cap.UserError, match="holds files but no demo set"):
         cap.make_demo_dataset(mine, n_images=12, size=32)
     assert (mine / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_remaking_the_demo_set_keeps_every_other_file(tmp_path):
+    folder = cap.make_demo_dataset(tmp_path / "demo", n_images=12, size=32)
+    (folder / "keep.txt").write_text("mine")
+    (folder / "best.pt").write_bytes(b"a trained model")
+    cap.make_demo_dataset(folder, n_images=8, size=24)  # other settings: the demo set is remade in place
+    assert (folder / "keep.txt").read_text() == "mine" and (folder / "best.pt").read_bytes() == b"a trained model"
+    assert sorted(p.name for p in folder.iterdir()) == ["Images", "best.pt", "captions.txt", "demo.json",
+                                                       "keep.txt", "shapes.csv"]
+    assert len(list((folder / "Images").iterdir())) == 8 and len(pd.read_csv(folder / "captions.txt")) == 40
+    assert json.loads((folder / "demo.json").read_text())["images"] == 8
+    assert Image.open(folder / "Images" / "demo_00000.jpg").size == (24, 24)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temporary folder left beside it
