@@ -678,9 +678,19 @@ def build_models(cfg, vocab_size, resnet=None):
 # -----------------------------------------------------------------------------
 # feature cache: the frozen encoder runs once per image, not once per caption per epoch
 def features_cache_key(weights_sha, transform, image_dir, names, precision="fp32"):
+    # each image's size and mtime: an image replaced under the same name must not reuse its old features
+    files = [[name, *file_stamp(Path(image_dir) / name)] for name in sorted(names)]
     spec = {"weights": weights_sha, "transform": repr(transform), "image_dir": str(Path(image_dir).resolve()),
-            "images": sorted(names), "precision": precision, "version": 1}
+            "images": files, "precision": precision, "version": 2}
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+
+def file_stamp(path):
+    try:
+        stat = path.stat()
+    except OSError:  # gone since it was listed: it fails (and is reported) when read
+        return None, None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def tensor_sha256(tensor):
