@@ -584,13 +584,16 @@ def load_resnet50(weights_path):
         else:
             raise UserError(f"{path} is damaged or not a PyTorch weights file ({type(error).__name__}): "
                             f"delete it and {fetch}") from None
-    model = torchvision.models.resnet50(weights=None)
+    # built on the meta device: no random init, which would waste time and draw from the global RNG (a run
+    # would then train differently with and without a feature cache); strict loading makes every tensor real
+    with torch.device("meta"):
+        model = torchvision.models.resnet50(weights=None)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=True)
     except Exception as error:
         raise UserError(f"{path} does not hold ResNet50 weights ({str(error)[:200]}): {fetch}") from None
     model.fc = nn.Identity()
-    return model
+    return model.float()  # assign keeps the file's dtype; copying into the model converted it to float32
 
 
 def random_resnet50_weights(path, seed=0):
