@@ -28,12 +28,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
@@ -365,11 +366,23 @@ def image_transform(size):
                       T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
 
 
+def open_rgb(path):
+    """The image as 8-bit RGB, turned upright as its EXIF orientation says; 16- and 32-bit greys are scaled."""
+    with Image.open(path) as image:
+        with contextlib.suppress(Exception):  # a damaged EXIF block must not lose an otherwise good image
+            image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I"):  # 'I;16', 'I;16B', 'I': convert() would clip them at 255, almost white
+            pixels = np.asarray(image, dtype=np.float64)
+            # 'I' is how some Pillow versions open 16-bit PNGs: values that fit 16 bits are taken as 16-bit
+            top = 65535 if image.mode.startswith("I;16") or pixels.max() <= 65535 else 2 ** 31 - 1
+            image = Image.fromarray(np.clip(np.round(pixels * (255 / top)), 0, 255).astype(np.uint8))
+        return image.convert("RGB")
+
+
 def load_image(path, transform):
     """The transformed image, or None when it cannot be read (callers report it)."""
     try:
-        with Image.open(path) as image:
-            return transform(image.convert("RGB"))
+        return transform(open_rgb(path))
     except Exception:  # PIL raises OSError, ValueError or others by format and damage
         return None
 
@@ -684,7 +697,7 @@ def features_cache_key(weights_sha, transform, image_dir, names, precision="fp32
     # each image's size and mtime: an image replaced under the same name must not reuse its old features
     files = [[name, *file_stamp(Path(image_dir) / name)] for name in sorted(names)]
     spec = {"weights": weights_sha, "transform": repr(transform), "image_dir": str(Path(image_dir).resolve()),
-            "images": files, "precision": precision, "version": 2}
+            "images": files, "precision": precision, "version": 3}  # 3: images upright, 16-bit scaled
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
 
@@ -1252,7 +1265,7 @@ def save_caption_figure(items, path):
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image, text) in zip(axes.flat, items):
-        ax.imshow(Image.open(image).convert("RGB"))
+        ax.imshow(open_rgb(image))
         ax.set_title("\n".join(textwrap.fill(line, 50) for line in text.splitlines()), fontsize=8, loc="left")
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)

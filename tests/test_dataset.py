@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2 as T
 
 from conftest import cap, shared
 
@@ -226,3 +227,22 @@ def test_remaking_the_demo_set_keeps_every_other_file(tmp_path):
     assert json.loads((folder / "demo.json").read_text())["images"] == 8
     assert Image.open(folder / "Images" / "demo_00000.jpg").size == (24, 24)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temporary folder left beside it
+
+
+@pytest.mark.parametrize("mode, value, name", [("I;16", 80 * 257, "grey.png"), ("I", 80 * 257, "grey.tif"),
+                                               ("I", round(80 / 255 * (2 ** 31 - 1)), "grey.tif")])
+def test_16_and_32_bit_images_are_scaled_not_clipped(tmp_path, mode, value, name):
+    Image.new(mode, (20, 10), value).save(tmp_path / name)  # a 16-bit PNG; 32-bit TIFFs, 16-bit or full range
+    image = cap.open_rgb(tmp_path / name)
+    assert image.mode == "RGB" and image.getextrema() == ((80, 80),) * 3
+    tensor = cap.load_image(tmp_path / name, cap.image_transform(8))  # the model's input, Normalize undone
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose((tensor * std[:, None, None] + mean[:, None, None]) * 255, torch.tensor(80.0), atol=0.5)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned, the viewer rotates 90 degrees
+    Image.new("RGB", (40, 20), (200, 30, 30)).save(tmp_path / "turned.jpg", exif=exif)
+    assert cap.open_rgb(tmp_path / "turned.jpg").size == (20, 40)
+    assert cap.load_image(tmp_path / "turned.jpg", T.ToImage()).shape == (3, 40, 20)
