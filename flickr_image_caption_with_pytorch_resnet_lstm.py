@@ -235,7 +235,11 @@ RESULTS_LINE = re.compile(r"^\s*(?P<image>[^|]+?)\s*\|\s*\d+\s*(?:\|\s*)?(?P<cap
 
 
 def read_text(path):
-    raw = Path(path).read_bytes()
+    """The file's text in whichever encoding it has, with \n line endings (\r\n and old Mac \r, even mixed)."""
+    return re.sub(r"\r\n?", "\n", decode_text(Path(path).read_bytes()))
+
+
+def decode_text(raw):
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         return raw.decode("utf-16")
     for encoding in ("utf-8-sig", "cp1252"):

@@ -246,3 +246,26 @@ def test_exif_orientation_is_applied(tmp_path):
     Image.new("RGB", (40, 20), (200, 30, 30)).save(tmp_path / "turned.jpg", exif=exif)
     assert cap.open_rgb(tmp_path / "turned.jpg").size == (20, 40)
     assert cap.load_image(tmp_path / "turned.jpg", T.ToImage()).shape == (3, 40, 20)
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r", "mixed"])
+@pytest.mark.parametrize("name", ["captions.txt", "results.csv", "Flickr8k.token.txt"])
+def test_any_line_endings(tmp_path, name, ending):
+    path = write_all_formats(tmp_path) / name
+    lines = path.read_bytes().replace(b"\r\n", b"\n").split(b"\n")
+    endings = [b"\r\n", b"\n", b"\r"] * len(lines) if ending == "mixed" else [ending.encode()] * len(lines)
+    path.write_bytes(b"".join(line + end for line, end in zip(lines, endings)))
+    frame, _ = cap.read_captions(path)
+    assert list(zip(frame["image"], frame["caption"])) == [(i, c.strip()) for i, c in CAPTIONS]
+
+
+@pytest.mark.parametrize("ending", ["\r\n", "\r"])
+def test_split_lists_with_any_line_endings(tmp_path, ending):
+    names = [f"{i}.jpg" for i in range(5)]
+    make_images(tmp_path / "Images", names)
+    pd.DataFrame([(n, "a caption") for n in names], columns=["image", "caption"]).to_csv(
+        tmp_path / "captions.txt", index=False, lineterminator=ending)
+    for split, listed in [("train", names[:3]), ("dev", names[3:4]), ("test", names[4:5])]:
+        (tmp_path / f"Flickr_8k.{split}Images.txt").write_bytes(ending.join(listed).encode())
+    frame, _ = cap.load_captions(tmp_path, seed=1)
+    assert list(frame["split"]) == ["train", "train", "train", "val", "test"]
