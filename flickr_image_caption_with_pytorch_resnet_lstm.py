@@ -257,13 +257,7 @@ def read_captions(path):
     dropped = Counter(blank_lines=sum(1 for line in lines if not line.strip()))
     rows, bad_lines = [], []
     if first.lstrip().startswith("{"):
-        try:
-            images = json.loads(text)["images"]
-        except (ValueError, KeyError) as error:
-            raise UserError(f"{path}: not a Karpathy-format JSON file ({error})") from None
-        for image in images:
-            split = {"restval": "train"}.get(image.get("split"), image.get("split"))
-            rows += [(image["filename"], s["raw"], split) for s in image["sentences"]]
+        rows = karpathy_rows(path, text)
     elif TOKEN_LINE.match(first) or RESULTS_HEADER.match(first):
         pattern = TOKEN_LINE if TOKEN_LINE.match(first) else RESULTS_LINE
         for number, line in enumerate(lines, 1):
@@ -296,6 +290,36 @@ def read_captions(path):
     if bad_lines:
         warn(f"{path}: skipped {len(bad_lines)} malformed line(s): {bad_lines[:10]}")
     return frame, {k: v for k, v in dropped.items() if v}
+
+
+def karpathy_rows(path, text):
+    """(image, caption, split) rows of a Karpathy-format JSON file; a malformed entry is one clear error."""
+    try:
+        images = json.loads(text)["images"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path}: not a Karpathy-format JSON file ({type(error).__name__}: {error})") from None
+    if not isinstance(images, list):
+        raise UserError(f"{path}: 'images' is a {type(images).__name__}, not a list: not a Karpathy-format JSON file")
+    fix = "fix or remove that entry, or use another caption file"
+    rows = []
+    for i, image in enumerate(images):
+        if not isinstance(image, dict):
+            raise UserError(f"{path}: images[{i}] is a {type(image).__name__}, not an object with filename, split "
+                            f"and sentences: {fix}")
+        if not isinstance(image.get("filename"), str) or not image["filename"]:
+            raise UserError(f"{path}: images[{i}] has no 'filename' string: {fix}")
+        entry = f"{path}: images[{i}] ({image['filename']})"
+        if image.get("split") not in ("train", "restval", "val", "test"):
+            raise UserError(f"{entry} has split {image.get('split')!r}, not 'train', 'restval', 'val' or 'test': "
+                            f"{fix}")
+        if not isinstance(image.get("sentences"), list):
+            raise UserError(f"{entry} has no 'sentences' list: {fix}")
+        for j, sentence in enumerate(image["sentences"]):
+            if not isinstance(sentence, dict) or not isinstance(sentence.get("raw"), str):
+                raise UserError(f"{entry}: sentences[{j}] has no 'raw' caption string ({sentence!r:.60}): {fix}")
+        split = {"restval": "train"}.get(image["split"], image["split"])
+        rows += [(image["filename"], sentence["raw"], split) for sentence in image["sentences"]]
+    return rows
 
 
 def find_dataset_files(folder):

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from conftest import cap, shared
+from conftest import cap, run_script, shared
 
 CAPTIONS = [("1000_a.jpg", "A dog runs, fast ."), ("1000_a.jpg", "A brown dog ."),
             ("2000_b.jpg", "Two \"kids\" play ."), ("2000_b.jpg", "Kids, on grass , play .")]
@@ -269,3 +269,32 @@ def test_split_lists_with_any_line_endings(tmp_path, ending):
         (tmp_path / f"Flickr_8k.{split}Images.txt").write_bytes(ending.join(listed).encode())
     frame, _ = cap.load_captions(tmp_path, seed=1)
     assert list(frame["split"]) == ["train", "train", "train", "val", "test"]
+
+
+GOOD_ENTRY = {"filename": "a.jpg", "split": "train", "sentences": [{"raw": "A dog ."}]}
+
+
+@pytest.mark.parametrize("images, message", [
+    ([GOOD_ENTRY, {"filename": "b.jpg", "split": "train"}], r"images\[1\] \(b.jpg\) has no 'sentences' list"),
+    ([GOOD_ENTRY, "b.jpg"], r"images\[1\] is a str, not an object"),
+    ([GOOD_ENTRY, {**GOOD_ENTRY, "filename": "b.jpg", "sentences": [{"raw": 7}]}],
+     r"images\[1\] \(b.jpg\): sentences\[0\] has no 'raw' caption string"),
+    ([{**GOOD_ENTRY, "filename": None}], r"images\[0\] has no 'filename'"),
+    ([{**GOOD_ENTRY, "split": "dev"}], r"images\[0\] \(a.jpg\) has split 'dev'"),
+    ({"a.jpg": GOOD_ENTRY}, r"'images' is a dict, not a list")])
+def test_malformed_karpathy_entries_are_clear_errors(tmp_path, images, message):
+    path = tmp_path / "dataset_flickr8k.json"
+    path.write_text(json.dumps({"images": images}))
+    with pytest.raises(cap.UserError, match=message) as error:
+        cap.read_captions(path)
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+
+
+def test_malformed_karpathy_json_stops_the_script_with_one_line(tmp_path):
+    make_images(tmp_path / "data" / "Images", ["a.jpg", "b.jpg"])
+    broken = {"images": [GOOD_ENTRY, {"filename": "b.jpg", "split": "test"}]}
+    (tmp_path / "data" / "dataset_flickr8k.json").write_text(json.dumps(broken))
+    result = run_script("--dataset=flickr8k", f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'out'}")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr
+    assert "images[1] (b.jpg) has no 'sentences' list" in errors[0]
