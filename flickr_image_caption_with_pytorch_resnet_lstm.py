@@ -343,8 +343,7 @@ def assign_splits(frame, folder, seed, holdout_fraction=0.1):
     if "split" in frame:
         return frame, "from Karpathy's JSON"
     if all((Path(folder) / f).is_file() for f in SPLIT_FILES.values()):
-        split_of = {name.strip(): split for split, f in SPLIT_FILES.items()
-                    for name in read_text(Path(folder) / f).split() if name.strip()}
+        split_of = official_splits(folder)
         frame = frame.assign(split=frame["image"].map(split_of))
         unlisted = frame["split"].isna()
         if unlisted.any():
@@ -356,6 +355,21 @@ def assign_splits(frame, folder, seed, holdout_fraction=0.1):
     split_of = {name: "test" for name in images[:n_holdout]}
     split_of.update({name: "val" for name in images[n_holdout:2 * n_holdout]})
     return frame.assign(split=frame["image"].map(split_of).fillna("train")), f"random by image, seed {seed}"
+
+
+def official_splits(folder):
+    """{image: split} from the Flickr8k split lists; an image in two lists goes in the last, with a warning."""
+    split_of, repeated = {}, {}
+    for split, file in SPLIT_FILES.items():
+        for name in read_text(Path(folder) / file).split():
+            if split_of.get(name, split) != split:
+                repeated[name] = split
+            split_of[name] = split
+    if repeated:
+        listed = ", ".join(f"{name} (put in {split})" for name, split in list(repeated.items())[:5])
+        warn(f"{len(repeated)} image(s) are in more than one of the split lists {', '.join(SPLIT_FILES.values())} "
+             f"in {folder}, each put in the last list that names it: {listed}{' ...' * (len(repeated) > 5)}")
+    return split_of
 
 
 def load_captions(folder, seed, max_images=0):

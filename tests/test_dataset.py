@@ -298,3 +298,26 @@ def test_malformed_karpathy_json_stops_the_script_with_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr
     assert "images[1] (b.jpg) has no 'sentences' list" in errors[0]
+
+
+def test_an_image_in_two_split_lists_is_named(tmp_path, capsys):
+    names = [f"{i}.jpg" for i in range(6)]
+    make_images(tmp_path / "Images", names)
+    pd.DataFrame([(n, "a caption") for n in names], columns=["image", "caption"]).to_csv(
+        tmp_path / "captions.txt", index=False)
+    for split, listed in [("train", names[:4]), ("dev", names[3:5]), ("test", names[1:2] + names[5:])]:
+        (tmp_path / f"Flickr_8k.{split}Images.txt").write_text("\n".join(listed))
+    frame, _ = cap.load_captions(tmp_path, seed=1)
+    assert dict(zip(frame["image"], frame["split"])) == {
+        "0.jpg": "train", "1.jpg": "test", "2.jpg": "train", "3.jpg": "val", "4.jpg": "val", "5.jpg": "test"}
+    warning = [line for line in capsys.readouterr().err.splitlines() if "more than one" in line]
+    assert len(warning) == 1 and "2 image(s)" in warning[0] and "1.jpg (put in test)" in warning[0]
+    assert "3.jpg (put in val)" in warning[0]
+
+
+def test_the_real_split_lists_do_not_overlap(tmp_path, capsys):
+    for name in cap.SPLIT_FILES.values():
+        (tmp_path / name).write_bytes(shared("flickr8k", name).read_bytes())
+    frame = pd.DataFrame({"image": ["1000268201_693b08cb0e.jpg"], "caption": ["x"]})
+    assert cap.assign_splits(frame, tmp_path, seed=1)[0]["split"].tolist() == ["train"]
+    assert "more than one" not in capsys.readouterr().err
