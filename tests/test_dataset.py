@@ -321,3 +321,13 @@ def test_the_real_split_lists_do_not_overlap(tmp_path, capsys):
     frame = pd.DataFrame({"image": ["1000268201_693b08cb0e.jpg"], "caption": ["x"]})
     assert cap.assign_splits(frame, tmp_path, seed=1)[0]["split"].tolist() == ["train"]
     assert "more than one" not in capsys.readouterr().err
+
+
+def test_a_very_long_training_caption_is_cut(tmp_path, capsys):
+    frame = pd.DataFrame([("a.jpg", " ".join(["dog"] * 10_000)), ("a.jpg", "a dog")], columns=["image", "caption"])
+    source = cap.ImageSource(tmp_path, None, torch.zeros(1, 4), ["a.jpg"])
+    dataset = cap.FlickrDataset(frame, cap.Vocabulary(1).build_vocab(["a dog"]), source, max_len=100)
+    assert [len(c) for c in dataset.captions] == [102, 4]  # <SOS>, 100 words, <EOS>
+    assert dataset.captions[0][-1] == cap.Vocabulary.EOS
+    assert "1 caption(s) longer than 100 words" in capsys.readouterr().out
+    assert len(cap.FlickrDataset(frame, cap.Vocabulary(1), source).captions[0]) == 10_002  # no limit by default
