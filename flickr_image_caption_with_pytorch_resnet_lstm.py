@@ -413,7 +413,7 @@ def open_rgb(path):
     """The image as 8-bit RGB, turned upright as its EXIF orientation says; 16- and 32-bit greys are scaled."""
     with Image.open(path) as image:
         with contextlib.suppress(Exception):  # a damaged EXIF block must not lose an otherwise good image
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of every upright image
         if image.mode.startswith("I"):  # 'I;16', 'I;16B', 'I': convert() would clip them at 255, almost white
             pixels = np.asarray(image, dtype=np.float64)
             # 'I' is how some Pillow versions open 16-bit PNGs: values that fit 16 bits are taken as 16-bit
