@@ -25,17 +25,19 @@ import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import textwrap
 import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
@@ -54,8 +56,7 @@ cache_dir = "resources/cache"
 cache_features = True       # compute the frozen ResNet50 features once per image instead of every step
 image_size = 224            # images are resized and centre-cropped to this many pixels
 max_images = 0              # 0 = every image; else a quick partial run on this many
-demo_images = 3000          # the built-in demo set: how many images of coloured shapes it generates
-demo_image_size = 128       # and their size in pixels
+demo_images = 3000          # the built-in demo set: how many images of coloured shapes it generates (image_size px)
 # model
 embed_size = 400
 hidden_size = 512
@@ -77,6 +78,7 @@ log_every = 10              # read the loss back from the device every this many
 resume = False              # continue from last.pt in output_dir
 # decoding and evaluation
 max_caption_len = 20
+max_train_caption_len = 100 # longer training captions are cut to this many words (Flickr8k's longest: 40)
 beam_size = 3
 # modes
 evaluate = False            # evaluate a checkpoint on the test split and exit
@@ -128,8 +130,9 @@ def parse_args(argv):
 
 
 POSITIVE = ("batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_size", "hidden_size", "num_layers",
-            "freq_threshold", "image_size", "log_every", "demo_images", "demo_image_size")
-NON_NEGATIVE = ("max_images", "max_batches_per_epoch", "num_workers", "sample_every", "warmup_steps")
+            "freq_threshold", "image_size", "log_every", "demo_images")
+NON_NEGATIVE = ("max_images", "max_batches_per_epoch", "num_workers", "sample_every", "warmup_steps",
+                "max_train_caption_len")
 PATHS = ("data_dir", "encoder_weights", "output_dir", "cache_dir", "checkpoint", "caption_figure")
 
 
@@ -296,7 +299,11 @@ RESULTS_LINE = re.compile(r"^\s*(?P<image>[^|]+?)\s*\|\s*\d+\s*(?:\|\s*)?(?P<cap
 
 
 def read_text(path):
-    raw = Path(path).read_bytes()
+    """The file's text in whichever encoding it has, with \n line endings (\r\n and old Mac \r, even mixed)."""
+    return re.sub(r"\r\n?", "\n", decode_text(Path(path).read_bytes()))
+
+
+def decode_text(raw):
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         return raw.decode("utf-16")
     for encoding in ("utf-8-sig", "cp1252"):
@@ -314,13 +321,7 @@ def read_captions(path):
     dropped = Counter(blank_lines=sum(1 for line in lines if not line.strip()))
     rows, bad_lines = [], []
     if first.lstrip().startswith("{"):
-        try:
-            images = json.loads(text)["images"]
-        except (ValueError, KeyError) as error:
-            raise UserError(f"{path}: not a Karpathy-format JSON file ({error})") from None
-        for image in images:
-            split = {"restval": "train"}.get(image.get("split"), image.get("split"))
-            rows += [(image["filename"], s["raw"], split) for s in image["sentences"]]
+        rows = karpathy_rows(path, text)
     elif TOKEN_LINE.match(first) or RESULTS_HEADER.match(first):
         pattern = TOKEN_LINE if TOKEN_LINE.match(first) else RESULTS_LINE
         for number, line in enumerate(lines, 1):
@@ -355,6 +356,36 @@ def read_captions(path):
     return frame, {k: v for k, v in dropped.items() if v}
 
 
+def karpathy_rows(path, text):
+    """(image, caption, split) rows of a Karpathy-format JSON file; a malformed entry is one clear error."""
+    try:
+        images = json.loads(text)["images"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path}: not a Karpathy-format JSON file ({type(error).__name__}: {error})") from None
+    if not isinstance(images, list):
+        raise UserError(f"{path}: 'images' is a {type(images).__name__}, not a list: not a Karpathy-format JSON file")
+    fix = "fix or remove that entry, or use another caption file"
+    rows = []
+    for i, image in enumerate(images):
+        if not isinstance(image, dict):
+            raise UserError(f"{path}: images[{i}] is a {type(image).__name__}, not an object with filename, split "
+                            f"and sentences: {fix}")
+        if not isinstance(image.get("filename"), str) or not image["filename"]:
+            raise UserError(f"{path}: images[{i}] has no 'filename' string: {fix}")
+        entry = f"{path}: images[{i}] ({image['filename']})"
+        if image.get("split") not in ("train", "restval", "val", "test"):
+            raise UserError(f"{entry} has split {image.get('split')!r}, not 'train', 'restval', 'val' or 'test': "
+                            f"{fix}")
+        if not isinstance(image.get("sentences"), list):
+            raise UserError(f"{entry} has no 'sentences' list: {fix}")
+        for j, sentence in enumerate(image["sentences"]):
+            if not isinstance(sentence, dict) or not isinstance(sentence.get("raw"), str):
+                raise UserError(f"{entry}: sentences[{j}] has no 'raw' caption string ({sentence!r:.60}): {fix}")
+        split = {"restval": "train"}.get(image["split"], image["split"])
+        rows += [(image["filename"], sentence["raw"], split) for sentence in image["sentences"]]
+    return rows
+
+
 def find_dataset_files(folder):
     folder = Path(folder)
     if not folder.is_dir():
@@ -376,8 +407,7 @@ def assign_splits(frame, folder, seed, holdout_fraction=0.1):
     if "split" in frame:
         return frame, "from Karpathy's JSON"
     if all((Path(folder) / f).is_file() for f in SPLIT_FILES.values()):
-        split_of = {name.strip(): split for split, f in SPLIT_FILES.items()
-                    for name in read_text(Path(folder) / f).split() if name.strip()}
+        split_of = official_splits(folder)
         frame = frame.assign(split=frame["image"].map(split_of))
         unlisted = frame["split"].isna()
         if unlisted.any():
@@ -389,6 +419,21 @@ def assign_splits(frame, folder, seed, holdout_fraction=0.1):
     split_of = {name: "test" for name in images[:n_holdout]}
     split_of.update({name: "val" for name in images[n_holdout:2 * n_holdout]})
     return frame.assign(split=frame["image"].map(split_of).fillna("train")), f"random by image, seed {seed}"
+
+
+def official_splits(folder):
+    """{image: split} from the Flickr8k split lists; an image in two lists goes in the last, with a warning."""
+    split_of, repeated = {}, {}
+    for split, file in SPLIT_FILES.items():
+        for name in read_text(Path(folder) / file).split():
+            if split_of.get(name, split) != split:
+                repeated[name] = split
+            split_of[name] = split
+    if repeated:
+        listed = ", ".join(f"{name} (put in {split})" for name, split in list(repeated.items())[:5])
+        warn(f"{len(repeated)} image(s) are in more than one of the split lists {', '.join(SPLIT_FILES.values())} "
+             f"in {folder}, each put in the last list that names it: {listed}{' ...' * (len(repeated) > 5)}")
+    return split_of
 
 
 def load_captions(folder, seed, max_images=0):
@@ -427,11 +472,23 @@ def image_transform(size):
                       T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
 
 
+def open_rgb(path):
+    """The image as 8-bit RGB, turned upright as its EXIF orientation says; 16- and 32-bit greys are scaled."""
+    with Image.open(path) as image:
+        with contextlib.suppress(Exception):  # a damaged EXIF block must not lose an otherwise good image
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of every upright image
+        if image.mode.startswith("I"):  # 'I;16', 'I;16B', 'I': convert() would clip them at 255, almost white
+            pixels = np.asarray(image, dtype=np.float64)
+            # 'I' is how some Pillow versions open 16-bit PNGs: values that fit 16 bits are taken as 16-bit
+            top = 65535 if image.mode.startswith("I;16") or pixels.max() <= 65535 else 2 ** 31 - 1
+            image = Image.fromarray(np.clip(np.round(pixels * (255 / top)), 0, 255).astype(np.uint8))
+        return image.convert("RGB")
+
+
 def load_image(path, transform):
     """The transformed image, or None when it cannot be read (callers report it)."""
     try:
-        with Image.open(path) as image:
-            return transform(image.convert("RGB"))
+        return transform(open_rgb(path))
     except Exception:  # PIL raises OSError, ValueError or others by format and damage
         return None
 
@@ -485,10 +542,15 @@ def image_batches(source, names, batch_size, num_workers=0, pin_memory=False, de
 class FlickrDataset(Dataset):
     """One item per caption: (encoder input for its image, caption ids with <SOS> and <EOS>)."""
 
-    def __init__(self, captions, vocab, source):
+    def __init__(self, captions, vocab, source, max_len=None):
         self.images = captions["image"].tolist()
         self.source = source
         tokens = captions["tokens"] if "tokens" in captions else Vocabulary.tokenize_many(captions["caption"].tolist())
+        if max_len:  # one 10,000-word caption once made two batches take 420 s
+            cut = sum(len(t) > max_len for t in tokens)
+            tokens = [t[:max_len] for t in tokens]
+            if cut:
+                log(f"{cut} caption(s) longer than {max_len} words cut to {max_len} words")
         self.captions = [torch.tensor([Vocabulary.SOS] + vocab.numericalize(t) + [Vocabulary.EOS]) for t in tokens]
 
     def __len__(self):
@@ -539,18 +601,37 @@ def draw_shape(draw, shape, centre, size, colour):
         draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
 
 
+DEMO_ENTRIES = ["Images", "captions.txt", "shapes.csv", "demo.json"]  # all that the demo set owns in its folder
+
+
 def make_demo_dataset(folder, n_images, size, seed=0):
     """Writes Images/, captions.txt and shapes.csv deterministically; rebuilt only when the settings change."""
-    from PIL import ImageDraw
     folder = Path(folder)
     stamp = {"images": n_images, "size": size, "seed": seed, "version": 2}
     if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
         return folder
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "demo.json").is_file():
         raise UserError(f"{folder} holds files but no demo set: choose an empty or new --data_dir for the demo")
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "Images").mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-demo-", dir=folder.parent))
+    try:
+        write_demo_set(tmp, n_images, size, seed, stamp)
+        # the folder may also hold a run's outputs or the user's files (--data_dir = --output_dir): only the
+        # demo's own entries are replaced. A stamp that matches no settings first, so an interrupted swap is redone
+        (folder / "demo.json").write_text(json.dumps({"incomplete": True}))
+        for name in DEMO_ENTRIES:
+            if (folder / name).is_dir():
+                shutil.rmtree(folder / name)
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def write_demo_set(tmp, n_images, size, seed, stamp):
+    """The demo set's entries (DEMO_ENTRIES) in the empty folder tmp."""
+    from PIL import ImageDraw
+    (tmp / "Images").mkdir()
     rng = random.Random(seed)
     captions, shapes = [], []
     for i in tqdm(range(n_images), desc="making the demo set", unit="img", leave=False):
@@ -575,9 +656,6 @@ def make_demo_dataset(folder, n_images, size, seed=0):
     pd.DataFrame(captions, columns=["image", "caption"]).to_csv(tmp / "captions.txt", index=False)
     pd.DataFrame(shapes, columns=["image", "shapes"]).to_csv(tmp / "shapes.csv", index=False)
     (tmp / "demo.json").write_text(json.dumps(stamp))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
 
 
 def demo_accuracy(captions_by_image, shapes_file):
@@ -630,13 +708,16 @@ def load_resnet50(weights_path):
         else:
             raise UserError(f"{path} is damaged or not a PyTorch weights file ({type(error).__name__}): "
                             f"delete it and {fetch}") from None
-    model = torchvision.models.resnet50(weights=None)
+    # built on the meta device: no random init, which would waste time and draw from the global RNG (a run
+    # would then train differently with and without a feature cache); strict loading makes every tensor real
+    with torch.device("meta"):
+        model = torchvision.models.resnet50(weights=None)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=True)
     except Exception as error:
         raise UserError(f"{path} does not hold ResNet50 weights ({str(error)[:200]}): {fetch}") from None
     model.fc = nn.Identity()
-    return model
+    return model.float()  # assign keeps the file's dtype; copying into the model converted it to float32
 
 
 def random_resnet50_weights(path, seed=0):
@@ -785,9 +866,19 @@ def load_captioner(path, resnet=None):
 # -----------------------------------------------------------------------------
 # feature cache: the frozen encoder runs once per image, not once per caption per epoch
 def features_cache_key(weights_sha, transform, image_dir, names, precision="fp32"):
+    # each image's size and mtime: an image replaced under the same name must not reuse its old features
+    files = [[name, *file_stamp(Path(image_dir) / name)] for name in sorted(names)]
     spec = {"weights": weights_sha, "transform": repr(transform), "image_dir": str(Path(image_dir).resolve()),
-            "images": sorted(names), "precision": precision, "version": 1}
+            "images": files, "precision": precision, "version": 3}  # 3: images upright, 16-bit scaled
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+
+def file_stamp(path):
+    try:
+        stat = path.stat()
+    except OSError:  # gone since it was listed: it fails (and is reported) when read
+        return None, None
+    return stat.st_size, stat.st_mtime_ns
 
 
 def tensor_sha256(tensor):
@@ -907,7 +998,7 @@ def prepare_data(cfg, device, image_size):
     """Captions with their splits and tokens, and the encoder inputs of every image that could be read."""
     if cfg.dataset == "demo":
         demo_banner(cfg)
-        make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.demo_image_size)
+        make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
     frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
     weights = encoder_weights_file(cfg)
     transform = image_transform(image_size)
@@ -1024,8 +1115,8 @@ def claim_output_dir(out):
 
 
 # these decide the batches, the vocabulary or the model: a resumed run must keep them
-RESUME_FIXED = ("dataset", "data_dir", "max_images", "demo_images", "demo_image_size", "image_size", "freq_threshold",
-                "embed_size", "hidden_size", "num_layers", "dropout", "batch_size", "max_batches_per_epoch", "seed")
+RESUME_FIXED = ("dataset", "data_dir", "max_images", "demo_images", "image_size", "freq_threshold", "embed_size",
+                "hidden_size", "num_layers", "dropout", "batch_size", "max_batches_per_epoch", "seed")
 NOT_TRAINING = ("resume", "evaluate", "checkpoint", "caption_figure", "preset", "output_dir")
 
 
@@ -1077,7 +1168,7 @@ def train(cfg, device):
     model.to(device)
     vocab = model.vocab
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    train_set = FlickrDataset(data.split("train"), vocab, data.source)
+    train_set = FlickrDataset(data.split("train"), vocab, data.source, cfg.max_train_caption_len)
     val_set = FlickrDataset(data.split("val"), vocab, data.source)
     steps_per_epoch = len(epoch_batches(len(train_set), cfg.batch_size, cfg.seed, 1, cfg.max_batches_per_epoch))
     total_steps = cfg.num_epochs * steps_per_epoch
@@ -1349,7 +1440,7 @@ def save_caption_figure(items, path):
     for ax in axes.flat:
         ax.axis("off")
     for ax, (image, text) in zip(axes.flat, items):
-        ax.imshow(Image.open(image).convert("RGB"))
+        ax.imshow(open_rgb(image))
         ax.set_title("\n".join(textwrap.fill(line, 50) for line in text.splitlines()), fontsize=8, loc="left")
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)

@@ -5,8 +5,9 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2 as T
 
-from conftest import cap, shared
+from conftest import cap, run_script, shared
 
 CAPTIONS = [("1000_a.jpg", "A dog runs, fast ."), ("1000_a.jpg", "A brown dog ."),
             ("2000_b.jpg", "Two \"kids\" play ."), ("2000_b.jpg", "Kids, on grass , play .")]
@@ -212,3 +213,121 @@ def test_demo_set_is_made_once_and_never_over_a_users_folder(tmp_path):
     with pytest.raises(cap.UserError, match="holds files but no demo set"):
         cap.make_demo_dataset(mine, n_images=12, size=32)
     assert (mine / "holiday.jpg").read_bytes() == b"precious"
+
+
+def test_remaking_the_demo_set_keeps_every_other_file(tmp_path):
+    folder = cap.make_demo_dataset(tmp_path / "demo", n_images=12, size=32)
+    (folder / "keep.txt").write_text("mine")
+    (folder / "best.pt").write_bytes(b"a trained model")
+    cap.make_demo_dataset(folder, n_images=8, size=24)  # other settings: the demo set is remade in place
+    assert (folder / "keep.txt").read_text() == "mine" and (folder / "best.pt").read_bytes() == b"a trained model"
+    assert sorted(p.name for p in folder.iterdir()) == ["Images", "best.pt", "captions.txt", "demo.json",
+                                                       "keep.txt", "shapes.csv"]
+    assert len(list((folder / "Images").iterdir())) == 8 and len(pd.read_csv(folder / "captions.txt")) == 40
+    assert json.loads((folder / "demo.json").read_text())["images"] == 8
+    assert Image.open(folder / "Images" / "demo_00000.jpg").size == (24, 24)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temporary folder left beside it
+
+
+@pytest.mark.parametrize("mode, value, name", [("I;16", 80 * 257, "grey.png"), ("I", 80 * 257, "grey.tif"),
+                                               ("I", round(80 / 255 * (2 ** 31 - 1)), "grey.tif")])
+def test_16_and_32_bit_images_are_scaled_not_clipped(tmp_path, mode, value, name):
+    Image.new(mode, (20, 10), value).save(tmp_path / name)  # a 16-bit PNG; 32-bit TIFFs, 16-bit or full range
+    image = cap.open_rgb(tmp_path / name)
+    assert image.mode == "RGB" and image.getextrema() == ((80, 80),) * 3
+    tensor = cap.load_image(tmp_path / name, cap.image_transform(8))  # the model's input, Normalize undone
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    assert torch.allclose((tensor * std[:, None, None] + mean[:, None, None]) * 255, torch.tensor(80.0), atol=0.5)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned, the viewer rotates 90 degrees
+    Image.new("RGB", (40, 20), (200, 30, 30)).save(tmp_path / "turned.jpg", exif=exif)
+    assert cap.open_rgb(tmp_path / "turned.jpg").size == (20, 40)
+    assert cap.load_image(tmp_path / "turned.jpg", T.ToImage()).shape == (3, 40, 20)
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r", "mixed"])
+@pytest.mark.parametrize("name", ["captions.txt", "results.csv", "Flickr8k.token.txt"])
+def test_any_line_endings(tmp_path, name, ending):
+    path = write_all_formats(tmp_path) / name
+    lines = path.read_bytes().replace(b"\r\n", b"\n").split(b"\n")
+    endings = [b"\r\n", b"\n", b"\r"] * len(lines) if ending == "mixed" else [ending.encode()] * len(lines)
+    path.write_bytes(b"".join(line + end for line, end in zip(lines, endings)))
+    frame, _ = cap.read_captions(path)
+    assert list(zip(frame["image"], frame["caption"])) == [(i, c.strip()) for i, c in CAPTIONS]
+
+
+@pytest.mark.parametrize("ending", ["\r\n", "\r"])
+def test_split_lists_with_any_line_endings(tmp_path, ending):
+    names = [f"{i}.jpg" for i in range(5)]
+    make_images(tmp_path / "Images", names)
+    pd.DataFrame([(n, "a caption") for n in names], columns=["image", "caption"]).to_csv(
+        tmp_path / "captions.txt", index=False, lineterminator=ending)
+    for split, listed in [("train", names[:3]), ("dev", names[3:4]), ("test", names[4:5])]:
+        (tmp_path / f"Flickr_8k.{split}Images.txt").write_bytes(ending.join(listed).encode())
+    frame, _ = cap.load_captions(tmp_path, seed=1)
+    assert list(frame["split"]) == ["train", "train", "train", "val", "test"]
+
+
+GOOD_ENTRY = {"filename": "a.jpg", "split": "train", "sentences": [{"raw": "A dog ."}]}
+
+
+@pytest.mark.parametrize("images, message", [
+    ([GOOD_ENTRY, {"filename": "b.jpg", "split": "train"}], r"images\[1\] \(b.jpg\) has no 'sentences' list"),
+    ([GOOD_ENTRY, "b.jpg"], r"images\[1\] is a str, not an object"),
+    ([GOOD_ENTRY, {**GOOD_ENTRY, "filename": "b.jpg", "sentences": [{"raw": 7}]}],
+     r"images\[1\] \(b.jpg\): sentences\[0\] has no 'raw' caption string"),
+    ([{**GOOD_ENTRY, "filename": None}], r"images\[0\] has no 'filename'"),
+    ([{**GOOD_ENTRY, "split": "dev"}], r"images\[0\] \(a.jpg\) has split 'dev'"),
+    ({"a.jpg": GOOD_ENTRY}, r"'images' is a dict, not a list")])
+def test_malformed_karpathy_entries_are_clear_errors(tmp_path, images, message):
+    path = tmp_path / "dataset_flickr8k.json"
+    path.write_text(json.dumps({"images": images}))
+    with pytest.raises(cap.UserError, match=message) as error:
+        cap.read_captions(path)
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+
+
+def test_malformed_karpathy_json_stops_the_script_with_one_line(tmp_path):
+    make_images(tmp_path / "data" / "Images", ["a.jpg", "b.jpg"])
+    broken = {"images": [GOOD_ENTRY, {"filename": "b.jpg", "split": "test"}]}
+    (tmp_path / "data" / "dataset_flickr8k.json").write_text(json.dumps(broken))
+    result = run_script("--dataset=flickr8k", f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'out'}")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr
+    assert "images[1] (b.jpg) has no 'sentences' list" in errors[0]
+
+
+def test_an_image_in_two_split_lists_is_named(tmp_path, capsys):
+    names = [f"{i}.jpg" for i in range(6)]
+    make_images(tmp_path / "Images", names)
+    pd.DataFrame([(n, "a caption") for n in names], columns=["image", "caption"]).to_csv(
+        tmp_path / "captions.txt", index=False)
+    for split, listed in [("train", names[:4]), ("dev", names[3:5]), ("test", names[1:2] + names[5:])]:
+        (tmp_path / f"Flickr_8k.{split}Images.txt").write_text("\n".join(listed))
+    frame, _ = cap.load_captions(tmp_path, seed=1)
+    assert dict(zip(frame["image"], frame["split"])) == {
+        "0.jpg": "train", "1.jpg": "test", "2.jpg": "train", "3.jpg": "val", "4.jpg": "val", "5.jpg": "test"}
+    warning = [line for line in capsys.readouterr().err.splitlines() if "more than one" in line]
+    assert len(warning) == 1 and "2 image(s)" in warning[0] and "1.jpg (put in test)" in warning[0]
+    assert "3.jpg (put in val)" in warning[0]
+
+
+def test_the_real_split_lists_do_not_overlap(tmp_path, capsys):
+    for name in cap.SPLIT_FILES.values():
+        (tmp_path / name).write_bytes(shared("flickr8k", name).read_bytes())
+    frame = pd.DataFrame({"image": ["1000268201_693b08cb0e.jpg"], "caption": ["x"]})
+    assert cap.assign_splits(frame, tmp_path, seed=1)[0]["split"].tolist() == ["train"]
+    assert "more than one" not in capsys.readouterr().err
+
+
+def test_a_very_long_training_caption_is_cut(tmp_path, capsys):
+    frame = pd.DataFrame([("a.jpg", " ".join(["dog"] * 10_000)), ("a.jpg", "a dog")], columns=["image", "caption"])
+    source = cap.ImageSource(tmp_path, None, torch.zeros(1, 4), ["a.jpg"])
+    dataset = cap.FlickrDataset(frame, cap.Vocabulary(1).build_vocab(["a dog"]), source, max_len=100)
+    assert [len(c) for c in dataset.captions] == [102, 4]  # <SOS>, 100 words, <EOS>
+    assert dataset.captions[0][-1] == cap.Vocabulary.EOS
+    assert "1 caption(s) longer than 100 words" in capsys.readouterr().out
+    assert len(cap.FlickrDataset(frame, cap.Vocabulary(1), source).captions[0]) == 10_002  # no limit by default

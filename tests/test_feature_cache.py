@@ -1,4 +1,6 @@
 """The frozen encoder's features, computed once per image and cached."""
+import os
+
 import pytest
 import torch
 from PIL import Image
@@ -75,3 +77,14 @@ def test_unreadable_image_is_left_out_and_named(tmp_path, images, random_weights
     (folder / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
     cache = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names + ["bad.jpg"]))
     assert cache["failed"] == ["bad.jpg"] and cache["images"] == names
+
+
+def test_an_image_replaced_under_the_same_name_rebuilds(tmp_path, images, random_weights):
+    folder, names = images
+    first = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
+    stat = (folder / "2.jpg").stat()
+    Image.new("RGB", (60, 45), (0, 0, 255)).save(folder / "2.jpg")  # new content, as a user's fix would be
+    os.utime(folder / "2.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a coarse clock could repeat it
+    second = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
+    assert not torch.equal(second["features"][2], first["features"][2])
+    assert torch.equal(second["features"][[0, 1, 3, 4]], first["features"][[0, 1, 3, 4]])

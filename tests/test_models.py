@@ -168,3 +168,17 @@ def test_missing_weights_for_flickr8k_name_the_setup_step(tmp_path, capsys):
             f"--output_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}"]
     assert cap.main(args) == 2
     assert "absent.pth not found: run ./setup.sh" in capsys.readouterr().err
+
+
+def test_loading_the_backbone_leaves_the_global_rng_alone(random_weights):
+    # else the same seed trains differently with and without a feature cache (which skips loading ResNet50)
+    torch.manual_seed(1)
+    resnet = cap.load_resnet50(random_weights)
+    drawn = torch.rand(1)
+    torch.manual_seed(1)
+    assert torch.equal(drawn, torch.rand(1))
+    saved = torch.load(random_weights, weights_only=True)
+    tensors = {**dict(resnet.named_parameters()), **dict(resnet.named_buffers())}
+    assert all(t.device.type == "cpu" for t in tensors.values()) and len(tensors) == len(saved) - 2  # less fc
+    assert all(torch.equal(t, saved[k]) for k, t in tensors.items())
+    assert resnet(torch.randn(1, 3, 64, 64)).shape == (1, 2048)

@@ -159,7 +159,7 @@ def test_resume_without_checkpoint_says_how_to_train(tmp_path, demo_dirs, random
 
 def test_per_step_encoding_trains_like_cached_features(tmp_path, random_weights):
     """cache_features=False runs the frozen encoder every step; the model must learn the same."""
-    common = ["--dataset=demo", "--demo_images=60", "--demo_image_size=64", "--num_epochs=1",
+    common = ["--dataset=demo", "--demo_images=60", "--image_size=64", "--num_epochs=1",
               "--max_batches_per_epoch=5", "--batch_size=16", "--embed_size=32", "--hidden_size=64",
               "--sample_every=0", "--num_workers=2", "--beam_size=1", f"--data_dir={tmp_path / 'data'}",
               f"--cache_dir={tmp_path / 'cache'}", f"--encoder_weights={random_weights}"]
@@ -209,7 +209,7 @@ def test_resume_applies_a_changed_learning_rate_and_records_it(tmp_path, demo_di
 
 
 def test_results_do_not_depend_on_an_existing_feature_cache(tmp_path, random_weights):
-    common = ["--dataset=demo", "--demo_images=60", "--demo_image_size=64", "--num_epochs=1",
+    common = ["--dataset=demo", "--demo_images=60", "--image_size=64", "--num_epochs=1",
               "--max_batches_per_epoch=4", "--batch_size=16", "--embed_size=32", "--hidden_size=64",
               "--sample_every=0", "--num_workers=0", "--beam_size=1", f"--data_dir={tmp_path / 'data'}",
               f"--cache_dir={tmp_path / 'cache'}", f"--encoder_weights={random_weights}"]
