@@ -1282,6 +1282,8 @@ def train(cfg, device):
         signal.signal(signal.SIGINT, previous_handler)
     best, _ = load_captioner(out / "best.pt", data.resnet)
     test_report(best.to(device), data, cfg, device, out / "best.pt")
+    if device.type == "cuda":
+        log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
     log(f"outputs in {out}: loss_per_batch.csv, loss_per_epoch.csv, loss_graph.png, metrics_graph.png, "
         f"test_metrics.json, test_captions.csv, test_examples.png, best.pt, last.pt")
     return 0
@@ -1449,26 +1451,18 @@ def save_caption_figure(items, path):
 def plot_history(out):
     plt = pyplot()
     batches, epochs = pd.read_csv(out / "loss_per_batch.csv"), pd.read_csv(out / "loss_per_epoch.csv")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    left.plot(batches["step"], batches["loss"], alpha=0.4, label="batch")
-    left.plot(batches["step"], batches["loss"].rolling(50, min_periods=1).mean(), label="batch, mean of 50")
-    left.set(xlabel="step", ylabel="training loss", title="loss per batch")
-    right.plot(epochs["epoch"], epochs["train_loss"], "o-", label="train")
-    right.plot(epochs["epoch"], epochs["val_loss"], "o-", label="validation")
-    right.set(xlabel="epoch", ylabel="loss", title="loss per epoch")
-    for ax in (left, right):
-        ax.legend()
-    fig.tight_layout()
+    batches["mean of 50"] = batches["loss"].rolling(50, min_periods=1).mean()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+    batches.plot(x="step", y=["loss", "mean of 50"], ax=left, ylabel="training loss", title="loss per batch")
+    epochs.plot(x="epoch", y=["train_loss", "val_loss"], style="o-", ax=right, ylabel="loss", title="loss per epoch")
     fig.savefig(out / "loss_graph.png", dpi=90)
     plt.close(fig)
+    scores = 100 * epochs.set_index("epoch")[["val_token_accuracy", "BLEU-1", "BLEU-4", "METEOR", "ROUGE-L",
+                                              "CIDEr"]].astype(float).dropna(axis=1, how="all")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
-    for name in ["val_token_accuracy", "BLEU-1", "BLEU-4", "METEOR", "ROUGE-L"]:
-        if epochs[name].notna().any():
-            left.plot(epochs["epoch"], 100 * epochs[name], "o-", label=name)
-    right.plot(epochs["epoch"], 100 * epochs["CIDEr"], "o-", color="tab:brown", label="CIDEr (best.pt: its best)")
-    for ax, title in ((left, "validation metrics"), (right, "validation CIDEr")):
-        ax.set(xlabel="epoch", ylabel="score x 100", title=title)
-        ax.legend()
+    scores.drop(columns="CIDEr").plot(style="o-", ax=left, ylabel="score x 100", title="validation metrics")
+    scores[["CIDEr"]].plot(style="o-", color="tab:brown", ax=right, ylabel="score x 100",
+                           title="validation CIDEr (best.pt: the epoch of its best)")
     fig.savefig(out / "metrics_graph.png", dpi=90)
     plt.close(fig)
 
