@@ -157,17 +157,21 @@ def test_resume_without_checkpoint_says_how_to_train(tmp_path, demo_dirs, random
     assert "no checkpoint at" in error and "train one first" in error
 
 
-def test_per_step_encoding_trains_like_cached_features(tmp_path, random_weights):
-    """cache_features=False runs the frozen encoder every step; the model must learn the same."""
+def test_per_step_encoding_and_an_existing_cache_train_the_same(tmp_path, random_weights):
+    """cache_features=False runs the frozen encoder every step; the model must learn the same. And a run that
+    finds the cache already there must train exactly like the run that made it."""
     common = ["--dataset=demo", "--demo_images=60", "--image_size=64", "--num_epochs=1",
               "--max_batches_per_epoch=5", "--batch_size=16", "--embed_size=32", "--hidden_size=64",
               "--sample_every=0", "--num_workers=2", "--beam_size=1", f"--data_dir={tmp_path / 'data'}",
               f"--cache_dir={tmp_path / 'cache'}", f"--encoder_weights={random_weights}"]
-    assert cap.main([*common, f"--output_dir={tmp_path / 'cached'}"]) == 0
+    assert cap.main([*common, f"--output_dir={tmp_path / 'cold'}"]) == 0
+    assert cap.main([*common, f"--output_dir={tmp_path / 'warm'}"]) == 0
     assert cap.main([*common, f"--output_dir={tmp_path / 'per_step'}", "--cache_features=false"]) == 0
-    cached, per_step = (pd.read_csv(tmp_path / name / "loss_per_batch.csv") for name in ("cached", "per_step"))
-    assert len(cached) == 5
-    pd.testing.assert_frame_equal(cached, per_step, rtol=1e-4)
+    cold, warm, per_step = (pd.read_csv(tmp_path / name / "loss_per_batch.csv") for name in ("cold", "warm",
+                                                                                              "per_step"))
+    assert len(cold) == 5
+    pd.testing.assert_frame_equal(cold, warm, rtol=0, atol=0)
+    pd.testing.assert_frame_equal(cold, per_step, rtol=1e-4)
 
 
 def test_one_short_epoch_on_real_flickr8k_jpegs(tmp_path, random_weights):
@@ -206,18 +210,6 @@ def test_resume_applies_a_changed_learning_rate_and_records_it(tmp_path, demo_di
     assert fourth["lr"].max() < 0.001 / 2  # the new rate, on the cosine's tail
     for recorded in (json.loads((out / "config.json").read_text()), torch.load(out / "last.pt")["config"]):
         assert recorded["learning_rate"] == 0.001 and recorded["num_epochs"] == 4
-
-
-def test_results_do_not_depend_on_an_existing_feature_cache(tmp_path, random_weights):
-    common = ["--dataset=demo", "--demo_images=60", "--image_size=64", "--num_epochs=1",
-              "--max_batches_per_epoch=4", "--batch_size=16", "--embed_size=32", "--hidden_size=64",
-              "--sample_every=0", "--num_workers=0", "--beam_size=1", f"--data_dir={tmp_path / 'data'}",
-              f"--cache_dir={tmp_path / 'cache'}", f"--encoder_weights={random_weights}"]
-    assert cap.main([*common, f"--output_dir={tmp_path / 'cold'}"]) == 0
-    assert cap.main([*common, f"--output_dir={tmp_path / 'warm'}"]) == 0
-    cold, warm = (pd.read_csv(tmp_path / name / "loss_per_batch.csv") for name in ("cold", "warm"))
-    assert len(cold) == 4
-    pd.testing.assert_frame_equal(cold, warm, rtol=0, atol=0)
 
 
 def test_a_diverging_loss_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, demo_dirs, random_weights,
