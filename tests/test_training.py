@@ -288,3 +288,15 @@ def test_a_checkpoint_lacking_a_setting_is_explained(tmp_path, trained_demo):
     torch.save(ckpt, tmp_path / "old.pt")
     with pytest.raises(cap.UserError, match="not a checkpoint written by this version.*model_args.embed_size"):
         cap.load_captioner(tmp_path / "old.pt")
+
+
+def test_resume_after_the_captions_changed_is_refused(tmp_path, demo_dirs, random_weights, trained_demo, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(demo_dirs["data_dir"], data)
+    args = [*demo_args({"data_dir": data, "cache_dir": demo_dirs["cache_dir"]}, random_weights, tmp_path / "out"),
+            "--num_epochs=1", "--max_batches_per_epoch=2"]
+    assert cap.main(args) == 0
+    with open(data / "captions.txt", "a") as f:  # a new word, often enough to enter the vocabulary
+        f.writelines(f"demo_00000.jpg,a purple circle number {i} .\n" for i in range(6))
+    assert cap.main([*args, "--resume", "--num_epochs=2"]) == 2
+    assert "has a different vocabulary" in capsys.readouterr().err
