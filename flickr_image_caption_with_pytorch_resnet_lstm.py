@@ -949,8 +949,11 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
+    except BaseException as error:  # a full disk, or a second Ctrl-C in the middle of writing
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if not isinstance(error, OSError):
+            raise
         raise UserError(f"cannot write {path}: {error.strerror or error}. Free some space or choose another "
                         f"folder; the previous {path.name}, if any, is intact") from None
 
@@ -1236,11 +1239,11 @@ def train(cfg, device):
                     pending.append((step, lr, loss.detach()))
                 if pending and (len(pending) >= cfg.log_every or batch == len(batches) or stop_requested):
                     losses = torch.stack([loss for _, _, loss in pending]).tolist()
-                    bad = next((s for (s, _, _), v in zip(pending, losses) if diverged(v, len(vocab))), None)
-                    if bad is not None:
-                        raise UserError(f"the training loss diverged at epoch {epoch + 1}, step {bad} (loss "
-                                        f"{losses[[s for s, _, _ in pending].index(bad)]:.4g}): lower --learning_rate "
-                                        f"(now {cfg.learning_rate}). No checkpoint was written after that step")
+                    bad = [(s, v) for (s, _, _), v in zip(pending, losses) if diverged(v, len(vocab))]
+                    if bad:
+                        raise UserError(f"the training loss diverged at epoch {epoch + 1}, step {bad[0][0]} (loss "
+                                        f"{bad[0][1]:.4g}): lower --learning_rate (now {cfg.learning_rate}). "
+                                        f"No checkpoint was written after that step")
                     append_csv(out / "loss_per_batch.csv", [(epoch + 1, s, r, v) for (s, r, _), v in
                                                              zip(pending, losses)], ["epoch", "step", "lr", "loss"])
                     loss_sum, loss_count = loss_sum + sum(losses), loss_count + len(losses)
