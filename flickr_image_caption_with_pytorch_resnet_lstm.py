@@ -146,9 +146,9 @@ def resolve_settings(overrides=None, echo=None):
     if values["dataset"] not in ("auto", "demo", "flickr8k", "flickr30k"):
         raise UserError(f"--dataset={values['dataset']!r}: expected 'auto', 'demo', 'flickr8k' or 'flickr30k'")
     if values["dataset"] == "auto":
-        found = values["data_dir"] or (ROOT / "resources/input/flickr8k").is_dir()
-        values["dataset"] = "flickr8k" if found else "demo"
-        source["dataset"] = "found resources/input/flickr8k" if found else "no Flickr8k in resources/input"
+        found = ("--data_dir given" if values["data_dir"] else
+                 (ROOT / "resources/input/flickr8k").is_dir() and "found resources/input/flickr8k")
+        values["dataset"], source["dataset"] = ("flickr8k", found) if found else ("demo", "no resources/input/flickr8k")
     preset = values["dataset"] if values["preset"] == "auto" else values["preset"]
     if preset in PRESETS:
         for name, value in PRESETS[preset].items():
@@ -181,13 +181,10 @@ def check_settings(values):
     for names, valid, must_be in rules:
         for name in (n for n in names if not valid(values[n])):
             raise UserError(f"--{name}={values[name]}: must be {must_be}")
-    if values["dataset"] == "demo" and is_within(values["output_dir"], values["data_dir"]):
+    if values["dataset"] == "demo" and Path(values["output_dir"]).resolve().is_relative_to(
+            Path(values["data_dir"]).resolve()):
         raise UserError(f"--output_dir={values['output_dir']} lies in the demo's data folder {values['data_dir']}, "
                         f"which the demo rewrites: choose an output_dir outside it")
-
-
-def is_within(path, folder):
-    return Path(path).resolve().is_relative_to(Path(folder).resolve())
 
 
 def uses_bf16(device):
@@ -200,21 +197,17 @@ def autocast(device):
 
 
 def pick_device(name):
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise UserError(f"--device={name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device={name}: this machine has no CUDA GPU that torch can use")
-        if device.type == "mps" and not (torch.backends.mps.is_available()):
-            raise UserError(f"--device={name}: this machine has no Apple GPU (MPS) that torch can use; try --device=cpu")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device={name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device={name}: this machine has no CUDA GPU that torch can use")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device={name}: this machine has no Apple GPU (MPS) that torch can use; try --device=cpu")
+    return device
 
 
 # -----------------------------------------------------------------------------
@@ -376,8 +369,8 @@ def karpathy_rows(path, text):
         if image.get("split") not in ("train", "restval", "val", "test"):
             raise UserError(f"{entry} has split {image.get('split')!r}, not 'train', 'restval', 'val' or 'test': "
                             f"{fix}")
-        if not isinstance(image.get("sentences"), list):
-            raise UserError(f"{entry} has no 'sentences' list: {fix}")
+        if not isinstance(image.get("sentences"), list) or not image["sentences"]:
+            raise UserError(f"{entry} has no 'sentences' list of captions: {fix}")
         for j, sentence in enumerate(image["sentences"]):
             if not isinstance(sentence, dict) or not isinstance(sentence.get("raw"), str):
                 raise UserError(f"{entry}: sentences[{j}] has no 'raw' caption string ({sentence!r:.60}): {fix}")
@@ -677,15 +670,15 @@ KNOWN_LEGACY_WEIGHTS = {"resnet50-19c8e357.pth"}  # torch.hub's old-format file:
 WEIGHTS_NAME = re.compile(r"resnet50-([0-9a-f]{8,64})\.pth")
 
 
-@functools.lru_cache(maxsize=8)
-def file_sha256(path, size=None, mtime=None):  # size and mtime are part of the cache key
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def weights_sha256(path):
     stat = Path(path).stat()
     return file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def file_sha256(path, size, mtime):  # size and mtime are in the cache key: a changed file is hashed again
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_resnet50(weights_path):
@@ -727,9 +720,7 @@ def random_resnet50_weights(path, seed=0):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             state = torchvision.models.resnet50(weights=None).state_dict()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
+        atomic_save(state, path)
     return path
 
 
@@ -828,7 +819,8 @@ class Captioner(nn.Module):
 
 
 CHECKPOINT_KEYS = {"model_args", "model", "optimizer", "vocab", "freq_threshold", "config", "encoder_weights",
-                   "encoder_weights_sha256", "epoch", "step", "batch", "best_score", "loss_sum", "loss_count"}
+                   "encoder_weights_sha256", "epoch", "step", "batch", "best_score", "loss_sum", "loss_count",
+                   "rng_state", "cuda_rng_state"}
 
 
 def load_checkpoint(path):
@@ -845,7 +837,6 @@ def load_checkpoint(path):
     missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
     missing |= {f"model_args.{k}" for k in ("embed_size", "hidden_size", "num_layers", "dropout", "image_size")
                 if not missing and k not in ckpt["model_args"]}
-    missing |= {f"config.{k}" for k in CONFIG_NAMES if not missing and k not in ckpt["config"]}
     if missing:
         raise UserError(f"{path} is not a checkpoint written by this version of the script (best.pt or last.pt): "
                         f"it lacks {', '.join(sorted(missing)[:5])}. Train afresh, or use the script that wrote it")
@@ -882,7 +873,7 @@ def file_stamp(path):
 
 
 def tensor_sha256(tensor):
-    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(tensor.contiguous().numpy()).hexdigest()  # hashes the buffer: no copy of the features
 
 
 def extract_features(resnet, image_dir, names, transform, device, batch_size=64, num_workers=2):
@@ -966,6 +957,7 @@ class Data:
     source: "ImageSource"       # encoder inputs by image name
     weights: Path               # the ResNet50 file the features come from
     feature_stats: tuple        # mean and std (2048,) of the training split's features
+    vocab: "Vocabulary" = None  # of the training split, when asked for
     resnet: nn.Module = None    # only when features are not cached: the encoder then runs every step
 
     def split(self, name):
@@ -997,13 +989,19 @@ def feature_statistics(features):
     return features.mean(0), features.std(0).clamp_min(1e-6)
 
 
-def prepare_data(cfg, device, image_size):
-    """Captions with their splits and tokens, and the encoder inputs of every image that could be read."""
+def prepare_data(cfg, device, image_size, freq_threshold=None, trained=None):
+    """Captions with their splits and tokens; the training split's vocabulary when freq_threshold is given; the
+    encoder inputs of every image that could be read. Every check that needs no computation (the vocabulary, the
+    weights of a checkpoint being resumed or evaluated: trained=(path, checkpoint)) comes before the features."""
     if cfg.dataset == "demo":
         demo_banner(cfg)
-        make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
+        make_demo_dataset(cfg.data_dir, cfg.demo_images, image_size)
     frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
+    frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
+    vocab = freq_threshold and build_vocabulary(frame.loc[frame["split"] == "train", "tokens"], freq_threshold)
     weights = encoder_weights_file(cfg)
+    if trained:
+        check_weights(trained[1], weights, trained[0])
     transform = image_transform(image_size)
     names = sorted(frame["image"].unique())
     resnet = None  # with cached features, training needs only the projection; the checkpoint records the hash
@@ -1024,12 +1022,11 @@ def prepare_data(cfg, device, image_size):
     else:
         sample = random.Random(cfg.seed).sample(train_names, min(512, len(train_names)))
         stats = feature_statistics(extract_features(resnet, image_dir, sample, transform, device)[0])
-    frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
-    return Data(frame, source, Path(weights).resolve(), stats, resnet)
+    return Data(frame, source, Path(weights).resolve(), stats, vocab or None, resnet)
 
 
-def build_vocabulary(data, freq_threshold):
-    vocab = Vocabulary(freq_threshold).build_vocab(data.split("train")["tokens"])
+def build_vocabulary(train_tokens, freq_threshold):
+    vocab = Vocabulary(freq_threshold).build_vocab(train_tokens)
     if len(vocab) == len(Vocabulary.SPECIALS):
         raise UserError(f"--freq_threshold={freq_threshold} leaves no word in the vocabulary (no training word "
                         f"occurs that often): lower it, e.g. --freq_threshold=5")
@@ -1051,7 +1048,7 @@ def learning_rate_at(step, total_steps, cfg):
     if step <= cfg.warmup_steps:
         return cfg.learning_rate * step / cfg.warmup_steps
     if cfg.lr_schedule == "cosine":
-        progress = (step - 1 - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)  # 1 at the last step
         return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.learning_rate
 
@@ -1127,21 +1124,22 @@ def check_resumable(ckpt, cfg, path):
     """Refuses a resume whose settings would make it another run; says which changed settings it applies."""
     old = ckpt["config"]
     for name in RESUME_FIXED:
+        if name not in old:
+            raise UserError(f"checkpoint {path} does not record {name}: another version of this script wrote it; "
+                            f"train afresh (without --resume)")
         if old[name] != getattr(cfg, name):
-            raise UserError(f"checkpoint {path} was trained with {name}={old[name]} but the config says "
-                            f"{name}={getattr(cfg, name)}: set --{name}={old[name]} to resume it, or train afresh "
-                            f"(without --resume)")
+            raise UserError(f"checkpoint {path} was trained with {name}={old.get(name)} but the config says "
+                            f"{name}={getattr(cfg, name)}: set --{name}={old.get(name)} to resume it, or train "
+                            f"afresh (without --resume)")
     for name in CONFIG_NAMES:
-        if name not in RESUME_FIXED + NOT_TRAINING and old[name] != getattr(cfg, name):
-            log(f"resume: {name} was {old[name]!r}, now {getattr(cfg, name)!r} (applied from here on)")
+        if name not in RESUME_FIXED + NOT_TRAINING and old.get(name) != getattr(cfg, name):
+            log(f"resume: {name} was {old.get(name)!r}, now {getattr(cfg, name)!r} (applied from here on)")
 
 
-def check_same_data(ckpt, vocab, weights_sha, cfg, path):
-    if weights_sha != ckpt["encoder_weights_sha256"]:
-        raise UserError(f"checkpoint {path} was trained on other ResNet50 weights than {cfg.encoder_weights}")
-    if vocab is not None and ckpt["vocab"] != vocab.itos:
-        raise UserError(f"checkpoint {path} has a different vocabulary ({len(ckpt['vocab'])} words, now "
-                        f"{len(vocab)}): the captions in {cfg.data_dir} changed since it was written; train afresh")
+def check_weights(ckpt, weights, path):
+    if weights_sha256(weights) != ckpt["encoder_weights_sha256"]:
+        raise UserError(f"checkpoint {path} was trained on other ResNet50 weights than {weights}: use "
+                        f"--encoder_weights={ckpt['encoder_weights']}, the file it was trained with")
 
 
 def diverged(loss, vocab_size):
@@ -1157,15 +1155,17 @@ def train(cfg, device):
     ckpt = load_checkpoint(resume_from) if cfg.resume else None
     if ckpt:
         check_resumable(ckpt, cfg, resume_from)
-    data = prepare_data(cfg, device, cfg.image_size)
+    data = prepare_data(cfg, device, cfg.image_size, cfg.freq_threshold, ckpt and (resume_from, ckpt))
     torch.manual_seed(cfg.seed)  # after the data: the model's initial weights never depend on what was cached
     if ckpt:
         model, ckpt = load_captioner(resume_from, data.resnet)
-        check_same_data(ckpt, build_vocabulary(data, cfg.freq_threshold), weights_sha256(data.weights), cfg,
-                        resume_from)
+        if model.vocab.itos != data.vocab.itos:
+            raise UserError(f"checkpoint {resume_from} has a different vocabulary ({len(model.vocab)} words, now "
+                            f"{len(data.vocab)}): the captions in {cfg.data_dir} changed since it was written; "
+                            f"train afresh")
     else:
-        model = Captioner(build_vocabulary(data, cfg.freq_threshold), cfg.embed_size, cfg.hidden_size,
-                          cfg.num_layers, cfg.dropout, cfg.image_size, data.resnet)
+        model = Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.dropout, cfg.image_size,
+                          data.resnet)
         model.encoder.feature_mean.copy_(data.feature_stats[0])
         model.encoder.feature_std.copy_(data.feature_stats[1])
     model.to(device)
@@ -1173,8 +1173,8 @@ def train(cfg, device):
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     train_set = FlickrDataset(data.split("train"), vocab, data.source, cfg.max_train_caption_len)
     val_set = FlickrDataset(data.split("val"), vocab, data.source)
-    steps_per_epoch = len(epoch_batches(len(train_set), cfg.batch_size, cfg.seed, 1, cfg.max_batches_per_epoch))
-    total_steps = cfg.num_epochs * steps_per_epoch
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    total_steps = cfg.num_epochs * min(steps_per_epoch, cfg.max_batches_per_epoch or steps_per_epoch)
     epoch, step, batch, best_score, loss_sum, loss_count = 0, 0, 0, float("-inf"), 0.0, 0
     if ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -1191,11 +1191,11 @@ def train(cfg, device):
         for name in ("loss_per_batch.csv", "loss_per_epoch.csv"):
             (out / name).unlink(missing_ok=True)
     vocab.save(out / "vocab.json")
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
     def save_checkpoint(path):  # a flat dict of state dicts and counters, loaded with weights_only=True
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise UserError(f"the model's weights are not finite at step {step}: {path.name} not written")
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))  # as in the checkpoint
         atomic_save({"model_args": model.args, "model": model.trainable_state_dict(),
                      "optimizer": optimizer.state_dict(), "vocab": vocab.itos, "freq_threshold": vocab.freq_threshold,
                      "config": dataclasses.asdict(cfg), "encoder_weights": str(data.weights),
@@ -1354,7 +1354,9 @@ def metric_text(caption):
 def meteor_scorer():
     """One METEOR process per run: starting its JVM and paraphrase table takes seconds, scoring milliseconds."""
     from pycocoevalcap.meteor.meteor import Meteor
-    return Meteor() if shutil.which("java") else None
+    if shutil.which("java"):
+        return Meteor()
+    warn("METEOR is not computed: it needs Java (`java` on the PATH), e.g. apt-get install default-jre")
 
 
 def caption_metrics(references, hypotheses):
@@ -1372,9 +1374,6 @@ def caption_metrics(references, hypotheses):
         metrics["METEOR"] = None if meteor is None else float(meteor.compute_score(refs, hyps)[0])
         metrics["ROUGE-L"] = float(Rouge().compute_score(refs, hyps)[0])
         metrics["CIDEr"] = float(Cider().compute_score(refs, hyps)[0])
-    if metrics["METEOR"] is None and not getattr(caption_metrics, "warned", False):
-        caption_metrics.warned = True
-        warn("METEOR is not computed: it needs Java (`java` on the PATH), e.g. apt-get install default-jre")
     return metrics
 
 
@@ -1474,11 +1473,10 @@ def evaluate_checkpoint(cfg, device):
     """--evaluate: the test report of a checkpoint (best.pt by default), on the dataset of the settings."""
     path = Path(cfg.checkpoint or Path(cfg.output_dir) / "best.pt")
     model, ckpt = load_captioner(path)
-    data = prepare_data(cfg, device, model.args["image_size"])
-    check_same_data(ckpt, None, weights_sha256(data.weights), cfg, path)
+    lock = claim_output_dir(cfg.output_dir)  # noqa: F841 (held while the report is written)
+    data = prepare_data(cfg, device, model.args["image_size"], trained=(path, ckpt))
     if data.resnet is not None:
         model.encoder.attach(data.resnet)
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     test_report(model.to(device), data, cfg, device, path)
     return 0
 
@@ -1501,14 +1499,17 @@ def caption_images(cfg, paths, weights=None, device=None):
     """--caption: prints path<TAB>caption for each image; messages go to stderr. weights: the ResNet50 file
     (default: the one the checkpoint was trained with)."""
     figure = Path(cfg.caption_figure) if cfg.caption_figure else None
-    if figure and not figure.parent.is_dir():
-        raise UserError(f"--caption_figure={figure}: its folder {figure.parent} does not exist; create it first")
+    if figure:  # checked before any captioning
+        from matplotlib.backend_bases import FigureCanvasBase
+        if figure.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+            raise UserError(f"--caption_figure={figure}: name an image file such as captions.png (or .jpg, .pdf)")
+        if not figure.parent.is_dir():
+            raise UserError(f"--caption_figure={figure}: its folder {figure.parent} does not exist; create it first")
     path = Path(cfg.checkpoint or Path(cfg.output_dir) / "best.pt")
     model, ckpt = load_captioner(path)
     weights = Path(weights or ckpt["encoder_weights"])
-    resnet = load_resnet50(weights)
-    check_same_data(ckpt, None, weights_sha256(weights), cfg, path)
-    model.encoder.attach(resnet)
+    check_weights(ckpt, weights, path)
+    model.encoder.attach(load_resnet50(weights))
     files, missing = collect_images(paths)
     if not files:
         print(f"error: no images found in {' '.join(map(str, paths))}", file=sys.stderr)
@@ -1541,6 +1542,9 @@ def main(argv=None):
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the training loop (which saves first): nothing to save
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

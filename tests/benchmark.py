@@ -83,7 +83,7 @@ def main(argv):
     print(f"1. epoch, per-step encoding: {per_step:.1f} s; from cached features: {cached:.2f} s; "
           f"ratio {per_step / cached:.1f}x (target >= 10x)")
 
-    data = cap.prepare_data(cfg, device, cfg.image_size)
+    data = cap.prepare_data(cfg, device, cfg.image_size, cfg.freq_threshold)
     names = data.images("train")
     resnet = cap.load_resnet50(weights).to(device).eval().to(memory_format=torch.channels_last)
     transform = cap.image_transform(cfg.image_size)
@@ -104,7 +104,7 @@ def main(argv):
     print(f"2. feature extraction with JPEG decoding: {with_decoding:.1f} images/s; ResNet50 forward alone on "
           f"decoded tensors: {alone:.1f} images/s; ratio {with_decoding / alone:.2f} (target >= 0.8)")
 
-    vocab = cap.build_vocabulary(data, cfg.freq_threshold)
+    vocab = data.vocab
     model = cap.Captioner(vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.dropout).to(device).train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], cfg.learning_rate)
     train_set = cap.FlickrDataset(data.split("train"), vocab, data.source)

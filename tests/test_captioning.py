@@ -1,4 +1,5 @@
 """--caption: captioning new images with a trained checkpoint."""
+import pytest
 from PIL import Image
 
 from conftest import cap, run_script
@@ -37,9 +38,11 @@ def test_missing_checkpoint_says_how_to_train(tmp_path):
     assert result.returncode == 2 and "train one first" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_figure_in_a_missing_folder_is_refused_before_captioning(tmp_path, trained_demo, demo_dirs):
+@pytest.mark.parametrize("figure, message", [("nowhere/out.png", "its folder"), ("out.xyz", "name an image file"),
+                                             (".", "name an image file")])
+def test_a_bad_figure_path_is_refused_before_captioning(tmp_path, trained_demo, demo_dirs, figure, message):
     image = sorted((demo_dirs["data_dir"] / "Images").iterdir())[0]
     result = run_script("--caption", image, f"--checkpoint={trained_demo / 'best.pt'}",
-                        f"--caption_figure={tmp_path / 'nowhere' / 'out.png'}")
+                        f"--caption_figure={tmp_path / figure}")
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
-    assert f"error: --caption_figure={tmp_path / 'nowhere' / 'out.png'}: its folder" in result.stderr
+    assert f"error: --caption_figure={tmp_path / figure}: {message}" in result.stderr

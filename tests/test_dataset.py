@@ -156,7 +156,7 @@ def test_missing_inputs_give_one_clear_error(tmp_path, capsys, broken, message):
         make_images(folder / "Images", ["a.jpg"]) if broken == "no_captions" else folder.mkdir()
         if broken == "no_images":
             (folder / "captions.txt").write_text("image,caption\na.jpg,x\n")
-    assert cap.main(["--dataset=flickr8k", f"--data_dir={folder}"]) == 2
+    assert cap.main(["--dataset=flickr8k", f"--data_dir={folder}", f"--output_dir={tmp_path / 'out'}"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and message in error and str(folder) in error
 
@@ -276,6 +276,7 @@ GOOD_ENTRY = {"filename": "a.jpg", "split": "train", "sentences": [{"raw": "A do
 
 @pytest.mark.parametrize("images, message", [
     ([GOOD_ENTRY, {"filename": "b.jpg", "split": "train"}], r"images\[1\] \(b.jpg\) has no 'sentences' list"),
+    ([GOOD_ENTRY, {"filename": "b.jpg", "split": "train", "sentences": []}], r"images\[1\] \(b.jpg\) has no 'sentences'"),
     ([GOOD_ENTRY, "b.jpg"], r"images\[1\] is a str, not an object"),
     ([GOOD_ENTRY, {**GOOD_ENTRY, "filename": "b.jpg", "sentences": [{"raw": 7}]}],
      r"images\[1\] \(b.jpg\): sentences\[0\] has no 'raw' caption string"),

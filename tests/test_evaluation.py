@@ -44,7 +44,6 @@ def test_identical_caption_scores_bleu_4_of_one():
 def test_meteor_is_absent_without_java(monkeypatch, capsys):
     monkeypatch.setattr(cap.shutil, "which", lambda name: None)
     cap.meteor_scorer.cache_clear()
-    monkeypatch.setattr(cap.caption_metrics, "warned", False, raising=False)
     try:
         metrics = cap.caption_metrics(REFS, HYPS)
     finally:
@@ -93,3 +92,17 @@ def test_evaluate_mode_prints_the_metrics_table(trained_demo, demo_dirs, random_
     assert report["checkpoint"].endswith("best.pt") and report["BLEU-1"] > 0
     assert (report["METEOR"] > 0) if shutil.which("java") else report["METEOR"] is None
     assert len(pd.read_csv(trained_demo / "test_captions.csv")) == 100
+
+
+def test_evaluate_refuses_an_unusable_or_busy_output_dir(tmp_path, trained_demo, demo_dirs, random_weights, capsys):
+    (tmp_path / "afile").write_text("x")
+    args = demo_args(demo_dirs, random_weights, tmp_path / "afile", "--evaluate",
+                     f"--checkpoint={trained_demo / 'best.pt'}")
+    assert cap.main(args) == 2
+    assert f"cannot write to --output_dir={tmp_path / 'afile'}" in capsys.readouterr().err
+    lock = cap.claim_output_dir(trained_demo)  # as a training run into that folder would
+    try:
+        assert cap.main(demo_args(demo_dirs, random_weights, trained_demo, "--evaluate")) == 2
+    finally:
+        lock.close()
+    assert f"another run (process {cap.os.getpid()}) is writing to {trained_demo}" in capsys.readouterr().err
