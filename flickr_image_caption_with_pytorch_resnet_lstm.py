@@ -1508,8 +1508,9 @@ def caption_images(cfg, paths, weights=None, device=None):
     path = Path(cfg.checkpoint or Path(cfg.output_dir) / "best.pt")
     model, ckpt = load_captioner(path)
     weights = Path(weights or ckpt["encoder_weights"])
+    resnet = load_resnet50(weights)  # first: a missing or damaged file is its own clear error
     check_weights(ckpt, weights, path)
-    model.encoder.attach(load_resnet50(weights))
+    model.encoder.attach(resnet)
     files, missing = collect_images(paths)
     if not files:
         print(f"error: no images found in {' '.join(map(str, paths))}", file=sys.stderr)

@@ -46,3 +46,10 @@ def test_a_bad_figure_path_is_refused_before_captioning(tmp_path, trained_demo, 
                         f"--caption_figure={tmp_path / figure}")
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     assert f"error: --caption_figure={tmp_path / figure}: {message}" in result.stderr
+
+
+def test_missing_weights_for_captioning_name_the_file(tmp_path, trained_demo, demo_dirs, capsys):
+    image = sorted((demo_dirs["data_dir"] / "Images").iterdir())[0]
+    assert cap.main(["--caption", str(image), f"--checkpoint={trained_demo / 'best.pt'}",
+                     f"--encoder_weights={tmp_path / 'absent.pth'}"]) == 2
+    assert f"error: ResNet50 weights {tmp_path / 'absent.pth'} not found" in capsys.readouterr().err
