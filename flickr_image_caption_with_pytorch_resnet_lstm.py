@@ -153,7 +153,7 @@ def resolve_settings(overrides=None, echo=None):
     if preset in PRESETS:
         for name, value in PRESETS[preset].items():
             if name not in overrides:
-                values[name], source[name] = value, f"{preset} preset (--preset=none: the constants)"
+                values[name], source[name] = value, f"{preset} preset; --preset=none keeps the constants"
     elif values["preset"] not in ("auto", "none"):
         raise UserError(f"--preset={values['preset']!r}: expected 'auto', 'none' or one of {', '.join(PRESETS)}")
     for name in PATHS:  # the defaults live in the project; the user's own paths are relative to where they are
@@ -609,8 +609,8 @@ def make_demo_dataset(folder, n_images, size, seed=0):
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-demo-", dir=folder.parent))
     try:
         write_demo_set(tmp, n_images, size, seed, stamp)
-        # the folder may also hold a run's outputs or the user's files (--data_dir = --output_dir): only the
-        # demo's own entries are replaced. A stamp that matches no settings first, so an interrupted swap is redone
+        # the folder may also hold the user's own files: only the demo's own entries are replaced. A stamp that
+        # matches no settings goes first, so that an interrupted swap is redone on the next run
         (folder / "demo.json").write_text(json.dumps({"incomplete": True}))
         for name in DEMO_ENTRIES:
             if (folder / name).is_dir():
@@ -843,10 +843,11 @@ def load_checkpoint(path):
     return ckpt
 
 
-def load_captioner(path, resnet=None):
+def load_captioner(path, resnet=None, ckpt=None):
     """The one way a model comes back from a checkpoint (resume, --evaluate, the test report, --caption):
-    rebuilt from the sizes stored in it, never from today's settings. Returns (model, checkpoint)."""
-    ckpt = load_checkpoint(path)
+    rebuilt from the sizes stored in it, never from today's settings. Returns (model, checkpoint); ckpt: the
+    checkpoint at path when it is already loaded."""
+    ckpt = ckpt or load_checkpoint(path)
     model = Captioner(Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]), **ckpt["model_args"], resnet=resnet)
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if unexpected or any(not k.startswith("encoder.resnet.") for k in missing):  # the backbone has its own file
@@ -1147,6 +1148,37 @@ def diverged(loss, vocab_size):
     return not math.isfinite(loss) or loss > 10 * math.log(vocab_size)
 
 
+class CtrlC:
+    """Ctrl-C while training: the first one sets .requested, which the loop reads at the end of a step, then saves
+    last.pt; a second one stops at once and leaves last.pt as the previous, consistent one."""
+    requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self.request)
+        return self
+
+    def request(self, signum, frame):
+        if self.requested:
+            raise SystemExit(130)
+        self.requested = True
+        log("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)")
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def save_checkpoint(path, model, optimizer, cfg, weights, counters):
+    """A flat dict of state dicts and counters, loaded with weights_only=True; config.json beside it says the same."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f"the model's weights are not finite at step {counters['step']}: {path.name} not written")
+    (path.parent / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    atomic_save({"model_args": model.args, "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+                 "vocab": model.vocab.itos, "freq_threshold": model.vocab.freq_threshold,
+                 "config": dataclasses.asdict(cfg), "encoder_weights": str(weights),
+                 "encoder_weights_sha256": weights_sha256(weights), **counters, "rng_state": torch.get_rng_state(),
+                 "cuda_rng_state": torch.cuda.get_rng_state_all()}, path)
+
+
 def train(cfg, device):
     """Trains, validates every epoch, keeps best.pt (validation CIDEr) and last.pt, then reports on test."""
     out = Path(cfg.output_dir)
@@ -1158,7 +1190,7 @@ def train(cfg, device):
     data = prepare_data(cfg, device, cfg.image_size, cfg.freq_threshold, ckpt and (resume_from, ckpt))
     torch.manual_seed(cfg.seed)  # after the data: the model's initial weights never depend on what was cached
     if ckpt:
-        model, ckpt = load_captioner(resume_from, data.resnet)
+        model, _ = load_captioner(resume_from, data.resnet, ckpt)
         if model.vocab.itos != data.vocab.itos:
             raise UserError(f"checkpoint {resume_from} has a different vocabulary ({len(model.vocab)} words, now "
                             f"{len(data.vocab)}): the captions in {cfg.data_dir} changed since it was written; "
@@ -1192,30 +1224,12 @@ def train(cfg, device):
             (out / name).unlink(missing_ok=True)
     vocab.save(out / "vocab.json")
 
-    def save_checkpoint(path):  # a flat dict of state dicts and counters, loaded with weights_only=True
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise UserError(f"the model's weights are not finite at step {step}: {path.name} not written")
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))  # as in the checkpoint
-        atomic_save({"model_args": model.args, "model": model.trainable_state_dict(),
-                     "optimizer": optimizer.state_dict(), "vocab": vocab.itos, "freq_threshold": vocab.freq_threshold,
-                     "config": dataclasses.asdict(cfg), "encoder_weights": str(data.weights),
-                     "encoder_weights_sha256": weights_sha256(data.weights), "epoch": epoch, "step": step,
-                     "batch": batch, "best_score": best_score, "loss_sum": loss_sum, "loss_count": loss_count,
-                     "rng_state": torch.get_rng_state(), "cuda_rng_state": torch.cuda.get_rng_state_all()}, path)
-
-    stop_requested = []
-
-    def request_stop(signum, frame):
-        if stop_requested:  # a second Ctrl-C stops at once; last.pt stays the previous, consistent one
-            raise SystemExit(130)
-        stop_requested.append(True)
-        log("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)")
-
-    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    counters = lambda: dict(epoch=epoch, step=step, batch=batch, best_score=best_score,  # noqa: E731
+                            loss_sum=loss_sum, loss_count=loss_count)  # what a checkpoint records of the loop
     meteor_scorer()  # its JVM loads while the first epoch trains
     sample_names = data.images("val")[:3]
-    try:
-        while epoch < cfg.num_epochs and not stop_requested:
+    with CtrlC() as stop:
+        while epoch < cfg.num_epochs and not stop.requested:
             if batch == 0:
                 torch.manual_seed(cfg.seed * 1000 + epoch + 1)  # epochs are reproducible one by one
             batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch + 1, cfg.max_batches_per_epoch)
@@ -1237,7 +1251,7 @@ def train(cfg, device):
                     loss.backward()
                     optimizer.step()
                     pending.append((step, lr, loss.detach()))
-                if pending and (len(pending) >= cfg.log_every or batch == len(batches) or stop_requested):
+                if pending and (len(pending) >= cfg.log_every or batch == len(batches) or stop.requested):
                     losses = torch.stack([loss for _, _, loss in pending]).tolist()
                     bad = [(s, v) for (s, _, _), v in zip(pending, losses) if diverged(v, len(vocab))]
                     if bad:
@@ -1251,11 +1265,11 @@ def train(cfg, device):
                     pending.clear()
                 if cfg.sample_every and batch % cfg.sample_every == 0:
                     print_samples(model, data.source, sample_names, cfg, device, f"step {step}")
-                if stop_requested:
+                if stop.requested:
                     break
             bar.close()
             train_seconds = time.time() - start
-            if stop_requested and batch < len(batches):
+            if stop.requested and batch < len(batches):
                 break  # mid-epoch: last.pt below records the batch to go on from
             epoch, batch = epoch + 1, 0
             start = time.time()
@@ -1270,19 +1284,16 @@ def train(cfg, device):
                 f"{token_accuracy:.1%}, {format_metrics(metrics)}; {train_seconds:.1f} s training, "
                 f"{eval_seconds:.1f} s validation (beam {cfg.beam_size})")
             loss_sum, loss_count = 0.0, 0
-            if metrics["CIDEr"] > best_score:
-                best_score = metrics["CIDEr"]
-                save_checkpoint(out / "best.pt")
-            save_checkpoint(out / "last.pt")
+            best_score, was_best = max(best_score, metrics["CIDEr"]), metrics["CIDEr"] > best_score
+            for name in ["best.pt"] * was_best + ["last.pt"]:
+                save_checkpoint(out / name, model, optimizer, cfg, data.weights, counters())
             plot_history(out)
             print_samples(model, data.source, sample_names, cfg, device, f"end of epoch {epoch}")
-        if stop_requested:
-            save_checkpoint(out / "last.pt")
+        if stop.requested:
+            save_checkpoint(out / "last.pt", model, optimizer, cfg, data.weights, counters())
             command = shlex.join([Path(__file__).name, *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
             log(f"\ninterrupted: saved {out / 'last.pt'} at step {step}. Resume with:\n  python {command}")
             return 130
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
     best, _ = load_captioner(out / "best.pt", data.resnet)
     test_report(best.to(device), data, cfg, device, out / "best.pt")
     if device.type == "cuda":

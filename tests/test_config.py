@@ -79,7 +79,7 @@ def test_an_edited_constant_acts_and_every_difference_is_printed(monkeypatch):
     assert cfg.beam_size == 7
     (text,) = printed
     assert "num_epochs      = 1" in text and "(command line)" in text
-    assert "learning_rate   = 0.002" in text and "(demo preset (--preset=none: the constants))" in text
+    assert "learning_rate   = 0.002" in text and "(demo preset; --preset=none keeps the constants)" in text
     assert "beam_size" not in text  # equal to its constant: nothing to say
     assert settings("--dataset=demo", "--preset=none").learning_rate == 0.01
 
