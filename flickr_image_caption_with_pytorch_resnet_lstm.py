@@ -773,10 +773,6 @@ def grid(resnet, images):
     return out.view(out.size(0), 2048, -1).transpose(1, 2)  # (B, L, 2048)
 
 
-def grid_side(image_size):
-    return math.ceil(image_size / 32)  # ResNet50 halves the image five times, rounding up
-
-
 class EncoderCNN(nn.Module):
     """Frozen ResNet50 (always in eval mode) and a trained projection of its standardised 2048-d features.
 
@@ -949,15 +945,6 @@ class Captioner(nn.Module):
         """Captions (strings) of a batch of images or cached features; beam_size=1 is greedy decoding."""
         ids = beam_search(self.decoder, self.encoder(inputs), beam_size, max_len)
         return [self.vocab.decode(seq) for seq in ids]
-
-    @torch.no_grad()
-    def attention_maps(self, inputs, captions):
-        """For the attention decoder: each caption's word-by-word attention maps (words, h, w) over its image,
-        replayed with the caption as input (the same maps as when it was generated)."""
-        ids = [torch.tensor([Vocabulary.SOS, *self.vocab.numericalize(c.split()), Vocabulary.EOS]) for c in captions]
-        _, alphas = self.decoder(self.encoder(inputs), pad_sequence(ids, batch_first=True), alphas=True)
-        side = math.isqrt(alphas.size(-1))
-        return [a[:len(c.split())].view(-1, side, side).cpu() for a, c in zip(alphas, captions)]  # (words, h, w)
 
     def trainable_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.resnet.")}
@@ -1141,18 +1128,14 @@ def encoder_weights_file(cfg):
     return random_resnet50_weights(ROOT / "resources/models/resnet50-random-init.pth")
 
 
-def feature_statistics(features, rows=None):
-    """Per-channel mean and std (2048,) of some rows of pooled (N, 2048) or grid (N, L, 2048) features, summed in
-    chunks: a memory-mapped grid is never copied into RAM whole."""
-    rows = torch.arange(len(features)) if rows is None else torch.as_tensor(rows)
-    total, squares = torch.zeros(2, 2048, dtype=torch.float64)
-    for chunk in rows.split(256):
-        chunk = features[chunk].reshape(-1, 2048).double()  # (rows*L, 2048)
-        total, squares = total + chunk.sum(0), squares + chunk.square().sum(0)
-    count = len(rows) * features[0].numel() // 2048
-    mean = total / count
-    std = ((squares - count * mean.square()) / max(count - 1, 1)).clamp_min(0).sqrt()
-    return mean.float(), std.float().clamp_min(1e-6)
+def feature_statistics(features, rows):
+    """Per-channel mean and std (2048,) over some rows of pooled (N, 2048) or grid (N, L, 2048) features, a chunk
+    at a time: a memory-mapped grid never has to fit in RAM."""
+    chunks = (features[chunk].reshape(-1, 2048).double() for chunk in torch.as_tensor(rows).split(256))
+    total, squares = sum(torch.stack([x.sum(0), x.square().sum(0)]) for x in chunks)  # (2048,) each
+    n = len(rows) * features[0].numel() // 2048
+    mean = total / n
+    return mean.float(), ((squares - n * mean.square()) / max(n - 1, 1)).sqrt().float().clamp_min(1e-6)
 
 
 def prepare_data(cfg, device, image_size):
@@ -1165,7 +1148,7 @@ def prepare_data(cfg, device, image_size):
     transform = image_transform(image_size)
     names = sorted(frame["image"].unique())
     resnet = None  # with cached features, training needs only the projection; the checkpoint records the hash
-    grid_cells = grid_side(image_size) ** 2 if cfg.decoder == "attention" else 0
+    grid_cells = math.ceil(image_size / 32) ** 2 if cfg.decoder == "attention" else 0  # halved 5 times, rounded up
     if cfg.cache_features:
         cache = cached_features(weights, image_dir, names, transform, cfg.cache_dir, device, cfg.batch_size,
                                 cfg.num_workers, grid_cells)
@@ -1182,8 +1165,8 @@ def prepare_data(cfg, device, image_size):
         stats = feature_statistics(cache["features"], [source.row[n] for n in train_names])
     else:
         sample = random.Random(cfg.seed).sample(train_names, min(512, len(train_names)))
-        stats = feature_statistics(extract_features(resnet, image_dir, sample, transform, device,
-                                                    grid_cells=grid_cells)[0])
+        features = extract_features(resnet, image_dir, sample, transform, device, grid_cells=grid_cells)[0]
+        stats = feature_statistics(features, range(len(features)))
     frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
     return Data(frame, source, Path(weights).resolve(), stats, resnet)
 
@@ -1590,13 +1573,19 @@ def test_report(model, data, cfg, device, checkpoint_path):
     return report
 
 
+@torch.no_grad()
 def word_maps(model, source, captions, device):
-    """{name: [(word, attention map (h, w))]} of each caption's words, for an attention model; else {}."""
+    """{name: [(word, its attention map (h, w))]} of an attention model's captions {name: caption}, replayed with
+    each caption as input (the maps it was generated with); {} for the pooled decoder."""
     if not model.attention or not captions:
         return {}
+    ids = pad_sequence([torch.tensor([Vocabulary.SOS, *model.vocab.numericalize(c.split()), Vocabulary.EOS])
+                        for c in captions.values()], batch_first=True).to(device)
     inputs = torch.stack([source.get(name) for name in captions]).to(device)
-    maps = model.attention_maps(inputs, list(captions.values()))
-    return {name: list(zip(caption.split(), m)) for (name, caption), m in zip(captions.items(), maps)}
+    _, alphas = model.decoder(model.encoder(inputs), ids, alphas=True)
+    side = math.isqrt(alphas.size(-1))
+    return {name: list(zip(caption.split(), a.view(-1, side, side).cpu()))  # (T-1, h, w): a map per word and <EOS>
+            for (name, caption), a in zip(captions.items(), alphas)}
 
 
 def pyplot():

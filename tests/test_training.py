@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import SCRIPT, cap, demo_args, run_script, shared
+from conftest import SCRIPT, cap, demo_args, run_script, second_renderer_accuracy, shared
 
 OUTPUTS = ["loss_per_batch.csv", "loss_per_epoch.csv", "loss_graph.png", "metrics_graph.png", "vocab.json",
            "config.json", "last.pt", "best.pt", "test_metrics.json", "test_captions.csv", "test_examples.png"]
@@ -21,6 +21,8 @@ OUTPUTS = ["loss_per_batch.csv", "loss_per_epoch.csv", "loss_graph.png", "metric
 # single-shape images get the right colour and shape; blind, the same model gets 7%.
 DEMO_ACCURACY_FLOOR = 0.5
 BLIND_ACCURACY_CEILING = 0.25
+# the same model on shapes drawn by conftest.render_shapes (see the test that uses it)
+SECOND_RENDERER_FLOOR = 0.4
 
 
 def test_demo_run_writes_every_output(trained_demo):
@@ -54,11 +56,32 @@ def test_demo_model_reads_the_image(trained_demo, trained_run):
 def test_checkpoint_loads_without_pickle(trained_demo):
     ckpt = torch.load(trained_demo / "best.pt", weights_only=True)
     assert set(ckpt) >= cap.CHECKPOINT_KEYS | {"rng_state", "cuda_rng_state"}
-    assert ckpt["model_args"] == {"embed_size": 128, "hidden_size": 256, "num_layers": 2, "dropout": 0.3,
-                                  "image_size": 96}
+    assert ckpt["model_args"] == {"decoder": "lstm", "embed_size": 128, "hidden_size": 256, "num_layers": 2,
+                                  "dropout": 0.3, "image_size": 96}
     assert not any("resnet." in k for k in ckpt["model"])  # the backbone comes from its own file
     assert ckpt["vocab"] == json.loads((trained_demo / "vocab.json").read_text())["itos"]
     assert ckpt["config"] == json.loads((trained_demo / "config.json").read_text())
+
+
+def test_the_demo_model_reads_shapes_drawn_by_another_renderer(tmp_path, trained_demo, random_weights):
+    single, two = second_renderer_accuracy(trained_demo / "best.pt", random_weights, tmp_path / "shapes")
+    print(f"second renderer: {single:.1%} of single-shape images right, {two:.1%} of two-shape images")
+    assert single >= SECOND_RENDERER_FLOOR, single
+
+
+def test_an_attention_run_records_its_decoder_and_scores_two_shapes(trained_attention, trained_demo):
+    ckpt = torch.load(trained_attention / "best.pt", weights_only=True)
+    assert ckpt["model_args"]["decoder"] == ckpt["config"]["decoder"] == "attention"
+    assert {"encoder.embed.weight", "decoder.key.weight", "decoder.gate.weight"} <= set(ckpt["model"])
+    for out in (trained_attention, trained_demo):
+        report = json.loads((out / "test_metrics.json").read_text())
+        assert 0 <= report["demo_two_shape_accuracy"] <= 1 and 0 <= report["demo_colour_shape_accuracy"] <= 1
+
+
+def test_resuming_with_the_other_decoder_is_refused(demo_dirs, random_weights, trained_attention, capsys):
+    assert cap.main(demo_args(demo_dirs, random_weights, trained_attention, "--resume")) == 2
+    assert ("was trained with decoder=attention but the config says decoder=lstm: set --decoder=attention"
+            in capsys.readouterr().err)
 
 
 def quick_args(demo_dirs, weights, out, *extra):
