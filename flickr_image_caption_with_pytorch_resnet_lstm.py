@@ -613,7 +613,7 @@ DEMO_ENTRIES = ["Images", "captions.txt", "shapes.csv", "demo.json"]  # all that
 def make_demo_dataset(folder, n_images, size, seed=0):
     """Writes Images/, captions.txt and shapes.csv deterministically; rebuilt only when the settings change."""
     folder = Path(folder)
-    stamp = {"images": n_images, "size": size, "seed": seed, "version": 3}
+    stamp = {"images": n_images, "size": size, "seed": seed, "version": 4}
     if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
         return folder
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "demo.json").is_file():
@@ -640,20 +640,21 @@ def write_demo_set(tmp, n_images, size, seed, stamp):
     from PIL import ImageDraw
     (tmp / "Images").mkdir()
     rng = random.Random(seed)
-    shade = lambda rgb, spread: tuple(min(255, max(0, round(v + rng.uniform(-spread, spread)))) for v in rgb)  # noqa
+    shift = lambda rgb, offsets: tuple(min(255, max(0, round(v + o))) for v, o in zip(rgb, offsets))  # noqa: E731
     captions, shapes = [], []
     for i in tqdm(range(n_images), desc="making the demo set", unit="img", leave=False):
         name, bg, big = f"demo_{i:05d}.jpg", rng.choice(list(DEMO_BACKGROUNDS)), 4 * size
-        image = Image.new("RGB", (big, big), shade(DEMO_BACKGROUNDS[bg], 20))
+        image = Image.new("RGB", (big, big), shift(DEMO_BACKGROUNDS[bg], [rng.uniform(-20, 20)] * 3))  # grey stays grey
         draw = ImageDraw.Draw(image)
         n_shapes = 1 if rng.random() < DEMO_SINGLE_SHARE else 2
         objects = [(rng.choice(list(DEMO_COLOURS)), rng.choice(DEMO_SHAPES)) for _ in range(n_shapes)]
         # single shapes large and near the centre (what a random-weight encoder can still tell apart); two
         # shapes one in each half, never touching: (x, y, size) as fractions of the image
-        places = [(rng.uniform(0.4, 0.6), rng.uniform(0.4, 0.6), rng.uniform(0.45, 0.75))] if n_shapes == 1 else \
-            [(rng.uniform(*x), rng.uniform(0.35, 0.65), rng.uniform(0.3, 0.4)) for x in ((0.23, 0.28), (0.72, 0.77))]
+        places = [(rng.uniform(0.45, 0.55), rng.uniform(0.45, 0.55), rng.uniform(0.5, 0.75))] if n_shapes == 1 else \
+            [(rng.uniform(*x), rng.uniform(0.45, 0.55), rng.uniform(0.34, 0.42)) for x in ((0.24, 0.28), (0.72, 0.76))]
         for (colour, shape), (x, y, extent) in zip(objects, places):
-            draw_shape(draw, shape, (x * big, y * big), extent * big, shade(DEMO_COLOURS[colour], 30))
+            shade = [rng.uniform(-15, 15) for _ in range(3)]
+            draw_shape(draw, shape, (x * big, y * big), extent * big, shift(DEMO_COLOURS[colour], shade))
         image.resize((size, size), Image.LANCZOS).save(tmp / "Images" / name, quality=92)
         (c, s), (c2, s2) = objects[0], objects[-1]
         templates = rng.sample(ONE_SHAPE_CAPTIONS if n_shapes == 1 else TWO_SHAPE_CAPTIONS, 5)
@@ -1584,7 +1585,7 @@ def word_maps(model, source, captions, device):
     inputs = torch.stack([source.get(name) for name in captions]).to(device)
     _, alphas = model.decoder(model.encoder(inputs), ids, alphas=True)
     side = math.isqrt(alphas.size(-1))
-    return {name: list(zip(caption.split(), a.view(-1, side, side).cpu()))  # (T-1, h, w): a map per word and <EOS>
+    return {name: list(zip(caption.split(), a.view(-1, side, side).cpu().numpy()))  # (T-1, h, w): a map a word
             for (name, caption), a in zip(captions.items(), alphas)}
 
 

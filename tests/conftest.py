@@ -98,7 +98,7 @@ def trained_attention(tmp_path_factory, demo_dirs, random_weights, trained_demo)
 # by supersampled coverage, in its own palette, at other sizes, saved as PNG, BMP and WebP. A model that learnt
 # shapes rather than the demo's exact pixels captions these as well.
 PALETTE = {"red": (205, 35, 45), "green": (45, 165, 75), "blue": (35, 70, 215), "yellow": (245, 220, 45)}
-BACKGROUNDS = [(250, 250, 250), (120, 120, 120), (10, 10, 10), (200, 200, 200), (60, 60, 60)]
+BACKGROUNDS = [(250, 250, 250), (120, 120, 120), (10, 10, 10), (228, 228, 228), (140, 140, 140)]
 
 
 def coverage(shape, size, x, y, r, supersample=4):

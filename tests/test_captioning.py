@@ -57,7 +57,7 @@ def test_an_attention_model_draws_each_words_attention_map(tmp_path, trained_att
     caption = capsys.readouterr().out.strip().split("\t")[1]
     (maps,) = drawn[0]
     assert [word for word, _ in maps] == caption.split()  # one map per word, in order
-    assert all(m.shape == (3, 3) and abs(m.sum().item() - 1) < 1e-4 for _, m in maps)  # 96 px: a 3x3 grid
+    assert all(m.shape == (3, 3) and abs(m.sum() - 1) < 1e-4 for _, m in maps)  # 96 px: a 3x3 grid
     assert figure.stat().st_size > 0
 
 
