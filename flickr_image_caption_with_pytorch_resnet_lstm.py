@@ -58,6 +58,8 @@ image_size = 224            # images are resized and centre-cropped to this many
 max_images = 0              # 0 = every image; else a quick partial run on this many
 demo_images = 3000          # the built-in demo set: how many images of coloured shapes it generates (image_size px)
 # model
+decoder = "lstm"            # 'lstm': the pooled feature is the LSTM's first input (Show and Tell); 'attention': soft
+                            # attention over ResNet50's last convolutional grid (Show, Attend and Tell)
 embed_size = 400
 hidden_size = 512
 num_layers = 2
@@ -177,7 +179,8 @@ def check_settings(values):
              (["learning_rate"], lambda v: math.isfinite(v) and v > 0, "a positive number such as 0.0002"),
              (["dropout"], lambda v: 0 <= v < 1, "at least 0 and below 1, such as 0.3"),
              (["seed"], lambda v: 0 <= v < 2 ** 32, f"between 0 and {2 ** 32 - 1}"),
-             (["lr_schedule"], lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'")]
+             (["lr_schedule"], lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
+             (["decoder"], lambda v: v in DECODERS, "'lstm' or 'attention'")]
     for names, valid, must_be in rules:
         for name in (n for n in names if not valid(values[n])):
             raise UserError(f"--{name}={values[name]}: must be {must_be}")
@@ -573,15 +576,18 @@ class CapsCollate:
 # -----------------------------------------------------------------------------
 # the built-in demo set: coloured shapes with captions, in the Flickr8k layout
 DEMO_COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (240, 210, 30)}
-DEMO_BACKGROUNDS = {"white": (255, 255, 255), "grey": (128, 128, 128), "black": (0, 0, 0)}
+DEMO_BACKGROUNDS = {"white": (240, 240, 240), "grey": (128, 128, 128), "black": (15, 15, 15)}
 DEMO_SHAPES = ["circle", "square", "triangle"]
+DEMO_SINGLE_SHARE = 2 / 3   # the rest have two shapes, one on each side
 ONE_SHAPE_CAPTIONS = ["a {c} {s} .", "a {c} {s} on a {bg} background .", "there is a {c} {s} on a {bg} background .",
                       "a large {c} {s} in the middle of the picture .", "a picture of a {c} {s} .",
                       "one big {c} {s} in the centre ."]
-TWO_SHAPE_CAPTIONS = ["a {c} {s} next to a {c2} {s2} .", "a {c} {s} and a {c2} {s2} on a {bg} background .",
-                      "two shapes : a {c} {s} and a {c2} {s2} .", "a {c} {s} to the left of a {c2} {s2} .",
+# every two-shape caption says which shape is where, in words that demo_placement reads back
+TWO_SHAPE_CAPTIONS = ["a {c} {s} on the left and a {c2} {s2} on the right .", "a {c} {s} to the left of a {c2} {s2} .",
+                      "a {c2} {s2} to the right of a {c} {s} .",
                       "there is a {c2} {s2} on the right and a {c} {s} on the left .",
-                      "a {c} {s} beside a {c2} {s2} ."]
+                      "two shapes on a {bg} background : a {c} {s} on the left and a {c2} {s2} on the right .",
+                      "a {c} {s} on the left , a {c2} {s2} on the right ."]
 
 
 def draw_shape(draw, shape, centre, size, colour):
@@ -600,7 +606,7 @@ DEMO_ENTRIES = ["Images", "captions.txt", "shapes.csv", "demo.json"]  # all that
 def make_demo_dataset(folder, n_images, size, seed=0):
     """Writes Images/, captions.txt and shapes.csv deterministically; rebuilt only when the settings change."""
     folder = Path(folder)
-    stamp = {"images": n_images, "size": size, "seed": seed, "version": 2}
+    stamp = {"images": n_images, "size": size, "seed": seed, "version": 4}
     if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
         return folder
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "demo.json").is_file():
@@ -622,45 +628,74 @@ def make_demo_dataset(folder, n_images, size, seed=0):
 
 
 def write_demo_set(tmp, n_images, size, seed, stamp):
-    """The demo set's entries (DEMO_ENTRIES) in the empty folder tmp."""
+    """The demo set's entries (DEMO_ENTRIES) in the empty folder tmp. Shades, sizes and positions vary, and edges
+    are anti-aliased (drawn 4x larger, then downscaled), so that a model must read shapes, not exact pixels."""
     from PIL import ImageDraw
     (tmp / "Images").mkdir()
     rng = random.Random(seed)
+    shift = lambda rgb, offsets: tuple(min(255, max(0, round(v + o))) for v, o in zip(rgb, offsets))  # noqa: E731
     captions, shapes = [], []
     for i in tqdm(range(n_images), desc="making the demo set", unit="img", leave=False):
-        name, bg = f"demo_{i:05d}.jpg", rng.choice(list(DEMO_BACKGROUNDS))
-        image = Image.new("RGB", (size, size), DEMO_BACKGROUNDS[bg])
+        name, bg, big = f"demo_{i:05d}.jpg", rng.choice(list(DEMO_BACKGROUNDS)), 4 * size
+        image = Image.new("RGB", (big, big), shift(DEMO_BACKGROUNDS[bg], [rng.uniform(-20, 20)] * 3))  # grey stays grey
         draw = ImageDraw.Draw(image)
-        n_shapes = 1 if rng.random() < 2 / 3 else 2  # single shapes are what the held-out accuracy checks
+        n_shapes = 1 if rng.random() < DEMO_SINGLE_SHARE else 2
         objects = [(rng.choice(list(DEMO_COLOURS)), rng.choice(DEMO_SHAPES)) for _ in range(n_shapes)]
-        jitter = lambda: rng.uniform(-0.05, 0.05) * size  # noqa: E731
-        if n_shapes == 1:  # large and near the centre: what a random-weight encoder can still tell apart
-            draw_shape(draw, objects[0][1], (size / 2 + jitter(), size / 2 + jitter()),
-                       rng.uniform(0.5, 0.75) * size, DEMO_COLOURS[objects[0][0]])
-        else:
-            for (colour, shape), x in zip(objects, (0.27, 0.73)):
-                draw_shape(draw, shape, (x * size + jitter(), size / 2 + jitter()),
-                           rng.uniform(0.36, 0.44) * size, DEMO_COLOURS[colour])
-        image.save(tmp / "Images" / name, quality=92)
+        # single shapes large and near the centre (what a random-weight encoder can still tell apart); two
+        # shapes one in each half, never touching: (x, y, size) as fractions of the image
+        places = [(rng.uniform(0.45, 0.55), rng.uniform(0.45, 0.55), rng.uniform(0.5, 0.75))] if n_shapes == 1 else \
+            [(rng.uniform(*x), rng.uniform(0.45, 0.55), rng.uniform(0.34, 0.42)) for x in ((0.24, 0.28), (0.72, 0.76))]
+        for (colour, shape), (x, y, extent) in zip(objects, places):
+            shade = [rng.uniform(-15, 15) for _ in range(3)]
+            draw_shape(draw, shape, (x * big, y * big), extent * big, shift(DEMO_COLOURS[colour], shade))
+        image.resize((size, size), Image.LANCZOS).save(tmp / "Images" / name, quality=92)
         (c, s), (c2, s2) = objects[0], objects[-1]
         templates = rng.sample(ONE_SHAPE_CAPTIONS if n_shapes == 1 else TWO_SHAPE_CAPTIONS, 5)
         captions += [(name, t.format(c=c, s=s, c2=c2, s2=s2, bg=bg)) for t in templates]
-        shapes.append((name, ";".join(f"{c} {s}" for c, s in objects)))
+        shapes.append((name, ";".join(f"{c} {s}" for c, s in objects)))  # left to right
     pd.DataFrame(captions, columns=["image", "caption"]).to_csv(tmp / "captions.txt", index=False)
     pd.DataFrame(shapes, columns=["image", "shapes"]).to_csv(tmp / "shapes.csv", index=False)
     (tmp / "demo.json").write_text(json.dumps(stamp))
 
 
-def demo_accuracy(captions_by_image, shapes_file):
-    """Share of single-shape images whose caption names exactly the right colour and shape."""
+SIDES = {"on the left": "left", "on the right": "right", "to the left of": "left", "to the right of": "right"}
+
+
+def demo_placement(caption):
+    """'left colour shape;right colour shape' as a caption places two shapes, or None when it names other than
+    exactly two coloured shapes, leaves one unplaced, or contradicts itself."""
+    words = caption.split()
+    pairs = [i for i in range(len(words) - 1) if words[i] in DEMO_COLOURS and words[i + 1] in DEMO_SHAPES]
+    if len(pairs) != 2 or sum(w in DEMO_COLOURS or w in DEMO_SHAPES for w in words) != 4:
+        return None  # one shape, three, or a colour or shape word that belongs to neither: hedging
+    claims = set()
+    for k, i in enumerate(pairs):
+        after = " ".join(words[i + 2:i + 6]) + " "
+        for phrase, side in SIDES.items():
+            if after.startswith(phrase + " "):
+                claims.add((k, side))
+                if phrase.endswith(" of"):  # 'X to the left of Y' places Y too
+                    claims.add((1 - k, {"left": "right", "right": "left"}[side]))
+    side = dict(claims)
+    if len(claims) != 2 or sorted(side.values()) != ["left", "right"]:
+        return None
+    return ";".join(" ".join(words[pairs[k]:pairs[k] + 2]) for k in sorted(side, key=lambda k: side[k]))
+
+
+def demo_accuracy(captions_by_image, shapes_file, n_shapes=1):
+    """Share of the images with n_shapes shapes whose caption names exactly the right colour and shape (one
+    shape) or both, each with its colour and on its side (two shapes), and how many such images there were."""
     truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()
-    single = [name for name in captions_by_image if ";" not in truth[name]]
+    names = [name for name in captions_by_image if truth[name].count(";") + 1 == n_shapes]
     correct = 0
-    for name in single:
+    for name in names:
         words = set(captions_by_image[name].split())
-        colour, shape = truth[name].split()
-        correct += words & set(DEMO_COLOURS) == {colour} and words & set(DEMO_SHAPES) == {shape}
-    return correct / max(1, len(single)), len(single)
+        if n_shapes == 2:
+            correct += demo_placement(captions_by_image[name]) == truth[name]
+        else:
+            colour, shape = truth[name].split()
+            correct += words & set(DEMO_COLOURS) == {colour} and words & set(DEMO_SHAPES) == {shape}
+    return correct / max(1, len(names)), len(names)
 
 
 # -----------------------------------------------------------------------------
@@ -709,7 +744,7 @@ def load_resnet50(weights_path):
         model.load_state_dict(state, assign=True)
     except Exception as error:
         raise UserError(f"{path} does not hold ResNet50 weights ({str(error)[:200]}): {fetch}") from None
-    model.fc = nn.Identity()
+    model.avgpool = model.fc = nn.Identity()  # its output is the last convolutional grid, flattened: see grid()
     return model.float()  # assign keeps the file's dtype; copying into the model converted it to float32
 
 
@@ -724,17 +759,25 @@ def random_resnet50_weights(path, seed=0):
     return path
 
 
+def grid(resnet, images):
+    """ResNet50's last convolutional grid as L = h*w feature vectors (B, L, 2048); their mean is the pooled feature."""
+    out = resnet(images.contiguous(memory_format=torch.channels_last)).float()  # (B, 2048*h*w), channels first
+    return out.view(out.size(0), 2048, -1).transpose(1, 2)  # (B, L, 2048)
+
+
 class EncoderCNN(nn.Module):
     """Frozen ResNet50 (always in eval mode) and a trained projection of its standardised 2048-d features.
 
-    forward() takes images (B, 3, H, W) or, when features are cached, the 2048-d features (B, 2048)."""
+    forward() takes images (B, 3, H, W) or, when features are cached, the pooled features (B, 2048) or, for the
+    attention decoder (spatial), the grid (B, L, 2048); it returns (B, E) or (B, L, E)."""
 
-    def __init__(self, embed_size, resnet=None):
+    def __init__(self, embed_size, resnet=None, spatial=False):
         super().__init__()
-        self.resnet = None
+        self.resnet, self.spatial = None, spatial
         if resnet is not None:
             self.attach(resnet)
-        # standardising with the training set's statistics is what lets the decoder read random-weight features
+        # standardising with the training set's statistics (per channel, over every grid cell for the attention
+        # decoder) is what lets the decoder read random-weight features
         self.register_buffer("feature_mean", torch.zeros(2048))
         self.register_buffer("feature_std", torch.ones(2048))
         self.embed = nn.Linear(2048, embed_size)
@@ -752,10 +795,11 @@ class EncoderCNN(nn.Module):
 
     def features(self, images):
         with torch.no_grad():
-            return self.resnet(images.contiguous(memory_format=torch.channels_last)).flatten(1).float()
+            cells = grid(self.resnet, images)
+            return cells if self.spatial else cells.mean(1)
 
     def forward(self, x):
-        features = x if x.dim() == 2 else self.features(x)
+        features = x.float() if x.dim() < 4 else self.features(x)  # cached grids are float16
         return self.embed((features - self.feature_mean) / self.feature_std)
 
 
@@ -785,28 +829,108 @@ class DecoderRNN(nn.Module):
         """Log-probabilities (B, V) of the next word after tokens (B,): never <PAD> or <SOS>, nor <EOS> first
         (so no caption is empty)."""
         out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # (B, 1, H)
-        logp = F.log_softmax(self.fcn(out.squeeze(1)).float(), dim=-1)  # (B, V)
-        logp[:, [Vocabulary.PAD, Vocabulary.SOS] + [Vocabulary.EOS] * first] = float("-inf")
-        return logp, state
+        return next_word_logp(self.fcn(out.squeeze(1)), first), state
+
+
+def next_word_logp(logits, first):
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, V)
+    logp[:, [Vocabulary.PAD, Vocabulary.SOS] + [Vocabulary.EOS] * first] = float("-inf")
+    return logp
+
+
+DOUBLY_STOCHASTIC_WEIGHT = 1.0  # Xu et al.'s lambda: how strongly every grid cell must be looked at once per caption
+
+
+class AttentionDecoder(nn.Module):
+    """Show, Attend and Tell's soft attention (Xu et al., 2015): before each word, an additive (Bahdanau) attention
+    over the image's L grid cells, from the top LSTM layer's last state, gives a context vector, scaled by a
+    gating scalar and fed to the LSTM with the word. The LSTM state starts from the mean cell.
+
+    Its state for beam search: (h, c, cells, keys, alpha), each with the batch in dimension 1: h and c
+    (num_layers, B, H), the cells (L, B, E), their attention keys (L, B, H) and the last attention map (1, B, L)."""
+
+    def __init__(self, embed_size, hidden_size, vocab_size, num_layers=2, dropout=0.3):
+        super().__init__()
+        self.num_layers, self.hidden_size = num_layers, hidden_size
+        self.embed = nn.Embedding(vocab_size, embed_size)
+        self.init_state = nn.Linear(embed_size, 2 * num_layers * hidden_size)
+        self.key, self.query, self.score = (nn.Linear(embed_size, hidden_size), nn.Linear(hidden_size, hidden_size),
+                                            nn.Linear(hidden_size, 1))
+        self.gate = nn.Linear(hidden_size, 1)
+        # LSTM cells rather than nn.LSTM: one step at a time they are 1.7x faster on a CPU
+        self.cells = nn.ModuleList(nn.LSTMCell(hidden_size if i else 2 * embed_size, hidden_size)
+                                   for i in range(num_layers))
+        self.fcn = nn.Linear(hidden_size, vocab_size)
+        self.drop = nn.Dropout(dropout)
+
+    def start(self, cells):
+        """The state before the first word, from the image's cells (B, L, E)."""
+        h, c = torch.tanh(self.init_state(cells.mean(1))).view(-1, 2 * self.num_layers, self.hidden_size) \
+            .transpose(0, 1).chunk(2)  # (L, B, H) each: layers first
+        cells = cells.transpose(0, 1)  # (L, B, E)
+        return (h.contiguous(), c.contiguous(), cells, self.key(cells), cells.new_zeros(1, *cells.shape[1::-1]))
+
+    def advance(self, words, state):
+        """The top LSTM layer's output (B, H) after attending and reading the embedded words (B, E)."""
+        h, c, cells, keys, _ = state
+        alpha = self.score(torch.tanh(keys + self.query(h[-1]))).squeeze(-1).softmax(0)  # (L, B)
+        context = torch.sigmoid(self.gate(h[-1])) * (alpha.unsqueeze(-1) * cells).sum(0)  # (B, E)
+        x, layers = torch.cat([words, context], -1), []  # (B, 2E)
+        for cell, h_layer, c_layer in zip(self.cells, h, c):
+            layers.append(cell(x, (h_layer, c_layer)))
+            x = self.drop(layers[-1][0])  # between layers, as nn.LSTM's dropout
+        h, c = (torch.stack(s) for s in zip(*layers))  # (num_layers, B, H) each
+        return h[-1], (h, c, cells, keys, alpha.t().unsqueeze(0))
+
+    def forward(self, cells, captions, alphas=False):
+        """Logits for captions[:, 1:] given the image's cells (B, L, E) and captions[:, :-1]: (B, T-1, V); with
+        alphas, also the attention map of every step (B, T-1, L)."""
+        state, words = self.start(cells), self.drop(self.embed(captions[:, :-1]))  # (B, T-1, E)
+        outs, maps = [], []
+        for t in range(words.size(1)):
+            out, state = self.advance(words[:, t], state)
+            outs.append(out)
+            maps.append(state[-1][0])
+        logits = self.fcn(self.drop(torch.stack(outs, 1)))  # (B, T-1, V)
+        return (logits, torch.stack(maps, 1)) if alphas else logits
+
+    def step(self, tokens, state, first=False):
+        """As DecoderRNN.step."""
+        out, state = self.advance(self.embed(tokens), state)
+        return next_word_logp(self.fcn(out), first), state
+
+
+DECODERS = {"lstm": DecoderRNN, "attention": AttentionDecoder}
 
 
 class Captioner(nn.Module):
     """The trained model: encoder projection and decoder, with its vocabulary and the sizes that rebuild it."""
 
-    def __init__(self, vocab, embed_size, hidden_size, num_layers=2, dropout=0.3, image_size=224, resnet=None):
+    def __init__(self, vocab, embed_size, hidden_size, num_layers=2, dropout=0.3, image_size=224, resnet=None,
+                 decoder="lstm"):
         super().__init__()
         self.vocab = vocab
-        self.args = dict(embed_size=embed_size, hidden_size=hidden_size, num_layers=num_layers, dropout=dropout,
-                         image_size=image_size)  # stored in checkpoints, like nanoGPT's model_args
-        self.encoder = EncoderCNN(embed_size, resnet)
-        self.decoder = DecoderRNN(embed_size, hidden_size, len(vocab), num_layers, dropout)
+        self.args = dict(decoder=decoder, embed_size=embed_size, hidden_size=hidden_size, num_layers=num_layers,
+                         dropout=dropout, image_size=image_size)  # stored in checkpoints, like nanoGPT's model_args
+        self.attention = decoder == "attention"
+        self.encoder = EncoderCNN(embed_size, resnet, spatial=self.attention)
+        self.decoder = DECODERS[decoder](embed_size, hidden_size, len(vocab), num_layers, dropout)
 
     def loss(self, inputs, captions):
-        """Cross-entropy of every next word (padding ignored), and the logits (B, T-1, V) and targets it compared."""
-        logits, targets = self.decoder(self.encoder(inputs), captions), captions[:, 1:]
+        """Cross-entropy of every next word (padding ignored), and the logits (B, T-1, V) and targets it compared.
+        In training, the attention decoder adds Xu et al.'s doubly stochastic penalty: each grid cell's attention,
+        summed over the caption, should be near 1 (validation loss stays the cross-entropy, comparable across
+        decoders)."""
+        targets, penalty = captions[:, 1:], 0.0
+        if self.attention and self.training:
+            logits, alphas = self.decoder(self.encoder(inputs), captions, alphas=True)  # alphas (B, T-1, L)
+            looked = (alphas * (targets != Vocabulary.PAD).unsqueeze(-1)).sum(1)  # (B, L)
+            penalty = DOUBLY_STOCHASTIC_WEIGHT * ((1 - looked) ** 2).mean()
+        else:
+            logits = self.decoder(self.encoder(inputs), captions)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),  # (B*(T-1), V)
                                ignore_index=Vocabulary.PAD)
-        return loss, logits, targets
+        return loss + penalty, logits, targets
 
     @torch.no_grad()
     def generate(self, inputs, beam_size=3, max_len=20):
@@ -835,7 +959,8 @@ def load_checkpoint(path):
         raise UserError(f"cannot load checkpoint {path}: it is damaged or holds pickled Python objects, "
                         f"which are refused ({type(error).__name__})") from None
     missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
-    missing |= {f"model_args.{k}" for k in ("embed_size", "hidden_size", "num_layers", "dropout", "image_size")
+    missing |= {f"model_args.{k}" for k in ("decoder", "embed_size", "hidden_size", "num_layers", "dropout",
+                                            "image_size")
                 if not missing and k not in ckpt["model_args"]}
     if missing:
         raise UserError(f"{path} is not a checkpoint written by this version of the script (best.pt or last.pt): "
@@ -843,11 +968,15 @@ def load_checkpoint(path):
     return ckpt
 
 
-def load_captioner(path, resnet=None, ckpt=None):
+def load_captioner(path, resnet=None, ckpt=None, decoder=None):
     """The one way a model comes back from a checkpoint (resume, --evaluate, the test report, --caption):
     rebuilt from the sizes stored in it, never from today's settings. Returns (model, checkpoint); ckpt: the
-    checkpoint at path when it is already loaded."""
+    checkpoint at path when it is already loaded; decoder: the kind the settings ask for (the other is refused)."""
     ckpt = ckpt or load_checkpoint(path)
+    if decoder and ckpt["model_args"]["decoder"] != decoder:
+        raise UserError(f"checkpoint {path} has the {ckpt['model_args']['decoder']!r} decoder but the settings say "
+                        f"--decoder={decoder}: run with --decoder={ckpt['model_args']['decoder']}, or name another "
+                        f"--checkpoint")
     model = Captioner(Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]), **ckpt["model_args"], resnet=resnet)
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if unexpected or any(not k.startswith("encoder.resnet.") for k in missing):  # the backbone has its own file
@@ -874,24 +1003,26 @@ def file_stamp(path):
 
 
 def tensor_sha256(tensor):
-    return hashlib.sha256(tensor.contiguous().numpy()).hexdigest()  # hashes the buffer: no copy of the features
+    return hashlib.sha256(tensor.contiguous().numpy()).hexdigest()  # hashed in place: no copy of a memory map
 
 
-def extract_features(resnet, image_dir, names, transform, device, batch_size=64, num_workers=2):
-    """Pooled 2048-d ResNet50 features of each image (as fast as the machine allows), and the names that failed."""
+def extract_features(resnet, image_dir, names, transform, device, batch_size=64, num_workers=2, grid_cells=0):
+    """Pooled 2048-d ResNet50 features of each image (N, 2048) or, with grid_cells, its grid (N, L, 2048) in
+    float16 (as fast as the machine allows), the names of the images read and of those that failed."""
     resnet = resnet.to(device).eval().to(memory_format=torch.channels_last)
-    features = torch.zeros(len(names), 2048)
+    features = torch.zeros(len(names), grid_cells, 2048, dtype=torch.float16) if grid_cells else \
+        torch.zeros(len(names), 2048)
     ok = torch.zeros(len(names), dtype=torch.bool)
     bar = tqdm(total=len(names), desc="ResNet50 features", unit="img", leave=False)
     with torch.inference_mode(), autocast(device):
         for images, index in image_batches(ImageSource(image_dir, transform), names, batch_size, num_workers,
                                            pin_memory=device.type == "cuda"):
-            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            features[index] = resnet(images).flatten(1).float().cpu()
+            cells = grid(resnet, images.to(device, non_blocking=True))
+            features[index] = (cells if grid_cells else cells.mean(1)).cpu().to(features.dtype)
             ok[index] = True
             bar.update(int(index[-1]) + 1 - bar.n)  # up to this batch's last image, unreadable ones included
     bar.close()
-    return (features[ok], [n for n, good in zip(names, ok.tolist()) if good],
+    return (features if ok.all() else features[ok], [n for n, good in zip(names, ok.tolist()) if good],
             [n for n, good in zip(names, ok.tolist()) if not good])
 
 
@@ -900,7 +1031,7 @@ def load_cached_features(path, key):
     if not path.is_file():
         return None
     try:
-        cache = torch.load(path, map_location="cpu", weights_only=True)
+        cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read as pages are used
         if cache["key"] == key and tensor_sha256(cache["features"]) == cache["sha256"]:
             return cache
     except Exception:  # a truncated or corrupt file fails in many ways; all mean rebuild
@@ -909,24 +1040,31 @@ def load_cached_features(path, key):
     return None
 
 
-def cached_features(weights, image_dir, names, transform, cache_folder, device, batch_size=64, num_workers=2):
-    """The images' features from the cache, extracted (and cached) first when the cache lacks them."""
+def cached_features(weights, image_dir, names, transform, cache_folder, device, batch_size=64, num_workers=2,
+                    grid_cells=0):
+    """The images' features from the cache, extracted (and cached) first when the cache lacks them: pooled, or
+    with grid_cells the grid of each image in float16, memory-mapped so that it never has to fit in RAM."""
     key = features_cache_key(weights_sha256(weights), transform, image_dir, names,
-                             "bf16" if uses_bf16(device) else "fp32")
+                             ("bf16" if uses_bf16(device) else "fp32") + f" grid {grid_cells}" * bool(grid_cells))
     path = Path(cache_folder) / f"features-{key[:20]}.pt"
     cache = load_cached_features(path, key)
     if cache is not None:
         log(f"features: reusing {path} ({len(cache['images'])} images)")
         return cache
+    path.parent.mkdir(parents=True, exist_ok=True)
+    needed, free = len(names) * 2048 * (2 * grid_cells or 4), shutil.disk_usage(path.parent).free
+    if needed > free:
+        raise UserError(f"the feature cache needs {needed / 1e9:.2f} GB in {path.parent} but only {free / 1e9:.2f} GB "
+                        f"is free: free some space, or choose another --cache_dir")
     start = time.time()
     features, good, failed = extract_features(load_resnet50(weights), image_dir, names, transform, device,
-                                              batch_size=max(batch_size, 64), num_workers=num_workers)
+                                              max(batch_size, 64), num_workers, grid_cells)
     seconds = time.time() - start
     log(f"features: {len(good)} images in {seconds:.1f} s ({len(good) / max(seconds, 1e-9):.1f} images/s), "
         f"cached in {path}")
-    cache = {"key": key, "images": good, "failed": failed, "features": features, "sha256": tensor_sha256(features)}
-    atomic_save(cache, path)
-    return cache
+    atomic_save({"key": key, "images": good, "failed": failed, "features": features,
+                 "sha256": tensor_sha256(features)}, path)
+    return load_cached_features(path, key)  # memory-mapped: the extracted copy leaves RAM
 
 
 def atomic_save(obj, path):
@@ -957,7 +1095,7 @@ class Data:
     frame: pd.DataFrame         # image, caption, tokens, split: one row per caption
     source: "ImageSource"       # encoder inputs by image name
     weights: Path               # the ResNet50 file the features come from
-    feature_stats: tuple        # mean and std (2048,) of the training split's features
+    feature_stats: tuple        # mean and std (2048,) of the training split's features (per channel)
     vocab: "Vocabulary" = None  # of the training split, when asked for
     resnet: nn.Module = None    # only when features are not cached: the encoder then runs every step
 
@@ -986,8 +1124,14 @@ def encoder_weights_file(cfg):
     return random_resnet50_weights(ROOT / "resources/models/resnet50-random-init.pth")
 
 
-def feature_statistics(features):
-    return features.mean(0), features.std(0).clamp_min(1e-6)
+def feature_statistics(features, rows):
+    """Per-channel mean and std (2048,) over some rows of pooled (N, 2048) or grid (N, L, 2048) features, a chunk
+    at a time: a memory-mapped grid never has to fit in RAM."""
+    chunks = (features[chunk].reshape(-1, 2048).double() for chunk in torch.as_tensor(rows).split(256))
+    total, squares = sum(torch.stack([x.sum(0), x.square().sum(0)]) for x in chunks)  # (2048,) each
+    n = len(rows) * features[0].numel() // 2048
+    mean = total / n
+    return mean.float(), ((squares - n * mean.square()) / max(n - 1, 1)).sqrt().float().clamp_min(1e-6)
 
 
 def prepare_data(cfg, device, image_size, freq_threshold=None, trained=None):
@@ -1006,9 +1150,10 @@ def prepare_data(cfg, device, image_size, freq_threshold=None, trained=None):
     transform = image_transform(image_size)
     names = sorted(frame["image"].unique())
     resnet = None  # with cached features, training needs only the projection; the checkpoint records the hash
+    grid_cells = math.ceil(image_size / 32) ** 2 if cfg.decoder == "attention" else 0  # halved 5 times, rounded up
     if cfg.cache_features:
         cache = cached_features(weights, image_dir, names, transform, cfg.cache_dir, device, cfg.batch_size,
-                                cfg.num_workers)
+                                cfg.num_workers, grid_cells)
         source, failed = ImageSource(image_dir, transform, cache["features"], cache["images"]), cache["failed"]
     else:
         resnet, source = load_resnet50(weights), ImageSource(image_dir, transform)
@@ -1019,10 +1164,11 @@ def prepare_data(cfg, device, image_size, freq_threshold=None, trained=None):
         check_splits(frame, cfg.data_dir)
     train_names = sorted(frame.loc[frame["split"] == "train", "image"].unique())
     if cfg.cache_features:
-        stats = feature_statistics(cache["features"][[source.row[n] for n in train_names]])
+        stats = feature_statistics(cache["features"], [source.row[n] for n in train_names])
     else:
         sample = random.Random(cfg.seed).sample(train_names, min(512, len(train_names)))
-        stats = feature_statistics(extract_features(resnet, image_dir, sample, transform, device)[0])
+        features = extract_features(resnet, image_dir, sample, transform, device, grid_cells=grid_cells)[0]
+        stats = feature_statistics(features, range(len(features)))
     return Data(frame, source, Path(weights).resolve(), stats, vocab or None, resnet)
 
 
@@ -1116,8 +1262,8 @@ def claim_output_dir(out):
 
 
 # these decide the batches, the vocabulary or the model: a resumed run must keep them
-RESUME_FIXED = ("dataset", "data_dir", "max_images", "demo_images", "image_size", "freq_threshold", "embed_size",
-                "hidden_size", "num_layers", "dropout", "batch_size", "max_batches_per_epoch", "seed")
+RESUME_FIXED = ("dataset", "data_dir", "max_images", "demo_images", "image_size", "freq_threshold", "decoder",
+                "embed_size", "hidden_size", "num_layers", "dropout", "batch_size", "max_batches_per_epoch", "seed")
 NOT_TRAINING = ("resume", "evaluate", "checkpoint", "caption_figure", "preset", "output_dir")
 
 
@@ -1190,14 +1336,14 @@ def train(cfg, device):
     data = prepare_data(cfg, device, cfg.image_size, cfg.freq_threshold, ckpt and (resume_from, ckpt))
     torch.manual_seed(cfg.seed)  # after the data: the model's initial weights never depend on what was cached
     if ckpt:
-        model, _ = load_captioner(resume_from, data.resnet, ckpt)
+        model, _ = load_captioner(resume_from, data.resnet, ckpt, cfg.decoder)
         if model.vocab.itos != data.vocab.itos:
             raise UserError(f"checkpoint {resume_from} has a different vocabulary ({len(model.vocab)} words, now "
                             f"{len(data.vocab)}): the captions in {cfg.data_dir} changed since it was written; "
                             f"train afresh")
     else:
         model = Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.dropout, cfg.image_size,
-                          data.resnet)
+                          data.resnet, cfg.decoder)
         model.encoder.feature_mean.copy_(data.feature_stats[0])
         model.encoder.feature_std.copy_(data.feature_stats[1])
     model.to(device)
@@ -1423,8 +1569,11 @@ def test_report(model, data, cfg, device, checkpoint_path):
     if cfg.dataset == "demo":
         greedy, _ = generate_captions(model, data.source, sorted(captions), cfg, device, beam_size=1)
         report["demo_colour_shape_accuracy"], singles = demo_accuracy(greedy, Path(cfg.data_dir) / "shapes.csv")
+        report["demo_two_shape_accuracy"], pairs = demo_accuracy(greedy, Path(cfg.data_dir) / "shapes.csv", 2)
         log(f"demo: the greedy captions name the right colour and shape of "
-            f"{report['demo_colour_shape_accuracy']:.1%} of {singles} held-out single-shape images")
+            f"{report['demo_colour_shape_accuracy']:.1%} of {singles} held-out single-shape images, and both shapes "
+            f"with their colours on the right sides of {report['demo_two_shape_accuracy']:.1%} of {pairs} "
+            f"two-shape images")
     (out / "test_metrics.json").write_text(json.dumps(report, indent=2))
     log(f"test split, {len(captions)} images, beam {cfg.beam_size} ({checkpoint_path}):\n"
         + "\n".join(f"  {k:8s} {'n/a (needs Java)' if v is None else f'{100 * v:5.1f}'}"
@@ -1434,8 +1583,24 @@ def test_report(model, data, cfg, device, checkpoint_path):
     for name in examples:
         log(f"  {name}: {captions[name]}\n      reference: {refs[name][0]}")
         items.append((data.source.image_dir / name, f"generated: {captions[name]}\nreference: {refs[name][0]}"))
-    save_caption_figure(items, out / "test_examples.png")
+    maps = word_maps(model, data.source, {name: captions[name] for name in examples}, device)
+    save_caption_figure(items, out / "test_examples.png", [maps.get(name) for name in examples])
     return report
+
+
+@torch.no_grad()
+def word_maps(model, source, captions, device):
+    """{name: [(word, its attention map (h, w))]} of an attention model's captions {name: caption}, replayed with
+    each caption as input (the maps it was generated with); {} for the pooled decoder."""
+    if not model.attention or not captions:
+        return {}
+    ids = pad_sequence([torch.tensor([Vocabulary.SOS, *model.vocab.numericalize(c.split()), Vocabulary.EOS])
+                        for c in captions.values()], batch_first=True).to(device)
+    inputs = torch.stack([source.get(name) for name in captions]).to(device)
+    _, alphas = model.decoder(model.encoder(inputs), ids, alphas=True)
+    side = math.isqrt(alphas.size(-1))
+    return {name: list(zip(caption.split(), a.view(-1, side, side).cpu().numpy()))  # (T-1, h, w): a map a word
+            for (name, caption), a in zip(captions.items(), alphas)}
 
 
 def pyplot():
@@ -1445,18 +1610,35 @@ def pyplot():
     return plt
 
 
-def save_caption_figure(items, path):
+def save_caption_figure(items, path, maps=None):
+    """Images (path, caption text) three to a row; with maps (per item, [(word, attention map)] or None), each
+    image starts a row, followed by every word of its caption over the part of the image the model saw, lit where
+    the word's attention was (as in Show, Attend and Tell's figures)."""
     if not items:
         return
     plt = pyplot()
-    cols = min(3, len(items))
-    rows = (len(items) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 5.2 * rows), squeeze=False, layout="constrained")
+    if maps and any(maps):
+        panels = [[(image, text, None), *((image, word, m) for word, m in words or [])]
+                  for (image, text), words in zip(items, maps)]
+        rows, size, width = [p[i:i + 6] for p in panels for i in range(0, len(p), 6)], (2.6, 3.1), 32
+    else:
+        rows = [[(*item, None) for item in items[i:i + 3]] for i in range(0, len(items), 3)]
+        size, width = (4.5, 5.2), 50
+    cols = max(map(len, rows))
+    fig, axes = plt.subplots(len(rows), cols, figsize=(size[0] * cols, size[1] * len(rows)), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (image, text) in zip(axes.flat, items):
-        ax.imshow(open_rgb(image))
-        ax.set_title("\n".join(textwrap.fill(line, 50) for line in text.splitlines()), fontsize=8, loc="left")
+    for axes_row, row in zip(axes, rows):
+        for ax, (image, text, word_map) in zip(axes_row, row):
+            picture = open_rgb(image)
+            if maps and any(maps):  # the centre square, as image_transform crops it
+                picture = ImageOps.fit(picture, (min(picture.size),) * 2)
+            ax.imshow(picture)
+            if word_map is not None:
+                ax.imshow(word_map, cmap="gray", alpha=0.65, interpolation="bilinear",
+                          extent=(0, picture.width, picture.height, 0))
+            ax.set_title("\n".join(textwrap.fill(line, width) for line in text.splitlines()), fontsize=8, loc="left")
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
@@ -1483,7 +1665,7 @@ def plot_history(out):
 def evaluate_checkpoint(cfg, device):
     """--evaluate: the test report of a checkpoint (best.pt by default), on the dataset of the settings."""
     path = Path(cfg.checkpoint or Path(cfg.output_dir) / "best.pt")
-    model, ckpt = load_captioner(path)
+    model, ckpt = load_captioner(path, decoder=cfg.decoder)
     lock = claim_output_dir(cfg.output_dir)  # noqa: F841 (held while the report is written)
     data = prepare_data(cfg, device, model.args["image_size"], trained=(path, ckpt))
     if data.resnet is not None:
@@ -1517,7 +1699,7 @@ def caption_images(cfg, paths, weights=None, device=None):
         if not figure.parent.is_dir():
             raise UserError(f"--caption_figure={figure}: its folder {figure.parent} does not exist; create it first")
     path = Path(cfg.checkpoint or Path(cfg.output_dir) / "best.pt")
-    model, ckpt = load_captioner(path)
+    model, ckpt = load_captioner(path, decoder=cfg.decoder)
     weights = Path(weights or ckpt["encoder_weights"])
     resnet = load_resnet50(weights)  # first: a missing or damaged file is its own clear error
     check_weights(ckpt, weights, path)
@@ -1536,7 +1718,8 @@ def caption_images(cfg, paths, weights=None, device=None):
     for file in missing:
         print(f"error: no such file or folder: {file}", file=sys.stderr, flush=True)
     if figure and captions:
-        save_caption_figure([(n, c) for n, c in captions.items()], figure)
+        maps = word_maps(model, source, captions, device)
+        save_caption_figure(list(captions.items()), figure, [maps.get(name) for name in captions])
         print(f"saved {figure}", file=sys.stderr)  # stdout holds only the captions
     return 1 if failed or missing or not files else 0
 

@@ -53,3 +53,26 @@ def test_missing_weights_for_captioning_name_the_file(tmp_path, trained_demo, de
     assert cap.main(["--caption", str(image), f"--checkpoint={trained_demo / 'best.pt'}",
                      f"--encoder_weights={tmp_path / 'absent.pth'}"]) == 2
     assert f"error: ResNet50 weights {tmp_path / 'absent.pth'} not found" in capsys.readouterr().err
+
+
+def test_an_attention_model_draws_each_words_attention_map(tmp_path, trained_attention, demo_dirs, monkeypatch,
+                                                           capsys):
+    image = sorted((demo_dirs["data_dir"] / "Images").iterdir())[0]
+    figure, drawn = tmp_path / "attention.png", []
+    real = cap.save_caption_figure
+    monkeypatch.setattr(cap, "save_caption_figure", lambda items, path, maps=None: drawn.append(maps) or
+                        real(items, path, maps))
+    assert cap.main(["--caption", str(image), f"--checkpoint={trained_attention / 'best.pt'}", "--decoder=attention",
+                     f"--caption_figure={figure}", "--num_workers=0"]) == 0
+    caption = capsys.readouterr().out.strip().split("\t")[1]
+    (maps,) = drawn[0]
+    assert [word for word, _ in maps] == caption.split()  # one map per word, in order
+    assert all(m.shape == (3, 3) and abs(m.sum() - 1) < 1e-4 for _, m in maps)  # 96 px: a 3x3 grid
+    assert figure.stat().st_size > 0
+
+
+def test_a_checkpoint_of_the_other_decoder_is_refused_naming_the_setting(trained_demo, demo_dirs, capsys):
+    image = sorted((demo_dirs["data_dir"] / "Images").iterdir())[0]
+    assert cap.main(["--caption", str(image), f"--checkpoint={trained_demo / 'best.pt'}", "--decoder=attention"]) == 2
+    assert (f"checkpoint {trained_demo / 'best.pt'} has the 'lstm' decoder but the settings say --decoder=attention: "
+            f"run with --decoder=lstm" in capsys.readouterr().err)

@@ -1,6 +1,7 @@
 """Caption files in every supported format, image folders, splits by image, bad input."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -332,3 +333,45 @@ def test_a_very_long_training_caption_is_cut(tmp_path, capsys):
     assert dataset.captions[0][-1] == cap.Vocabulary.EOS
     assert "1 caption(s) longer than 100 words" in capsys.readouterr().out
     assert len(cap.FlickrDataset(frame, cap.Vocabulary(1), source).captions[0]) == 10_002  # no limit by default
+
+
+@pytest.mark.parametrize("caption, placed", [
+    ("a red circle on the left and a blue square on the right .", "red circle;blue square"),
+    ("a red circle to the left of a blue square .", "red circle;blue square"),
+    ("a blue square to the right of a red circle .", "red circle;blue square"),
+    ("there is a blue square on the right and a red circle on the left .", "red circle;blue square"),
+    ("a blue square on the left , a red circle on the right .", "blue square;red circle"),
+    ("a red circle and a blue square .", None),  # no placement
+    ("a red circle on the left and a blue square .", None),  # one left unplaced
+    ("a red circle on the left and a blue square on the left .", None),  # contradicts itself
+    ("a red circle to the left of a blue square on the left .", None),
+    ("a red or green circle on the left and a blue square on the right .", None),  # hedging
+    ("a red circle on the left and a blue square on the right and a green triangle .", None),  # an extra object
+    ("a red circle on the left and a blue square on the right of a triangle .", None),  # a stray shape word
+    ("a red circle on the left .", None)])
+def test_two_shape_captions_are_read_strictly(caption, placed):
+    assert cap.demo_placement(caption) == placed
+
+
+def test_demo_accuracy_scores_single_and_two_shape_images_apart(tmp_path):
+    pd.DataFrame([("a.jpg", "red circle"), ("b.jpg", "red circle;blue square"), ("c.jpg", "green square;red circle"),
+                  ("d.jpg", "blue triangle")], columns=["image", "shapes"]).to_csv(tmp_path / "shapes.csv")
+    captions = {"a.jpg": "a red circle .", "b.jpg": "a red circle to the left of a blue square .",
+                "c.jpg": "a red circle on the left and a green square on the right .",  # swapped sides: wrong
+                "d.jpg": "a blue triangle next to a blue square ."}  # an extra object: wrong
+    assert cap.demo_accuracy(captions, tmp_path / "shapes.csv") == (0.5, 2)
+    assert cap.demo_accuracy(captions, tmp_path / "shapes.csv", n_shapes=2) == (0.5, 2)
+
+
+def test_demo_images_vary_and_two_shape_captions_say_where(tmp_path):
+    folder = cap.make_demo_dataset(tmp_path / "demo", n_images=40, size=48)
+    shapes = pd.read_csv(folder / "shapes.csv").set_index("image")["shapes"]
+    captions = pd.read_csv(folder / "captions.txt")
+    two = captions[captions["image"].map(shapes).str.contains(";")]
+    assert len(two) and (two["caption"].map(cap.demo_placement) == two["image"].map(shapes)).all()
+    pixels = {name: np.asarray(Image.open(folder / "Images" / name)) for name in shapes.index}
+    corners = {tuple(p[0, 0]) for p in pixels.values()}
+    assert len(corners) > 10  # background shades vary, not three exact colours
+    singles = [pixels[name] for name in shapes.index if ";" not in shapes[name]]
+    areas = [(np.abs(p.astype(int) - p[0, 0]).sum(-1) > 60).mean() for p in singles]
+    assert np.std(areas) > 0.1 * np.mean(areas)  # shape sizes vary

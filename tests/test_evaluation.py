@@ -106,3 +106,18 @@ def test_evaluate_refuses_an_unusable_or_busy_output_dir(tmp_path, trained_demo,
     finally:
         lock.close()
     assert f"another run (process {cap.os.getpid()}) is writing to {trained_demo}" in capsys.readouterr().err
+
+
+def test_evaluate_an_attention_checkpoint_with_its_maps(trained_attention, demo_dirs, random_weights, monkeypatch):
+    (trained_attention / "test_metrics.json").unlink()
+    drawn, real = [], cap.save_caption_figure
+    monkeypatch.setattr(cap, "save_caption_figure", lambda items, path, maps=None: drawn.append((items, maps)) or
+                        real(items, path, maps))
+    assert cap.main(demo_args(demo_dirs, random_weights, trained_attention, "--decoder=attention", "--evaluate")) == 0
+    report = json.loads((trained_attention / "test_metrics.json").read_text())
+    assert report["images"] == 100 and "demo_two_shape_accuracy" in report
+    ((items, maps),) = drawn
+    assert len(items) == len(maps) == 6 and all(maps)
+    for (_, text), words in zip(items, maps):  # each generated word with its map
+        assert [w for w, _ in words] == text.splitlines()[0].removeprefix("generated: ").split()
+    assert (trained_attention / "test_examples.png").stat().st_size > 0

@@ -1,5 +1,7 @@
 """The frozen encoder's features, computed once per image and cached."""
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,8 +61,8 @@ def test_weights_transform_or_image_list_change_rebuilds(tmp_path, images, rando
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_cache_is_rebuilt(tmp_path, images, random_weights, capsys, damage):
     folder, names = images
-    first = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
-    (path,) = (tmp_path / "cache").glob("features-*.pt")
+    first = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))["features"].clone()
+    (path,) = (tmp_path / "cache").glob("features-*.pt")  # memory-mapped: cloned above before it is damaged
     data = bytearray(path.read_bytes())
     if damage == "truncate":
         data = data[:len(data) // 2]
@@ -69,7 +71,7 @@ def test_damaged_cache_is_rebuilt(tmp_path, images, random_weights, capsys, dama
     path.write_bytes(bytes(data))
     rebuilt = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
     assert "damaged or stale: rebuilding" in capsys.readouterr().err
-    assert torch.equal(rebuilt["features"], first["features"])
+    assert torch.equal(rebuilt["features"], first)
 
 
 def test_unreadable_image_is_left_out_and_named(tmp_path, images, random_weights):
@@ -88,3 +90,34 @@ def test_an_image_replaced_under_the_same_name_rebuilds(tmp_path, images, random
     second = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
     assert not torch.equal(second["features"][2], first["features"][2])
     assert torch.equal(second["features"][[0, 1, 3, 4]], first["features"][[0, 1, 3, 4]])
+
+
+def test_the_grid_cache_is_float16_memory_mapped_and_reused(tmp_path, images, random_weights, monkeypatch):
+    folder, names = images
+    pooled = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names, size=64))["features"]
+    grid = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names, size=64), grid_cells=4)
+    assert grid["features"].dtype == torch.float16 and grid["features"].shape == (5, 4, 2048)  # 2x2 at 64 px
+    assert torch.allclose(grid["features"].float().mean(1), pooled, rtol=1e-2, atol=1e-2)  # its mean is the pool
+    files = sorted((tmp_path / "cache").glob("features-*.pt"), key=lambda p: p.stat().st_size)
+    assert len(files) == 2 and str(files[1]) in Path("/proc/self/maps").read_text()  # mapped, not read into RAM
+    monkeypatch.setattr(cap, "extract_features", lambda *a, **k: pytest.fail("features extracted twice"))
+    again = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names, size=64), grid_cells=4)
+    assert torch.equal(again["features"], grid["features"])
+
+
+def test_the_grid_statistics_are_per_channel_over_every_cell():
+    features = torch.randn(300, 4, 2048).half() * 3 + 1
+    mean, std = cap.feature_statistics(features, list(range(0, 300, 2)))
+    rows = features[::2].float().reshape(-1, 2048)
+    assert torch.allclose(mean, rows.mean(0), atol=1e-4) and torch.allclose(std, rows.std(0), atol=1e-4)
+
+
+def test_too_little_disk_space_is_said_before_extracting(tmp_path, images, random_weights, monkeypatch):
+    folder, names = images
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(cap.shutil, "disk_usage", lambda path: usage._replace(free=100_000))
+    monkeypatch.setattr(cap, "extract_features", lambda *a, **k: pytest.fail("extracted without room"))
+    needed = 5 * 49 * 2048 * 2 / 1e9  # 5 grids of 7x7 cells in float16
+    with pytest.raises(cap.UserError, match=f"the feature cache needs {needed:.2f} GB in .*cache but only 0.00 GB "
+                                            f"is free: free some space, or choose another --cache_dir"):
+        cap.cached_features(*cache_args(tmp_path, random_weights, folder, names, size=224), grid_cells=49)

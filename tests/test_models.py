@@ -68,6 +68,68 @@ def test_beam_search_on_a_random_model_returns_one_caption_per_image():
         assert cap.beam_search(decoder, embeds, 1, 6) == greedy_decode(decoder, embeds, 6)
 
 
+def test_attention_decoder_shapes_and_state_contract():
+    torch.manual_seed(0)
+    decoder = cap.AttentionDecoder(16, 32, vocab_size=50, num_layers=3)
+    cells, captions = torch.randn(5, 9, 16), torch.randint(4, 50, (5, 8))  # a 3x3 grid of 16-d cells
+    logits, alphas = decoder(cells, captions, alphas=True)
+    assert logits.shape == (5, 7, 50) and alphas.shape == (5, 7, 9)
+    assert torch.allclose(alphas.sum(-1), torch.ones(5, 7))  # a distribution over the grid at every word
+    state = decoder.start(cells)
+    assert all(s.size(1) == 5 for s in state) and state[0].shape == (3, 5, 32)  # the batch in dimension 1
+    logp, state = decoder.step(torch.full((5,), cap.Vocabulary.SOS), state, first=True)
+    assert logp.shape == (5, 50) and all(s.size(1) == 5 for s in state)
+    assert torch.isinf(logp[:, [cap.Vocabulary.PAD, cap.Vocabulary.SOS, cap.Vocabulary.EOS]]).all()
+    decoder.eval()  # teacher forcing and step by step give the same words
+    logits = decoder(cells, captions)
+    state, steps = decoder.start(cells), []
+    for t in range(7):
+        logp, state = decoder.step(captions[:, t], state)
+        steps.append(logp)
+    assert torch.allclose(torch.stack(steps, 1)[..., 4:], logits.log_softmax(-1)[..., 4:], atol=1e-5)
+
+
+def test_the_attention_decoder_looks_at_the_image():
+    """Moving the only informative cell moves the attention with it: the context comes from the grid."""
+    torch.manual_seed(0)
+    decoder = cap.AttentionDecoder(8, 16, vocab_size=20).eval()
+    with torch.no_grad():
+        decoder.key.weight.zero_()
+        decoder.key.weight[:, 0] = 5.0  # cells are keyed by their first feature only
+        decoder.score.weight.fill_(1.0)
+        cells = torch.zeros(2, 4, 8)
+        cells[0, 1, 0] = cells[1, 3, 0] = 1.0
+        _, alphas = decoder(cells, torch.randint(4, 20, (2, 3)), alphas=True)
+    assert alphas[0, 0].argmax() == 1 and alphas[1, 0].argmax() == 3
+
+
+def test_beam_search_works_with_the_attention_decoder():
+    torch.manual_seed(2)
+    decoder = cap.AttentionDecoder(16, 32, vocab_size=25).eval()
+    cells = torch.randn(5, 4, 16) * 3
+    assert cap.beam_search(decoder, cells, 1, 8) == greedy_decode(decoder, cells, 8)
+    beams = cap.beam_search(decoder, cells, beam_size=3, max_len=8)
+    assert beams == [cap.beam_search(decoder, cells[i:i + 1], 3, 8)[0] for i in range(5)] and all(beams)
+
+
+def test_the_doubly_stochastic_penalty_is_training_only():
+    torch.manual_seed(0)
+    vocab = cap.Vocabulary(1).build_vocab(["a red circle on the left"])
+    model = cap.Captioner(vocab, 16, 32, dropout=0.0, decoder="attention")
+    cells, captions = torch.randn(3, 4, 2048), torch.randint(4, len(vocab), (3, 6))
+    captions[0, 4:] = cap.Vocabulary.PAD  # a shorter caption: its padding looks at nothing
+    with torch.no_grad():
+        trained, _, _ = model.train().loss(cells, captions)
+        validated, logits, targets = model.eval().loss(cells, captions)
+        _, alphas = model.decoder(model.encoder(cells), captions, alphas=True)  # (3, 5, 4)
+    alphas[0, 3:] = 0
+    penalty = cap.DOUBLY_STOCHASTIC_WEIGHT * ((1 - alphas.sum(1)) ** 2).mean()
+    cross_entropy = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                                      ignore_index=cap.Vocabulary.PAD)
+    assert validated.item() == pytest.approx(cross_entropy.item()) and penalty > 0.01
+    assert trained.item() == pytest.approx(cross_entropy.item() + penalty.item())
+
+
 def named_by_hash(tmp_path, state):
     path = tmp_path / "weights.pth"
     torch.save(state, path)
@@ -181,4 +243,4 @@ def test_loading_the_backbone_leaves_the_global_rng_alone(random_weights):
     tensors = {**dict(resnet.named_parameters()), **dict(resnet.named_buffers())}
     assert all(t.device.type == "cpu" for t in tensors.values()) and len(tensors) == len(saved) - 2  # less fc
     assert all(torch.equal(t, saved[k]) for k, t in tensors.items())
-    assert resnet(torch.randn(1, 3, 64, 64)).shape == (1, 2048)
+    assert cap.grid(resnet, torch.randn(1, 3, 64, 64)).shape == (1, 4, 2048)  # a 2x2 grid at 64 px

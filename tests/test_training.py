@@ -14,14 +14,18 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import SCRIPT, cap, demo_args, run_script, shared
+from conftest import SCRIPT, cap, demo_args, run_script, second_renderer_accuracy, shared
 
 OUTPUTS = ["loss_per_batch.csv", "loss_per_epoch.csv", "loss_graph.png", "metrics_graph.png", "vocab.json",
            "config.json", "last.pt", "best.pt", "test_metrics.json", "test_captions.csv", "test_examples.png"]
-# Measured on tests/conftest.py's SMALL_DEMO (2-core CPU, see the issue notes): about 77% of held-out
-# single-shape images get the right colour and shape; blind, the same model gets 7%.
+# Measured on tests/conftest.py's SMALL_DEMO (2-core CPU): about 77% of held-out single-shape images got the right
+# colour and shape on the fixed-rendering demo; on the varied demo of issue 10 only 38% (blind, 8.5%): below the
+# floor, an open problem (40.8% at 128 px, 46.7% with 2,000 images and 5 epochs).
 DEMO_ACCURACY_FLOOR = 0.5
 BLIND_ACCURACY_CEILING = 0.25
+# Measured: on shapes drawn by conftest.render_shapes the small demo model gets 33% (its own held-out images: 38%);
+# the full demo run's pooled model 81.3% (its own: 83.3%)
+SECOND_RENDERER_SHARE = 0.75
 
 
 def test_demo_run_writes_every_output(trained_demo):
@@ -55,11 +59,35 @@ def test_demo_model_reads_the_image(trained_demo, trained_run):
 def test_checkpoint_loads_without_pickle(trained_demo):
     ckpt = torch.load(trained_demo / "best.pt", weights_only=True)
     assert set(ckpt) >= cap.CHECKPOINT_KEYS | {"rng_state", "cuda_rng_state"}
-    assert ckpt["model_args"] == {"embed_size": 128, "hidden_size": 256, "num_layers": 2, "dropout": 0.3,
-                                  "image_size": 96}
+    assert ckpt["model_args"] == {"decoder": "lstm", "embed_size": 128, "hidden_size": 256, "num_layers": 2,
+                                  "dropout": 0.3, "image_size": 96}
     assert not any("resnet." in k for k in ckpt["model"])  # the backbone comes from its own file
     assert ckpt["vocab"] == json.loads((trained_demo / "vocab.json").read_text())["itos"]
     assert ckpt["config"] == json.loads((trained_demo / "config.json").read_text())
+
+
+def test_the_demo_model_reads_shapes_drawn_by_another_renderer(tmp_path, trained_demo, random_weights):
+    """A model that learnt the demo's exact pixels would fall to chance (1/12) on another renderer's shapes."""
+    own = json.loads((trained_demo / "test_metrics.json").read_text())["demo_colour_shape_accuracy"]
+    single, two = second_renderer_accuracy(trained_demo / "best.pt", random_weights, tmp_path / "shapes")
+    print(f"second renderer: {single:.1%} of single-shape images right (the demo's own: {own:.1%}), {two:.1%} of "
+          f"two-shape images")
+    assert single >= SECOND_RENDERER_SHARE * own and single >= 3 / 12, (single, own)
+
+
+def test_an_attention_run_records_its_decoder_and_scores_two_shapes(trained_attention, trained_demo):
+    ckpt = torch.load(trained_attention / "best.pt", weights_only=True)
+    assert ckpt["model_args"]["decoder"] == ckpt["config"]["decoder"] == "attention"
+    assert {"encoder.embed.weight", "decoder.key.weight", "decoder.gate.weight"} <= set(ckpt["model"])
+    for out in (trained_attention, trained_demo):
+        report = json.loads((out / "test_metrics.json").read_text())
+        assert 0 <= report["demo_two_shape_accuracy"] <= 1 and 0 <= report["demo_colour_shape_accuracy"] <= 1
+
+
+def test_resuming_with_the_other_decoder_is_refused(demo_dirs, random_weights, trained_attention, capsys):
+    assert cap.main(demo_args(demo_dirs, random_weights, trained_attention, "--resume")) == 2
+    assert ("was trained with decoder=attention but the config says decoder=lstm: set --decoder=attention"
+            in capsys.readouterr().err)
 
 
 def quick_args(demo_dirs, weights, out, *extra):
