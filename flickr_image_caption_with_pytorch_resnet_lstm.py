@@ -35,13 +35,15 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from PIL import Image, ImageOps
 from torch.nn.utils.rnn import pad_sequence
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm as _tqdm
 
 ROOT = Path(__file__).resolve().parent
 
@@ -103,12 +105,23 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
 
 
+def is_main_process():
+    """True except in the other processes of a torchrun job, which neither print nor write files."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def tqdm(*args, **kwargs):
+    return _tqdm(*args, **kwargs | {"disable": kwargs.get("disable") or not is_main_process()})
+
+
 def log(message):
-    tqdm.write(message)
+    if is_main_process():
+        _tqdm.write(message)
 
 
 def warn(message):
-    tqdm.write(f"warning: {message}", file=sys.stderr)
+    if is_main_process():
+        _tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def parse_bool(text):
@@ -211,6 +224,57 @@ def pick_device(name):
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device={name}: this machine has no Apple GPU (MPS) that torch can use; try --device=cpu")
     return device
+
+
+# -----------------------------------------------------------------------------
+# several processes (torchrun): the same loop in each, on its share of every batch; rank 0 writes everything
+def start_processes(device):
+    """Under torchrun, joins the process group (NCCL on CUDA GPUs, one per process; gloo on CPUs) and returns
+    this process's device; without torchrun, the device as it is."""
+    if "LOCAL_RANK" not in os.environ:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def rank_and_size():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def wait_for_all():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_process(flag, device):
+    """Whether flag is true in any process: every process then takes the same branch."""
+    if not dist.is_initialized():
+        return flag
+    flag = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def sum_over_processes(values, device):
+    """The element-wise sum of a list of numbers over all processes."""
+    if not dist.is_initialized():
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def merge_over_processes(part):
+    """The union of every process's dict."""
+    if not dist.is_initialized():
+        return part
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -916,8 +980,8 @@ class Captioner(nn.Module):
         self.encoder = EncoderCNN(embed_size, resnet, spatial=self.attention)
         self.decoder = DECODERS[decoder](embed_size, hidden_size, len(vocab), num_layers, dropout)
 
-    def loss(self, inputs, captions):
-        """Cross-entropy of every next word (padding ignored), and the logits (B, T-1, V) and targets it compared.
+    def forward(self, inputs, captions):
+        """The loss: cross-entropy of every next word (padding ignored), and the logits (B, T-1, V) and targets it compared.
         In training, the attention decoder adds Xu et al.'s doubly stochastic penalty: each grid cell's attention,
         summed over the caption, should be near 1 (validation loss stays the cross-entropy, comparable across
         decoders)."""
@@ -1056,15 +1120,40 @@ def cached_features(weights, image_dir, names, transform, cache_folder, device, 
     if needed > free:
         raise UserError(f"the feature cache needs {needed / 1e9:.2f} GB in {path.parent} but only {free / 1e9:.2f} GB "
                         f"is free: free some space, or choose another --cache_dir")
-    start = time.time()
-    features, good, failed = extract_features(load_resnet50(weights), image_dir, names, transform, device,
+    start, (rank, size) = time.time(), rank_and_size()
+    share = names[len(names) * rank // size:len(names) * (rank + 1) // size]  # each image in one process
+    features, good, failed = extract_features(load_resnet50(weights), image_dir, share, transform, device,
                                               max(batch_size, 64), num_workers, grid_cells)
-    seconds = time.time() - start
-    log(f"features: {len(good)} images in {seconds:.1f} s ({len(good) / max(seconds, 1e-9):.1f} images/s), "
-        f"cached in {path}")
-    atomic_save({"key": key, "images": good, "failed": failed, "features": features,
-                 "sha256": tensor_sha256(features)}, path)
+    if size > 1:  # the shares meet in cache_dir, which every process must see (on several machines: shared)
+        atomic_save({"features": features, "images": good, "failed": failed}, path.with_name(f"{path.name}.{rank}"))
+        del features
+        wait_for_all()
+        if rank == 0:
+            features, good, failed = gather_shares(path, size)
+    if rank == 0:
+        seconds = time.time() - start
+        log(f"features: {len(good)} images in {seconds:.1f} s ({len(good) / max(seconds, 1e-9):.1f} images/s"
+            f"{f' in {size} processes' * (size > 1)}), cached in {path}")
+        atomic_save({"key": key, "images": good, "failed": failed, "features": features,
+                     "sha256": tensor_sha256(features)}, path)
+        del features
+        for share in range(size * (size > 1)):
+            path.with_name(f"{path.name}.{share}").unlink()
+    wait_for_all()
     return load_cached_features(path, key)  # memory-mapped: the extracted copy leaves RAM
+
+
+def gather_shares(path, size):
+    """The features, images and failures of every process's share, in order (each share read from its file)."""
+    shares = []
+    for rank in range(size):
+        try:
+            shares.append(torch.load(path.with_name(f"{path.name}.{rank}"), weights_only=True, mmap=True))
+        except OSError:
+            raise UserError(f"process {rank}'s share of the features is not in {path.parent}: with several "
+                            f"machines, --cache_dir must be a shared folder that every process can read") from None
+    return (torch.cat([s["features"] for s in shares]), sum((s["images"] for s in shares), []),
+            sum((s["failed"] for s in shares), []))
 
 
 def atomic_save(obj, path):
@@ -1138,9 +1227,10 @@ def prepare_data(cfg, device, image_size, freq_threshold=None, trained=None):
     """Captions with their splits and tokens; the training split's vocabulary when freq_threshold is given; the
     encoder inputs of every image that could be read. Every check that needs no computation (the vocabulary, the
     weights of a checkpoint being resumed or evaluated: trained=(path, checkpoint)) comes before the features."""
-    if cfg.dataset == "demo":
+    if cfg.dataset == "demo" and is_main_process():
         demo_banner(cfg)
         make_demo_dataset(cfg.data_dir, cfg.demo_images, image_size)
+    wait_for_all()  # for the demo set
     frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
     frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
     vocab = freq_threshold and build_vocabulary(frame.loc[frame["split"] == "train", "tokens"], freq_threshold)
@@ -1211,16 +1301,18 @@ def caption_loader(dataset, batches, cfg, device):
 def validation_loss(model, dataset, cfg, device):
     """Teacher-forced loss and token accuracy: the share of non-padding targets whose argmax is right."""
     model.eval()
-    batches = [b.tolist() for b in torch.arange(len(dataset)).split(cfg.batch_size)]
+    rank, size = rank_and_size()
+    batches = [b.tolist() for b in torch.arange(len(dataset)).split(cfg.batch_size)][rank::size]
     total_loss, correct, tokens = 0.0, 0, 0
     for images, captions in caption_loader(dataset, batches, cfg, device):
         if images is None:
             continue
-        loss, logits, targets = model.loss(images.to(device), captions.to(device))
+        loss, logits, targets = model(images.to(device), captions.to(device))
         mask = targets != Vocabulary.PAD
         total_loss += loss.item() * mask.sum().item()
         correct += ((logits.argmax(-1) == targets) & mask).sum().item()
         tokens += mask.sum().item()
+    total_loss, correct, tokens = sum_over_processes([total_loss, correct, tokens], device)
     return total_loss / max(tokens, 1), correct / max(tokens, 1)
 
 
@@ -1296,21 +1388,25 @@ def diverged(loss, vocab_size):
 
 class CtrlC:
     """Ctrl-C while training: the first one sets .requested, which the loop reads at the end of a step, then saves
-    last.pt; a second one stops at once and leaves last.pt as the previous, consistent one."""
+    last.pt; a second one stops at once and leaves last.pt as the previous, consistent one. Under torchrun, whose
+    agent passes the terminal's Ctrl-C on (a second signal at once) and kills what is still running 30 s later,
+    every SIGINT or SIGTERM only requests the stop."""
     requested = False
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.request)
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def request(self, signum, frame):
-        if self.requested:
+        if self.requested and "LOCAL_RANK" not in os.environ:
             raise SystemExit(130)
+        if not self.requested:
+            log("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)")
         self.requested = True
-        log("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)")
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def save_checkpoint(path, model, optimizer, cfg, weights, counters):
@@ -1327,8 +1423,8 @@ def save_checkpoint(path, model, optimizer, cfg, weights, counters):
 
 def train(cfg, device):
     """Trains, validates every epoch, keeps best.pt (validation CIDEr) and last.pt, then reports on test."""
-    out = Path(cfg.output_dir)
-    lock = claim_output_dir(out)  # noqa: F841 (held for the whole run)
+    out, (rank, size), main = Path(cfg.output_dir), rank_and_size(), is_main_process()
+    lock = main and claim_output_dir(out)  # noqa: F841 (held for the whole run)
     resume_from = out / "last.pt"
     ckpt = load_checkpoint(resume_from) if cfg.resume else None
     if ckpt:
@@ -1348,10 +1444,12 @@ def train(cfg, device):
         model.encoder.feature_std.copy_(data.feature_stats[1])
     model.to(device)
     vocab = model.vocab
+    # with torchrun, DDP averages the gradients of the processes; else the model as it is
+    ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None) if size > 1 else model
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     train_set = FlickrDataset(data.split("train"), vocab, data.source, cfg.max_train_caption_len)
     val_set = FlickrDataset(data.split("val"), vocab, data.source)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * size))
     total_steps = cfg.num_epochs * min(steps_per_epoch, cfg.max_batches_per_epoch or steps_per_epoch)
     epoch, step, batch, best_score, loss_sum, loss_count = 0, 0, 0, float("-inf"), 0.0, 0
     if ckpt:
@@ -1362,23 +1460,29 @@ def train(cfg, device):
             torch.set_rng_state(ckpt["rng_state"])
             if torch.cuda.is_available() and ckpt["cuda_rng_state"]:
                 torch.cuda.set_rng_state_all(ckpt["cuda_rng_state"])
-        truncate_csv(out / "loss_per_batch.csv", "step", step)
-        truncate_csv(out / "loss_per_epoch.csv", "epoch", epoch)
+        if main:
+            truncate_csv(out / "loss_per_batch.csv", "step", step)
+            truncate_csv(out / "loss_per_epoch.csv", "epoch", epoch)
         log(f"resuming from {resume_from}: epoch {epoch} done, step {step}")
-    else:
+    elif main:
         for name in ("loss_per_batch.csv", "loss_per_epoch.csv"):
             (out / name).unlink(missing_ok=True)
-    vocab.save(out / "vocab.json")
+    if main:
+        vocab.save(out / "vocab.json")
 
     counters = lambda: dict(epoch=epoch, step=step, batch=batch, best_score=best_score,  # noqa: E731
                             loss_sum=loss_sum, loss_count=loss_count)  # what a checkpoint records of the loop
-    meteor_scorer()  # its JVM loads while the first epoch trains
+    if main:
+        meteor_scorer()  # its JVM loads while the first epoch trains
     sample_names = data.images("val")[:3]
+    stopping = False
     with CtrlC() as stop:
-        while epoch < cfg.num_epochs and not stop.requested:
-            if batch == 0:
-                torch.manual_seed(cfg.seed * 1000 + epoch + 1)  # epochs are reproducible one by one
-            batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch + 1, cfg.max_batches_per_epoch)
+        while epoch < cfg.num_epochs and not (stopping := any_process(stop.requested, device)):
+            if batch == 0:  # epochs are reproducible one by one; each process has its own dropout
+                torch.manual_seed((cfg.seed * 1000 + epoch + 1) * size + rank)
+            # a single process's batches of batch_size * size captions, each shared out among the processes
+            batches = [b[rank::size] for b in epoch_batches(len(train_set), cfg.batch_size * size, cfg.seed,
+                                                             epoch + 1, cfg.max_batches_per_epoch) if len(b) >= size]
             model.train()
             pending = []  # (step, lr, loss on the device): reading each back would sync the host every step
             start = time.time()
@@ -1392,54 +1496,63 @@ def train(cfg, device):
                 if images is not None:  # else every image of the batch was unreadable (already reported)
                     images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
                     with autocast(device):
-                        loss, _, _ = model.loss(images, captions)
+                        loss, _, _ = ddp(images, captions)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     pending.append((step, lr, loss.detach()))
-                if pending and (len(pending) >= cfg.log_every or batch == len(batches) or stop.requested):
-                    losses = torch.stack([loss for _, _, loss in pending]).tolist()
+                # every log_every steps (every step when alone) the processes agree whether to stop
+                stopping = (batch % cfg.log_every == 0 or batch == len(batches) or size == 1) and \
+                    any_process(stop.requested, device)
+                if pending and (len(pending) >= cfg.log_every or batch == len(batches) or stopping):
+                    losses = (torch.stack([loss for _, _, loss in pending]) / size).tolist()
+                    losses = sum_over_processes(losses, device)  # the mean over the processes
                     bad = [(s, v) for (s, _, _), v in zip(pending, losses) if diverged(v, len(vocab))]
                     if bad:
                         raise UserError(f"the training loss diverged at epoch {epoch + 1}, step {bad[0][0]} (loss "
                                         f"{bad[0][1]:.4g}): lower --learning_rate (now {cfg.learning_rate}). "
                                         f"No checkpoint was written after that step")
-                    append_csv(out / "loss_per_batch.csv", [(epoch + 1, s, r, v) for (s, r, _), v in
-                                                             zip(pending, losses)], ["epoch", "step", "lr", "loss"])
+                    if main:
+                        append_csv(out / "loss_per_batch.csv", [(epoch + 1, s, r, v) for (s, r, _), v in
+                                                                 zip(pending, losses)], ["epoch", "step", "lr", "loss"])
                     loss_sum, loss_count = loss_sum + sum(losses), loss_count + len(losses)
                     bar.set_postfix(loss=f"{losses[-1]:.3f}", avg=f"{loss_sum / loss_count:.3f}")
                     pending.clear()
                 if cfg.sample_every and batch % cfg.sample_every == 0:
                     print_samples(model, data.source, sample_names, cfg, device, f"step {step}")
-                if stop.requested:
+                if stopping:
                     break
             bar.close()
             train_seconds = time.time() - start
-            if stop.requested and batch < len(batches):
+            if stopping and batch < len(batches):
                 break  # mid-epoch: last.pt below records the batch to go on from
             epoch, batch = epoch + 1, 0
             start = time.time()
             val_loss, token_accuracy = validation_loss(model, val_set, cfg, device)
-            metrics, _ = evaluate_split(model, data, "val", cfg, device)
+            metrics, _ = evaluate_split(model, data, "val", cfg, device)  # None except in process 0
             eval_seconds = time.time() - start
-            row = {"epoch": epoch, "train_loss": loss_sum / max(loss_count, 1), "val_loss": val_loss,
-                   "val_token_accuracy": token_accuracy, **metrics, "epoch_seconds": round(train_seconds, 2),
-                   "eval_seconds": round(eval_seconds, 2)}
-            append_csv(out / "loss_per_epoch.csv", [row], list(row))
-            log(f"epoch {epoch}: train loss {row['train_loss']:.3f}, val loss {val_loss:.3f}, token accuracy "
-                f"{token_accuracy:.1%}, {format_metrics(metrics)}; {train_seconds:.1f} s training, "
-                f"{eval_seconds:.1f} s validation (beam {cfg.beam_size})")
+            if main:
+                row = {"epoch": epoch, "train_loss": loss_sum / max(loss_count, 1), "val_loss": val_loss,
+                       "val_token_accuracy": token_accuracy, **metrics, "epoch_seconds": round(train_seconds, 2),
+                       "eval_seconds": round(eval_seconds, 2)}
+                append_csv(out / "loss_per_epoch.csv", [row], list(row))
+                log(f"epoch {epoch}: train loss {row['train_loss']:.3f}, val loss {val_loss:.3f}, token accuracy "
+                    f"{token_accuracy:.1%}, {format_metrics(metrics)}; {train_seconds:.1f} s training, "
+                    f"{eval_seconds:.1f} s validation (beam {cfg.beam_size})")
+                best_score, was_best = max(best_score, metrics["CIDEr"]), metrics["CIDEr"] > best_score
+                for name in ["best.pt"] * was_best + ["last.pt"]:
+                    save_checkpoint(out / name, model, optimizer, cfg, data.weights, counters())
+                plot_history(out)
             loss_sum, loss_count = 0.0, 0
-            best_score, was_best = max(best_score, metrics["CIDEr"]), metrics["CIDEr"] > best_score
-            for name in ["best.pt"] * was_best + ["last.pt"]:
-                save_checkpoint(out / name, model, optimizer, cfg, data.weights, counters())
-            plot_history(out)
             print_samples(model, data.source, sample_names, cfg, device, f"end of epoch {epoch}")
-        if stop.requested:
-            save_checkpoint(out / "last.pt", model, optimizer, cfg, data.weights, counters())
+        if stopping:
+            if main:
+                save_checkpoint(out / "last.pt", model, optimizer, cfg, data.weights, counters())
             command = shlex.join([Path(__file__).name, *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
-            log(f"\ninterrupted: saved {out / 'last.pt'} at step {step}. Resume with:\n  python {command}")
+            log(f"\ninterrupted: saved {out / 'last.pt'} at step {step}. Resume with:\n  "
+                f"{'torchrun ... ' if size > 1 else 'python '}{command}")
             return 130
+    wait_for_all()  # for best.pt
     best, _ = load_captioner(out / "best.pt", data.resnet)
     test_report(best.to(device), data, cfg, device, out / "best.pt")
     if device.type == "cuda":
@@ -1493,13 +1606,16 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
 
 
 def generate_captions(model, source, names, cfg, device, beam_size=None):
-    """{name: caption} for images (one encoder pass or cached row each), and the names that could not be read."""
+    """{name: caption} for images (one encoder pass or cached row each), and the names that could not be read.
+    With torchrun, each process captions its share and every process gets all the captions."""
     model.eval()
-    captions = {}
-    for inputs, index in image_batches(source, names, 64, cfg.num_workers, desc="captioning"):
+    rank, size = rank_and_size()
+    share, captions = names[rank::size], {}
+    for inputs, index in image_batches(source, share, 64, cfg.num_workers, desc="captioning"):
         texts = model.generate(inputs.to(device), beam_size or cfg.beam_size, cfg.max_caption_len)
-        captions.update({names[i]: text for i, text in zip(index.tolist(), texts)})
-    return captions, [n for n in names if n not in captions]
+        captions.update({share[i]: text for i, text in zip(index.tolist(), texts)})
+    captions = merge_over_processes(captions)
+    return {n: captions[n] for n in names if n in captions}, [n for n in names if n not in captions]
 
 
 def metric_text(caption):
@@ -1543,9 +1659,10 @@ def references_of(frame):
 
 
 def evaluate_split(model, data, split, cfg, device):
-    """Metrics of the model's captions of one split against its references, and the captions."""
+    """Metrics of the model's captions of one split against its references (in process 0 only; None in the
+    others), and the captions."""
     captions, _ = generate_captions(model, data.source, data.images(split), cfg, device)
-    return caption_metrics(references_of(data.split(split)), captions), captions
+    return is_main_process() and caption_metrics(references_of(data.split(split)), captions) or None, captions
 
 
 def print_samples(model, source, names, cfg, device, label):
@@ -1561,13 +1678,16 @@ def test_report(model, data, cfg, device, checkpoint_path):
     out = Path(cfg.output_dir)
     start = time.time()
     metrics, captions = evaluate_split(model, data, "test", cfg, device)
+    if cfg.dataset == "demo":  # in every process: each captions its share
+        greedy, _ = generate_captions(model, data.source, sorted(captions), cfg, device, beam_size=1)
+    if not is_main_process():
+        return None
     refs = references_of(data.split("test"))
     pd.DataFrame([(n, c, " | ".join(refs[n])) for n, c in captions.items()],
                  columns=["image", "caption", "references"]).to_csv(out / "test_captions.csv", index=False)
     report = {"checkpoint": str(checkpoint_path), "split": "test", "images": len(captions),
               "beam_size": cfg.beam_size, **metrics, "seconds": round(time.time() - start, 2)}
     if cfg.dataset == "demo":
-        greedy, _ = generate_captions(model, data.source, sorted(captions), cfg, device, beam_size=1)
         report["demo_colour_shape_accuracy"], singles = demo_accuracy(greedy, Path(cfg.data_dir) / "shapes.csv")
         report["demo_two_shape_accuracy"], pairs = demo_accuracy(greedy, Path(cfg.data_dir) / "shapes.csv", 2)
         log(f"demo: the greedy captions name the right colour and shape of "
@@ -1666,7 +1786,7 @@ def evaluate_checkpoint(cfg, device):
     """--evaluate: the test report of a checkpoint (best.pt by default), on the dataset of the settings."""
     path = Path(cfg.checkpoint or Path(cfg.output_dir) / "best.pt")
     model, ckpt = load_captioner(path, decoder=cfg.decoder)
-    lock = claim_output_dir(cfg.output_dir)  # noqa: F841 (held while the report is written)
+    lock = is_main_process() and claim_output_dir(cfg.output_dir)  # noqa: F841 (held while the report is written)
     data = prepare_data(cfg, device, model.args["image_size"], trained=(path, ckpt))
     if data.resnet is not None:
         model.encoder.attach(data.resnet)
@@ -1733,13 +1853,29 @@ def main(argv=None):
         device = pick_device(cfg.device)
         if captioning:
             return caption_images(cfg, caption_paths, overrides.get("encoder_weights"), device)
+        device = start_processes(device)  # under torchrun: this process's GPU, and the others
         return evaluate_checkpoint(cfg, device) if cfg.evaluate else train(cfg, device)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        say_once(f"error: {error}")
         return 2
     except KeyboardInterrupt:  # outside the training loop (which saves first): nothing to save
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        say_once(None)  # another process's failure (a lost connection) is not shown as this one's
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def say_once(message):
+    """Prints message to stderr. Under torchrun, a failure that every process meets (a bad setting) must show
+    once: the other processes wait a few seconds first, and are stopped by torchrun when process 0 has failed."""
+    if "LOCAL_RANK" in os.environ and (not is_main_process() or message is None):
+        time.sleep(3)
+    if message:
+        print(message, file=sys.stderr)
 
 
 if __name__ == "__main__":
