@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent
 # -----------------------------------------------------------------------------
 # config: plain constants; override any of them as --name=value
 # data
-dataset = "auto"            # 'auto' (Flickr8k if present, else the demo), 'demo', 'flickr8k' or 'flickr30k'
+dataset = "auto"            # 'auto' (Flickr8k if present, else the demo), 'demo', 'flickr8k', 'flickr30k', 'coco'
 data_dir = ""               # '' means resources/input/<dataset>
 encoder_weights = "resources/models/resnet50-19c8e357.pth"  # fetched by ./setup.sh
 output_dir = ""             # '' means resources/output/<dataset>
@@ -158,8 +158,8 @@ def resolve_settings(overrides=None, echo=None):
     overrides = dict(overrides or {})
     values = {name: globals()[name] for name in CONFIG_NAMES} | overrides
     source = {name: "command line" for name in overrides}
-    if values["dataset"] not in ("auto", "demo", "flickr8k", "flickr30k"):
-        raise UserError(f"--dataset={values['dataset']!r}: expected 'auto', 'demo', 'flickr8k' or 'flickr30k'")
+    if values["dataset"] not in ("auto", "demo", "flickr8k", "flickr30k", "coco"):
+        raise UserError(f"--dataset={values['dataset']!r}: expected 'auto', 'demo', 'flickr8k', 'flickr30k' or 'coco'")
     if values["dataset"] == "auto":
         found = ("--data_dir given" if values["data_dir"] else
                  (ROOT / "resources/input/flickr8k").is_dir() and "found resources/input/flickr8k")
@@ -342,8 +342,8 @@ class Vocabulary:
 
 # -----------------------------------------------------------------------------
 # dataset: caption files, image folders, splits
-CAPTION_FILES = ["dataset_flickr8k.json", "dataset_flickr30k.json", "captions.txt", "results.csv",
-                 "Flickr8k.token.txt"]
+CAPTION_FILES = ["dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json", "captions.txt",
+                 "results.csv", "Flickr8k.token.txt"]
 IMAGE_DIRS = ["Images", "flickr30k_images/flickr30k_images", "flickr30k_images", "Flicker8k_Dataset",
               "Flickr8k_Dataset"]
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
@@ -442,7 +442,8 @@ def karpathy_rows(path, text):
             if not isinstance(sentence, dict) or not isinstance(sentence.get("raw"), str):
                 raise UserError(f"{entry}: sentences[{j}] has no 'raw' caption string ({sentence!r:.60}): {fix}")
         split = {"restval": "train"}.get(image["split"], image["split"])
-        rows += [(image["filename"], sentence["raw"], split) for sentence in image["sentences"]]
+        name = f"{image['filepath']}/{image['filename']}" if image.get("filepath") else image["filename"]  # COCO's
+        rows += [(name, sentence["raw"], split) for sentence in image["sentences"]]
     return rows
 
 
@@ -455,6 +456,8 @@ def find_dataset_files(folder):
     caption_file = next((p / name for name in CAPTION_FILES for p in places if (p / name).is_file()), None)
     if caption_file is None:
         raise UserError(f"no caption file in {folder}: expected one of {', '.join(CAPTION_FILES)}")
+    if caption_file.name == "dataset_coco.json":  # its images are in train2014/ and val2014/, named with them
+        return caption_file, folder
     image_dir = next((folder / d for d in IMAGE_DIRS if (folder / d).is_dir()
                       and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (folder / d).iterdir())), None)
     if image_dir is None:
@@ -500,7 +503,7 @@ def load_captions(folder, seed, max_images=0):
     """Caption table with a split column, for images that exist; reports everything it dropped."""
     caption_file, image_dir = find_dataset_files(folder)
     frame, dropped = read_captions(caption_file)
-    present = {p.name for p in image_dir.iterdir()}
+    present = {name for name in frame["image"].unique() if (image_dir / name).is_file()}
     missing = sorted(set(frame["image"]) - present)
     if missing:
         warn(f"{len(missing)} image(s) named in {caption_file.name} are not in {image_dir}, skipped: "
@@ -1070,12 +1073,15 @@ def tensor_sha256(tensor):
     return hashlib.sha256(tensor.contiguous().numpy()).hexdigest()  # hashed in place: no copy of a memory map
 
 
-def extract_features(resnet, image_dir, names, transform, device, batch_size=64, num_workers=2, grid_cells=0):
+def extract_features(resnet, image_dir, names, transform, device, batch_size=64, num_workers=2, grid_cells=0,
+                     into=None):
     """Pooled 2048-d ResNet50 features of each image (N, 2048) or, with grid_cells, its grid (N, L, 2048) in
-    float16 (as fast as the machine allows), the names of the images read and of those that failed."""
+    float16 (as fast as the machine allows), the names of the images read and of those that failed. into: a
+    file that holds the features instead of RAM (the kernel writes them out as memory runs short)."""
     resnet = resnet.to(device).eval().to(memory_format=torch.channels_last)
-    features = torch.zeros(len(names), grid_cells, 2048, dtype=torch.float16) if grid_cells else \
-        torch.zeros(len(names), 2048)
+    shape, dtype = (len(names), *([grid_cells] * bool(grid_cells)), 2048), torch.float16 if grid_cells else torch.float
+    features = torch.from_file(str(into), True, math.prod(shape), dtype=dtype).view(shape) if into else \
+        torch.zeros(shape, dtype=dtype)
     ok = torch.zeros(len(names), dtype=torch.bool)
     bar = tqdm(total=len(names), desc="ResNet50 features", unit="img", leave=False)
     with torch.inference_mode(), autocast(device):
@@ -1117,16 +1123,19 @@ def cached_features(weights, image_dir, names, transform, cache_folder, device, 
         return cache
     path.parent.mkdir(parents=True, exist_ok=True)
     needed, free = len(names) * 2048 * (2 * grid_cells or 4), shutil.disk_usage(path.parent).free
-    if needed > free:
-        raise UserError(f"the feature cache needs {needed / 1e9:.2f} GB in {path.parent} but only {free / 1e9:.2f} GB "
-                        f"is free: free some space, or choose another --cache_dir")
+    if 2 * needed > free:  # the features as extracted, and the cache file written from them
+        raise UserError(f"the feature cache needs {needed / 1e9:.2f} GB in {path.parent}, and twice that while it is "
+                        f"written, but only {free / 1e9:.2f} GB is free: free some space, or choose another --cache_dir")
     start, (rank, size) = time.time(), rank_and_size()
     share = names[len(names) * rank // size:len(names) * (rank + 1) // size]  # each image in one process
+    scratch = path.with_name(f"{path.name}.{rank}.scratch")  # at COCO's size, a grid is too big for RAM
+    scratch.unlink(missing_ok=True)
     features, good, failed = extract_features(load_resnet50(weights), image_dir, share, transform, device,
-                                              max(batch_size, 64), num_workers, grid_cells)
+                                              max(batch_size, 64), num_workers, grid_cells, into=scratch)
     if size > 1:  # the shares meet in cache_dir, which every process must see (on several machines: shared)
         atomic_save({"features": features, "images": good, "failed": failed}, path.with_name(f"{path.name}.{rank}"))
         del features
+        scratch.unlink()
         wait_for_all()
         if rank == 0:
             features, good, failed = gather_shares(path, size)
@@ -1137,6 +1146,7 @@ def cached_features(weights, image_dir, names, transform, cache_folder, device, 
         atomic_save({"key": key, "images": good, "failed": failed, "features": features,
                      "sha256": tensor_sha256(features)}, path)
         del features
+        scratch.unlink(missing_ok=True)
         for share in range(size * (size > 1)):
             path.with_name(f"{path.name}.{share}").unlink()
     wait_for_all()

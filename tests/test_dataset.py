@@ -375,3 +375,42 @@ def test_demo_images_vary_and_two_shape_captions_say_where(tmp_path):
     singles = [pixels[name] for name in shapes.index if ";" not in shapes[name]]
     areas = [(np.abs(p.astype(int) - p[0, 0]).sum(-1) > 60).mean() for p in singles]
     assert np.std(areas) > 0.1 * np.mean(areas)  # shape sizes vary
+
+
+def write_coco(folder, n_images=30):
+    """MS-COCO's layout in miniature: dataset_coco.json (Karpathy's), train2014/ and val2014/. Val and test images
+    come from val2014, as does restval (trained on), like the 113,287 / 5,000 / 5,000 split."""
+    entries, rng = [], np.random.default_rng(0)
+    for i in range(n_images):
+        split = ["val", "test", "restval", "train", "train", "train"][i % 6]
+        folder_name = "train2014" if split == "train" else "val2014"
+        name = f"COCO_{folder_name}_{i:012d}.jpg"
+        (folder / folder_name).mkdir(parents=True, exist_ok=True)
+        colour = rng.integers(0, 255, 3)
+        Image.fromarray(np.broadcast_to(colour, (40, 50, 3)).astype(np.uint8)).save(folder / folder_name / name)
+        sentences = [{"raw": f"A {'red' if colour[0] > 127 else 'dark'} picture number {j} .", "tokens": []}
+                     for j in range(5)]
+        entries.append({"filepath": folder_name, "filename": name, "split": split, "cocoid": i,
+                        "sentences": sentences})
+    (folder / "dataset_coco.json").write_text(json.dumps({"images": entries, "dataset": "coco"}))
+    return folder
+
+
+def test_coco_karpathy_split_and_image_folders(tmp_path):
+    frame, image_dir = cap.load_captions(write_coco(tmp_path / "coco"), seed=0)
+    assert image_dir == tmp_path / "coco"
+    splits = frame.drop_duplicates("image").set_index("image")["split"]
+    assert splits.value_counts().to_dict() == {"train": 20, "val": 5, "test": 5}  # restval is trained on
+    assert splits["val2014/COCO_val2014_000000000002.jpg"] == "train"  # restval
+    assert splits["train2014/COCO_train2014_000000000003.jpg"] == "train"
+    assert all((image_dir / name).is_file() for name in splits.index)
+
+
+def test_a_coco_run_trains_and_reports(tmp_path, random_weights):
+    data_dir, out = write_coco(tmp_path / "coco"), tmp_path / "out"
+    assert cap.main(["--dataset=coco", f"--data_dir={data_dir}", f"--output_dir={out}",
+                     f"--cache_dir={tmp_path / 'cache'}", f"--encoder_weights={random_weights}", "--num_epochs=1",
+                     "--image_size=32", "--embed_size=16", "--hidden_size=32", "--freq_threshold=1", "--beam_size=1",
+                     "--sample_every=0", "--num_workers=0"]) == 0
+    captions = pd.read_csv(out / "test_captions.csv")
+    assert len(captions) == 5 and captions["image"].str.startswith("val2014/COCO_val2014_").all()

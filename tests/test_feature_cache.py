@@ -118,6 +118,6 @@ def test_too_little_disk_space_is_said_before_extracting(tmp_path, images, rando
     monkeypatch.setattr(cap.shutil, "disk_usage", lambda path: usage._replace(free=100_000))
     monkeypatch.setattr(cap, "extract_features", lambda *a, **k: pytest.fail("extracted without room"))
     needed = 5 * 49 * 2048 * 2 / 1e9  # 5 grids of 7x7 cells in float16
-    with pytest.raises(cap.UserError, match=f"the feature cache needs {needed:.2f} GB in .*cache but only 0.00 GB "
-                                            f"is free: free some space, or choose another --cache_dir"):
+    with pytest.raises(cap.UserError, match=f"the feature cache needs {needed:.2f} GB in .*cache, and twice that "
+                                            f"while it is written, but only 0.00 GB is free: free some space"):
         cap.cached_features(*cache_args(tmp_path, random_weights, folder, names, size=224), grid_cells=49)
