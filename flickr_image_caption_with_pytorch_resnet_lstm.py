@@ -1455,7 +1455,8 @@ def train(cfg, device):
     model.to(device)
     vocab = model.vocab
     # with torchrun, DDP averages the gradients of the processes; else the model as it is
-    ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None) if size > 1 else model
+    ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None, broadcast_buffers=False) \
+        if size > 1 else model  # the buffers (feature statistics) never change
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     train_set = FlickrDataset(data.split("train"), vocab, data.source, cfg.max_train_caption_len)
     val_set = FlickrDataset(data.split("val"), vocab, data.source)
