@@ -135,7 +135,7 @@ def main(argv):
     def decoder_only():
         for images, captions in in_memory:
             with cap.autocast(device):
-                loss, _, _ = model.loss(images, captions)
+                loss, _, _ = model(images, captions)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -119,8 +119,8 @@ def test_the_doubly_stochastic_penalty_is_training_only():
     cells, captions = torch.randn(3, 4, 2048), torch.randint(4, len(vocab), (3, 6))
     captions[0, 4:] = cap.Vocabulary.PAD  # a shorter caption: its padding looks at nothing
     with torch.no_grad():
-        trained, _, _ = model.train().loss(cells, captions)
-        validated, logits, targets = model.eval().loss(cells, captions)
+        trained, _, _ = model.train()(cells, captions)
+        validated, logits, targets = model.eval()(cells, captions)
         _, alphas = model.decoder(model.encoder(cells), captions, alphas=True)  # (3, 5, 4)
     alphas[0, 3:] = 0
     penalty = cap.DOUBLY_STOCHASTIC_WEIGHT * ((1 - alphas.sum(1)) ** 2).mean()
