@@ -1870,7 +1870,7 @@ def main(argv=None):
         say_once(f"error: {error}")
         return 2
     except KeyboardInterrupt:  # outside the training loop (which saves first): nothing to save
-        print("interrupted", file=sys.stderr)
+        say_once("interrupted")
         return 130
     except Exception:
         say_once(None)  # another process's failure (a lost connection) is not shown as this one's
