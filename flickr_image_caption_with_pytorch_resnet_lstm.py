@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import datetime
 import fcntl
 import functools
 import hashlib
@@ -236,7 +237,8 @@ def start_processes(device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+    # the others wait while process 0 writes the feature cache, which at COCO's size takes more than NCCL's 10 minutes
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
                             device_id=device if device.type == "cuda" else None)
     return device
 
@@ -1011,7 +1013,7 @@ class Captioner(nn.Module):
 
 CHECKPOINT_KEYS = {"model_args", "model", "optimizer", "vocab", "freq_threshold", "config", "encoder_weights",
                    "encoder_weights_sha256", "epoch", "step", "batch", "best_score", "loss_sum", "loss_count",
-                   "rng_state", "cuda_rng_state"}
+                   "processes", "rng_state", "cuda_rng_state"}
 
 
 def load_checkpoint(path):
@@ -1076,7 +1078,7 @@ def tensor_sha256(tensor):
 def extract_features(resnet, image_dir, names, transform, device, batch_size=64, num_workers=2, grid_cells=0,
                      into=None):
     """Pooled 2048-d ResNet50 features of each image (N, 2048) or, with grid_cells, its grid (N, L, 2048) in
-    float16 (as fast as the machine allows), the names of the images read and of those that failed. into: a
+    float16 (as fast as the machine allows), and the names of those that could not be read. into: a
     file that holds the features instead of RAM (the kernel writes them out as memory runs short)."""
     resnet = resnet.to(device).eval().to(memory_format=torch.channels_last)
     shape, dtype = (len(names), *([grid_cells] * bool(grid_cells)), 2048), torch.float16 if grid_cells else torch.float
@@ -1092,8 +1094,7 @@ def extract_features(resnet, image_dir, names, transform, device, batch_size=64,
             ok[index] = True
             bar.update(int(index[-1]) + 1 - bar.n)  # up to this batch's last image, unreadable ones included
     bar.close()
-    return (features if ok.all() else features[ok], [n for n, good in zip(names, ok.tolist()) if good],
-            [n for n, good in zip(names, ok.tolist()) if not good])
+    return features, [n for n, good in zip(names, ok.tolist()) if not good]  # an unreadable image's row: zeros
 
 
 def load_cached_features(path, key):
@@ -1130,20 +1131,21 @@ def cached_features(weights, image_dir, names, transform, cache_folder, device, 
     share = names[len(names) * rank // size:len(names) * (rank + 1) // size]  # each image in one process
     scratch = path.with_name(f"{path.name}.{rank}.scratch")  # at COCO's size, a grid is too big for RAM
     scratch.unlink(missing_ok=True)
-    features, good, failed = extract_features(load_resnet50(weights), image_dir, share, transform, device,
-                                              max(batch_size, 64), num_workers, grid_cells, into=scratch)
+    features, failed = extract_features(load_resnet50(weights), image_dir, share, transform, device,
+                                        max(batch_size, 64), num_workers, grid_cells, into=scratch)
+    images = share
     if size > 1:  # the shares meet in cache_dir, which every process must see (on several machines: shared)
-        atomic_save({"features": features, "images": good, "failed": failed}, path.with_name(f"{path.name}.{rank}"))
+        atomic_save({"features": features, "images": images, "failed": failed}, path.with_name(f"{path.name}.{rank}"))
         del features
         scratch.unlink()
         wait_for_all()
         if rank == 0:
-            features, good, failed = gather_shares(path, size)
+            features, images, failed = gather_shares(path, size)
     if rank == 0:
-        seconds = time.time() - start
-        log(f"features: {len(good)} images in {seconds:.1f} s ({len(good) / max(seconds, 1e-9):.1f} images/s"
+        seconds, read = time.time() - start, len(images) - len(failed)
+        log(f"features: {read} images in {seconds:.1f} s ({read / max(seconds, 1e-9):.1f} images/s"
             f"{f' in {size} processes' * (size > 1)}), cached in {path}")
-        atomic_save({"key": key, "images": good, "failed": failed, "features": features,
+        atomic_save({"key": key, "images": images, "failed": failed, "features": features,
                      "sha256": tensor_sha256(features)}, path)
         del features
         scratch.unlink(missing_ok=True)
@@ -1240,7 +1242,8 @@ def prepare_data(cfg, device, image_size, freq_threshold=None, trained=None):
     if cfg.dataset == "demo" and is_main_process():
         demo_banner(cfg)
         make_demo_dataset(cfg.data_dir, cfg.demo_images, image_size)
-    wait_for_all()  # for the demo set
+        encoder_weights_file(cfg)  # without weights, writes the random ones once
+    wait_for_all()  # for the demo set and its weights
     frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
     frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
     vocab = freq_threshold and build_vocabulary(frame.loc[frame["split"] == "train", "tokens"], freq_threshold)
@@ -1267,8 +1270,8 @@ def prepare_data(cfg, device, image_size, freq_threshold=None, trained=None):
         stats = feature_statistics(cache["features"], [source.row[n] for n in train_names])
     else:
         sample = random.Random(cfg.seed).sample(train_names, min(512, len(train_names)))
-        features = extract_features(resnet, image_dir, sample, transform, device, grid_cells=grid_cells)[0]
-        stats = feature_statistics(features, range(len(features)))
+        features, unread = extract_features(resnet, image_dir, sample, transform, device, grid_cells=grid_cells)
+        stats = feature_statistics(features, [i for i, name in enumerate(sample) if name not in unread])
     return Data(frame, source, Path(weights).resolve(), stats, vocab or None, resnet)
 
 
@@ -1371,7 +1374,10 @@ NOT_TRAINING = ("resume", "evaluate", "checkpoint", "caption_figure", "preset", 
 
 def check_resumable(ckpt, cfg, path):
     """Refuses a resume whose settings would make it another run; says which changed settings it applies."""
-    old = ckpt["config"]
+    old, processes = ckpt["config"], rank_and_size()[1]
+    if ckpt["processes"] != processes:  # each step's batch holds batch_size captions per process
+        raise UserError(f"checkpoint {path} was written by a run of {ckpt['processes']} process(es), and this one "
+                        f"has {processes}: resume it with as many (torchrun --nproc_per_node=...), or train afresh")
     for name in RESUME_FIXED:
         if name not in old:
             raise UserError(f"checkpoint {path} does not record {name}: another version of this script wrote it; "
@@ -1482,7 +1488,7 @@ def train(cfg, device):
         vocab.save(out / "vocab.json")
 
     counters = lambda: dict(epoch=epoch, step=step, batch=batch, best_score=best_score,  # noqa: E731
-                            loss_sum=loss_sum, loss_count=loss_count)  # what a checkpoint records of the loop
+                            loss_sum=loss_sum, loss_count=loss_count, processes=size)  # what a checkpoint records
     if main:
         meteor_scorer()  # its JVM loads while the first epoch trains
     sample_names = data.images("val")[:3]
@@ -1535,8 +1541,9 @@ def train(cfg, device):
                     break
             bar.close()
             train_seconds = time.time() - start
-            if stopping and batch < len(batches):
-                break  # mid-epoch: last.pt below records the batch to go on from
+            if stopping or any_process(stop.requested, device):
+                stopping = True
+                break  # before validation: last.pt below records the batch to go on from (at the end: validation)
             epoch, batch = epoch + 1, 0
             start = time.time()
             val_loss, token_accuracy = validation_loss(model, val_set, cfg, device)
@@ -1862,6 +1869,8 @@ def main(argv=None):
         captioning = caption_paths is not None  # then stdout holds only captions
         cfg = resolve_settings(overrides, echo=(lambda m: print(m, file=sys.stderr)) if captioning else log)
         device = pick_device(cfg.device)
+        if captioning and "LOCAL_RANK" in os.environ:
+            raise UserError("--caption runs in one process: run it with python, not torchrun")
         if captioning:
             return caption_images(cfg, caption_paths, overrides.get("encoder_weights"), device)
         device = start_processes(device)  # under torchrun: this process's GPU, and the others

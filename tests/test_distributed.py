@@ -133,3 +133,15 @@ def test_a_failure_in_one_process_ends_all_with_its_message(tmp_path, tiny):
     assert result.returncode != 0 and time.time() - start < 90, "no process is left waiting for the other"
     assert result.stderr.count("error: dataset folder /data/flickr8k is not readable") == 1
     assert "cap.UserError" not in result.stderr and "Connection closed" not in result.stderr
+
+
+def test_a_resume_with_another_number_of_processes_is_refused(tiny, two_processes, capsys):
+    out = two_processes[0]
+    assert cap.main([*tiny(out, "--num_epochs=3", "--batch_size=4", "--log_every=2"), "--resume"]) == 2
+    assert (f"checkpoint {out / 'last.pt'} was written by a run of 2 process(es), and this one has 1: resume it with "
+            f"as many" in capsys.readouterr().err)
+
+
+def test_caption_is_refused_under_torchrun(tmp_path, tiny):
+    result = torchrun("--caption", tmp_path, nproc=1)
+    assert result.returncode != 0 and result.stderr.count("error: --caption runs in one process") == 1

@@ -78,7 +78,8 @@ def test_unreadable_image_is_left_out_and_named(tmp_path, images, random_weights
     folder, names = images
     (folder / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
     cache = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names + ["bad.jpg"]))
-    assert cache["failed"] == ["bad.jpg"] and cache["images"] == names
+    assert cache["failed"] == ["bad.jpg"] and cache["images"] == names + ["bad.jpg"]  # its row is never read
+    assert not cache["features"][-1].any()
 
 
 def test_an_image_replaced_under_the_same_name_rebuilds(tmp_path, images, random_weights):
