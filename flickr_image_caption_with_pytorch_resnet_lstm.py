@@ -254,11 +254,7 @@ def wait_for_all():
 
 def any_process(flag, device):
     """Whether flag is true in any process: every process then takes the same branch."""
-    if not dist.is_initialized():
-        return flag
-    flag = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return sum_over_processes([float(flag)], device)[0] > 0
 
 
 def sum_over_processes(values, device):
@@ -325,13 +321,8 @@ class Vocabulary:
         return [self.stoi.get(token, self.UNK) for token in tokens]
 
     def decode(self, ids):
-        words = []
-        for i in ids:
-            if i == self.EOS:
-                break
-            if i not in (self.PAD, self.SOS):
-                words.append(self.itos[i])
-        return " ".join(words)
+        ids = ids[:ids.index(self.EOS)] if self.EOS in ids else ids
+        return " ".join(self.itos[i] for i in ids if i not in (self.PAD, self.SOS))
 
     def save(self, path):
         Path(path).write_text(json.dumps({"freq_threshold": self.freq_threshold, "itos": self.itos}, indent=0))
@@ -1207,13 +1198,6 @@ class Data:
         return sorted(self.split(split)["image"].unique())
 
 
-def demo_banner(cfg):
-    line = "=" * 100
-    log(f"{line}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run trains on the built-in demo "
-        f"set\n({cfg.demo_images} generated images of coloured shapes). For real captions: ./setup.sh --flickr8k, "
-        f"then run this script again (README: 'Getting the data').\n{line}")
-
-
 def encoder_weights_file(cfg):
     path = Path(cfg.encoder_weights)
     if path.is_file():
@@ -1240,7 +1224,9 @@ def prepare_data(cfg, device, image_size, freq_threshold=None, trained=None):
     encoder inputs of every image that could be read. Every check that needs no computation (the vocabulary, the
     weights of a checkpoint being resumed or evaluated: trained=(path, checkpoint)) comes before the features."""
     if cfg.dataset == "demo" and is_main_process():
-        demo_banner(cfg)
+        log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run trains on the built-in "
+            f"demo set\n({cfg.demo_images} generated images of coloured shapes). For real captions: ./setup.sh "
+            f"--flickr8k, then run this script again (README: 'Getting the data').\n{'=' * 100}")
         make_demo_dataset(cfg.data_dir, cfg.demo_images, image_size)
         encoder_weights_file(cfg)  # without weights, writes the random ones once
     wait_for_all()  # for the demo set and its weights
