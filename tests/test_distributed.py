@@ -21,11 +21,17 @@ TINY = ["--dataset=demo", "--demo_images=120", "--image_size=64", "--embed_size=
 LOSS_TOLERANCE, WEIGHT_TOLERANCE = 0.1, 0.2
 
 
-def torchrun(*args, nproc=2, script=SCRIPT, **kwargs):
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-               str(script), *map(str, args)]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env, **kwargs)
+def torchrun_command(*args, nproc=2, script=SCRIPT):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", str(script),
+            *map(str, args)]
+
+
+ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}  # two processes on a 2-core machine
+
+
+def torchrun(*args, nproc=2, script=SCRIPT):
+    return subprocess.run(torchrun_command(*args, nproc=nproc, script=script), capture_output=True, text=True,
+                          timeout=240, cwd=ROOT, env=ONE_THREAD)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +51,8 @@ def two_processes(tmp_path_factory, tiny):
     stopped run printed, the stopped last.pt, the resumed run's CompletedProcess)."""
     out = tmp_path_factory.mktemp("two")
     args = tiny(out, "--num_epochs=2", "--batch_size=4", "--log_every=2")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(SCRIPT),
-               *args]
     # a terminal's Ctrl-C reaches torchrun and every process of its group
-    proc = subprocess.Popen(command, cwd=ROOT, env=os.environ | {"OMP_NUM_THREADS": "1"}, start_new_session=True,
+    proc = subprocess.Popen(torchrun_command(*args), cwd=ROOT, env=ONE_THREAD, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, log = time.time() + 180, out / "loss_per_batch.csv"
     while time.time() < deadline and not (log.is_file() and 2 in set(pd.read_csv(log)["epoch"])):
