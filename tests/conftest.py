@@ -17,7 +17,7 @@ import flickr_image_caption_with_pytorch_resnet_lstm as cap  # noqa: E402
 
 SCRIPT = ROOT / "flickr_image_caption_with_pytorch_resnet_lstm.py"
 # A small demo run that still shows the model reading the image (see tests/test_training.py for figures).
-SMALL_DEMO = ["--dataset=demo", "--demo_images=1000", "--image_size=96", "--num_epochs=8",
+SMALL_DEMO = ["--dataset=demo", "--demo_images=1000", "--image_size=96", "--num_epochs=16",
               "--batch_size=32", "--learning_rate=0.002", "--embed_size=128", "--hidden_size=256",
               "--sample_every=0", "--num_workers=0", "--seed=3"]
 

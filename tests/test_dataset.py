@@ -204,7 +204,7 @@ def test_unreadable_image_is_dropped_from_a_batch(tmp_path, capsys):
 def test_demo_set_is_made_once_and_never_over_a_users_folder(tmp_path):
     folder = cap.make_demo_dataset(tmp_path / "demo", n_images=12, size=32)
     frame = pd.read_csv(folder / "captions.txt")
-    assert len(list((folder / "Images").iterdir())) == 12 and len(frame) == 60
+    assert len(list((folder / "Images").iterdir())) == 12 and len(frame) == 12 * cap.DEMO_CAPTIONS_PER_IMAGE
     stamp = (folder / "demo.json").stat().st_mtime_ns
     cap.make_demo_dataset(folder, n_images=12, size=32)
     assert (folder / "demo.json").stat().st_mtime_ns == stamp  # reused, not remade
@@ -224,7 +224,8 @@ def test_remaking_the_demo_set_keeps_every_other_file(tmp_path):
     assert (folder / "keep.txt").read_text() == "mine" and (folder / "best.pt").read_bytes() == b"a trained model"
     assert sorted(p.name for p in folder.iterdir()) == ["Images", "best.pt", "captions.txt", "demo.json",
                                                        "keep.txt", "shapes.csv"]
-    assert len(list((folder / "Images").iterdir())) == 8 and len(pd.read_csv(folder / "captions.txt")) == 40
+    captions = pd.read_csv(folder / "captions.txt")
+    assert len(list((folder / "Images").iterdir())) == 8 and len(captions) == 8 * cap.DEMO_CAPTIONS_PER_IMAGE
     assert json.loads((folder / "demo.json").read_text())["images"] == 8
     assert Image.open(folder / "Images" / "demo_00000.jpg").size == (24, 24)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temporary folder left beside it
