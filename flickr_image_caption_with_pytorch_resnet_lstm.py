@@ -96,7 +96,7 @@ CONFIG_NAMES = [k for k, v in globals().items()
 # Presets apply over the constants and under the command line. The demo's is sized to finish in under
 # 5 minutes on a 2-core CPU: its 36-word vocabulary needs no 2-layer 512-unit LSTM, and one layer of 256 takes
 # half the time per step and reads the shapes at least as well.
-PRESETS = {"demo": dict(image_size=128, num_epochs=16, batch_size=64, learning_rate=0.002, lr_schedule="cosine",
+PRESETS = {"demo": dict(image_size=128, num_epochs=20, batch_size=64, learning_rate=0.002, lr_schedule="cosine",
                         embed_size=128, hidden_size=256, num_layers=1)}
 # Settings resolved once per run, then frozen: cfg.learning_rate, never a dictionary that code changes.
 Config = dataclasses.make_dataclass("Config", [(name, type(globals()[name])) for name in CONFIG_NAMES], frozen=True)
@@ -670,7 +670,7 @@ DEMO_ENTRIES = ["Images", "captions.txt", "shapes.csv", "demo.json"]  # all that
 def make_demo_dataset(folder, n_images, size, seed=0):
     """Writes Images/, captions.txt and shapes.csv deterministically; rebuilt only when the settings change."""
     folder = Path(folder)
-    stamp = {"images": n_images, "size": size, "seed": seed, "version": 6}
+    stamp = {"images": n_images, "size": size, "seed": seed, "version": 7}
     if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
         return folder
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "demo.json").is_file():
@@ -705,7 +705,8 @@ def write_demo_set(tmp, n_images, size, seed, stamp):
         image = Image.new("RGB", (big, big), shift(DEMO_BACKGROUNDS[bg], [grey] * 3))  # grey stays grey
         draw = ImageDraw.Draw(image)
         n_shapes = 1 if rng.random() < DEMO_SINGLE_SHARE else 2
-        objects = [(rng.choice(list(DEMO_COLOURS)), rng.choice(DEMO_SHAPES)) for _ in range(n_shapes)]
+        # two shapes always differ in colour and in shape: which colour belongs to which shape is then the question
+        objects = list(zip(rng.sample(list(DEMO_COLOURS), n_shapes), rng.sample(DEMO_SHAPES, n_shapes)))
         # single shapes large and near the centre (what a random-weight encoder can still tell apart); two
         # shapes one in each half, never touching
         if n_shapes == 1:
