@@ -1550,8 +1550,9 @@ def train(cfg, device):
             val_loss, token_accuracy = validation_loss(model, val_set, cfg, device)
             metrics, _ = evaluate_split(model, data, "val", cfg, device)  # None except in process 0
             eval_seconds = time.time() - start
+            train_loss, loss_sum, loss_count = loss_sum / max(loss_count, 1), 0.0, 0  # before the checkpoints
             if main:
-                row = {"epoch": epoch, "train_loss": loss_sum / max(loss_count, 1), "val_loss": val_loss,
+                row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                        "val_token_accuracy": token_accuracy, **metrics, "epoch_seconds": round(train_seconds, 2),
                        "eval_seconds": round(eval_seconds, 2)}
                 append_csv(out / "loss_per_epoch.csv", [row], list(row))
@@ -1562,7 +1563,6 @@ def train(cfg, device):
                 for name in ["best.pt"] * was_best + ["last.pt"]:
                     save_checkpoint(out / name, model, optimizer, cfg, data.weights, counters())
                 plot_history(out)
-            loss_sum, loss_count = 0.0, 0
             print_samples(model, data.source, sample_names, cfg, device, f"end of epoch {epoch}")
         if stopping:
             if main:

@@ -93,7 +93,7 @@ def test_resuming_with_the_other_decoder_is_refused(demo_dirs, random_weights, t
 
 def quick_args(demo_dirs, weights, out, *extra):
     return demo_args(demo_dirs, weights, out, "--num_epochs=3", "--max_batches_per_epoch=12", "--lr_schedule=cosine",
-                     "--warmup_steps=5", *extra)
+                     "--warmup_steps=5", "--beam_size=1", *extra)
 
 
 @pytest.fixture(scope="module")
