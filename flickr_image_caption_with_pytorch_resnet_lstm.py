@@ -1139,30 +1139,25 @@ def cached_features(weights, image_dir, names, transform, cache_folder, device, 
     scratch.unlink(missing_ok=True)
     features, failed = extract_features(load_resnet50(weights), image_dir, share, transform, device,
                                         max(batch_size, 64), num_workers, grid_cells, into=scratch)
-    images = share
+    cache = {"key": key, "images": share, "failed": failed, "features": features}
     if size > 1:  # the shares meet in cache_dir, which every process must see (on several machines: shared)
-        atomic_save({"features": features, "images": images, "failed": failed}, path.with_name(f"{path.name}.{rank}"))
-        del features
-        scratch.unlink()
+        atomic_save(cache, path.with_name(f"{path.name}.{rank}"))
         wait_for_all()
-        if rank == 0:
-            features, images, failed = gather_shares(path, size)
+        cache = rank == 0 and {"key": key, **gather_shares(path, size)}
     if rank == 0:
-        seconds, read = time.time() - start, len(images) - len(failed)
+        seconds, read = time.time() - start, len(cache["images"]) - len(cache["failed"])
         log(f"features: {read} images in {seconds:.1f} s ({read / max(seconds, 1e-9):.1f} images/s"
             f"{f' in {size} processes' * (size > 1)}), cached in {path}")
-        atomic_save({"key": key, "images": images, "failed": failed, "features": features,
-                     "sha256": tensor_sha256(features)}, path)
-        del features
-        scratch.unlink(missing_ok=True)
-        for share in range(size * (size > 1)):
-            path.with_name(f"{path.name}.{share}").unlink()
+        atomic_save(cache | {"sha256": tensor_sha256(cache["features"])}, path)
+    del cache, features
+    scratch.unlink()
     wait_for_all()
     return load_cached_features(path, key)  # memory-mapped: the extracted copy leaves RAM
 
 
 def gather_shares(path, size):
-    """The features, images and failures of every process's share, in order (each share read from its file)."""
+    """The features, images and failures of every process's share, in order (each share read from its file, which
+    is then removed). Called by process 0 once every process has written its share."""
     shares = []
     for rank in range(size):
         try:
@@ -1170,8 +1165,11 @@ def gather_shares(path, size):
         except OSError:
             raise UserError(f"process {rank}'s share of the features is not in {path.parent}: with several "
                             f"machines, --cache_dir must be a shared folder that every process can read") from None
-    return (torch.cat([s["features"] for s in shares]), sum((s["images"] for s in shares), []),
-            sum((s["failed"] for s in shares), []))
+    gathered = {"features": torch.cat([s["features"] for s in shares]),
+                "images": sum((s["images"] for s in shares), []), "failed": sum((s["failed"] for s in shares), [])}
+    for rank in range(size):
+        path.with_name(f"{path.name}.{rank}").unlink()
+    return gathered
 
 
 def atomic_save(obj, path):
@@ -1213,6 +1211,9 @@ class Data:
         return sorted(self.split(split)["image"].unique())
 
 
+RANDOM_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # the demo's, without ./setup.sh
+
+
 def encoder_weights_file(cfg):
     path = Path(cfg.encoder_weights)
     if path.is_file():
@@ -1221,7 +1222,7 @@ def encoder_weights_file(cfg):
         raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
     warn(f"no ResNet50 weights at {path}: the demo uses a randomly initialised (still frozen) ResNet50. "
          f"./setup.sh downloads the ImageNet weights.")
-    return random_resnet50_weights(ROOT / "resources/models/resnet50-random-init.pth")
+    return random_resnet50_weights(RANDOM_WEIGHTS)
 
 
 def feature_statistics(features, rows):
@@ -1243,7 +1244,8 @@ def prepare_data(cfg, device, image_size, freq_threshold=None, trained=None):
             f"demo set\n({cfg.demo_images} generated images of coloured shapes). For real captions: ./setup.sh "
             f"--flickr8k, then run this script again (README: 'Getting the data').\n{'=' * 100}")
         make_demo_dataset(cfg.data_dir, cfg.demo_images, image_size)
-        encoder_weights_file(cfg)  # without weights, writes the random ones once
+        if not Path(cfg.encoder_weights).is_file():  # written once, before the other processes look for it
+            random_resnet50_weights(RANDOM_WEIGHTS)
     wait_for_all()  # for the demo set and its weights
     frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
     frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
@@ -1438,6 +1440,37 @@ def save_checkpoint(path, model, optimizer, cfg, weights, counters):
                  "cuda_rng_state": torch.cuda.get_rng_state_all()}, path)
 
 
+def build_or_resume(cfg, data, ckpt, resume_from):
+    """A new model from the settings, or the one in the checkpoint being resumed (on the same vocabulary)."""
+    torch.manual_seed(cfg.seed)  # after the data: the model's initial weights never depend on what was cached
+    if ckpt:
+        model, _ = load_captioner(resume_from, data.resnet, ckpt, cfg.decoder)
+        if model.vocab.itos != data.vocab.itos:
+            raise UserError(f"checkpoint {resume_from} has a different vocabulary ({len(model.vocab)} words, now "
+                            f"{len(data.vocab)}): the captions in {cfg.data_dir} changed since it was written; "
+                            f"train afresh")
+        return model
+    model = Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.dropout, cfg.image_size,
+                      data.resnet, cfg.decoder)
+    model.encoder.feature_mean.copy_(data.feature_stats[0])
+    model.encoder.feature_std.copy_(data.feature_stats[1])
+    return model
+
+
+def record_losses(pending, epoch, vocab_size, cfg, device):
+    """The losses of the pending steps [(step, lr, loss on the device)], averaged over the processes, checked for
+    divergence and appended to loss_per_batch.csv: one read-back from the device for log_every steps."""
+    losses = sum_over_processes((torch.stack([loss for _, _, loss in pending]) / rank_and_size()[1]).tolist(), device)
+    bad = [(s, v) for (s, _, _), v in zip(pending, losses) if diverged(v, vocab_size)]
+    if bad:
+        raise UserError(f"the training loss diverged at epoch {epoch}, step {bad[0][0]} (loss {bad[0][1]:.4g}): "
+                        f"lower --learning_rate (now {cfg.learning_rate}). No checkpoint was written after that step")
+    if is_main_process():
+        append_csv(Path(cfg.output_dir) / "loss_per_batch.csv", [(epoch, s, r, v) for (s, r, _), v in
+                                                                 zip(pending, losses)], ["epoch", "step", "lr", "loss"])
+    return losses
+
+
 def train(cfg, device):
     """Trains, validates every epoch, keeps best.pt (validation CIDEr) and last.pt, then reports on test."""
     out, (rank, size), main = Path(cfg.output_dir), rank_and_size(), is_main_process()
@@ -1447,19 +1480,7 @@ def train(cfg, device):
     if ckpt:
         check_resumable(ckpt, cfg, resume_from)
     data = prepare_data(cfg, device, cfg.image_size, cfg.freq_threshold, ckpt and (resume_from, ckpt))
-    torch.manual_seed(cfg.seed)  # after the data: the model's initial weights never depend on what was cached
-    if ckpt:
-        model, _ = load_captioner(resume_from, data.resnet, ckpt, cfg.decoder)
-        if model.vocab.itos != data.vocab.itos:
-            raise UserError(f"checkpoint {resume_from} has a different vocabulary ({len(model.vocab)} words, now "
-                            f"{len(data.vocab)}): the captions in {cfg.data_dir} changed since it was written; "
-                            f"train afresh")
-    else:
-        model = Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.dropout, cfg.image_size,
-                          data.resnet, cfg.decoder)
-        model.encoder.feature_mean.copy_(data.feature_stats[0])
-        model.encoder.feature_std.copy_(data.feature_stats[1])
-    model.to(device)
+    model = build_or_resume(cfg, data, ckpt, resume_from).to(device)
     vocab = model.vocab
     # with torchrun, DDP averages the gradients of the processes; else the model as it is
     ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None, broadcast_buffers=False) \
@@ -1478,20 +1499,17 @@ def train(cfg, device):
             torch.set_rng_state(ckpt["rng_state"])
             if torch.cuda.is_available() and ckpt["cuda_rng_state"]:
                 torch.cuda.set_rng_state_all(ckpt["cuda_rng_state"])
-        if main:
-            truncate_csv(out / "loss_per_batch.csv", "step", step)
-            truncate_csv(out / "loss_per_epoch.csv", "epoch", epoch)
         log(f"resuming from {resume_from}: epoch {epoch} done, step {step}")
-    elif main:
-        for name in ("loss_per_batch.csv", "loss_per_epoch.csv"):
-            (out / name).unlink(missing_ok=True)
-    if main:
+    if main:  # the logs keep their rows up to the checkpoint, or start afresh
+        for name, column, last in (("loss_per_batch.csv", "step", step), ("loss_per_epoch.csv", "epoch", epoch)):
+            if ckpt:
+                truncate_csv(out / name, column, last)
+            else:
+                (out / name).unlink(missing_ok=True)
         vocab.save(out / "vocab.json")
-
+        meteor_scorer()  # its JVM loads while the first epoch trains
     counters = lambda: dict(epoch=epoch, step=step, batch=batch, best_score=best_score,  # noqa: E731
                             loss_sum=loss_sum, loss_count=loss_count, processes=size)  # what a checkpoint records
-    if main:
-        meteor_scorer()  # its JVM loads while the first epoch trains
     sample_names = data.images("val")[:3]
     stopping = False
     with CtrlC() as stop:
@@ -1523,16 +1541,7 @@ def train(cfg, device):
                 stopping = (batch % cfg.log_every == 0 or batch == len(batches) or size == 1) and \
                     any_process(stop.requested, device)
                 if pending and (len(pending) >= cfg.log_every or batch == len(batches) or stopping):
-                    losses = (torch.stack([loss for _, _, loss in pending]) / size).tolist()
-                    losses = sum_over_processes(losses, device)  # the mean over the processes
-                    bad = [(s, v) for (s, _, _), v in zip(pending, losses) if diverged(v, len(vocab))]
-                    if bad:
-                        raise UserError(f"the training loss diverged at epoch {epoch + 1}, step {bad[0][0]} (loss "
-                                        f"{bad[0][1]:.4g}): lower --learning_rate (now {cfg.learning_rate}). "
-                                        f"No checkpoint was written after that step")
-                    if main:
-                        append_csv(out / "loss_per_batch.csv", [(epoch + 1, s, r, v) for (s, r, _), v in
-                                                                 zip(pending, losses)], ["epoch", "step", "lr", "loss"])
+                    losses = record_losses(pending, epoch + 1, len(vocab), cfg, device)
                     loss_sum, loss_count = loss_sum + sum(losses), loss_count + len(losses)
                     bar.set_postfix(loss=f"{losses[-1]:.3f}", avg=f"{loss_sum / loss_count:.3f}")
                     pending.clear()
