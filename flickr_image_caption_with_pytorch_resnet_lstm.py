@@ -1791,6 +1791,12 @@ def save_caption_figure(items, path, maps=None):
     plt.close(fig)
 
 
+def whole_epochs(*axes):
+    from matplotlib.ticker import MaxNLocator
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epoch 2, not 2.5
+
+
 def plot_history(out):
     plt = pyplot()
     batches, epochs = pd.read_csv(out / "loss_per_batch.csv"), pd.read_csv(out / "loss_per_epoch.csv")
@@ -1798,6 +1804,7 @@ def plot_history(out):
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
     batches.plot(x="step", y=["loss", "mean of 50"], ax=left, ylabel="training loss", title="loss per batch")
     epochs.plot(x="epoch", y=["train_loss", "val_loss"], style="o-", ax=right, ylabel="loss", title="loss per epoch")
+    whole_epochs(right)
     fig.savefig(out / "loss_graph.png", dpi=90)
     plt.close(fig)
     scores = 100 * epochs.set_index("epoch")[["val_token_accuracy", "BLEU-1", "BLEU-4", "METEOR", "ROUGE-L",
@@ -1806,6 +1813,7 @@ def plot_history(out):
     scores.drop(columns="CIDEr").plot(style="o-", ax=left, ylabel="score x 100", title="validation metrics")
     scores[["CIDEr"]].plot(style="o-", color="tab:brown", ax=right, ylabel="score x 100",
                            title="validation CIDEr (best.pt: the epoch of its best)")
+    whole_epochs(left, right)
     fig.savefig(out / "metrics_graph.png", dpi=90)
     plt.close(fig)
 
