@@ -670,7 +670,7 @@ DEMO_ENTRIES = ["Images", "captions.txt", "shapes.csv", "demo.json"]  # all that
 def make_demo_dataset(folder, n_images, size, seed=0):
     """Writes Images/, captions.txt and shapes.csv deterministically; rebuilt only when the settings change."""
     folder = Path(folder)
-    stamp = {"images": n_images, "size": size, "seed": seed, "version": 7}
+    stamp = {"images": n_images, "size": size, "seed": seed, "version": 8}
     if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
         return folder
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "demo.json").is_file():
@@ -705,8 +705,9 @@ def write_demo_set(tmp, n_images, size, seed, stamp):
         image = Image.new("RGB", (big, big), shift(DEMO_BACKGROUNDS[bg], [grey] * 3))  # grey stays grey
         draw = ImageDraw.Draw(image)
         n_shapes = 1 if rng.random() < DEMO_SINGLE_SHARE else 2
-        # two shapes always differ in colour and in shape: which colour belongs to which shape is then the question
-        objects = list(zip(rng.sample(list(DEMO_COLOURS), n_shapes), rng.sample(DEMO_SHAPES, n_shapes)))
+        # two shapes may share a colour or a shape, never both: which colour belongs to which shape, and which
+        # is where, is then the question, and no combination can be guessed from what the other one is
+        objects = rng.sample([(c, s) for c in DEMO_COLOURS for s in DEMO_SHAPES], n_shapes)
         # single shapes large and near the centre (what a random-weight encoder can still tell apart); two
         # shapes one in each half, never touching
         if n_shapes == 1:
