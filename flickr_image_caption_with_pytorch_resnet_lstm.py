@@ -643,7 +643,7 @@ DEMO_SINGLE_SHARE = 2 / 3   # the rest have two shapes, one on each side
 DEMO_SHADE = 15             # each channel of a shape's colour varies by up to this much (0-255)
 DEMO_BACKGROUND_SHADE = 20  # and the background's grey level by up to this much
 DEMO_SINGLE_PLACE = dict(x=(0.45, 0.55), y=(0.45, 0.55), extent=(0.5, 0.75))  # fractions of the image
-DEMO_PAIR_PLACE = dict(left=(0.24, 0.26), right=(0.74, 0.76), y=(0.46, 0.54), extent=(0.4, 0.46))  # never touch
+DEMO_PAIR_PLACE = dict(left=(0.24, 0.26), right=(0.74, 0.76), y=(0.35, 0.65), extent=(0.4, 0.46))  # never touch
 DEMO_CAPTIONS_PER_IMAGE = 3  # of the templates below, drawn without repeats
 ONE_SHAPE_CAPTIONS = ["a {c} {s} .", "a {c} {s} on a {bg} background .", "there is a {c} {s} on a {bg} background .",
                       "a large {c} {s} in the middle of the picture .", "a picture of a {c} {s} .",
@@ -670,7 +670,7 @@ DEMO_ENTRIES = ["Images", "captions.txt", "shapes.csv", "demo.json"]  # all that
 def make_demo_dataset(folder, n_images, size, seed=0):
     """Writes Images/, captions.txt and shapes.csv deterministically; rebuilt only when the settings change."""
     folder = Path(folder)
-    stamp = {"images": n_images, "size": size, "seed": seed, "version": 8}
+    stamp = {"images": n_images, "size": size, "seed": seed, "version": 9}
     if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
         return folder
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "demo.json").is_file():
@@ -709,7 +709,7 @@ def write_demo_set(tmp, n_images, size, seed, stamp):
         # is where, is then the question, and no combination can be guessed from what the other one is
         objects = rng.sample([(c, s) for c in DEMO_COLOURS for s in DEMO_SHAPES], n_shapes)
         # single shapes large and near the centre (what a random-weight encoder can still tell apart); two
-        # shapes one in each half, never touching
+        # shapes one in each half, each at its own height, never touching
         if n_shapes == 1:
             p = DEMO_SINGLE_PLACE
             places = [(rng.uniform(*p["x"]), rng.uniform(*p["y"]), rng.uniform(*p["extent"]))]
