@@ -10,7 +10,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
-from conftest import cap, demo_args, greedy_decode, run_script
+from conftest import cap, demo_args, greedy_decode
 
 REFS = {"a": ["A dog runs on the grass .", "a brown dog is running", "The dog runs outside ."],
         "b": ["Two children play football .", "kids playing with a ball", "two kids kick a ball on a field"],
@@ -83,11 +83,11 @@ def test_beam_search_returns_the_best_hypothesis_when_none_ends(trained):
     assert all(len(ids) == 2 for ids in beams)  # cut at max_len: still a caption, not nothing
 
 
-def test_evaluate_mode_prints_the_metrics_table(trained_demo, demo_dirs, random_weights):
+def test_evaluate_mode_prints_the_metrics_table(trained_demo, demo_dirs, random_weights, capsys):
     (trained_demo / "test_metrics.json").unlink()
-    result = run_script(*demo_args(demo_dirs, random_weights, trained_demo, "--evaluate"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "test split, 100 images, beam 3" in result.stdout and "CIDEr" in result.stdout
+    assert cap.main(demo_args(demo_dirs, random_weights, trained_demo, "--evaluate")) == 0
+    printed = capsys.readouterr().out
+    assert "test split, 100 images, beam 3" in printed and "CIDEr" in printed
     report = json.loads((trained_demo / "test_metrics.json").read_text())
     assert report["checkpoint"].endswith("best.pt") and report["BLEU-1"] > 0
     assert (report["METEOR"] > 0) if shutil.which("java") else report["METEOR"] is None

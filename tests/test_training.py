@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import SCRIPT, cap, demo_args, run_script, second_renderer_accuracy, shared
+from conftest import SCRIPT, cap, demo_args, second_renderer_accuracy, shared
 
 OUTPUTS = ["loss_per_batch.csv", "loss_per_epoch.csv", "loss_graph.png", "metrics_graph.png", "vocab.json",
            "config.json", "last.pt", "best.pt", "test_metrics.json", "test_captions.csv", "test_examples.png"]
@@ -145,7 +145,8 @@ def wait_for(condition, process, seconds=240):
         time.sleep(0.02)
 
 
-def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, demo_dirs, random_weights, uninterrupted):
+def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, demo_dirs, random_weights, uninterrupted,
+                                                           capsys):
     out = tmp_path / "out"
     process = start_training(quick_args(demo_dirs, random_weights, out))
     wait_for(lambda: (out / "last.pt").exists(), process)
@@ -153,9 +154,8 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path, demo_dirs, r
     process.wait()
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["epoch"] >= 1
-    result = run_script(*quick_args(demo_dirs, random_weights, out, "--resume"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "resuming from" in result.stdout
+    assert cap.main(quick_args(demo_dirs, random_weights, out, "--resume")) == 0  # in process: quicker
+    assert "resuming from" in capsys.readouterr().out
     assert_same_run(out, uninterrupted)
 
 
@@ -170,8 +170,7 @@ def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(tmp_path, demo_dirs, random_
     assert "--resume" in output and "interrupted: saved" in output
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["step"] >= 3
-    result = run_script(*quick_args(demo_dirs, random_weights, out, "--log_every=1", "--resume"))
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert cap.main(quick_args(demo_dirs, random_weights, out, "--log_every=1", "--resume")) == 0
     assert_same_run(out, uninterrupted)
 
 
@@ -225,13 +224,14 @@ def copy_run(source, target):
     return target
 
 
-def test_resume_applies_a_changed_learning_rate_and_records_it(tmp_path, demo_dirs, random_weights, uninterrupted):
+def test_resume_applies_a_changed_learning_rate_and_records_it(tmp_path, demo_dirs, random_weights, uninterrupted,
+                                                               capsys):
     out = copy_run(uninterrupted, tmp_path / "out")
-    result = run_script(*quick_args(demo_dirs, random_weights, out, "--resume", "--num_epochs=4",
-                                    "--learning_rate=0.001"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "resume: learning_rate was 0.002, now 0.001 (applied from here on)" in result.stdout
-    assert "resume: num_epochs was 3, now 4" in result.stdout
+    assert cap.main(quick_args(demo_dirs, random_weights, out, "--resume", "--num_epochs=4",
+                               "--learning_rate=0.001")) == 0
+    printed = capsys.readouterr().out
+    assert "resume: learning_rate was 0.002, now 0.001 (applied from here on)" in printed
+    assert "resume: num_epochs was 3, now 4" in printed
     batches = pd.read_csv(out / "loss_per_batch.csv")
     cfg = cap.resolve_settings(cap.parse_args(quick_args(demo_dirs, random_weights, out, "--num_epochs=4",
                                                          "--learning_rate=0.001"))[0])
@@ -244,14 +244,13 @@ def test_resume_applies_a_changed_learning_rate_and_records_it(tmp_path, demo_di
 
 
 def test_a_diverging_loss_stops_the_run_and_keeps_the_good_checkpoint(tmp_path, demo_dirs, random_weights,
-                                                                       uninterrupted):
+                                                                       uninterrupted, capsys):
     out = copy_run(uninterrupted, tmp_path / "out")
     before = (out / "last.pt").read_bytes(), (out / "best.pt").read_bytes()
-    result = run_script(*quick_args(demo_dirs, random_weights, out, "--resume", "--num_epochs=4",
-                                    "--learning_rate=1e9"))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "error: the training loss diverged at epoch 4, step" in result.stderr and "lower --learning_rate" in \
-        result.stderr
+    assert cap.main(quick_args(demo_dirs, random_weights, out, "--resume", "--num_epochs=4",
+                               "--learning_rate=1e9")) == 2  # a UserError: one line, no traceback
+    error = capsys.readouterr().err
+    assert "error: the training loss diverged at epoch 4, step" in error and "lower --learning_rate" in error
     assert ((out / "last.pt").read_bytes(), (out / "best.pt").read_bytes()) == before
     fresh = tmp_path / "fresh"
     assert cap.main(quick_args(demo_dirs, random_weights, fresh, "--learning_rate=1e9")) == 2
@@ -288,8 +287,7 @@ def test_an_unusable_output_dir_is_one_line(tmp_path, demo_dirs, random_weights,
 def test_resume_with_an_empty_batch_log(tmp_path, demo_dirs, random_weights, uninterrupted):
     out = copy_run(uninterrupted, tmp_path / "out")
     (out / "loss_per_batch.csv").write_text("")  # killed before its first row reached the disk
-    result = run_script(*quick_args(demo_dirs, random_weights, out, "--resume", "--num_epochs=4"))
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert cap.main(quick_args(demo_dirs, random_weights, out, "--resume", "--num_epochs=4")) == 0
     assert pd.read_csv(out / "loss_per_batch.csv")["epoch"].unique().tolist() == [4]
 
 
