@@ -100,7 +100,9 @@ def test_import_has_no_side_effects(tmp_path):
                                           ("--seed=100000000000000000", "--seed=100000000000000000: must be"),
                                           ("--lr_schedule=linear", "--lr_schedule=linear: must be 'constant' or"),
                                           ("--preset=huge", "--preset='huge': expected"),
-                                          ("--warmup_steps=-5", "must be 0 or more")])
+                                          ("--warmup_steps=-5", "must be 0 or more"),
+                                          ("--best_metric=cider", "--best_metric=cider: must be 'CIDEr', 'BLEU-4'"),
+                                          ("--best_metric=demo_accuracy", "or, on the demo, 'demo_accuracy'")])
 def test_impossible_values_are_refused(arg, message):
     with pytest.raises(cap.UserError, match=re.escape(message)):
         settings("--dataset=flickr8k", arg)
