@@ -171,7 +171,7 @@ def resolve_settings(overrides=None, echo=None):
     preset = values["dataset"] if values["preset"] == "auto" else values["preset"]
     if preset in PRESETS:
         for name, value in PRESETS[preset].items():
-            if name not in overrides:
+            if name not in overrides and not (value == "demo_accuracy" and values["dataset"] != "demo"):
                 values[name], source[name] = value, f"{preset} preset; --preset=none keeps the constants"
     elif values["preset"] not in ("auto", "none"):
         raise UserError(f"--preset={values['preset']!r}: expected 'auto', 'none' or one of {', '.join(PRESETS)}")
@@ -1380,11 +1380,12 @@ RESUME_FIXED = ("dataset", "data_dir", "max_images", "demo_images", "image_size"
                 "embed_size", "hidden_size", "num_layers", "dropout", "batch_size", "max_batches_per_epoch", "seed",
                 "best_metric")
 NOT_TRAINING = ("resume", "evaluate", "checkpoint", "caption_figure", "preset", "output_dir")
+RESUME_ADDED = {"best_metric": "CIDEr"}  # settings added since: what older checkpoints did
 
 
 def check_resumable(ckpt, cfg, path):
     """Refuses a resume whose settings would make it another run; says which changed settings it applies."""
-    old, processes = ckpt["config"], rank_and_size()[1]
+    old, processes = {**RESUME_ADDED, **ckpt["config"]}, rank_and_size()[1]
     if ckpt["processes"] != processes:  # each step's batch holds batch_size captions per process
         raise UserError(f"checkpoint {path} was written by a run of {ckpt['processes']} process(es), and this one "
                         f"has {processes}: resume it with as many (torchrun --nproc_per_node=...), or train afresh")
@@ -1565,18 +1566,21 @@ def train(cfg, device):
             epoch, batch = epoch + 1, 0
             start = time.time()
             val_loss, token_accuracy = validation_loss(model, val_set, cfg, device)
-            metrics, captions = evaluate_split(model, data, "val", cfg, device)  # None except in process 0
+            metrics, _ = evaluate_split(model, data, "val", cfg, device)  # None except in process 0
+            if cfg.dataset == "demo":  # greedy, as the demo's test figures
+                greedy, _ = generate_captions(model, data.source, data.images("val"), cfg, device, beam_size=1)
             eval_seconds = time.time() - start
             train_loss, loss_sum, loss_count = loss_sum / max(loss_count, 1), 0.0, 0  # before the checkpoints
             if main:
                 if cfg.dataset == "demo":
-                    metrics["demo_accuracy"] = demo_accuracy(captions, Path(cfg.data_dir) / "shapes.csv", None)[0]
+                    metrics["demo_accuracy"] = demo_accuracy(greedy, Path(cfg.data_dir) / "shapes.csv", None)[0]
                 row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                        "val_token_accuracy": token_accuracy, **metrics, "epoch_seconds": round(train_seconds, 2),
                        "eval_seconds": round(eval_seconds, 2)}
                 append_csv(out / "loss_per_epoch.csv", [row], list(row))
                 score = -val_loss if cfg.best_metric == "val_loss" else metrics[cfg.best_metric]  # higher: better
-                best_score, was_best = max(best_score, score), score > best_score
+                # of equals the later: on the demo's 1/300 steps ties are common, and later is more trained
+                best_score, was_best = max(best_score, score), score >= best_score
                 log(f"epoch {epoch}: train loss {row['train_loss']:.3f}, val loss {val_loss:.3f}, token accuracy "
                     f"{token_accuracy:.1%}, {format_metrics(metrics)}; {train_seconds:.1f} s training, "
                     f"{eval_seconds:.1f} s validation (beam {cfg.beam_size}){'; best.pt' * was_best}")
