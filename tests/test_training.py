@@ -39,10 +39,10 @@ def test_demo_run_writes_every_output(trained_demo):
                    "epoch_seconds", "eval_seconds"]:
         assert epochs[column].notna().all(), column
     assert epochs["train_loss"].iloc[-1] < epochs["train_loss"].iloc[0]
-    # the demo's best.pt: the first epoch of the highest share of val images captioned fully right
+    # the demo's best.pt: the last epoch of the highest share of val images captioned fully right
     best = torch.load(trained_demo / "best.pt", weights_only=True)
     assert best["config"]["best_metric"] == "demo_accuracy" and epochs["demo_accuracy"].between(0, 1).all()
-    assert best["epoch"] == epochs["epoch"][epochs["demo_accuracy"].idxmax()]
+    assert best["epoch"] == epochs["epoch"][epochs["demo_accuracy"][::-1].idxmax()]
     batches = pd.read_csv(trained_demo / "loss_per_batch.csv")
     assert list(batches["step"]) == list(range(1, len(batches) + 1))
     captions = pd.read_csv(trained_demo / "test_captions.csv")
@@ -184,6 +184,8 @@ def test_mismatched_checkpoint_is_explained(demo_dirs, random_weights, uninterru
     assert "hidden_size=256 but the config says hidden_size=64" in capsys.readouterr().err
     assert cap.main(quick_args(demo_dirs, random_weights, uninterrupted, "--resume", "--freq_threshold=1")) == 2
     assert "freq_threshold=5 but the config says freq_threshold=1" in capsys.readouterr().err
+    assert cap.main(quick_args(demo_dirs, random_weights, uninterrupted, "--resume", "--best_metric=CIDEr")) == 2
+    assert "best_metric=demo_accuracy but the config says best_metric=CIDEr" in capsys.readouterr().err
 
 
 def test_resume_without_checkpoint_says_how_to_train(tmp_path, demo_dirs, random_weights, capsys):
@@ -207,6 +209,17 @@ def test_per_step_encoding_and_an_existing_cache_train_the_same(tmp_path, random
     assert len(cold) == 5
     pd.testing.assert_frame_equal(cold, warm, rtol=0, atol=0)
     pd.testing.assert_frame_equal(cold, per_step, rtol=1e-4)
+
+
+def test_best_metric_val_loss_keeps_the_lowest_validation_loss(tmp_path, random_weights):
+    out = tmp_path / "out"
+    assert cap.main(["--dataset=demo", "--demo_images=60", "--image_size=64", "--num_epochs=3", "--batch_size=16",
+                     "--embed_size=32", "--hidden_size=64", "--sample_every=0", "--num_workers=0", "--beam_size=1",
+                     "--best_metric=val_loss", f"--data_dir={tmp_path / 'data'}", f"--cache_dir={tmp_path / 'cache'}",
+                     f"--encoder_weights={random_weights}", f"--output_dir={out}"]) == 0
+    epochs, best = pd.read_csv(out / "loss_per_epoch.csv"), torch.load(out / "best.pt", weights_only=True)
+    assert best["best_score"] == pytest.approx(-epochs["val_loss"].min())
+    assert best["epoch"] == epochs["epoch"][epochs["val_loss"][::-1].idxmin()]
 
 
 def test_one_short_epoch_on_real_flickr8k_jpegs(tmp_path, random_weights):
@@ -331,6 +344,17 @@ def test_a_checkpoint_lacking_a_setting_is_explained(tmp_path, demo_dirs, random
     assert cap.main(["--caption", str(image), f"--checkpoint={out / 'old.pt'}"]) == 2
     error = capsys.readouterr().err
     assert "not a checkpoint written by this version" in error and "model_args.embed_size" in error
+
+
+def test_a_checkpoint_from_before_best_metric_resumes_as_cider(tmp_path, demo_dirs, random_weights, uninterrupted,
+                                                               capsys):
+    out = copy_run(uninterrupted, tmp_path / "out")
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    del ckpt["config"]["best_metric"]  # as the checkpoints of earlier versions, which kept best.pt by CIDEr
+    torch.save(ckpt, out / "last.pt")
+    assert cap.main(quick_args(demo_dirs, random_weights, out, "--resume", "--num_epochs=4")) == 2
+    assert "best_metric=CIDEr but the config says best_metric=demo_accuracy: set --best_metric=CIDEr" in \
+        capsys.readouterr().err
 
 
 def test_resume_after_the_captions_changed_is_refused(tmp_path, demo_dirs, random_weights, trained_demo, capsys):
