@@ -1519,7 +1519,7 @@ def train(cfg, device):
         meteor_scorer()  # its JVM loads while the first epoch trains
     counters = lambda: dict(epoch=epoch, step=step, batch=batch, best_score=best_score,  # noqa: E731
                             loss_sum=loss_sum, loss_count=loss_count, processes=size)  # what a checkpoint records
-    sample_names = data.images("val")[:3]
+    sample_names, per_step = data.images("val")[:3], data.source.features is None
     stopping = False
     with CtrlC() as stop:
         while epoch < cfg.num_epochs and not (stopping := any_process(stop.requested, device)):
@@ -1538,7 +1538,10 @@ def train(cfg, device):
                 lr = learning_rate_at(step, total_steps, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                if images is not None:  # else every image of the batch was unreadable (already reported)
+                readable = images is not None  # else every image of this share was unreadable (already reported)
+                if size > 1 and per_step:  # a process skipping DDP's step would leave the others waiting in it
+                    readable = not any_process(not readable, device)
+                if readable:
                     images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
                     with autocast(device):
                         loss, _, _ = ddp(images, captions)

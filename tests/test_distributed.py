@@ -139,6 +139,29 @@ def test_a_failure_in_one_process_ends_all_with_its_message(tmp_path, tiny):
     assert "cap.UserError" not in result.stderr and "Connection closed" not in result.stderr
 
 
+LOSES_A_SHARE_IN_PROCESS_1 = """import os, sys
+sys.path.insert(0, {root!r})
+import flickr_image_caption_with_pytorch_resnet_lstm as cap
+if os.environ["RANK"] == "1":  # the images of its share of the first batch vanish after the start-up check
+    real, calls = cap.FlickrDataset.__getitem__, []
+    def first_share_unreadable(self, i):
+        calls.append(i)
+        return (None, real(self, i)[1]) if len(calls) <= 4 else real(self, i)
+    cap.FlickrDataset.__getitem__ = first_share_unreadable
+sys.exit(cap.main())
+"""
+
+
+def test_a_share_of_unreadable_images_in_per_step_mode_skips_the_step_in_every_process(tmp_path, tiny):
+    wrapper = tmp_path / "loses_a_share.py"
+    wrapper.write_text(LOSES_A_SHARE_IN_PROCESS_1.format(root=str(ROOT)))
+    out = tmp_path / "out"
+    result = torchrun(*tiny(out, "--num_epochs=1", "--max_batches_per_epoch=4", "--batch_size=4",
+                            "--cache_features=false", "--log_every=1"), script=wrapper)
+    assert result.returncode == 0, result.stderr[-3000:]  # no process left waiting in DDP's all-reduce
+    assert pd.read_csv(out / "loss_per_batch.csv")["step"].tolist() == [2, 3, 4]  # step 1 skipped by both
+
+
 def test_a_resume_with_another_number_of_processes_is_refused(tiny, two_processes, capsys):
     out = two_processes[0]
     assert cap.main([*tiny(out, "--num_epochs=3", "--batch_size=4", "--log_every=2"), "--resume"]) == 2
