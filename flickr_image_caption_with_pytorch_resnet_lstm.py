@@ -85,8 +85,8 @@ resume = False              # continue from last.pt in output_dir
 max_caption_len = 20
 max_train_caption_len = 100 # longer training captions are cut to this many words (Flickr8k's longest: 40)
 beam_size = 3
-best_metric = "CIDEr"       # the validation figure that picks best.pt: 'CIDEr', 'BLEU-4' or 'val_loss' (lowest);
-                            # the demo's preset: 'demo_accuracy', its share of images captioned fully right
+best_metric = "auto"        # the validation figure that picks best.pt: 'CIDEr', 'BLEU-4', 'val_loss' (lowest) or
+                            # 'demo_accuracy' (demo images captioned fully right); 'auto': that on the demo, else CIDEr
 # modes
 evaluate = False            # evaluate a checkpoint on the test split and exit
 checkpoint = ""             # '' means best.pt in output_dir (for --evaluate and --caption)
@@ -99,7 +99,7 @@ CONFIG_NAMES = [k for k, v in globals().items()
 # 5 minutes on a 2-core CPU: its 36-word vocabulary needs no 2-layer 512-unit LSTM, and one layer of 256 takes
 # half the time per step and reads the shapes at least as well.
 PRESETS = {"demo": dict(image_size=128, num_epochs=20, batch_size=64, learning_rate=0.002, lr_schedule="cosine",
-                        embed_size=128, hidden_size=256, num_layers=1, best_metric="demo_accuracy")}
+                        embed_size=128, hidden_size=256, num_layers=1)}
 # Settings resolved once per run, then frozen: cfg.learning_rate, never a dictionary that code changes.
 Config = dataclasses.make_dataclass("Config", [(name, type(globals()[name])) for name in CONFIG_NAMES], frozen=True)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
@@ -171,10 +171,14 @@ def resolve_settings(overrides=None, echo=None):
     preset = values["dataset"] if values["preset"] == "auto" else values["preset"]
     if preset in PRESETS:
         for name, value in PRESETS[preset].items():
-            if name not in overrides and not (value == "demo_accuracy" and values["dataset"] != "demo"):
+            if name not in overrides:
                 values[name], source[name] = value, f"{preset} preset; --preset=none keeps the constants"
     elif values["preset"] not in ("auto", "none"):
         raise UserError(f"--preset={values['preset']!r}: expected 'auto', 'none' or one of {', '.join(PRESETS)}")
+    if values["best_metric"] == "auto":  # the demo's CIDEr rewards matching one of three arbitrary phrasings
+        values["best_metric"] = "demo_accuracy" if values["dataset"] == "demo" else "CIDEr"
+        if values["dataset"] == "demo":
+            source["best_metric"] = "auto on the demo"
     for name in PATHS:  # the defaults live in the project; the user's own paths are relative to where they are
         if values[name] and name not in overrides:
             values[name] = str(ROOT / values[name])
@@ -1479,6 +1483,18 @@ def record_losses(pending, epoch, vocab_size, cfg, device):
     return losses
 
 
+def validate(model, data, val_set, cfg, device):
+    """Validation loss, token accuracy and caption metrics (None except in process 0); on the demo also its
+    demo_accuracy, from greedy captions like the demo's test figures."""
+    val_loss, token_accuracy = validation_loss(model, val_set, cfg, device)
+    metrics, _ = evaluate_split(model, data, "val", cfg, device)
+    if cfg.dataset == "demo":  # every process captions its share
+        greedy, _ = generate_captions(model, data.source, data.images("val"), cfg, device, beam_size=1)
+        if metrics:
+            metrics["demo_accuracy"] = demo_accuracy(greedy, Path(cfg.data_dir) / "shapes.csv", None)[0]
+    return val_loss, token_accuracy, metrics
+
+
 def train(cfg, device):
     """Trains, validates every epoch, keeps best.pt (by best_metric on validation) and last.pt, then reports on
     test."""
@@ -1568,15 +1584,10 @@ def train(cfg, device):
                 break  # before validation: last.pt below records the batch to go on from (at the end: validation)
             epoch, batch = epoch + 1, 0
             start = time.time()
-            val_loss, token_accuracy = validation_loss(model, val_set, cfg, device)
-            metrics, _ = evaluate_split(model, data, "val", cfg, device)  # None except in process 0
-            if cfg.dataset == "demo":  # greedy, as the demo's test figures
-                greedy, _ = generate_captions(model, data.source, data.images("val"), cfg, device, beam_size=1)
+            val_loss, token_accuracy, metrics = validate(model, data, val_set, cfg, device)
             eval_seconds = time.time() - start
             train_loss, loss_sum, loss_count = loss_sum / max(loss_count, 1), 0.0, 0  # before the checkpoints
             if main:
-                if cfg.dataset == "demo":
-                    metrics["demo_accuracy"] = demo_accuracy(greedy, Path(cfg.data_dir) / "shapes.csv", None)[0]
                 row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                        "val_token_accuracy": token_accuracy, **metrics, "epoch_seconds": round(train_seconds, 2),
                        "eval_seconds": round(eval_seconds, 2)}

@@ -69,7 +69,7 @@ def test_preset_applies_over_the_constants_and_under_the_command_line():
     plain = settings("--dataset=demo", "--preset=none")
     assert (plain.batch_size, plain.embed_size, plain.learning_rate) == (32, 400, 0.0002)
     assert settings("--dataset=flickr8k").batch_size == 32  # no preset of its own
-    other = settings("--dataset=flickr8k", "--preset=demo")  # the demo's sizes, but its best_metric is the demo's own
+    other = settings("--dataset=flickr8k", "--preset=demo")  # the demo's sizes, but best_metric stays CIDEr
     assert (other.embed_size, other.best_metric, cfg.best_metric) == (128, "CIDEr", "demo_accuracy")
 
 
