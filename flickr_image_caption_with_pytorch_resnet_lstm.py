@@ -99,7 +99,8 @@ CONFIG_NAMES = [k for k, v in globals().items()
 # 5 minutes on a 2-core CPU: its 36-word vocabulary needs no 2-layer 512-unit LSTM, and one layer of 256 takes
 # half the time per step and reads the shapes at least as well.
 PRESETS = {"demo": dict(image_size=128, num_epochs=20, batch_size=64, learning_rate=0.002, lr_schedule="cosine",
-                        embed_size=128, hidden_size=256, num_layers=1)}
+                        embed_size=128, hidden_size=256, num_layers=1,
+                        max_caption_len=24)}  # room to end its longest caption (20 words and a full stop)
 # Settings resolved once per run, then frozen: cfg.learning_rate, never a dictionary that code changes.
 Config = dataclasses.make_dataclass("Config", [(name, type(globals()[name])) for name in CONFIG_NAMES], frozen=True)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}

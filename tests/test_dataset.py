@@ -201,6 +201,12 @@ def test_unreadable_image_is_dropped_from_a_batch(tmp_path, capsys):
     assert images.shape == (1, 3, 32, 32) and len(captions) == 1 and "bad.jpg" in capsys.readouterr().err
 
 
+def test_the_demo_can_finish_its_longest_caption():
+    longest = max(len(t.split()) for t in cap.ONE_SHAPE_CAPTIONS + cap.TWO_SHAPE_CAPTIONS)  # '{c}': one word
+    cfg = cap.resolve_settings(cap.parse_args(["--dataset=demo"])[0])
+    assert cfg.max_caption_len > longest  # and then <EOS>: the original's 20 cut the full stop off
+
+
 def test_demo_set_is_made_once_and_never_over_a_users_folder(tmp_path):
     folder = cap.make_demo_dataset(tmp_path / "demo", n_images=12, size=32)
     frame = pd.read_csv(folder / "captions.txt")
