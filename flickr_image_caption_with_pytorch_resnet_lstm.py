@@ -1616,7 +1616,7 @@ def train(cfg, device):
     if device.type == "cuda":
         log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
     log(f"outputs in {out}: loss_per_batch.csv, loss_per_epoch.csv, loss_graph.png, metrics_graph.png, "
-        f"test_metrics.json, test_captions.csv, test_examples.png, best.pt, last.pt")
+        f"test_metrics.json, test_captions.csv, test_examples.png, best.pt, last.pt, vocab.json, config.json")
     return 0
 
 
