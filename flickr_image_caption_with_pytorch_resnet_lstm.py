@@ -1,4 +1,4 @@
-"""Image captioning on Flickr8k / Flickr30k: a frozen ResNet50 encoder and a 2-layer LSTM decoder.
+"""Image captioning on Flickr8k, Flickr30k or MS-COCO: a frozen ResNet50 encoder and a 2-layer LSTM decoder.
 
     python flickr_image_caption_with_pytorch_resnet_lstm.py                 # train (demo set if no Flickr8k)
     python flickr_image_caption_with_pytorch_resnet_lstm.py --resume        # continue from last.pt
@@ -8,10 +8,12 @@
 Every constant in the config section can be overridden on the command line as --name=value.
 """
 import argparse
+import concurrent.futures
 import contextlib
 import csv
 import dataclasses
 import datetime
+import difflib
 import fcntl
 import functools
 import hashlib
@@ -19,7 +21,6 @@ import io
 import json
 import math
 import os
-import pickle
 import random
 import re
 import shlex
@@ -53,7 +54,7 @@ ROOT = Path(__file__).resolve().parent
 # data
 dataset = "auto"            # 'auto' (Flickr8k if present, else the demo), 'demo', 'flickr8k', 'flickr30k', 'coco'
 data_dir = ""               # '' means resources/input/<dataset>
-encoder_weights = "resources/models/resnet50-19c8e357.pth"  # fetched by ./setup.sh
+encoder_weights = "resources/models/resnet50-0676ba61.pth"  # torchvision's ImageNet weights, fetched by ./setup.sh
 output_dir = ""             # '' means resources/output/<dataset>
 cache_dir = "resources/cache"
 cache_features = True       # compute the frozen ResNet50 features once per image instead of every step
@@ -91,16 +92,10 @@ best_metric = "auto"        # the validation figure that picks best.pt: 'CIDEr',
 evaluate = False            # evaluate a checkpoint on the test split and exit
 checkpoint = ""             # '' means best.pt in output_dir (for --evaluate and --caption)
 caption_figure = ""         # with --caption: also save the images and their captions to this PNG
-preset = "auto"             # settings from PRESETS over the constants above: 'auto' (the dataset's own), or 'none'
+preset = "auto"             # settings over the constants above: 'auto' (the dataset's own, see PRESETS), or 'none'
 
 CONFIG_NAMES = [k for k, v in globals().items()
                 if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))]
-# Presets apply over the constants and under the command line. The demo's is sized to finish in under
-# 5 minutes on a 2-core CPU: its 36-word vocabulary needs no 2-layer 512-unit LSTM, and one layer of 256 takes
-# half the time per step and reads the shapes at least as well.
-PRESETS = {"demo": dict(image_size=128, num_epochs=20, batch_size=64, learning_rate=0.002, lr_schedule="cosine",
-                        embed_size=128, hidden_size=256, num_layers=1,
-                        max_caption_len=24)}  # room to end its longest caption (20 words and a full stop)
 # Settings resolved once per run, then frozen: cfg.learning_rate, never a dictionary that code changes.
 Config = dataclasses.make_dataclass("Config", [(name, type(globals()[name])) for name in CONFIG_NAMES], frozen=True)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
@@ -135,15 +130,28 @@ def parse_bool(text):
     return text.lower() in ("true", "1", "yes")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, with the nearest valid name for an unknown one, instead of argparse's usage block."""
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            name = unknown[1].split("=")[0].lstrip("-")
+            near = difflib.get_close_matches(name, CONFIG_NAMES, 1)
+            hint = f"did you mean --{near[0]}? " if near else ""
+            message += f" ({hint}valid: {' '.join('--' + n for n in CONFIG_NAMES)} --caption)"
+        raise UserError(message)
+
+
 def parse_args(argv):
     """The command line: ({name: value} for each --name=value given, type-checked; the --caption paths or None)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False, argument_default=argparse.SUPPRESS)
     for name in CONFIG_NAMES:
         default = globals()[name]
-        kind = parse_bool if isinstance(default, bool) else type(default)
-        parser.add_argument(f"--{name}", type=kind, help=f"default: {default!r}",
-                            **({"nargs": "?", "const": True} if isinstance(default, bool) else {}))
+        if isinstance(default, bool):
+            parser.add_argument(f"--{name}", type=parse_bool, nargs="?", const=True, help=f"default: {default!r}")
+        else:
+            parser.add_argument(f"--{name}", type=type(default), help=f"default: {default!r}")
     parser.add_argument("--caption", nargs="+", metavar="PATH", help="caption these image files or folders")
     overrides = vars(parser.parse_args(argv))
     return overrides, overrides.pop("caption", None)
@@ -154,62 +162,110 @@ POSITIVE = ("batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_s
 NON_NEGATIVE = ("max_images", "max_batches_per_epoch", "num_workers", "sample_every", "warmup_steps",
                 "max_train_caption_len")
 PATHS = ("data_dir", "encoder_weights", "output_dir", "cache_dir", "checkpoint", "caption_figure")
+DATASETS = ("auto", "demo", "flickr8k", "flickr30k", "coco")
+# what a checkpoint was trained on: --evaluate and --caption take these from it, under the command line
+TRAINED_ON = ("dataset", "data_dir", "max_images", "demo_images", "seed", "image_size", "freq_threshold",
+              "max_train_caption_len", "decoder", "embed_size", "hidden_size", "num_layers", "dropout",
+              "encoder_weights")
+MODEL_SHAPE = ("decoder", "embed_size", "hidden_size", "num_layers", "image_size")  # a checkpoint's own, fixed
+CAPTIONING = ("checkpoint", "encoder_weights", "decoder", "beam_size", "max_caption_len", "device", "caption_figure")
 
 
-def resolve_settings(overrides=None, echo=None):
-    """constants < preset < command line, then the dataset and default paths filled in: one frozen Config.
-
-    Every value that differs from the constants at the top is printed with where it came from."""
-    overrides = dict(overrides or {})
-    values = {name: globals()[name] for name in CONFIG_NAMES} | overrides
-    source = {name: "command line" for name in overrides}
-    if values["dataset"] not in ("auto", "demo", "flickr8k", "flickr30k", "coco"):
-        raise UserError(f"--dataset={values['dataset']!r}: expected 'auto', 'demo', 'flickr8k', 'flickr30k' or 'coco'")
-    if values["dataset"] == "auto":
-        found = ("--data_dir given" if values["data_dir"] else
-                 (ROOT / "resources/input/flickr8k").is_dir() and "found resources/input/flickr8k")
-        values["dataset"], source["dataset"] = ("flickr8k", found) if found else ("demo", "no resources/input/flickr8k")
-    preset = values["dataset"] if values["preset"] == "auto" else values["preset"]
-    if preset in PRESETS:
-        for name, value in PRESETS[preset].items():
-            if name not in overrides:
-                values[name], source[name] = value, f"{preset} preset; --preset=none keeps the constants"
-    elif values["preset"] not in ("auto", "none"):
+def resolve_settings(overrides=None, echo=None, trained=None, shown=None):
+    """constants < the dataset's preset < what a checkpoint was trained on (trained: its config) < command line,
+    then the default paths: one frozen Config. Prints each value in shown (default: all) that differs from its
+    constant, with where it came from."""
+    overrides, trained = dict(overrides or {}), {k: v for k, v in (trained or {}).items() if k in TRAINED_ON}
+    values = {name: globals()[name] for name in CONFIG_NAMES}
+    origin = {}
+    layer(values, origin, {k: v for k, v in trained.items() if k == "dataset"}, "trained with it")
+    layer(values, origin, overrides, "command line")
+    choose_dataset(values, origin)
+    preset_name = values["dataset"] if values["preset"] == "auto" else values["preset"]
+    if preset_name not in PRESETS and values["preset"] not in ("auto", "none"):
         raise UserError(f"--preset={values['preset']!r}: expected 'auto', 'none' or one of {', '.join(PRESETS)}")
-    if values["best_metric"] == "auto":  # the demo's CIDEr rewards matching one of three arbitrary phrasings
-        values["best_metric"] = "demo_accuracy" if values["dataset"] == "demo" else "CIDEr"
-        if values["dataset"] == "demo":
-            source["best_metric"] = "auto on the demo"
+    layer(values, origin, PRESETS.get(preset_name, {}), f"{preset_name} preset; --preset=none keeps the constants")
+    layer(values, origin, trained, "trained with it")
+    for name in MODEL_SHAPE:
+        if name in trained and name in overrides and overrides[name] != trained[name]:
+            raise UserError(f"--{name}={overrides[name]}, but the checkpoint was trained with {name}="
+                            f"{trained[name]}: leave --{name} out (the checkpoint's is used), or name another "
+                            f"--checkpoint")
+    layer(values, origin, overrides, "command line")
+    if values["best_metric"] == "auto":
+        demo_metric = values["dataset"] == "demo"  # the demo's CIDEr rewards one of three arbitrary phrasings
+        layer(values, origin, {"best_metric": "demo_accuracy" if demo_metric else "CIDEr"}, "auto")
+    fill_paths(values, origin, overrides)
+    check_settings(values)
+    changed = [n for n in shown or CONFIG_NAMES if n in origin and values[n] != globals()[n]]
+    if echo and changed:
+        echo("settings that differ from the constants at the top of the script:\n" + "\n".join(
+            f"  {name:15s} = {values[name]!r:30s} ({origin[name]})" for name in changed))
+    return Config(**values)
+
+
+def layer(values, origin, new, where):
+    for name, value in new.items():
+        values[name] = value
+        origin[name] = where
+
+
+def choose_dataset(values, origin):
+    if values["dataset"] not in DATASETS:
+        raise UserError(f"--dataset={values['dataset']!r}: expected {', '.join(map(repr, DATASETS))}")
+    if values["dataset"] != "auto":
+        return
+    if values["data_dir"]:
+        layer(values, origin, {"dataset": "flickr8k"}, "--data_dir given")
+    elif (ROOT / "resources/input/flickr8k").is_dir():
+        layer(values, origin, {"dataset": "flickr8k"}, "found resources/input/flickr8k")
+    else:
+        layer(values, origin, {"dataset": "demo"}, "no resources/input/flickr8k")
+
+
+def fill_paths(values, origin, overrides):
     for name in PATHS:  # the defaults live in the project; the user's own paths are relative to where they are
         if values[name] and name not in overrides:
             values[name] = str(ROOT / values[name])
+        elif values[name]:
+            values[name] = str(Path(values[name]).absolute())
     for name, folder in (("data_dir", "input"), ("output_dir", "output")):
         if not values[name]:
-            values[name] = str(ROOT / "resources" / folder / values["dataset"])
-            source[name] = f"default for {values['dataset']}"
-    check_settings(values)
-    changed = [name for name in CONFIG_NAMES if name in source and values[name] != globals()[name]]
-    if echo and changed:
-        echo("settings that differ from the constants at the top of the script:\n" + "\n".join(
-            f"  {name:15s} = {values[name]!r:30s} ({source[name]})" for name in changed))
-    return Config(**values)
+            layer(values, origin, {name: str(ROOT / "resources" / folder / values["dataset"])},
+                  f"default for {values['dataset']}")
+
+
+def valid_best_metric(value, values):
+    return value in ("CIDEr", "BLEU-4", "val_loss") or (value == "demo_accuracy" and values["dataset"] == "demo")
+
+
+SETTING_RULES = [
+    (POSITIVE, lambda v, _: v >= 1, "at least 1"),
+    (NON_NEGATIVE, lambda v, _: v >= 0, "0 or more"),
+    (["learning_rate"], lambda v, _: 0 < v <= 1, "a positive number up to 1, such as 0.0002"),
+    (["dropout"], lambda v, _: 0 <= v < 1, "at least 0 and below 1, such as 0.3"),
+    (["seed"], lambda v, _: 0 <= v < 2 ** 32, f"between 0 and {2 ** 32 - 1}"),
+    (["lr_schedule"], lambda v, _: v in ("constant", "cosine"), "'constant' or 'cosine'"),
+    (["decoder"], lambda v, _: v in ("lstm", "attention"), "'lstm' or 'attention'"),
+    (["best_metric"], valid_best_metric, "'CIDEr', 'BLEU-4', 'val_loss' or, on the demo, 'demo_accuracy'"),
+    (["cache_dir"], lambda v, _: v != "", "a folder, such as resources/cache"),
+    (["device"], lambda v, _: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), "auto, cpu, cuda, cuda:N or mps"),
+    (["demo_images"], lambda v, values: v >= 30 or values["dataset"] != "demo",
+     "at least 30 on the demo (every split needs images of one and of two shapes)"),
+]
 
 
 def check_settings(values):
     """Impossible values, each refused before any work with one line that says what the value must be."""
-    rules = [(POSITIVE, lambda v: v >= 1, "at least 1"), (NON_NEGATIVE, lambda v: v >= 0, "0 or more"),
-             (["learning_rate"], lambda v: math.isfinite(v) and v > 0, "a positive number such as 0.0002"),
-             (["dropout"], lambda v: 0 <= v < 1, "at least 0 and below 1, such as 0.3"),
-             (["seed"], lambda v: 0 <= v < 2 ** 32, f"between 0 and {2 ** 32 - 1}"),
-             (["lr_schedule"], lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
-             (["decoder"], lambda v: v in DECODERS, "'lstm' or 'attention'"),
-             (["best_metric"], lambda v: v in ("CIDEr", "BLEU-4", "val_loss") or v == "demo_accuracy" and
-              values["dataset"] == "demo", "'CIDEr', 'BLEU-4', 'val_loss' or, on the demo, 'demo_accuracy'")]
-    for names, valid, must_be in rules:
-        for name in (n for n in names if not valid(values[n])):
-            raise UserError(f"--{name}={values[name]}: must be {must_be}")
-    if values["dataset"] == "demo" and Path(values["output_dir"]).resolve().is_relative_to(
-            Path(values["data_dir"]).resolve()):
+    for names, valid, must_be in SETTING_RULES:
+        for name in names:
+            if not valid(values[name], values):
+                raise UserError(f"--{name}={values[name]}: must be {must_be}")
+    out = Path(values["output_dir"]).resolve()
+    if out in (Path("/"), ROOT, Path.home()):
+        raise UserError(f"--output_dir={out}: a run writes a dozen files there; choose a folder of its own, such as "
+                        f"resources/output/mine")
+    if values["dataset"] == "demo" and out.is_relative_to(Path(values["data_dir"]).resolve()):
         raise UserError(f"--output_dir={values['output_dir']} lies in the demo's data folder {values['data_dir']}, "
                         f"which the demo rewrites: choose an output_dir outside it")
 
@@ -254,7 +310,9 @@ def start_processes(device):
 
 
 def rank_and_size():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def wait_for_all():
@@ -408,8 +466,9 @@ def read_captions(path):
     frame = pd.DataFrame(rows, columns=columns)
     frame["caption"] = frame["caption"].str.strip()
     empty = frame["caption"] == ""
-    dropped["empty_captions"] = int(empty.sum())
-    frame = frame[~empty]
+    wordless = ~empty & ~frame["caption"].str.contains(r"\w")  # punctuation alone: nothing to learn or score
+    dropped["empty_captions"], dropped["captions_without_words"] = int(empty.sum()), int(wordless.sum())
+    frame = frame[~empty & ~wordless]
     before = len(frame)
     frame = frame.drop_duplicates(["image", "caption"]).reset_index(drop=True)
     dropped["duplicate_rows"] = before - len(frame)
@@ -506,8 +565,13 @@ def load_captions(folder, seed, max_images=0):
     """Caption table with a split column, for images that exist; reports everything it dropped."""
     caption_file, image_dir = find_dataset_files(folder)
     frame, dropped = read_captions(caption_file)
-    present = {name for name in frame["image"].unique() if (image_dir / name).is_file()}
-    missing = sorted(set(frame["image"]) - present)
+    inside = image_dir.resolve()
+    outside = {n for n in frame["image"].unique() if not (image_dir / n).resolve().is_relative_to(inside)}
+    if outside:
+        warn(f"{len(outside)} image name(s) in {caption_file.name} point outside {image_dir}, skipped: "
+             f"{', '.join(sorted(outside)[:5])}")
+    present = {name for name in frame["image"].unique() if name not in outside and (image_dir / name).is_file()}
+    missing = sorted(set(frame["image"]) - present - outside)
     if missing:
         warn(f"{len(missing)} image(s) named in {caption_file.name} are not in {image_dir}, skipped: "
              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
@@ -551,16 +615,20 @@ def open_rgb(path):
         return image.convert("RGB")
 
 
+class UnreadableImage(UserError):
+    """An image that could be read when the run began and cannot be now."""
+
+
 def load_image(path, transform):
-    """The transformed image, or None when it cannot be read (callers report it)."""
     try:
         return transform(open_rgb(path))
     except Exception:  # PIL raises OSError, ValueError or others by format and damage
-        return None
+        raise UnreadableImage(f"cannot read image {path} any more (it was readable when the run began): put it "
+                              f"back, then continue with --resume") from None
 
 
 def image_opens(path):
-    """A cheap check (no full decode) for the per-step encoder, which cannot drop images up front otherwise."""
+    """A cheap check (no full decode) for the per-step encoder."""
     try:
         with Image.open(path) as image:
             image.verify()
@@ -583,7 +651,7 @@ class ImageSource:
 
 
 class ImageList(Dataset):
-    """One item per image: (encoder input, [its index in names]), batched by CapsCollate like captions."""
+    """One item per image: (decoded image, or None when it cannot be read; its index in names)."""
 
     def __init__(self, source, names):
         self.source, self.names = source, list(names)
@@ -592,17 +660,27 @@ class ImageList(Dataset):
         return len(self.names)
 
     def __getitem__(self, i):
-        return self.source.get(self.names[i]), torch.tensor([i])
+        with contextlib.suppress(UnreadableImage):
+            return self.source.get(self.names[i]), i
+        return None, i
+
+
+def stack_readable(batch):
+    readable = [(image, i) for image, i in batch if image is not None]
+    if not readable:
+        return None, torch.zeros(0, dtype=torch.long)
+    return torch.stack([image for image, _ in readable]), torch.tensor([i for _, i in readable])
 
 
 def image_batches(source, names, batch_size, num_workers=0, pin_memory=False, desc=None):
-    """Yields (encoder inputs, indices into names) per batch; unreadable images are left out of both."""
+    """Yields (encoder inputs, indices into names) per batch of the images that can be read: the one place where
+    unreadable images are found (feature extraction, the up-front sample of the per-step mode, --caption)."""
     workers = 0 if source.features is not None else num_workers
     loader = DataLoader(ImageList(source, names), batch_size=batch_size, num_workers=workers,
-                        collate_fn=CapsCollate(), pin_memory=pin_memory, generator=torch.Generator())
+                        collate_fn=stack_readable, pin_memory=pin_memory, generator=torch.Generator())
     for inputs, index in tqdm(loader, desc=desc, unit="batch", leave=False, disable=desc is None):
-        if inputs is not None:
-            yield inputs, index.flatten()
+        if len(index):
+            yield inputs, index
 
 
 class FlickrDataset(Dataset):
@@ -618,29 +696,48 @@ class FlickrDataset(Dataset):
             if cut:
                 log(f"{cut} caption(s) longer than {max_len} words cut to {max_len} words")
         self.captions = [torch.tensor([Vocabulary.SOS] + vocab.numericalize(t) + [Vocabulary.EOS]) for t in tokens]
+        self.lengths = torch.tensor([len(c) for c in self.captions])
+        if source.features is not None:  # every batch is then indexed from these, in place
+            self.padded = pad_sequence(self.captions, batch_first=True).int()  # (N, T)
+            self.rows = torch.tensor([source.row[name] for name in self.images])  # (N,): each caption's feature row
 
     def __len__(self):
         return len(self.captions)
 
     def __getitem__(self, i):
-        image = self.source.get(self.images[i])
-        if image is None:
-            warn(f"cannot read image {self.source.image_dir / self.images[i]}: its caption is skipped")
-        return image, self.captions[i]
+        return self.source.get(self.images[i]), self.captions[i]
+
+    def batch(self, indices):
+        """The captions at indices with their cached features, gathered in one indexing each, no DataLoader."""
+        index = torch.tensor(indices)
+        longest = int(self.lengths[index].max())
+        return self.source.features[self.rows[index]], self.padded[index, :longest].long()  # (B, ...), (B, T)
 
 
 class CapsCollate:
-    """Pads captions to the longest in the batch; drops items whose image could not be read."""
+    """Pads captions to the longest in the batch."""
 
     def __init__(self, pad_idx=Vocabulary.PAD):
         self.pad_idx = pad_idx
 
     def __call__(self, batch):
-        batch = [(image, caption) for image, caption in batch if image is not None]
-        if not batch:
-            return None, None
         images = torch.stack([image for image, _ in batch])
         return images, pad_sequence([c for _, c in batch], batch_first=True, padding_value=self.pad_idx)
+
+
+def caption_batches(dataset, batches, cfg, device):
+    """(encoder inputs, padded captions) on the device for each batch of caption indices: indexed from the
+    cached features, else decoded by DataLoader workers."""
+    if dataset.source.features is not None:
+        for indices in batches:
+            inputs, captions = dataset.batch(indices)
+            yield inputs.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+        return
+    # its own generator: a DataLoader otherwise draws from the global RNG, and a resumed run would differ
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=CapsCollate(), generator=torch.Generator(),
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    for images, captions in loader:
+        yield images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
 
 
 # -----------------------------------------------------------------------------
@@ -673,12 +770,15 @@ def draw_shape(draw, shape, centre, size, colour):
         draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
 
 
-DEMO_ENTRIES = ["Images", "captions.txt", "shapes.csv", "demo.json"]  # all that the demo set owns in its folder
+DEMO_ENTRIES = ["Images", "captions.txt", "shapes.csv", "demo.json"]  # what the demo owns in its folder, stamp last
+DEMO_IMAGE = re.compile(r"demo_\d{5}\.jpg")
 
 
 def make_demo_dataset(folder, n_images, size, seed=0):
     """Writes Images/, captions.txt and shapes.csv deterministically; rebuilt only when the settings change."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--data_dir={folder} is a file, and the demo needs a folder there: choose another --data_dir")
     stamp = {"images": n_images, "size": size, "seed": seed, "version": 9}
     if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
         return folder
@@ -692,21 +792,33 @@ def make_demo_dataset(folder, n_images, size, seed=0):
         # matches no settings goes first, so that an interrupted swap is redone on the next run
         (folder / "demo.json").write_text(json.dumps({"incomplete": True}))
         for name in DEMO_ENTRIES:
-            if (folder / name).is_dir():
-                shutil.rmtree(folder / name)
-            os.replace(tmp / name, folder / name)
+            if name == "Images" and (folder / name).is_dir():
+                replace_demo_images(tmp / name, folder / name)
+            else:
+                os.replace(tmp / name, folder / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
+def replace_demo_images(new, images):
+    """Swaps the demo's own images (demo_NNNNN.jpg) for new ones; anything else in the folder stays."""
+    for old in images.iterdir():
+        if DEMO_IMAGE.fullmatch(old.name):
+            old.unlink()
+    for image in new.iterdir():
+        os.replace(image, images / image.name)
+
+
+def shift(rgb, offsets):
+    return tuple(min(255, max(0, round(v + o))) for v, o in zip(rgb, offsets))
+
+
 def write_demo_set(tmp, n_images, size, seed, stamp):
-    """The demo set's entries (DEMO_ENTRIES) in the empty folder tmp. Shades, sizes and positions vary, and edges
-    are anti-aliased (drawn 4x larger, then downscaled), so that a model must read shapes, not exact pixels."""
+    """The demo set's entries (DEMO_ENTRIES) in the empty folder tmp, every drawing varied (README: the demo)."""
     from PIL import ImageDraw
     (tmp / "Images").mkdir()
     rng = random.Random(seed)
-    shift = lambda rgb, offsets: tuple(min(255, max(0, round(v + o))) for v, o in zip(rgb, offsets))  # noqa: E731
     captions, shapes = [], []
     for i in tqdm(range(n_images), desc="making the demo set", unit="img", leave=False):
         name, bg, big = f"demo_{i:05d}.jpg", rng.choice(list(DEMO_BACKGROUNDS)), 4 * size
@@ -744,8 +856,7 @@ SIDES = {"on the left": "left", "on the right": "right", "to the left of": "left
 
 
 def demo_placement(caption):
-    """'left colour shape;right colour shape' as a caption places two shapes, or None when it names other than
-    exactly two coloured shapes, leaves one unplaced, or contradicts itself."""
+    """'left colour shape;right colour shape' as the caption places two shapes, or None if it hedges."""
     words = caption.split()
     pairs = [i for i in range(len(words) - 1) if words[i] in DEMO_COLOURS and words[i + 1] in DEMO_SHAPES]
     if len(pairs) != 2 or sum(w in DEMO_COLOURS or w in DEMO_SHAPES for w in words) != 4:
@@ -765,27 +876,75 @@ def demo_placement(caption):
 
 
 def demo_accuracy(captions_by_image, shapes_file, n_shapes=1):
-    """Share of the images with n_shapes shapes (None: any number) whose caption names exactly the right colour
-    and shape (one shape) or both, each with its colour and on its side (two shapes), and how many such images
-    there were."""
+    """The share of the images with n_shapes shapes (None: any number) captioned right (demo_right), and how many
+    such images there were."""
     truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()
     names = [name for name in captions_by_image if n_shapes in (None, truth[name].count(";") + 1)]
-    correct = 0
-    for name in names:
-        words = set(captions_by_image[name].split())
-        if ";" in truth[name]:
-            correct += demo_placement(captions_by_image[name]) == truth[name]
-        else:
-            colour, shape = truth[name].split()
-            correct += words & set(DEMO_COLOURS) == {colour} and words & set(DEMO_SHAPES) == {shape}
+    correct = sum(demo_right(captions_by_image[name], truth[name]) for name in names)
     return correct / max(1, len(names)), len(names)
+
+
+def demo_right(caption, shapes):
+    """Whether the caption names exactly the one shape and its colour, or both shapes, each with its colour and
+    on its side (shapes: 'colour shape[;colour shape]', left to right)."""
+    if ";" in shapes:
+        return demo_placement(caption) == shapes
+    words = set(caption.split())
+    colour, shape = shapes.split()
+    return words & set(DEMO_COLOURS) == {colour} and words & set(DEMO_SHAPES) == {shape}
+
+
+# The demo's settings over the constants (resolve_settings), sized to finish in minutes on a 2-core CPU: its
+# 36-word vocabulary needs no 2-layer 512-unit LSTM, and one layer of 256 reads the shapes as well in half the time
+PRESETS = {"demo": dict(image_size=128, num_epochs=20, batch_size=64, learning_rate=0.002, lr_schedule="cosine",
+                        embed_size=128, hidden_size=256, num_layers=1,
+                        max_caption_len=24)}  # room to end its longest caption (20 words and a full stop)
+DEMO_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # without ./setup.sh's download
+
+
+def prepare_demo(cfg):
+    """On the demo: says so, makes its data set and, when there are no ResNet50 weights, random ones."""
+    if cfg.dataset != "demo":
+        return
+    if is_main_process():
+        log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run trains on the "
+            f"built-in demo set\n({cfg.demo_images} generated images of coloured shapes). For real captions: "
+            f"./setup.sh --flickr8k, then run this script again (README: 'Getting the data').\n{'=' * 100}")
+        make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
+        if not Path(cfg.encoder_weights).is_file():  # written once, before the other processes look for it
+            random_resnet50_weights(DEMO_WEIGHTS)
+    wait_for_all()
+
+
+def demo_weights(cfg):
+    """The fixed random-init ResNet50 for a demo without downloaded weights at the default path (else None)."""
+    if cfg.dataset != "demo" or Path(cfg.encoder_weights) != ROOT / encoder_weights:
+        return None
+    warn(f"no ResNet50 weights at {cfg.encoder_weights}: the demo uses a randomly initialised (still frozen) "
+         f"ResNet50. ./setup.sh downloads the ImageNet weights.")
+    return random_resnet50_weights(DEMO_WEIGHTS)
+
+
+def demo_scores(model, data, split, cfg, device, by_kind=False):
+    """The demo's own figures from greedy captions ({} elsewhere): the share of the split's images captioned
+    right, or with by_kind, of its single-shape and two-shape images. Every process calls it."""
+    if cfg.dataset != "demo":
+        return {}
+    greedy, _ = generate_captions(model, data.source, data.images(split), cfg, device, beam_size=1)
+    shapes = Path(cfg.data_dir) / "shapes.csv"
+    if not by_kind:
+        return {"demo_accuracy": demo_accuracy(greedy, shapes, None)[0]}
+    (single, n_single), (two, n_two) = demo_accuracy(greedy, shapes, 1), demo_accuracy(greedy, shapes, 2)
+    log(f"demo: the greedy captions name the right colour and shape of {single:.1%} of {n_single} held-out "
+        f"single-shape images, and both shapes with their colours on the right sides of {two:.1%} of {n_two} "
+        f"two-shape images")
+    return {"demo_colour_shape_accuracy": single, "demo_two_shape_accuracy": two}
 
 
 # -----------------------------------------------------------------------------
 # models
 FETCH_WEIGHTS = "run ./setup.sh to download it (or see the README)"
-KNOWN_LEGACY_WEIGHTS = {"resnet50-19c8e357.pth"}  # torch.hub's old-format file: loadable only by unpickling
-WEIGHTS_NAME = re.compile(r"resnet50-([0-9a-f]{8,64})\.pth")
+WEIGHTS_NAME = re.compile(r"resnet50-([0-9a-f]{8,64})\.pth")  # torchvision's names carry a sha256 prefix
 
 
 def weights_sha256(path):
@@ -800,25 +959,20 @@ def file_sha256(path, size, mtime):  # size and mtime are in the cache key: a ch
 
 
 def load_resnet50(weights_path):
-    """torchvision ResNet50 without its classifier, from a local .pth, loaded without running pickled code."""
-    path, fetch = Path(weights_path), FETCH_WEIGHTS
+    """torchvision ResNet50 without its classifier, from a local .pth, never unpickling anything."""
+    path = Path(weights_path)
     if not path.is_file():
-        raise UserError(f"ResNet50 weights {path} not found: {fetch}")
+        raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
     named_hash = WEIGHTS_NAME.fullmatch(path.name)
     if named_hash and not weights_sha256(path).startswith(named_hash[1]):
         raise UserError(f"{path} is corrupt or incomplete (its sha256 does not start with {named_hash[1]}): "
-                        f"delete it and {fetch}")
-    try:
+                        f"delete it and {FETCH_WEIGHTS}")
+    try:  # weights_only: tensors and plain containers; a file that needs more could run code, and is refused
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        if named_hash and path.name in KNOWN_LEGACY_WEIGHTS:
-            state = torch.load(path, map_location="cpu", weights_only=False)  # safe: its sha256 was verified above
-        elif isinstance(error, pickle.UnpicklingError):
-            raise UserError(f"{path} holds pickled Python objects, refused because loading it could run code "
-                            f"inside it. Use a torchvision ResNet50 .pth: {fetch}") from None
-        else:
-            raise UserError(f"{path} is damaged or not a PyTorch weights file ({type(error).__name__}): "
-                            f"delete it and {fetch}") from None
+        raise UserError(f"{path} cannot be read as plain tensors ({type(error).__name__}): it is damaged, in "
+                        f"torch.hub's old format (resnet50-19c8e357.pth) or not a weights file; "
+                        f"{FETCH_WEIGHTS} (resnet50-0676ba61.pth)") from None
     # built on the meta device: no random init, which would waste time and draw from the global RNG (a run
     # would then train differently with and without a feature cache); strict loading makes every tensor real
     with torch.device("meta"):
@@ -826,8 +980,8 @@ def load_resnet50(weights_path):
     try:
         model.load_state_dict(state, assign=True)
     except Exception as error:
-        raise UserError(f"{path} does not hold ResNet50 weights ({str(error)[:200]}): {fetch}") from None
-    model.avgpool = model.fc = nn.Identity()  # its output is the last convolutional grid, flattened: see grid()
+        raise UserError(f"{path} does not hold ResNet50 weights ({str(error)[:200]}): {FETCH_WEIGHTS}") from None
+    model.avgpool = model.fc = nn.Identity()  # its output is the last convolutional grid, flattened
     return model.float()  # assign keeps the file's dtype; copying into the model converted it to float32
 
 
@@ -842,17 +996,14 @@ def random_resnet50_weights(path, seed=0):
     return path
 
 
-def grid(resnet, images):
+def resnet_grid(resnet, images):
     """ResNet50's last convolutional grid as L = h*w feature vectors (B, L, 2048); their mean is the pooled feature."""
     out = resnet(images.contiguous(memory_format=torch.channels_last)).float()  # (B, 2048*h*w), channels first
     return out.view(out.size(0), 2048, -1).transpose(1, 2)  # (B, L, 2048)
 
 
 class EncoderCNN(nn.Module):
-    """Frozen ResNet50 (always in eval mode) and a trained projection of its standardised 2048-d features.
-
-    forward() takes images (B, 3, H, W) or, when features are cached, the pooled features (B, 2048) or, for the
-    attention decoder (spatial), the grid (B, L, 2048); it returns (B, E) or (B, L, E)."""
+    """Frozen ResNet50 (always in eval mode) and a trained projection of its standardised 2048-d features."""
 
     def __init__(self, embed_size, resnet=None, spatial=False):
         super().__init__()
@@ -878,10 +1029,11 @@ class EncoderCNN(nn.Module):
 
     def features(self, images):
         with torch.no_grad():
-            cells = grid(self.resnet, images)
+            cells = resnet_grid(self.resnet, images)
             return cells if self.spatial else cells.mean(1)
 
     def forward(self, x):
+        """Images (B, 3, H, W) or cached features, pooled (B, 2048) or grid (B, L, 2048) -> (B, E) or (B, L, E)."""
         features = x.float() if x.dim() < 4 else self.features(x)  # cached grids are float16
         return self.embed((features - self.feature_mean) / self.feature_std)
 
@@ -894,14 +1046,14 @@ class DecoderRNN(nn.Module):
         self.embed = nn.Embedding(vocab_size, embed_size)
         self.lstm = nn.LSTM(embed_size, hidden_size, num_layers, batch_first=True,
                             dropout=dropout if num_layers > 1 else 0.0)
-        self.fcn = nn.Linear(hidden_size, vocab_size)
+        self.to_vocab = nn.Linear(hidden_size, vocab_size)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, image_embeds, captions):
         """Logits for captions[:, 1:] given the image (B, E) and captions[:, :-1] (B, T-1): (B, T-1, V)."""
         x = torch.cat([image_embeds.unsqueeze(1), self.drop(self.embed(captions[:, :-1]))], dim=1)  # (B, T, E)
         out, _ = self.lstm(x)  # (B, T, H)
-        return self.fcn(self.drop(out[:, 1:]))  # the image step predicts nothing: (B, T-1, V)
+        return self.to_vocab(self.drop(out[:, 1:]))  # the image step predicts nothing: (B, T-1, V)
 
     def start(self, image_embeds):
         """The LSTM state after reading the image: (h, c), each (num_layers, B, H)."""
@@ -909,31 +1061,26 @@ class DecoderRNN(nn.Module):
         return state
 
     def step(self, tokens, state, first=False):
-        """Log-probabilities (B, V) of the next word after tokens (B,): never <PAD> or <SOS>, nor <EOS> first
-        (so no caption is empty)."""
+        """Log-probabilities (B, V) of the next word after tokens (B,); <EOS> never first: no caption is empty."""
         out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # (B, 1, H)
-        return next_word_logp(self.fcn(out.squeeze(1)), first), state
+        return next_word_logp(self.to_vocab(out.squeeze(1)), first), state
 
 
 def next_word_logp(logits, first):
     logp = F.log_softmax(logits.float(), dim=-1)  # (B, V)
-    logp[:, [Vocabulary.PAD, Vocabulary.SOS] + [Vocabulary.EOS] * first] = float("-inf")
+    logp[:, [Vocabulary.PAD, Vocabulary.SOS]] = float("-inf")
+    if first:
+        logp[:, Vocabulary.EOS] = float("-inf")
     return logp
 
 
-# Xu et al.'s lambda (1 in the paper): how strongly every grid cell must be looked at once per caption. Lower, as
-# here, leaves the attention on the objects rather than on empty background cells: on the demo, 0.2 gave 80.6% of
-# two-shape images right where 1 gave 76.9%
+# Xu et al.'s lambda (1 in the paper): how strongly every grid cell must be looked at once per caption. Lower
+# leaves the attention on the objects rather than on empty background cells (README: attention)
 DOUBLY_STOCHASTIC_WEIGHT = 0.2
 
 
 class AttentionDecoder(nn.Module):
-    """Show, Attend and Tell's soft attention (Xu et al., 2015): before each word, an additive (Bahdanau) attention
-    over the image's L grid cells, from the top LSTM layer's last state, gives a context vector, scaled by a
-    gating scalar and fed to the LSTM with the word. The LSTM state starts from the mean cell.
-
-    Its state for beam search: (h, c, cells, keys, alpha), each with the batch in dimension 1: h and c
-    (num_layers, B, H), the cells (L, B, E), their attention keys (L, B, H) and the last attention map (1, B, L)."""
+    """Show, Attend and Tell's soft attention over the image's grid cells (Xu et al., 2015; README: attention)."""
 
     def __init__(self, embed_size, hidden_size, vocab_size, num_layers=2, dropout=0.3):
         super().__init__()
@@ -943,14 +1090,15 @@ class AttentionDecoder(nn.Module):
         self.key, self.query, self.score = (nn.Linear(embed_size, hidden_size), nn.Linear(hidden_size, hidden_size),
                                             nn.Linear(hidden_size, 1))
         self.gate = nn.Linear(hidden_size, 1)
-        # LSTM cells rather than nn.LSTM: one step at a time they are 1.7x faster on a CPU
-        self.cells = nn.ModuleList(nn.LSTMCell(hidden_size if i else 2 * embed_size, hidden_size)
+        # LSTM cells rather than nn.LSTM: faster one step at a time on a CPU
+        self.lstm_cells = nn.ModuleList(nn.LSTMCell(hidden_size if i else 2 * embed_size, hidden_size)
                                    for i in range(num_layers))
-        self.fcn = nn.Linear(hidden_size, vocab_size)
+        self.to_vocab = nn.Linear(hidden_size, vocab_size)
         self.drop = nn.Dropout(dropout)
 
     def start(self, cells):
-        """The state before the first word, from the image's cells (B, L, E)."""
+        """The state before the first word, from the image's cells (B, L, E): (h, c, cells, keys, alpha), each with
+        the batch in dimension 1: (num_layers, B, H) twice, (L, B, E), (L, B, H) and the last attention (1, B, L)."""
         h, c = torch.tanh(self.init_state(cells.mean(1))).view(-1, 2 * self.num_layers, self.hidden_size) \
             .transpose(0, 1).chunk(2)  # (L, B, H) each: layers first
         cells = cells.transpose(0, 1)  # (L, B, E)
@@ -962,28 +1110,27 @@ class AttentionDecoder(nn.Module):
         alpha = self.score(torch.tanh(keys + self.query(h[-1]))).squeeze(-1).softmax(0)  # (L, B)
         context = torch.sigmoid(self.gate(h[-1])) * (alpha.unsqueeze(-1) * cells).sum(0)  # (B, E)
         x, layers = torch.cat([words, context], -1), []  # (B, 2E)
-        for cell, h_layer, c_layer in zip(self.cells, h, c):
+        for cell, h_layer, c_layer in zip(self.lstm_cells, h, c):
             layers.append(cell(x, (h_layer, c_layer)))
             x = self.drop(layers[-1][0])  # between layers, as nn.LSTM's dropout
         h, c = (torch.stack(s) for s in zip(*layers))  # (num_layers, B, H) each
         return h[-1], (h, c, cells, keys, alpha.t().unsqueeze(0))
 
     def forward(self, cells, captions, alphas=False):
-        """Logits for captions[:, 1:] given the image's cells (B, L, E) and captions[:, :-1]: (B, T-1, V); with
-        alphas, also the attention map of every step (B, T-1, L)."""
+        """Logits (B, T-1, V) for captions[:, 1:] given the cells (B, L, E); with alphas, each step's map too."""
         state, words = self.start(cells), self.drop(self.embed(captions[:, :-1]))  # (B, T-1, E)
         outs, maps = [], []
         for t in range(words.size(1)):
             out, state = self.advance(words[:, t], state)
             outs.append(out)
             maps.append(state[-1][0])
-        logits = self.fcn(self.drop(torch.stack(outs, 1)))  # (B, T-1, V)
+        logits = self.to_vocab(self.drop(torch.stack(outs, 1)))  # (B, T-1, V)
         return (logits, torch.stack(maps, 1)) if alphas else logits
 
     def step(self, tokens, state, first=False):
         """As DecoderRNN.step."""
         out, state = self.advance(self.embed(tokens), state)
-        return next_word_logp(self.fcn(out), first), state
+        return next_word_logp(self.to_vocab(out), first), state
 
 
 DECODERS = {"lstm": DecoderRNN, "attention": AttentionDecoder}
@@ -1003,10 +1150,8 @@ class Captioner(nn.Module):
         self.decoder = DECODERS[decoder](embed_size, hidden_size, len(vocab), num_layers, dropout)
 
     def forward(self, inputs, captions):
-        """The loss: cross-entropy of every next word (padding ignored), and the logits (B, T-1, V) and targets it compared.
-        In training, the attention decoder adds Xu et al.'s doubly stochastic penalty: each grid cell's attention,
-        summed over the caption, should be near 1 (validation loss stays the cross-entropy, comparable across
-        decoders)."""
+        """The loss, logits (B, T-1, V) and targets: cross-entropy of every next word, padding ignored; in training
+        the attention decoder adds Xu et al.'s doubly stochastic penalty (README: attention)."""
         targets, penalty = captions[:, 1:], 0.0
         if self.attention and self.training:
             logits, alphas = self.decoder(self.encoder(inputs), captions, alphas=True)  # alphas (B, T-1, L)
@@ -1028,64 +1173,29 @@ class Captioner(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.resnet.")}
 
 
-CHECKPOINT_KEYS = {"model_args", "model", "optimizer", "vocab", "freq_threshold", "config", "encoder_weights",
-                   "encoder_weights_sha256", "epoch", "step", "batch", "best_score", "loss_sum", "loss_count",
-                   "processes", "rng_state", "cuda_rng_state"}
-
-
-def load_checkpoint(path):
-    """A checkpoint written by this script, loaded without running any pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}: train one first with `python {Path(__file__).name}` "
-                        f"(it writes best.pt and last.pt to output_dir), or name one with --checkpoint=FILE")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"cannot load checkpoint {path}: it is damaged or holds pickled Python objects, "
-                        f"which are refused ({type(error).__name__})") from None
-    missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
-    missing |= {f"model_args.{k}" for k in ("decoder", "embed_size", "hidden_size", "num_layers", "dropout",
-                                            "image_size")
-                if not missing and k not in ckpt["model_args"]}
-    if missing:
-        raise UserError(f"{path} is not a checkpoint written by this version of the script (best.pt or last.pt): "
-                        f"it lacks {', '.join(sorted(missing)[:5])}. Train afresh, or use the script that wrote it")
-    return ckpt
-
-
-def load_captioner(path, resnet=None, ckpt=None, decoder=None):
-    """The one way a model comes back from a checkpoint (resume, --evaluate, the test report, --caption):
-    rebuilt from the sizes stored in it, never from today's settings. Returns (model, checkpoint); ckpt: the
-    checkpoint at path when it is already loaded; decoder: the kind the settings ask for (the other is refused)."""
-    ckpt = ckpt or load_checkpoint(path)
-    if decoder and ckpt["model_args"]["decoder"] != decoder:
-        raise UserError(f"checkpoint {path} has the {ckpt['model_args']['decoder']!r} decoder but the settings say "
-                        f"--decoder={decoder}: run with --decoder={ckpt['model_args']['decoder']}, or name another "
-                        f"--checkpoint")
-    model = Captioner(Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]), **ckpt["model_args"], resnet=resnet)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    if unexpected or any(not k.startswith("encoder.resnet.") for k in missing):  # the backbone has its own file
-        raise UserError(f"{path} does not match its own model sizes: it is damaged; train afresh")
-    return model, ckpt
-
-
 # -----------------------------------------------------------------------------
 # feature cache: the frozen encoder runs once per image, not once per caption per epoch
 def features_cache_key(weights_sha, transform, image_dir, names, precision="fp32"):
-    # each image's size and mtime: an image replaced under the same name must not reuse its old features
-    files = [[name, *file_stamp(Path(image_dir) / name)] for name in sorted(names)]
+    # each image's content: an image replaced under the same name, even with its old size and time, is new
+    files = dict(zip(sorted(names), content_hashes([Path(image_dir) / name for name in sorted(names)])))
     spec = {"weights": weights_sha, "transform": repr(transform), "image_dir": str(Path(image_dir).resolve()),
-            "images": files, "precision": precision, "version": 3}  # 3: images upright, 16-bit scaled
+            "images": files, "precision": precision, "version": 4}  # 4: keyed by content
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
 
-def file_stamp(path):
+def content_hashes(paths):
+    """Each file's sha256 (None for one that is gone: it fails, and is reported, when read), in 4 threads."""
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        return list(tqdm(pool.map(file_content_sha256, paths), total=len(paths), desc="hashing images", unit="img",
+                         leave=False, mininterval=1))
+
+
+def file_content_sha256(path):
     try:
-        stat = path.stat()
-    except OSError:  # gone since it was listed: it fails (and is reported) when read
-        return None, None
-    return stat.st_size, stat.st_mtime_ns
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
 
 
 def tensor_sha256(tensor):
@@ -1094,24 +1204,27 @@ def tensor_sha256(tensor):
 
 def extract_features(resnet, image_dir, names, transform, device, batch_size=64, num_workers=2, grid_cells=0,
                      into=None):
-    """Pooled 2048-d ResNet50 features of each image (N, 2048) or, with grid_cells, its grid (N, L, 2048) in
-    float16 (as fast as the machine allows), and the names of those that could not be read. into: a
-    file that holds the features instead of RAM (the kernel writes them out as memory runs short)."""
+    """Pooled features (N, 2048) or, with grid_cells, float16 grids (N, L, 2048), and the names that could not be
+    read (their rows stay zero). into: a file that holds the features instead of RAM."""
     resnet = resnet.to(device).eval().to(memory_format=torch.channels_last)
-    shape, dtype = (len(names), *([grid_cells] * bool(grid_cells)), 2048), torch.float16 if grid_cells else torch.float
-    features = torch.from_file(str(into), True, math.prod(shape), dtype=dtype).view(shape) if into else \
-        torch.zeros(shape, dtype=dtype)
-    ok = torch.zeros(len(names), dtype=torch.bool)
+    shape, dtype = (len(names), 2048), torch.float
+    if grid_cells:
+        shape, dtype = (len(names), grid_cells, 2048), torch.float16
+    if into:  # the kernel writes the features out to the file as memory runs short
+        features = torch.from_file(str(into), True, math.prod(shape), dtype=dtype).view(shape)
+    else:
+        features = torch.zeros(shape, dtype=dtype)
+    read = torch.zeros(len(names), dtype=torch.bool)
     bar = tqdm(total=len(names), desc="ResNet50 features", unit="img", leave=False)
     with torch.inference_mode(), autocast(device):
         for images, index in image_batches(ImageSource(image_dir, transform), names, batch_size, num_workers,
                                            pin_memory=device.type == "cuda"):
-            cells = grid(resnet, images.to(device, non_blocking=True))
+            cells = resnet_grid(resnet, images.to(device, non_blocking=True))  # (B, L, 2048)
             features[index] = (cells if grid_cells else cells.mean(1)).cpu().to(features.dtype)
-            ok[index] = True
+            read[index] = True
             bar.update(int(index[-1]) + 1 - bar.n)  # up to this batch's last image, unreadable ones included
     bar.close()
-    return features, [n for n, good in zip(names, ok.tolist()) if not good]  # an unreadable image's row: zeros
+    return features, [name for name, ok in zip(names, read.tolist()) if not ok]
 
 
 def load_cached_features(path, key):
@@ -1128,42 +1241,68 @@ def load_cached_features(path, key):
     return None
 
 
+@contextlib.contextmanager
+def exclusive(lock_path, waiting_message):
+    """Holds a kernel lock (flock) on lock_path: a second holder waits, then goes on; kill -9 releases it."""
+    with open(lock_path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log(waiting_message)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def cached_features(weights, image_dir, names, transform, cache_folder, device, batch_size=64, num_workers=2,
                     grid_cells=0):
-    """The images' features from the cache, extracted (and cached) first when the cache lacks them: pooled, or
-    with grid_cells the grid of each image in float16, memory-mapped so that it never has to fit in RAM."""
-    key = features_cache_key(weights_sha256(weights), transform, image_dir, names,
-                             ("bf16" if uses_bf16(device) else "fp32") + f" grid {grid_cells}" * bool(grid_cells))
+    """The images' features, memory-mapped from the cache, extracted (and cached) first when the cache lacks them.
+    Two runs that need the same features (a sweep) take turns: the second reuses what the first wrote."""
+    precision = "bf16" if uses_bf16(device) else "fp32"
+    if grid_cells:
+        precision += f" grid {grid_cells}"
+    key = features_cache_key(weights_sha256(weights), transform, image_dir, names, precision)
     path = Path(cache_folder) / f"features-{key[:20]}.pt"
-    cache = load_cached_features(path, key)
-    if cache is not None:
-        log(f"features: reusing {path} ({len(cache['images'])} images)")
-        return cache
     path.parent.mkdir(parents=True, exist_ok=True)
+    waiting = f"features: waiting for another run that is writing {path}"
+    with exclusive(path.with_name(path.name + ".lock"), waiting) if is_main_process() else contextlib.nullcontext():
+        wait_for_all()
+        cache = load_cached_features(path, key)
+        if cache is None:
+            write_feature_cache(weights, image_dir, names, transform, path, key, device, batch_size, num_workers,
+                                grid_cells)
+            cache = load_cached_features(path, key)  # memory-mapped: the extracted copy leaves RAM
+        else:
+            log(f"features: reusing {path} ({len(cache['images'])} images)")
+        wait_for_all()  # the lock is held until every process has read the cache
+    return cache
+
+
+def write_feature_cache(weights, image_dir, names, transform, path, key, device, batch_size, num_workers,
+                        grid_cells):
     needed, free = len(names) * 2048 * (2 * grid_cells or 4), shutil.disk_usage(path.parent).free
     if 2 * needed > free:  # the features as extracted, and the cache file written from them
         raise UserError(f"the feature cache needs {needed / 1e9:.2f} GB in {path.parent}, and twice that while it is "
-                        f"written, but only {free / 1e9:.2f} GB is free: free some space, or choose another --cache_dir")
+                        f"written, but only {free / 1e9:.2f} GB is free: free some space or choose another --cache_dir")
     start, (rank, size) = time.time(), rank_and_size()
     share = names[len(names) * rank // size:len(names) * (rank + 1) // size]  # each image in one process
-    scratch = path.with_name(f"{path.name}.{rank}.scratch")  # at COCO's size, a grid is too big for RAM
-    scratch.unlink(missing_ok=True)
+    scratch = path.with_name(f"{path.name}.{os.getpid()}.scratch")  # at COCO's size, a grid is too big for RAM
     features, failed = extract_features(load_resnet50(weights), image_dir, share, transform, device,
                                         max(batch_size, 64), num_workers, grid_cells, into=scratch)
     cache = {"key": key, "images": share, "failed": failed, "features": features}
     if size > 1:  # the shares meet in cache_dir, which every process must see (on several machines: shared)
         atomic_save(cache, path.with_name(f"{path.name}.{rank}"))
         wait_for_all()
-        cache = rank == 0 and {"key": key, **gather_shares(path, size)}
+        if rank == 0:
+            cache = {"key": key, **gather_shares(path, size)}
     if rank == 0:
         seconds, read = time.time() - start, len(cache["images"]) - len(cache["failed"])
-        log(f"features: {read} images in {seconds:.1f} s ({read / max(seconds, 1e-9):.1f} images/s"
-            f"{f' in {size} processes' * (size > 1)}), cached in {path}")
+        processes = f" in {size} processes" if size > 1 else ""
+        log(f"features: {read} images in {seconds:.1f} s ({read / max(seconds, 1e-9):.1f} images/s{processes}), "
+            f"cached in {path}")
         atomic_save(cache | {"sha256": tensor_sha256(cache["features"])}, path)
     del cache, features
     scratch.unlink()
     wait_for_all()
-    return load_cached_features(path, key)  # memory-mapped: the extracted copy leaves RAM
 
 
 def gather_shares(path, size):
@@ -1184,10 +1323,10 @@ def gather_shares(path, size):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, fsync, then rename: a crash leaves the previous file intact, and a
-    failed write (a full disk) leaves no temporary file behind."""
+    """torch.save to a temporary file of this process, fsync, then rename: a crash leaves the previous file intact,
+    and a failed write (a full disk) leaves no temporary file behind."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -1195,13 +1334,14 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as error:  # a full disk, or a second Ctrl-C in the middle of writing
+    except BaseException as error:  # a full disk (torch says RuntimeError), or a second Ctrl-C while writing
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if not isinstance(error, OSError):
+        if not isinstance(error, (OSError, RuntimeError)):
             raise
-        raise UserError(f"cannot write {path}: {error.strerror or error}. Free some space or choose another "
-                        f"folder; the previous {path.name}, if any, is intact") from None
+        reason = getattr(error, "strerror", None) or "the disk may be full"
+        raise UserError(f"cannot write {path}: {reason}. Free some space or choose another folder; the previous "
+                        f"{path.name}, if any, is intact") from None
 
 
 # -----------------------------------------------------------------------------
@@ -1212,6 +1352,7 @@ class Data:
     source: "ImageSource"       # encoder inputs by image name
     weights: Path               # the ResNet50 file the features come from
     feature_stats: tuple        # mean and std (2048,) of the training split's features (per channel)
+    train_images_sha256: str    # which images the split trains on, as checkpoints record it
     vocab: "Vocabulary" = None  # of the training split, when asked for
     resnet: nn.Module = None    # only when features are not cached: the encoder then runs every step
 
@@ -1222,18 +1363,14 @@ class Data:
         return sorted(self.split(split)["image"].unique())
 
 
-RANDOM_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # the demo's, without ./setup.sh
-
-
 def encoder_weights_file(cfg):
     path = Path(cfg.encoder_weights)
     if path.is_file():
         return path
-    if cfg.dataset != "demo":
+    fallback = demo_weights(cfg)
+    if fallback is None:
         raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
-    warn(f"no ResNet50 weights at {path}: the demo uses a randomly initialised (still frozen) ResNet50. "
-         f"./setup.sh downloads the ImageNet weights.")
-    return random_resnet50_weights(RANDOM_WEIGHTS)
+    return fallback
 
 
 def feature_statistics(features, rows):
@@ -1246,28 +1383,30 @@ def feature_statistics(features, rows):
     return mean.float(), ((squares - n * mean.square()) / max(n - 1, 1)).sqrt().float().clamp_min(1e-6)
 
 
-def prepare_data(cfg, device, image_size, freq_threshold=None, trained=None):
-    """Captions with their splits and tokens; the training split's vocabulary when freq_threshold is given; the
-    encoder inputs of every image that could be read. Every check that needs no computation (the vocabulary, the
-    weights of a checkpoint being resumed or evaluated: trained=(path, checkpoint)) comes before the features."""
-    if cfg.dataset == "demo" and is_main_process():
-        log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run trains on the built-in "
-            f"demo set\n({cfg.demo_images} generated images of coloured shapes). For real captions: ./setup.sh "
-            f"--flickr8k, then run this script again (README: 'Getting the data').\n{'=' * 100}")
-        make_demo_dataset(cfg.data_dir, cfg.demo_images, image_size)
-        if not Path(cfg.encoder_weights).is_file():  # written once, before the other processes look for it
-            random_resnet50_weights(RANDOM_WEIGHTS)
-    wait_for_all()  # for the demo set and its weights
+def names_sha256(names):
+    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()
+
+
+def prepare_data(cfg, device, build_vocab=False, trained=None):
+    """Captions with their splits and tokens, the training split's vocabulary (build_vocab), and the encoder
+    inputs of every image that can be read. The checks of a checkpoint (trained: its vocabulary, weights and
+    training images) come before the features, which are the slow part."""
+    prepare_demo(cfg)
     frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
     frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
-    vocab = freq_threshold and build_vocabulary(frame.loc[frame["split"] == "train", "tokens"], freq_threshold)
+    train_sha256 = names_sha256(frame.loc[frame["split"] == "train", "image"].unique())
+    vocab = None
+    if build_vocab:
+        vocab = build_vocabulary(frame.loc[frame["split"] == "train", "tokens"], cfg.freq_threshold)
     weights = encoder_weights_file(cfg)
     if trained:
-        check_weights(trained[1], weights, trained[0])
-    transform = image_transform(image_size)
+        trained.check_data(vocab, weights, train_sha256, cfg.data_dir)
+    transform = image_transform(cfg.image_size)
     names = sorted(frame["image"].unique())
     resnet = None  # with cached features, training needs only the projection; the checkpoint records the hash
-    grid_cells = math.ceil(image_size / 32) ** 2 if cfg.decoder == "attention" else 0  # halved 5 times, rounded up
+    grid_cells = 0
+    if cfg.decoder == "attention":
+        grid_cells = math.ceil(cfg.image_size / 32) ** 2  # halved 5 times, rounded up
     if cfg.cache_features:
         cache = cached_features(weights, image_dir, names, transform, cfg.cache_dir, device, cfg.batch_size,
                                 cfg.num_workers, grid_cells)
@@ -1276,7 +1415,8 @@ def prepare_data(cfg, device, image_size, freq_threshold=None, trained=None):
         resnet, source = load_resnet50(weights), ImageSource(image_dir, transform)
         failed = [n for n in tqdm(names, desc="checking images", leave=False) if not image_opens(image_dir / n)]
     if failed:
-        warn(f"skipped {len(failed)} unreadable image(s): {', '.join(failed[:5])}{' ...' * (len(failed) > 5)}")
+        more = " ..." if len(failed) > 5 else ""
+        warn(f"skipped {len(failed)} unreadable image(s): {', '.join(failed[:5])}{more}")
         frame = frame[~frame["image"].isin(set(failed))].reset_index(drop=True)
         check_splits(frame, cfg.data_dir)
     train_names = sorted(frame.loc[frame["split"] == "train", "image"].unique())
@@ -1286,25 +1426,277 @@ def prepare_data(cfg, device, image_size, freq_threshold=None, trained=None):
         sample = random.Random(cfg.seed).sample(train_names, min(512, len(train_names)))
         features, unread = extract_features(resnet, image_dir, sample, transform, device, grid_cells=grid_cells)
         stats = feature_statistics(features, [i for i, name in enumerate(sample) if name not in unread])
-    return Data(frame, source, Path(weights).resolve(), stats, vocab or None, resnet)
+    return Data(frame, source, Path(weights).resolve(), stats, train_sha256, vocab, resnet)
 
 
 def build_vocabulary(train_tokens, freq_threshold):
     vocab = Vocabulary(freq_threshold).build_vocab(train_tokens)
     if len(vocab) == len(Vocabulary.SPECIALS):
         raise UserError(f"--freq_threshold={freq_threshold} leaves no word in the vocabulary (no training word "
-                        f"occurs that often): lower it, e.g. --freq_threshold=5")
+                        f"occurs that often): lower it, e.g. --freq_threshold=2")
     log(f"vocabulary: {len(vocab)} words (from the training split, threshold {freq_threshold})")
     return vocab
 
 
 # -----------------------------------------------------------------------------
-# training
+# training: checkpoints, the output folder, one loop over steps
+CHECKPOINT_KEYS = {"model_args", "model", "optimizer", "vocab", "freq_threshold", "config", "encoder_weights",
+                   "encoder_weights_sha256", "epoch", "step", "best_score", "loss_sum", "loss_count", "processes",
+                   "rng_state", "cuda_rng_state"}  # and, since they were added, sha256 and train_images_sha256
+MODEL_ARGS = {"decoder": str, "embed_size": int, "hidden_size": int, "num_layers": int, "dropout": float,
+              "image_size": int}
+RENAMED = {".fcn.": ".to_vocab.", "decoder.cells.": "decoder.lstm_cells."}  # older checkpoints' parameter names
+# these decide the batches, the vocabulary or the model: a resumed run must keep them
+RESUME_FIXED = ("dataset", "data_dir", "max_images", "demo_images", "image_size", "freq_threshold", "decoder",
+                "embed_size", "hidden_size", "num_layers", "dropout", "batch_size", "max_batches_per_epoch", "seed",
+                "best_metric")
+NOT_TRAINING = ("resume", "evaluate", "checkpoint", "caption_figure", "preset", "output_dir")
+RESUME_ADDED = {"best_metric": "CIDEr"}  # settings added since: what older checkpoints did
+
+
+@dataclasses.dataclass
+class Progress:
+    """How far a run has come: what a checkpoint records besides the weights."""
+    epoch: int = 0                    # epochs trained and validated
+    step: int = 0                     # optimizer steps taken
+    best_score: float = float("-inf")  # of best_metric, higher is better
+    loss_sum: float = 0.0             # over the recorded steps of the epoch under way
+    loss_count: int = 0
+
+
+@dataclasses.dataclass
+class Restored:
+    """A checkpoint, checked: its model (rebuilt from its own sizes) and what a resumed run goes on from."""
+    path: Path
+    model: "Captioner"
+    config: dict                # the settings it was trained with
+    optimizer: dict
+    progress: Progress
+    rng_states: tuple           # CPU, CUDA
+    weights_file: str           # the ResNet50 file it was trained with, and its sha256
+    weights_sha256: str
+    train_images_sha256: str    # None in checkpoints from before it was recorded
+
+    def trained_on(self):
+        """Its settings, with the weights file it recorded only where that file still is."""
+        if Path(self.weights_file).is_file():
+            return self.config | {"encoder_weights": self.weights_file}
+        return {k: v for k, v in self.config.items() if k != "encoder_weights"}
+
+    def check_weights(self, weights):
+        if weights_sha256(weights) != self.weights_sha256:
+            raise UserError(f"checkpoint {self.path} was trained on other ResNet50 weights than {weights}: use "
+                            f"--encoder_weights={self.weights_file}, the file it was trained with")
+
+    def check_data(self, vocab, weights, train_sha256, data_dir):
+        """Refuses data other than the checkpoint was trained on, before any feature is computed."""
+        if vocab is not None and vocab.itos != self.model.vocab.itos:
+            raise UserError(f"checkpoint {self.path} has a different vocabulary ({len(self.model.vocab)} words, now "
+                            f"{len(vocab)}): the captions in {data_dir} changed since it was written; train afresh")
+        self.check_weights(weights)
+        if self.train_images_sha256 is None:
+            warn(f"{self.path} does not record its training images (an older version wrote it): no check that the "
+                 f"test images were not among them")
+        elif train_sha256 != self.train_images_sha256:
+            raise UserError(f"the training split of {data_dir} is not the one {self.path} was trained on, so its "
+                            f"test split may hold images it trained on: use the data and settings it was trained "
+                            f"with (its config.json), or train afresh")
+
+
+def checkpoint_sha256(ckpt):
+    """A checksum of everything in a checkpoint but the checksum: tensors by their bytes, the rest by repr."""
+    digest = hashlib.sha256()
+    pending = [{k: v for k, v in ckpt.items() if k != "sha256"}]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            keys = sorted(value, key=str)
+            digest.update(repr(keys).encode())
+            pending += [value[k] for k in reversed(keys)]
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"[{len(value)}]".encode())
+            pending += reversed(value)
+        elif isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{list(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()
+
+
+def checkpoint_problem(ckpt):
+    """What makes a loaded file no sound checkpoint of this script, or None."""
+    if not isinstance(ckpt, dict) or CHECKPOINT_KEYS - set(ckpt):
+        missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
+        return f"it lacks {', '.join(sorted(missing)[:5])}"
+    if "sha256" in ckpt and ckpt["sha256"] != checkpoint_sha256(ckpt):
+        return "its checksum does not match its contents: it was changed or damaged"
+    args = ckpt["model_args"]
+    if not isinstance(args, dict) or set(args) != set(MODEL_ARGS):
+        return f"its model_args are not {', '.join(MODEL_ARGS)}"
+    for name, kind in MODEL_ARGS.items():
+        if type(args[name]) is not kind or (kind is int and args[name] < 1):
+            return f"model_args {name}={args[name]!r} is not a {'positive ' * (kind is int)}{kind.__name__}"
+    vocab = ckpt["vocab"]
+    if not isinstance(vocab, list) or vocab[:4] != Vocabulary.SPECIALS or not all(isinstance(w, str) for w in vocab):
+        return f"its vocabulary is not a list of words starting with {Vocabulary.SPECIALS}"
+    if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        return "its model is not a dict of tensors"
+    if not all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()):
+        return "its weights are not all finite numbers"
+    return None
+
+
+def read_checkpoint(path):
+    """A checkpoint written by this script, loaded without running any pickled code and checked whole."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}: train one first with `python {Path(__file__).name}` "
+                        f"(it writes best.pt and last.pt to output_dir), or name one with --checkpoint=FILE")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"cannot load checkpoint {path}: it is damaged or holds more than plain tensors and "
+                        f"values, which is refused ({type(error).__name__})") from None
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise UserError(f"{path} is not a sound checkpoint of this script: {problem}. Use another --checkpoint, "
+                        f"or train afresh")
+    return ckpt
+
+
+def restore(path, cfg=None):
+    """The one way back from a checkpoint (resume, --evaluate, the test report, --caption). With cfg (a resume),
+    refuses settings that would make it another run."""
+    ckpt = read_checkpoint(path)
+    config = {**RESUME_ADDED, **ckpt["config"]}
+    if cfg:
+        check_resumable(config, ckpt["processes"], cfg, path)
+    state = {}
+    for name, tensor in ckpt["model"].items():
+        for old, new in RENAMED.items():
+            name = name.replace(old, new)
+        state[name] = tensor
+    try:
+        model = Captioner(Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]), **ckpt["model_args"])
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise UserError(f"{path} does not match its own model sizes ({str(error)[:150]}): it is damaged; use "
+                        f"another --checkpoint, or train afresh") from None
+    if unexpected or missing:
+        raise UserError(f"{path} does not match its own model ({(unexpected or missing)[0]}): it is damaged; use "
+                        f"another --checkpoint, or train afresh")
+    progress = Progress(**{name: ckpt[name] for name in ("epoch", "step", "best_score", "loss_sum", "loss_count")})
+    return Restored(Path(path), model, config, ckpt["optimizer"], progress,
+                    (ckpt["rng_state"], ckpt["cuda_rng_state"]), ckpt["encoder_weights"],
+                    ckpt["encoder_weights_sha256"], ckpt.get("train_images_sha256"))
+
+
+def check_resumable(config, processes, cfg, path):
+    """Refuses a resume whose settings would make it another run; says which changed settings it applies."""
+    if processes != rank_and_size()[1]:  # each step's batch holds batch_size captions per process
+        raise UserError(f"checkpoint {path} was written by a run of {processes} process(es), and this one has "
+                        f"{rank_and_size()[1]}: resume it with as many (torchrun --nproc_per_node=...), or train "
+                        f"afresh")
+    for name in RESUME_FIXED:
+        if name not in config:
+            raise UserError(f"checkpoint {path} does not record {name}: another version of this script wrote it; "
+                            f"train afresh (without --resume)")
+        if config[name] != getattr(cfg, name):
+            raise UserError(f"checkpoint {path} was trained with {name}={config[name]} but the config says "
+                            f"{name}={getattr(cfg, name)}: set --{name}={config[name]} to resume it, or train "
+                            f"afresh (without --resume)")
+    for name in CONFIG_NAMES:
+        if name not in RESUME_FIXED + NOT_TRAINING and config.get(name) != getattr(cfg, name):
+            log(f"resume: {name} was {config.get(name)!r}, now {getattr(cfg, name)!r} (applied from here on)")
+
+
+def save_checkpoint(path, model, optimizer, cfg, data, progress):
+    """A flat dict of state dicts and counters, loaded with weights_only=True; config.json beside it says the same."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f"the model's weights are not finite at step {progress.step}: {path.name} not written")
+    (path.parent / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    ckpt = {"model_args": model.args, "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+            "vocab": model.vocab.itos, "freq_threshold": model.vocab.freq_threshold,
+            "config": dataclasses.asdict(cfg), "encoder_weights": str(data.weights),
+            "encoder_weights_sha256": weights_sha256(data.weights), "train_images_sha256": data.train_images_sha256,
+            **dataclasses.asdict(progress), "processes": rank_and_size()[1], "rng_state": torch.get_rng_state(),
+            "cuda_rng_state": torch.cuda.get_rng_state_all()}
+    atomic_save(ckpt | {"sha256": checkpoint_sha256(ckpt)}, path)
+
+
+def claim_output_dir(out, fresh=False):
+    """Creates output_dir and locks it for this run (a kernel lock: it dies with the process, even after kill -9);
+    clears what killed runs left half-written. A fresh run sets an earlier run's files aside first."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")
+    except OSError as error:
+        raise UserError(f"cannot write to --output_dir={out}: {error.strerror or error} (is it, or a folder "
+                        f"above it, a file or read-only?). Choose another output_dir") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        raise UserError(f"another run (process {lock.read().strip() or '?'}) is writing to {out}: wait for it "
+                        f"to finish, stop it, or choose another --output_dir") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    for stale in out.glob("*.tmp"):  # only this run may write here now: any temporary file is a dead run's
+        stale.unlink()
+    earlier = [p for p in out.iterdir() if p.name != ".lock" and not p.name.startswith("previous-")]
+    if fresh and earlier:  # never a folder that mixes two runs, and nothing of the earlier one lost
+        aside = out / f"previous-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+        aside.mkdir()
+        for path in earlier:
+            os.replace(path, aside / path.name)
+        log(f"{out} held an earlier run: its files are now in {aside} (--resume continues a run instead)")
+    return lock  # held open until the process ends
+
+
+def diverged(loss, vocab_size):
+    # a fresh model's loss is about log(vocab_size); ten times that only comes from a blown-up model
+    return not math.isfinite(loss) or loss > 10 * math.log(vocab_size)
+
+
+class CtrlC:
+    """The first Ctrl-C (SIGINT or SIGTERM) asks the loop to save last.pt and stop; a second stops at once, leaving
+    the previous last.pt. Under torchrun, whose agent passes Ctrl-C on twice, every signal only asks."""
+    requested = False
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def request(self, signum, frame):
+        if self.requested and "LOCAL_RANK" not in os.environ:
+            raise SystemExit(130)
+        if not self.requested:
+            log("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def epoch_batches(n, batch_size, seed, epoch, max_batches=0):
     """The epoch's batches of caption indices: a fixed order per (seed, epoch), so a resumed run repeats it."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    return batches[:max_batches] if max_batches else batches
+    if max_batches:
+        return batches[:max_batches]
+    return batches
+
+
+def process_batches(n, cfg, epoch):
+    """This process's share of each step's batch: the batches of batch_size * processes captions a single
+    process would take, shared out, so that any number of processes takes the same steps."""
+    rank, size = rank_and_size()
+    batches = epoch_batches(n, cfg.batch_size * size, cfg.seed, epoch, cfg.max_batches_per_epoch)
+    return [batch[rank::size] for batch in batches if len(batch) >= size]
 
 
 def learning_rate_at(step, total_steps, cfg):
@@ -1317,28 +1709,19 @@ def learning_rate_at(step, total_steps, cfg):
     return cfg.learning_rate
 
 
-def caption_loader(dataset, batches, cfg, device):
-    per_step = dataset.source.features is None
-    # its own generator: a DataLoader otherwise draws from the global RNG, and a resumed run would differ
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=CapsCollate(), generator=torch.Generator(),
-                      num_workers=cfg.num_workers if per_step else 0, pin_memory=device.type == "cuda")
-
-
 @torch.no_grad()
 def validation_loss(model, dataset, cfg, device):
     """Teacher-forced loss and token accuracy: the share of non-padding targets whose argmax is right."""
-    model.eval()
     rank, size = rank_and_size()
     batches = [b.tolist() for b in torch.arange(len(dataset)).split(cfg.batch_size)][rank::size]
     total_loss, correct, tokens = 0.0, 0, 0
-    for images, captions in caption_loader(dataset, batches, cfg, device):
-        if images is None:
-            continue
-        loss, logits, targets = model(images.to(device), captions.to(device))
-        mask = targets != Vocabulary.PAD
-        total_loss += loss.item() * mask.sum().item()
-        correct += ((logits.argmax(-1) == targets) & mask).sum().item()
-        tokens += mask.sum().item()
+    with evaluating(model):
+        for inputs, captions in caption_batches(dataset, batches, cfg, device):
+            loss, logits, targets = model(inputs, captions)
+            mask = targets != Vocabulary.PAD
+            total_loss += loss.item() * mask.sum().item()
+            correct += ((logits.argmax(-1) == targets) & mask).sum().item()
+            tokens += mask.sum().item()
     total_loss, correct, tokens = sum_over_processes([total_loss, correct, tokens], device)
     return total_loss / max(tokens, 1), correct / max(tokens, 1)
 
@@ -1358,276 +1741,186 @@ def truncate_csv(path, column, last):
         frame[frame[column] <= last].to_csv(path, index=False)
 
 
-def claim_output_dir(out):
-    """Creates output_dir and locks it for this run: a second run into the same folder would interleave its CSV
-    rows with ours. The lock is the kernel's (flock), so it dies with the process, even after kill -9."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".lock", "a+")
-    except OSError as error:
-        raise UserError(f"cannot write to --output_dir={out}: {error.strerror or error} (is it, or a folder "
-                        f"above it, a file or read-only?). Choose another output_dir") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        raise UserError(f"another run (process {lock.read().strip() or '?'}) is writing to {out}: wait for it "
-                        f"to finish, stop it, or choose another --output_dir") from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    return lock  # held open until the process ends
-
-
-# these decide the batches, the vocabulary or the model: a resumed run must keep them
-RESUME_FIXED = ("dataset", "data_dir", "max_images", "demo_images", "image_size", "freq_threshold", "decoder",
-                "embed_size", "hidden_size", "num_layers", "dropout", "batch_size", "max_batches_per_epoch", "seed",
-                "best_metric")
-NOT_TRAINING = ("resume", "evaluate", "checkpoint", "caption_figure", "preset", "output_dir")
-RESUME_ADDED = {"best_metric": "CIDEr"}  # settings added since: what older checkpoints did
-
-
-def check_resumable(ckpt, cfg, path):
-    """Refuses a resume whose settings would make it another run; says which changed settings it applies."""
-    old, processes = {**RESUME_ADDED, **ckpt["config"]}, rank_and_size()[1]
-    if ckpt["processes"] != processes:  # each step's batch holds batch_size captions per process
-        raise UserError(f"checkpoint {path} was written by a run of {ckpt['processes']} process(es), and this one "
-                        f"has {processes}: resume it with as many (torchrun --nproc_per_node=...), or train afresh")
-    for name in RESUME_FIXED:
-        if name not in old:
-            raise UserError(f"checkpoint {path} does not record {name}: another version of this script wrote it; "
-                            f"train afresh (without --resume)")
-        if old[name] != getattr(cfg, name):
-            raise UserError(f"checkpoint {path} was trained with {name}={old.get(name)} but the config says "
-                            f"{name}={getattr(cfg, name)}: set --{name}={old.get(name)} to resume it, or train "
-                            f"afresh (without --resume)")
-    for name in CONFIG_NAMES:
-        if name not in RESUME_FIXED + NOT_TRAINING and old.get(name) != getattr(cfg, name):
-            log(f"resume: {name} was {old.get(name)!r}, now {getattr(cfg, name)!r} (applied from here on)")
-
-
-def check_weights(ckpt, weights, path):
-    if weights_sha256(weights) != ckpt["encoder_weights_sha256"]:
-        raise UserError(f"checkpoint {path} was trained on other ResNet50 weights than {weights}: use "
-                        f"--encoder_weights={ckpt['encoder_weights']}, the file it was trained with")
-
-
-def diverged(loss, vocab_size):
-    # a fresh model's loss is about log(vocab_size); ten times that only comes from a blown-up model
-    return not math.isfinite(loss) or loss > 10 * math.log(vocab_size)
-
-
-class CtrlC:
-    """Ctrl-C while training: the first one sets .requested, which the loop reads at the end of a step, then saves
-    last.pt; a second one stops at once and leaves last.pt as the previous, consistent one. Under torchrun, whose
-    agent passes the terminal's Ctrl-C on (a second signal at once) and kills what is still running 30 s later,
-    every SIGINT or SIGTERM only requests the stop."""
-    requested = False
-
-    def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def request(self, signum, frame):
-        if self.requested and "LOCAL_RANK" not in os.environ:
-            raise SystemExit(130)
-        if not self.requested:
-            log("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def save_checkpoint(path, model, optimizer, cfg, weights, counters):
-    """A flat dict of state dicts and counters, loaded with weights_only=True; config.json beside it says the same."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise UserError(f"the model's weights are not finite at step {counters['step']}: {path.name} not written")
-    (path.parent / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    atomic_save({"model_args": model.args, "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-                 "vocab": model.vocab.itos, "freq_threshold": model.vocab.freq_threshold,
-                 "config": dataclasses.asdict(cfg), "encoder_weights": str(weights),
-                 "encoder_weights_sha256": weights_sha256(weights), **counters, "rng_state": torch.get_rng_state(),
-                 "cuda_rng_state": torch.cuda.get_rng_state_all()}, path)
-
-
-def build_or_resume(cfg, data, ckpt, resume_from):
-    """A new model from the settings, or the one in the checkpoint being resumed (on the same vocabulary)."""
+def start_run(cfg, device, out):
+    """The data, model, optimizer and progress of a fresh run, or of the run in last.pt (--resume): the one place
+    that knows which."""
+    restored = restore(out / "last.pt", cfg) if cfg.resume else None
+    data = prepare_data(cfg, device, build_vocab=True, trained=restored)
     torch.manual_seed(cfg.seed)  # after the data: the model's initial weights never depend on what was cached
-    if ckpt:
-        model, _ = load_captioner(resume_from, data.resnet, ckpt, cfg.decoder)
-        if model.vocab.itos != data.vocab.itos:
-            raise UserError(f"checkpoint {resume_from} has a different vocabulary ({len(model.vocab)} words, now "
-                            f"{len(data.vocab)}): the captions in {cfg.data_dir} changed since it was written; "
-                            f"train afresh")
-        return model
-    model = Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.dropout, cfg.image_size,
-                      data.resnet, cfg.decoder)
-    model.encoder.feature_mean.copy_(data.feature_stats[0])
-    model.encoder.feature_std.copy_(data.feature_stats[1])
-    return model
+    if restored:
+        model, progress = restored.model, restored.progress
+        if data.resnet is not None:
+            model.encoder.attach(data.resnet)
+    else:
+        model = Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.dropout, cfg.image_size,
+                          data.resnet, cfg.decoder)
+        model.encoder.feature_mean.copy_(data.feature_stats[0])
+        model.encoder.feature_std.copy_(data.feature_stats[1])
+        progress = Progress()
+    fused = True if device.type == "cuda" else None  # one kernel for all the parameters on a GPU
+    optimizer = torch.optim.Adam([p for p in model.to(device).parameters() if p.requires_grad],
+                                 lr=cfg.learning_rate, fused=fused)
+    if restored:
+        optimizer.load_state_dict(restored.optimizer)
+        torch.set_rng_state(restored.rng_states[0])  # mid-epoch: dropout goes on as it would have
+        if torch.cuda.is_available() and restored.rng_states[1]:
+            torch.cuda.set_rng_state_all(restored.rng_states[1])
+        log(f"resuming from {restored.path}: epoch {progress.epoch} done, step {progress.step}")
+    if is_main_process():  # the logs keep their rows up to the checkpoint (a fresh run's folder is empty)
+        truncate_csv(out / "loss_per_batch.csv", "step", progress.step)
+        truncate_csv(out / "loss_per_epoch.csv", "epoch", progress.epoch)
+        model.vocab.save(out / "vocab.json")
+        meteor_scorer()  # its JVM loads while the first epoch trains
+    return data, model, optimizer, progress
 
 
-def record_losses(pending, epoch, vocab_size, cfg, device):
-    """The losses of the pending steps [(step, lr, loss on the device)], averaged over the processes, checked for
-    divergence and appended to loss_per_batch.csv: one read-back from the device for log_every steps."""
-    losses = sum_over_processes((torch.stack([loss for _, _, loss in pending]) / rank_and_size()[1]).tolist(), device)
-    bad = [(s, v) for (s, _, _), v in zip(pending, losses) if diverged(v, vocab_size)]
+def train_step(model, optimizer, inputs, captions, lr, device):
+    """One optimizer step; the loss stays on the device (reading it back would wait for the GPU every step)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(device):
+        loss, _, _ = model(inputs, captions)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def record_losses(pending, progress, vocab_size, cfg, device, bar):
+    """The losses of the pending steps [(epoch, step, lr, loss on the device)], averaged over the processes,
+    checked for divergence and appended to loss_per_batch.csv: one read-back from the device for several steps."""
+    if not pending:
+        return
+    losses = sum_over_processes((torch.stack([p[3] for p in pending]) / rank_and_size()[1]).tolist(), device)
+    rows = [(epoch, step, lr, loss) for (epoch, step, lr, _), loss in zip(pending, losses)]
+    bad = [row for row in rows if diverged(row[3], vocab_size)]
     if bad:
-        raise UserError(f"the training loss diverged at epoch {epoch}, step {bad[0][0]} (loss {bad[0][1]:.4g}): "
+        raise UserError(f"the training loss diverged at epoch {bad[0][0]}, step {bad[0][1]} (loss {bad[0][3]:.4g}): "
                         f"lower --learning_rate (now {cfg.learning_rate}). No checkpoint was written after that step")
     if is_main_process():
-        append_csv(Path(cfg.output_dir) / "loss_per_batch.csv", [(epoch, s, r, v) for (s, r, _), v in
-                                                                 zip(pending, losses)], ["epoch", "step", "lr", "loss"])
-    return losses
+        append_csv(Path(cfg.output_dir) / "loss_per_batch.csv", rows, ["epoch", "step", "lr", "loss"])
+    progress.loss_sum += sum(losses)
+    progress.loss_count += len(losses)
+    bar.set_postfix(loss=f"{losses[-1]:.3f}", avg=f"{progress.loss_sum / progress.loss_count:.3f}")
+    pending.clear()
 
 
-def validate(model, data, val_set, cfg, device):
-    """Validation loss, token accuracy and caption metrics (None except in process 0); on the demo also its
-    demo_accuracy, from greedy captions like the demo's test figures."""
+def end_epoch(model, optimizer, data, val_set, progress, train_seconds, cfg, device):
+    """Validation, the epoch's row and log line, best.pt when it is the best so far, last.pt, graphs, samples."""
+    start = time.time()
     val_loss, token_accuracy = validation_loss(model, val_set, cfg, device)
     metrics, _ = evaluate_split(model, data, "val", cfg, device)
-    if cfg.dataset == "demo":  # every process captions its share
-        greedy, _ = generate_captions(model, data.source, data.images("val"), cfg, device, beam_size=1)
-        if metrics:
-            metrics["demo_accuracy"] = demo_accuracy(greedy, Path(cfg.data_dir) / "shapes.csv", None)[0]
-    return val_loss, token_accuracy, metrics
+    metrics |= demo_scores(model, data, "val", cfg, device)
+    eval_seconds = time.time() - start
+    progress.epoch += 1
+    train_loss = progress.loss_sum / max(progress.loss_count, 1)
+    progress.loss_sum, progress.loss_count = 0.0, 0  # before the checkpoints, which a resume goes on from
+    if is_main_process():
+        out = Path(cfg.output_dir)
+        row = {"epoch": progress.epoch, "train_loss": train_loss, "val_loss": val_loss,
+               "val_token_accuracy": token_accuracy, **metrics, "epoch_seconds": round(train_seconds, 2),
+               "eval_seconds": round(eval_seconds, 2)}
+        append_csv(out / "loss_per_epoch.csv", [row], list(row))
+        score = -val_loss if cfg.best_metric == "val_loss" else metrics[cfg.best_metric]
+        # of equals the later: on the demo ties are common, and the later epoch is more trained
+        best = score >= progress.best_score
+        progress.best_score = max(progress.best_score, score)
+        log(f"epoch {progress.epoch}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, token accuracy "
+            f"{token_accuracy:.1%}, {format_metrics(metrics)}; {train_seconds:.1f} s training, "
+            f"{eval_seconds:.1f} s validation (beam {cfg.beam_size}){'; best.pt' if best else ''}")
+        if best:
+            save_checkpoint(out / "best.pt", model, optimizer, cfg, data, progress)
+        save_checkpoint(out / "last.pt", model, optimizer, cfg, data, progress)
+        plot_history(out)
+    print_samples(model, data.source, data.images("val")[:3], cfg, device, f"end of epoch {progress.epoch}")
 
 
 def train(cfg, device):
     """Trains, validates every epoch, keeps best.pt (by best_metric on validation) and last.pt, then reports on
     test."""
-    out, (rank, size), main = Path(cfg.output_dir), rank_and_size(), is_main_process()
-    lock = main and claim_output_dir(out)  # noqa: F841 (held for the whole run)
-    resume_from = out / "last.pt"
-    ckpt = load_checkpoint(resume_from) if cfg.resume else None
-    if ckpt:
-        check_resumable(ckpt, cfg, resume_from)
-    data = prepare_data(cfg, device, cfg.image_size, cfg.freq_threshold, ckpt and (resume_from, ckpt))
-    model = build_or_resume(cfg, data, ckpt, resume_from).to(device)
-    vocab = model.vocab
+    out, (rank, size) = Path(cfg.output_dir), rank_and_size()
+    lock = claim_output_dir(out, fresh=not cfg.resume) if is_main_process() else None
+    data, model, optimizer, progress = start_run(cfg, device, out)
     # with torchrun, DDP averages the gradients of the processes; else the model as it is
-    ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None, broadcast_buffers=False) \
-        if size > 1 else model  # the buffers (feature statistics) never change
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    train_set = FlickrDataset(data.split("train"), vocab, data.source, cfg.max_train_caption_len)
-    val_set = FlickrDataset(data.split("val"), vocab, data.source)
-    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * size))
-    total_steps = cfg.num_epochs * min(steps_per_epoch, cfg.max_batches_per_epoch or steps_per_epoch)
-    epoch, step, batch, best_score, loss_sum, loss_count = 0, 0, 0, float("-inf"), 0.0, 0
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        epoch, step, batch, best_score, loss_sum, loss_count = (ckpt[k] for k in (
-            "epoch", "step", "batch", "best_score", "loss_sum", "loss_count"))
-        if batch:  # mid-epoch: dropout goes on as it would have
-            torch.set_rng_state(ckpt["rng_state"])
-            if torch.cuda.is_available() and ckpt["cuda_rng_state"]:
-                torch.cuda.set_rng_state_all(ckpt["cuda_rng_state"])
-        log(f"resuming from {resume_from}: epoch {epoch} done, step {step}")
-    if main:  # the logs keep their rows up to the checkpoint, or start afresh
-        for name, column, last in (("loss_per_batch.csv", "step", step), ("loss_per_epoch.csv", "epoch", epoch)):
-            if ckpt:
-                truncate_csv(out / name, column, last)
-            else:
-                (out / name).unlink(missing_ok=True)
-        vocab.save(out / "vocab.json")
-        meteor_scorer()  # its JVM loads while the first epoch trains
-    counters = lambda: dict(epoch=epoch, step=step, batch=batch, best_score=best_score,  # noqa: E731
-                            loss_sum=loss_sum, loss_count=loss_count, processes=size)  # what a checkpoint records
-    sample_names, per_step = data.images("val")[:3], data.source.features is None
-    stopping = False
+    ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None) if size > 1 else model
+    train_set = FlickrDataset(data.split("train"), model.vocab, data.source, cfg.max_train_caption_len)
+    val_set = FlickrDataset(data.split("val"), model.vocab, data.source)
+    steps_per_epoch = len(process_batches(len(train_set), cfg, 1))
+    total_steps = cfg.num_epochs * steps_per_epoch
+    pending, batches, bar, epoch_start = [], None, tqdm(disable=True), time.time()
+    model.train()
     with CtrlC() as stop:
-        while epoch < cfg.num_epochs and not (stopping := any_process(stop.requested, device)):
-            if batch == 0:  # epochs are reproducible one by one; each process has its own dropout
-                torch.manual_seed((cfg.seed * 1000 + epoch + 1) * size + rank)
-            # a single process's batches of batch_size * size captions, each shared out among the processes
-            batches = [b[rank::size] for b in epoch_batches(len(train_set), cfg.batch_size * size, cfg.seed,
-                                                             epoch + 1, cfg.max_batches_per_epoch) if len(b) >= size]
-            model.train()
-            pending = []  # (step, lr, loss on the device): reading each back would sync the host every step
-            start = time.time()
-            bar = tqdm(caption_loader(train_set, batches[batch:], cfg, device), total=len(batches), initial=batch,
-                       desc=f"epoch {epoch + 1}/{cfg.num_epochs}", unit="batch", leave=False)
-            for images, captions in bar:
-                batch, step = batch + 1, step + 1
-                lr = learning_rate_at(step, total_steps, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                readable = images is not None  # else every image of this share was unreadable (already reported)
-                if size > 1 and per_step:  # a process skipping DDP's step would leave the others waiting in it
-                    readable = not any_process(not readable, device)
-                if readable:
-                    images, captions = images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
-                    with autocast(device):
-                        loss, _, _ = ddp(images, captions)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    pending.append((step, lr, loss.detach()))
-                # every log_every steps (every step when alone) the processes agree whether to stop
-                stopping = (batch % cfg.log_every == 0 or batch == len(batches) or size == 1) and \
-                    any_process(stop.requested, device)
-                if pending and (len(pending) >= cfg.log_every or batch == len(batches) or stopping):
-                    losses = record_losses(pending, epoch + 1, len(vocab), cfg, device)
-                    loss_sum, loss_count = loss_sum + sum(losses), loss_count + len(losses)
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}", avg=f"{loss_sum / loss_count:.3f}")
-                    pending.clear()
-                if cfg.sample_every and batch % cfg.sample_every == 0:
-                    print_samples(model, data.source, sample_names, cfg, device, f"step {step}")
-                if stopping:
+        try:
+            while True:
+                epoch, batch = divmod(progress.step, steps_per_epoch)  # epoch: 0-based, of the next step
+                # every process stops at the same step; asking the others is a collective, so not every step
+                if (size == 1 or batch == 0 or batch % cfg.log_every == 0) and any_process(stop.requested, device):
                     break
-            bar.close()
-            train_seconds = time.time() - start
-            if stopping or any_process(stop.requested, device):
-                stopping = True
-                break  # before validation: last.pt below records the batch to go on from (at the end: validation)
-            epoch, batch = epoch + 1, 0
-            start = time.time()
-            val_loss, token_accuracy, metrics = validate(model, data, val_set, cfg, device)
-            eval_seconds = time.time() - start
-            train_loss, loss_sum, loss_count = loss_sum / max(loss_count, 1), 0.0, 0  # before the checkpoints
-            if main:
-                row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                       "val_token_accuracy": token_accuracy, **metrics, "epoch_seconds": round(train_seconds, 2),
-                       "eval_seconds": round(eval_seconds, 2)}
-                append_csv(out / "loss_per_epoch.csv", [row], list(row))
-                score = -val_loss if cfg.best_metric == "val_loss" else metrics[cfg.best_metric]  # higher: better
-                # of equals the later: on the demo's 1/300 steps ties are common, and later is more trained
-                best_score, was_best = max(best_score, score), score >= best_score
-                log(f"epoch {epoch}: train loss {row['train_loss']:.3f}, val loss {val_loss:.3f}, token accuracy "
-                    f"{token_accuracy:.1%}, {format_metrics(metrics)}; {train_seconds:.1f} s training, "
-                    f"{eval_seconds:.1f} s validation (beam {cfg.beam_size}){'; best.pt' * was_best}")
-                for name in ["best.pt"] * was_best + ["last.pt"]:
-                    save_checkpoint(out / name, model, optimizer, cfg, data.weights, counters())
-                plot_history(out)
-            print_samples(model, data.source, sample_names, cfg, device, f"end of epoch {epoch}")
-        if stopping:
-            if main:
-                save_checkpoint(out / "last.pt", model, optimizer, cfg, data.weights, counters())
-            command = shlex.join([Path(__file__).name, *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
-            log(f"\ninterrupted: saved {out / 'last.pt'} at step {step}. Resume with:\n  "
-                f"{'torchrun ... ' if size > 1 else 'python '}{command}")
-            return 130
+                if batch == 0 and epoch > progress.epoch:  # the previous epoch's training is done
+                    bar.close()
+                    end_epoch(model, optimizer, data, val_set, progress, time.time() - epoch_start, cfg, device)
+                if epoch == cfg.num_epochs:
+                    break
+                if batch == 0 or batches is None:
+                    if batch == 0:  # epochs are reproducible one by one; each process has its own dropout
+                        torch.manual_seed((cfg.seed * 1000 + epoch + 1) * size + rank)
+                    shares = process_batches(len(train_set), cfg, epoch + 1)[batch:]
+                    batches = caption_batches(train_set, shares, cfg, device)
+                    bar = tqdm(total=steps_per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{cfg.num_epochs}",
+                               unit="batch", leave=False)
+                    epoch_start = time.time()
+                inputs, captions = next(batches)
+                progress.step += 1
+                lr = learning_rate_at(progress.step, total_steps, cfg)
+                pending.append((epoch + 1, progress.step, lr, train_step(ddp, optimizer, inputs, captions, lr,
+                                                                         device)))
+                bar.update()
+                if len(pending) >= cfg.log_every or batch + 1 == steps_per_epoch:
+                    record_losses(pending, progress, len(model.vocab), cfg, device, bar)
+                if cfg.sample_every and progress.step % cfg.sample_every == 0:
+                    print_samples(model, data.source, data.images("val")[:3], cfg, device, f"step {progress.step}")
+        except UnreadableImage as error:  # gone since the run began: what was trained so far is kept
+            stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device)
+            raise UserError(re.search(r"cannot read image .*", str(error))[0]) from None
+        bar.close()
+        if any_process(stop.requested, device):  # also during the last validation: no test report then
+            stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device)
+            return resume_hint(out, progress.step, size)
     wait_for_all()  # for best.pt
-    best, _ = load_captioner(out / "best.pt", data.resnet)
+    best = restore(out / "best.pt").model
+    if data.resnet is not None:
+        best.encoder.attach(data.resnet)
     test_report(best.to(device), data, cfg, device, out / "best.pt")
     if device.type == "cuda":
         log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
     log(f"outputs in {out}: loss_per_batch.csv, loss_per_epoch.csv, loss_graph.png, metrics_graph.png, "
         f"test_metrics.json, test_captions.csv, test_examples.png, best.pt, last.pt, vocab.json, config.json")
+    del lock
     return 0
+
+
+def stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device):
+    """last.pt at the last step taken, with its losses recorded, so that --resume goes on from there."""
+    record_losses(pending, progress, len(model.vocab), cfg, device, bar)
+    bar.close()
+    if is_main_process():
+        save_checkpoint(out / "last.pt", model, optimizer, cfg, data, progress)
+
+
+def resume_hint(out, step, size):
+    command = shlex.join([Path(__file__).name, *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
+    runner = "torchrun ... " if size > 1 else "python "
+    log(f"\ninterrupted: saved {out / 'last.pt'} at step {step}. Resume with:\n  {runner}{command}")
+    return 130
 
 
 # -----------------------------------------------------------------------------
 # evaluation and decoding
 @torch.no_grad()
 def beam_search(decoder, image_embeds, beam_size, max_len):
-    """Batched beam search scored by log-probability per word; beam_size=1 is exactly greedy decoding.
-
-    decoder: anything with start(embeds) -> state and step(tokens, state, first) -> (log-probs, state), whose
-    state is a tuple of tensors with the batch in dimension 1. Returns each image's best word ids."""
+    """Each image's best word ids by log-probability per word; beam_size=1 is exactly greedy decoding."""
+    # decoder: start(embeds) -> state and step(tokens, state, first) -> (log-probs, state), whose state is a
+    # tuple of tensors with the batch in dimension 1: any decoder with these two methods works
     n, k, dev = image_embeds.size(0), beam_size, image_embeds.device
     state = tuple(s.repeat_interleave(k, dim=1) for s in decoder.start(image_embeds))  # each (L, n*k, H)
     tokens = torch.full((n * k,), Vocabulary.SOS, device=dev)  # (n*k,)
@@ -1643,14 +1936,14 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
         candidates = (scores.unsqueeze(-1) + logp.view(n, k, -1)).view(n, -1)  # (n, k*V)
         top, index = candidates.topk(min(2 * k, k * vocab_size), 1)  # (n, 2k): enough that k go on after EOS
         beam, word = index // vocab_size, index % vocab_size  # (n, 2k) each
-        rank = torch.arange(top.size(1), device=dev).expand_as(top)  # (n, 2k)
-        ends = (word == Vocabulary.EOS) & (rank < k) & (finished < k).unsqueeze(1) & (top > float("-inf"))
+        place = torch.arange(top.size(1), device=dev).expand_as(top)  # (n, 2k): each candidate's place in top
+        ends = (word == Vocabulary.EOS) & (place < k) & (finished < k).unsqueeze(1) & (top > float("-inf"))
         ended_score, ended_at = torch.where(ends, top / (t + 1), float("-inf")).max(1)  # (n,) per-word scores
         for i in (ended_score > best_score).nonzero().flatten().tolist():
             best_score[i] = ended_score[i]
             best_seq[i] = seqs[offsets[i, 0] + beam[i, ended_at[i]]].tolist()
         finished += ends.sum(1)
-        keep = (rank + (word == Vocabulary.EOS) * top.size(1)).argsort(1)[:, :k]  # (n, k): best k that go on
+        keep = (place + (word == Vocabulary.EOS).long() * top.size(1)).argsort(1)[:, :k]  # (n, k): best k going on
         rows = (offsets + beam.gather(1, keep)).view(-1)  # (n*k,): the beam each survivor extends
         tokens, scores = word.gather(1, keep).view(-1), top.gather(1, keep)  # (n*k,), (n, k)
         seqs = torch.cat([seqs[rows], tokens.unsqueeze(1)], 1)  # (n*k, t+1)
@@ -1664,16 +1957,27 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
 
 
 def generate_captions(model, source, names, cfg, device, beam_size=None):
-    """{name: caption} for images (one encoder pass or cached row each), and the names that could not be read.
-    With torchrun, each process captions its share and every process gets all the captions."""
-    model.eval()
+    """{name: caption} of images (one encoder pass or cached row each), and the names that could not be read;
+    under torchrun each process captions its share, and every process gets all the captions."""
     rank, size = rank_and_size()
     share, captions = names[rank::size], {}
-    for inputs, index in image_batches(source, share, 64, cfg.num_workers, desc="captioning"):
-        texts = model.generate(inputs.to(device), beam_size or cfg.beam_size, cfg.max_caption_len)
-        captions.update({share[i]: text for i, text in zip(index.tolist(), texts)})
+    with evaluating(model):
+        for inputs, index in image_batches(source, share, 64, cfg.num_workers, desc="captioning"):
+            texts = model.generate(inputs.to(device), beam_size or cfg.beam_size, cfg.max_caption_len)
+            captions.update({share[i]: text for i, text in zip(index.tolist(), texts)})
     captions = merge_over_processes(captions)
     return {n: captions[n] for n in names if n in captions}, [n for n in names if n not in captions]
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """The model in eval mode (no dropout) inside; after, in the mode it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def metric_text(caption):
@@ -1717,42 +2021,35 @@ def references_of(frame):
 
 
 def evaluate_split(model, data, split, cfg, device):
-    """Metrics of the model's captions of one split against its references (in process 0 only; None in the
-    others), and the captions."""
+    """The metrics of the model's captions of a split against its references (in process 0; {} in the others),
+    and the captions."""
     captions, _ = generate_captions(model, data.source, data.images(split), cfg, device)
-    return is_main_process() and caption_metrics(references_of(data.split(split)), captions) or None, captions
+    if not is_main_process():
+        return {}, captions
+    return caption_metrics(references_of(data.split(split)), captions), captions
 
 
 def print_samples(model, source, names, cfg, device, label):
-    was_training = model.training
     captions, _ = generate_captions(model, source, names, cfg, device)
     for name, caption in captions.items():
         log(f"  [{label}] {name}: {caption}")
-    model.train(was_training)
 
 
-def test_report(model, data, cfg, device, checkpoint_path):
-    """Test-split metrics, captions and an example figure for a loaded model, written to output_dir."""
+def test_report(model, data, cfg, device, checkpoint_path, tag=""):
+    """Test-split metrics, captions and an example figure of a loaded model, written to output_dir with tag in
+    their names (--evaluate's say which checkpoint and beam made them)."""
     out = Path(cfg.output_dir)
     start = time.time()
     metrics, captions = evaluate_split(model, data, "test", cfg, device)
-    if cfg.dataset == "demo":  # in every process: each captions its share
-        greedy, _ = generate_captions(model, data.source, sorted(captions), cfg, device, beam_size=1)
+    demo = demo_scores(model, data, "test", cfg, device, by_kind=True)  # in every process: each captions a share
     if not is_main_process():
         return None
     refs = references_of(data.split("test"))
     pd.DataFrame([(n, c, " | ".join(refs[n])) for n, c in captions.items()],
-                 columns=["image", "caption", "references"]).to_csv(out / "test_captions.csv", index=False)
+                 columns=["image", "caption", "references"]).to_csv(out / f"test_captions{tag}.csv", index=False)
     report = {"checkpoint": str(checkpoint_path), "split": "test", "images": len(captions),
-              "beam_size": cfg.beam_size, **metrics, "seconds": round(time.time() - start, 2)}
-    if cfg.dataset == "demo":
-        report["demo_colour_shape_accuracy"], singles = demo_accuracy(greedy, Path(cfg.data_dir) / "shapes.csv")
-        report["demo_two_shape_accuracy"], pairs = demo_accuracy(greedy, Path(cfg.data_dir) / "shapes.csv", 2)
-        log(f"demo: the greedy captions name the right colour and shape of "
-            f"{report['demo_colour_shape_accuracy']:.1%} of {singles} held-out single-shape images, and both shapes "
-            f"with their colours on the right sides of {report['demo_two_shape_accuracy']:.1%} of {pairs} "
-            f"two-shape images")
-    (out / "test_metrics.json").write_text(json.dumps(report, indent=2))
+              "beam_size": cfg.beam_size, **metrics, **demo, "seconds": round(time.time() - start, 2)}
+    (out / f"test_metrics{tag}.json").write_text(json.dumps(report, indent=2))
     log(f"test split, {len(captions)} images, beam {cfg.beam_size} ({checkpoint_path}):\n"
         + "\n".join(f"  {k:8s} {'n/a (needs Java)' if v is None else f'{100 * v:5.1f}'}"
                     for k, v in metrics.items()))
@@ -1762,20 +2059,20 @@ def test_report(model, data, cfg, device, checkpoint_path):
         log(f"  {name}: {captions[name]}\n      reference: {refs[name][0]}")
         items.append((data.source.image_dir / name, f"generated: {captions[name]}\nreference: {refs[name][0]}"))
     maps = word_maps(model, data.source, {name: captions[name] for name in examples}, device)
-    save_caption_figure(items, out / "test_examples.png", [maps.get(name) for name in examples])
+    save_caption_figure(items, out / f"test_examples{tag}.png", [maps.get(name) for name in examples])
     return report
 
 
 @torch.no_grad()
 def word_maps(model, source, captions, device):
-    """{name: [(word, its attention map (h, w))]} of an attention model's captions {name: caption}, replayed with
-    each caption as input (the maps it was generated with); {} for the pooled decoder."""
+    """{name: [(word, its attention map (h, w))]} of an attention model's captions, replayed; {} when pooled."""
     if not model.attention or not captions:
         return {}
     ids = pad_sequence([torch.tensor([Vocabulary.SOS, *model.vocab.numericalize(c.split()), Vocabulary.EOS])
                         for c in captions.values()], batch_first=True).to(device)
     inputs = torch.stack([source.get(name) for name in captions]).to(device)
-    _, alphas = model.decoder(model.encoder(inputs), ids, alphas=True)
+    with evaluating(model):
+        _, alphas = model.decoder(model.encoder(inputs), ids, alphas=True)  # (N, T-1, L)
     side = math.isqrt(alphas.size(-1))
     return {name: list(zip(caption.split(), a.view(-1, side, side).cpu().numpy()))  # (T-1, h, w): a map a word
             for (name, caption), a in zip(captions.items(), alphas)}
@@ -1789,9 +2086,8 @@ def pyplot():
 
 
 def save_caption_figure(items, path, maps=None):
-    """Images (path, caption text) three to a row; with maps (per item, [(word, attention map)] or None), each
-    image starts a row, followed by every word of its caption over the part of the image the model saw, lit where
-    the word's attention was (as in Show, Attend and Tell's figures)."""
+    """Images (path, caption text) three to a row; with maps (per item, [(word, map)] or None) each image starts a
+    row, followed by each word over the part of the image the model saw, lit where its attention was."""
     if not items:
         return
     plt = pyplot()
@@ -1810,6 +2106,7 @@ def save_caption_figure(items, path, maps=None):
     for axes_row, row in zip(axes, rows):
         for ax, (image, text, word_map) in zip(axes_row, row):
             picture = open_rgb(image)
+            picture.thumbnail((1024, 1024))  # a figure needs no more pixels, and a huge image no copies
             if maps and any(maps):  # the centre square, as image_transform crops it
                 picture = ImageOps.fit(picture, (min(picture.size),) * 2)
             ax.imshow(picture)
@@ -1849,15 +2146,15 @@ def plot_history(out):
     plt.close(fig)
 
 
-def evaluate_checkpoint(cfg, device):
-    """--evaluate: the test report of a checkpoint (best.pt by default), on the dataset of the settings."""
-    path = Path(cfg.checkpoint or Path(cfg.output_dir) / "best.pt")
-    model, ckpt = load_captioner(path, decoder=cfg.decoder)
-    lock = is_main_process() and claim_output_dir(cfg.output_dir)  # noqa: F841 (held while the report is written)
-    data = prepare_data(cfg, device, model.args["image_size"], trained=(path, ckpt))
+def evaluate_checkpoint(cfg, device, restored):
+    """--evaluate: the test report of a checkpoint, on the data it was trained on (refused if not)."""
+    lock = claim_output_dir(cfg.output_dir) if is_main_process() else None
+    data = prepare_data(cfg, device, trained=restored)
     if data.resnet is not None:
-        model.encoder.attach(data.resnet)
-    test_report(model.to(device), data, cfg, device, path)
+        restored.model.encoder.attach(data.resnet)
+    tag = f"-{restored.path.stem}-beam{cfg.beam_size}"
+    test_report(restored.model.to(device), data, cfg, device, restored.path, tag)
+    del lock
     return 0
 
 
@@ -1875,23 +2172,40 @@ def collect_images(paths):
     return files, missing
 
 
-def caption_images(cfg, paths, weights=None, device=None):
-    """--caption: prints path<TAB>caption for each image; messages go to stderr. weights: the ResNet50 file
-    (default: the one the checkpoint was trained with)."""
-    figure = Path(cfg.caption_figure) if cfg.caption_figure else None
-    if figure:  # checked before any captioning
-        from matplotlib.backend_bases import FigureCanvasBase
-        if figure.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
-            raise UserError(f"--caption_figure={figure}: name an image file such as captions.png (or .jpg, .pdf)")
-        if not figure.parent.is_dir():
-            raise UserError(f"--caption_figure={figure}: its folder {figure.parent} does not exist; create it first")
-    path = Path(cfg.checkpoint or Path(cfg.output_dir) / "best.pt")
-    model, ckpt = load_captioner(path, decoder=cfg.decoder)
-    weights = Path(weights or ckpt["encoder_weights"])
-    resnet = load_resnet50(weights)  # first: a missing or damaged file is its own clear error
-    check_weights(ckpt, weights, path)
-    model.encoder.attach(resnet)
+def check_figure_path(figure, inputs):
+    """--caption_figure, refused before any captioning if it cannot be written or would overwrite an input."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    if figure.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
+        raise UserError(f"--caption_figure={figure}: name an image file such as captions.png (or .jpg, .pdf)")
+    if figure.is_dir():
+        raise UserError(f"--caption_figure={figure} is a folder: name a file in it, such as {figure / 'captions.png'}")
+    if figure.resolve() in {p.resolve() for p in inputs}:
+        raise UserError(f"--caption_figure={figure} is one of the images to caption: name another file")
+    if not figure.parent.is_dir():
+        raise UserError(f"--caption_figure={figure}: its folder {figure.parent} does not exist; create it first")
+    try:  # writable for real: permissions alone do not tell (a read-only mount, /proc)
+        tempfile.TemporaryFile(dir=figure.parent).close()
+    except OSError as error:
+        raise UserError(f"--caption_figure={figure}: cannot write in {figure.parent} ({error.strerror or error}): "
+                        f"choose another folder") from None
+
+
+def record_path(path):
+    """The path as one field of a line: a tab, newline or backslash in a file name is escaped as Python does."""
+    return str(path).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def caption_images(cfg, paths, restored, device):
+    """--caption: prints path<TAB>caption for each image (stdout holds nothing else; messages go to stderr)."""
     files, missing = collect_images(paths)
+    figure = Path(cfg.caption_figure) if cfg.caption_figure else None
+    if figure:
+        check_figure_path(figure, files)
+    weights = encoder_weights_file(cfg)
+    resnet = load_resnet50(weights)  # first: a missing or damaged file is its own clear error
+    restored.check_weights(weights)
+    model = restored.model
+    model.encoder.attach(resnet)
     if not files:
         print(f"error: no images found in {' '.join(map(str, paths))}", file=sys.stderr)
     names = [str(f.resolve()) for f in files]
@@ -1899,15 +2213,15 @@ def caption_images(cfg, paths, weights=None, device=None):
     captions, failed = generate_captions(model.to(device), source, names, cfg, device)
     for file, name in zip(files, names):
         if name in captions:
-            print(f"{file}\t{captions[name]}", flush=True)
+            print(f"{record_path(file)}\t{captions[name]}", flush=True)
         else:
-            print(f"error: cannot read image {file}", file=sys.stderr, flush=True)
+            print(f"error: cannot read image {record_path(file)}", file=sys.stderr, flush=True)
     for file in missing:
-        print(f"error: no such file or folder: {file}", file=sys.stderr, flush=True)
+        print(f"error: no such file or folder: {record_path(file)}", file=sys.stderr, flush=True)
     if figure and captions:
         maps = word_maps(model, source, captions, device)
         save_caption_figure(list(captions.items()), figure, [maps.get(name) for name in captions])
-        print(f"saved {figure}", file=sys.stderr)  # stdout holds only the captions
+        print(f"saved {figure}", file=sys.stderr)
     return 1 if failed or missing or not files else 0
 
 
@@ -1916,14 +2230,23 @@ def main(argv=None):
     try:
         overrides, caption_paths = parse_args(sys.argv[1:] if argv is None else argv)
         captioning = caption_paths is not None  # then stdout holds only captions
-        cfg = resolve_settings(overrides, echo=(lambda m: print(m, file=sys.stderr)) if captioning else log)
-        device = pick_device(cfg.device)
         if captioning and "LOCAL_RANK" in os.environ:
             raise UserError("--caption runs in one process: run it with python, not torchrun")
+        cfg = resolve_settings(overrides)
+        restored = None
+        if captioning or cfg.evaluate:  # the checkpoint's own data and sizes, under the command line
+            restored = restore(cfg.checkpoint or Path(cfg.output_dir) / "best.pt")
+            echo = stderr if captioning else log
+            cfg = resolve_settings(overrides, echo, restored.trained_on(), CAPTIONING if captioning else None)
+        else:
+            cfg = resolve_settings(overrides, log)
+        device = pick_device(cfg.device)
         if captioning:
-            return caption_images(cfg, caption_paths, overrides.get("encoder_weights"), device)
+            return caption_images(cfg, caption_paths, restored, device)
         device = start_processes(device)  # under torchrun: this process's GPU, and the others
-        return evaluate_checkpoint(cfg, device) if cfg.evaluate else train(cfg, device)
+        if cfg.evaluate:
+            return evaluate_checkpoint(cfg, device, restored)
+        return train(cfg, device)
     except UserError as error:
         say_once(f"error: {error}")
         return 2
@@ -1938,13 +2261,17 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def stderr(message):
+    print(message, file=sys.stderr)
+
+
 def say_once(message):
     """Prints message to stderr. Under torchrun, a failure that every process meets (a bad setting) must show
     once: the other processes wait a few seconds first, and are stopped by torchrun when process 0 has failed."""
     if "LOCAL_RANK" in os.environ and (not is_main_process() or message is None):
         time.sleep(3)
     if message:
-        print(message, file=sys.stderr)
+        stderr(message)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def main(argv):
     print(f"1. epoch, per-step encoding: {per_step:.1f} s; from cached features: {cached:.2f} s; "
           f"ratio {per_step / cached:.1f}x (target >= 10x)")
 
-    data = cap.prepare_data(cfg, device, cfg.image_size, cfg.freq_threshold)
+    data = cap.prepare_data(cfg, device, build_vocab=True)
     names = data.images("train")
     resnet = cap.load_resnet50(weights).to(device).eval().to(memory_format=torch.channels_last)
     transform = cap.image_transform(cfg.image_size)

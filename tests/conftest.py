@@ -80,8 +80,8 @@ def trained_demo(tmp_path_factory, demo_dirs, random_weights):
 def trained_run(trained_demo, demo_dirs, random_weights):
     """The trained demo model (best.pt), its data and settings, loaded as the script itself loads them."""
     cfg = cap.resolve_settings(cap.parse_args(demo_args(demo_dirs, random_weights, trained_demo))[0])
-    model, _ = cap.load_captioner(trained_demo / "best.pt")
-    return model.eval(), cap.prepare_data(cfg, torch.device("cpu"), model.args["image_size"]), cfg
+    model = cap.restore(trained_demo / "best.pt").model
+    return model.eval(), cap.prepare_data(cfg, torch.device("cpu")), cfg
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +138,8 @@ def second_renderer_accuracy(checkpoint, weights, folder, n_images=90):
     """The greedy captions' accuracy on render_shapes' images: (single-shape, two-shape) shares."""
     truth = render_shapes(Path(folder), n_images)
     pd.DataFrame(list(truth.items()), columns=["image", "shapes"]).to_csv(Path(folder) / "shapes.csv", index=False)
-    model, _ = cap.load_captioner(checkpoint, cap.load_resnet50(weights))
+    model = cap.restore(checkpoint).model
+    model.encoder.attach(cap.load_resnet50(weights))
     source = cap.ImageSource(folder, cap.image_transform(model.args["image_size"]))
     cfg = cap.resolve_settings({"dataset": "flickr8k", "num_workers": 0})
     captions, failed = cap.generate_captions(model.eval(), source, sorted(truth), cfg, torch.device("cpu"), 1)

@@ -243,4 +243,4 @@ def test_loading_the_backbone_leaves_the_global_rng_alone(random_weights):
     tensors = {**dict(resnet.named_parameters()), **dict(resnet.named_buffers())}
     assert all(t.device.type == "cpu" for t in tensors.values()) and len(tensors) == len(saved) - 2  # less fc
     assert all(torch.equal(t, saved[k]) for k, t in tensors.items())
-    assert cap.grid(resnet, torch.randn(1, 3, 64, 64)).shape == (1, 4, 2048)  # a 2x2 grid at 64 px
+    assert cap.resnet_grid(resnet, torch.randn(1, 3, 64, 64)).shape == (1, 4, 2048)  # a 2x2 grid at 64 px
