@@ -172,9 +172,8 @@ CAPTIONING = ("checkpoint", "encoder_weights", "decoder", "beam_size", "max_capt
 
 
 def resolve_settings(overrides=None, echo=None, trained=None, shown=None):
-    """constants < the dataset's preset < what a checkpoint was trained on (trained: its config) < command line,
-    then the default paths: one frozen Config. Prints each value in shown (default: all) that differs from its
-    constant, with where it came from."""
+    """constants < preset < what a checkpoint was trained on < command line: one frozen Config."""
+    # prints each value in shown (default: all) that differs from its constant, and where it came from
     overrides, trained = dict(overrides or {}), {k: v for k, v in (trained or {}).items() if k in TRAINED_ON}
     values = {name: globals()[name] for name in CONFIG_NAMES}
     origin = {}
@@ -296,8 +295,7 @@ def pick_device(name):
 # -----------------------------------------------------------------------------
 # several processes (torchrun): the same loop in each, on its share of every batch; rank 0 writes everything
 def start_processes(device):
-    """Under torchrun, joins the process group (NCCL on CUDA GPUs, one per process; gloo on CPUs) and returns
-    this process's device; without torchrun, the device as it is."""
+    """Under torchrun, joins the process group and returns this process's device; else the device as it is."""
     if "LOCAL_RANK" not in os.environ:
         return device
     if device.type == "cuda":
@@ -475,6 +473,8 @@ def read_captions(path):
     dropped["malformed_rows"] = len(bad_lines)
     if bad_lines:
         warn(f"{path}: skipped {len(bad_lines)} malformed line(s): {bad_lines[:10]}")
+    if frame.empty:
+        raise UserError(f"{path} holds no caption with a word in it ({dict(+dropped) or 'no rows'}): check the file")
     return frame, {k: v for k, v in dropped.items() if v}
 
 
@@ -557,7 +557,7 @@ def official_splits(folder):
     if repeated:
         listed = ", ".join(f"{name} (put in {split})" for name, split in list(repeated.items())[:5])
         warn(f"{len(repeated)} image(s) are in more than one of the split lists {', '.join(SPLIT_FILES.values())} "
-             f"in {folder}, each put in the last list that names it: {listed}{' ...' * (len(repeated) > 5)}")
+             f"in {folder}, each put in the last list that names it: {listed}{' ...' if len(repeated) > 5 else ''}")
     return split_of
 
 
@@ -575,7 +575,7 @@ def load_captions(folder, seed, max_images=0):
     if missing:
         warn(f"{len(missing)} image(s) named in {caption_file.name} are not in {image_dir}, skipped: "
              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        frame = frame[frame["image"].isin(present)]
+    frame = frame[frame["image"].isin(present)]  # also when nothing is missing: names outside the folder go
     if max_images:  # a random subset before splitting, so that every split keeps its share
         keep = sorted(frame["image"].unique())
         random.Random(f"max_images {seed}").shuffle(keep)
@@ -673,8 +673,7 @@ def stack_readable(batch):
 
 
 def image_batches(source, names, batch_size, num_workers=0, pin_memory=False, desc=None):
-    """Yields (encoder inputs, indices into names) per batch of the images that can be read: the one place where
-    unreadable images are found (feature extraction, the up-front sample of the per-step mode, --caption)."""
+    """(inputs, indices into names) per batch of the readable images: where unreadable ones are found."""
     workers = 0 if source.features is not None else num_workers
     loader = DataLoader(ImageList(source, names), batch_size=batch_size, num_workers=workers,
                         collate_fn=stack_readable, pin_memory=pin_memory, generator=torch.Generator())
@@ -726,8 +725,7 @@ class CapsCollate:
 
 
 def caption_batches(dataset, batches, cfg, device):
-    """(encoder inputs, padded captions) on the device for each batch of caption indices: indexed from the
-    cached features, else decoded by DataLoader workers."""
+    """(inputs, padded captions) on the device per batch: indexed from cached features, else decoded."""
     if dataset.source.features is not None:
         for indices in batches:
             inputs, captions = dataset.batch(indices)
@@ -876,8 +874,7 @@ def demo_placement(caption):
 
 
 def demo_accuracy(captions_by_image, shapes_file, n_shapes=1):
-    """The share of the images with n_shapes shapes (None: any number) captioned right (demo_right), and how many
-    such images there were."""
+    """The share of the images with n_shapes shapes (None: any) captioned right, and their number."""
     truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()
     names = [name for name in captions_by_image if n_shapes in (None, truth[name].count(";") + 1)]
     correct = sum(demo_right(captions_by_image[name], truth[name]) for name in names)
@@ -885,8 +882,7 @@ def demo_accuracy(captions_by_image, shapes_file, n_shapes=1):
 
 
 def demo_right(caption, shapes):
-    """Whether the caption names exactly the one shape and its colour, or both shapes, each with its colour and
-    on its side (shapes: 'colour shape[;colour shape]', left to right)."""
+    """Whether the caption names the shape(s) of shapes ('colour shape[;colour shape]', left to right) right."""
     if ";" in shapes:
         return demo_placement(caption) == shapes
     words = set(caption.split())
@@ -926,8 +922,7 @@ def demo_weights(cfg):
 
 
 def demo_scores(model, data, split, cfg, device, by_kind=False):
-    """The demo's own figures from greedy captions ({} elsewhere): the share of the split's images captioned
-    right, or with by_kind, of its single-shape and two-shape images. Every process calls it."""
+    """The demo's figures from greedy captions ({} elsewhere); every process calls it."""
     if cfg.dataset != "demo":
         return {}
     greedy, _ = generate_captions(model, data.source, data.images(split), cfg, device, beam_size=1)
@@ -980,7 +975,8 @@ def load_resnet50(weights_path):
     try:
         model.load_state_dict(state, assign=True)
     except Exception as error:
-        raise UserError(f"{path} does not hold ResNet50 weights ({str(error)[:200]}): {FETCH_WEIGHTS}") from None
+        reason = " ".join(str(error).split())[:200]  # one line: torch's message spans several
+        raise UserError(f"{path} does not hold ResNet50 weights ({reason}): {FETCH_WEIGHTS}") from None
     model.avgpool = model.fc = nn.Identity()  # its output is the last convolutional grid, flattened
     return model.float()  # assign keeps the file's dtype; copying into the model converted it to float32
 
@@ -1097,8 +1093,8 @@ class AttentionDecoder(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def start(self, cells):
-        """The state before the first word, from the image's cells (B, L, E): (h, c, cells, keys, alpha), each with
-        the batch in dimension 1: (num_layers, B, H) twice, (L, B, E), (L, B, H) and the last attention (1, B, L)."""
+        """The state before the first word, from the cells (B, L, E); the batch in dimension 1 throughout."""
+        # (h, c, cells, keys, alpha): (num_layers, B, H) twice, (L, B, E), (L, B, H) and the last attention (1, B, L)
         h, c = torch.tanh(self.init_state(cells.mean(1))).view(-1, 2 * self.num_layers, self.hidden_size) \
             .transpose(0, 1).chunk(2)  # (L, B, H) each: layers first
         cells = cells.transpose(0, 1)  # (L, B, E)
@@ -1150,8 +1146,7 @@ class Captioner(nn.Module):
         self.decoder = DECODERS[decoder](embed_size, hidden_size, len(vocab), num_layers, dropout)
 
     def forward(self, inputs, captions):
-        """The loss, logits (B, T-1, V) and targets: cross-entropy of every next word, padding ignored; in training
-        the attention decoder adds Xu et al.'s doubly stochastic penalty (README: attention)."""
+        """The loss, logits (B, T-1, V) and targets; training adds the attention's doubly stochastic penalty."""
         targets, penalty = captions[:, 1:], 0.0
         if self.attention and self.training:
             logits, alphas = self.decoder(self.encoder(inputs), captions, alphas=True)  # alphas (B, T-1, L)
@@ -1204,8 +1199,7 @@ def tensor_sha256(tensor):
 
 def extract_features(resnet, image_dir, names, transform, device, batch_size=64, num_workers=2, grid_cells=0,
                      into=None):
-    """Pooled features (N, 2048) or, with grid_cells, float16 grids (N, L, 2048), and the names that could not be
-    read (their rows stay zero). into: a file that holds the features instead of RAM."""
+    """Pooled (N, 2048) or, with grid_cells, float16 grid (N, L, 2048) features, and the unreadable names."""
     resnet = resnet.to(device).eval().to(memory_format=torch.channels_last)
     shape, dtype = (len(names), 2048), torch.float
     if grid_cells:
@@ -1255,8 +1249,7 @@ def exclusive(lock_path, waiting_message):
 
 def cached_features(weights, image_dir, names, transform, cache_folder, device, batch_size=64, num_workers=2,
                     grid_cells=0):
-    """The images' features, memory-mapped from the cache, extracted (and cached) first when the cache lacks them.
-    Two runs that need the same features (a sweep) take turns: the second reuses what the first wrote."""
+    """The images' features, memory-mapped from the cache; extracted and cached first when it lacks them."""
     precision = "bf16" if uses_bf16(device) else "fp32"
     if grid_cells:
         precision += f" grid {grid_cells}"
@@ -1279,35 +1272,37 @@ def cached_features(weights, image_dir, names, transform, cache_folder, device, 
 
 def write_feature_cache(weights, image_dir, names, transform, path, key, device, batch_size, num_workers,
                         grid_cells):
-    needed, free = len(names) * 2048 * (2 * grid_cells or 4), shutil.disk_usage(path.parent).free
+    image_bytes = 2048 * 2 * grid_cells if grid_cells else 2048 * 4  # float16 grids, float32 pooled
+    needed, free = len(names) * image_bytes, shutil.disk_usage(path.parent).free
     if 2 * needed > free:  # the features as extracted, and the cache file written from them
         raise UserError(f"the feature cache needs {needed / 1e9:.2f} GB in {path.parent}, and twice that while it is "
                         f"written, but only {free / 1e9:.2f} GB is free: free some space or choose another --cache_dir")
     start, (rank, size) = time.time(), rank_and_size()
     share = names[len(names) * rank // size:len(names) * (rank + 1) // size]  # each image in one process
     scratch = path.with_name(f"{path.name}.{os.getpid()}.scratch")  # at COCO's size, a grid is too big for RAM
-    features, failed = extract_features(load_resnet50(weights), image_dir, share, transform, device,
-                                        max(batch_size, 64), num_workers, grid_cells, into=scratch)
-    cache = {"key": key, "images": share, "failed": failed, "features": features}
-    if size > 1:  # the shares meet in cache_dir, which every process must see (on several machines: shared)
-        atomic_save(cache, path.with_name(f"{path.name}.{rank}"))
-        wait_for_all()
+    try:  # the scratch file goes also when the cache cannot be written (a full disk) or the run is stopped
+        features, failed = extract_features(load_resnet50(weights), image_dir, share, transform, device,
+                                            max(batch_size, 64), num_workers, grid_cells, into=scratch)
+        cache = {"key": key, "images": share, "failed": failed, "features": features}
+        if size > 1:  # the shares meet in cache_dir, which every process must see (on several machines: shared)
+            atomic_save(cache, path.with_name(f"{path.name}.{rank}"))
+            wait_for_all()
+            if rank == 0:
+                cache = {"key": key, **gather_shares(path, size)}
         if rank == 0:
-            cache = {"key": key, **gather_shares(path, size)}
-    if rank == 0:
-        seconds, read = time.time() - start, len(cache["images"]) - len(cache["failed"])
-        processes = f" in {size} processes" if size > 1 else ""
-        log(f"features: {read} images in {seconds:.1f} s ({read / max(seconds, 1e-9):.1f} images/s{processes}), "
-            f"cached in {path}")
-        atomic_save(cache | {"sha256": tensor_sha256(cache["features"])}, path)
-    del cache, features
-    scratch.unlink()
+            seconds, read = time.time() - start, len(cache["images"]) - len(cache["failed"])
+            processes = f" in {size} processes" if size > 1 else ""
+            atomic_save(cache | {"sha256": tensor_sha256(cache["features"])}, path)
+            log(f"features: {read} images in {seconds:.1f} s ({read / max(seconds, 1e-9):.1f} images/s"
+                f"{processes}), cached in {path}")
+        del cache, features
+    finally:
+        scratch.unlink(missing_ok=True)
     wait_for_all()
 
 
 def gather_shares(path, size):
-    """The features, images and failures of every process's share, in order (each share read from its file, which
-    is then removed). Called by process 0 once every process has written its share."""
+    """Process 0 gathers every process's share (features, images, failures) in order, removing its file."""
     shares = []
     for rank in range(size):
         try:
@@ -1323,8 +1318,7 @@ def gather_shares(path, size):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file of this process, fsync, then rename: a crash leaves the previous file intact,
-    and a failed write (a full disk) leaves no temporary file behind."""
+    """torch.save to this process's temporary file, fsync, rename: a crash leaves the previous file intact."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
@@ -1374,8 +1368,7 @@ def encoder_weights_file(cfg):
 
 
 def feature_statistics(features, rows):
-    """Per-channel mean and std (2048,) over some rows of pooled (N, 2048) or grid (N, L, 2048) features, a chunk
-    at a time: a memory-mapped grid never has to fit in RAM."""
+    """Per-channel mean and std (2048,) over some rows of pooled or grid features, a chunk at a time."""
     chunks = (features[chunk].reshape(-1, 2048).double() for chunk in torch.as_tensor(rows).split(256))
     total, squares = sum(torch.stack([x.sum(0), x.square().sum(0)]) for x in chunks)  # (2048,) each
     n = len(rows) * features[0].numel() // 2048
@@ -1388,9 +1381,7 @@ def names_sha256(names):
 
 
 def prepare_data(cfg, device, build_vocab=False, trained=None):
-    """Captions with their splits and tokens, the training split's vocabulary (build_vocab), and the encoder
-    inputs of every image that can be read. The checks of a checkpoint (trained: its vocabulary, weights and
-    training images) come before the features, which are the slow part."""
+    """Captions, splits and tokens, the training vocabulary (build_vocab) and every readable image's inputs."""
     prepare_demo(cfg)
     frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
     frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
@@ -1536,7 +1527,9 @@ def checkpoint_problem(ckpt):
         return f"its model_args are not {', '.join(MODEL_ARGS)}"
     for name, kind in MODEL_ARGS.items():
         if type(args[name]) is not kind or (kind is int and args[name] < 1):
-            return f"model_args {name}={args[name]!r} is not a {'positive ' * (kind is int)}{kind.__name__}"
+            return f"model_args {name}={args[name]!r} is not a {kind.__name__} (at least 1 if an int)"
+    if args["decoder"] not in DECODERS:  # else building the model fails with a KeyError
+        return f"model_args decoder={args['decoder']!r} is not one of {', '.join(map(repr, DECODERS))}"
     vocab = ckpt["vocab"]
     if not isinstance(vocab, list) or vocab[:4] != Vocabulary.SPECIALS or not all(isinstance(w, str) for w in vocab):
         return f"its vocabulary is not a list of words starting with {Vocabulary.SPECIALS}"
@@ -1566,8 +1559,7 @@ def read_checkpoint(path):
 
 
 def restore(path, cfg=None):
-    """The one way back from a checkpoint (resume, --evaluate, the test report, --caption). With cfg (a resume),
-    refuses settings that would make it another run."""
+    """The one way back from a checkpoint (resume, --evaluate, --caption, the test report); cfg: a resume's."""
     ckpt = read_checkpoint(path)
     config = {**RESUME_ADDED, **ckpt["config"]}
     if cfg:
@@ -1581,7 +1573,8 @@ def restore(path, cfg=None):
         model = Captioner(Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]), **ckpt["model_args"])
         missing, unexpected = model.load_state_dict(state, strict=False)
     except (RuntimeError, ValueError, TypeError) as error:
-        raise UserError(f"{path} does not match its own model sizes ({str(error)[:150]}): it is damaged; use "
+        reason = " ".join(str(error).split())[:250]  # one line: torch's message spans several
+        raise UserError(f"{path} does not match its own model sizes ({reason}): it is damaged; use "
                         f"another --checkpoint, or train afresh") from None
     if unexpected or missing:
         raise UserError(f"{path} does not match its own model ({(unexpected or missing)[0]}): it is damaged; use "
@@ -1626,8 +1619,7 @@ def save_checkpoint(path, model, optimizer, cfg, data, progress):
 
 
 def claim_output_dir(out, fresh=False):
-    """Creates output_dir and locks it for this run (a kernel lock: it dies with the process, even after kill -9);
-    clears what killed runs left half-written. A fresh run sets an earlier run's files aside first."""
+    """Creates and locks output_dir for this run; a fresh run sets an earlier run's files aside first."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -1662,8 +1654,8 @@ def diverged(loss, vocab_size):
 
 
 class CtrlC:
-    """The first Ctrl-C (SIGINT or SIGTERM) asks the loop to save last.pt and stop; a second stops at once, leaving
-    the previous last.pt. Under torchrun, whose agent passes Ctrl-C on twice, every signal only asks."""
+    """Ctrl-C or SIGTERM asks the loop to save last.pt and stop; a second one stops at once."""
+    # under torchrun, whose agent passes one Ctrl-C on twice, every signal only asks
     requested = False
 
     def __enter__(self):
@@ -1692,8 +1684,7 @@ def epoch_batches(n, batch_size, seed, epoch, max_batches=0):
 
 
 def process_batches(n, cfg, epoch):
-    """This process's share of each step's batch: the batches of batch_size * processes captions a single
-    process would take, shared out, so that any number of processes takes the same steps."""
+    """This process's share of each step's batch: any number of processes takes the same steps."""
     rank, size = rank_and_size()
     batches = epoch_batches(n, cfg.batch_size * size, cfg.seed, epoch, cfg.max_batches_per_epoch)
     return [batch[rank::size] for batch in batches if len(batch) >= size]
@@ -1742,8 +1733,7 @@ def truncate_csv(path, column, last):
 
 
 def start_run(cfg, device, out):
-    """The data, model, optimizer and progress of a fresh run, or of the run in last.pt (--resume): the one place
-    that knows which."""
+    """A fresh run's data, model, optimizer and progress, or last.pt's (--resume): the one place that knows."""
     restored = restore(out / "last.pt", cfg) if cfg.resume else None
     data = prepare_data(cfg, device, build_vocab=True, trained=restored)
     torch.manual_seed(cfg.seed)  # after the data: the model's initial weights never depend on what was cached
@@ -1787,8 +1777,7 @@ def train_step(model, optimizer, inputs, captions, lr, device):
 
 
 def record_losses(pending, progress, vocab_size, cfg, device, bar):
-    """The losses of the pending steps [(epoch, step, lr, loss on the device)], averaged over the processes,
-    checked for divergence and appended to loss_per_batch.csv: one read-back from the device for several steps."""
+    """Averages the pending steps' losses over the processes, checks them and appends them to the CSV."""
     if not pending:
         return
     losses = sum_over_processes((torch.stack([p[3] for p in pending]) / rank_and_size()[1]).tolist(), device)
@@ -1836,8 +1825,7 @@ def end_epoch(model, optimizer, data, val_set, progress, train_seconds, cfg, dev
 
 
 def train(cfg, device):
-    """Trains, validates every epoch, keeps best.pt (by best_metric on validation) and last.pt, then reports on
-    test."""
+    """Trains, validates every epoch, keeps best.pt (by best_metric) and last.pt, then reports on test."""
     out, (rank, size) = Path(cfg.output_dir), rank_and_size()
     lock = claim_output_dir(out, fresh=not cfg.resume) if is_main_process() else None
     data, model, optimizer, progress = start_run(cfg, device, out)
@@ -1881,7 +1869,11 @@ def train(cfg, device):
                     print_samples(model, data.source, data.images("val")[:3], cfg, device, f"step {progress.step}")
         except UnreadableImage as error:  # gone since the run began: what was trained so far is kept
             stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device)
-            raise UserError(re.search(r"cannot read image .*", str(error))[0]) from None
+            # from a DataLoader worker the message holds its traceback, whose source line matches first: the last
+            raise UserError(re.findall(r"cannot read image .*", str(error))[-1]) from None
+        except UserError:  # a diverged loss: its one line starts a line, not the end of the progress bar's
+            bar.close()
+            raise
         bar.close()
         if any_process(stop.requested, device):  # also during the last validation: no test report then
             stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device)
@@ -1957,8 +1949,7 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
 
 
 def generate_captions(model, source, names, cfg, device, beam_size=None):
-    """{name: caption} of images (one encoder pass or cached row each), and the names that could not be read;
-    under torchrun each process captions its share, and every process gets all the captions."""
+    """{name: caption} of the images and the unreadable names; under torchrun, shared out and gathered."""
     rank, size = rank_and_size()
     share, captions = names[rank::size], {}
     with evaluating(model):
@@ -2021,8 +2012,7 @@ def references_of(frame):
 
 
 def evaluate_split(model, data, split, cfg, device):
-    """The metrics of the model's captions of a split against its references (in process 0; {} in the others),
-    and the captions."""
+    """The metrics (in process 0; {} in the others) and captions of the model on a split."""
     captions, _ = generate_captions(model, data.source, data.images(split), cfg, device)
     if not is_main_process():
         return {}, captions
@@ -2036,8 +2026,7 @@ def print_samples(model, source, names, cfg, device, label):
 
 
 def test_report(model, data, cfg, device, checkpoint_path, tag=""):
-    """Test-split metrics, captions and an example figure of a loaded model, written to output_dir with tag in
-    their names (--evaluate's say which checkpoint and beam made them)."""
+    """Test metrics, captions and examples written to output_dir, tag in their names (--evaluate's)."""
     out = Path(cfg.output_dir)
     start = time.time()
     metrics, captions = evaluate_split(model, data, "test", cfg, device)
@@ -2086,8 +2075,7 @@ def pyplot():
 
 
 def save_caption_figure(items, path, maps=None):
-    """Images (path, caption text) three to a row; with maps (per item, [(word, map)] or None) each image starts a
-    row, followed by each word over the part of the image the model saw, lit where its attention was."""
+    """Images (path, text) three to a row; with attention maps, each image and then its words, one a panel."""
     if not items:
         return
     plt = pyplot()
@@ -2266,8 +2254,7 @@ def stderr(message):
 
 
 def say_once(message):
-    """Prints message to stderr. Under torchrun, a failure that every process meets (a bad setting) must show
-    once: the other processes wait a few seconds first, and are stopped by torchrun when process 0 has failed."""
+    """Prints message to stderr; under torchrun, once: the other processes wait while process 0 fails."""
     if "LOCAL_RANK" in os.environ and (not is_main_process() or message is None):
         time.sleep(3)
     if message:

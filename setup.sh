@@ -12,7 +12,7 @@ Sets up this project (it can be run from any folder, and again at any time):
   1. creates the Python virtual environment .venv/ if it is missing and installs
      requirements.txt into it (again only when requirements.txt has changed);
   2. downloads the ImageNet ResNet50 weights to
-     resources/models/resnet50-19c8e357.pth and checks their sha256 (if the
+     resources/models/resnet50-0676ba61.pth and checks their sha256 (if the
      download fails, e.g. offline, it says so and carries on: the built-in demo
      needs no download);
   3. with --flickr8k, also downloads and unpacks the Flickr8k data set
@@ -24,7 +24,7 @@ Options:
 
 Environment variables:
   RESNET50_URL         where to get the ResNet50 weights
-                       (default https://download.pytorch.org/models/resnet50-19c8e357.pth)
+                       (default https://download.pytorch.org/models/resnet50-0676ba61.pth)
   FLICKR8K_IMAGES_URL  Flickr8k image zip (default
                        https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip)
   FLICKR8K_TEXT_URL    Flickr8k caption/split zip (default
@@ -53,7 +53,7 @@ done
 # Always work relative to the folder this script lives in.
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
-RESNET50_URL="${RESNET50_URL:-https://download.pytorch.org/models/resnet50-19c8e357.pth}"
+RESNET50_URL="${RESNET50_URL:-https://download.pytorch.org/models/resnet50-0676ba61.pth}"
 FLICKR8K_IMAGES_URL="${FLICKR8K_IMAGES_URL:-https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip}"
 FLICKR8K_TEXT_URL="${FLICKR8K_TEXT_URL:-https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip}"
 
@@ -157,7 +157,7 @@ setup_venv() {
 # ---------------------------------------------------------------- 2. weights
 
 RESNET50_DIR="resources/models"
-RESNET50_FILE="resnet50-19c8e357.pth"
+RESNET50_FILE="resnet50-0676ba61.pth"
 
 setup_resnet50() {
     local target="$RESNET50_DIR/$RESNET50_FILE"

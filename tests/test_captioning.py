@@ -1,5 +1,10 @@
 """--caption: captioning new images with a trained checkpoint."""
+import itertools
+import os
+import shutil
+
 import pytest
+import torch
 from PIL import Image
 
 from conftest import cap, run_script
@@ -40,12 +45,12 @@ def test_missing_checkpoint_says_how_to_train(tmp_path):
 
 @pytest.mark.parametrize("figure, message", [("nowhere/out.png", "its folder"), ("out.xyz", "name an image file"),
                                              (".", "name an image file")])
-def test_a_bad_figure_path_is_refused_before_captioning(tmp_path, trained_demo, demo_dirs, figure, message):
+def test_a_bad_figure_path_is_refused_before_captioning(tmp_path, trained_demo, demo_dirs, figure, message, capsys):
     image = sorted((demo_dirs["data_dir"] / "Images").iterdir())[0]
-    result = run_script("--caption", image, f"--checkpoint={trained_demo / 'best.pt'}",
-                        f"--caption_figure={tmp_path / figure}")
-    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
-    assert f"error: --caption_figure={tmp_path / figure}: {message}" in result.stderr
+    code, out, err = caption(capsys, image, f"--checkpoint={trained_demo / 'best.pt'}",
+                             f"--caption_figure={tmp_path / figure}")
+    assert (code, out) == (2, "")  # in this process: 2 is a UserError, one line; anything else would raise
+    assert refusal(err).startswith(f"error: --caption_figure={tmp_path / figure}: {message}")
 
 
 def test_missing_weights_for_captioning_name_the_file(tmp_path, trained_demo, demo_dirs, capsys):
@@ -74,5 +79,289 @@ def test_an_attention_model_draws_each_words_attention_map(tmp_path, trained_att
 def test_a_checkpoint_of_the_other_decoder_is_refused_naming_the_setting(trained_demo, demo_dirs, capsys):
     image = sorted((demo_dirs["data_dir"] / "Images").iterdir())[0]
     assert cap.main(["--caption", str(image), f"--checkpoint={trained_demo / 'best.pt'}", "--decoder=attention"]) == 2
-    assert (f"checkpoint {trained_demo / 'best.pt'} has the 'lstm' decoder but the settings say --decoder=attention: "
-            f"run with --decoder=lstm" in capsys.readouterr().err)
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("error: --decoder=attention, but the checkpoint was trained with decoder=lstm: leave "
+                                 "--decoder out (the checkpoint's is used), or name another --checkpoint\n")
+
+
+# --- helpers for the tests below --------------------------------------------------------------------------------
+def demo_image(demo_dirs, i=0):
+    return sorted((demo_dirs["data_dir"] / "Images").iterdir())[i]
+
+
+def caption(capsys, *args):
+    """cap.main(['--caption', *args]) in this process: (exit code, stdout, stderr). A UserError is exit 2; any
+    other exception would propagate, with its traceback."""
+    code = cap.main(["--caption", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def refusal(err):
+    """The one error line of a refused run; the settings echo may come before it, nothing else."""
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0] and "Traceback" not in err, err
+    return errors[0]
+
+
+def rewritten(source, target, change, rehash=True):
+    """A copy of a checkpoint changed by change(ckpt), with its checksum recomputed (rehash) as a careful
+    tamperer would, so that only the structural checks can refuse it."""
+    ckpt = torch.load(source, weights_only=True)
+    change(ckpt)
+    if rehash:
+        ckpt["sha256"] = cap.checkpoint_sha256(ckpt)
+    torch.save(ckpt, target)
+    return target
+
+
+def setting(name, value):
+    return lambda ckpt: ckpt["model_args"].__setitem__(name, value)
+
+
+# --- checkpoints that are not what they claim: one line each, before any image is read ---------------------------
+def test_a_checkpoint_with_overwritten_bytes_is_refused_in_one_line(tmp_path, trained_demo, demo_dirs):
+    damaged = tmp_path / "best.pt"
+    data = bytearray((trained_demo / "best.pt").read_bytes())
+    middle = len(data) // 2  # inside the weights: torch.load itself reads it without complaint
+    data[middle:middle + 100] = bytes(range(100))
+    damaged.write_bytes(bytes(data))
+    result = run_script("--caption", demo_image(demo_dirs), f"--checkpoint={damaged}", timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"error: {damaged} is not a sound checkpoint of this script: its checksum does not "
+                             f"match its contents: it was changed or damaged. Use another --checkpoint, or train "
+                             f"afresh\n")
+
+
+def test_tampering_without_recomputing_the_checksum_is_caught(tmp_path, trained_demo, demo_dirs, capsys):
+    def swap_two_words(ckpt):  # a plausible checkpoint still: only the checksum can tell
+        vocab = ckpt["vocab"]
+        vocab[4], vocab[5] = vocab[5], vocab[4]
+    path = rewritten(trained_demo / "best.pt", tmp_path / "swapped.pt", swap_two_words, rehash=False)
+    code, out, err = caption(capsys, demo_image(demo_dirs), f"--checkpoint={path}")
+    assert (code, out) == (2, "") and err == (f"error: {path} is not a sound checkpoint of this script: its checksum "
+                                              f"does not match its contents: it was changed or damaged. Use another "
+                                              f"--checkpoint, or train afresh\n")
+    rewritten(trained_demo / "best.pt", path, swap_two_words)  # the same change with the checksum redone is read
+    assert caption(capsys, demo_image(demo_dirs), f"--checkpoint={path}")[0] == 0
+
+
+def nan_weight(ckpt):
+    ckpt["model"]["decoder.to_vocab.weight"][3, 7] = float("nan")
+
+
+def drop(*keys):
+    def change(ckpt):
+        for key in keys:
+            del ckpt[key]
+    return change
+
+
+@pytest.mark.parametrize("change, problem", [
+    (nan_weight, "its weights are not all finite numbers"),
+    (lambda ckpt: ckpt["model"]["encoder.feature_std"].__setitem__(0, float("inf")),
+     "its weights are not all finite numbers"),
+    (setting("attention_heads", 4), "its model_args are not decoder, embed_size, hidden_size, num_layers, dropout, "
+                                    "image_size"),
+    (lambda ckpt: ckpt["model_args"].pop("dropout"), "its model_args are not decoder, embed_size, hidden_size"),
+    (setting("embed_size", -128), "model_args embed_size=-128 is not a int"),
+    (setting("num_layers", 0), "model_args num_layers=0 is not a int"),
+    (setting("hidden_size", 256.0), "model_args hidden_size=256.0 is not a int"),
+    (setting("hidden_size", True), "model_args hidden_size=True is not a int"),
+    (setting("dropout", "0.3"), "model_args dropout='0.3' is not a float"),
+    (setting("decoder", "transformer"), "model_args decoder='transformer' is not one of 'lstm', 'attention'"),
+    (lambda ckpt: ckpt["vocab"].__setitem__(3, "<unk>"), "its vocabulary is not a list of words starting with "
+                                                         "['<PAD>', '<SOS>', '<EOS>', '<UNK>']"),
+    (lambda ckpt: ckpt.__setitem__("vocab", ckpt["vocab"][4:]), "its vocabulary is not a list of words starting"),
+    (lambda ckpt: ckpt["model"].__setitem__("decoder.embed.weight", [[0.0]]), "its model is not a dict of tensors"),
+    (drop("optimizer"), "it lacks optimizer"),
+    (drop("vocab", "model_args"), "it lacks model_args, vocab"),
+], ids=["nan-weight", "inf-feature-std", "extra-model-arg", "missing-model-arg", "negative-size", "zero-layers",
+        "float-size", "bool-size", "string-dropout", "unknown-decoder", "renamed-special", "no-specials",
+        "list-weight", "missing-key", "missing-keys"])
+def test_a_tampered_checkpoint_is_refused_in_one_line(tmp_path, trained_demo, demo_dirs, capsys, change, problem):
+    path = rewritten(trained_demo / "best.pt", tmp_path / "tampered.pt", change)
+    code, out, err = caption(capsys, demo_image(demo_dirs), f"--checkpoint={path}")
+    assert (code, out) == (2, "") and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {path} is not a sound checkpoint of this script: {problem}")
+    assert err.endswith(". Use another --checkpoint, or train afresh\n")
+
+
+@pytest.mark.parametrize("change, mismatch", [
+    (lambda ckpt: ckpt["model"].__setitem__("decoder.to_vocab.weight", torch.zeros(36, 255)),
+     "size mismatch for decoder.to_vocab.weight: copying a param with shape torch.Size([36, 255])"),
+    (lambda ckpt: ckpt.__setitem__("vocab", ckpt["vocab"][:-3]),  # shorter than the model's output layer
+     "size mismatch for decoder.embed.weight: copying a param with shape torch.Size([36, 128])"),
+    (lambda ckpt: ckpt["model_args"].__setitem__("hidden_size", 300),  # its weights are for 256
+     "size mismatch for decoder.lstm.weight_ih_l0: copying a param with shape torch.Size([1024, 128])"),
+    (lambda ckpt: ckpt["model"].pop("decoder.to_vocab.bias"), "(decoder.to_vocab.bias)"),
+    (lambda ckpt: ckpt["model"].__setitem__("decoder.extra", torch.zeros(2)), "(decoder.extra)"),
+], ids=["weight-of-another-shape", "short-vocabulary", "other-size", "missing-weight", "extra-weight"])
+def test_a_checkpoint_whose_weights_do_not_fit_its_model_is_refused_in_one_line(tmp_path, trained_demo, demo_dirs,
+                                                                               capsys, change, mismatch):
+    assert len(torch.load(trained_demo / "best.pt", weights_only=True)["vocab"]) == 36  # as the cases assume
+    path = rewritten(trained_demo / "best.pt", tmp_path / "tampered.pt", change)
+    code, out, err = caption(capsys, demo_image(demo_dirs), f"--checkpoint={path}")
+    assert (code, out) == (2, "") and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {path} does not match its own model") and mismatch in err
+    assert err.endswith(": it is damaged; use another --checkpoint, or train afresh\n")
+
+
+@pytest.mark.parametrize("fixture", ["trained_demo", "trained_attention"])
+def test_a_checkpoint_with_the_old_parameter_names_still_captions(tmp_path, demo_dirs, capsys, request, fixture):
+    """Checkpoints written before the renaming (decoder.fcn.*, the attention decoder's decoder.cells.*)."""
+    best = request.getfixturevalue(fixture) / "best.pt"
+    renames = {".to_vocab.": ".fcn.", "decoder.lstm_cells.": "decoder.cells."}
+
+    def old_names(ckpt):
+        model = {}
+        for name, tensor in ckpt["model"].items():
+            for new, old in renames.items():
+                name = name.replace(new, old)
+            model[name] = tensor
+        assert any(".fcn." in name for name in model) and model.keys() != ckpt["model"].keys()
+        ckpt["model"] = model
+    old = rewritten(best, tmp_path / "old.pt", old_names)
+    image = demo_image(demo_dirs)
+    assert caption(capsys, image, f"--checkpoint={old}")[:2] == caption(capsys, image, f"--checkpoint={best}")[:2]
+    restored = cap.restore(old)
+    assert torch.equal(restored.model.decoder.to_vocab.weight, cap.restore(best).model.decoder.to_vocab.weight)
+
+
+# --- --caption_figure: refused before any caption when it cannot be written, or would overwrite an input ---------
+@pytest.mark.parametrize("through", ["file", "folder"])
+def test_a_figure_onto_an_input_image_is_refused_and_the_image_kept(tmp_path, trained_demo, demo_dirs, capsys,
+                                                                    through):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    image = folder / "photo.jpg"
+    image.write_bytes(demo_image(demo_dirs).read_bytes())
+    before = image.read_bytes()
+    code, out, err = caption(capsys, image if through == "file" else folder, f"--checkpoint={trained_demo / 'best.pt'}",
+                             f"--caption_figure={image}")
+    assert (code, out) == (2, "") and image.read_bytes() == before
+    assert refusal(err) == f"error: --caption_figure={image} is one of the images to caption: name another file"
+
+
+def test_a_figure_onto_an_existing_folder_is_refused(tmp_path, trained_demo, demo_dirs, capsys):
+    figure = tmp_path / "figure.png"  # a folder with an image's name
+    figure.mkdir()
+    code, out, err = caption(capsys, demo_image(demo_dirs), f"--checkpoint={trained_demo / 'best.pt'}",
+                             f"--caption_figure={figure}")
+    assert (code, out) == (2, "") and list(figure.iterdir()) == []
+    assert refusal(err) == (f"error: --caption_figure={figure} is a folder: name a file in it, such as "
+                            f"{figure / 'captions.png'}")
+
+
+def test_a_figure_in_a_folder_that_cannot_be_written_is_refused(trained_demo, demo_dirs, capsys):
+    figure = "/proc/captions.png"  # a folder no one can create files in, not even root
+    code, out, err = caption(capsys, demo_image(demo_dirs), f"--checkpoint={trained_demo / 'best.pt'}",
+                             f"--caption_figure={figure}")
+    assert (code, out) == (2, "")
+    line = refusal(err)
+    assert line.startswith(f"error: --caption_figure={figure}: cannot write in /proc (")
+    assert line.endswith("): choose another folder")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a folder of mode 0o500 all the same")
+def test_a_figure_in_a_read_only_folder_is_refused(tmp_path, trained_demo, demo_dirs, capsys):
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o500)
+    code, out, err = caption(capsys, demo_image(demo_dirs), f"--checkpoint={trained_demo / 'best.pt'}",
+                             f"--caption_figure={folder / 'captions.png'}")
+    assert (code, out) == (2, "") and list(folder.iterdir()) == []
+    assert refusal(err).startswith(f"error: --caption_figure={folder / 'captions.png'}: cannot write in {folder} (")
+
+
+# --- what --caption prints ------------------------------------------------------------------------------------------
+def test_a_file_name_with_a_tab_or_a_newline_is_one_escaped_record(tmp_path, trained_demo, demo_dirs, capsys):
+    folder = tmp_path / "odd names"
+    folder.mkdir()
+    names = ["tab\there.png", "new\nline.png", "back\\slash\r.png", "plain.png"]
+    for i, name in enumerate(names):
+        Image.open(demo_image(demo_dirs, i)).save(folder / name)
+    (folder / "bro\nken.jpg").write_bytes(b"not a jpeg")
+    code, out, err = caption(capsys, folder, f"--checkpoint={trained_demo / 'best.pt'}")
+    assert code == 1  # the broken image
+    escaped = {"back\\slash\r.png": "back\\\\slash\\r.png", "new\nline.png": "new\\nline.png",
+               "plain.png": "plain.png", "tab\there.png": "tab\\there.png"}
+    records = out.splitlines()
+    assert len(records) == 4 and all(line.count("\t") == 1 for line in records)
+    assert [line.split("\t")[0] for line in records] == [f"{folder}/{escaped[name]}" for name in sorted(names)]
+    assert all(any(colour in line.split("\t")[1] for colour in cap.DEMO_COLOURS) for line in records)
+    assert f"error: cannot read image {folder}/bro\\nken.jpg\n" in err
+
+
+def test_an_attention_checkpoint_captions_without_naming_its_decoder(trained_attention, demo_dirs, capsys):
+    code, out, err = caption(capsys, demo_image(demo_dirs), f"--checkpoint={trained_attention / 'best.pt'}")
+    assert code == 0, err
+    path, text = out.rstrip("\n").split("\t")
+    assert path == str(demo_image(demo_dirs)) and text and "\n" not in out.rstrip("\n")
+    code, out, err = caption(capsys, demo_image(demo_dirs), f"--checkpoint={trained_attention / 'best.pt'}",
+                             "--decoder=lstm")
+    assert (code, out) == (2, "")
+    assert refusal(err) == ("error: --decoder=lstm, but the checkpoint was trained with decoder=attention: leave "
+                            "--decoder out (the checkpoint's is used), or name another --checkpoint")
+
+
+@pytest.mark.parametrize("arg, name, trained", [("--embed_size=64", "embed_size", 128),
+                                                ("--image_size=224", "image_size", 96),
+                                                ("--num_layers=2", "num_layers", 1)])
+def test_a_typed_size_that_differs_from_the_checkpoints_is_refused_naming_it(trained_demo, demo_dirs, capsys, arg,
+                                                                            name, trained):
+    code, out, err = caption(capsys, demo_image(demo_dirs), f"--checkpoint={trained_demo / 'best.pt'}", arg)
+    assert (code, out) == (2, "")
+    assert refusal(err) == (f"error: {arg}, but the checkpoint was trained with {name}={trained}: leave --{name} out "
+                            f"(the checkpoint's is used), or name another --checkpoint")
+    same = caption(capsys, demo_image(demo_dirs), f"--checkpoint={trained_demo / 'best.pt'}", f"--{name}={trained}")
+    assert same[0] == 0  # the checkpoint's own value, typed: nothing to refuse
+
+
+def test_caption_prints_only_the_captioning_settings(trained_demo, demo_dirs, capsys):
+    """The checkpoint's training settings (its preset's learning rate, epochs, sizes) are not this run's news."""
+    code, out, err = caption(capsys, demo_image(demo_dirs), f"--checkpoint={trained_demo / 'best.pt'}",
+                             "--beam_size=2")
+    assert code == 0 and len(out.splitlines()) == 1
+    header, *lines = err.splitlines()
+    assert header == "settings that differ from the constants at the top of the script:"
+    shown = [line.split()[0] for line in itertools.takewhile(lambda line: line.startswith("  "), lines)]
+    assert set(shown) == {"checkpoint", "encoder_weights", "beam_size", "max_caption_len"}, err
+    assert set(shown) <= set(cap.CAPTIONING)
+    for name in ("learning_rate", "num_epochs", "batch_size", "embed_size", "dataset", "image_size"):
+        assert name not in err
+
+
+# --- which ResNet50 file --caption uses ---------------------------------------------------------------------------
+def moved_weights_checkpoint(tmp_path, trained_demo):
+    """A copy of the demo checkpoint that records a weights file no longer there (moved to tmp_path/moved/)."""
+    ckpt = torch.load(trained_demo / "best.pt", weights_only=True)
+    moved = tmp_path / "moved" / "resnet50-test.pth"
+    moved.parent.mkdir()
+    shutil.copy(ckpt["encoder_weights"], moved)
+    gone = str(tmp_path / "gone" / "resnet50-test.pth")
+
+    def record_gone(ckpt):
+        ckpt["encoder_weights"] = ckpt["config"]["encoder_weights"] = gone
+    return rewritten(trained_demo / "best.pt", tmp_path / "best.pt", record_gone), moved
+
+
+def test_an_edited_encoder_weights_constant_reaches_caption(tmp_path, trained_demo, demo_dirs, capsys, monkeypatch):
+    checkpoint, moved = moved_weights_checkpoint(tmp_path, trained_demo)
+    assert "encoder_weights" not in cap.restore(checkpoint).trained_on()  # its own file is gone
+    image = demo_image(demo_dirs)
+    monkeypatch.setattr(cap, "encoder_weights", str(moved))  # as if edited at the top of the script
+    code, out, err = caption(capsys, image, f"--checkpoint={checkpoint}")
+    assert code == 0, err
+    assert out == caption(capsys, image, f"--checkpoint={trained_demo / 'best.pt'}")[1]  # the same weights
+
+
+def test_the_command_line_then_the_checkpoints_file_then_the_constant(tmp_path, trained_demo, demo_dirs, capsys,
+                                                                     monkeypatch, random_weights):
+    image = demo_image(demo_dirs)
+    monkeypatch.setattr(cap, "encoder_weights", str(tmp_path / "constant.pth"))  # absent: never reached here
+    code, out, err = caption(capsys, image, f"--checkpoint={trained_demo / 'best.pt'}")
+    assert code == 0 and f"encoder_weights = '{random_weights}'" in err and "(trained with it)" in err
+    code, out, err = caption(capsys, image, f"--checkpoint={trained_demo / 'best.pt'}",
+                             f"--encoder_weights={tmp_path / 'typed.pth'}")
+    assert (code, out) == (2, "")
+    assert refusal(err).startswith(f"error: ResNet50 weights {tmp_path / 'typed.pth'} not found: run ./setup.sh")

@@ -2,6 +2,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,24 +33,31 @@ def test_settings_are_frozen():
 
 
 @pytest.mark.parametrize("arg, message", [
-    ("--embed_sise=3", "unrecognized arguments: --embed_sise=3"),
+    ("--embed_sise=3", "unrecognized arguments: --embed_sise=3 (did you mean --embed_size? valid: --dataset "),
     ("--embed_size=big", "argument --embed_size: invalid int value: 'big'"),
-    ("--resume=maybe", "argument --resume: expected true or false"),
-    ("--learning_rate=fast", "argument --learning_rate: invalid float value"),
+    ("--resume=maybe", "argument --resume: expected true or false, not 'maybe'"),
+    ("--learning_rate=fast", "argument --learning_rate: invalid float value: 'fast'"),
     ("--batch_size", "argument --batch_size: expected one argument"),
-    ("oops", "unrecognized arguments: oops"),
+    ("oops", "unrecognized arguments: oops (valid: --dataset "),
 ])
-def test_bad_overrides_are_refused(arg, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
+def test_bad_overrides_are_refused_with_one_line(arg, message):
+    with pytest.raises(cap.UserError) as error:
         cap.parse_args([arg])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
-def test_unknown_name_lists_the_valid_ones_without_a_traceback():
-    result = run_script("--embed_sise=3", timeout=60)
-    assert result.returncode == 2
-    assert "unrecognized arguments: --embed_sise=3" in result.stderr and "--embed_size" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_an_unknown_name_lists_every_valid_one():
+    with pytest.raises(cap.UserError) as error:
+        cap.parse_args(["--embed_sise=3"])
+    valid = str(error.value).split("valid: ")[1].rstrip(")").split()
+    assert valid == [f"--{name}" for name in cap.CONFIG_NAMES] + ["--caption"]
+
+
+def test_unknown_name_suggests_the_nearest_in_one_line_without_a_traceback():
+    result = run_script("--num_epoch=3", timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()  # one line: no usage block, no traceback
+    assert line.startswith("error: unrecognized arguments: --num_epoch=3 (did you mean --num_epochs? valid: ")
 
 
 def test_help_lists_every_setting():
@@ -104,10 +112,41 @@ def test_import_has_no_side_effects(tmp_path):
                                           ("--preset=huge", "--preset='huge': expected"),
                                           ("--warmup_steps=-5", "must be 0 or more"),
                                           ("--best_metric=cider", "--best_metric=cider: must be 'CIDEr', 'BLEU-4'"),
-                                          ("--best_metric=demo_accuracy", "or, on the demo, 'demo_accuracy'")])
+                                          ("--best_metric=demo_accuracy", "or, on the demo, 'demo_accuracy'"),
+                                          ("--learning_rate=1e308", "--learning_rate=1e+308: must be a positive "
+                                                                    "number up to 1, such as 0.0002"),
+                                          ("--learning_rate=1.5", "--learning_rate=1.5: must be a positive number"),
+                                          ("--device=meta", "--device=meta: must be auto, cpu, cuda, cuda:N or mps"),
+                                          ("--device=cuda:x", "--device=cuda:x: must be auto, cpu, cuda, cuda:N"),
+                                          ("--cache_dir=", "--cache_dir=: must be a folder, such as resources/cache"),
+                                          ("--output_dir=/", "--output_dir=/: a run writes a dozen files there"),
+                                          (f"--output_dir={ROOT}", f"--output_dir={ROOT}: a run writes a dozen"),
+                                          (f"--output_dir={Path.home()}/.", f"--output_dir={Path.home()}: a run")])
 def test_impossible_values_are_refused(arg, message):
-    with pytest.raises(cap.UserError, match=re.escape(message)):
+    with pytest.raises(cap.UserError, match=re.escape(message)) as error:
         settings("--dataset=flickr8k", arg)
+    assert "\n" not in str(error.value)
+
+
+def test_the_highest_learning_rate_and_each_device_name_are_accepted():
+    assert settings("--dataset=flickr8k", "--learning_rate=1").learning_rate == 1
+    for name in ("auto", "cpu", "mps", "cuda", "cuda:1"):  # whether this machine has one is pick_device's question
+        assert settings("--dataset=flickr8k", f"--device={name}").device == name
+
+
+@pytest.mark.parametrize("arg", ["--learning_rate=1e308", "--device=meta"])
+def test_a_huge_learning_rate_or_the_meta_device_is_one_line_before_any_work(arg, tmp_path, capsys):
+    assert cap.main(["--dataset=demo", arg, f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'out'}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {arg.replace('1e308', '1e+308')}: must be") and captured.out == ""
+    assert len(captured.err.splitlines()) == 1 and list(tmp_path.iterdir()) == []  # no demo set, no output folder
+
+
+def test_the_demo_needs_30_images_and_other_datasets_ignore_demo_images():
+    with pytest.raises(cap.UserError, match=re.escape("--demo_images=29: must be at least 30 on the demo")):
+        settings("--dataset=demo", "--demo_images=29")
+    assert settings("--dataset=demo", "--demo_images=30").demo_images == 30
+    assert settings("--dataset=flickr8k", "--demo_images=29").demo_images == 29
 
 
 def test_demo_output_inside_its_data_folder_is_refused(tmp_path):

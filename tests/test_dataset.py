@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
-from conftest import cap, run_script, shared
+from conftest import cap, error_line, run_script, shared
 
 CAPTIONS = [("1000_a.jpg", "A dog runs, fast ."), ("1000_a.jpg", "A brown dog ."),
             ("2000_b.jpg", "Two \"kids\" play ."), ("2000_b.jpg", "Kids, on grass , play .")]
@@ -149,6 +149,44 @@ def test_missing_images_are_skipped_with_a_warning(tmp_path, capsys):
     assert set(frame["image"]) == set(names) and "gone.jpg" in capsys.readouterr().err
 
 
+def test_image_names_outside_the_image_folder_are_skipped(tmp_path, capsys):
+    """A caption file that names /an/absolute/path or ../a/file: never read, whatever is there."""
+    names = [f"{i}.jpg" for i in range(12)]
+    make_images(tmp_path / "data" / "Images", names)
+    make_images(tmp_path / "data", ["beside.jpg"])  # Images/../beside.jpg
+    make_images(tmp_path / "elsewhere", ["private.jpg"])
+    outside = [str(tmp_path / "elsewhere" / "private.jpg"), "../beside.jpg", "sub/../../beside.jpg"]
+    pd.DataFrame([(n, "a caption") for n in names + outside], columns=["image", "caption"]).to_csv(
+        tmp_path / "data" / "captions.txt", index=False)
+    frame, image_dir = cap.load_captions(tmp_path / "data", seed=1)
+    assert sorted(frame["image"].unique()) == sorted(names) and image_dir == tmp_path / "data" / "Images"
+    warning = [line for line in capsys.readouterr().err.splitlines() if "point outside" in line]
+    assert len(warning) == 1 and "3 image name(s)" in warning[0] and "../beside.jpg" in warning[0]
+
+
+def test_captions_without_a_word_are_dropped_and_counted(tmp_path):
+    (tmp_path / "captions.txt").write_text('image,caption\na.jpg,A dog .\na.jpg,.\nb.jpg," ... !"\nb.jpg,-- 2 --\n')
+    frame, dropped = cap.read_captions(tmp_path / "captions.txt")
+    assert list(frame["caption"]) == ["A dog .", "-- 2 --"]  # a digit is a word character
+    assert dropped == {"captions_without_words": 2}
+
+
+def test_a_caption_file_of_punctuation_alone_is_refused_before_training(tmp_path, random_weights, capsys):
+    names = [f"{i}.jpg" for i in range(30)]
+    make_images(tmp_path / "data" / "Images", names)
+    pd.DataFrame([(n, caption) for n in names for caption in (".", "!!", "...")], columns=["image", "caption"]).to_csv(
+        tmp_path / "data" / "captions.txt", index=False)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    assert cap.main(["--dataset=flickr8k", f"--data_dir={tmp_path / 'data'}", f"--output_dir={out}",
+                     f"--cache_dir={cache}", f"--encoder_weights={random_weights}", "--freq_threshold=1",
+                     "--num_workers=0"]) == 2
+    printed = capsys.readouterr()
+    error = error_line(printed.err)
+    assert "holds no caption with a word in it" in error and "'captions_without_words': 90" in error
+    assert not cache.exists()  # before any feature is computed
+    assert not [p.name for p in out.iterdir() if p.name != ".lock"]  # no checkpoint, log or vocabulary
+
+
 @pytest.mark.parametrize("broken, message", [("no_folder", "does not exist"), ("no_captions", "no caption file"),
                                              ("no_images", "no image folder")])
 def test_missing_inputs_give_one_clear_error(tmp_path, capsys, broken, message):
@@ -172,11 +210,15 @@ def test_dataset_and_collate_pad_captions(tmp_path):
     assert captions[1].tolist() == [1, vocab.stoi["red"], 2, 0, 0]
 
 
-def test_a_batch_of_only_unreadable_images_is_skipped(tmp_path):
-    frame = pd.DataFrame([("bad.jpg", "x")], columns=["image", "caption"])
+def test_image_batches_skip_unreadable_images(tmp_path):
+    """The one place that skips them (feature extraction, --caption): each batch holds the readable ones."""
+    make_images(tmp_path, ["good.jpg", "good2.jpg"])
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     source = cap.ImageSource(tmp_path, cap.image_transform(32))
-    dataset = cap.FlickrDataset(frame, cap.Vocabulary(1).build_vocab(["x"]), source)
-    assert cap.CapsCollate()([dataset[0]]) == (None, None)
+    batches = list(cap.image_batches(source, ["bad.jpg", "good.jpg", "bad.jpg", "bad.jpg", "good2.jpg"], 2))
+    assert [index.tolist() for _, index in batches] == [[1], [4]]  # the batch of two bad images: none at all
+    assert [tuple(images.shape) for images, _ in batches] == [(1, 3, 32, 32)] * 2
+    assert list(cap.image_batches(source, ["bad.jpg"], 4)) == []
 
 
 def test_unquoted_commas_and_spaced_header(tmp_path):
@@ -191,50 +233,17 @@ def test_broken_karpathy_json_is_a_clear_error(tmp_path):
         cap.read_captions(tmp_path / "dataset_flickr8k.json")
 
 
-def test_unreadable_image_is_dropped_from_a_batch(tmp_path, capsys):
+def test_an_image_unreadable_during_training_is_an_error_naming_it(tmp_path):
+    """Training batches skip nothing: an image that cannot be read any more stops the run (tests/test_training.py)."""
     make_images(tmp_path, ["good.jpg"])
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     frame = pd.DataFrame([("good.jpg", "x"), ("bad.jpg", "y")], columns=["image", "caption"])
     dataset = cap.FlickrDataset(frame, cap.Vocabulary(1).build_vocab(["x y"]),
                                 cap.ImageSource(tmp_path, cap.image_transform(32)))
-    images, captions = cap.CapsCollate()([dataset[0], dataset[1]])
-    assert images.shape == (1, 3, 32, 32) and len(captions) == 1 and "bad.jpg" in capsys.readouterr().err
-
-
-def test_the_demo_can_finish_its_longest_caption():
-    longest = max(len(t.split()) for t in cap.ONE_SHAPE_CAPTIONS + cap.TWO_SHAPE_CAPTIONS)  # '{c}': one word
-    cfg = cap.resolve_settings(cap.parse_args(["--dataset=demo"])[0])
-    assert cfg.max_caption_len > longest  # and then <EOS>: the original's 20 cut the full stop off
-
-
-def test_demo_set_is_made_once_and_never_over_a_users_folder(tmp_path):
-    folder = cap.make_demo_dataset(tmp_path / "demo", n_images=12, size=32)
-    frame = pd.read_csv(folder / "captions.txt")
-    assert len(list((folder / "Images").iterdir())) == 12 and len(frame) == 12 * cap.DEMO_CAPTIONS_PER_IMAGE
-    stamp = (folder / "demo.json").stat().st_mtime_ns
-    cap.make_demo_dataset(folder, n_images=12, size=32)
-    assert (folder / "demo.json").stat().st_mtime_ns == stamp  # reused, not remade
-    mine = tmp_path / "my_photos"
-    mine.mkdir()
-    (mine / "holiday.jpg").write_bytes(b"precious")
-    with pytest.raises(cap.UserError, match="holds files but no demo set"):
-        cap.make_demo_dataset(mine, n_images=12, size=32)
-    assert (mine / "holiday.jpg").read_bytes() == b"precious"
-
-
-def test_remaking_the_demo_set_keeps_every_other_file(tmp_path):
-    folder = cap.make_demo_dataset(tmp_path / "demo", n_images=12, size=32)
-    (folder / "keep.txt").write_text("mine")
-    (folder / "best.pt").write_bytes(b"a trained model")
-    cap.make_demo_dataset(folder, n_images=8, size=24)  # other settings: the demo set is remade in place
-    assert (folder / "keep.txt").read_text() == "mine" and (folder / "best.pt").read_bytes() == b"a trained model"
-    assert sorted(p.name for p in folder.iterdir()) == ["Images", "best.pt", "captions.txt", "demo.json",
-                                                       "keep.txt", "shapes.csv"]
-    captions = pd.read_csv(folder / "captions.txt")
-    assert len(list((folder / "Images").iterdir())) == 8 and len(captions) == 8 * cap.DEMO_CAPTIONS_PER_IMAGE
-    assert json.loads((folder / "demo.json").read_text())["images"] == 8
-    assert Image.open(folder / "Images" / "demo_00000.jpg").size == (24, 24)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no temporary folder left beside it
+    assert dataset[0][0].shape == (3, 32, 32)
+    with pytest.raises(cap.UnreadableImage, match=f"cannot read image {tmp_path / 'bad.jpg'} any more.*--resume"):
+        dataset[1]
+    assert issubclass(cap.UnreadableImage, cap.UserError)  # one line, no traceback
 
 
 @pytest.mark.parametrize("mode, value, name", [("I;16", 80 * 257, "grey.png"), ("I", 80 * 257, "grey.tif"),
@@ -284,7 +293,8 @@ GOOD_ENTRY = {"filename": "a.jpg", "split": "train", "sentences": [{"raw": "A do
 
 @pytest.mark.parametrize("images, message", [
     ([GOOD_ENTRY, {"filename": "b.jpg", "split": "train"}], r"images\[1\] \(b.jpg\) has no 'sentences' list"),
-    ([GOOD_ENTRY, {"filename": "b.jpg", "split": "train", "sentences": []}], r"images\[1\] \(b.jpg\) has no 'sentences'"),
+    ([GOOD_ENTRY, {"filename": "b.jpg", "split": "train", "sentences": []}],
+     r"images\[1\] \(b.jpg\) has no 'sentences'"),
     ([GOOD_ENTRY, "b.jpg"], r"images\[1\] is a str, not an object"),
     ([GOOD_ENTRY, {**GOOD_ENTRY, "filename": "b.jpg", "sentences": [{"raw": 7}]}],
      r"images\[1\] \(b.jpg\): sentences\[0\] has no 'raw' caption string"),
@@ -340,48 +350,6 @@ def test_a_very_long_training_caption_is_cut(tmp_path, capsys):
     assert dataset.captions[0][-1] == cap.Vocabulary.EOS
     assert "1 caption(s) longer than 100 words" in capsys.readouterr().out
     assert len(cap.FlickrDataset(frame, cap.Vocabulary(1), source).captions[0]) == 10_002  # no limit by default
-
-
-@pytest.mark.parametrize("caption, placed", [
-    ("a red circle on the left and a blue square on the right .", "red circle;blue square"),
-    ("a red circle to the left of a blue square .", "red circle;blue square"),
-    ("a blue square to the right of a red circle .", "red circle;blue square"),
-    ("there is a blue square on the right and a red circle on the left .", "red circle;blue square"),
-    ("a blue square on the left , a red circle on the right .", "blue square;red circle"),
-    ("a red circle and a blue square .", None),  # no placement
-    ("a red circle on the left and a blue square .", None),  # one left unplaced
-    ("a red circle on the left and a blue square on the left .", None),  # contradicts itself
-    ("a red circle to the left of a blue square on the left .", None),
-    ("a red or green circle on the left and a blue square on the right .", None),  # hedging
-    ("a red circle on the left and a blue square on the right and a green triangle .", None),  # an extra object
-    ("a red circle on the left and a blue square on the right of a triangle .", None),  # a stray shape word
-    ("a red circle on the left .", None)])
-def test_two_shape_captions_are_read_strictly(caption, placed):
-    assert cap.demo_placement(caption) == placed
-
-
-def test_demo_accuracy_scores_single_and_two_shape_images_apart(tmp_path):
-    pd.DataFrame([("a.jpg", "red circle"), ("b.jpg", "red circle;blue square"), ("c.jpg", "green square;red circle"),
-                  ("d.jpg", "blue triangle")], columns=["image", "shapes"]).to_csv(tmp_path / "shapes.csv")
-    captions = {"a.jpg": "a red circle .", "b.jpg": "a red circle to the left of a blue square .",
-                "c.jpg": "a red circle on the left and a green square on the right .",  # swapped sides: wrong
-                "d.jpg": "a blue triangle next to a blue square ."}  # an extra object: wrong
-    assert cap.demo_accuracy(captions, tmp_path / "shapes.csv") == (0.5, 2)
-    assert cap.demo_accuracy(captions, tmp_path / "shapes.csv", n_shapes=2) == (0.5, 2)
-
-
-def test_demo_images_vary_and_two_shape_captions_say_where(tmp_path):
-    folder = cap.make_demo_dataset(tmp_path / "demo", n_images=40, size=48)
-    shapes = pd.read_csv(folder / "shapes.csv").set_index("image")["shapes"]
-    captions = pd.read_csv(folder / "captions.txt")
-    two = captions[captions["image"].map(shapes).str.contains(";")]
-    assert len(two) and (two["caption"].map(cap.demo_placement) == two["image"].map(shapes)).all()
-    pixels = {name: np.asarray(Image.open(folder / "Images" / name)) for name in shapes.index}
-    corners = {tuple(p[0, 0]) for p in pixels.values()}
-    assert len(corners) > 10  # background shades vary, not three exact colours
-    singles = [pixels[name] for name in shapes.index if ";" not in shapes[name]]
-    areas = [(np.abs(p.astype(int) - p[0, 0]).sum(-1) > 60).mean() for p in singles]
-    assert np.std(areas) > 0.1 * np.mean(areas)  # shape sizes vary
 
 
 def write_coco(folder, n_images=30):

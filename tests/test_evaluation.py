@@ -1,16 +1,14 @@
-"""Caption metrics (coco-caption scorers), beam search and --evaluate."""
+"""Caption metrics (coco-caption scorers, against values worked out by hand), the evaluation helpers and
+--evaluate."""
 import json
+import math
 import shutil
 
 import pandas as pd
 import pytest
 import torch
-from pycocoevalcap.bleu.bleu import Bleu
-from pycocoevalcap.cider.cider import Cider
-from pycocoevalcap.meteor.meteor import Meteor
-from pycocoevalcap.rouge.rouge import Rouge
 
-from conftest import cap, demo_args, greedy_decode
+from conftest import cap, demo_args, error_line
 
 REFS = {"a": ["A dog runs on the grass .", "a brown dog is running", "The dog runs outside ."],
         "b": ["Two children play football .", "kids playing with a ball", "two kids kick a ball on a field"],
@@ -18,18 +16,31 @@ REFS = {"a": ["A dog runs on the grass .", "a brown dog is running", "The dog ru
 HYPS = {"a": "a dog runs on grass .", "b": "two kids play with a ball", "c": "a man rides a bicycle"}
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java, which this machine lacks")
-def test_metrics_agree_with_pycocoevalcap():
-    ours = cap.caption_metrics(REFS, HYPS)
-    refs = {k: [cap.metric_text(c) for c in v] for k, v in REFS.items()}
-    hyps = {k: [cap.metric_text(v)] for k, v in HYPS.items()}
-    bleu, _ = Bleu(4).compute_score(refs, hyps)
-    expected = {**{f"BLEU-{n + 1}": b for n, b in enumerate(bleu)}, "METEOR": Meteor().compute_score(refs, hyps)[0],
-                "ROUGE-L": Rouge().compute_score(refs, hyps)[0], "CIDEr": Cider().compute_score(refs, hyps)[0]}
-    assert set(ours) == set(expected)
-    for name, value in expected.items():
-        assert ours[name] == pytest.approx(value, abs=1e-6), name
-    assert 0 < ours["BLEU-4"] < ours["BLEU-1"] < 1 and ours["CIDEr"] > 0
+def test_bleu_and_rouge_l_of_one_caption_as_worked_out_by_hand():
+    """'a dog runs on grass' (5 words) against 'a dog runs on the grass' (6): every word matches, 3 of 4 bigrams,
+    2 of 3 trigrams, 1 of 2 4-grams; the brevity penalty is exp(1 - 6/5). The longest common subsequence is all 5
+    words: precision 1, recall 5/6, and ROUGE-L's F with beta 1.2."""
+    metrics = cap.caption_metrics({1: ["A dog runs on the grass ."]}, {1: "A dog, runs on grass!"})
+    penalty, precisions = math.exp(1 - 6 / 5), [1, 3 / 4, 2 / 3, 1 / 2]
+    for n in range(1, 5):
+        expected = penalty * math.prod(precisions[:n]) ** (1 / n)
+        assert metrics[f"BLEU-{n}"] == pytest.approx(expected, abs=1e-8), n
+    recall, beta2 = 5 / 6, 1.2 ** 2
+    assert metrics["ROUGE-L"] == pytest.approx((1 + beta2) * recall / (recall + beta2), abs=1e-8)
+    assert metrics["CIDEr"] == 0  # one image: every n-gram is in every document, and its IDF is log(1) = 0
+
+
+def test_metrics_rank_the_same_perfect_partial_and_swapped_captions_in_order():
+    perfect = {k: refs[0] for k, refs in REFS.items()}
+    swapped = {"a": HYPS["b"], "b": HYPS["c"], "c": HYPS["a"]}  # each image given another's caption
+    scores = [cap.caption_metrics(REFS, hyps) for hyps in (perfect, HYPS, swapped)]
+    for name in ("BLEU-4", "ROUGE-L", "CIDEr") + (("METEOR",) if shutil.which("java") else ()):
+        assert scores[0][name] > scores[1][name] > scores[2][name] >= 0, name
+    assert scores[1]["BLEU-1"] > scores[2]["BLEU-1"]  # the partial captions' words are all in their references
+    for name in ("BLEU-1", "BLEU-4", "ROUGE-L") + (("METEOR",) if shutil.which("java") else ()):
+        assert scores[0][name] == pytest.approx(1.0, abs=1e-6), name  # a reference itself: the top score
+    assert scores[2]["CIDEr"] == 0 and scores[2]["BLEU-4"] < 1e-6  # no 2-gram in common with its references
+    assert scores[0]["CIDEr"] > 3  # CIDEr's scale is not 1: x10 by definition
 
 
 def test_metric_text_is_lowercased_without_punctuation():
@@ -52,46 +63,69 @@ def test_meteor_is_absent_without_java(monkeypatch, capsys):
     assert "METEOR is not computed: it needs Java" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def trained(trained_run):
-    model, data, cfg = trained_run
-    with torch.no_grad():
-        embeds = torch.cat([model.encoder(inputs) for inputs, _ in cap.image_batches(data.source, data.images("test"),
-                                                                                      64)])
-    return model, cfg, embeds
+def test_evaluation_helpers_leave_the_model_in_its_mode(tmp_path):
+    """generate_captions and validation_loss run the model in eval mode (no dropout), and give it back as it was:
+    in training mode mid-epoch (sample captions), in eval mode after it."""
+    torch.manual_seed(0)
+    vocab = cap.Vocabulary(1).build_vocab(["a red circle .", "a blue square ."])
+    model = cap.Captioner(vocab, 8, 16, num_layers=1, dropout=0.5)
+    names = ["a.jpg", "b.jpg"]
+    source = cap.ImageSource(tmp_path, None, torch.randn(2, 2048), names)
+    frame = pd.DataFrame([("a.jpg", "a red circle ."), ("b.jpg", "a blue square .")], columns=["image", "caption"])
+    dataset = cap.FlickrDataset(frame, vocab, source)
+    cfg = cap.resolve_settings({"dataset": "flickr8k", "num_workers": 0, "batch_size": 2, "beam_size": 2,
+                                "max_caption_len": 5})
+    cpu = torch.device("cpu")
+    for training in (True, False):
+        model.train(training)
+        captions, failed = cap.generate_captions(model, source, names, cfg, cpu)
+        assert model.training is training and model.decoder.drop.training is training
+        assert sorted(captions) == names and not failed
+        losses = [cap.validation_loss(model, dataset, cfg, cpu) for _ in range(2)]
+        assert model.training is training and model.decoder.drop.training is training
+        assert losses[0] == losses[1]  # no dropout inside, even when called in training mode
 
 
-def test_beam_1_equals_greedy_on_a_trained_model(trained):
-    model, cfg, embeds = trained
-    with torch.no_grad():
-        assert cap.beam_search(model.decoder, embeds, 1, cfg.max_caption_len) == \
-            greedy_decode(model.decoder, embeds, cfg.max_caption_len)
-
-
-def test_beam_search_gives_non_empty_clean_captions(trained):
-    model, cfg, embeds = trained
-    for size in (3, 5):
-        beams = cap.beam_search(model.decoder, embeds, size, cfg.max_caption_len)
-        captions = [model.vocab.decode(ids) for ids in beams]
-        assert len(captions) == len(embeds) and all(captions)
-        assert not any(s in c for c in captions for s in ("<PAD>", "<SOS>", "<EOS>"))
-
-
-def test_beam_search_returns_the_best_hypothesis_when_none_ends(trained):
-    model, _, embeds = trained
-    beams = cap.beam_search(model.decoder, embeds[:4], 3, max_len=2)
-    assert all(len(ids) == 2 for ids in beams)  # cut at max_len: still a caption, not nothing
-
-
-def test_evaluate_mode_prints_the_metrics_table(trained_demo, demo_dirs, random_weights, capsys):
-    (trained_demo / "test_metrics.json").unlink()
-    assert cap.main(demo_args(demo_dirs, random_weights, trained_demo, "--evaluate")) == 0
+def test_evaluate_writes_tagged_outputs_beside_the_training_runs_own(trained_demo, demo_dirs, random_weights,
+                                                                     capsys):
+    own = {name: (trained_demo / name).read_bytes() for name in ("test_metrics.json", "test_captions.csv",
+                                                                 "test_examples.png")}
+    assert cap.main(demo_args(demo_dirs, random_weights, trained_demo, "--evaluate", "--beam_size=2")) == 0
     printed = capsys.readouterr().out
-    assert "test split, 100 images, beam 3" in printed and "CIDEr" in printed
-    report = json.loads((trained_demo / "test_metrics.json").read_text())
-    assert report["checkpoint"].endswith("best.pt") and report["BLEU-1"] > 0
-    assert (report["METEOR"] > 0) if shutil.which("java") else report["METEOR"] is None
-    assert len(pd.read_csv(trained_demo / "test_captions.csv")) == 100
+    assert "test split, 100 images, beam 2" in printed and "CIDEr" in printed
+    tagged = [trained_demo / f"test_{kind}-best-beam2.{ext}" for kind, ext in
+              (("metrics", "json"), ("captions", "csv"), ("examples", "png"))]
+    try:
+        report = json.loads(tagged[0].read_text())
+        assert report["checkpoint"] == str(trained_demo / "best.pt") and report["beam_size"] == 2
+        assert report["images"] == 100 and report["BLEU-1"] > 0
+        assert (report["METEOR"] > 0) if shutil.which("java") else report["METEOR"] is None
+        assert len(pd.read_csv(tagged[1])) == 100 and tagged[2].stat().st_size > 0
+        assert {name: (trained_demo / name).read_bytes() for name in own} == own  # the training run's, untouched
+    finally:
+        for path in tagged:  # the shared run's folder as the other tests expect it
+            path.unlink(missing_ok=True)
+
+
+def test_evaluate_takes_the_data_and_sizes_from_the_checkpoint(tmp_path, trained_demo, demo_dirs, capsys):
+    """Without repeating --dataset, --demo_images, --image_size, --seed...: the checkpoint's own, so the same test
+    images. Data whose training split is not the checkpoint's is refused: its test split could hold images the
+    checkpoint trained on."""
+    best = trained_demo / "best.pt"
+    common = ["--evaluate", f"--checkpoint={best}", f"--cache_dir={demo_dirs['cache_dir']}", "--num_workers=0"]
+    assert cap.main([*common, f"--output_dir={tmp_path / 'eval'}"]) == 0
+    ours = pd.read_csv(tmp_path / "eval" / "test_captions-best-beam3.csv")
+    pd.testing.assert_frame_equal(ours, pd.read_csv(trained_demo / "test_captions.csv"))  # images, captions, refs
+    capsys.readouterr()
+    # another demo set (in a folder of its own: the shared one stays as it is) splits other images for training
+    other = [*common, "--demo_images=60", f"--data_dir={tmp_path / 'other'}", f"--output_dir={tmp_path / 'other_eval'}"]
+    assert cap.main(other) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"the training split of {tmp_path / 'other'} is not the one {best} was trained on" in line
+    assert not list((tmp_path / "other_eval").glob("test_*"))
+    assert cap.main([*common, "--hidden_size=64", f"--output_dir={tmp_path / 'eval'}"]) == 2
+    assert "--hidden_size=64, but the checkpoint was trained with hidden_size=256" in \
+        error_line(capsys.readouterr().err)
 
 
 def test_evaluate_refuses_an_unusable_or_busy_output_dir(tmp_path, trained_demo, demo_dirs, random_weights, capsys):
@@ -108,16 +142,10 @@ def test_evaluate_refuses_an_unusable_or_busy_output_dir(tmp_path, trained_demo,
     assert f"another run (process {cap.os.getpid()}) is writing to {trained_demo}" in capsys.readouterr().err
 
 
-def test_evaluate_an_attention_checkpoint_with_its_maps(trained_attention, demo_dirs, random_weights, monkeypatch):
-    (trained_attention / "test_metrics.json").unlink()
-    drawn, real = [], cap.save_caption_figure
-    monkeypatch.setattr(cap, "save_caption_figure", lambda items, path, maps=None: drawn.append((items, maps)) or
-                        real(items, path, maps))
-    assert cap.main(demo_args(demo_dirs, random_weights, trained_attention, "--decoder=attention", "--evaluate")) == 0
-    report = json.loads((trained_attention / "test_metrics.json").read_text())
-    assert report["images"] == 100 and "demo_two_shape_accuracy" in report
-    ((items, maps),) = drawn
-    assert len(items) == len(maps) == 6 and all(maps)
-    for (_, text), words in zip(items, maps):  # each generated word with its map
-        assert [w for w, _ in words] == text.splitlines()[0].removeprefix("generated: ").split()
-    assert (trained_attention / "test_examples.png").stat().st_size > 0
+def test_evaluate_split_in_the_other_processes_gives_no_metrics_but_the_captions(trained_run, monkeypatch):
+    """Process 0 scores; the others get ({}, the captions), never None, so that every process can unpack it."""
+    model, data, cfg = trained_run
+    metrics, captions = cap.evaluate_split(model, data, "val", cfg, torch.device("cpu"))
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it in the second process
+    assert cap.evaluate_split(model, data, "val", cfg, torch.device("cpu")) == ({}, captions)
+    assert len(captions) == 100 and metrics["CIDEr"] > 0

@@ -1,13 +1,16 @@
 """The frozen encoder's features, computed once per image and cached."""
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import cap
+from conftest import ROOT, cap
 
 
 @pytest.fixture
@@ -21,14 +24,27 @@ def images(tmp_path):
     return folder, names
 
 
-def cache_args(tmp_path, weights, folder, names, size=32):
-    return weights, folder, names, cap.image_transform(size), tmp_path / "cache", torch.device("cpu"), 4, 0
+def features(tmp_path, weights, folder, names, size=32, grid_cells=0):
+    """cap.cached_features as prepare_data calls it, on the CPU, with a small batch and no worker processes."""
+    return cap.cached_features(weights, folder, names, cap.image_transform(size), tmp_path / "cache",
+                               torch.device("cpu"), batch_size=4, num_workers=0, grid_cells=grid_cells)
+
+
+def cache_file(tmp_path):
+    (path,) = (tmp_path / "cache").glob("features-*.pt")
+    return path
+
+
+def file_identity(path):
+    """Changes when the file is written again (atomic_save replaces it by a new file)."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 def test_cached_features_equal_per_step_features(tmp_path, images, random_weights):
     folder, names = images
     transform = cap.image_transform(32)
-    cache = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
+    cache = features(tmp_path, random_weights, folder, names)
     encoder = cap.EncoderCNN(8, cap.load_resnet50(random_weights))
     per_step = encoder.features(torch.stack([cap.load_image(folder / n, transform) for n in cache["images"]]))
     assert cache["images"] == names and cache["features"].shape == (5, 2048)
@@ -37,31 +53,34 @@ def test_cached_features_equal_per_step_features(tmp_path, images, random_weight
         [cap.load_image(folder / n, transform) for n in names])), atol=1e-4)
 
 
-def test_second_run_reuses_the_cache(tmp_path, images, random_weights, monkeypatch):
+def test_second_run_reuses_the_cache(tmp_path, images, random_weights, capsys):
     folder, names = images
-    first = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
-    monkeypatch.setattr(cap, "extract_features", lambda *a, **k: pytest.fail("features extracted twice"))
-    assert torch.equal(cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))["features"],
-                       first["features"])
+    first = features(tmp_path, random_weights, folder, names)
+    path = cache_file(tmp_path)
+    written = file_identity(path)
+    assert f"cached in {path}" in capsys.readouterr().out
+    again = features(tmp_path, random_weights, folder, names)
+    assert f"features: reusing {path} (5 images)" in capsys.readouterr().out
+    assert file_identity(path) == written and torch.equal(again["features"], first["features"])
 
 
 def test_weights_transform_or_image_list_change_rebuilds(tmp_path, images, random_weights):
     folder, names = images
-    cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
+    features(tmp_path, random_weights, folder, names)
     other = tmp_path / "other.pth"
     state = torch.load(random_weights, weights_only=True)
     state["conv1.weight"] = state["conv1.weight"] * 2
     torch.save(state, other)
-    cap.cached_features(*cache_args(tmp_path, other, folder, names))
-    cap.cached_features(*cache_args(tmp_path, random_weights, folder, names, size=48))
-    cap.cached_features(*cache_args(tmp_path, random_weights, folder, names[:3]))
+    features(tmp_path, other, folder, names)
+    features(tmp_path, random_weights, folder, names, size=48)
+    features(tmp_path, random_weights, folder, names[:3])
     assert len(list((tmp_path / "cache").glob("features-*.pt"))) == 4
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_cache_is_rebuilt(tmp_path, images, random_weights, capsys, damage):
     folder, names = images
-    first = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))["features"].clone()
+    first = features(tmp_path, random_weights, folder, names)["features"].clone()
     (path,) = (tmp_path / "cache").glob("features-*.pt")  # memory-mapped: cloned above before it is damaged
     data = bytearray(path.read_bytes())
     if damage == "truncate":
@@ -69,7 +88,7 @@ def test_damaged_cache_is_rebuilt(tmp_path, images, random_weights, capsys, dama
     else:
         data[len(data) // 2] ^= 0x55  # inside the feature tensor: only the checksum notices
     path.write_bytes(bytes(data))
-    rebuilt = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
+    rebuilt = features(tmp_path, random_weights, folder, names)
     assert "damaged or stale: rebuilding" in capsys.readouterr().err
     assert torch.equal(rebuilt["features"], first)
 
@@ -77,32 +96,34 @@ def test_damaged_cache_is_rebuilt(tmp_path, images, random_weights, capsys, dama
 def test_unreadable_image_is_left_out_and_named(tmp_path, images, random_weights):
     folder, names = images
     (folder / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
-    cache = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names + ["bad.jpg"]))
+    cache = features(tmp_path, random_weights, folder, names + ["bad.jpg"])
     assert cache["failed"] == ["bad.jpg"] and cache["images"] == names + ["bad.jpg"]  # its row is never read
     assert not cache["features"][-1].any()
 
 
 def test_an_image_replaced_under_the_same_name_rebuilds(tmp_path, images, random_weights):
     folder, names = images
-    first = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
+    first = features(tmp_path, random_weights, folder, names)
     stat = (folder / "2.jpg").stat()
     Image.new("RGB", (60, 45), (0, 0, 255)).save(folder / "2.jpg")  # new content, as a user's fix would be
     os.utime(folder / "2.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a coarse clock could repeat it
-    second = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names))
+    second = features(tmp_path, random_weights, folder, names)
     assert not torch.equal(second["features"][2], first["features"][2])
     assert torch.equal(second["features"][[0, 1, 3, 4]], first["features"][[0, 1, 3, 4]])
 
 
-def test_the_grid_cache_is_float16_memory_mapped_and_reused(tmp_path, images, random_weights, monkeypatch):
+def test_the_grid_cache_is_float16_memory_mapped_and_reused(tmp_path, images, random_weights, capsys):
     folder, names = images
-    pooled = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names, size=64))["features"]
-    grid = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names, size=64), grid_cells=4)
+    pooled = features(tmp_path, random_weights, folder, names, size=64)["features"]
+    grid = features(tmp_path, random_weights, folder, names, size=64, grid_cells=4)
     assert grid["features"].dtype == torch.float16 and grid["features"].shape == (5, 4, 2048)  # 2x2 at 64 px
     assert torch.allclose(grid["features"].float().mean(1), pooled, rtol=1e-2, atol=1e-2)  # its mean is the pool
     files = sorted((tmp_path / "cache").glob("features-*.pt"), key=lambda p: p.stat().st_size)
     assert len(files) == 2 and str(files[1]) in Path("/proc/self/maps").read_text()  # mapped, not read into RAM
-    monkeypatch.setattr(cap, "extract_features", lambda *a, **k: pytest.fail("features extracted twice"))
-    again = cap.cached_features(*cache_args(tmp_path, random_weights, folder, names, size=64), grid_cells=4)
+    written = file_identity(files[1])
+    capsys.readouterr()
+    again = features(tmp_path, random_weights, folder, names, size=64, grid_cells=4)
+    assert f"features: reusing {files[1]} (5 images)" in capsys.readouterr().out and file_identity(files[1]) == written
     assert torch.equal(again["features"], grid["features"])
 
 
@@ -116,9 +137,119 @@ def test_the_grid_statistics_are_per_channel_over_every_cell():
 def test_too_little_disk_space_is_said_before_extracting(tmp_path, images, random_weights, monkeypatch):
     folder, names = images
     usage = shutil.disk_usage(tmp_path)
+    # no public way to fill a disk here (no tmpfs of our own can be mounted): the free space is what is faked
     monkeypatch.setattr(cap.shutil, "disk_usage", lambda path: usage._replace(free=100_000))
-    monkeypatch.setattr(cap, "extract_features", lambda *a, **k: pytest.fail("extracted without room"))
     needed = 5 * 49 * 2048 * 2 / 1e9  # 5 grids of 7x7 cells in float16
     with pytest.raises(cap.UserError, match=f"the feature cache needs {needed:.2f} GB in .*cache, and twice that "
                                             f"while it is written, but only 0.00 GB is free: free some space"):
-        cap.cached_features(*cache_args(tmp_path, random_weights, folder, names, size=224), grid_cells=49)
+        features(tmp_path, random_weights, folder, names, size=224, grid_cells=49)
+    # said before extracting: neither a scratch file nor a cache was started
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_an_image_replaced_by_one_of_the_same_size_and_time_is_extracted_again(tmp_path, random_weights):
+    """The cache is keyed by each image's content: a fix copied over a bad image with its size and mtime kept
+    (as shutil.copy2 or rsync -t may leave it) is not mistaken for the old image."""
+    folder = tmp_path / "Images"
+    folder.mkdir()
+    names = [f"{i}.bmp" for i in range(4)]  # BMP: every image of one size is the same number of bytes
+    for i, name in enumerate(names):
+        Image.new("RGB", (40, 30), (60 * i, 40, 200 - 50 * i)).save(folder / name)
+    first = features(tmp_path, random_weights, folder, names)["features"].clone()
+    replaced, stat = folder / "2.bmp", (folder / "2.bmp").stat()
+    Image.new("RGB", (40, 30), (250, 250, 20)).save(tmp_path / "fix.bmp")
+    shutil.copy2(tmp_path / "fix.bmp", replaced)  # into the same file (the same inode), then its old times back
+    os.utime(replaced, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = replaced.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    second = features(tmp_path, random_weights, folder, names)["features"]
+    assert not torch.allclose(second[2], first[2], atol=1e-3)  # the new image's features, not the cached ones
+    assert torch.equal(second[[0, 1, 3]], first[[0, 1, 3]])
+    encoder = cap.EncoderCNN(8, cap.load_resnet50(random_weights))
+    assert torch.allclose(second[2], encoder.features(cap.load_image(replaced, cap.image_transform(32))[None])[0],
+                          atol=1e-4, rtol=1e-4)
+
+
+RUN_CACHED_FEATURES = """
+import sys, time
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[1])
+import flickr_image_caption_with_pytorch_resnet_lstm as cap
+folder, weights, cache, ready, go = map(Path, sys.argv[2:7])
+ready.touch()
+while not go.exists():  # both processes start their work at once
+    time.sleep(0.01)
+names = sorted(p.name for p in folder.iterdir())
+result = cap.cached_features(weights, folder, names, cap.image_transform(32), cache, torch.device("cpu"),
+                             batch_size=4, num_workers=0)
+print("features sha256", cap.tensor_sha256(result["features"]), len(result["images"]))
+"""
+
+
+def test_two_runs_sharing_a_cache_dir_take_turns(tmp_path, images, random_weights):
+    folder, names = images
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    runs = [subprocess.Popen([sys.executable, "-c", RUN_CACHED_FEATURES, str(ROOT), str(folder), str(random_weights),
+                              str(cache), str(tmp_path / f"ready{i}"), str(go)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path) for i in range(2)]
+    try:
+        deadline = time.time() + 120
+        while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.time() < deadline:
+            time.sleep(0.05)
+        go.touch()
+        outputs = [run.communicate(timeout=180) for run in runs]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    (path,) = cache.glob("features-*.pt")
+    assert sorted(p.name for p in cache.iterdir()) == [path.name, path.name + ".lock"]  # no scratch or tmp left
+    extracted = [out for out, _ in outputs if f"cached in {path}" in out]
+    reused = [out for out, _ in outputs if f"features: reusing {path} (5 images)" in out]
+    assert len(extracted) == 1 and len(reused) == 1  # the second waited for the first, then read its cache
+    cached = torch.load(path, weights_only=True)["features"]
+    sums = [line for out, _ in outputs for line in out.splitlines() if line.startswith("features sha256")]
+    assert sums == [f"features sha256 {cap.tensor_sha256(cached)} 5"] * 2  # both read the one cache file
+
+
+WRITE_WITH_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[1])
+import flickr_image_caption_with_pytorch_resnet_lstm as cap
+folder, weights, cache, limit = Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG), as on a full disk (ENOSPC)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+names = sorted(p.name for p in folder.iterdir())
+try:
+    cap.cached_features(weights, folder, names, cap.image_transform(32), cache, torch.device("cpu"), batch_size=4,
+                        num_workers=0)
+except cap.UserError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_a_cache_that_cannot_be_written_is_one_line_and_leaves_nothing_behind(tmp_path, images, random_weights):
+    """A real failing write, not a patched torch.save: a file-size limit lets the scratch file of the extracted
+    features (5 x 2048 float32) be written, and stops the cache file, which holds a little more, part way."""
+    folder, names = images
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    result = subprocess.run([sys.executable, "-c", WRITE_WITH_A_FILE_SIZE_LIMIT, str(ROOT), str(folder),
+                             str(random_weights), str(tmp_path / "cache"), str(5 * 2048 * 4)], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=180)
+    assert result.returncode == 2, result.stderr[-3000:]
+    (lock,) = (tmp_path / "cache").iterdir()  # no cache, no temporary file, no scratch file of the features
+    path = lock.with_suffix("")
+    assert lock.name.endswith(".pt.lock") and "cached in" not in result.stdout
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert line.startswith(f"error: cannot write {path}: ") and "Traceback" not in result.stderr
+    assert line.endswith(f"Free some space or choose another folder; the previous {path.name}, if any, is intact")
+    cache = features(tmp_path, random_weights, folder, names)  # with room again: written as usual
+    assert cache_file(tmp_path) == path and cache["features"].shape == (5, 2048) and cache["features"].any()

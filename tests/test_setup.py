@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUP_SH = ROOT / "setup.sh"
-WEIGHTS_NAME = "resnet50-19c8e357.pth"
+WEIGHTS_NAME = "resnet50-0676ba61.pth"
 WEIGHTS_REL = Path("resources/models") / WEIGHTS_NAME
 
 pytestmark = [

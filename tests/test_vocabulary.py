@@ -1,4 +1,6 @@
 """Tokenization and vocabulary."""
+import re
+
 import pandas as pd
 import pytest
 
@@ -37,5 +39,9 @@ def test_real_flickr8k_vocabulary_has_2994_entries():
 
 
 def test_vocabulary_must_start_with_specials():
-    with pytest.raises(ValueError):
+    specials = re.escape("a vocabulary must start with ['<PAD>', '<SOS>', '<EOS>', '<UNK>']")
+    with pytest.raises(ValueError, match=specials):
         Vocabulary(5, ["a", "b"])
+    with pytest.raises(ValueError, match=specials):
+        Vocabulary(5, ["<SOS>", "<PAD>", "<EOS>", "<UNK>", "a"])  # all four, but out of order
+    assert Vocabulary(5, [*Vocabulary.SPECIALS, "a"]).stoi["a"] == 4
