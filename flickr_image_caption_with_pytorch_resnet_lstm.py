@@ -1542,8 +1542,7 @@ def checkpoint_problem(ckpt):
 
 def read_checkpoint(path):
     """A checkpoint written by this script, loaded without running any pickled code and checked whole."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise UserError(f"no checkpoint at {path}: train one first with `python {Path(__file__).name}` "
                         f"(it writes best.pt and last.pt to output_dir), or name one with --checkpoint=FILE")
     try:
