@@ -709,8 +709,9 @@ class FlickrDataset(Dataset):
     def batch(self, indices):
         """The captions at indices with their cached features, gathered in one indexing each, no DataLoader."""
         index = torch.tensor(indices)
-        longest = int(self.lengths[index].max())
-        return self.source.features[self.rows[index]], self.padded[index, :longest].long()  # (B, ...), (B, T)
+        longest = int(self.lengths[index].max())  # on the host: no wait for a GPU
+        features = self.source.features[self.rows[index].to(self.source.features.device)]  # (B, 2048) or (B, L, 2048)
+        return features, self.padded[index, :longest].long()  # (B, T)
 
 
 class CapsCollate:
@@ -1828,6 +1829,9 @@ def train(cfg, device):
     out, (rank, size) = Path(cfg.output_dir), rank_and_size()
     lock = claim_output_dir(out, fresh=not cfg.resume) if is_main_process() else None
     data, model, optimizer, progress = start_run(cfg, device, out)
+    if device.type == "cuda" and data.source.features is not None:  # batches are then gathered on the GPU
+        if data.source.features.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
+            data.source.features = data.source.features.to(device)
     # with torchrun, DDP averages the gradients of the processes; else the model as it is
     ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None) if size > 1 else model
     train_set = FlickrDataset(data.split("train"), model.vocab, data.source, cfg.max_train_caption_len)
