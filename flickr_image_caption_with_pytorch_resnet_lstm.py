@@ -1211,15 +1211,52 @@ def extract_features(resnet, image_dir, names, transform, device, batch_size=64,
         features = torch.zeros(shape, dtype=dtype)
     read = torch.zeros(len(names), dtype=torch.bool)
     bar = tqdm(total=len(names), desc="ResNet50 features", unit="img", leave=False)
+    if device.type == "cuda":  # the CPU cores cannot decode JPEGs as fast as a GPU runs ResNet50
+        batches = jpeg_batches(image_dir, names, transform, device, batch_size, num_workers)
+    else:
+        batches = image_batches(ImageSource(image_dir, transform), names, batch_size, num_workers)
     with torch.inference_mode(), autocast(device):
-        for images, index in image_batches(ImageSource(image_dir, transform), names, batch_size, num_workers,
-                                           pin_memory=device.type == "cuda"):
+        for images, index in batches:
             cells = resnet_grid(resnet, images.to(device, non_blocking=True))  # (B, L, 2048)
             features[index] = (cells if grid_cells else cells.mean(1)).cpu().to(features.dtype)
             read[index] = True
             bar.update(int(index[-1]) + 1 - bar.n)  # up to this batch's last image, unreadable ones included
     bar.close()
     return features, [name for name, ok in zip(names, read.tolist()) if not ok]
+
+
+class ImageFiles(Dataset):
+    """One item per image: its file's bytes (read by the workers, decoded on the device), and its index."""
+
+    def __init__(self, image_dir, names):
+        self.image_dir, self.names = Path(image_dir), list(names)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        with contextlib.suppress(OSError, RuntimeError):
+            return torchvision.io.read_file(str(self.image_dir / self.names[i])), i
+        return None, i
+
+
+def jpeg_batches(image_dir, names, transform, device, batch_size=64, num_workers=2):
+    """As image_batches, with JPEGs decoded and transformed on the device (nvJPEG on a GPU); the rest via PIL."""
+    files = DataLoader(ImageFiles(image_dir, names), batch_size, num_workers=num_workers, collate_fn=list)
+    for batch in files:
+        images, index = [], []
+        for data, i in batch:
+            try:
+                image = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
+                                                   apply_exif_orientation=True, device=device)
+                images.append(transform(image))
+            except Exception:  # not a JPEG, damaged, CMYK on nvJPEG, ...: as any other image
+                with contextlib.suppress(UnreadableImage):
+                    images.append(load_image(Path(image_dir) / names[i], transform).to(device))
+            if len(images) > len(index):
+                index.append(i)
+        if index:
+            yield torch.stack(images), torch.tensor(index)  # (B, 3, H, W) on the device
 
 
 def load_cached_features(path, key):

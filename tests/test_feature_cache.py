@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, cap
+from conftest import ROOT, cap, shared
 
 
 @pytest.fixture
@@ -253,3 +253,21 @@ def test_a_cache_that_cannot_be_written_is_one_line_and_leaves_nothing_behind(tm
     assert line.endswith(f"Free some space or choose another folder; the previous {path.name}, if any, is intact")
     cache = features(tmp_path, random_weights, folder, names)  # with room again: written as usual
     assert cache_file(tmp_path) == path and cache["features"].shape == (5, 2048) and cache["features"].any()
+
+
+def test_jpegs_decoded_by_torchvision_match_the_pil_path(tmp_path):
+    """The GPU's extraction path (torchvision's decoder, here on the CPU): the same tensors as PIL's, and the same
+    images skipped; PNGs and damaged files go through PIL."""
+    real = sorted(shared("flickr8k-mini", "Images").iterdir())[:6]  # real 500x375 Flickr JPEGs
+    for path in real:
+        shutil.copy(path, tmp_path / path.name)
+    Image.open(real[0]).rotate(90, expand=True).save(tmp_path / "turned.png")
+    (tmp_path / "broken.jpg").write_bytes(real[1].read_bytes()[:500])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    transform = cap.image_transform(64)
+    pil = list(cap.image_batches(cap.ImageSource(tmp_path, transform), names, 4))
+    torchvision_decoded = list(cap.jpeg_batches(tmp_path, names, transform, torch.device("cpu"), 4, 0))
+    assert [i.tolist() for _, i in torchvision_decoded] == [i.tolist() for _, i in pil]
+    assert "broken.jpg" not in [names[i] for _, index in pil for i in index.tolist()]
+    for (ours, _), (theirs, _) in zip(torchvision_decoded, pil):
+        assert torch.equal(ours, theirs)
