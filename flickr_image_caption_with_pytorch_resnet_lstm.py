@@ -1276,7 +1276,12 @@ def load_cached_features(path, key):
 @contextlib.contextmanager
 def exclusive(lock_path, waiting_message):
     """Holds a kernel lock (flock) on lock_path: a second holder waits, then goes on; kill -9 releases it."""
-    with open(lock_path, "a+") as lock:
+    try:
+        lock = open(lock_path, "a+")
+    except OSError:  # a read-only folder: nothing can be written there to race over
+        yield
+        return
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -1291,11 +1296,19 @@ def cached_features(weights, image_dir, names, transform, cache_folder, device, 
     precision = "bf16" if uses_bf16(device) else "fp32"
     if grid_cells:
         precision += f" grid {grid_cells}"
-    key = features_cache_key(weights_sha256(weights), transform, image_dir, names, precision)
+    key = [None]
+    if is_main_process():  # hashing every image once, not once per process
+        key = [features_cache_key(weights_sha256(weights), transform, image_dir, names, precision)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(key, src=0)
+    key = key[0]
     path = Path(cache_folder) / f"features-{key[:20]}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     waiting = f"features: waiting for another run that is writing {path}"
     with exclusive(path.with_name(path.name + ".lock"), waiting) if is_main_process() else contextlib.nullcontext():
+        if is_main_process():  # what a killed run of these features left; only the lock holder writes them
+            for stale in [*path.parent.glob(f"{path.name}.*.scratch"), *path.parent.glob(f"{path.name}.*.tmp")]:
+                stale.unlink()
         wait_for_all()
         cache = load_cached_features(path, key)
         if cache is None:
@@ -1481,6 +1494,7 @@ RESUME_FIXED = ("dataset", "data_dir", "max_images", "demo_images", "image_size"
                 "best_metric")
 NOT_TRAINING = ("resume", "evaluate", "checkpoint", "caption_figure", "preset", "output_dir")
 RESUME_ADDED = {"best_metric": "CIDEr"}  # settings added since: what older checkpoints did
+RUN_OUTPUTS = ["loss_per_*.csv", "*_graph.png", "vocab.json", "config.json", "*.pt", "test_*"]  # what a run writes
 
 
 @dataclasses.dataclass
@@ -1514,8 +1528,9 @@ class Restored:
 
     def check_weights(self, weights):
         if weights_sha256(weights) != self.weights_sha256:
+            gone = "" if Path(self.weights_file).is_file() else ", no longer there: put it back"
             raise UserError(f"checkpoint {self.path} was trained on other ResNet50 weights than {weights}: use "
-                            f"--encoder_weights={self.weights_file}, the file it was trained with")
+                            f"--encoder_weights={self.weights_file}, the file it was trained with{gone}")
 
     def check_data(self, vocab, weights, train_sha256, data_dir):
         """Refuses data other than the checkpoint was trained on, before any feature is computed."""
@@ -1675,10 +1690,9 @@ def claim_output_dir(out, fresh=False):
     lock.flush()
     for stale in out.glob("*.tmp"):  # only this run may write here now: any temporary file is a dead run's
         stale.unlink()
-    earlier = [p for p in out.iterdir() if p.name != ".lock" and not p.name.startswith("previous-")]
+    earlier = [p for pattern in RUN_OUTPUTS for p in out.glob(pattern)]
     if fresh and earlier:  # never a folder that mixes two runs, and nothing of the earlier one lost
-        aside = out / f"previous-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-        aside.mkdir()
+        aside = Path(tempfile.mkdtemp(prefix=f"previous-{datetime.datetime.now():%Y%m%d-%H%M%S}-", dir=out))
         for path in earlier:
             os.replace(path, aside / path.name)
         log(f"{out} held an earlier run: its files are now in {aside} (--resume continues a run instead)")
@@ -1791,7 +1805,7 @@ def start_run(cfg, device, out):
         optimizer.load_state_dict(restored.optimizer)
         torch.set_rng_state(restored.rng_states[0])  # mid-epoch: dropout goes on as it would have
         if torch.cuda.is_available() and restored.rng_states[1]:
-            torch.cuda.set_rng_state_all(restored.rng_states[1])
+            torch.cuda.set_rng_state_all(restored.rng_states[1][:torch.cuda.device_count()])
         log(f"resuming from {restored.path}: epoch {progress.epoch} done, step {progress.step}")
     if is_main_process():  # the logs keep their rows up to the checkpoint (a fresh run's folder is empty)
         truncate_csv(out / "loss_per_batch.csv", "step", progress.step)
@@ -1874,6 +1888,8 @@ def train(cfg, device):
     train_set = FlickrDataset(data.split("train"), model.vocab, data.source, cfg.max_train_caption_len)
     val_set = FlickrDataset(data.split("val"), model.vocab, data.source)
     steps_per_epoch = len(process_batches(len(train_set), cfg, 1))
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_set)} training captions cannot be shared out among {size} processes: use more")
     total_steps = cfg.num_epochs * steps_per_epoch
     pending, batches, bar, epoch_start = [], None, tqdm(disable=True), time.time()
     model.train()
@@ -1887,7 +1903,7 @@ def train(cfg, device):
                 if batch == 0 and epoch > progress.epoch:  # the previous epoch's training is done
                     bar.close()
                     end_epoch(model, optimizer, data, val_set, progress, time.time() - epoch_start, cfg, device)
-                if epoch == cfg.num_epochs:
+                if epoch >= cfg.num_epochs:  # num_epochs may be lowered on resume
                     break
                 if batch == 0 or batches is None:
                     if batch == 0:  # epochs are reproducible one by one; each process has its own dropout
@@ -1908,7 +1924,8 @@ def train(cfg, device):
                 if cfg.sample_every and progress.step % cfg.sample_every == 0:
                     print_samples(model, data.source, data.images("val")[:3], cfg, device, f"step {progress.step}")
         except UnreadableImage as error:  # gone since the run began: what was trained so far is kept
-            stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device)
+            if size == 1:  # under torchrun the others wait in DDP: no collective, torchrun stops them
+                stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device)
             # from a DataLoader worker the message holds its traceback, whose source line matches first: the last
             raise UserError(re.findall(r"cannot read image .*", str(error))[-1]) from None
         except UserError:  # a diverged loss: its one line starts a line, not the end of the progress bar's

@@ -365,3 +365,15 @@ def test_the_command_line_then_the_checkpoints_file_then_the_constant(tmp_path, 
                              f"--encoder_weights={tmp_path / 'typed.pth'}")
     assert (code, out) == (2, "")
     assert refusal(err).startswith(f"error: ResNet50 weights {tmp_path / 'typed.pth'} not found: run ./setup.sh")
+
+
+def test_other_resnet50_weights_than_the_checkpoints_are_refused_naming_its_file(tmp_path, trained_demo, demo_dirs,
+                                                                                  random_weights, capsys):
+    other = tmp_path / "resnet50-other.pth"
+    torch.manual_seed(1)
+    torch.save(cap.torchvision.models.resnet50(weights=None).state_dict(), other)
+    code, out, err = caption(capsys, demo_image(demo_dirs), f"--checkpoint={trained_demo / 'best.pt'}",
+                             f"--encoder_weights={other}")
+    assert (code, out) == (2, "")
+    assert refusal(err) == (f"error: checkpoint {trained_demo / 'best.pt'} was trained on other ResNet50 weights than "
+                            f"{other}: use --encoder_weights={random_weights}, the file it was trained with")

@@ -271,3 +271,25 @@ def test_jpegs_decoded_by_torchvision_match_the_pil_path(tmp_path):
     assert "broken.jpg" not in [names[i] for _, index in pil for i in index.tolist()]
     for (ours, _), (theirs, _) in zip(torchvision_decoded, pil):
         assert torch.equal(ours, theirs)
+
+
+def test_a_killed_runs_scratch_is_removed_and_a_read_only_cache_is_reused(tmp_path, images, random_weights,
+                                                                           monkeypatch):
+    folder, names = images
+    first = features(tmp_path, random_weights, folder, names)
+    path = cache_file(tmp_path)
+    stale = [path.with_name(f"{path.name}.99999.scratch"), path.with_name(f"{path.name}.99999.tmp")]
+    for file in stale:
+        file.write_bytes(b"left by kill -9")
+    features(tmp_path, random_weights, folder, names)
+    assert not any(file.exists() for file in stale)
+    real_open = open
+
+    def read_only(file, mode="r", *args, **kwargs):  # as on a read-only mount: nothing can be created there
+        if str(file).startswith(str(tmp_path / "cache")) and mode != "rb" and mode != "r":
+            raise PermissionError(30, "Read-only file system")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    again = features(tmp_path, random_weights, folder, names)
+    assert torch.equal(again["features"], first["features"])

@@ -455,3 +455,24 @@ def test_the_root_or_the_project_as_output_dir_and_an_empty_cache_dir_are_refuse
                      f"--cache_dir={tmp_path / 'cache'}", f"--encoder_weights={random_weights}", setting]) == 2
     assert error_line(capsys.readouterr().err).startswith(f"error: {message}")
     assert list(tmp_path.iterdir()) == [] and (sorted(os.listdir("/")), sorted(os.listdir(ROOT))) == before
+
+
+def test_a_resume_with_fewer_epochs_than_done_only_reports(tmp_path, demo_dirs, random_weights, uninterrupted):
+    out = copy_run(uninterrupted, tmp_path / "out")
+    before = (out / "last.pt").read_bytes()
+    assert cap.main(quick_args(demo_dirs, random_weights, out, "--resume", "--num_epochs=2")) == 0  # 3 done
+    assert (out / "last.pt").read_bytes() == before  # no epoch trained
+    assert pd.read_csv(out / "loss_per_epoch.csv")["epoch"].tolist() == [1, 2, 3]
+
+
+def test_a_fresh_run_sets_aside_only_what_a_run_writes(tmp_path, demo_dirs, random_weights, uninterrupted):
+    out = copy_run(uninterrupted, tmp_path / "out")
+    (out / "notes").mkdir()  # the user's, or a cache_dir inside output_dir: never moved
+    (out / "notes" / "todo.txt").write_text("keep me")
+    process = start_training(quick_args(demo_dirs, random_weights, out, "--log_every=1"))
+    wait_for(lambda: list(out.glob("previous-*")) and (out / "loss_per_batch.csv").exists(), process)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    (previous,) = out.glob("previous-*")
+    assert (out / "notes" / "todo.txt").read_text() == "keep me" and not (previous / "notes").exists()
+    assert {"best.pt", "last.pt", "loss_per_epoch.csv", "test_metrics.json"} <= {p.name for p in previous.iterdir()}
