@@ -377,3 +377,18 @@ def test_other_resnet50_weights_than_the_checkpoints_are_refused_naming_its_file
     assert (code, out) == (2, "")
     assert refusal(err) == (f"error: checkpoint {trained_demo / 'best.pt'} was trained on other ResNet50 weights than "
                             f"{other}: use --encoder_weights={random_weights}, the file it was trained with")
+
+
+def test_a_figure_draws_from_a_downscaled_copy_of_a_huge_image(tmp_path, monkeypatch):
+    """A 12,500-pixel square PNG once took 9.9 GB to draw: the figure needs no more than 1,024 pixels a side."""
+    big = tmp_path / "big.png"
+    Image.new("RGB", (3000, 2000), (220, 40, 40)).save(big)
+    drawn, real = [], cap.pyplot().Axes.imshow
+
+    def imshow(ax, picture, *args, **kwargs):
+        drawn.append(picture.size)
+        return real(ax, picture, *args, **kwargs)
+
+    monkeypatch.setattr(cap.pyplot().Axes, "imshow", imshow)
+    cap.save_caption_figure([(big, "a red square .")], tmp_path / "figure.png")
+    assert drawn == [(1024, 683)] and (tmp_path / "figure.png").stat().st_size > 0

@@ -62,6 +62,7 @@ def two_processes(tmp_path_factory, tiny):
     stopped = torch.load(out / "last.pt", weights_only=True)
     resumed = torchrun(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Warning" not in resumed.stderr  # DDP's broadcast_buffers FutureWarning once came with every run
     return out, stopped_output, stopped, resumed
 
 
