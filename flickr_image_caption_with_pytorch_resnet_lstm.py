@@ -1273,6 +1273,15 @@ def load_cached_features(path, key):
     return None
 
 
+def try_lock(file):
+    """Takes the kernel's lock (flock) on an open file, or says False when another process holds it."""
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends, even by kill -9
+        return True
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def exclusive(lock_path, waiting_message):
     """Holds a kernel lock (flock) on lock_path: a second holder waits, then goes on; kill -9 releases it."""
@@ -1282,9 +1291,7 @@ def exclusive(lock_path, waiting_message):
         yield
         return
     with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not try_lock(lock):
             log(waiting_message)
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -1679,9 +1686,7 @@ def claim_output_dir(out, fresh=False):
     except OSError as error:
         raise UserError(f"cannot write to --output_dir={out}: {error.strerror or error} (is it, or a folder "
                         f"above it, a file or read-only?). Choose another output_dir") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    if not try_lock(lock):
         lock.seek(0)
         raise UserError(f"another run (process {lock.read().strip() or '?'}) is writing to {out}: wait for it "
                         f"to finish, stop it, or choose another --output_dir") from None
@@ -1787,6 +1792,9 @@ def start_run(cfg, device, out):
     """A fresh run's data, model, optimizer and progress, or last.pt's (--resume): the one place that knows."""
     restored = restore(out / "last.pt", cfg) if cfg.resume else None
     data = prepare_data(cfg, device, build_vocab=True, trained=restored)
+    if device.type == "cuda" and data.source.features is not None:  # batches are then gathered on the GPU
+        if data.source.features.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
+            data.source.features = data.source.features.to(device)
     torch.manual_seed(cfg.seed)  # after the data: the model's initial weights never depend on what was cached
     if restored:
         model, progress = restored.model, restored.progress
@@ -1880,9 +1888,6 @@ def train(cfg, device):
     out, (rank, size) = Path(cfg.output_dir), rank_and_size()
     lock = claim_output_dir(out, fresh=not cfg.resume) if is_main_process() else None
     data, model, optimizer, progress = start_run(cfg, device, out)
-    if device.type == "cuda" and data.source.features is not None:  # batches are then gathered on the GPU
-        if data.source.features.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
-            data.source.features = data.source.features.to(device)
     # with torchrun, DDP averages the gradients of the processes; else the model as it is
     ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None) if size > 1 else model
     train_set = FlickrDataset(data.split("train"), model.vocab, data.source, cfg.max_train_caption_len)
@@ -1928,10 +1933,8 @@ def train(cfg, device):
                 stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device)
             # from a DataLoader worker the message holds its traceback, whose source line matches first: the last
             raise UserError(re.findall(r"cannot read image .*", str(error))[-1]) from None
-        except UserError:  # a diverged loss: its one line starts a line, not the end of the progress bar's
-            bar.close()
-            raise
-        bar.close()
+        finally:
+            bar.close()  # before any error's one line, which must start a line of its own
         if any_process(stop.requested, device):  # also during the last validation: no test report then
             stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device)
             return resume_hint(out, progress.step, size)
@@ -1951,7 +1954,6 @@ def train(cfg, device):
 def stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device):
     """last.pt at the last step taken, with its losses recorded, so that --resume goes on from there."""
     record_losses(pending, progress, len(model.vocab), cfg, device, bar)
-    bar.close()
     if is_main_process():
         save_checkpoint(out / "last.pt", model, optimizer, cfg, data, progress)
 
