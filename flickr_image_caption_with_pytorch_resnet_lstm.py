@@ -100,35 +100,28 @@ CONFIG_NAMES = [k for k, v in globals().items()
 Config = dataclasses.make_dataclass("Config", [(name, type(globals()[name])) for name in CONFIG_NAMES], frozen=True)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
-
 class UserError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
-
 
 def is_main_process():
     """True except in the other processes of a torchrun job, which neither print nor write files."""
     return os.environ.get("RANK", "0") == "0"
 
-
 def tqdm(*args, **kwargs):
     return _tqdm(*args, **kwargs | {"disable": kwargs.get("disable") or not is_main_process()})
-
 
 def log(message):
     if is_main_process():
         _tqdm.write(message)
 
-
 def warn(message):
     if is_main_process():
         _tqdm.write(f"warning: {message}", file=sys.stderr)
-
 
 def parse_bool(text):
     if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
         raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
     return text.lower() in ("true", "1", "yes")
-
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
@@ -140,7 +133,6 @@ class ArgumentParser(argparse.ArgumentParser):
             hint = f"did you mean --{near[0]}? " if near else ""
             message += f" ({hint}valid: {' '.join('--' + n for n in CONFIG_NAMES)} --caption)"
         raise UserError(message)
-
 
 def parse_args(argv):
     """The command line: ({name: value} for each --name=value given, type-checked; the --caption paths or None)."""
@@ -156,7 +148,6 @@ def parse_args(argv):
     overrides = vars(parser.parse_args(argv))
     return overrides, overrides.pop("caption", None)
 
-
 POSITIVE = ("batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_size", "hidden_size", "num_layers",
             "freq_threshold", "image_size", "log_every", "demo_images")
 NON_NEGATIVE = ("max_images", "max_batches_per_epoch", "num_workers", "sample_every", "warmup_steps",
@@ -169,7 +160,6 @@ TRAINED_ON = ("dataset", "data_dir", "max_images", "demo_images", "seed", "image
               "encoder_weights")
 MODEL_SHAPE = ("decoder", "embed_size", "hidden_size", "num_layers", "image_size")  # a checkpoint's own, fixed
 CAPTIONING = ("checkpoint", "encoder_weights", "decoder", "beam_size", "max_caption_len", "device", "caption_figure")
-
 
 def resolve_settings(overrides=None, echo=None, trained=None, shown=None):
     """constants < preset < what a checkpoint was trained on < command line: one frozen Config."""
@@ -202,12 +192,10 @@ def resolve_settings(overrides=None, echo=None, trained=None, shown=None):
             f"  {name:15s} = {values[name]!r:30s} ({origin[name]})" for name in changed))
     return Config(**values)
 
-
 def layer(values, origin, new, where):
     for name, value in new.items():
         values[name] = value
         origin[name] = where
-
 
 def choose_dataset(values, origin):
     if values["dataset"] not in DATASETS:
@@ -221,7 +209,6 @@ def choose_dataset(values, origin):
     else:
         layer(values, origin, {"dataset": "demo"}, "no resources/input/flickr8k")
 
-
 def fill_paths(values, origin, overrides):
     for name in PATHS:  # the defaults live in the project; the user's own paths are relative to where they are
         if values[name] and name not in overrides:
@@ -233,10 +220,8 @@ def fill_paths(values, origin, overrides):
             layer(values, origin, {name: str(ROOT / "resources" / folder / values["dataset"])},
                   f"default for {values['dataset']}")
 
-
 def valid_best_metric(value, values):
     return value in ("CIDEr", "BLEU-4", "val_loss") or (value == "demo_accuracy" and values["dataset"] == "demo")
-
 
 SETTING_RULES = [
     (POSITIVE, lambda v, _: v >= 1, "at least 1"),
@@ -253,7 +238,6 @@ SETTING_RULES = [
      "at least 30 on the demo (every split needs images of one and of two shapes)"),
 ]
 
-
 def check_settings(values):
     """Impossible values, each refused before any work with one line that says what the value must be."""
     for names, valid, must_be in SETTING_RULES:
@@ -268,15 +252,12 @@ def check_settings(values):
         raise UserError(f"--output_dir={values['output_dir']} lies in the demo's data folder {values['data_dir']}, "
                         f"which the demo rewrites: choose an output_dir outside it")
 
-
 def uses_bf16(device):
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-
 
 def autocast(device):
     """bf16 mixed precision on GPUs that support it natively; full precision elsewhere."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device))
-
 
 def pick_device(name):
     if name == "auto":
@@ -290,7 +271,6 @@ def pick_device(name):
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device={name}: this machine has no Apple GPU (MPS) that torch can use; try --device=cpu")
     return device
-
 
 # -----------------------------------------------------------------------------
 # several processes (torchrun): the same loop in each, on its share of every batch; rank 0 writes everything
@@ -306,22 +286,18 @@ def start_processes(device):
                             device_id=device if device.type == "cuda" else None)
     return device
 
-
 def rank_and_size():
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
-
 def wait_for_all():
     if dist.is_initialized():
         dist.barrier()
 
-
 def any_process(flag, device):
     """Whether flag is true in any process: every process then takes the same branch."""
     return sum_over_processes([float(flag)], device)[0] > 0
-
 
 def sum_over_processes(values, device):
     """The element-wise sum of a list of numbers over all processes."""
@@ -331,7 +307,6 @@ def sum_over_processes(values, device):
     dist.all_reduce(total)
     return total.tolist()
 
-
 def merge_over_processes(part):
     """The union of every process's dict."""
     if not dist.is_initialized():
@@ -340,14 +315,12 @@ def merge_over_processes(part):
     dist.all_gather_object(parts, part)
     return {k: v for p in parts for k, v in p.items()}
 
-
 # -----------------------------------------------------------------------------
 # tokenization and vocabulary
 @functools.lru_cache(maxsize=1)
 def spacy_tokenizer():
     import spacy  # spacy.blank("en") tokenizes exactly as en_core_web_sm does, with no model download
     return spacy.blank("en").tokenizer
-
 
 class Vocabulary:
     PAD, SOS, EOS, UNK = 0, 1, 2, 3
@@ -398,7 +371,6 @@ class Vocabulary:
         data = json.loads(Path(path).read_text())
         return cls(data["freq_threshold"], data["itos"])
 
-
 # -----------------------------------------------------------------------------
 # dataset: caption files, image folders, splits
 CAPTION_FILES = ["dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json", "captions.txt",
@@ -411,16 +383,13 @@ FORMATS_ACCEPTED = ("Kaggle captions.txt ('image,caption' CSV), Kaggle Flickr30k
                     "('image_name| comment_number| comment'), Flickr8k.token.txt ('name.jpg#0<TAB>caption') "
                     "or Karpathy's dataset_flickr8k.json / dataset_flickr30k.json")
 
-
 TOKEN_LINE = re.compile(r"^(?P<image>[^\t#,|]+)#\d+\t(?P<caption>.*)$")  # Flickr8k.token.txt
 RESULTS_HEADER = re.compile(r"^\s*image_name\s*\|\s*comment_number\s*\|\s*comment\s*$", re.IGNORECASE)
 RESULTS_LINE = re.compile(r"^\s*(?P<image>[^|]+?)\s*\|\s*\d+\s*(?:\|\s*)?(?P<caption>.*)$")  # recovers a missing '|'
 
-
 def read_text(path):
     """The file's text in whichever encoding it has, with \n line endings (\r\n and old Mac \r, even mixed)."""
     return re.sub(r"\r\n?", "\n", decode_text(Path(path).read_bytes()))
-
 
 def decode_text(raw):
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -429,7 +398,6 @@ def decode_text(raw):
         with contextlib.suppress(UnicodeDecodeError):
             return raw.decode(encoding)
     return raw.decode("latin-1")
-
 
 def read_captions(path):
     """Reads any supported caption file: (DataFrame of image, caption[, split]; counts of what was dropped)."""
@@ -477,7 +445,6 @@ def read_captions(path):
         raise UserError(f"{path} holds no caption with a word in it ({dict(+dropped) or 'no rows'}): check the file")
     return frame, {k: v for k, v in dropped.items() if v}
 
-
 def karpathy_rows(path, text):
     """(image, caption, split) rows of a Karpathy-format JSON file; a malformed entry is one clear error."""
     try:
@@ -508,7 +475,6 @@ def karpathy_rows(path, text):
         rows += [(name, sentence["raw"], split) for sentence in image["sentences"]]
     return rows
 
-
 def find_dataset_files(folder):
     folder = Path(folder)
     if not folder.is_dir():
@@ -525,7 +491,6 @@ def find_dataset_files(folder):
     if image_dir is None:
         raise UserError(f"no image folder with images in {folder}: expected one of {', '.join(IMAGE_DIRS)}")
     return caption_file, image_dir
-
 
 def assign_splits(frame, folder, seed, holdout_fraction=0.1):
     """Split by image, never by caption: Karpathy splits, else the official Flickr8k lists, else seeded."""
@@ -545,7 +510,6 @@ def assign_splits(frame, folder, seed, holdout_fraction=0.1):
     split_of.update({name: "val" for name in images[n_holdout:2 * n_holdout]})
     return frame.assign(split=frame["image"].map(split_of).fillna("train")), f"random by image, seed {seed}"
 
-
 def official_splits(folder):
     """{image: split} from the Flickr8k split lists; an image in two lists goes in the last, with a warning."""
     split_of, repeated = {}, {}
@@ -559,7 +523,6 @@ def official_splits(folder):
         warn(f"{len(repeated)} image(s) are in more than one of the split lists {', '.join(SPLIT_FILES.values())} "
              f"in {folder}, each put in the last list that names it: {listed}{' ...' if len(repeated) > 5 else ''}")
     return split_of
-
 
 def load_captions(folder, seed, max_images=0):
     """Caption table with a split column, for images that exist; reports everything it dropped."""
@@ -588,19 +551,16 @@ def load_captions(folder, seed, max_images=0):
     check_splits(frame, folder)
     return frame, image_dir
 
-
 def check_splits(frame, folder):
     for split in ("train", "val", "test"):
         if not (frame["split"] == split).any():
             raise UserError(f"no {split} images in {folder} (after leaving out missing or unreadable ones): "
                             f"use more images (max_images) or check the split files")
 
-
 def image_transform(size):
     return T.Compose([T.ToImage(), T.Resize(size, antialias=True), T.CenterCrop(size),
                       T.ToDtype(torch.float32, scale=True),
                       T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
-
 
 def open_rgb(path):
     """The image as 8-bit RGB, turned upright as its EXIF orientation says; 16- and 32-bit greys are scaled."""
@@ -614,10 +574,8 @@ def open_rgb(path):
             image = Image.fromarray(np.clip(np.round(pixels * (255 / top)), 0, 255).astype(np.uint8))
         return image.convert("RGB")
 
-
 class UnreadableImage(UserError):
     """An image that could be read when the run began and cannot be now."""
-
 
 def load_image(path, transform):
     try:
@@ -625,7 +583,6 @@ def load_image(path, transform):
     except Exception:  # PIL raises OSError, ValueError or others by format and damage
         raise UnreadableImage(f"cannot read image {path} any more (it was readable when the run began): put it "
                               f"back, then continue with --resume") from None
-
 
 def image_opens(path):
     """A cheap check (no full decode) for the per-step encoder."""
@@ -635,7 +592,6 @@ def image_opens(path):
         return True
     except Exception:
         return False
-
 
 class ImageSource:
     """Encoder inputs by image name: cached 2048-d features when there are some, else decoded images."""
@@ -648,7 +604,6 @@ class ImageSource:
         if self.features is not None:
             return self.features[self.row[name]]
         return load_image(self.image_dir / name, self.transform)
-
 
 class ImageList(Dataset):
     """One item per image: (decoded image, or None when it cannot be read; its index in names)."""
@@ -664,13 +619,11 @@ class ImageList(Dataset):
             return self.source.get(self.names[i]), i
         return None, i
 
-
 def stack_readable(batch):
     readable = [(image, i) for image, i in batch if image is not None]
     if not readable:
         return None, torch.zeros(0, dtype=torch.long)
     return torch.stack([image for image, _ in readable]), torch.tensor([i for _, i in readable])
-
 
 def image_batches(source, names, batch_size, num_workers=0, pin_memory=False, desc=None):
     """(inputs, indices into names) per batch of the readable images: where unreadable ones are found."""
@@ -680,7 +633,6 @@ def image_batches(source, names, batch_size, num_workers=0, pin_memory=False, de
     for inputs, index in tqdm(loader, desc=desc, unit="batch", leave=False, disable=desc is None):
         if len(index):
             yield inputs, index
-
 
 class FlickrDataset(Dataset):
     """One item per caption: (encoder input for its image, caption ids with <SOS> and <EOS>)."""
@@ -713,7 +665,6 @@ class FlickrDataset(Dataset):
         features = self.source.features[self.rows[index].to(self.source.features.device)]  # (B, 2048) or (B, L, 2048)
         return features, self.padded[index, :longest].long()  # (B, T)
 
-
 class CapsCollate:
     """Pads captions to the longest in the batch."""
 
@@ -723,7 +674,6 @@ class CapsCollate:
     def __call__(self, batch):
         images = torch.stack([image for image, _ in batch])
         return images, pad_sequence([c for _, c in batch], batch_first=True, padding_value=self.pad_idx)
-
 
 def caption_batches(dataset, batches, cfg, device):
     """(inputs, padded captions) on the device per batch: indexed from cached features, else decoded."""
@@ -737,7 +687,6 @@ def caption_batches(dataset, batches, cfg, device):
                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     for images, captions in loader:
         yield images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
-
 
 # -----------------------------------------------------------------------------
 # the built-in demo set: coloured shapes with captions, in the Flickr8k layout
@@ -758,7 +707,6 @@ ONE_SHAPE_CAPTIONS = ["a {c} {s} .", "a {c} {s} on a {bg} background .", "there 
 TWO_SHAPE_CAPTIONS = ["a {c} {s} on the left and a {c2} {s2} on the right .", "a {c} {s} to the left of a {c2} {s2} .",
                       "two shapes on a {bg} background : a {c} {s} on the left and a {c2} {s2} on the right ."]
 
-
 def draw_shape(draw, shape, centre, size, colour):
     x, y, r = centre[0], centre[1], size / 2
     if shape == "circle":
@@ -768,10 +716,8 @@ def draw_shape(draw, shape, centre, size, colour):
     else:
         draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
 
-
 DEMO_ENTRIES = ["Images", "captions.txt", "shapes.csv", "demo.json"]  # what the demo owns in its folder, stamp last
 DEMO_IMAGE = re.compile(r"demo_\d{5}\.jpg")
-
 
 def make_demo_dataset(folder, n_images, size, seed=0):
     """Writes Images/, captions.txt and shapes.csv deterministically; rebuilt only when the settings change."""
@@ -799,7 +745,6 @@ def make_demo_dataset(folder, n_images, size, seed=0):
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
-
 def replace_demo_images(new, images):
     """Swaps the demo's own images (demo_NNNNN.jpg) for new ones; anything else in the folder stays."""
     for old in images.iterdir():
@@ -808,10 +753,8 @@ def replace_demo_images(new, images):
     for image in new.iterdir():
         os.replace(image, images / image.name)
 
-
 def shift(rgb, offsets):
     return tuple(min(255, max(0, round(v + o))) for v, o in zip(rgb, offsets))
-
 
 def write_demo_set(tmp, n_images, size, seed, stamp):
     """The demo set's entries (DEMO_ENTRIES) in the empty folder tmp, every drawing varied (README: the demo)."""
@@ -850,9 +793,7 @@ def write_demo_set(tmp, n_images, size, seed, stamp):
     pd.DataFrame(shapes, columns=["image", "shapes"]).to_csv(tmp / "shapes.csv", index=False)
     (tmp / "demo.json").write_text(json.dumps(stamp))
 
-
 SIDES = {"on the left": "left", "on the right": "right", "to the left of": "left", "to the right of": "right"}
-
 
 def demo_placement(caption):
     """'left colour shape;right colour shape' as the caption places two shapes, or None if it hedges."""
@@ -873,14 +814,12 @@ def demo_placement(caption):
         return None
     return ";".join(" ".join(words[pairs[k]:pairs[k] + 2]) for k in sorted(side, key=lambda k: side[k]))
 
-
 def demo_accuracy(captions_by_image, shapes_file, n_shapes=1):
     """The share of the images with n_shapes shapes (None: any) captioned right, and their number."""
     truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()
     names = [name for name in captions_by_image if n_shapes in (None, truth[name].count(";") + 1)]
     correct = sum(demo_right(captions_by_image[name], truth[name]) for name in names)
     return correct / max(1, len(names)), len(names)
-
 
 def demo_right(caption, shapes):
     """Whether the caption names the shape(s) of shapes ('colour shape[;colour shape]', left to right) right."""
@@ -890,14 +829,12 @@ def demo_right(caption, shapes):
     colour, shape = shapes.split()
     return words & set(DEMO_COLOURS) == {colour} and words & set(DEMO_SHAPES) == {shape}
 
-
 # The demo's settings over the constants (resolve_settings), sized to finish in minutes on a 2-core CPU: its
 # 36-word vocabulary needs no 2-layer 512-unit LSTM, and one layer of 256 reads the shapes as well in half the time
 PRESETS = {"demo": dict(image_size=128, num_epochs=20, batch_size=64, learning_rate=0.002, lr_schedule="cosine",
                         embed_size=128, hidden_size=256, num_layers=1,
                         max_caption_len=24)}  # room to end its longest caption (20 words and a full stop)
 DEMO_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # without ./setup.sh's download
-
 
 def prepare_demo(cfg):
     """On the demo: says so, makes its data set and, when there are no ResNet50 weights, random ones."""
@@ -912,7 +849,6 @@ def prepare_demo(cfg):
             random_resnet50_weights(DEMO_WEIGHTS)
     wait_for_all()
 
-
 def demo_weights(cfg):
     """The fixed random-init ResNet50 for a demo without downloaded weights at the default path (else None)."""
     if cfg.dataset != "demo" or Path(cfg.encoder_weights) != ROOT / encoder_weights:
@@ -920,7 +856,6 @@ def demo_weights(cfg):
     warn(f"no ResNet50 weights at {cfg.encoder_weights}: the demo uses a randomly initialised (still frozen) "
          f"ResNet50. ./setup.sh downloads the ImageNet weights.")
     return random_resnet50_weights(DEMO_WEIGHTS)
-
 
 def demo_scores(model, data, split, cfg, device, by_kind=False):
     """The demo's figures from greedy captions ({} elsewhere); every process calls it."""
@@ -936,23 +871,19 @@ def demo_scores(model, data, split, cfg, device, by_kind=False):
         f"two-shape images")
     return {"demo_colour_shape_accuracy": single, "demo_two_shape_accuracy": two}
 
-
 # -----------------------------------------------------------------------------
 # models
 FETCH_WEIGHTS = "run ./setup.sh to download it (or see the README)"
 WEIGHTS_NAME = re.compile(r"resnet50-([0-9a-f]{8,64})\.pth")  # torchvision's names carry a sha256 prefix
 
-
 def weights_sha256(path):
     stat = Path(path).stat()
     return file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-
 
 @functools.lru_cache(maxsize=8)
 def file_sha256(path, size, mtime):  # size and mtime are in the cache key: a changed file is hashed again
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
 
 def load_resnet50(weights_path):
     """torchvision ResNet50 without its classifier, from a local .pth, never unpickling anything."""
@@ -981,7 +912,6 @@ def load_resnet50(weights_path):
     model.avgpool = model.fc = nn.Identity()  # its output is the last convolutional grid, flattened
     return model.float()  # assign keeps the file's dtype; copying into the model converted it to float32
 
-
 def random_resnet50_weights(path, seed=0):
     """A fixed random-init ResNet50 for the demo without downloads; saved so that captions can be reproduced."""
     path = Path(path)
@@ -992,12 +922,10 @@ def random_resnet50_weights(path, seed=0):
         atomic_save(state, path)
     return path
 
-
 def resnet_grid(resnet, images):
     """ResNet50's last convolutional grid as L = h*w feature vectors (B, L, 2048); their mean is the pooled feature."""
     out = resnet(images.contiguous(memory_format=torch.channels_last)).float()  # (B, 2048*h*w), channels first
     return out.view(out.size(0), 2048, -1).transpose(1, 2)  # (B, L, 2048)
-
 
 class EncoderCNN(nn.Module):
     """Frozen ResNet50 (always in eval mode) and a trained projection of its standardised 2048-d features."""
@@ -1034,7 +962,6 @@ class EncoderCNN(nn.Module):
         features = x.float() if x.dim() < 4 else self.features(x)  # cached grids are float16
         return self.embed((features - self.feature_mean) / self.feature_std)
 
-
 class DecoderRNN(nn.Module):
     """The image embedding is the first input step, then <SOS> and the caption's words."""
 
@@ -1062,7 +989,6 @@ class DecoderRNN(nn.Module):
         out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # (B, 1, H)
         return next_word_logp(self.to_vocab(out.squeeze(1)), first), state
 
-
 def next_word_logp(logits, first):
     logp = F.log_softmax(logits.float(), dim=-1)  # (B, V)
     logp[:, [Vocabulary.PAD, Vocabulary.SOS]] = float("-inf")
@@ -1070,11 +996,9 @@ def next_word_logp(logits, first):
         logp[:, Vocabulary.EOS] = float("-inf")
     return logp
 
-
 # Xu et al.'s lambda (1 in the paper): how strongly every grid cell must be looked at once per caption. Lower
 # leaves the attention on the objects rather than on empty background cells (README: attention)
 DOUBLY_STOCHASTIC_WEIGHT = 0.2
-
 
 class AttentionDecoder(nn.Module):
     """Show, Attend and Tell's soft attention over the image's grid cells (Xu et al., 2015; README: attention)."""
@@ -1129,9 +1053,7 @@ class AttentionDecoder(nn.Module):
         out, state = self.advance(self.embed(tokens), state)
         return next_word_logp(self.to_vocab(out), first), state
 
-
 DECODERS = {"lstm": DecoderRNN, "attention": AttentionDecoder}
-
 
 class Captioner(nn.Module):
     """The trained model: encoder projection and decoder, with its vocabulary and the sizes that rebuild it."""
@@ -1168,7 +1090,6 @@ class Captioner(nn.Module):
     def trainable_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.resnet.")}
 
-
 # -----------------------------------------------------------------------------
 # feature cache: the frozen encoder runs once per image, not once per caption per epoch
 def features_cache_key(weights_sha, transform, image_dir, names, precision="fp32"):
@@ -1178,13 +1099,11 @@ def features_cache_key(weights_sha, transform, image_dir, names, precision="fp32
             "images": files, "precision": precision, "version": 4}  # 4: keyed by content
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
-
 def content_hashes(paths):
     """Each file's sha256 (None for one that is gone: it fails, and is reported, when read), in 4 threads."""
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         return list(tqdm(pool.map(file_content_sha256, paths), total=len(paths), desc="hashing images", unit="img",
                          leave=False, mininterval=1))
-
 
 def file_content_sha256(path):
     try:
@@ -1193,10 +1112,8 @@ def file_content_sha256(path):
     except OSError:
         return None
 
-
 def tensor_sha256(tensor):
     return hashlib.sha256(tensor.contiguous().numpy()).hexdigest()  # hashed in place: no copy of a memory map
-
 
 def extract_features(resnet, image_dir, names, transform, device, batch_size=64, num_workers=2, grid_cells=0,
                      into=None):
@@ -1224,7 +1141,6 @@ def extract_features(resnet, image_dir, names, transform, device, batch_size=64,
     bar.close()
     return features, [name for name, ok in zip(names, read.tolist()) if not ok]
 
-
 class ImageFiles(Dataset):
     """One item per image: its file's bytes (read by the workers, decoded on the device), and its index."""
 
@@ -1238,7 +1154,6 @@ class ImageFiles(Dataset):
         with contextlib.suppress(OSError, RuntimeError):
             return torchvision.io.read_file(str(self.image_dir / self.names[i])), i
         return None, i
-
 
 def jpeg_batches(image_dir, names, transform, device, batch_size=64, num_workers=2):
     """As image_batches, with JPEGs decoded and transformed on the device (nvJPEG on a GPU); the rest via PIL."""
@@ -1258,7 +1173,6 @@ def jpeg_batches(image_dir, names, transform, device, batch_size=64, num_workers
         if index:
             yield torch.stack(images), torch.tensor(index)  # (B, 3, H, W) on the device
 
-
 def load_cached_features(path, key):
     """The cache's contents, or None when it is absent, for other inputs, or damaged in any way."""
     if not path.is_file():
@@ -1272,7 +1186,6 @@ def load_cached_features(path, key):
     warn(f"feature cache {path} is damaged or stale: rebuilding it")
     return None
 
-
 def try_lock(file):
     """Takes the kernel's lock (flock) on an open file, or says False when another process holds it."""
     try:
@@ -1280,7 +1193,6 @@ def try_lock(file):
         return True
     except OSError:
         return False
-
 
 @contextlib.contextmanager
 def exclusive(lock_path, waiting_message):
@@ -1295,7 +1207,6 @@ def exclusive(lock_path, waiting_message):
             log(waiting_message)
             fcntl.flock(lock, fcntl.LOCK_EX)
         yield
-
 
 def cached_features(weights, image_dir, names, transform, cache_folder, device, batch_size=64, num_workers=2,
                     grid_cells=0):
@@ -1327,7 +1238,6 @@ def cached_features(weights, image_dir, names, transform, cache_folder, device, 
         wait_for_all()  # the lock is held until every process has read the cache
     return cache
 
-
 def write_feature_cache(weights, image_dir, names, transform, path, key, device, batch_size, num_workers,
                         grid_cells):
     image_bytes = 2048 * 2 * grid_cells if grid_cells else 2048 * 4  # float16 grids, float32 pooled
@@ -1358,7 +1268,6 @@ def write_feature_cache(weights, image_dir, names, transform, path, key, device,
         scratch.unlink(missing_ok=True)
     wait_for_all()
 
-
 def gather_shares(path, size):
     """Process 0 gathers every process's share (features, images, failures) in order, removing its file."""
     shares = []
@@ -1373,7 +1282,6 @@ def gather_shares(path, size):
     for rank in range(size):
         path.with_name(f"{path.name}.{rank}").unlink()
     return gathered
-
 
 def atomic_save(obj, path):
     """torch.save to this process's temporary file, fsync, rename: a crash leaves the previous file intact."""
@@ -1395,7 +1303,6 @@ def atomic_save(obj, path):
         raise UserError(f"cannot write {path}: {reason}. Free some space or choose another folder; the previous "
                         f"{path.name}, if any, is intact") from None
 
-
 # -----------------------------------------------------------------------------
 # data for a run: captions, vocabulary (from the training split) and encoder inputs
 @dataclasses.dataclass
@@ -1414,7 +1321,6 @@ class Data:
     def images(self, split):
         return sorted(self.split(split)["image"].unique())
 
-
 def encoder_weights_file(cfg):
     path = Path(cfg.encoder_weights)
     if path.is_file():
@@ -1424,7 +1330,6 @@ def encoder_weights_file(cfg):
         raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
     return fallback
 
-
 def feature_statistics(features, rows):
     """Per-channel mean and std (2048,) over some rows of pooled or grid features, a chunk at a time."""
     chunks = (features[chunk].reshape(-1, 2048).double() for chunk in torch.as_tensor(rows).split(256))
@@ -1433,10 +1338,8 @@ def feature_statistics(features, rows):
     mean = total / n
     return mean.float(), ((squares - n * mean.square()) / max(n - 1, 1)).sqrt().float().clamp_min(1e-6)
 
-
 def names_sha256(names):
     return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()
-
 
 def prepare_data(cfg, device, build_vocab=False, trained=None):
     """Captions, splits and tokens, the training vocabulary (build_vocab) and every readable image's inputs."""
@@ -1477,7 +1380,6 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
         stats = feature_statistics(features, [i for i, name in enumerate(sample) if name not in unread])
     return Data(frame, source, Path(weights).resolve(), stats, train_sha256, vocab, resnet)
 
-
 def build_vocabulary(train_tokens, freq_threshold):
     vocab = Vocabulary(freq_threshold).build_vocab(train_tokens)
     if len(vocab) == len(Vocabulary.SPECIALS):
@@ -1485,7 +1387,6 @@ def build_vocabulary(train_tokens, freq_threshold):
                         f"occurs that often): lower it, e.g. --freq_threshold=2")
     log(f"vocabulary: {len(vocab)} words (from the training split, threshold {freq_threshold})")
     return vocab
-
 
 # -----------------------------------------------------------------------------
 # training: checkpoints, the output folder, one loop over steps
@@ -1503,7 +1404,6 @@ NOT_TRAINING = ("resume", "evaluate", "checkpoint", "caption_figure", "preset", 
 RESUME_ADDED = {"best_metric": "CIDEr"}  # settings added since: what older checkpoints did
 RUN_OUTPUTS = ["loss_per_*.csv", "*_graph.png", "vocab.json", "config.json", "*.pt", "test_*"]  # what a run writes
 
-
 @dataclasses.dataclass
 class Progress:
     """How far a run has come: what a checkpoint records besides the weights."""
@@ -1512,7 +1412,6 @@ class Progress:
     best_score: float = float("-inf")  # of best_metric, higher is better
     loss_sum: float = 0.0             # over the recorded steps of the epoch under way
     loss_count: int = 0
-
 
 @dataclasses.dataclass
 class Restored:
@@ -1553,7 +1452,6 @@ class Restored:
                             f"test split may hold images it trained on: use the data and settings it was trained "
                             f"with (its config.json), or train afresh")
 
-
 def checkpoint_sha256(ckpt):
     """A checksum of everything in a checkpoint but the checksum: tensors by their bytes, the rest by repr."""
     digest = hashlib.sha256()
@@ -1573,7 +1471,6 @@ def checkpoint_sha256(ckpt):
         else:
             digest.update(repr(value).encode())
     return digest.hexdigest()
-
 
 def checkpoint_problem(ckpt):
     """What makes a loaded file no sound checkpoint of this script, or None."""
@@ -1599,7 +1496,6 @@ def checkpoint_problem(ckpt):
         return "its weights are not all finite numbers"
     return None
 
-
 def read_checkpoint(path):
     """A checkpoint written by this script, loaded without running any pickled code and checked whole."""
     if not Path(path).is_file():
@@ -1615,7 +1511,6 @@ def read_checkpoint(path):
         raise UserError(f"{path} is not a sound checkpoint of this script: {problem}. Use another --checkpoint, "
                         f"or train afresh")
     return ckpt
-
 
 def restore(path, cfg=None):
     """The one way back from a checkpoint (resume, --evaluate, --caption, the test report); cfg: a resume's."""
@@ -1643,7 +1538,6 @@ def restore(path, cfg=None):
                     (ckpt["rng_state"], ckpt["cuda_rng_state"]), ckpt["encoder_weights"],
                     ckpt["encoder_weights_sha256"], ckpt.get("train_images_sha256"))
 
-
 def check_resumable(config, processes, cfg, path):
     """Refuses a resume whose settings would make it another run; says which changed settings it applies."""
     if processes != rank_and_size()[1]:  # each step's batch holds batch_size captions per process
@@ -1662,7 +1556,6 @@ def check_resumable(config, processes, cfg, path):
         if name not in RESUME_FIXED + NOT_TRAINING and config.get(name) != getattr(cfg, name):
             log(f"resume: {name} was {config.get(name)!r}, now {getattr(cfg, name)!r} (applied from here on)")
 
-
 def save_checkpoint(path, model, optimizer, cfg, data, progress):
     """A flat dict of state dicts and counters, loaded with weights_only=True; config.json beside it says the same."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -1675,7 +1568,6 @@ def save_checkpoint(path, model, optimizer, cfg, data, progress):
             **dataclasses.asdict(progress), "processes": rank_and_size()[1], "rng_state": torch.get_rng_state(),
             "cuda_rng_state": torch.cuda.get_rng_state_all()}
     atomic_save(ckpt | {"sha256": checkpoint_sha256(ckpt)}, path)
-
 
 def claim_output_dir(out, fresh=False):
     """Creates and locks output_dir for this run; a fresh run sets an earlier run's files aside first."""
@@ -1703,11 +1595,9 @@ def claim_output_dir(out, fresh=False):
         log(f"{out} held an earlier run: its files are now in {aside} (--resume continues a run instead)")
     return lock  # held open until the process ends
 
-
 def diverged(loss, vocab_size):
     # a fresh model's loss is about log(vocab_size); ten times that only comes from a blown-up model
     return not math.isfinite(loss) or loss > 10 * math.log(vocab_size)
-
 
 class CtrlC:
     """Ctrl-C or SIGTERM asks the loop to save last.pt and stop; a second one stops at once."""
@@ -1729,7 +1619,6 @@ class CtrlC:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-
 def epoch_batches(n, batch_size, seed, epoch, max_batches=0):
     """The epoch's batches of caption indices: a fixed order per (seed, epoch), so a resumed run repeats it."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
@@ -1738,13 +1627,11 @@ def epoch_batches(n, batch_size, seed, epoch, max_batches=0):
         return batches[:max_batches]
     return batches
 
-
 def process_batches(n, cfg, epoch):
     """This process's share of each step's batch: any number of processes takes the same steps."""
     rank, size = rank_and_size()
     batches = epoch_batches(n, cfg.batch_size * size, cfg.seed, epoch, cfg.max_batches_per_epoch)
     return [batch[rank::size] for batch in batches if len(batch) >= size]
-
 
 def learning_rate_at(step, total_steps, cfg):
     """The learning rate of a step (1-based): a pure function of the step, so a resumed run continues it exactly."""
@@ -1754,7 +1641,6 @@ def learning_rate_at(step, total_steps, cfg):
         progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)  # 1 at the last step
         return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.learning_rate
-
 
 @torch.no_grad()
 def validation_loss(model, dataset, cfg, device):
@@ -1772,10 +1658,8 @@ def validation_loss(model, dataset, cfg, device):
     total_loss, correct, tokens = sum_over_processes([total_loss, correct, tokens], device)
     return total_loss / max(tokens, 1), correct / max(tokens, 1)
 
-
 def append_csv(path, rows, columns):
     pd.DataFrame(rows, columns=columns).to_csv(path, mode="a", header=not Path(path).exists(), index=False)
-
 
 def truncate_csv(path, column, last):
     """Keeps the rows up to a checkpoint, so a resumed run neither repeats nor loses any."""
@@ -1786,7 +1670,6 @@ def truncate_csv(path, column, last):
             Path(path).unlink()
             return
         frame[frame[column] <= last].to_csv(path, index=False)
-
 
 def start_run(cfg, device, out):
     """A fresh run's data, model, optimizer and progress, or last.pt's (--resume): the one place that knows."""
@@ -1822,7 +1705,6 @@ def start_run(cfg, device, out):
         meteor_scorer()  # its JVM loads while the first epoch trains
     return data, model, optimizer, progress
 
-
 def train_step(model, optimizer, inputs, captions, lr, device):
     """One optimizer step; the loss stays on the device (reading it back would wait for the GPU every step)."""
     for group in optimizer.param_groups:
@@ -1833,7 +1715,6 @@ def train_step(model, optimizer, inputs, captions, lr, device):
     loss.backward()
     optimizer.step()
     return loss.detach()
-
 
 def record_losses(pending, progress, vocab_size, cfg, device, bar):
     """Averages the pending steps' losses over the processes, checks them and appends them to the CSV."""
@@ -1851,7 +1732,6 @@ def record_losses(pending, progress, vocab_size, cfg, device, bar):
     progress.loss_count += len(losses)
     bar.set_postfix(loss=f"{losses[-1]:.3f}", avg=f"{progress.loss_sum / progress.loss_count:.3f}")
     pending.clear()
-
 
 def end_epoch(model, optimizer, data, val_set, progress, train_seconds, cfg, device):
     """Validation, the epoch's row and log line, best.pt when it is the best so far, last.pt, graphs, samples."""
@@ -1881,7 +1761,6 @@ def end_epoch(model, optimizer, data, val_set, progress, train_seconds, cfg, dev
         save_checkpoint(out / "last.pt", model, optimizer, cfg, data, progress)
         plot_history(out)
     print_samples(model, data.source, data.images("val")[:3], cfg, device, f"end of epoch {progress.epoch}")
-
 
 def train(cfg, device):
     """Trains, validates every epoch, keeps best.pt (by best_metric) and last.pt, then reports on test."""
@@ -1950,20 +1829,17 @@ def train(cfg, device):
     del lock
     return 0
 
-
 def stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device):
     """last.pt at the last step taken, with its losses recorded, so that --resume goes on from there."""
     record_losses(pending, progress, len(model.vocab), cfg, device, bar)
     if is_main_process():
         save_checkpoint(out / "last.pt", model, optimizer, cfg, data, progress)
 
-
 def resume_hint(out, step, size):
     command = shlex.join([Path(__file__).name, *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
     runner = "torchrun ... " if size > 1 else "python "
     log(f"\ninterrupted: saved {out / 'last.pt'} at step {step}. Resume with:\n  {runner}{command}")
     return 130
-
 
 # -----------------------------------------------------------------------------
 # evaluation and decoding
@@ -2006,7 +1882,6 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
             best_seq[i] = seqs[offsets[i, 0] + scores[i].argmax()].tolist()
     return best_seq
 
-
 def generate_captions(model, source, names, cfg, device, beam_size=None):
     """{name: caption} of the images and the unreadable names; under torchrun, shared out and gathered."""
     rank, size = rank_and_size()
@@ -2018,7 +1893,6 @@ def generate_captions(model, source, names, cfg, device, beam_size=None):
     captions = merge_over_processes(captions)
     return {n: captions[n] for n in names if n in captions}, [n for n in names if n not in captions]
 
-
 @contextlib.contextmanager
 def evaluating(model):
     """The model in eval mode (no dropout) inside; after, in the mode it was."""
@@ -2029,11 +1903,9 @@ def evaluating(model):
     finally:
         model.train(was_training)
 
-
 def metric_text(caption):
     # coco-caption's PTB tokenizer drops punctuation before scoring; so do we, with the vocabulary's tokenizer
     return " ".join(t for t in Vocabulary.tokenize(caption) if any(ch.isalnum() or ch in "<>" for ch in t))
-
 
 @functools.lru_cache(maxsize=1)
 def meteor_scorer():
@@ -2042,7 +1914,6 @@ def meteor_scorer():
     if shutil.which("java"):
         return Meteor()
     warn("METEOR is not computed: it needs Java (`java` on the PATH), e.g. apt-get install default-jre")
-
 
 def caption_metrics(references, hypotheses):
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr with the coco-caption scorers (METEOR None without Java)."""
@@ -2061,14 +1932,11 @@ def caption_metrics(references, hypotheses):
         metrics["CIDEr"] = float(Cider().compute_score(refs, hyps)[0])
     return metrics
 
-
 def format_metrics(metrics):
     return ", ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f}'}" for k, v in metrics.items())
 
-
 def references_of(frame):
     return frame.groupby("image")["caption"].apply(list).to_dict()
-
 
 def evaluate_split(model, data, split, cfg, device):
     """The metrics (in process 0; {} in the others) and captions of the model on a split."""
@@ -2077,12 +1945,10 @@ def evaluate_split(model, data, split, cfg, device):
         return {}, captions
     return caption_metrics(references_of(data.split(split)), captions), captions
 
-
 def print_samples(model, source, names, cfg, device, label):
     captions, _ = generate_captions(model, source, names, cfg, device)
     for name, caption in captions.items():
         log(f"  [{label}] {name}: {caption}")
-
 
 def test_report(model, data, cfg, device, checkpoint_path, tag=""):
     """Test metrics, captions and examples written to output_dir, tag in their names (--evaluate's)."""
@@ -2110,7 +1976,6 @@ def test_report(model, data, cfg, device, checkpoint_path, tag=""):
     save_caption_figure(items, out / f"test_examples{tag}.png", [maps.get(name) for name in examples])
     return report
 
-
 @torch.no_grad()
 def word_maps(model, source, captions, device):
     """{name: [(word, its attention map (h, w))]} of an attention model's captions, replayed; {} when pooled."""
@@ -2125,13 +1990,11 @@ def word_maps(model, source, captions, device):
     return {name: list(zip(caption.split(), a.view(-1, side, side).cpu().numpy()))  # (T-1, h, w): a map a word
             for (name, caption), a in zip(captions.items(), alphas)}
 
-
 def pyplot():
     import matplotlib
     matplotlib.use("Agg")  # figures go to files; no window, no display needed
     import matplotlib.pyplot as plt
     return plt
-
 
 def save_caption_figure(items, path, maps=None):
     """Images (path, text) three to a row; with attention maps, each image and then its words, one a panel."""
@@ -2164,12 +2027,10 @@ def save_caption_figure(items, path, maps=None):
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
-
 def whole_epochs(*axes):
     from matplotlib.ticker import MaxNLocator
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epoch 2, not 2.5
-
 
 def plot_history(out):
     plt = pyplot()
@@ -2192,7 +2053,6 @@ def plot_history(out):
     fig.savefig(out / "metrics_graph.png", dpi=90)
     plt.close(fig)
 
-
 def evaluate_checkpoint(cfg, device, restored):
     """--evaluate: the test report of a checkpoint, on the data it was trained on (refused if not)."""
     lock = claim_output_dir(cfg.output_dir) if is_main_process() else None
@@ -2203,7 +2063,6 @@ def evaluate_checkpoint(cfg, device, restored):
     test_report(restored.model.to(device), data, cfg, device, restored.path, tag)
     del lock
     return 0
-
 
 # -----------------------------------------------------------------------------
 # captioning new images
@@ -2217,7 +2076,6 @@ def collect_images(paths):
         else:
             missing.append(path)
     return files, missing
-
 
 def check_figure_path(figure, inputs):
     """--caption_figure, refused before any captioning if it cannot be written or would overwrite an input."""
@@ -2236,11 +2094,9 @@ def check_figure_path(figure, inputs):
         raise UserError(f"--caption_figure={figure}: cannot write in {figure.parent} ({error.strerror or error}): "
                         f"choose another folder") from None
 
-
 def record_path(path):
     """The path as one field of a line: a tab, newline or backslash in a file name is escaped as Python does."""
     return str(path).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-
 
 def caption_images(cfg, paths, restored, device):
     """--caption: prints path<TAB>caption for each image (stdout holds nothing else; messages go to stderr)."""
@@ -2270,7 +2126,6 @@ def caption_images(cfg, paths, restored, device):
         save_caption_figure(list(captions.items()), figure, [maps.get(name) for name in captions])
         print(f"saved {figure}", file=sys.stderr)
     return 1 if failed or missing or not files else 0
-
 
 # -----------------------------------------------------------------------------
 def main(argv=None):
@@ -2307,10 +2162,8 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
 
-
 def stderr(message):
     print(message, file=sys.stderr)
-
 
 def say_once(message):
     """Prints message to stderr; under torchrun, once: the other processes wait while process 0 fails."""
@@ -2318,7 +2171,6 @@ def say_once(message):
         time.sleep(3)
     if message:
         stderr(message)
-
 
 if __name__ == "__main__":
     sys.exit(main())
