@@ -17,6 +17,7 @@ import difflib
 import fcntl
 import functools
 import hashlib
+import html
 import io
 import json
 import math
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 
@@ -82,6 +84,11 @@ num_workers = 2             # image-decoding processes
 sample_every = 200          # print sample captions every this many batches
 log_every = 10              # read the loss back from the device every this many batches
 resume = False              # continue from last.pt in output_dir
+# self-critical sequence training (README: SCST): after num_epochs of cross-entropy, optimise CIDEr-D itself
+scst_epochs = 0             # 0 = off; the run goes on for this many epochs (can be added later with --resume)
+scst_learning_rate = 0.00005
+scst_samples = 5            # captions sampled per image (multinomial, temperature 1)
+scst_baseline = "mean"      # 'mean' of the image's other samples (Luo 2020) or 'greedy' caption's (Rennie et al. 2017)
 # decoding and evaluation
 max_caption_len = 20
 max_train_caption_len = 100 # longer training captions are cut to this many words (Flickr8k's longest: 40)
@@ -151,7 +158,7 @@ def parse_args(argv):
 POSITIVE = ("batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_size", "hidden_size", "num_layers",
             "freq_threshold", "image_size", "log_every", "demo_images")
 NON_NEGATIVE = ("max_images", "max_batches_per_epoch", "num_workers", "sample_every", "warmup_steps",
-                "max_train_caption_len")
+                "max_train_caption_len", "scst_epochs")
 PATHS = ("data_dir", "encoder_weights", "output_dir", "cache_dir", "checkpoint", "caption_figure")
 DATASETS = ("auto", "demo", "flickr8k", "flickr30k", "coco")
 # what a checkpoint was trained on: --evaluate and --caption take these from it, under the command line
@@ -226,7 +233,10 @@ def valid_best_metric(value, values):
 SETTING_RULES = [
     (POSITIVE, lambda v, _: v >= 1, "at least 1"),
     (NON_NEGATIVE, lambda v, _: v >= 0, "0 or more"),
-    (["learning_rate"], lambda v, _: 0 < v <= 1, "a positive number up to 1, such as 0.0002"),
+    (["learning_rate", "scst_learning_rate"], lambda v, _: 0 < v <= 1, "a positive number up to 1, such as 0.0002"),
+    (["scst_baseline"], lambda v, _: v in ("mean", "greedy"), "'mean' or 'greedy'"),
+    (["scst_samples"], lambda v, values: v >= (2 if values["scst_baseline"] == "mean" else 1),
+     "at least 1, and at least 2 with scst_baseline='mean' (the baseline is the other samples' mean)"),
     (["dropout"], lambda v, _: 0 <= v < 1, "at least 0 and below 1, such as 0.3"),
     (["seed"], lambda v, _: 0 <= v < 2 ** 32, f"between 0 and {2 ** 32 - 1}"),
     (["lr_schedule"], lambda v, _: v in ("constant", "cosine"), "'constant' or 'cosine'"),
@@ -821,6 +831,13 @@ def demo_accuracy(captions_by_image, shapes_file, n_shapes=1):
     correct = sum(demo_right(captions_by_image[name], truth[name]) for name in names)
     return correct / max(1, len(names)), len(names)
 
+def demo_judgement(cfg, captions):
+    """On the demo, whether each caption names its image's shapes right ({} elsewhere)."""
+    if cfg.dataset != "demo":
+        return {}
+    truth = pd.read_csv(Path(cfg.data_dir) / "shapes.csv").set_index("image")["shapes"]
+    return {name: demo_right(caption, truth[name]) for name, caption in captions.items()}
+
 def demo_right(caption, shapes):
     """Whether the caption names the shape(s) of shapes ('colour shape[;colour shape]', left to right) right."""
     if ";" in shapes:
@@ -990,11 +1007,26 @@ class DecoderRNN(nn.Module):
         return next_word_logp(self.to_vocab(out.squeeze(1)), first), state
 
 def next_word_logp(logits, first):
+    never = [Vocabulary.PAD, Vocabulary.SOS, Vocabulary.EOS] if first else [Vocabulary.PAD, Vocabulary.SOS]
     logp = F.log_softmax(logits.float(), dim=-1)  # (B, V)
-    logp[:, [Vocabulary.PAD, Vocabulary.SOS]] = float("-inf")
-    if first:
-        logp[:, Vocabulary.EOS] = float("-inf")
-    return logp
+    return logp.index_fill(1, torch.tensor(never, device=logp.device), float("-inf"))  # not in place: SCST's gradient
+
+def sample_captions(decoder, image_embeds, n, max_len, greedy=False):
+    """n captions per image drawn word by word: ids (B*n, T), <EOS> then <PAD>, and each word's log-probability."""
+    state = tuple(s.repeat_interleave(n, dim=1) for s in decoder.start(image_embeds))  # each (L, B*n, H)
+    tokens = torch.full((image_embeds.size(0) * n,), Vocabulary.SOS, device=image_embeds.device)  # (B*n,)
+    ended = torch.zeros_like(tokens, dtype=torch.bool)
+    words, logps = [], []
+    for t in range(max_len):
+        logp, state = decoder.step(tokens, state, first=t == 0)  # (B*n, V)
+        tokens = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(1)  # temperature 1
+        tokens = tokens.masked_fill(ended, Vocabulary.PAD)
+        words.append(tokens)
+        logps.append(logp.gather(1, tokens.unsqueeze(1)).squeeze(1).masked_fill(ended, 0.0))
+        ended = ended | (tokens == Vocabulary.EOS)
+        if ended.all():
+            break
+    return torch.stack(words, 1), torch.stack(logps, 1)  # (B*n, T) each
 
 # Xu et al.'s lambda (1 in the paper): how strongly every grid cell must be looked at once per caption. Lower
 # leaves the attention on the objects rather than on empty background cells (README: attention)
@@ -1068,8 +1100,10 @@ class Captioner(nn.Module):
         self.encoder = EncoderCNN(embed_size, resnet, spatial=self.attention)
         self.decoder = DECODERS[decoder](embed_size, hidden_size, len(vocab), num_layers, dropout)
 
-    def forward(self, inputs, captions):
-        """The loss, logits (B, T-1, V) and targets; training adds the attention's doubly stochastic penalty."""
+    def forward(self, inputs, captions=None, samples=1, max_len=20, greedy=False):
+        """The loss (with the attention's penalty when training), logits (B, T-1, V), targets; no captions: samples."""
+        if captions is None:  # in forward, so that DistributedDataParallel averages SCST's gradients too
+            return sample_captions(self.decoder, self.encoder(inputs), samples, max_len, greedy)
         targets, penalty = captions[:, 1:], 0.0
         if self.attention and self.training:
             logits, alphas = self.decoder(self.encoder(inputs), captions, alphas=True)  # alphas (B, T-1, L)
@@ -1389,10 +1423,138 @@ def build_vocabulary(train_tokens, freq_threshold):
     return vocab
 
 # -----------------------------------------------------------------------------
+# self-critical sequence training: sampled captions rewarded by their CIDEr-D (Rennie et al. 2017; Luo 2020)
+def ngram_codes(ids, base):
+    """Each n-gram (n = 1..4) of word ids (M, T), 0-padded, as one integer in [base^(n-1), base^n): (M, 4T)."""
+    codes, code, whole = [], torch.zeros_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    for n in range(4):
+        word = F.pad(ids, (0, n))[:, n:]  # (M, T): the n-gram's last word
+        code, whole = code * base + word, whole & (word > 0)
+        codes.append(torch.where(whole, code, 0))
+    return torch.cat(codes, 1)  # (M, 4T)
+
+def pad_references(refs):
+    """Each image's references (lists of word ids) in one tensor (N, R, T), 0 for padding and missing ones."""
+    flat = pad_sequence([torch.tensor(r, dtype=torch.int32) for rs in refs for r in rs], batch_first=True)
+    counts = torch.tensor([len(rs) for rs in refs])
+    image = torch.arange(len(refs)).repeat_interleave(counts)
+    place = torch.arange(len(flat)) - (counts.cumsum(0) - counts).repeat_interleave(counts)
+    padded = torch.zeros(len(refs), int(counts.max()), flat.size(1), dtype=torch.int32)
+    padded[image, place] = flat
+    return padded
+
+def distinct(codes):
+    """Each row's distinct codes but 0 (M, W) with their counts: (row, code, count) of each pair, (P,) each."""
+    codes = codes.sort(1).values
+    starts = torch.ones_like(codes, dtype=torch.bool)
+    starts[:, 1:] = codes[:, 1:] != codes[:, :-1]  # where a run of equal codes starts, in every row at 0
+    at = starts.flatten().nonzero().squeeze(1)  # (runs,)
+    counts = torch.diff(at, append=torch.tensor([codes.numel()]))
+    rows, values = at // codes.size(1), codes.flatten()[at]
+    return rows[values > 0], values[values > 0], counts[values > 0].double()
+
+class CiderD:
+    """coco-caption's CIDEr-D of word ids, vectorised: document frequencies from the references given, once."""
+
+    def __init__(self, refs, vocab_size, scored=None):
+        if vocab_size ** 4 >= 2 ** 63:  # an n-gram's code must fit in 64 bits
+            raise UserError(f"the reward handles up to 55,108 words, and the vocabulary has {vocab_size}: raise "
+                            f"--freq_threshold")
+        self.base, self.scored = vocab_size, scored  # scored: which word ids count (all if None)
+        self.refs = pad_references([[self.words(torch.tensor(r)).tolist() for r in rs] for rs in refs])  # (N, R, T)
+        n, r, _ = self.refs.shape
+        self.log_images = math.log(n)
+        chunks = [self.refs[i:i + 4096].flatten(0, 1).long() for i in range(0, n, 4096)]  # bounded memory
+        per_image = [distinct(ngram_codes(c, self.base).view(-1, r * 4 * c.size(1)))[1] for c in chunks]
+        self.grams, self.df = torch.cat(per_image).unique(return_counts=True)  # each n-gram once an image
+        norms = [self.norms(*distinct(ngram_codes(c, self.base)), len(c)) for c in chunks]
+        self.ref_norm = torch.cat([norm for norm, _ in norms]).view(n, r, 4)
+        self.ref_length = torch.cat([length for _, length in norms]).view(n, r)
+
+    def words(self, ids):
+        """The scored words of each row of ids (H, T), moved to the front, 0 after them."""
+        keep = ids > 0 if self.scored is None else self.scored[ids] & (ids > 0)
+        order = (~keep).to(torch.uint8).sort(dim=-1, stable=True).indices
+        return torch.where(keep, ids, 0).gather(-1, order)
+
+    def tfidf(self, grams, counts):
+        place = torch.searchsorted(self.grams, grams).clamp_max(len(self.grams) - 1)
+        df = torch.where(self.grams[place] == grams, self.df[place], 0)  # 0: in no reference
+        return counts * (self.log_images - df.clamp_min(1).double().log())
+
+    def norms(self, rows, grams, counts, m):
+        """Each row's tf-idf norm per n-gram length (m, 4) and its coco-caption length, the number of bigrams (m,)."""
+        size = sum(grams >= self.base ** k for k in (1, 2, 3))  # n - 1
+        norm = torch.zeros(m, 4, dtype=torch.float64).index_put_((rows, size), self.tfidf(grams, counts).square(),
+                                                                  accumulate=True)
+        length = torch.zeros(m, dtype=torch.float64).index_put_((rows[size == 1],), counts[size == 1], True)
+        return norm.sqrt(), length
+
+    def __call__(self, hyps, images):
+        """The CIDEr-D (x10, as coco-caption's) of each caption hyps (H, T) against its image's references (images)."""
+        h, r = len(hyps), self.refs.size(1)
+        rows, grams, counts = distinct(ngram_codes(self.words(hyps), self.base))  # (P,) each
+        if not len(grams):
+            return torch.zeros(h, dtype=torch.float64)
+        vec, (norm, length) = self.tfidf(grams, counts), self.norms(rows, grams, counts, h)  # (P,), (H, 4), (H,)
+        used, column = grams.unique(return_inverse=True)  # the hypotheses' n-grams (U,), and each pair's
+        ref_rows, ref_grams, ref_counts = distinct(ngram_codes(self.refs[images].flatten(0, 1).long(), self.base))
+        place = torch.searchsorted(used, ref_grams).clamp_max(len(used) - 1)
+        hit = used[place] == ref_grams  # the references' counts of those n-grams, by (reference row, n-gram)
+        keys = torch.cat([ref_rows[hit] * len(used) + place[hit], torch.tensor([torch.iinfo(torch.long).max])])
+        found = torch.cat([ref_counts[hit], torch.zeros(1, dtype=torch.float64)])
+        query = (rows.unsqueeze(1) * r + torch.arange(r)) * len(used) + column.unsqueeze(1)  # (P, R)
+        at = torch.searchsorted(keys, query)
+        ref_vec = torch.where(keys[at] == query, found[at], 0) * (vec / counts).unsqueeze(1)  # (P, R): same idf
+        clipped = torch.minimum(vec.unsqueeze(1), ref_vec) * ref_vec  # (P, R)
+        size = sum(grams >= self.base ** k for k in (1, 2, 3))
+        overlap = torch.zeros(h, 4, r, dtype=torch.float64).index_put_((rows, size), clipped, accumulate=True)
+        ref_norm, ref_length = self.ref_norm[images], self.ref_length[images]  # (H, R, 4), (H, R)
+        cosine = overlap.transpose(1, 2) / (norm.unsqueeze(1) * ref_norm).clamp_min(1e-300)  # (H, R, 4)
+        delta = length.unsqueeze(1) - ref_length  # (H, R)
+        score = cosine.mean(-1) * torch.exp(-delta.square() / (2 * 6.0 ** 2))  # the Gaussian length penalty
+        real = self.refs[images].amax(-1) > 0  # (H, R): references, not padding
+        return 10 * (score * real).sum(1) / real.sum(1)  # (H,)
+
+def scst_data(data, vocab, max_len=0):
+    """One item per training image, and the CIDEr-D reward with its captions (and <EOS>) as the references."""
+    refs = data.split("train").groupby("image")["tokens"].apply(list)  # sorted by image
+    images = pd.DataFrame({"image": refs.index, "tokens": [r[0] for r in refs]})
+    ids = [[vocab.numericalize(t[:max_len or None]) + [Vocabulary.EOS] for t in r] for r in refs]
+    # the words the metrics score (metric_text drops punctuation), and <EOS>: the model is rewarded for ending
+    scored = torch.tensor([any(c.isalnum() or c in "<>" for c in w) for w in vocab.itos])
+    scored[[Vocabulary.PAD, Vocabulary.SOS]] = False
+    return FlickrDataset(images, vocab, data.source), CiderD(ids, len(vocab), scored)
+
+def scst_step(ddp, model, optimizer, inputs, images, reward, lr, cfg, device):
+    """One step on the sampled captions' CIDEr-D above the baseline: the loss, mean reward, greedy CIDEr-D."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    n = cfg.scst_samples
+    with autocast(device):
+        words, logps = ddp(inputs, samples=n, max_len=cfg.max_caption_len)  # (B*n, T) each
+    with torch.no_grad(), evaluating(model):
+        greedy, _ = model(inputs, max_len=cfg.max_caption_len, greedy=True)  # (B, T)
+    images = torch.as_tensor(images)
+    rewards = reward(words.cpu(), images.repeat_interleave(n)).view(-1, n)  # (B, n)
+    greedy_reward = reward(greedy.cpu(), images)  # (B,)
+    baseline = greedy_reward.unsqueeze(1)
+    if cfg.scst_baseline == "mean":
+        baseline = (rewards.sum(1, keepdim=True) - rewards) / (n - 1)
+    advantage = (rewards - baseline).view(-1, 1).to(device, torch.float)  # (B*n, 1)
+    mask = words != Vocabulary.PAD  # the words up to and with <EOS>: the model learns where to end
+    loss = -(advantage * logps * mask).sum() / mask.sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    figures = torch.stack([rewards.mean(), greedy_reward.mean()]).float().to(device)  # float64 is not on every device
+    return torch.cat([loss.detach().float().view(1), figures])
+
+# -----------------------------------------------------------------------------
 # training: checkpoints, the output folder, one loop over steps
 CHECKPOINT_KEYS = {"model_args", "model", "optimizer", "vocab", "freq_threshold", "config", "encoder_weights",
                    "encoder_weights_sha256", "epoch", "step", "best_score", "loss_sum", "loss_count", "processes",
-                   "rng_state", "cuda_rng_state"}  # and, since they were added, sha256 and train_images_sha256
+                   "rng_state", "cuda_rng_state"}  # and, added since: sha256, train_images_sha256, SCST's sums
 MODEL_ARGS = {"decoder": str, "embed_size": int, "hidden_size": int, "num_layers": int, "dropout": float,
               "image_size": int}
 RENAMED = {".fcn.": ".to_vocab.", "decoder.cells.": "decoder.lstm_cells."}  # older checkpoints' parameter names
@@ -1402,7 +1564,7 @@ RESUME_FIXED = ("dataset", "data_dir", "max_images", "demo_images", "image_size"
                 "best_metric")
 NOT_TRAINING = ("resume", "evaluate", "checkpoint", "caption_figure", "preset", "output_dir")
 RESUME_ADDED = {"best_metric": "CIDEr"}  # settings added since: what older checkpoints did
-RUN_OUTPUTS = ["loss_per_*.csv", "*_graph.png", "vocab.json", "config.json", "*.pt", "test_*"]  # what a run writes
+RUN_OUTPUTS = ["loss_per_*.csv", "*_graph.png", "vocab.json", "config.json", "*.pt", "test_*", "report*"]  # a run's
 
 @dataclasses.dataclass
 class Progress:
@@ -1412,6 +1574,8 @@ class Progress:
     best_score: float = float("-inf")  # of best_metric, higher is better
     loss_sum: float = 0.0             # over the recorded steps of the epoch under way
     loss_count: int = 0
+    reward_sum: float = 0.0           # self-critical steps: their sampled captions' and greedy captions' CIDEr-D
+    greedy_sum: float = 0.0
 
 @dataclasses.dataclass
 class Restored:
@@ -1517,7 +1681,7 @@ def restore(path, cfg=None):
     ckpt = read_checkpoint(path)
     config = {**RESUME_ADDED, **ckpt["config"]}
     if cfg:
-        check_resumable(config, ckpt["processes"], cfg, path)
+        check_resumable(config, ckpt["processes"], cfg, path, ckpt["epoch"])
     state = {}
     for name, tensor in ckpt["model"].items():
         for old, new in RENAMED.items():
@@ -1533,13 +1697,17 @@ def restore(path, cfg=None):
     if unexpected or missing:
         raise UserError(f"{path} does not match its own model ({(unexpected or missing)[0]}): it is damaged; use "
                         f"another --checkpoint, or train afresh")
-    progress = Progress(**{name: ckpt[name] for name in ("epoch", "step", "best_score", "loss_sum", "loss_count")})
+    progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress) if f.name in ckpt})
     return Restored(Path(path), model, config, ckpt["optimizer"], progress,
                     (ckpt["rng_state"], ckpt["cuda_rng_state"]), ckpt["encoder_weights"],
                     ckpt["encoder_weights_sha256"], ckpt.get("train_images_sha256"))
 
-def check_resumable(config, processes, cfg, path):
+def check_resumable(config, processes, cfg, path, epoch):
     """Refuses a resume whose settings would make it another run; says which changed settings it applies."""
+    scst_began = config.get("scst_epochs", 0) > 0 and epoch >= config["num_epochs"]
+    if scst_began and cfg.num_epochs != config["num_epochs"]:  # its steps would be counted as other epochs
+        raise UserError(f"checkpoint {path} has begun its self-critical epochs, after num_epochs="
+                        f"{config['num_epochs']}: keep --num_epochs={config['num_epochs']} to resume it")
     if processes != rank_and_size()[1]:  # each step's batch holds batch_size captions per process
         raise UserError(f"checkpoint {path} was written by a run of {processes} process(es), and this one has "
                         f"{rank_and_size()[1]}: resume it with as many (torchrun --nproc_per_node=...), or train "
@@ -1595,10 +1763,6 @@ def claim_output_dir(out, fresh=False):
         log(f"{out} held an earlier run: its files are now in {aside} (--resume continues a run instead)")
     return lock  # held open until the process ends
 
-def diverged(loss, vocab_size):
-    # a fresh model's loss is about log(vocab_size); ten times that only comes from a blown-up model
-    return not math.isfinite(loss) or loss > 10 * math.log(vocab_size)
-
 class CtrlC:
     """Ctrl-C or SIGTERM asks the loop to save last.pt and stop; a second one stops at once."""
     # under torchrun, whose agent passes one Ctrl-C on twice, every signal only asks
@@ -1633,8 +1797,18 @@ def process_batches(n, cfg, epoch):
     batches = epoch_batches(n, cfg.batch_size * size, cfg.seed, epoch, cfg.max_batches_per_epoch)
     return [batch[rank::size] for batch in batches if len(batch) >= size]
 
+def epoch_and_batch(step, steps_per_epoch, scst_steps, cfg):
+    """The 0-based epoch and batch of a step: num_epochs of cross-entropy epochs, then the self-critical ones."""
+    cross_entropy_steps = cfg.num_epochs * steps_per_epoch
+    if step < cross_entropy_steps or not scst_steps:
+        return divmod(step, steps_per_epoch)
+    epoch, batch = divmod(step - cross_entropy_steps, scst_steps)
+    return cfg.num_epochs + epoch, batch
+
 def learning_rate_at(step, total_steps, cfg):
     """The learning rate of a step (1-based): a pure function of the step, so a resumed run continues it exactly."""
+    if step > total_steps and cfg.scst_epochs:  # the self-critical steps, after the cross-entropy ones
+        return cfg.scst_learning_rate
     if step <= cfg.warmup_steps:
         return cfg.learning_rate * step / cfg.warmup_steps
     if cfg.lr_schedule == "cosine":
@@ -1659,7 +1833,19 @@ def validation_loss(model, dataset, cfg, device):
     return total_loss / max(tokens, 1), correct / max(tokens, 1)
 
 def append_csv(path, rows, columns):
-    pd.DataFrame(rows, columns=columns).to_csv(path, mode="a", header=not Path(path).exists(), index=False)
+    """Appends rows in the file's column order; a file that lacks some columns is rewritten with them, atomically."""
+    frame, path = pd.DataFrame(rows, columns=columns), Path(path)
+    if not path.is_file():
+        frame.to_csv(path, index=False)
+        return
+    with open(path) as f:
+        header = f.readline().strip().split(",")
+    if set(columns) <= set(header):
+        frame.reindex(columns=header).to_csv(path, mode="a", header=False, index=False)
+        return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # SCST's columns, or a file of an older version
+    pd.concat([pd.read_csv(path), frame]).to_csv(tmp, index=False)
+    os.replace(tmp, path)
 
 def truncate_csv(path, column, last):
     """Keeps the rows up to a checkpoint, so a resumed run neither repeats nor loses any."""
@@ -1720,17 +1906,27 @@ def record_losses(pending, progress, vocab_size, cfg, device, bar):
     """Averages the pending steps' losses over the processes, checks them and appends them to the CSV."""
     if not pending:
         return
-    losses = sum_over_processes((torch.stack([p[3] for p in pending]) / rank_and_size()[1]).tolist(), device)
-    rows = [(epoch, step, lr, loss) for (epoch, step, lr, _), loss in zip(pending, losses)]
-    bad = [row for row in rows if diverged(row[3], vocab_size)]
+    stats = torch.stack([p[3] for p in pending]) / rank_and_size()[1]  # (steps,), or (steps, 3) with SCST's rewards
+    stats = torch.tensor(sum_over_processes(stats.flatten().tolist(), device)).view(len(pending), -1)
+    scst = stats.size(1) > 1
+    phase = "self-critical" if scst else "cross-entropy"
+    rows = [(epoch, step, phase, lr, *values) for (epoch, step, lr, _), values in zip(pending, stats.tolist())]
+    limit = math.inf if scst else 10 * math.log(vocab_size)  # a fresh model's loss is about log(vocab_size)
+    bad = [row for row in rows if not math.isfinite(row[4]) or row[4] > limit]
     if bad:
-        raise UserError(f"the training loss diverged at epoch {bad[0][0]}, step {bad[0][1]} (loss {bad[0][3]:.4g}): "
-                        f"lower --learning_rate (now {cfg.learning_rate}). No checkpoint was written after that step")
+        rate = "scst_learning_rate" if scst else "learning_rate"
+        raise UserError(f"the training loss diverged at epoch {bad[0][0]}, step {bad[0][1]} (loss {bad[0][4]:.4g}): "
+                        f"lower --{rate} (now {getattr(cfg, rate)}). No checkpoint was written after that step")
     if is_main_process():
-        append_csv(Path(cfg.output_dir) / "loss_per_batch.csv", rows, ["epoch", "step", "lr", "loss"])
-    progress.loss_sum += sum(losses)
-    progress.loss_count += len(losses)
-    bar.set_postfix(loss=f"{losses[-1]:.3f}", avg=f"{progress.loss_sum / progress.loss_count:.3f}")
+        columns = ["epoch", "step", "phase", "lr", "loss"] + (["reward", "greedy_cider"] if scst else [])
+        append_csv(Path(cfg.output_dir) / "loss_per_batch.csv", rows, columns)
+    progress.loss_sum += float(stats[:, 0].sum())
+    progress.loss_count += len(stats)
+    if scst:
+        progress.reward_sum += float(stats[:, 1].sum())
+        progress.greedy_sum += float(stats[:, 2].sum())
+    average = ("avg reward", progress.reward_sum) if scst else ("avg", progress.loss_sum)
+    bar.set_postfix({"loss": f"{stats[-1, 0]:.3f}", average[0]: f"{average[1] / progress.loss_count:.3f}"})
     pending.clear()
 
 def end_epoch(model, optimizer, data, val_set, progress, train_seconds, cfg, device):
@@ -1741,19 +1937,30 @@ def end_epoch(model, optimizer, data, val_set, progress, train_seconds, cfg, dev
     metrics |= demo_scores(model, data, "val", cfg, device)
     eval_seconds = time.time() - start
     progress.epoch += 1
-    train_loss = progress.loss_sum / max(progress.loss_count, 1)
-    progress.loss_sum, progress.loss_count = 0.0, 0  # before the checkpoints, which a resume goes on from
+    count, scst = max(progress.loss_count, 1), progress.epoch > cfg.num_epochs
+    train = {"phase": "self-critical" if scst else "cross-entropy", "train_loss": progress.loss_sum / count}
+    said = f"train loss {train['train_loss']:.3f}"
+    if scst:  # the loss of a self-critical step is no cross-entropy: the rewards say how it goes
+        train |= {"reward": progress.reward_sum / count, "greedy_cider": progress.greedy_sum / count}
+        said = f"self-critical: reward {100 * train['reward']:.1f}, greedy CIDEr-D {100 * train['greedy_cider']:.1f}"
+    progress.loss_sum = progress.reward_sum = progress.greedy_sum = 0.0  # before the checkpoints a resume goes on from
+    progress.loss_count = 0
     if is_main_process():
         out = Path(cfg.output_dir)
-        row = {"epoch": progress.epoch, "train_loss": train_loss, "val_loss": val_loss,
+        row = {"epoch": progress.epoch, **train, "val_loss": val_loss,
                "val_token_accuracy": token_accuracy, **metrics, "epoch_seconds": round(train_seconds, 2),
                "eval_seconds": round(eval_seconds, 2)}
         append_csv(out / "loss_per_epoch.csv", [row], list(row))
-        score = -val_loss if cfg.best_metric == "val_loss" else metrics[cfg.best_metric]
+        metric = cfg.best_metric
+        if scst and metric in ("demo_accuracy", "val_loss"):  # they pick among cross-entropy epochs; the SCST
+            metric = "CIDEr"  # epochs, which raise the cross-entropy, among themselves by the figure they optimise
+            if progress.epoch == cfg.num_epochs + 1:
+                progress.best_score = float("-inf")
+        score = -val_loss if metric == "val_loss" else metrics[metric]
         # of equals the later: on the demo ties are common, and the later epoch is more trained
         best = score >= progress.best_score
         progress.best_score = max(progress.best_score, score)
-        log(f"epoch {progress.epoch}: train loss {train_loss:.3f}, val loss {val_loss:.3f}, token accuracy "
+        log(f"epoch {progress.epoch}: {said}, val loss {val_loss:.3f}, token accuracy "
             f"{token_accuracy:.1%}, {format_metrics(metrics)}; {train_seconds:.1f} s training, "
             f"{eval_seconds:.1f} s validation (beam {cfg.beam_size}){'; best.pt' if best else ''}")
         if best:
@@ -1771,39 +1978,52 @@ def train(cfg, device):
     ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None) if size > 1 else model
     train_set = FlickrDataset(data.split("train"), model.vocab, data.source, cfg.max_train_caption_len)
     val_set = FlickrDataset(data.split("val"), model.vocab, data.source)
+    scst_set, reward = (None, None)
+    if cfg.scst_epochs:
+        scst_set, reward = scst_data(data, model.vocab, cfg.max_train_caption_len)
     steps_per_epoch = len(process_batches(len(train_set), cfg, 1))
+    scst_steps = len(process_batches(len(scst_set), cfg, 1)) if scst_set else 0
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_set)} training captions cannot be shared out among {size} processes: use more")
-    total_steps = cfg.num_epochs * steps_per_epoch
+    if scst_set and scst_steps == 0:
+        raise UserError(f"{len(scst_set)} training images cannot be shared out among {size} processes: use more")
+    total_steps, all_epochs = cfg.num_epochs * steps_per_epoch, cfg.num_epochs + cfg.scst_epochs
     pending, batches, bar, epoch_start = [], None, tqdm(disable=True), time.time()
     model.train()
     with CtrlC() as stop:
         try:
             while True:
-                epoch, batch = divmod(progress.step, steps_per_epoch)  # epoch: 0-based, of the next step
+                epoch, batch = epoch_and_batch(progress.step, steps_per_epoch, scst_steps, cfg)  # of the next step
+                scst = epoch >= cfg.num_epochs
+                epoch_steps = scst_steps if scst else steps_per_epoch
                 # every process stops at the same step; asking the others is a collective, so not every step
                 if (size == 1 or batch == 0 or batch % cfg.log_every == 0) and any_process(stop.requested, device):
                     break
                 if batch == 0 and epoch > progress.epoch:  # the previous epoch's training is done
                     bar.close()
                     end_epoch(model, optimizer, data, val_set, progress, time.time() - epoch_start, cfg, device)
-                if epoch >= cfg.num_epochs:  # num_epochs may be lowered on resume
+                if epoch >= all_epochs:  # num_epochs may be lowered on resume
                     break
                 if batch == 0 or batches is None:
                     if batch == 0:  # epochs are reproducible one by one; each process has its own dropout
                         torch.manual_seed((cfg.seed * 1000 + epoch + 1) * size + rank)
-                    shares = process_batches(len(train_set), cfg, epoch + 1)[batch:]
-                    batches = caption_batches(train_set, shares, cfg, device)
-                    bar = tqdm(total=steps_per_epoch, initial=batch, desc=f"epoch {epoch + 1}/{cfg.num_epochs}",
+                    dataset = scst_set if scst else train_set
+                    shares = process_batches(len(dataset), cfg, epoch + 1)[batch:]
+                    batches = zip(shares, caption_batches(dataset, shares, cfg, device))
+                    phase = " (self-critical)" if scst else ""
+                    bar = tqdm(total=epoch_steps, initial=batch, desc=f"epoch {epoch + 1}/{all_epochs}{phase}",
                                unit="batch", leave=False)
                     epoch_start = time.time()
-                inputs, captions = next(batches)
+                indices, (inputs, captions) = next(batches)
                 progress.step += 1
                 lr = learning_rate_at(progress.step, total_steps, cfg)
-                pending.append((epoch + 1, progress.step, lr, train_step(ddp, optimizer, inputs, captions, lr,
-                                                                         device)))
+                if scst:
+                    stats = scst_step(ddp, model, optimizer, inputs, indices, reward, lr, cfg, device)
+                else:
+                    stats = train_step(ddp, optimizer, inputs, captions, lr, device)
+                pending.append((epoch + 1, progress.step, lr, stats))
                 bar.update()
-                if len(pending) >= cfg.log_every or batch + 1 == steps_per_epoch:
+                if len(pending) >= cfg.log_every or batch + 1 == epoch_steps:
                     record_losses(pending, progress, len(model.vocab), cfg, device, bar)
                 if cfg.sample_every and progress.step % cfg.sample_every == 0:
                     print_samples(model, data.source, data.images("val")[:3], cfg, device, f"step {progress.step}")
@@ -1818,10 +2038,11 @@ def train(cfg, device):
             stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device)
             return resume_hint(out, progress.step, size)
     wait_for_all()  # for best.pt
-    best = restore(out / "best.pt").model
+    best = restore(out / "best.pt")
     if data.resnet is not None:
-        best.encoder.attach(data.resnet)
-    test_report(best.to(device), data, cfg, device, out / "best.pt")
+        best.model.encoder.attach(data.resnet)
+    best.model.to(device)
+    test_report(best, data, cfg, device)
     if device.type == "cuda":
         log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
     log(f"outputs in {out}: loss_per_batch.csv, loss_per_epoch.csv, loss_graph.png, metrics_graph.png, "
@@ -1920,8 +2141,7 @@ def caption_metrics(references, hypotheses):
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
-    refs = {i: [metric_text(c) for c in references[i]] for i in hypotheses}
-    hyps = {i: [metric_text(hypotheses[i])] for i in hypotheses}
+    refs, hyps = scorer_input(references, hypotheses)
     metrics = {}
     with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their progress
         bleu, _ = Bleu(4).compute_score(refs, hyps)
@@ -1931,6 +2151,21 @@ def caption_metrics(references, hypotheses):
         metrics["ROUGE-L"] = float(Rouge().compute_score(refs, hyps)[0])
         metrics["CIDEr"] = float(Cider().compute_score(refs, hyps)[0])
     return metrics
+
+def scorer_input(references, hypotheses):
+    """The coco-caption scorers' {image: [text]} of references and hypotheses, in the hypotheses' order."""
+    refs = {i: [metric_text(c) for c in references[i]] for i in hypotheses}
+    return refs, {i: [metric_text(hypotheses[i])] for i in hypotheses}
+
+def image_scores(references, hypotheses):
+    """Each image's CIDEr and BLEU-4, from the same scorers as caption_metrics: {image: {name: score}}."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    refs, hyps = scorer_input(references, hypotheses)
+    with contextlib.redirect_stdout(io.StringIO()):
+        bleu = Bleu(4).compute_score(refs, hyps)[1][3]  # BLEU-4 of each image, in the order of refs
+        cider = Cider().compute_score(refs, hyps)[1]
+    return {name: {"CIDEr": float(c), "BLEU-4": float(b)} for name, c, b in zip(hyps, cider, bleu)}
 
 def format_metrics(metrics):
     return ", ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f}'}" for k, v in metrics.items())
@@ -1950,17 +2185,21 @@ def print_samples(model, source, names, cfg, device, label):
     for name, caption in captions.items():
         log(f"  [{label}] {name}: {caption}")
 
-def test_report(model, data, cfg, device, checkpoint_path, tag=""):
-    """Test metrics, captions and examples written to output_dir, tag in their names (--evaluate's)."""
-    out = Path(cfg.output_dir)
+def test_report(restored, data, cfg, device, tag=""):
+    """Test metrics, captions (with each image's scores), examples and report.html, tag in their names."""
+    out, model, checkpoint_path = Path(cfg.output_dir), restored.model, restored.path
     start = time.time()
     metrics, captions = evaluate_split(model, data, "test", cfg, device)
     demo = demo_scores(model, data, "test", cfg, device, by_kind=True)  # in every process: each captions a share
     if not is_main_process():
         return None
-    refs = references_of(data.split("test"))
-    pd.DataFrame([(n, c, " | ".join(refs[n])) for n, c in captions.items()],
-                 columns=["image", "caption", "references"]).to_csv(out / f"test_captions{tag}.csv", index=False)
+    refs, scores = references_of(data.split("test")), image_scores(references_of(data.split("test")), captions)
+    for name, right in demo_judgement(cfg, captions).items():
+        scores[name]["right"] = right
+    pd.DataFrame([{"image": n, "caption": c, "references": " | ".join(refs[n]), **scores[n]}
+                  for n, c in captions.items()]).to_csv(out / f"test_captions{tag}.csv", index=False)
+    coco = [{"image_id": coco_image_id(n), "caption": c} for n, c in captions.items()]  # COCO's results format
+    (out / f"test_captions{tag}.json").write_text(json.dumps(coco))
     report = {"checkpoint": str(checkpoint_path), "split": "test", "images": len(captions),
               "beam_size": cfg.beam_size, **metrics, **demo, "seconds": round(time.time() - start, 2)}
     (out / f"test_metrics{tag}.json").write_text(json.dumps(report, indent=2))
@@ -1972,23 +2211,31 @@ def test_report(model, data, cfg, device, checkpoint_path, tag=""):
     for name in examples:
         log(f"  {name}: {captions[name]}\n      reference: {refs[name][0]}")
         items.append((data.source.image_dir / name, f"generated: {captions[name]}\nreference: {refs[name][0]}"))
-    maps = word_maps(model, data.source, {name: captions[name] for name in examples}, device)
+    maps = word_maps(model, data.source, captions, device)
     save_caption_figure(items, out / f"test_examples{tag}.png", [maps.get(name) for name in examples])
+    rows = [{"path": data.source.image_dir / n, "name": n, "caption": c, "references": refs[n], "scores": scores[n],
+             "maps": maps.get(n)} for n, c in captions.items()]
+    title = f"{cfg.dataset}: the test split's {len(rows)} images"
+    page = write_report(out, f"report{tag}", title, report_header(cfg, restored, metrics | demo), rows)
+    log(f"results page: {page}")
     return report
 
 @torch.no_grad()
 def word_maps(model, source, captions, device):
     """{name: [(word, its attention map (h, w))]} of an attention model's captions, replayed; {} when pooled."""
-    if not model.attention or not captions:
+    if not model.attention:
         return {}
-    ids = pad_sequence([torch.tensor([Vocabulary.SOS, *model.vocab.numericalize(c.split()), Vocabulary.EOS])
-                        for c in captions.values()], batch_first=True).to(device)
-    inputs = torch.stack([source.get(name) for name in captions]).to(device)
-    with evaluating(model):
-        _, alphas = model.decoder(model.encoder(inputs), ids, alphas=True)  # (N, T-1, L)
-    side = math.isqrt(alphas.size(-1))
-    return {name: list(zip(caption.split(), a.view(-1, side, side).cpu().numpy()))  # (T-1, h, w): a map a word
-            for (name, caption), a in zip(captions.items(), alphas)}
+    maps, items = {}, list(captions.items())
+    for chunk in (items[i:i + 64] for i in range(0, len(items), 64)):
+        ids = pad_sequence([torch.tensor([Vocabulary.SOS, *model.vocab.numericalize(c.split()), Vocabulary.EOS])
+                            for _, c in chunk], batch_first=True).to(device)
+        inputs = torch.stack([source.get(name) for name, _ in chunk]).to(device)
+        with evaluating(model):
+            _, alphas = model.decoder(model.encoder(inputs), ids, alphas=True)  # (N, T-1, L)
+        side = math.isqrt(alphas.size(-1))
+        maps |= {name: list(zip(caption.split(), a.view(-1, side, side).cpu().numpy()))  # (T-1, h, w): a map a word
+                 for (name, caption), a in zip(chunk, alphas)}
+    return maps
 
 def pyplot():
     import matplotlib
@@ -2035,11 +2282,17 @@ def whole_epochs(*axes):
 def plot_history(out):
     plt = pyplot()
     batches, epochs = pd.read_csv(out / "loss_per_batch.csv"), pd.read_csv(out / "loss_per_epoch.csv")
-    batches["mean of 50"] = batches["loss"].rolling(50, min_periods=1).mean()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
-    batches.plot(x="step", y=["loss", "mean of 50"], ax=left, ylabel="training loss", title="loss per batch")
-    epochs.plot(x="epoch", y=["train_loss", "val_loss"], style="o-", ax=right, ylabel="loss", title="loss per epoch")
-    whole_epochs(right)
+    scst = batches.get("phase", pd.Series(dtype=str)).reindex(batches.index) == "self-critical"  # their rewards
+    epochs.loc[epochs["phase"] == "self-critical", "train_loss"] = None
+    cross_entropy = batches[~scst].assign(**{"mean of 50": batches[~scst]["loss"].rolling(50, min_periods=1).mean()})
+    panels = 3 if scst.any() else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), layout="constrained")
+    cross_entropy.plot(x="step", y=["loss", "mean of 50"], ax=axes[0], ylabel="training loss", title="loss per batch")
+    epochs.plot(x="epoch", y=["train_loss", "val_loss"], style="o-", ax=axes[1], ylabel="loss", title="loss per epoch")
+    whole_epochs(axes[1])
+    if scst.any():
+        batches[scst].plot(x="step", y=["reward", "greedy_cider"], ax=axes[2], ylabel="CIDEr-D (training images)",
+                           title="self-critical: sampled and greedy captions")
     fig.savefig(out / "loss_graph.png", dpi=90)
     plt.close(fig)
     columns = ["val_token_accuracy", "BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "demo_accuracy", "CIDEr"]
@@ -2060,9 +2313,139 @@ def evaluate_checkpoint(cfg, device, restored):
     if data.resnet is not None:
         restored.model.encoder.attach(data.resnet)
     tag = f"-{restored.path.stem}-beam{cfg.beam_size}"
-    test_report(restored.model.to(device), data, cfg, device, restored.path, tag)
+    restored.model.to(device)
+    test_report(restored, data, cfg, device, tag)
     del lock
     return 0
+
+# -----------------------------------------------------------------------------
+# the results page: report.html, every image with its caption, references and scores; plain HTML, no server
+REPORT_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ccc; padding: 2px 8px; }
+.graphs img { max-width: 48%; } .controls { position: sticky; top: 0; background: #fff; padding: .5em 0; }
+.row { display: flex; gap: 1em; border-top: 1px solid #ddd; padding: .6em 0; } [hidden] { display: none !important; }
+.row img { width: 160px; } .caption { font-size: 1.15em; margin: 0; } .name { color: #777; margin: 0; }
+.row ul { margin: .3em 0; padding-left: 1.2em; color: #555; } .text { flex: 1; } .scores { min-width: 9em; }
+.right { color: #080; } .wrong { color: #b00; } .maps figure { display: inline-block; margin: 2px; }
+.maps canvas { width: 112px; } .maps figcaption { text-align: center; }
+"""
+REPORT_SCRIPT = """
+const list = document.getElementById('rows'), rows = [...list.children];
+const scores = new Map(rows.map(row => [row, JSON.parse(row.dataset.scores)]));
+const sort = document.getElementById('sort'), filter = document.getElementById('filter');
+function value(row, by) { return by === 'name' ? row.dataset.name : scores.get(row)[by]; }
+function update() {
+  const [by, direction] = sort.value.split('|'), sign = direction === 'desc' ? -1 : 1;
+  const words = filter.value.toLowerCase().split(/\\s+/).filter(Boolean);
+  let shown = 0;
+  const order = (a, b) => sign * (value(a, by) > value(b, by) ? 1 : value(a, by) < value(b, by) ? -1 : 0);
+  for (const row of rows.slice().sort(order)) {
+    const said = row.dataset.words.split(' ');
+    row.hidden = !words.every(word => said.some(w => w.startsWith(word)));
+    shown += row.hidden ? 0 : 1;
+    list.append(row);
+  }
+  document.getElementById('count').textContent = shown + ' of ' + rows.length + ' images';
+}
+async function drawMaps(row) {  // each word's attention over the image, as --caption_figure draws it
+  const box = row.querySelector('.maps'), data = JSON.parse(row.dataset.maps), image = row.querySelector('img');
+  const loaded = await image.decode().then(() => true, () => false);  // a missing thumbnail: the maps alone
+  for (const [word, map] of data.words) {
+    const figure = document.createElement('figure'), canvas = document.createElement('canvas');
+    const small = document.createElement('canvas'), label = document.createElement('figcaption');
+    canvas.width = canvas.height = 224;
+    small.width = small.height = data.side;
+    const low = Math.min(...map), high = Math.max(...map), pixels = new ImageData(data.side, data.side);
+    map.forEach((v, i) => pixels.data.set([0, 0, 0, 166 * (1 - (v - low) / (high - low || 1))], 4 * i));
+    small.getContext('2d').putImageData(pixels, 0, 0);
+    if (loaded) canvas.getContext('2d').drawImage(image, 0, 0, 224, 224);
+    canvas.getContext('2d').drawImage(small, 0, 0, 224, 224);
+    label.textContent = word;
+    figure.append(canvas, label);
+    box.append(figure);
+  }
+}
+list.addEventListener('click', async event => {
+  if (!event.target.matches('.show-maps')) return;
+  const row = event.target.closest('.row'), box = row.querySelector('.maps');
+  if (!box.children.length) await drawMaps(row);
+  box.hidden = !box.hidden;
+});
+sort.onchange = update;
+filter.oninput = update;
+update();
+"""
+
+def write_report(out, name, title, header, rows):
+    """out/name.html, thumbnails in out/name/: the header, then a row per image, sortable and filterable."""
+    out, folder = Path(out), Path(out) / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    entries = [report_row(row, folder / f"{i:05d}.jpg", out) for i, row in
+               enumerate(tqdm(rows, desc="results page", unit="img", leave=False))]
+    keys = list(dict.fromkeys(k for row in rows for k in row.get("scores", {})))
+    orders = [f"{k}|asc" for k in keys] + [f"{k}|desc" for k in keys] + ["name|asc"]  # worst first
+    options = "".join(f'<option value="{html.escape(o)}">{html.escape(o.replace("|", ", "))}ending</option>'
+                      for o in orders)
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f'<style>{REPORT_STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{header}\n'
+            f'<div class="controls"><label>sort by <select id="sort">{options}</select></label> '
+            f'<label>captions with the word <input id="filter" type="search" placeholder="e.g. dog"></label> '
+            f'<span id="count"></span></div>\n<div id="rows">\n' + "\n".join(entries) +
+            f'\n</div>\n<script>{REPORT_SCRIPT}</script></body></html>\n')
+    path = out / f"{name}.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+def report_row(row, thumbnail, out):
+    """One image's entry: its thumbnail (written now), caption, references, scores and attention maps."""
+    with contextlib.suppress(Exception):  # an image gone since it was captioned: the row stays, without it
+        picture = open_rgb(row["path"])
+        if row.get("maps"):  # the centre square, which the model saw and its maps cover
+            picture = ImageOps.fit(picture, (min(picture.size),) * 2)
+        picture.thumbnail((320, 320))
+        picture.save(thumbnail, quality=85)
+    scores, maps = row.get("scores", {}), row.get("maps")
+    data = {"name": row["name"], "words": " ".join(row["caption"].lower().split()), "scores": json.dumps(scores)}
+    if maps:
+        data["maps"] = json.dumps({"side": len(maps[0][1]), "words": [[w, np.round(m.flatten().astype(float), 3)
+                                                                          .tolist()] for w, m in maps]})
+    attributes = " ".join(f'data-{k}="{html.escape(v)}"' for k, v in data.items())
+    shown = [f"{k} {100 * v:.1f}" for k, v in scores.items() if k != "right"]
+    if "right" in scores:
+        shown.append('<span class="right">right</span>' if scores["right"] else '<span class="wrong">wrong</span>')
+    link = urllib.parse.quote(os.path.relpath(row["path"], out))
+    references = "".join(f"<li>{html.escape(r)}</li>" for r in row.get("references", []))
+    button = '<button class="show-maps">attention</button><div class="maps" hidden></div>' if maps else ""
+    return (f'<div class="row" {attributes}><a href="{html.escape(link)}"><img loading="lazy" '
+            f'src="{html.escape(urllib.parse.quote(f"{thumbnail.parent.name}/{thumbnail.name}"))}" '
+            f'alt="{html.escape(row["name"])}"></a><div class="text">'
+            f'<p class="caption">{html.escape(row["caption"])}</p>'
+            f'<ul>{references}</ul><p class="name">{html.escape(row["name"])}</p>{button}</div>'
+            f'<div class="scores">{"<br>".join(shown)}</div></div>')
+
+def report_header(cfg, restored, metrics=None):
+    """The top of the page: data, checkpoint, the settings that differ from the constants, metrics and graphs."""
+    changed = "".join(f"<tr><td>{html.escape(n)}</td><td>{html.escape(repr(getattr(cfg, n)))}</td></tr>"
+                      for n in CONFIG_NAMES if getattr(cfg, n) != globals()[n])
+    parts = [f"<p>checkpoint {html.escape(str(restored.path))} (epoch {restored.progress.epoch}, "
+             f"{html.escape(restored.model.args['decoder'])} decoder), beam {cfg.beam_size}; trained on "
+             f"{html.escape(restored.config['dataset'])} ({html.escape(restored.config['data_dir'])})</p>"]
+    if metrics:
+        cells = "".join(f"<td>{'n/a' if v is None else f'{100 * v:.1f}'}</td>" for v in metrics.values())
+        parts.append(f"<table><tr>{''.join(f'<th>{html.escape(k)}</th>' for k in metrics)}</tr><tr>{cells}</tr>"
+                     f"</table>")
+    parts.append(f"<details><summary>settings that differ from the script's constants</summary><table>{changed}"
+                 f"</table></details>")
+    graphs = [g for g in ("loss_graph.png", "metrics_graph.png") if (Path(cfg.output_dir) / g).is_file()]
+    parts.append('<p class="graphs">' + "".join(f'<img src="{g}" alt="{g}">' for g in graphs) + "</p>")
+    return "\n".join(parts)
+
+def coco_image_id(name):
+    """COCO's integer image id from its file name (COCO_val2014_000000391895.jpg: 391895); else the name."""
+    match = re.fullmatch(r"(?:.*/)?COCO_[a-z]+\d*_0*(\d+)\.jpg", name)
+    return int(match[1]) if match else name
 
 # -----------------------------------------------------------------------------
 # captioning new images
@@ -2094,6 +2477,16 @@ def check_figure_path(figure, inputs):
         raise UserError(f"--caption_figure={figure}: cannot write in {figure.parent} ({error.strerror or error}): "
                         f"choose another folder") from None
 
+def caption_page(cfg, restored, rows):
+    """report-captions.html in output_dir, of the user's own images; a folder that cannot be written only warns."""
+    try:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        page = write_report(cfg.output_dir, "report-captions", f"{len(rows)} images captioned",
+                            report_header(cfg, restored), rows)
+        print(f"results page: {page}", file=sys.stderr)
+    except OSError as error:
+        print(f"warning: no results page in {cfg.output_dir}: {error.strerror or error}", file=sys.stderr)
+
 def record_path(path):
     """The path as one field of a line: a tab, newline or backslash in a file name is escaped as Python does."""
     return str(path).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
@@ -2121,10 +2514,14 @@ def caption_images(cfg, paths, restored, device):
             print(f"error: cannot read image {record_path(file)}", file=sys.stderr, flush=True)
     for file in missing:
         print(f"error: no such file or folder: {record_path(file)}", file=sys.stderr, flush=True)
+    maps = word_maps(model, source, captions, device)
     if figure and captions:
-        maps = word_maps(model, source, captions, device)
         save_caption_figure(list(captions.items()), figure, [maps.get(name) for name in captions])
         print(f"saved {figure}", file=sys.stderr)
+    if captions:
+        rows = [{"path": Path(name), "name": str(file), "caption": captions[name], "maps": maps.get(name)}
+                for file, name in zip(files, names) if name in captions]
+        caption_page(cfg, restored, rows)
     return 1 if failed or missing or not files else 0
 
 # -----------------------------------------------------------------------------

@@ -16,7 +16,11 @@ Sets up this project (it can be run from any folder, and again at any time):
      download fails, e.g. offline, it says so and carries on: the built-in demo
      needs no download);
   3. with --flickr8k, also downloads and unpacks the Flickr8k data set
-     (about 1 GB) into resources/input/flickr8k/.
+     (about 1 GB) into resources/input/flickr8k/;
+  4. installs Debian's chromium and chromium-driver with apt-get when they
+     are missing (as root, or with sudo that needs no password), for the
+     tests of the results page (report.html) in a real browser; if that
+     fails, it says so and carries on (those tests then skip).
 
 Options:
   --flickr8k   also fetch Flickr8k into resources/input/flickr8k/
@@ -30,6 +34,7 @@ Environment variables:
   FLICKR8K_TEXT_URL    Flickr8k caption/split zip (default
                        https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip)
   SETUP_SKIP_VENV=1    skip step 1 (the Python environment)
+  SETUP_SKIP_BROWSER=1 skip step 4 (the browser for the tests)
 
 Flickr30k is not downloaded by this script: it has to be fetched by hand from
 Kaggle (which needs an account) and unpacked into resources/input/flickr30k/.
@@ -342,6 +347,46 @@ setup_flickr8k() {
     say "Flickr8k ready in $FLICKR8K_DIR ($n_images images)"
 }
 
+# ---------------------------------------------------------------- 4. a browser for the tests
+
+setup_browser() {
+    if [ "${SETUP_SKIP_BROWSER:-0}" = "1" ]; then
+        say "SETUP_SKIP_BROWSER=1: skipping the browser for the results page's tests"
+        return 0
+    fi
+    if { command -v chromium || command -v chromium-browser; } >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+        say "chromium and chromedriver are installed (for the results page's tests)"
+        return 0
+    fi
+    local sudo=()
+    if [ "$(id -u)" != "0" ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            sudo=(sudo -n)
+        else
+            browser_failed "installing it needs root"
+            return 0
+        fi
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        browser_failed "there is no apt-get here (not Debian or Ubuntu)"
+        return 0
+    fi
+    say "installing Debian's chromium and chromium-driver (for the results page's tests; a minute)"
+    local install=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
+    if "${sudo[@]}" "${install[@]}" >/dev/null 2>&1 \
+            || { "${sudo[@]}" apt-get update -q >/dev/null 2>&1 && "${sudo[@]}" "${install[@]}" >/dev/null 2>&1; }; then
+        say "chromium installed"
+    else
+        browser_failed "apt-get could not install chromium and chromium-driver (are you offline?)"
+    fi
+}
+
+browser_failed() {
+    warn "no headless Chromium: $1. Carrying on: the training script does not need it,"
+    warn "  and the results page's browser tests skip without it. To run them:"
+    warn "    apt-get install chromium chromium-driver   (Ubuntu: chromium-browser chromium-chromedriver)"
+}
+
 # ---------------------------------------------------------------- main
 
 setup_venv
@@ -349,6 +394,7 @@ setup_resnet50
 if [ "$WANT_FLICKR8K" = "1" ]; then
     setup_flickr8k
 fi
+setup_browser
 
 say "done. Next:"
 printf '  .venv/bin/python flickr_image_caption_with_pytorch_resnet_lstm.py\n'

@@ -7,7 +7,10 @@ On a generated set of 500x375 JPEGs with 5 captions each (and the script's defau
 2. feature-extraction throughput (JPEG decoding included) vs ResNet50's own forward throughput on tensors;
 3. seconds per cached epoch vs the decoder's own training steps on tensors already in memory;
 4. seconds per epoch and peak memory of the pooled LSTM decoder and of the attention decoder (over the 7x7 grid,
-   cached in float16 and memory-mapped), each in a fresh process reading a cache that is already there.
+   cached in float16 and memory-mapped), each in a fresh process reading a cache that is already there;
+5. self-critical training: the CIDEr-D reward's throughput (captions per second), and the time of an SCST step
+   (batch_size images, scst_samples captions sampled for each) against a cross-entropy step (batch_size captions).
+   With --scst_only, only this.
 """
 import random
 import resource
@@ -87,7 +90,7 @@ def epoch_in_a_fresh_process(args):
 
 
 def main(argv):
-    overrides, _ = cap.parse_args([a for a in argv if not a.startswith("--images=")])
+    overrides, _ = cap.parse_args([a for a in argv if not a.startswith(("--images=", "--scst_only"))])
     n_images = int(next((a.split("=")[1] for a in argv if a.startswith("--images=")), 256))
     work = Path(tempfile.mkdtemp(prefix="caption-benchmark-"))
     make_jpegs(work / "data", n_images)
@@ -100,6 +103,8 @@ def main(argv):
     print(f"benchmark: {n_images} JPEGs of 500x375, {n_images * 5} captions, batch {cfg.batch_size}, "
           f"image size {cfg.image_size}, device {device}, {torch.get_num_threads()} threads, "
           f"{cfg.num_workers} decoding workers")
+    if "--scst_only" in argv:
+        return self_critical(cfg, device)
 
     cached = epoch_seconds([*common, f"--output_dir={work / 'cached'}"])  # extracts the features first
     per_step = epoch_seconds([*common, f"--output_dir={work / 'per_step'}", "--cache_features=false"])
@@ -158,6 +163,50 @@ def main(argv):
     print("4. a cached epoch (the second) in a fresh process: " + "; ".join(
         f"{name} decoder {seconds:.2f} s, peak {peak}" for name, (seconds, peak) in figures.items()) +
         f" (the grid cache: {grid.stat().st_size / 2**20:.0f} MiB on disk, memory-mapped)")
+
+    self_critical(cfg, device)
+
+
+def self_critical(cfg, device):
+    """5. The CIDEr-D reward's throughput, and an SCST step against a cross-entropy step, on the same data."""
+    data = cap.prepare_data(cfg, device, build_vocab=True)
+    model = cap.Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.dropout).to(device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], cfg.learning_rate)
+    train_set = cap.FlickrDataset(data.split("train"), data.vocab, data.source)
+    start = time.perf_counter()
+    images, reward = cap.scst_data(data, data.vocab, cfg.max_train_caption_len)
+    setup = time.perf_counter() - start
+    hyps = torch.nn.utils.rnn.pad_sequence([c[1:] for c in train_set.captions], batch_first=True)  # words, <EOS>
+    position = {name: i for i, name in enumerate(images.images)}
+    owners = torch.tensor([position[name] for name in train_set.images])  # each caption's image, as the reward has it
+    n = cfg.batch_size * cfg.scst_samples
+    scoring = timed(lambda: [reward(hyps[i:i + n], owners[i:i + n]) for i in range(0, len(hyps), n)])
+    print(f"5. CIDEr-D reward: {len(hyps) / scoring:.0f} captions/s in batches of {n} "
+          f"({len(images)} training images' references prepared in {setup:.2f} s)")
+    steps = cap.epoch_batches(len(images), cfg.batch_size, cfg.seed, 1)[:20]
+    model.train()
+
+    def scst_steps():
+        for batch in steps:
+            inputs, _ = images.batch(batch)
+            cap.scst_step(model, model, optimizer, inputs.to(device), batch, reward, cfg.scst_learning_rate, cfg,
+                          device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def cross_entropy_steps():
+        for batch in cap.epoch_batches(len(train_set), cfg.batch_size, cfg.seed, 1)[:20]:
+            inputs, captions = train_set.batch(batch)
+            cap.train_step(model, optimizer, inputs.to(device), captions.to(device), cfg.learning_rate, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    scst, cross_entropy = timed(scst_steps) / len(steps), timed(cross_entropy_steps) / 20
+    per_epoch = scst * len(cap.epoch_batches(len(images), cfg.batch_size, cfg.seed, 1))
+    ce_epoch = cross_entropy * len(cap.epoch_batches(len(train_set), cfg.batch_size, cfg.seed, 1))
+    print(f"   an SCST step ({cfg.batch_size} images x {cfg.scst_samples} samples, max {cfg.max_caption_len} words): "
+          f"{1000 * scst:.0f} ms; a cross-entropy step ({cfg.batch_size} captions): {1000 * cross_entropy:.0f} ms; "
+          f"per epoch {per_epoch:.2f} s vs {ce_epoch:.2f} s ({per_epoch / ce_epoch:.1f}x)")
 
 
 if __name__ == "__main__":

@@ -102,9 +102,13 @@ def test_evaluate_writes_tagged_outputs_beside_the_training_runs_own(trained_dem
         assert (report["METEOR"] > 0) if shutil.which("java") else report["METEOR"] is None
         assert len(pd.read_csv(tagged[1])) == 100 and tagged[2].stat().st_size > 0
         assert {name: (trained_demo / name).read_bytes() for name in own} == own  # the training run's, untouched
+        assert len(json.loads((trained_demo / "test_captions-best-beam2.json").read_text())) == 100
+        assert len(list((trained_demo / "report-best-beam2").glob("*.jpg"))) == 100
+        assert (trained_demo / "report-best-beam2.html").read_text().count('<div class="row"') == 100
     finally:
-        for path in tagged:  # the shared run's folder as the other tests expect it
-            path.unlink(missing_ok=True)
+        for path in tagged + [trained_demo / "test_captions-best-beam2.json", trained_demo / "report-best-beam2.html"]:
+            path.unlink(missing_ok=True)  # the shared run's folder as the other tests expect it
+        shutil.rmtree(trained_demo / "report-best-beam2", ignore_errors=True)
 
 
 def test_evaluate_takes_the_data_and_sizes_from_the_checkpoint(tmp_path, trained_demo, demo_dirs, capsys):

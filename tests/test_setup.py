@@ -54,6 +54,7 @@ def run_setup(proj, *args, env=None, cwd=None):
     full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
     full_env.update(
         SETUP_SKIP_VENV="1",
+        SETUP_SKIP_BROWSER="1",
         RESNET50_URL="file:///nonexistent/setup-test/resnet50.pth",
         FLICKR8K_IMAGES_URL=MISSING_URL,
         FLICKR8K_TEXT_URL=MISSING_URL,
@@ -354,3 +355,41 @@ def test_flickr8k_not_a_zip_fails(project, tmp_path):
     assert "FLICKR8K_TEXT_URL" in out
     assert not (project / "resources/input/flickr8k").exists()
     assert not (project / "resources/input/.downloads/Flickr8k_text.zip.part").exists()
+
+
+# ---------------------------------------------------------------- 4. the browser for the tests
+
+
+def stub(folder, name, body):
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+    (folder / name).chmod(0o755)
+
+
+def test_browser_present_is_left_alone(project, tmp_path):
+    stubs = tmp_path / "stubs"
+    for name in ("chromium", "chromedriver", "apt-get"):
+        stub(stubs, name, f"echo {name} >> {tmp_path / 'calls'}; exit 0")
+    path = f"{stubs}{os.pathsep}{os.environ['PATH']}"
+    rc, out = run_setup(project, env={"SETUP_SKIP_BROWSER": "0", "PATH": path})
+    assert rc == 0 and "chromium and chromedriver are installed" in out
+    assert not (tmp_path / "calls").exists()  # nothing run, nothing installed
+
+
+def test_browser_install_failing_offline_carries_on(project, tmp_path):
+    # every command of the PATH but chromium and chromedriver, then an apt-get that fails as offline, as root
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for folder in [os.path.dirname(sys.executable), *os.environ["PATH"].split(os.pathsep)]:
+        for tool in Path(folder).glob("*") if Path(folder).is_dir() else []:
+            if tool.name not in ("chromium", "chromedriver") and not (tools / tool.name).exists():
+                (tools / tool.name).symlink_to(tool)
+    stubs = tmp_path / "stubs"
+    stub(stubs, "apt-get", f"echo \"$@\" >> {tmp_path / 'calls'}; exit 100")
+    stub(stubs, "id", "echo 0")
+    rc, out = run_setup(project, env={"SETUP_SKIP_BROWSER": "0", "PATH": f"{stubs}{os.pathsep}{tools}"})
+    assert rc == 0, out
+    assert "no headless Chromium: apt-get could not install chromium and chromium-driver" in out
+    assert "setup: done" in out
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == ["install -y -q chromium chromium-driver", "update -q"]  # the install, then a refresh that fails

@@ -19,7 +19,8 @@ import torch
 from conftest import ROOT, SCRIPT, TINY_DEMO, cap, demo_args, error_line, shared
 
 OUTPUTS = ["loss_per_batch.csv", "loss_per_epoch.csv", "loss_graph.png", "metrics_graph.png", "vocab.json",
-           "config.json", "last.pt", "best.pt", "test_metrics.json", "test_captions.csv", "test_examples.png"]
+           "config.json", "last.pt", "best.pt", "test_metrics.json", "test_captions.csv", "test_examples.png",
+           "test_captions.json", "report.html"]
 
 
 def test_demo_run_writes_every_output(trained_demo):
@@ -38,12 +39,19 @@ def test_demo_run_writes_every_output(trained_demo):
     batches = pd.read_csv(trained_demo / "loss_per_batch.csv")
     assert list(batches["step"]) == list(range(1, len(batches) + 1))
     captions = pd.read_csv(trained_demo / "test_captions.csv")
-    assert set(captions.columns) == {"image", "caption", "references"} and len(captions) == 100
+    assert set(captions.columns) == {"image", "caption", "references", "CIDEr", "BLEU-4", "right"}
+    assert len(captions) == 100 and captions["right"].dtype == bool
+    # each image's CIDEr: their mean is the split's, as coco-caption computes both
+    metrics = json.loads((trained_demo / "test_metrics.json").read_text())
+    assert captions["CIDEr"].mean() == pytest.approx(metrics["CIDEr"], rel=1e-9)
+    coco = json.loads((trained_demo / "test_captions.json").read_text())  # COCO's results format
+    assert coco == [{"image_id": n, "caption": c} for n, c in zip(captions["image"], captions["caption"].fillna(""))]
 
 
 def test_checkpoint_loads_without_pickle(trained_demo):
     ckpt = torch.load(trained_demo / "best.pt", weights_only=True)
-    assert set(ckpt) == cap.CHECKPOINT_KEYS | {"sha256", "train_images_sha256"}  # no "batch": the step says it
+    added = {"sha256", "train_images_sha256", "reward_sum", "greedy_sum"}
+    assert set(ckpt) == cap.CHECKPOINT_KEYS | added  # no "batch": the step says it
     assert ckpt["sha256"] == cap.checkpoint_sha256(ckpt)  # a checksum of everything else in it
     data = cap.load_captions(ckpt["config"]["data_dir"], ckpt["config"]["seed"])[0]
     assert ckpt["train_images_sha256"] == cap.names_sha256(data.loc[data["split"] == "train", "image"].unique())
@@ -193,6 +201,10 @@ def test_one_short_epoch_on_real_flickr8k_jpegs(tmp_path, random_weights):
     assert report["images"] == 30 and "demo_colour_shape_accuracy" not in report
     captions = pd.read_csv(tmp_path / "out" / "test_captions.csv")
     assert captions["references"].str.count(r" \| ").eq(4).all()  # five real references per image
+
+
+def contents(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def copy_run(source, target):
@@ -347,21 +359,21 @@ def test_a_fresh_run_sets_an_earlier_run_aside_and_a_resume_goes_on_from_the_new
                                                                                       random_weights, uninterrupted,
                                                                                       capsys):
     out = copy_run(uninterrupted, tmp_path / "out")
-    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    earlier, entries = contents(out), len(list(out.iterdir()))
     process = start_training(quick_args(demo_dirs, random_weights, out, "--log_every=1"))  # no --resume: fresh
 
     def aside():
         return list(out.glob("previous-*"))
 
     batch_log = out / "loss_per_batch.csv"
-    wait_for(lambda: aside() and len(list(aside()[0].iterdir())) == len(earlier) and batch_log.exists()
+    wait_for(lambda: aside() and len(list(aside()[0].iterdir())) == entries and batch_log.exists()
              and len(batch_log.read_text().splitlines()) >= 3, process)
     process.send_signal(signal.SIGINT)  # the fresh run stopped early, as a user would stop it
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output[-2000:]
     (previous,) = aside()
     assert f"{out} held an earlier run: its files are now in {previous}" in output
-    assert {p.name: p.read_bytes() for p in previous.iterdir()} == earlier  # all of it, byte for byte
+    assert contents(previous) == earlier  # all of it, byte for byte, the results page's thumbnails too
     stopped = torch.load(out / "last.pt", weights_only=True)
     assert pd.read_csv(batch_log)["step"].tolist() == list(range(1, stopped["step"] + 1))  # the new run's alone
     if stopped["epoch"] == 0:  # stopped before its first validation, as it nearly always is
@@ -373,7 +385,7 @@ def test_a_fresh_run_sets_an_earlier_run_aside_and_a_resume_goes_on_from_the_new
     assert pd.read_csv(batch_log)["step"].tolist() == list(range(1, 13))
     assert pd.read_csv(out / "loss_per_epoch.csv")["epoch"].tolist() == [1]
     assert (out / "test_metrics.json").is_file() and aside() == [previous]
-    assert {p.name: p.read_bytes() for p in previous.iterdir()} == earlier
+    assert contents(previous) == earlier
 
 
 def test_ctrl_c_during_the_last_validation_stops_before_the_test_report(tmp_path, demo_dirs, random_weights,
@@ -475,4 +487,5 @@ def test_a_fresh_run_sets_aside_only_what_a_run_writes(tmp_path, demo_dirs, rand
     process.communicate(timeout=120)
     (previous,) = out.glob("previous-*")
     assert (out / "notes" / "todo.txt").read_text() == "keep me" and not (previous / "notes").exists()
-    assert {"best.pt", "last.pt", "loss_per_epoch.csv", "test_metrics.json"} <= {p.name for p in previous.iterdir()}
+    assert {"best.pt", "last.pt", "loss_per_epoch.csv", "test_metrics.json", "report.html", "report"} <= {
+        p.name for p in previous.iterdir()}
