@@ -1461,8 +1461,9 @@ class CiderD:
             raise UserError(f"the reward handles up to 55,108 words, and the vocabulary has {vocab_size}: raise "
                             f"--freq_threshold")
         self.base, self.scored = vocab_size, scored  # scored: which word ids count (all if None)
-        self.refs = pad_references([[self.words(torch.tensor(r)).tolist() for r in rs] for rs in refs])  # (N, R, T)
-        n, r, _ = self.refs.shape
+        padded = pad_references(refs)  # (N, R, T)
+        n, r, t = padded.shape
+        self.refs = self.words(padded.flatten(0, 1).long()).view(n, r, t).int()
         self.log_images = math.log(n)
         chunks = [self.refs[i:i + 4096].flatten(0, 1).long() for i in range(0, n, 4096)]  # bounded memory
         per_image = [distinct(ngram_codes(c, self.base).view(-1, r * 4 * c.size(1)))[1] for c in chunks]
