@@ -1705,14 +1705,14 @@ def restore(path, cfg=None):
 
 def check_resumable(config, processes, cfg, path, epoch):
     """Refuses a resume whose settings would make it another run; says which changed settings it applies."""
-    scst_began = config.get("scst_epochs", 0) > 0 and epoch >= config["num_epochs"]
-    if scst_began and cfg.num_epochs != config["num_epochs"]:  # its steps would be counted as other epochs
-        raise UserError(f"checkpoint {path} has begun its self-critical epochs, after num_epochs="
-                        f"{config['num_epochs']}: keep --num_epochs={config['num_epochs']} to resume it")
     if processes != rank_and_size()[1]:  # each step's batch holds batch_size captions per process
         raise UserError(f"checkpoint {path} was written by a run of {processes} process(es), and this one has "
                         f"{rank_and_size()[1]}: resume it with as many (torchrun --nproc_per_node=...), or train "
                         f"afresh")
+    scst_began = config.get("scst_epochs", 0) > 0 and epoch >= config["num_epochs"]
+    if scst_began and cfg.num_epochs != config["num_epochs"]:  # its steps would be counted as other epochs
+        raise UserError(f"checkpoint {path} has begun its self-critical epochs, after num_epochs="
+                        f"{config['num_epochs']}: keep --num_epochs={config['num_epochs']} to resume it")
     for name in RESUME_FIXED:
         if name not in config:
             raise UserError(f"checkpoint {path} does not record {name}: another version of this script wrote it; "

@@ -47,10 +47,10 @@ def tiny(tmp_path_factory, random_weights):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, tiny):
-    """A 2-process run stopped by Ctrl-C in its second epoch, then resumed to the end: (output_dir, what the
-    stopped run printed, the stopped last.pt, the resumed run's CompletedProcess)."""
+    """A 2-process run stopped by Ctrl-C in its second epoch, then resumed to the end, through a self-critical
+    epoch: (output_dir, what the stopped run printed, the stopped last.pt, the resumed run's CompletedProcess)."""
     out = tmp_path_factory.mktemp("two")
-    args = tiny(out, "--num_epochs=2", "--batch_size=4", "--log_every=2")
+    args = tiny(out, "--num_epochs=2", "--scst_epochs=1", "--batch_size=4", "--log_every=2")
     # a terminal's Ctrl-C reaches torchrun and every process of its group
     proc = subprocess.Popen(torchrun_command(*args), cwd=ROOT, env=ONE_THREAD, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -70,7 +70,8 @@ def test_two_processes_train_as_one_with_the_same_vocabulary_cache_and_losses(tm
     two, _, _, _ = two_processes
     cache_dir = tmp_path / "cache1"  # a cache of its own, made by the one process
     one = tmp_path / "one"
-    assert cap.main([*tiny(one, "--num_epochs=2", "--batch_size=8"), f"--cache_dir={cache_dir}"]) == 0
+    assert cap.main([*tiny(one, "--num_epochs=2", "--scst_epochs=1", "--batch_size=8"),
+                     f"--cache_dir={cache_dir}"]) == 0
     assert (one / "vocab.json").read_text() == (two / "vocab.json").read_text()
     (shared,), (alone,) = tiny.cache.glob("features-*.pt"), cache_dir.glob("features-*.pt")
     assert shared.name == alone.name  # the same key
@@ -80,7 +81,10 @@ def test_two_processes_train_as_one_with_the_same_vocabulary_cache_and_losses(tm
     assert not list(tiny.cache.glob("*.pt.[0-9]")), "the shares are removed once gathered"
     losses = [pd.read_csv(d / "loss_per_batch.csv") for d in (one, two)]
     assert list(losses[0]["step"]) == list(losses[1]["step"]) and len(losses[0]) > 50
-    assert (losses[0]["loss"] - losses[1]["loss"]).abs().max() < LOSS_TOLERANCE
+    assert list(losses[0]["phase"]) == list(losses[1]["phase"]) == ["cross-entropy"] * 72 + ["self-critical"] * 12
+    cross_entropy = [frame[frame["phase"] == "cross-entropy"] for frame in losses]  # SCST's samples differ
+    assert (cross_entropy[0]["loss"] - cross_entropy[1]["loss"]).abs().max() < LOSS_TOLERANCE
+    assert all(frame["reward"].iloc[72:].between(0, 10).all() for frame in losses)
     a, b = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (one, two))
     trained = [k for k in a if k.startswith(("decoder.", "encoder.embed."))]
     distance = sum((a[k] - b[k]).square().sum() for k in trained) / sum(a[k].square().sum() for k in trained)
@@ -92,12 +96,13 @@ def test_ctrl_c_under_torchrun_saves_once_and_the_resume_goes_on_from_there(two_
     assert stopped_output.count("interrupted: saved") == 1, stopped_output[-3000:]
     assert "Traceback" not in stopped_output.split("interrupted: saved")[0]
     per_epoch = pd.read_csv(out / "loss_per_batch.csv").groupby("epoch").size().tolist()
-    assert len(per_epoch) == 2 and per_epoch[0] == per_epoch[1]
+    assert len(per_epoch) == 3 and per_epoch[0] == per_epoch[1] == 3 * per_epoch[2]  # 3 captions an image
     assert stopped["epoch"] == 1 and per_epoch[0] < stopped["step"] < 2 * per_epoch[0], (stopped["step"], per_epoch)
     assert f"epoch 1 done, step {stopped['step']}" in resumed.stdout
     batches = pd.read_csv(out / "loss_per_batch.csv")
     assert list(batches["step"]) == list(range(1, len(batches) + 1))  # neither repeated nor lost
-    assert list(pd.read_csv(out / "loss_per_epoch.csv")["epoch"]) == [1, 2]
+    epochs = pd.read_csv(out / "loss_per_epoch.csv")
+    assert list(epochs["epoch"]) == [1, 2, 3] and epochs["phase"].tolist()[-1] == "self-critical"
 
 
 def test_only_process_0_writes_and_prints(two_processes):

@@ -9,7 +9,6 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from conftest import TINY_DEMO, cap, demo_args, error_line, greedy_decode, shared
-from test_distributed import torchrun
 from test_training import assert_same_run, start_training, wait_for
 
 
@@ -177,14 +176,3 @@ def test_the_greedy_baseline_trains_too_with_images_encoded_every_step(tmp_path,
                      "--scst_samples=1", "--cache_features=false", "--decoder=attention"]) == 0
     batches = pd.read_csv(out / "loss_per_batch.csv")  # 48 training images in batches of 16
     assert (batches["phase"] == "self-critical").sum() == 3 and batches["reward"].notna().sum() == 3
-
-
-def test_scst_under_torchrun(tmp_path, random_weights):
-    args = [*TINY_DEMO, f"--data_dir={tmp_path / 'data'}", f"--cache_dir={tmp_path / 'cache'}",
-            f"--encoder_weights={random_weights}", f"--output_dir={tmp_path / 'out'}", "--num_epochs=1",
-            "--scst_epochs=1", "--batch_size=4", "--max_batches_per_epoch=4", "--log_every=2"]
-    result = torchrun(*args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    batches = pd.read_csv(tmp_path / "out" / "loss_per_batch.csv")
-    assert batches["phase"].tolist() == ["cross-entropy"] * 4 + ["self-critical"] * 4
-    assert batches["reward"].iloc[4:].notna().all()
