@@ -826,7 +826,7 @@ def demo_placement(caption):
 
 def demo_accuracy(captions_by_image, shapes_file, n_shapes=1):
     """The share of the images with n_shapes shapes (None: any) captioned right, and their number."""
-    truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()
+    truth = demo_truth(shapes_file)
     names = [name for name in captions_by_image if n_shapes in (None, truth[name].count(";") + 1)]
     correct = sum(demo_right(captions_by_image[name], truth[name]) for name in names)
     return correct / max(1, len(names)), len(names)
@@ -835,8 +835,12 @@ def demo_judgement(cfg, captions):
     """On the demo, whether each caption names its image's shapes right ({} elsewhere)."""
     if cfg.dataset != "demo":
         return {}
-    truth = pd.read_csv(Path(cfg.data_dir) / "shapes.csv").set_index("image")["shapes"]
+    truth = demo_truth(Path(cfg.data_dir) / "shapes.csv")
     return {name: demo_right(caption, truth[name]) for name, caption in captions.items()}
+
+def demo_truth(shapes_file):
+    """{image: 'colour shape[;colour shape]'} as the demo set drew them, left to right."""
+    return pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()
 
 def demo_right(caption, shapes):
     """Whether the caption names the shape(s) of shapes ('colour shape[;colour shape]', left to right) right."""
@@ -1435,16 +1439,12 @@ def ngram_codes(ids, base):
 
 def pad_references(refs):
     """Each image's references (lists of word ids) in one tensor (N, R, T), 0 for padding and missing ones."""
-    flat = pad_sequence([torch.tensor(r, dtype=torch.int32) for rs in refs for r in rs], batch_first=True)
-    counts = torch.tensor([len(rs) for rs in refs])
-    image = torch.arange(len(refs)).repeat_interleave(counts)
-    place = torch.arange(len(flat)) - (counts.cumsum(0) - counts).repeat_interleave(counts)
-    padded = torch.zeros(len(refs), int(counts.max()), flat.size(1), dtype=torch.int32)
-    padded[image, place] = flat
-    return padded
+    flat = pad_sequence([torch.tensor(r, dtype=torch.int32) for rs in refs for r in rs], batch_first=True)  # (all, T)
+    return pad_sequence(flat.split([len(rs) for rs in refs]), batch_first=True)  # (N, R, T)
 
 def distinct(codes):
     """Each row's distinct codes but 0 (M, W) with their counts: (row, code, count) of each pair, (P,) each."""
+    # by hand: torch's unique_consecutive(dim=0) of (row, code) pairs gives the same, 7-25 times slower
     codes = codes.sort(1).values
     starts = torch.ones_like(codes, dtype=torch.bool)
     starts[:, 1:] = codes[:, 1:] != codes[:, :-1]  # where a run of equal codes starts, in every row at 0
@@ -1798,6 +1798,13 @@ def process_batches(n, cfg, epoch):
     batches = epoch_batches(n, cfg.batch_size * size, cfg.seed, epoch, cfg.max_batches_per_epoch)
     return [batch[rank::size] for batch in batches if len(batch) >= size]
 
+def count_steps(dataset, cfg, what):
+    """This process's steps in an epoch of dataset; none at all is one clear error."""
+    steps = len(process_batches(len(dataset), cfg, 1))
+    if steps == 0:
+        raise UserError(f"{len(dataset)} {what} cannot be shared out among {rank_and_size()[1]} processes: use more")
+    return steps
+
 def epoch_and_batch(step, steps_per_epoch, scst_steps, cfg):
     """The 0-based epoch and batch of a step: num_epochs of cross-entropy epochs, then the self-critical ones."""
     cross_entropy_steps = cfg.num_epochs * steps_per_epoch
@@ -1979,15 +1986,10 @@ def train(cfg, device):
     ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None) if size > 1 else model
     train_set = FlickrDataset(data.split("train"), model.vocab, data.source, cfg.max_train_caption_len)
     val_set = FlickrDataset(data.split("val"), model.vocab, data.source)
-    scst_set, reward = (None, None)
+    steps_per_epoch, scst_set, reward, scst_steps = count_steps(train_set, cfg, "training captions"), None, None, 0
     if cfg.scst_epochs:
         scst_set, reward = scst_data(data, model.vocab, cfg.max_train_caption_len)
-    steps_per_epoch = len(process_batches(len(train_set), cfg, 1))
-    scst_steps = len(process_batches(len(scst_set), cfg, 1)) if scst_set else 0
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(train_set)} training captions cannot be shared out among {size} processes: use more")
-    if scst_set and scst_steps == 0:
-        raise UserError(f"{len(scst_set)} training images cannot be shared out among {size} processes: use more")
+        scst_steps = count_steps(scst_set, cfg, "training images")
     total_steps, all_epochs = cfg.num_epochs * steps_per_epoch, cfg.num_epochs + cfg.scst_epochs
     pending, batches, bar, epoch_start = [], None, tqdm(disable=True), time.time()
     model.train()
@@ -2139,34 +2141,25 @@ def meteor_scorer():
 
 def caption_metrics(references, hypotheses):
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr with the coco-caption scorers (METEOR None without Java)."""
+    return score_captions(references, hypotheses)[0]
+
+def score_captions(references, hypotheses):
+    """caption_metrics' figures, and each image's CIDEr and BLEU-4 from the same scorers: {image: {name: score}}."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
-    refs, hyps = scorer_input(references, hypotheses)
-    metrics = {}
+    refs = {i: [metric_text(c) for c in references[i]] for i in hypotheses}
+    hyps = {i: [metric_text(hypotheses[i])] for i in hypotheses}
     with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their progress
-        bleu, _ = Bleu(4).compute_score(refs, hyps)
-        metrics.update({f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)})
+        bleu, bleu_each = Bleu(4).compute_score(refs, hyps)
         meteor = meteor_scorer()
+        metrics = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
         metrics["METEOR"] = None if meteor is None else float(meteor.compute_score(refs, hyps)[0])
         metrics["ROUGE-L"] = float(Rouge().compute_score(refs, hyps)[0])
-        metrics["CIDEr"] = float(Cider().compute_score(refs, hyps)[0])
-    return metrics
-
-def scorer_input(references, hypotheses):
-    """The coco-caption scorers' {image: [text]} of references and hypotheses, in the hypotheses' order."""
-    refs = {i: [metric_text(c) for c in references[i]] for i in hypotheses}
-    return refs, {i: [metric_text(hypotheses[i])] for i in hypotheses}
-
-def image_scores(references, hypotheses):
-    """Each image's CIDEr and BLEU-4, from the same scorers as caption_metrics: {image: {name: score}}."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    refs, hyps = scorer_input(references, hypotheses)
-    with contextlib.redirect_stdout(io.StringIO()):
-        bleu = Bleu(4).compute_score(refs, hyps)[1][3]  # BLEU-4 of each image, in the order of refs
-        cider = Cider().compute_score(refs, hyps)[1]
-    return {name: {"CIDEr": float(c), "BLEU-4": float(b)} for name, c, b in zip(hyps, cider, bleu)}
+        cider, cider_each = Cider().compute_score(refs, hyps)
+    metrics["CIDEr"] = float(cider)
+    each = zip(hyps, cider_each, bleu_each[3])  # in the order of hyps
+    return metrics, {name: {"CIDEr": float(c), "BLEU-4": float(b)} for name, c, b in each}
 
 def format_metrics(metrics):
     return ", ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f}'}" for k, v in metrics.items())
@@ -2190,11 +2183,12 @@ def test_report(restored, data, cfg, device, tag=""):
     """Test metrics, captions (with each image's scores), examples and report.html, tag in their names."""
     out, model, checkpoint_path = Path(cfg.output_dir), restored.model, restored.path
     start = time.time()
-    metrics, captions = evaluate_split(model, data, "test", cfg, device)
+    captions, _ = generate_captions(model, data.source, data.images("test"), cfg, device)
     demo = demo_scores(model, data, "test", cfg, device, by_kind=True)  # in every process: each captions a share
     if not is_main_process():
         return None
-    refs, scores = references_of(data.split("test")), image_scores(references_of(data.split("test")), captions)
+    refs = references_of(data.split("test"))
+    metrics, scores = score_captions(refs, captions)
     for name, right in demo_judgement(cfg, captions).items():
         scores[name]["right"] = right
     pd.DataFrame([{"image": n, "caption": c, "references": " | ".join(refs[n]), **scores[n]}
