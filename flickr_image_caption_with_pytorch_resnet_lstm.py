@@ -2048,8 +2048,9 @@ def train(cfg, device):
     test_report(best, data, cfg, device)
     if device.type == "cuda":
         log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
-    log(f"outputs in {out}: loss_per_batch.csv, loss_per_epoch.csv, loss_graph.png, metrics_graph.png, "
-        f"test_metrics.json, test_captions.csv, test_examples.png, best.pt, last.pt, vocab.json, config.json")
+    log(f"outputs in {out}: report.html (open it in a browser), loss_per_batch.csv, loss_per_epoch.csv, "
+        f"loss_graph.png, metrics_graph.png, test_metrics.json, test_captions.csv, test_captions.json, "
+        f"test_examples.png, best.pt, last.pt, vocab.json, config.json")
     del lock
     return 0
 
