@@ -1555,27 +1555,27 @@ def scst_step(ddp, model, optimizer, inputs, images, reward, lr, cfg, device):
 # training: checkpoints, the output folder, one loop over steps
 CHECKPOINT_KEYS = {"model_args", "model", "optimizer", "vocab", "freq_threshold", "config", "encoder_weights",
                    "encoder_weights_sha256", "epoch", "step", "best_score", "loss_sum", "loss_count", "processes",
-                   "rng_state", "cuda_rng_state"}  # and, added since: sha256, train_images_sha256, SCST's sums
+                   "rng_state", "cuda_rng_state"}  # since added: sha256, train_images_sha256, SCST's sums
 MODEL_ARGS = {"decoder": str, "embed_size": int, "hidden_size": int, "num_layers": int, "dropout": float,
               "image_size": int}
-RENAMED = {".fcn.": ".to_vocab.", "decoder.cells.": "decoder.lstm_cells."}  # older checkpoints' parameter names
+RENAMED = {".fcn.": ".to_vocab.", "decoder.cells.": "decoder.lstm_cells."}  # older checkpoints' names
 # these decide the batches, the vocabulary or the model: a resumed run must keep them
 RESUME_FIXED = ("dataset", "data_dir", "max_images", "demo_images", "image_size", "freq_threshold", "decoder",
-                "embed_size", "hidden_size", "num_layers", "dropout", "batch_size", "max_batches_per_epoch", "seed",
-                "best_metric")
+                "embed_size", "hidden_size", "num_layers", "dropout", "batch_size", "max_batches_per_epoch",
+                "seed", "best_metric")
 NOT_TRAINING = ("resume", "evaluate", "checkpoint", "caption_figure", "preset", "output_dir")
 RESUME_ADDED = {"best_metric": "CIDEr"}  # settings added since: what older checkpoints did
-RUN_OUTPUTS = ["loss_per_*.csv", "*_graph.png", "vocab.json", "config.json", "*.pt", "test_*", "report*"]  # a run's
+RUN_OUTPUTS = ["loss_per_*.csv", "*_graph.png", "vocab.json", "config.json", "*.pt", "test_*", "report*"]
 
 @dataclasses.dataclass
 class Progress:
     """How far a run has come: what a checkpoint records besides the weights."""
-    epoch: int = 0                    # epochs trained and validated
-    step: int = 0                     # optimizer steps taken
+    epoch: int = 0  # epochs trained and validated
+    step: int = 0  # optimizer steps taken
     best_score: float = float("-inf")  # of best_metric, higher is better
-    loss_sum: float = 0.0             # over the recorded steps of the epoch under way
+    loss_sum: float = 0.0  # over the recorded steps of the epoch under way
     loss_count: int = 0
-    reward_sum: float = 0.0           # self-critical steps: their sampled captions' and greedy captions' CIDEr-D
+    reward_sum: float = 0.0  # self-critical steps: their sampled and greedy captions' CIDEr-D
     greedy_sum: float = 0.0
 
 @dataclasses.dataclass
@@ -1583,13 +1583,13 @@ class Restored:
     """A checkpoint, checked: its model (rebuilt from its own sizes) and what a resumed run goes on from."""
     path: Path
     model: "Captioner"
-    config: dict                # the settings it was trained with
+    config: dict  # the settings it was trained with
     optimizer: dict
     progress: Progress
-    rng_states: tuple           # CPU, CUDA
-    weights_file: str           # the ResNet50 file it was trained with, and its sha256
+    rng_states: tuple  # CPU, CUDA
+    weights_file: str  # the ResNet50 file it was trained with, and its sha256
     weights_sha256: str
-    train_images_sha256: str    # None in checkpoints from before it was recorded
+    train_images_sha256: str  # None in checkpoints from before it was recorded
 
     def trained_on(self):
         """Its settings, with the weights file it recorded only where that file still is."""
@@ -1600,22 +1600,20 @@ class Restored:
     def check_weights(self, weights):
         if weights_sha256(weights) != self.weights_sha256:
             gone = "" if Path(self.weights_file).is_file() else ", no longer there: put it back"
-            raise UserError(f"checkpoint {self.path} was trained on other ResNet50 weights than {weights}: use "
-                            f"--encoder_weights={self.weights_file}, the file it was trained with{gone}")
+            raise UserError(f"checkpoint {self.path} was trained on other ResNet50 weights than {weights}: "
+                            f"use --encoder_weights={self.weights_file}, the file it was trained with{gone}")
 
     def check_data(self, vocab, weights, train_sha256, data_dir):
         """Refuses data other than the checkpoint was trained on, before any feature is computed."""
         if vocab is not None and vocab.itos != self.model.vocab.itos:
-            raise UserError(f"checkpoint {self.path} has a different vocabulary ({len(self.model.vocab)} words, now "
-                            f"{len(vocab)}): the captions in {data_dir} changed since it was written; train afresh")
+            raise UserError(f"checkpoint {self.path} has a different vocabulary ({len(self.model.vocab)} words, "
+                            f"now {len(vocab)}): the captions in {data_dir} changed since; train afresh")
         self.check_weights(weights)
         if self.train_images_sha256 is None:
-            warn(f"{self.path} does not record its training images (an older version wrote it): no check that the "
-                 f"test images were not among them")
+            warn(f"{self.path} does not record its training images (an older version wrote it): no leak check")
         elif train_sha256 != self.train_images_sha256:
-            raise UserError(f"the training split of {data_dir} is not the one {self.path} was trained on, so its "
-                            f"test split may hold images it trained on: use the data and settings it was trained "
-                            f"with (its config.json), or train afresh")
+            raise UserError(f"the training split of {data_dir} is not the one {self.path} was trained on: its test "
+                            f"split may hold training images. Use its data and settings (config.json), or train afresh")
 
 def checkpoint_sha256(ckpt):
     """A checksum of everything in a checkpoint but the checksum: tensors by their bytes, the rest by repr."""
@@ -1639,8 +1637,8 @@ def checkpoint_sha256(ckpt):
 
 def checkpoint_problem(ckpt):
     """What makes a loaded file no sound checkpoint of this script, or None."""
-    if not isinstance(ckpt, dict) or CHECKPOINT_KEYS - set(ckpt):
-        missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
+    missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
+    if missing:
         return f"it lacks {', '.join(sorted(missing)[:5])}"
     if "sha256" in ckpt and ckpt["sha256"] != checkpoint_sha256(ckpt):
         return "its checksum does not match its contents: it was changed or damaged"
@@ -1652,12 +1650,12 @@ def checkpoint_problem(ckpt):
             return f"model_args {name}={args[name]!r} is not a {kind.__name__} (at least 1 if an int)"
     if args["decoder"] not in DECODERS:  # else building the model fails with a KeyError
         return f"model_args decoder={args['decoder']!r} is not one of {', '.join(map(repr, DECODERS))}"
-    vocab = ckpt["vocab"]
-    if not isinstance(vocab, list) or vocab[:4] != Vocabulary.SPECIALS or not all(isinstance(w, str) for w in vocab):
+    words, weights = ckpt["vocab"], ckpt["model"]
+    if not isinstance(words, list) or words[:4] != Vocabulary.SPECIALS or not all(isinstance(w, str) for w in words):
         return f"its vocabulary is not a list of words starting with {Vocabulary.SPECIALS}"
-    if not isinstance(ckpt["model"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         return "its model is not a dict of tensors"
-    if not all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()):
+    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
         return "its weights are not all finite numbers"
     return None
 
@@ -1669,12 +1667,12 @@ def read_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UserError(f"cannot load checkpoint {path}: it is damaged or holds more than plain tensors and "
-                        f"values, which is refused ({type(error).__name__})") from None
+        raise UserError(f"cannot load checkpoint {path}: it is damaged or holds more than plain tensors "
+                        f"and values, which is refused ({type(error).__name__})") from None
     problem = checkpoint_problem(ckpt)
     if problem:
-        raise UserError(f"{path} is not a sound checkpoint of this script: {problem}. Use another --checkpoint, "
-                        f"or train afresh")
+        raise UserError(f"{path} is not a sound checkpoint of this script: {problem}. Use another "
+                        f"--checkpoint, or train afresh")
     return ckpt
 
 def restore(path, cfg=None):
@@ -1690,14 +1688,11 @@ def restore(path, cfg=None):
         state[name] = tensor
     try:
         model = Captioner(Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]), **ckpt["model_args"])
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        model.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError) as error:
         reason = " ".join(str(error).split())[:250]  # one line: torch's message spans several
-        raise UserError(f"{path} does not match its own model sizes ({reason}): it is damaged; use "
-                        f"another --checkpoint, or train afresh") from None
-    if unexpected or missing:
-        raise UserError(f"{path} does not match its own model ({(unexpected or missing)[0]}): it is damaged; use "
-                        f"another --checkpoint, or train afresh")
+        raise UserError(f"{path} does not match its own model ({reason}): it is damaged; use another "
+                        f"--checkpoint, or train afresh") from None
     progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress) if f.name in ckpt})
     return Restored(Path(path), model, config, ckpt["optimizer"], progress,
                     (ckpt["rng_state"], ckpt["cuda_rng_state"]), ckpt["encoder_weights"],
@@ -1707,20 +1702,18 @@ def check_resumable(config, processes, cfg, path, epoch):
     """Refuses a resume whose settings would make it another run; says which changed settings it applies."""
     if processes != rank_and_size()[1]:  # each step's batch holds batch_size captions per process
         raise UserError(f"checkpoint {path} was written by a run of {processes} process(es), and this one has "
-                        f"{rank_and_size()[1]}: resume it with as many (torchrun --nproc_per_node=...), or train "
-                        f"afresh")
+                        f"{rank_and_size()[1]}: resume it with as many (torchrun --nproc_per_node=...)")
     scst_began = config.get("scst_epochs", 0) > 0 and epoch >= config["num_epochs"]
     if scst_began and cfg.num_epochs != config["num_epochs"]:  # its steps would be counted as other epochs
         raise UserError(f"checkpoint {path} has begun its self-critical epochs, after num_epochs="
                         f"{config['num_epochs']}: keep --num_epochs={config['num_epochs']} to resume it")
     for name in RESUME_FIXED:
         if name not in config:
-            raise UserError(f"checkpoint {path} does not record {name}: another version of this script wrote it; "
-                            f"train afresh (without --resume)")
+            raise UserError(f"checkpoint {path} does not record {name}: another version of this script wrote "
+                            f"it; train afresh (without --resume)")
         if config[name] != getattr(cfg, name):
             raise UserError(f"checkpoint {path} was trained with {name}={config[name]} but the config says "
-                            f"{name}={getattr(cfg, name)}: set --{name}={config[name]} to resume it, or train "
-                            f"afresh (without --resume)")
+                            f"{name}={getattr(cfg, name)}: set --{name}={config[name]} to resume it")
     for name in CONFIG_NAMES:
         if name not in RESUME_FIXED + NOT_TRAINING and config.get(name) != getattr(cfg, name):
             log(f"resume: {name} was {config.get(name)!r}, now {getattr(cfg, name)!r} (applied from here on)")
@@ -1749,8 +1742,9 @@ def claim_output_dir(out, fresh=False):
                         f"above it, a file or read-only?). Choose another output_dir") from None
     if not try_lock(lock):
         lock.seek(0)
-        raise UserError(f"another run (process {lock.read().strip() or '?'}) is writing to {out}: wait for it "
-                        f"to finish, stop it, or choose another --output_dir") from None
+        holder = lock.read().strip() or "?"
+        raise UserError(f"another run (process {holder}) is writing to {out}: wait for it to finish, stop it, "
+                        f"or choose another --output_dir") from None
     lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
@@ -1785,12 +1779,9 @@ class CtrlC:
             signal.signal(sig, handler)
 
 def epoch_batches(n, batch_size, seed, epoch, max_batches=0):
-    """The epoch's batches of caption indices: a fixed order per (seed, epoch), so a resumed run repeats it."""
+    """The epoch's batches of caption indices, in an order fixed by seed and epoch: a resume repeats it."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    if max_batches:
-        return batches[:max_batches]
-    return batches
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)][:max_batches or None]
 
 def process_batches(n, cfg, epoch):
     """This process's share of each step's batch: any number of processes takes the same steps."""
@@ -1802,11 +1793,11 @@ def count_steps(dataset, cfg, what):
     """This process's steps in an epoch of dataset; none at all is one clear error."""
     steps = len(process_batches(len(dataset), cfg, 1))
     if steps == 0:
-        raise UserError(f"{len(dataset)} {what} cannot be shared out among {rank_and_size()[1]} processes: use more")
+        raise UserError(f"{len(dataset)} {what} cannot be shared among {rank_and_size()[1]} processes: use more")
     return steps
 
 def epoch_and_batch(step, steps_per_epoch, scst_steps, cfg):
-    """The 0-based epoch and batch of a step: num_epochs of cross-entropy epochs, then the self-critical ones."""
+    """The 0-based epoch and batch of a step: num_epochs of cross-entropy, then the self-critical epochs."""
     cross_entropy_steps = cfg.num_epochs * steps_per_epoch
     if step < cross_entropy_steps or not scst_steps:
         return divmod(step, steps_per_epoch)
