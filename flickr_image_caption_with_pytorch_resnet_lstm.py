@@ -1429,7 +1429,7 @@ def build_vocabulary(train_tokens, freq_threshold):
 # -----------------------------------------------------------------------------
 # self-critical sequence training: sampled captions rewarded by their CIDEr-D (Rennie et al. 2017; Luo 2020)
 def ngram_codes(ids, base):
-    """Each n-gram (n = 1..4) of word ids (M, T), 0-padded, as one integer in [base^(n-1), base^n): (M, 4T)."""
+    """Each n-gram (n = 1..4) of 0-padded word ids (M, T) as one integer in [base^(n-1), base^n): (M, 4T)."""
     codes, code, whole = [], torch.zeros_like(ids), torch.ones_like(ids, dtype=torch.bool)
     for n in range(4):
         word = F.pad(ids, (0, n))[:, n:]  # (M, T): the n-gram's last word
@@ -1439,11 +1439,11 @@ def ngram_codes(ids, base):
 
 def pad_references(refs):
     """Each image's references (lists of word ids) in one tensor (N, R, T), 0 for padding and missing ones."""
-    flat = pad_sequence([torch.tensor(r, dtype=torch.int32) for rs in refs for r in rs], batch_first=True)  # (all, T)
+    flat = pad_sequence([torch.tensor(r, dtype=torch.int32) for rs in refs for r in rs], True)  # (all, T)
     return pad_sequence(flat.split([len(rs) for rs in refs]), batch_first=True)  # (N, R, T)
 
 def distinct(codes):
-    """Each row's distinct codes but 0 (M, W) with their counts: (row, code, count) of each pair, (P,) each."""
+    """Each row's distinct nonzero codes (M, W) and their counts: (row, code, count), (P,) each."""
     # by hand: torch's unique_consecutive(dim=0) of (row, code) pairs gives the same, 7-25 times slower
     codes = codes.sort(1).values
     starts = torch.ones_like(codes, dtype=torch.bool)
@@ -1454,12 +1454,12 @@ def distinct(codes):
     return rows[values > 0], values[values > 0], counts[values > 0].double()
 
 class CiderD:
-    """coco-caption's CIDEr-D of word ids, vectorised: document frequencies from the references given, once."""
+    """coco-caption's CIDEr-D of word ids, vectorised; document frequencies from the references, once."""
 
     def __init__(self, refs, vocab_size, scored=None):
         if vocab_size ** 4 >= 2 ** 63:  # an n-gram's code must fit in 64 bits
-            raise UserError(f"the reward handles up to 55,108 words, and the vocabulary has {vocab_size}: raise "
-                            f"--freq_threshold")
+            raise UserError(f"the reward handles up to 55,108 words, and the vocabulary has {vocab_size}: "
+                            f"raise --freq_threshold")
         self.base, self.scored = vocab_size, scored  # scored: which word ids count (all if None)
         padded = pad_references(refs)  # (N, R, T)
         n, r, t = padded.shape
@@ -1484,29 +1484,31 @@ class CiderD:
         return counts * (self.log_images - df.clamp_min(1).double().log())
 
     def norms(self, rows, grams, counts, m):
-        """Each row's tf-idf norm per n-gram length (m, 4) and its coco-caption length, the number of bigrams (m,)."""
+        """Each row's tf-idf norm per n-gram length (m, 4) and coco-caption's length, its bigrams (m,)."""
         size = sum(grams >= self.base ** k for k in (1, 2, 3))  # n - 1
-        norm = torch.zeros(m, 4, dtype=torch.float64).index_put_((rows, size), self.tfidf(grams, counts).square(),
-                                                                  accumulate=True)
+        squares = self.tfidf(grams, counts).square()
+        norm = torch.zeros(m, 4, dtype=torch.float64).index_put_((rows, size), squares, accumulate=True)
         length = torch.zeros(m, dtype=torch.float64).index_put_((rows[size == 1],), counts[size == 1], True)
         return norm.sqrt(), length
 
     def __call__(self, hyps, images):
-        """The CIDEr-D (x10, as coco-caption's) of each caption hyps (H, T) against its image's references (images)."""
+        """The CIDEr-D (x10, as coco-caption's) of each caption (H, T) against its image's references."""
         h, r = len(hyps), self.refs.size(1)
         rows, grams, counts = distinct(ngram_codes(self.words(hyps), self.base))  # (P,) each
         if not len(grams):
             return torch.zeros(h, dtype=torch.float64)
-        vec, (norm, length) = self.tfidf(grams, counts), self.norms(rows, grams, counts, h)  # (P,), (H, 4), (H,)
+        vec = self.tfidf(grams, counts)  # (P,)
+        norm, length = self.norms(rows, grams, counts, h)  # (H, 4), (H,)
         used, column = grams.unique(return_inverse=True)  # the hypotheses' n-grams (U,), and each pair's
-        ref_rows, ref_grams, ref_counts = distinct(ngram_codes(self.refs[images].flatten(0, 1).long(), self.base))
+        refs = self.refs[images]  # (H, R, T)
+        ref_rows, ref_grams, ref_counts = distinct(ngram_codes(refs.flatten(0, 1).long(), self.base))
         place = torch.searchsorted(used, ref_grams).clamp_max(len(used) - 1)
         hit = used[place] == ref_grams  # the references' counts of those n-grams, by (reference row, n-gram)
-        keys = torch.cat([ref_rows[hit] * len(used) + place[hit], torch.tensor([torch.iinfo(torch.long).max])])
+        keys = torch.cat([ref_rows[hit] * len(used) + place[hit], torch.tensor([2 ** 63 - 1])])
         found = torch.cat([ref_counts[hit], torch.zeros(1, dtype=torch.float64)])
         query = (rows.unsqueeze(1) * r + torch.arange(r)) * len(used) + column.unsqueeze(1)  # (P, R)
         at = torch.searchsorted(keys, query)
-        ref_vec = torch.where(keys[at] == query, found[at], 0) * (vec / counts).unsqueeze(1)  # (P, R): same idf
+        ref_vec = torch.where(keys[at] == query, found[at], 0) * (vec / counts).unsqueeze(1)  # (P, R)
         clipped = torch.minimum(vec.unsqueeze(1), ref_vec) * ref_vec  # (P, R)
         size = sum(grams >= self.base ** k for k in (1, 2, 3))
         overlap = torch.zeros(h, 4, r, dtype=torch.float64).index_put_((rows, size), clipped, accumulate=True)
@@ -1514,7 +1516,7 @@ class CiderD:
         cosine = overlap.transpose(1, 2) / (norm.unsqueeze(1) * ref_norm).clamp_min(1e-300)  # (H, R, 4)
         delta = length.unsqueeze(1) - ref_length  # (H, R)
         score = cosine.mean(-1) * torch.exp(-delta.square() / (2 * 6.0 ** 2))  # the Gaussian length penalty
-        real = self.refs[images].amax(-1) > 0  # (H, R): references, not padding
+        real = refs.amax(-1) > 0  # (H, R): references, not padding
         return 10 * (score * real).sum(1) / real.sum(1)  # (H,)
 
 def scst_data(data, vocab, max_len=0):
@@ -1548,14 +1550,14 @@ def scst_step(ddp, model, optimizer, inputs, images, reward, lr, cfg, device):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    figures = torch.stack([rewards.mean(), greedy_reward.mean()]).float().to(device)  # float64 is not on every device
+    figures = torch.stack([rewards.mean(), greedy_reward.mean()]).float().to(device)  # not all have float64
     return torch.cat([loss.detach().float().view(1), figures])
 
 # -----------------------------------------------------------------------------
 # training: checkpoints, the output folder, one loop over steps
 CHECKPOINT_KEYS = {"model_args", "model", "optimizer", "vocab", "freq_threshold", "config", "encoder_weights",
-                   "encoder_weights_sha256", "epoch", "step", "best_score", "loss_sum", "loss_count", "processes",
-                   "rng_state", "cuda_rng_state"}  # since added: sha256, train_images_sha256, SCST's sums
+                   "encoder_weights_sha256", "epoch", "step", "best_score", "loss_sum", "loss_count",
+                   "processes", "rng_state", "cuda_rng_state"}  # since: sha256, train_images_sha256, SCST's
 MODEL_ARGS = {"decoder": str, "embed_size": int, "hidden_size": int, "num_layers": int, "dropout": float,
               "image_size": int}
 RENAMED = {".fcn.": ".to_vocab.", "decoder.cells.": "decoder.lstm_cells."}  # older checkpoints' names
@@ -1606,14 +1608,14 @@ class Restored:
     def check_data(self, vocab, weights, train_sha256, data_dir):
         """Refuses data other than the checkpoint was trained on, before any feature is computed."""
         if vocab is not None and vocab.itos != self.model.vocab.itos:
-            raise UserError(f"checkpoint {self.path} has a different vocabulary ({len(self.model.vocab)} words, "
-                            f"now {len(vocab)}): the captions in {data_dir} changed since; train afresh")
+            raise UserError(f"checkpoint {self.path} has a different vocabulary ({len(self.model.vocab)} "
+                            f"words, now {len(vocab)}): the captions in {data_dir} changed; train afresh")
         self.check_weights(weights)
         if self.train_images_sha256 is None:
-            warn(f"{self.path} does not record its training images (an older version wrote it): no leak check")
+            warn(f"{self.path} does not record its training images (an old version wrote it): no leak check")
         elif train_sha256 != self.train_images_sha256:
-            raise UserError(f"the training split of {data_dir} is not the one {self.path} was trained on: its test "
-                            f"split may hold training images. Use its data and settings (config.json), or train afresh")
+            raise UserError(f"the training split of {data_dir} is not the one {self.path} was trained on: "
+                            f"its test split may hold training images. Use its data, or train afresh")
 
 def checkpoint_sha256(ckpt):
     """A checksum of everything in a checkpoint but the checksum: tensors by their bytes, the rest by repr."""
@@ -1651,7 +1653,7 @@ def checkpoint_problem(ckpt):
     if args["decoder"] not in DECODERS:  # else building the model fails with a KeyError
         return f"model_args decoder={args['decoder']!r} is not one of {', '.join(map(repr, DECODERS))}"
     words, weights = ckpt["vocab"], ckpt["model"]
-    if not isinstance(words, list) or words[:4] != Vocabulary.SPECIALS or not all(isinstance(w, str) for w in words):
+    if not isinstance(words, list) or words[:4] != Vocabulary.SPECIALS or {type(w) for w in words} != {str}:
         return f"its vocabulary is not a list of words starting with {Vocabulary.SPECIALS}"
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         return "its model is not a dict of tensors"
@@ -1676,7 +1678,7 @@ def read_checkpoint(path):
     return ckpt
 
 def restore(path, cfg=None):
-    """The one way back from a checkpoint (resume, --evaluate, --caption, the test report); cfg: a resume's."""
+    """The one way back from a checkpoint: resume (with its cfg), --evaluate, --caption, the test report."""
     ckpt = read_checkpoint(path)
     config = {**RESUME_ADDED, **ckpt["config"]}
     if cfg:
@@ -1701,8 +1703,8 @@ def restore(path, cfg=None):
 def check_resumable(config, processes, cfg, path, epoch):
     """Refuses a resume whose settings would make it another run; says which changed settings it applies."""
     if processes != rank_and_size()[1]:  # each step's batch holds batch_size captions per process
-        raise UserError(f"checkpoint {path} was written by a run of {processes} process(es), and this one has "
-                        f"{rank_and_size()[1]}: resume it with as many (torchrun --nproc_per_node=...)")
+        raise UserError(f"checkpoint {path} was written by a run of {processes} process(es), and this one "
+                        f"has {rank_and_size()[1]}: resume it with as many (torchrun --nproc_per_node=...)")
     scst_began = config.get("scst_epochs", 0) > 0 and epoch >= config["num_epochs"]
     if scst_began and cfg.num_epochs != config["num_epochs"]:  # its steps would be counted as other epochs
         raise UserError(f"checkpoint {path} has begun its self-critical epochs, after num_epochs="
@@ -1719,16 +1721,16 @@ def check_resumable(config, processes, cfg, path, epoch):
             log(f"resume: {name} was {config.get(name)!r}, now {getattr(cfg, name)!r} (applied from here on)")
 
 def save_checkpoint(path, model, optimizer, cfg, data, progress):
-    """A flat dict of state dicts and counters, loaded with weights_only=True; config.json beside it says the same."""
+    """A flat dict of state dicts and counters, read with weights_only=True; config.json beside it."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise UserError(f"the model's weights are not finite at step {progress.step}: {path.name} not written")
+        raise UserError(f"the model's weights are not finite at step {progress.step}: {path.name} unwritten")
     (path.parent / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    ckpt = {"model_args": model.args, "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-            "vocab": model.vocab.itos, "freq_threshold": model.vocab.freq_threshold,
+    ckpt = {"model_args": model.args, "model": model.trainable_state_dict(), "vocab": model.vocab.itos,
+            "freq_threshold": model.vocab.freq_threshold, "optimizer": optimizer.state_dict(),
             "config": dataclasses.asdict(cfg), "encoder_weights": str(data.weights),
-            "encoder_weights_sha256": weights_sha256(data.weights), "train_images_sha256": data.train_images_sha256,
-            **dataclasses.asdict(progress), "processes": rank_and_size()[1], "rng_state": torch.get_rng_state(),
-            "cuda_rng_state": torch.cuda.get_rng_state_all()}
+            "encoder_weights_sha256": weights_sha256(data.weights), "processes": rank_and_size()[1],
+            "train_images_sha256": data.train_images_sha256, **dataclasses.asdict(progress),
+            "rng_state": torch.get_rng_state(), "cuda_rng_state": torch.cuda.get_rng_state_all()}
     atomic_save(ckpt | {"sha256": checkpoint_sha256(ckpt)}, path)
 
 def claim_output_dir(out, fresh=False):
@@ -1743,8 +1745,8 @@ def claim_output_dir(out, fresh=False):
     if not try_lock(lock):
         lock.seek(0)
         holder = lock.read().strip() or "?"
-        raise UserError(f"another run (process {holder}) is writing to {out}: wait for it to finish, stop it, "
-                        f"or choose another --output_dir") from None
+        raise UserError(f"another run (process {holder}) is writing to {out}: wait for it to finish, stop "
+                        f"it, or choose another --output_dir") from None
     lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
@@ -1793,7 +1795,7 @@ def count_steps(dataset, cfg, what):
     """This process's steps in an epoch of dataset; none at all is one clear error."""
     steps = len(process_batches(len(dataset), cfg, 1))
     if steps == 0:
-        raise UserError(f"{len(dataset)} {what} cannot be shared among {rank_and_size()[1]} processes: use more")
+        raise UserError(f"{len(dataset)} {what} cannot be shared by {rank_and_size()[1]} processes: use more")
     return steps
 
 def epoch_and_batch(step, steps_per_epoch, scst_steps, cfg):
@@ -1805,7 +1807,7 @@ def epoch_and_batch(step, steps_per_epoch, scst_steps, cfg):
     return cfg.num_epochs + epoch, batch
 
 def learning_rate_at(step, total_steps, cfg):
-    """The learning rate of a step (1-based): a pure function of the step, so a resumed run continues it exactly."""
+    """The learning rate of a step (1-based): a function of the step alone, which a resume continues."""
     if step > total_steps and cfg.scst_epochs:  # the self-critical steps, after the cross-entropy ones
         return cfg.scst_learning_rate
     if step <= cfg.warmup_steps:
@@ -1832,7 +1834,7 @@ def validation_loss(model, dataset, cfg, device):
     return total_loss / max(tokens, 1), correct / max(tokens, 1)
 
 def append_csv(path, rows, columns):
-    """Appends rows in the file's column order; a file that lacks some columns is rewritten with them, atomically."""
+    """Appends rows in the file's column order; a file that lacks columns is rewritten, atomically."""
     frame, path = pd.DataFrame(rows, columns=columns), Path(path)
     if not path.is_file():
         frame.to_csv(path, index=False)
@@ -1857,7 +1859,7 @@ def truncate_csv(path, column, last):
         frame[frame[column] <= last].to_csv(path, index=False)
 
 def start_run(cfg, device, out):
-    """A fresh run's data, model, optimizer and progress, or last.pt's (--resume): the one place that knows."""
+    """A fresh run's data, model, optimizer and progress, or last.pt's (--resume): the one place for both."""
     restored = restore(out / "last.pt", cfg) if cfg.resume else None
     data = prepare_data(cfg, device, build_vocab=True, trained=restored)
     if device.type == "cuda" and data.source.features is not None:  # batches are then gathered on the GPU
@@ -1869,8 +1871,8 @@ def start_run(cfg, device, out):
         if data.resnet is not None:
             model.encoder.attach(data.resnet)
     else:
-        model = Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.dropout, cfg.image_size,
-                          data.resnet, cfg.decoder)
+        model = Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.dropout,
+                          cfg.image_size, data.resnet, cfg.decoder)
         model.encoder.feature_mean.copy_(data.feature_stats[0])
         model.encoder.feature_std.copy_(data.feature_stats[1])
         progress = Progress()
@@ -1891,7 +1893,7 @@ def start_run(cfg, device, out):
     return data, model, optimizer, progress
 
 def train_step(model, optimizer, inputs, captions, lr, device):
-    """One optimizer step; the loss stays on the device (reading it back would wait for the GPU every step)."""
+    """One optimizer step; the loss stays on the device, as reading it would wait for the GPU every step."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast(device):
@@ -1905,17 +1907,18 @@ def record_losses(pending, progress, vocab_size, cfg, device, bar):
     """Averages the pending steps' losses over the processes, checks them and appends them to the CSV."""
     if not pending:
         return
-    stats = torch.stack([p[3] for p in pending]) / rank_and_size()[1]  # (steps,), or (steps, 3) with SCST's rewards
+    stats = torch.stack([p[3] for p in pending]) / rank_and_size()[1]  # (steps,), or (steps, 3) with rewards
     stats = torch.tensor(sum_over_processes(stats.flatten().tolist(), device)).view(len(pending), -1)
     scst = stats.size(1) > 1
     phase = "self-critical" if scst else "cross-entropy"
-    rows = [(epoch, step, phase, lr, *values) for (epoch, step, lr, _), values in zip(pending, stats.tolist())]
+    rows = [(*row[:2], phase, row[2], *values) for row, values in zip(pending, stats.tolist())]  # epoch, step
     limit = math.inf if scst else 10 * math.log(vocab_size)  # a fresh model's loss is about log(vocab_size)
     bad = [row for row in rows if not math.isfinite(row[4]) or row[4] > limit]
     if bad:
         rate = "scst_learning_rate" if scst else "learning_rate"
-        raise UserError(f"the training loss diverged at epoch {bad[0][0]}, step {bad[0][1]} (loss {bad[0][4]:.4g}): "
-                        f"lower --{rate} (now {getattr(cfg, rate)}). No checkpoint was written after that step")
+        epoch, step, _, _, loss = bad[0][:5]
+        raise UserError(f"the training loss diverged at epoch {epoch}, step {step} (loss {loss:.4g}): lower "
+                        f"--{rate} (now {getattr(cfg, rate)}). No checkpoint was written after that step")
     if is_main_process():
         columns = ["epoch", "step", "phase", "lr", "loss"] + (["reward", "greedy_cider"] if scst else [])
         append_csv(Path(cfg.output_dir) / "loss_per_batch.csv", rows, columns)
@@ -1929,7 +1932,7 @@ def record_losses(pending, progress, vocab_size, cfg, device, bar):
     pending.clear()
 
 def end_epoch(model, optimizer, data, val_set, progress, train_seconds, cfg, device):
-    """Validation, the epoch's row and log line, best.pt when it is the best so far, last.pt, graphs, samples."""
+    """Validation, the epoch's row and log line, best.pt when it is the best yet, last.pt, graphs, samples."""
     start = time.time()
     val_loss, token_accuracy = validation_loss(model, val_set, cfg, device)
     metrics, _ = evaluate_split(model, data, "val", cfg, device)
@@ -1941,8 +1944,9 @@ def end_epoch(model, optimizer, data, val_set, progress, train_seconds, cfg, dev
     said = f"train loss {train['train_loss']:.3f}"
     if scst:  # the loss of a self-critical step is no cross-entropy: the rewards say how it goes
         train |= {"reward": progress.reward_sum / count, "greedy_cider": progress.greedy_sum / count}
-        said = f"self-critical: reward {100 * train['reward']:.1f}, greedy CIDEr-D {100 * train['greedy_cider']:.1f}"
-    progress.loss_sum = progress.reward_sum = progress.greedy_sum = 0.0  # before the checkpoints a resume goes on from
+        reward, greedy = 100 * train["reward"], 100 * train["greedy_cider"]
+        said = f"self-critical: reward {reward:.1f}, greedy CIDEr-D {greedy:.1f}"
+    progress.loss_sum = progress.reward_sum = progress.greedy_sum = 0.0  # before the checkpoints
     progress.loss_count = 0
     if is_main_process():
         out = Path(cfg.output_dir)
@@ -1951,8 +1955,8 @@ def end_epoch(model, optimizer, data, val_set, progress, train_seconds, cfg, dev
                "eval_seconds": round(eval_seconds, 2)}
         append_csv(out / "loss_per_epoch.csv", [row], list(row))
         metric = cfg.best_metric
-        if scst and metric in ("demo_accuracy", "val_loss"):  # they pick among cross-entropy epochs; the SCST
-            metric = "CIDEr"  # epochs, which raise the cross-entropy, among themselves by the figure they optimise
+        if scst and metric in ("demo_accuracy", "val_loss"):  # SCST raises the cross-entropy: its epochs
+            metric = "CIDEr"  # are compared among themselves by the figure they optimise
             if progress.epoch == cfg.num_epochs + 1:
                 progress.best_score = float("-inf")
         score = -val_loss if metric == "val_loss" else metrics[metric]
@@ -1977,7 +1981,8 @@ def train(cfg, device):
     ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None) if size > 1 else model
     train_set = FlickrDataset(data.split("train"), model.vocab, data.source, cfg.max_train_caption_len)
     val_set = FlickrDataset(data.split("val"), model.vocab, data.source)
-    steps_per_epoch, scst_set, reward, scst_steps = count_steps(train_set, cfg, "training captions"), None, None, 0
+    steps_per_epoch = count_steps(train_set, cfg, "training captions")
+    scst_set, reward, scst_steps = None, None, 0
     if cfg.scst_epochs:
         scst_set, reward = scst_data(data, model.vocab, cfg.max_train_caption_len)
         scst_steps = count_steps(scst_set, cfg, "training images")
@@ -1987,15 +1992,17 @@ def train(cfg, device):
     with CtrlC() as stop:
         try:
             while True:
-                epoch, batch = epoch_and_batch(progress.step, steps_per_epoch, scst_steps, cfg)  # of the next step
+                epoch, batch = epoch_and_batch(progress.step, steps_per_epoch, scst_steps, cfg)  # next step's
                 scst = epoch >= cfg.num_epochs
                 epoch_steps = scst_steps if scst else steps_per_epoch
                 # every process stops at the same step; asking the others is a collective, so not every step
-                if (size == 1 or batch == 0 or batch % cfg.log_every == 0) and any_process(stop.requested, device):
+                asking = size == 1 or batch % cfg.log_every == 0  # batch 0 too
+                if asking and any_process(stop.requested, device):
                     break
                 if batch == 0 and epoch > progress.epoch:  # the previous epoch's training is done
                     bar.close()
-                    end_epoch(model, optimizer, data, val_set, progress, time.time() - epoch_start, cfg, device)
+                    seconds = time.time() - epoch_start
+                    end_epoch(model, optimizer, data, val_set, progress, seconds, cfg, device)
                 if epoch >= all_epochs:  # num_epochs may be lowered on resume
                     break
                 if batch == 0 or batches is None:
@@ -2005,8 +2012,8 @@ def train(cfg, device):
                     shares = process_batches(len(dataset), cfg, epoch + 1)[batch:]
                     batches = zip(shares, caption_batches(dataset, shares, cfg, device))
                     phase = " (self-critical)" if scst else ""
-                    bar = tqdm(total=epoch_steps, initial=batch, desc=f"epoch {epoch + 1}/{all_epochs}{phase}",
-                               unit="batch", leave=False)
+                    bar = tqdm(total=epoch_steps, initial=batch, unit="batch", leave=False,
+                               desc=f"epoch {epoch + 1}/{all_epochs}{phase}")
                     epoch_start = time.time()
                 indices, (inputs, captions) = next(batches)
                 progress.step += 1
@@ -2020,11 +2027,12 @@ def train(cfg, device):
                 if len(pending) >= cfg.log_every or batch + 1 == epoch_steps:
                     record_losses(pending, progress, len(model.vocab), cfg, device, bar)
                 if cfg.sample_every and progress.step % cfg.sample_every == 0:
-                    print_samples(model, data.source, data.images("val")[:3], cfg, device, f"step {progress.step}")
+                    label = f"step {progress.step}"
+                    print_samples(model, data.source, data.images("val")[:3], cfg, device, label)
         except UnreadableImage as error:  # gone since the run began: what was trained so far is kept
             if size == 1:  # under torchrun the others wait in DDP: no collective, torchrun stops them
                 stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device)
-            # from a DataLoader worker the message holds its traceback, whose source line matches first: the last
+            # from a DataLoader worker the message holds a traceback whose source line matches first: the last
             raise UserError(re.findall(r"cannot read image .*", str(error))[-1]) from None
         finally:
             bar.close()  # before any error's one line, which must start a line of its own
