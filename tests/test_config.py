@@ -165,8 +165,9 @@ def test_bad_settings_give_one_line_before_any_work(tmp_path):
 
 
 def test_devices_are_checked():
-    with pytest.raises(cap.UserError, match="expected auto, cpu, cuda"):
-        cap.pick_device("quantum")
+    for name in ("quantum", "cuda:01", "cuda:128"):  # torch.device refuses the second and wraps the third to -128
+        with pytest.raises(cap.UserError, match=re.escape(f"--device={name}: must be auto, cpu, cuda, cuda:N")):
+            settings("--dataset=flickr8k", f"--device={name}")
     if not cap.torch.cuda.is_available():
         with pytest.raises(cap.UserError, match="no CUDA GPU"):
             cap.pick_device("cuda")
