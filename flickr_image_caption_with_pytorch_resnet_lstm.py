@@ -173,15 +173,11 @@ def resolve_settings(overrides=None, echo=None, trained=None, shown=None):
     overrides, trained = dict(overrides or {}), {k: v for k, v in (trained or {}).items() if k in TRAINED_ON}
     values, origin = {name: globals()[name] for name in CONFIG_NAMES}, {}
     given = values | trained | overrides
-    if given["dataset"] not in DATASETS:
-        raise UserError(f"--dataset={given['dataset']!r}: expected {', '.join(map(repr, DATASETS))}")
     where = "resources/input/flickr8k"
     flickr8k = given["data_dir"] != "" or (ROOT / where).is_dir()
     why = "--data_dir given" if given["data_dir"] else f"{'found' if flickr8k else 'no'} {where}"
     auto = {"dataset": "flickr8k" if flickr8k else "demo"} if given["dataset"] == "auto" else {}
     preset = auto.get("dataset", given["dataset"]) if given["preset"] == "auto" else given["preset"]
-    if preset not in PRESETS and given["preset"] not in ("auto", "none"):
-        raise UserError(f"--preset={given['preset']!r}: expected 'auto', 'none' or {', '.join(PRESETS)}")
     for name in MODEL_SHAPE:
         if name in trained and name in overrides and overrides[name] != trained[name]:
             raise UserError(f"--{name}={overrides[name]}, but the checkpoint was trained with "
@@ -216,6 +212,8 @@ def valid_best_metric(value, values):
     return value in ("CIDEr", "BLEU-4", "val_loss") or (value, values["dataset"]) == ("demo_accuracy", "demo")
 
 SETTING_RULES = [
+    (["dataset"], lambda v, _: v in DATASETS, ", ".join(DATASETS)),
+    (["preset"], lambda v, _: v in ("auto", "none", *PRESETS), "'auto', 'none' or a preset, such as 'demo'"),
     (POSITIVE, lambda v, _: v >= 1, "at least 1"),
     (NON_NEGATIVE, lambda v, _: v >= 0, "0 or more"),
     (["learning_rate", "scst_learning_rate"], lambda v, _: 0 < v <= 1,
@@ -368,20 +366,18 @@ IMAGE_DIRS = ["Images", "flickr30k_images/flickr30k_images", "flickr30k_images",
               "Flickr8k_Dataset"]
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                "test": "Flickr_8k.testImages.txt"}
-FORMATS_ACCEPTED = ("Kaggle captions.txt ('image,caption' CSV), Kaggle Flickr30k results.csv "
-                    "('image_name| comment_number| comment'), Flickr8k.token.txt ('name.jpg#0<TAB>caption') "
-                    "or Karpathy's dataset_flickr8k.json / dataset_flickr30k.json")
+FORMATS_ACCEPTED = ("captions.txt ('image,caption'), results.csv ('image_name| comment_number| comment'), "
+                    "Flickr8k.token.txt ('name.jpg#0<TAB>caption') or Karpathy's dataset_*.json")
 TOKEN_LINE = re.compile(r"(?P<image>[^\t#,|]+)#\d+\t(?P<caption>.*)")  # Flickr8k.token.txt
 RESULTS_LINE = re.compile(r"\s*(?P<image>[^|]+?)\s*\|\s*\d+\s*\|?(?P<caption>.*)")  # even without its 2nd '|'
 
 def read_text(path):
-    """The text in its encoding (UTF-16, UTF-8 with or without a BOM, else cp1252), with \n line endings."""
+    """The file's text in its encoding: UTF-16, UTF-8 with or without a BOM, else cp1252."""
     raw = Path(path).read_bytes()
     try:
-        text = raw.decode("utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig")
+        return raw.decode("utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig")
     except UnicodeDecodeError:
-        text = raw.decode("cp1252", errors="replace")
-    return re.sub(r"\r\n?", "\n", text)
+        return raw.decode("cp1252", errors="replace")
 
 def read_captions(path):
     """Any supported caption file: (DataFrame of image, caption[, split]; counts of what was dropped)."""
@@ -401,7 +397,7 @@ def read_captions(path):
             elif line.strip() and line is not first:
                 bad_lines.append(number)
     elif header == "image,caption":
-        reader = csv.reader(io.StringIO(text))
+        reader = csv.reader(io.StringIO(text, newline=""))  # newline="": \r\n and old Mac \r, even mixed
         next(reader)
         for row in reader:
             if len(row) >= 2:  # more than 2 fields: a caption's unquoted commas
