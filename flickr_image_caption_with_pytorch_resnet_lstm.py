@@ -385,32 +385,25 @@ def read_captions(path):
     lines = text.splitlines()
     first = next((line for line in lines if line.strip()), "")
     header = re.sub(r"\s", "", first).lower()
-    rows, bad_lines = [], []
     if first.lstrip().startswith("{"):
-        rows = karpathy_rows(path, text)
+        rows, bad_lines = karpathy_rows(path, text), []
     elif TOKEN_LINE.match(first) or header == "image_name|comment_number|comment":
         pattern = TOKEN_LINE if TOKEN_LINE.match(first) else RESULTS_LINE
-        for number, line in enumerate(lines, 1):
-            match = pattern.match(line)
-            if match:
-                rows.append(match.groups())
-            elif line.strip() and line is not first:
-                bad_lines.append(number)
+        matches = [(n, line, pattern.match(line)) for n, line in enumerate(lines, 1)]
+        rows = [match.groups() for _, _, match in matches if match]
+        bad_lines = [n for n, line, match in matches if not match and line.strip() and line is not first]
     elif header == "image,caption":
         reader = csv.reader(io.StringIO(text, newline=""))  # newline="": \r\n and old Mac \r, even mixed
-        next(reader)
-        for row in reader:
-            if len(row) >= 2:  # more than 2 fields: a caption's unquoted commas
-                rows.append((row[0].strip(), ",".join(row[1:])))
-            elif row:
-                bad_lines.append(reader.line_num)
+        numbered = [(reader.line_num, row) for row in reader][1:]  # a caption's unquoted commas make 3+ fields
+        rows = [(row[0].strip(), ",".join(row[1:])) for _, row in numbered if len(row) >= 2]
+        bad_lines = [n for n, row in numbered if len(row) == 1]
     else:
         raise UserError(f"{path}: unknown caption file format. Its first line is {first[:120]!r}; "
                         f"accepted formats: {FORMATS_ACCEPTED}")
     frame = pd.DataFrame(rows, columns=["image", "caption", "split"][:len(rows[0]) if rows else 2])
     frame["caption"] = frame["caption"].str.strip()
     empty = frame["caption"] == ""
-    wordless = ~frame["caption"].str.contains(r"\w", na=False)  # punctuation alone: nothing to learn or score
+    wordless = ~frame["caption"].str.contains(r"\w")  # punctuation alone: nothing to learn or score
     kept = frame[~wordless].drop_duplicates(["image", "caption"]).reset_index(drop=True)
     dropped = Counter(blank_lines=sum(not line.strip() for line in lines), empty_captions=int(empty.sum()),
                       captions_without_words=int((wordless & ~empty).sum()),
@@ -418,7 +411,7 @@ def read_captions(path):
     if bad_lines:
         warn(f"{path}: skipped {len(bad_lines)} malformed line(s): {bad_lines[:10]}")
     if kept.empty:
-        raise UserError(f"{path} holds no caption with a word in it (dropped {dict(+dropped)}): fix it")
+        raise UserError(f"{path} holds no caption with a word in it ({dict(+dropped) or 'no rows'}): fix it")
     return kept, dict(+dropped)
 
 def karpathy_rows(path, text):
@@ -541,12 +534,10 @@ def load_image(path, transform):
 
 def image_opens(path):
     """A cheap check (no full decode) for the per-step encoder."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
+    with contextlib.suppress(Exception), Image.open(path) as image:
+        image.verify()
         return True
-    except Exception:
-        return False
+    return False
 
 class ImageSource:
     """Encoder inputs by image name: cached 2048-d features when there are some, else decoded images."""
