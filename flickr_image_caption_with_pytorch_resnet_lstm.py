@@ -315,8 +315,7 @@ class Vocabulary:
     SPECIALS = ["<PAD>", "<SOS>", "<EOS>", "<UNK>"]
 
     def __init__(self, freq_threshold=5, itos=None):
-        self.freq_threshold = freq_threshold
-        self.itos = list(itos) if itos is not None else list(self.SPECIALS)
+        self.freq_threshold, self.itos = freq_threshold, list(self.SPECIALS if itos is None else itos)
         if self.itos[:4] != self.SPECIALS:
             raise ValueError(f"a vocabulary must start with {self.SPECIALS}")
         self.stoi = {word: i for i, word in enumerate(self.itos)}
@@ -355,8 +354,7 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path):
-        data = json.loads(Path(path).read_text())
-        return cls(data["freq_threshold"], data["itos"])
+        return cls(**json.loads(Path(path).read_text()))  # the keys are __init__'s arguments
 
 # -----------------------------------------------------------------------------
 # dataset: caption files, image folders, splits
@@ -366,8 +364,6 @@ IMAGE_DIRS = ["Images", "flickr30k_images/flickr30k_images", "flickr30k_images",
               "Flickr8k_Dataset"]
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                "test": "Flickr_8k.testImages.txt"}
-FORMATS_ACCEPTED = ("captions.txt ('image,caption'), results.csv ('image_name| comment_number| comment'), "
-                    "Flickr8k.token.txt ('name.jpg#0<TAB>caption') or Karpathy's dataset_*.json")
 TOKEN_LINE = re.compile(r"(?P<image>[^\t#,|]+)#\d+\t(?P<caption>.*)")  # Flickr8k.token.txt
 RESULTS_LINE = re.compile(r"\s*(?P<image>[^|]+?)\s*\|\s*\d+\s*\|?(?P<caption>.*)")  # even without its 2nd '|'
 
@@ -394,12 +390,13 @@ def read_captions(path):
         bad_lines = [n for n, line, match in matches if not match and line.strip() and line is not first]
     elif header == "image,caption":
         reader = csv.reader(io.StringIO(text, newline=""))  # newline="": \r\n and old Mac \r, even mixed
-        numbered = [(reader.line_num, row) for row in reader][1:]  # a caption's unquoted commas make 3+ fields
+        numbered = [(reader.line_num, row) for row in reader][1:]  # a caption's unquoted commas: 3+ fields
         rows = [(row[0].strip(), ",".join(row[1:])) for _, row in numbered if len(row) >= 2]
         bad_lines = [n for n, row in numbered if len(row) == 1]
     else:
-        raise UserError(f"{path}: unknown caption file format. Its first line is {first[:120]!r}; "
-                        f"accepted formats: {FORMATS_ACCEPTED}")
+        raise UserError(f"{path}: unknown caption format (first line {first[:120]!r}); accepted formats: "
+                        f"captions.txt ('image,caption'), Flickr8k.token.txt ('name.jpg#0<TAB>caption'), "
+                        f"results.csv ('image_name| comment_number| comment') or Karpathy's dataset_*.json")
     frame = pd.DataFrame(rows, columns=["image", "caption", "split"][:len(rows[0]) if rows else 2])
     frame["caption"] = frame["caption"].str.strip()
     empty = frame["caption"] == ""
@@ -573,8 +570,7 @@ class FlickrDataset(Dataset):
     """One item per caption: (encoder input for its image, caption ids with <SOS> and <EOS>)."""
 
     def __init__(self, captions, vocab, source, max_len=None):
-        self.images = captions["image"].tolist()
-        self.source = source
+        self.images, self.source = captions["image"].tolist(), source
         tokens = captions["tokens"] if "tokens" in captions else Vocabulary.tokenize_many(captions["caption"])
         cut = sum(len(t) > max_len for t in tokens) if max_len else 0
         if cut:  # one 10,000-word caption once made two batches take 420 s
