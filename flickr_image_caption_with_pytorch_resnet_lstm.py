@@ -609,6 +609,7 @@ def caption_batches(dataset, batches, cfg, device):
                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     for inputs, captions in map(dataset.batch, batches) if dataset.source.features is not None else loader:
         yield inputs.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+
 # -----------------------------------------------------------------------------
 # the built-in demo set: coloured shapes with captions, in the Flickr8k layout
 DEMO_COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (240, 210, 30)}
