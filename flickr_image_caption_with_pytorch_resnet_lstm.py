@@ -153,10 +153,6 @@ def parse_args(argv):
     overrides = vars(parser.parse_args(argv))
     return overrides, overrides.pop("caption", None)
 
-POSITIVE = ("batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_size", "hidden_size",
-            "num_layers", "freq_threshold", "image_size", "log_every", "demo_images")
-NON_NEGATIVE = ("max_images", "max_batches_per_epoch", "num_workers", "sample_every", "warmup_steps",
-                "max_train_caption_len", "scst_epochs")
 PATHS = ("data_dir", "encoder_weights", "output_dir", "cache_dir", "checkpoint", "caption_figure")
 DATASETS = ("auto", "demo", "flickr8k", "flickr30k", "coco")
 # what a checkpoint was trained on: --evaluate and --caption take these from it, under the command line
@@ -214,8 +210,10 @@ def valid_best_metric(value, values):
 SETTING_RULES = [
     (["dataset"], lambda v, _: v in DATASETS, ", ".join(DATASETS)),
     (["preset"], lambda v, _: v in ("auto", "none", *PRESETS), "'auto', 'none' or a preset, such as 'demo'"),
-    (POSITIVE, lambda v, _: v >= 1, "at least 1"),
-    (NON_NEGATIVE, lambda v, _: v >= 0, "0 or more"),
+    (["batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_size", "hidden_size", "num_layers",
+      "freq_threshold", "image_size", "log_every", "demo_images"], lambda v, _: v >= 1, "at least 1"),
+    (["max_images", "max_batches_per_epoch", "num_workers", "sample_every", "warmup_steps",
+      "max_train_caption_len", "scst_epochs"], lambda v, _: v >= 0, "0 or more"),
     (["learning_rate", "scst_learning_rate"], lambda v, _: 0 < v <= 1,
      "a positive number up to 1, such as 0.0002"),
     (["scst_baseline"], lambda v, _: v in ("mean", "greedy"), "'mean' or 'greedy'"),

@@ -81,6 +81,15 @@ def test_preset_applies_over_the_constants_and_under_the_command_line():
     assert (other.embed_size, other.best_metric, cfg.best_metric) == (128, "CIDEr", "demo_accuracy")
 
 
+def test_auto_dataset_is_resolved_even_when_given(tmp_path):
+    for argv in ([], ["--dataset=auto"]):  # an explicit --dataset=auto once stayed 'auto' (resources/input/auto)
+        cfg = settings(*argv)
+        assert cfg.dataset in ("demo", "flickr8k") and cfg.data_dir.endswith(f"resources/input/{cfg.dataset}")
+    printed = []
+    assert settings("--dataset=auto", f"--data_dir={tmp_path}", echo=printed.append).dataset == "flickr8k"
+    assert "(--data_dir given)" in printed[0]
+
+
 def test_an_edited_constant_acts_and_every_difference_is_printed(monkeypatch):
     monkeypatch.setattr(cap, "beam_size", 7)  # as if edited at the top of the script
     monkeypatch.setattr(cap, "learning_rate", 0.01)
