@@ -333,10 +333,9 @@ class Vocabulary:
         """Counts words in sentences (strings, or lists of tokens already split)."""
         tokenized = [s if isinstance(s, list) else self.tokenize(s) for s in sentences]
         counts = Counter(token for tokens in tokenized for token in tokens)
-        for word, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
-            if count >= self.freq_threshold and word not in self.stoi:
-                self.stoi[word] = len(self.itos)
-                self.itos.append(word)
+        self.itos += [word for word, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+                      if count >= self.freq_threshold and word not in self.stoi]
+        self.stoi = {word: i for i, word in enumerate(self.itos)}
         return self
 
     def numericalize(self, text):
