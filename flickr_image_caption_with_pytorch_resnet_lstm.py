@@ -1,9 +1,9 @@
-"""Image captioning on Flickr8k, Flickr30k or MS-COCO: a frozen ResNet50 encoder and a 2-layer LSTM decoder.
+"""Image captioning on Flickr8k, Flickr30k or MS-COCO: a frozen ResNet50 encoder and an LSTM decoder.
 
     python flickr_image_caption_with_pytorch_resnet_lstm.py                 # train (demo set if no Flickr8k)
     python flickr_image_caption_with_pytorch_resnet_lstm.py --resume        # continue from last.pt
     python flickr_image_caption_with_pytorch_resnet_lstm.py --evaluate      # test-split metrics of best.pt
-    python flickr_image_caption_with_pytorch_resnet_lstm.py --caption photo.jpg folder/ [--caption_figure=out.png]
+    python flickr_image_caption_with_pytorch_resnet_lstm.py --caption a.jpg dir/ [--caption_figure=out.png]
 
 Every constant in the config section can be overridden on the command line as --name=value.
 """
@@ -54,18 +54,18 @@ ROOT = Path(__file__).resolve().parent
 # -----------------------------------------------------------------------------
 # config: plain constants; override any of them as --name=value
 # data
-dataset = "auto"            # 'auto' (Flickr8k if present, else the demo), 'demo', 'flickr8k', 'flickr30k', 'coco'
+dataset = "auto"            # auto (Flickr8k if present, else the demo), demo, flickr8k, flickr30k or coco
 data_dir = ""               # '' means resources/input/<dataset>
-encoder_weights = "resources/models/resnet50-0676ba61.pth"  # torchvision's ImageNet weights, fetched by ./setup.sh
+encoder_weights = "resources/models/resnet50-0676ba61.pth"  # torchvision's ImageNet weights, from ./setup.sh
 output_dir = ""             # '' means resources/output/<dataset>
 cache_dir = "resources/cache"
 cache_features = True       # compute the frozen ResNet50 features once per image instead of every step
 image_size = 224            # images are resized and centre-cropped to this many pixels
 max_images = 0              # 0 = every image; else a quick partial run on this many
-demo_images = 3000          # the built-in demo set: how many images of coloured shapes it generates (image_size px)
+demo_images = 3000          # how many images of coloured shapes the built-in demo set has (image_size px)
 # model
-decoder = "lstm"            # 'lstm': the pooled feature is the LSTM's first input (Show and Tell); 'attention': soft
-                            # attention over ResNet50's last convolutional grid (Show, Attend and Tell)
+decoder = "lstm"            # 'lstm' (Show and Tell: the pooled feature is the LSTM's first input) or
+                            # 'attention' (Show, Attend and Tell: attention over ResNet50's image regions)
 embed_size = 400
 hidden_size = 512
 num_layers = 2
@@ -88,23 +88,23 @@ resume = False              # continue from last.pt in output_dir
 scst_epochs = 0             # 0 = off; the run goes on for this many epochs (can be added later with --resume)
 scst_learning_rate = 0.00005
 scst_samples = 5            # captions sampled per image (multinomial, temperature 1)
-scst_baseline = "mean"      # 'mean' of the image's other samples (Luo 2020) or 'greedy' caption's (Rennie et al. 2017)
+scst_baseline = "mean"      # 'mean' of the other samples (Luo 2020) or the 'greedy' caption's (Rennie 2017)
 # decoding and evaluation
 max_caption_len = 20
 max_train_caption_len = 100 # longer training captions are cut to this many words (Flickr8k's longest: 40)
 beam_size = 3
-best_metric = "auto"        # the validation figure that picks best.pt: 'CIDEr', 'BLEU-4', 'val_loss' (lowest) or
-                            # 'demo_accuracy' (demo images captioned fully right); 'auto': that on the demo, else CIDEr
+best_metric = "auto"        # what picks best.pt on validation: 'CIDEr', 'BLEU-4', 'val_loss' (lowest) or
+                            # 'demo_accuracy' (demo captions right); 'auto': that on the demo, else CIDEr
 # modes
 evaluate = False            # evaluate a checkpoint on the test split and exit
 checkpoint = ""             # '' means best.pt in output_dir (for --evaluate and --caption)
 caption_figure = ""         # with --caption: also save the images and their captions to this PNG
-preset = "auto"             # settings over the constants above: 'auto' (the dataset's own, see PRESETS), or 'none'
+preset = "auto"             # settings over these constants: 'auto' (the dataset's own, see PRESETS) or 'none'
 
 CONFIG_NAMES = [k for k, v in globals().items()
                 if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))]
 # Settings resolved once per run, then frozen: cfg.learning_rate, never a dictionary that code changes.
-Config = dataclasses.make_dataclass("Config", [(name, type(globals()[name])) for name in CONFIG_NAMES], frozen=True)
+Config = dataclasses.make_dataclass("Config", [(n, type(globals()[n])) for n in CONFIG_NAMES], frozen=True)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
 class UserError(Exception):
@@ -133,65 +133,66 @@ def parse_bool(text):
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         """One line, with the nearest valid name for an unknown one, instead of argparse's usage block."""
-        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        unknown = re.match(r"unrecognized arguments: -*([^\s=]+)", message)
         if unknown:
-            name = unknown[1].split("=")[0].lstrip("-")
-            near = difflib.get_close_matches(name, CONFIG_NAMES, 1)
+            near = difflib.get_close_matches(unknown[1], CONFIG_NAMES, 1)
             hint = f"did you mean --{near[0]}? " if near else ""
             message += f" ({hint}valid: {' '.join('--' + n for n in CONFIG_NAMES)} --caption)"
         raise UserError(message)
 
 def parse_args(argv):
-    """The command line: ({name: value} for each --name=value given, type-checked; the --caption paths or None)."""
+    """({name: value} for each --name=value given, type-checked; the --caption paths or None)."""
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                             allow_abbrev=False, argument_default=argparse.SUPPRESS)
     for name in CONFIG_NAMES:
         default = globals()[name]
-        if isinstance(default, bool):
-            parser.add_argument(f"--{name}", type=parse_bool, nargs="?", const=True, help=f"default: {default!r}")
-        else:
-            parser.add_argument(f"--{name}", type=type(default), help=f"default: {default!r}")
+        bare = dict(nargs="?", const=True) if isinstance(default, bool) else {}  # a bare --flag sets it
+        kind = parse_bool if isinstance(default, bool) else type(default)
+        parser.add_argument(f"--{name}", type=kind, help=f"default: {default!r}", **bare)
     parser.add_argument("--caption", nargs="+", metavar="PATH", help="caption these image files or folders")
     overrides = vars(parser.parse_args(argv))
     return overrides, overrides.pop("caption", None)
 
-POSITIVE = ("batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_size", "hidden_size", "num_layers",
-            "freq_threshold", "image_size", "log_every", "demo_images")
-NON_NEGATIVE = ("max_images", "max_batches_per_epoch", "num_workers", "sample_every", "warmup_steps",
-                "max_train_caption_len", "scst_epochs")
 PATHS = ("data_dir", "encoder_weights", "output_dir", "cache_dir", "checkpoint", "caption_figure")
 DATASETS = ("auto", "demo", "flickr8k", "flickr30k", "coco")
 # what a checkpoint was trained on: --evaluate and --caption take these from it, under the command line
 TRAINED_ON = ("dataset", "data_dir", "max_images", "demo_images", "seed", "image_size", "freq_threshold",
               "max_train_caption_len", "decoder", "embed_size", "hidden_size", "num_layers", "dropout",
               "encoder_weights")
-MODEL_SHAPE = ("decoder", "embed_size", "hidden_size", "num_layers", "image_size")  # a checkpoint's own, fixed
-CAPTIONING = ("checkpoint", "encoder_weights", "decoder", "beam_size", "max_caption_len", "device", "caption_figure")
+MODEL_SHAPE = ("decoder", "embed_size", "hidden_size", "num_layers", "image_size")  # fixed by a checkpoint
+CAPTIONING = ("checkpoint", "encoder_weights", "decoder", "beam_size", "max_caption_len", "device",
+              "caption_figure")
 
 def resolve_settings(overrides=None, echo=None, trained=None, shown=None):
     """constants < preset < what a checkpoint was trained on < command line: one frozen Config."""
     # prints each value in shown (default: all) that differs from its constant, and where it came from
     overrides, trained = dict(overrides or {}), {k: v for k, v in (trained or {}).items() if k in TRAINED_ON}
-    values = {name: globals()[name] for name in CONFIG_NAMES}
-    origin = {}
-    layer(values, origin, {k: v for k, v in trained.items() if k == "dataset"}, "trained with it")
-    layer(values, origin, overrides, "command line")
-    choose_dataset(values, origin)
-    preset_name = values["dataset"] if values["preset"] == "auto" else values["preset"]
-    if preset_name not in PRESETS and values["preset"] not in ("auto", "none"):
-        raise UserError(f"--preset={values['preset']!r}: expected 'auto', 'none' or one of {', '.join(PRESETS)}")
-    layer(values, origin, PRESETS.get(preset_name, {}), f"{preset_name} preset; --preset=none keeps the constants")
-    layer(values, origin, trained, "trained with it")
+    values, origin = {name: globals()[name] for name in CONFIG_NAMES}, {}
+    given = values | trained | overrides
+    where = "resources/input/flickr8k"
+    flickr8k = given["data_dir"] != "" or (ROOT / where).is_dir()
+    why = "--data_dir given" if given["data_dir"] else f"{'found' if flickr8k else 'no'} {where}"
+    auto = {"dataset": "flickr8k" if flickr8k else "demo"} if given["dataset"] == "auto" else {}
+    preset = auto.get("dataset", given["dataset"]) if given["preset"] == "auto" else given["preset"]
     for name in MODEL_SHAPE:
         if name in trained and name in overrides and overrides[name] != trained[name]:
-            raise UserError(f"--{name}={overrides[name]}, but the checkpoint was trained with {name}="
-                            f"{trained[name]}: leave --{name} out (the checkpoint's is used), or name another "
-                            f"--checkpoint")
+            raise UserError(f"--{name}={overrides[name]}, but the checkpoint was trained with "
+                            f"{name}={trained[name]}: leave --{name} out (the checkpoint's is used), or name "
+                            f"another --checkpoint")
+    layer(values, origin, PRESETS.get(preset, {}), f"{preset} preset; --preset=none keeps the constants")
+    layer(values, origin, trained, "trained with it")
     layer(values, origin, overrides, "command line")
+    layer(values, origin, auto, why)
     if values["best_metric"] == "auto":
         demo_metric = values["dataset"] == "demo"  # the demo's CIDEr rewards one of three arbitrary phrasings
         layer(values, origin, {"best_metric": "demo_accuracy" if demo_metric else "CIDEr"}, "auto")
-    fill_paths(values, origin, overrides)
+    for name in PATHS:  # the defaults are in the project; the user's own paths are relative to where they are
+        if values[name]:
+            values[name] = str((Path.cwd() if name in overrides else ROOT) / values[name])
+    for name, folder in (("data_dir", "input"), ("output_dir", "output")):
+        if not values[name]:
+            layer(values, origin, {name: str(ROOT / "resources" / folder / values["dataset"])},
+                  f"default for {values['dataset']}")
     check_settings(values)
     changed = [n for n in shown or CONFIG_NAMES if n in origin and values[n] != globals()[n]]
     if echo and changed:
@@ -200,40 +201,21 @@ def resolve_settings(overrides=None, echo=None, trained=None, shown=None):
     return Config(**values)
 
 def layer(values, origin, new, where):
-    for name, value in new.items():
-        values[name] = value
-        origin[name] = where
-
-def choose_dataset(values, origin):
-    if values["dataset"] not in DATASETS:
-        raise UserError(f"--dataset={values['dataset']!r}: expected {', '.join(map(repr, DATASETS))}")
-    if values["dataset"] != "auto":
-        return
-    if values["data_dir"]:
-        layer(values, origin, {"dataset": "flickr8k"}, "--data_dir given")
-    elif (ROOT / "resources/input/flickr8k").is_dir():
-        layer(values, origin, {"dataset": "flickr8k"}, "found resources/input/flickr8k")
-    else:
-        layer(values, origin, {"dataset": "demo"}, "no resources/input/flickr8k")
-
-def fill_paths(values, origin, overrides):
-    for name in PATHS:  # the defaults live in the project; the user's own paths are relative to where they are
-        if values[name] and name not in overrides:
-            values[name] = str(ROOT / values[name])
-        elif values[name]:
-            values[name] = str(Path(values[name]).absolute())
-    for name, folder in (("data_dir", "input"), ("output_dir", "output")):
-        if not values[name]:
-            layer(values, origin, {name: str(ROOT / "resources" / folder / values["dataset"])},
-                  f"default for {values['dataset']}")
+    values.update(new)
+    origin.update(dict.fromkeys(new, where))
 
 def valid_best_metric(value, values):
-    return value in ("CIDEr", "BLEU-4", "val_loss") or (value == "demo_accuracy" and values["dataset"] == "demo")
+    return value in ("CIDEr", "BLEU-4", "val_loss") or (value, values["dataset"]) == ("demo_accuracy", "demo")
 
 SETTING_RULES = [
-    (POSITIVE, lambda v, _: v >= 1, "at least 1"),
-    (NON_NEGATIVE, lambda v, _: v >= 0, "0 or more"),
-    (["learning_rate", "scst_learning_rate"], lambda v, _: 0 < v <= 1, "a positive number up to 1, such as 0.0002"),
+    (["dataset"], lambda v, _: v in DATASETS, ", ".join(DATASETS)),
+    (["preset"], lambda v, _: v in ("auto", "none", *PRESETS), "'auto', 'none' or a preset, such as 'demo'"),
+    (["batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_size", "hidden_size", "num_layers",
+      "freq_threshold", "image_size", "log_every", "demo_images"], lambda v, _: v >= 1, "at least 1"),
+    (["max_images", "max_batches_per_epoch", "num_workers", "sample_every", "warmup_steps",
+      "max_train_caption_len", "scst_epochs"], lambda v, _: v >= 0, "0 or more"),
+    (["learning_rate", "scst_learning_rate"], lambda v, _: 0 < v <= 1,
+     "a positive number up to 1, such as 0.0002"),
     (["scst_baseline"], lambda v, _: v in ("mean", "greedy"), "'mean' or 'greedy'"),
     (["scst_samples"], lambda v, values: v >= (2 if values["scst_baseline"] == "mean" else 1),
      "at least 1, and at least 2 with scst_baseline='mean' (the baseline is the other samples' mean)"),
@@ -243,7 +225,8 @@ SETTING_RULES = [
     (["decoder"], lambda v, _: v in ("lstm", "attention"), "'lstm' or 'attention'"),
     (["best_metric"], valid_best_metric, "'CIDEr', 'BLEU-4', 'val_loss' or, on the demo, 'demo_accuracy'"),
     (["cache_dir"], lambda v, _: v != "", "a folder, such as resources/cache"),
-    (["device"], lambda v, _: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v), "auto, cpu, cuda, cuda:N or mps"),
+    (["device"], lambda v, _: re.fullmatch(r"auto|cpu|mps|cuda(:[1-9]?\d)?", v),
+     "auto, cpu, cuda, cuda:N or mps"),  # torch.device refuses cuda:01 and turns cuda:128 into cuda:-128
     (["demo_images"], lambda v, values: v >= 30 or values["dataset"] != "demo",
      "at least 30 on the demo (every split needs images of one and of two shapes)"),
 ]
@@ -256,11 +239,11 @@ def check_settings(values):
                 raise UserError(f"--{name}={values[name]}: must be {must_be}")
     out = Path(values["output_dir"]).resolve()
     if out in (Path("/"), ROOT, Path.home()):
-        raise UserError(f"--output_dir={out}: a run writes a dozen files there; choose a folder of its own, such as "
-                        f"resources/output/mine")
+        raise UserError(f"--output_dir={out}: a run writes a dozen files there; choose a folder of its own, "
+                        f"such as resources/output/mine")
     if values["dataset"] == "demo" and out.is_relative_to(Path(values["data_dir"]).resolve()):
-        raise UserError(f"--output_dir={values['output_dir']} lies in the demo's data folder {values['data_dir']}, "
-                        f"which the demo rewrites: choose an output_dir outside it")
+        raise UserError(f"--output_dir={values['output_dir']} lies in the demo's data folder "
+                        f"{values['data_dir']}, which the demo rewrites: choose an output_dir outside it")
 
 def uses_bf16(device):
     return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
@@ -270,16 +253,12 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device))
 
 def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device={name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device={name}: this machine has no CUDA GPU that torch can use")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device={name}: this machine has no Apple GPU (MPS) that torch can use; try --device=cpu")
+    """The device --device names (SETTING_RULES checked the name); a GPU this machine lacks is refused."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    device = torch.device(next(kind for kind in available if available[kind]) if name == "auto" else name)
+    if not available[device.type]:
+        gpu = "CUDA GPU" if device.type == "cuda" else "Apple GPU (MPS)"
+        raise UserError(f"--device={name}: this machine has no {gpu} that torch can use; try --device=cpu")
     return device
 
 # -----------------------------------------------------------------------------
@@ -291,15 +270,13 @@ def start_processes(device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    # the others wait while process 0 writes the feature cache, which at COCO's size takes more than NCCL's 10 minutes
+    # the others wait while process 0 writes the feature cache: at COCO's size, longer than NCCL's 10 minutes
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
                             device_id=device if device.type == "cuda" else None)
     return device
 
 def rank_and_size():
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 def wait_for_all():
     if dist.is_initialized():
@@ -310,7 +287,6 @@ def any_process(flag, device):
     return sum_over_processes([float(flag)], device)[0] > 0
 
 def sum_over_processes(values, device):
-    """The element-wise sum of a list of numbers over all processes."""
     if not dist.is_initialized():
         return values
     total = torch.tensor(values, dtype=torch.float64, device=device)
@@ -337,8 +313,7 @@ class Vocabulary:
     SPECIALS = ["<PAD>", "<SOS>", "<EOS>", "<UNK>"]
 
     def __init__(self, freq_threshold=5, itos=None):
-        self.freq_threshold = freq_threshold
-        self.itos = list(itos) if itos is not None else list(self.SPECIALS)
+        self.freq_threshold, self.itos = freq_threshold, list(self.SPECIALS if itos is None else itos)
         if self.itos[:4] != self.SPECIALS:
             raise ValueError(f"a vocabulary must start with {self.SPECIALS}")
         self.stoi = {word: i for i, word in enumerate(self.itos)}
@@ -356,13 +331,11 @@ class Vocabulary:
 
     def build_vocab(self, sentences):
         """Counts words in sentences (strings, or lists of tokens already split)."""
-        sentences = list(sentences)
-        tokenized = sentences if sentences and isinstance(sentences[0], list) else self.tokenize_many(sentences)
+        tokenized = [s if isinstance(s, list) else self.tokenize(s) for s in sentences]
         counts = Counter(token for tokens in tokenized for token in tokens)
-        for word, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
-            if count >= self.freq_threshold and word not in self.stoi:
-                self.stoi[word] = len(self.itos)
-                self.itos.append(word)
+        self.itos += [word for word, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+                      if count >= self.freq_threshold and word not in self.stoi]
+        self.stoi = {word: i for i, word in enumerate(self.itos)}
         return self
 
     def numericalize(self, text):
@@ -378,8 +351,7 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path):
-        data = json.loads(Path(path).read_text())
-        return cls(data["freq_threshold"], data["itos"])
+        return cls(**json.loads(Path(path).read_text()))  # the keys are __init__'s arguments
 
 # -----------------------------------------------------------------------------
 # dataset: caption files, image folders, splits
@@ -389,99 +361,72 @@ IMAGE_DIRS = ["Images", "flickr30k_images/flickr30k_images", "flickr30k_images",
               "Flickr8k_Dataset"]
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                "test": "Flickr_8k.testImages.txt"}
-FORMATS_ACCEPTED = ("Kaggle captions.txt ('image,caption' CSV), Kaggle Flickr30k results.csv "
-                    "('image_name| comment_number| comment'), Flickr8k.token.txt ('name.jpg#0<TAB>caption') "
-                    "or Karpathy's dataset_flickr8k.json / dataset_flickr30k.json")
-
-TOKEN_LINE = re.compile(r"^(?P<image>[^\t#,|]+)#\d+\t(?P<caption>.*)$")  # Flickr8k.token.txt
-RESULTS_HEADER = re.compile(r"^\s*image_name\s*\|\s*comment_number\s*\|\s*comment\s*$", re.IGNORECASE)
-RESULTS_LINE = re.compile(r"^\s*(?P<image>[^|]+?)\s*\|\s*\d+\s*(?:\|\s*)?(?P<caption>.*)$")  # recovers a missing '|'
+TOKEN_LINE = re.compile(r"(?P<image>[^\t#,|]+)#\d+\t(?P<caption>.*)")  # Flickr8k.token.txt
+RESULTS_LINE = re.compile(r"\s*(?P<image>[^|]+?)\s*\|\s*\d+\s*\|?(?P<caption>.*)")  # even without its 2nd '|'
 
 def read_text(path):
-    """The file's text in whichever encoding it has, with \n line endings (\r\n and old Mac \r, even mixed)."""
-    return re.sub(r"\r\n?", "\n", decode_text(Path(path).read_bytes()))
-
-def decode_text(raw):
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return raw.decode("utf-16")
-    for encoding in ("utf-8-sig", "cp1252"):
-        with contextlib.suppress(UnicodeDecodeError):
-            return raw.decode(encoding)
-    return raw.decode("latin-1")
+    """The file's text in its encoding: UTF-16, UTF-8 with or without a BOM, else cp1252."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace")
 
 def read_captions(path):
-    """Reads any supported caption file: (DataFrame of image, caption[, split]; counts of what was dropped)."""
-    path = Path(path)
+    """Any supported caption file: (DataFrame of image, caption[, split]; counts of what was dropped)."""
     text = read_text(path)
     lines = text.splitlines()
     first = next((line for line in lines if line.strip()), "")
-    dropped = Counter(blank_lines=sum(1 for line in lines if not line.strip()))
-    rows, bad_lines = [], []
+    header = re.sub(r"\s", "", first).lower()
     if first.lstrip().startswith("{"):
-        rows = karpathy_rows(path, text)
-    elif TOKEN_LINE.match(first) or RESULTS_HEADER.match(first):
+        rows, bad_lines = karpathy_rows(path, text), []
+    elif TOKEN_LINE.match(first) or header == "image_name|comment_number|comment":
         pattern = TOKEN_LINE if TOKEN_LINE.match(first) else RESULTS_LINE
-        for number, line in enumerate(lines, 1):
-            match = pattern.match(line)
-            if match:
-                rows.append((match["image"], match["caption"]))
-            elif line.strip() and line is not first:
-                bad_lines.append(number)
-    elif re.sub(r"\s", "", first).lower() == "image,caption":
-        reader = csv.reader(io.StringIO(text))
-        next(reader)
-        for row in reader:
-            if len(row) >= 2:  # more than 2 fields: a caption's unquoted commas
-                rows.append((row[0].strip(), ",".join(row[1:])))
-            elif row:
-                bad_lines.append(reader.line_num)
+        matches = [(n, line, pattern.match(line)) for n, line in enumerate(lines, 1)]
+        rows = [match.groups() for _, _, match in matches if match]
+        bad_lines = [n for n, line, match in matches if not match and line.strip() and line is not first]
+    elif header == "image,caption":
+        reader = csv.reader(io.StringIO(text, newline=""))  # newline="": \r\n and old Mac \r, even mixed
+        numbered = [(reader.line_num, row) for row in reader][1:]  # a caption's unquoted commas: 3+ fields
+        rows = [(row[0].strip(), ",".join(row[1:])) for _, row in numbered if len(row) >= 2]
+        bad_lines = [n for n, row in numbered if len(row) == 1]
     else:
-        raise UserError(f"{path}: unknown caption file format. Its first line is {first[:120]!r}; "
-                        f"accepted formats: {FORMATS_ACCEPTED}")
-    columns = ["image", "caption", "split"] if rows and len(rows[0]) == 3 else ["image", "caption"]
-    frame = pd.DataFrame(rows, columns=columns)
+        raise UserError(f"{path}: unknown caption format (first line {first[:120]!r}); accepted formats: "
+                        f"captions.txt ('image,caption'), Flickr8k.token.txt ('name.jpg#0<TAB>caption'), "
+                        f"results.csv ('image_name| comment_number| comment') or Karpathy's dataset_*.json")
+    frame = pd.DataFrame(rows, columns=["image", "caption", "split"][:len(rows[0]) if rows else 2])
     frame["caption"] = frame["caption"].str.strip()
     empty = frame["caption"] == ""
-    wordless = ~empty & ~frame["caption"].str.contains(r"\w")  # punctuation alone: nothing to learn or score
-    dropped["empty_captions"], dropped["captions_without_words"] = int(empty.sum()), int(wordless.sum())
-    frame = frame[~empty & ~wordless]
-    before = len(frame)
-    frame = frame.drop_duplicates(["image", "caption"]).reset_index(drop=True)
-    dropped["duplicate_rows"] = before - len(frame)
-    dropped["malformed_rows"] = len(bad_lines)
+    wordless = ~frame["caption"].str.contains(r"\w")  # punctuation alone: nothing to learn or score
+    kept = frame[~wordless].drop_duplicates(["image", "caption"]).reset_index(drop=True)
+    dropped = Counter(blank_lines=sum(not line.strip() for line in lines), empty_captions=int(empty.sum()),
+                      captions_without_words=int((wordless & ~empty).sum()),
+                      duplicate_rows=int((~wordless).sum()) - len(kept), malformed_rows=len(bad_lines))
     if bad_lines:
         warn(f"{path}: skipped {len(bad_lines)} malformed line(s): {bad_lines[:10]}")
-    if frame.empty:
-        raise UserError(f"{path} holds no caption with a word in it ({dict(+dropped) or 'no rows'}): check the file")
-    return frame, {k: v for k, v in dropped.items() if v}
+    if kept.empty:
+        raise UserError(f"{path} holds no caption with a word in it ({dict(+dropped) or 'no rows'}): fix it")
+    return kept, dict(+dropped)
 
 def karpathy_rows(path, text):
     """(image, caption, split) rows of a Karpathy-format JSON file; a malformed entry is one clear error."""
     try:
         images = json.loads(text)["images"]
     except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{path}: not a Karpathy-format JSON file ({type(error).__name__}: {error})") from None
+        raise UserError(f"{path}: not a Karpathy-format JSON file ({error!r})") from None
     if not isinstance(images, list):
-        raise UserError(f"{path}: 'images' is a {type(images).__name__}, not a list: not a Karpathy-format JSON file")
-    fix = "fix or remove that entry, or use another caption file"
+        raise UserError(f"{path}: 'images' is a {type(images).__name__}, not a list: not Karpathy's format")
     rows = []
     for i, image in enumerate(images):
-        if not isinstance(image, dict):
-            raise UserError(f"{path}: images[{i}] is a {type(image).__name__}, not an object with filename, split "
-                            f"and sentences: {fix}")
-        if not isinstance(image.get("filename"), str) or not image["filename"]:
-            raise UserError(f"{path}: images[{i}] has no 'filename' string: {fix}")
-        entry = f"{path}: images[{i}] ({image['filename']})"
-        if image.get("split") not in ("train", "restval", "val", "test"):
-            raise UserError(f"{entry} has split {image.get('split')!r}, not 'train', 'restval', 'val' or 'test': "
-                            f"{fix}")
-        if not isinstance(image.get("sentences"), list) or not image["sentences"]:
-            raise UserError(f"{entry} has no 'sentences' list of captions: {fix}")
-        for j, sentence in enumerate(image["sentences"]):
-            if not isinstance(sentence, dict) or not isinstance(sentence.get("raw"), str):
-                raise UserError(f"{entry}: sentences[{j}] has no 'raw' caption string ({sentence!r:.60}): {fix}")
+        valid = (isinstance(image, dict) and image.get("split") in ("train", "restval", "val", "test")
+                 and isinstance(image.get("filename"), str) and image["filename"] != ""
+                 and isinstance(image.get("sentences"), list) and image["sentences"] != []
+                 and all(isinstance(s, dict) and isinstance(s.get("raw"), str) for s in image["sentences"]))
+        if not valid:
+            raise UserError(f"{path}: images[{i}] {image!r:.80} is not an object with a 'filename', 'split' "
+                            f"(train/restval/val/test), 'sentences' of {{'raw': caption}}: fix or remove it")
         split = {"restval": "train"}.get(image["split"], image["split"])
-        name = f"{image['filepath']}/{image['filename']}" if image.get("filepath") else image["filename"]  # COCO's
+        name = f"{image['filepath']}/{image['filename']}" if image.get("filepath") else image["filename"]
         rows += [(name, sentence["raw"], split) for sentence in image["sentences"]]
     return rows
 
@@ -507,48 +452,35 @@ def assign_splits(frame, folder, seed, holdout_fraction=0.1):
     if "split" in frame:
         return frame, "from Karpathy's JSON"
     if all((Path(folder) / f).is_file() for f in SPLIT_FILES.values()):
-        split_of = official_splits(folder)
+        listed = [(n, split) for split, f in SPLIT_FILES.items() for n in read_text(Path(folder) / f).split()]
+        split_of = dict(listed)  # an image in two lists goes in the last
+        repeated = sorted(n for n, lists in Counter(n for n, _ in set(listed)).items() if lists > 1)
+        if repeated:
+            named = ", ".join(f"{n} (put in {split_of[n]})" for n in repeated[:5])
+            warn(f"{len(repeated)} image(s) are in more than one of the split lists in {folder}, each put in "
+                 f"the last list that names it: {named}")
         frame = frame.assign(split=frame["image"].map(split_of))
         unlisted = frame["split"].isna()
         if unlisted.any():
-            log(f"{frame.loc[unlisted, 'image'].nunique()} images are in none of the official split lists: left out")
+            log(f"{frame.loc[unlisted, 'image'].nunique()} images are in no official split list: left out")
         return frame[~unlisted].reset_index(drop=True), "from the official Flickr8k lists"
     images = sorted(frame["image"].unique())
     random.Random(seed).shuffle(images)
-    n_holdout = max(1, round(holdout_fraction * len(images)))
-    split_of = {name: "test" for name in images[:n_holdout]}
-    split_of.update({name: "val" for name in images[n_holdout:2 * n_holdout]})
-    return frame.assign(split=frame["image"].map(split_of).fillna("train")), f"random by image, seed {seed}"
-
-def official_splits(folder):
-    """{image: split} from the Flickr8k split lists; an image in two lists goes in the last, with a warning."""
-    split_of, repeated = {}, {}
-    for split, file in SPLIT_FILES.items():
-        for name in read_text(Path(folder) / file).split():
-            if split_of.get(name, split) != split:
-                repeated[name] = split
-            split_of[name] = split
-    if repeated:
-        listed = ", ".join(f"{name} (put in {split})" for name, split in list(repeated.items())[:5])
-        warn(f"{len(repeated)} image(s) are in more than one of the split lists {', '.join(SPLIT_FILES.values())} "
-             f"in {folder}, each put in the last list that names it: {listed}{' ...' if len(repeated) > 5 else ''}")
-    return split_of
+    n = max(1, round(holdout_fraction * len(images)))
+    split_of = {name: "test" if i < n else "val" if i < 2 * n else "train" for i, name in enumerate(images)}
+    return frame.assign(split=frame["image"].map(split_of)), f"random by image, seed {seed}"
 
 def load_captions(folder, seed, max_images=0):
     """Caption table with a split column, for images that exist; reports everything it dropped."""
     caption_file, image_dir = find_dataset_files(folder)
     frame, dropped = read_captions(caption_file)
-    inside = image_dir.resolve()
-    outside = {n for n in frame["image"].unique() if not (image_dir / n).resolve().is_relative_to(inside)}
-    if outside:
-        warn(f"{len(outside)} image name(s) in {caption_file.name} point outside {image_dir}, skipped: "
-             f"{', '.join(sorted(outside)[:5])}")
-    present = {name for name in frame["image"].unique() if name not in outside and (image_dir / name).is_file()}
-    missing = sorted(set(frame["image"]) - present - outside)
-    if missing:
-        warn(f"{len(missing)} image(s) named in {caption_file.name} are not in {image_dir}, skipped: "
-             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    frame = frame[frame["image"].isin(present)]  # also when nothing is missing: names outside the folder go
+    names, inside = frame["image"].unique(), image_dir.resolve()
+    outside = sorted(n for n in names if not (image_dir / n).resolve().is_relative_to(inside))
+    missing = sorted(n for n in set(names) - set(outside) if not (image_dir / n).is_file())
+    for bad, why in ((outside, f"point outside {image_dir}"), (missing, f"are not in {image_dir}")):
+        if bad:
+            warn(f"{len(bad)} image name(s) in {caption_file.name} {why}, skipped: {', '.join(bad[:5])}")
+    frame = frame[~frame["image"].isin(outside + missing)]
     if max_images:  # a random subset before splitting, so that every split keeps its share
         keep = sorted(frame["image"].unique())
         random.Random(f"max_images {seed}").shuffle(keep)
@@ -573,7 +505,7 @@ def image_transform(size):
                       T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
 
 def open_rgb(path):
-    """The image as 8-bit RGB, turned upright as its EXIF orientation says; 16- and 32-bit greys are scaled."""
+    """The image as 8-bit RGB, upright as its EXIF orientation says; 16- and 32-bit greys are scaled."""
     with Image.open(path) as image:
         with contextlib.suppress(Exception):  # a damaged EXIF block must not lose an otherwise good image
             ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of every upright image
@@ -591,17 +523,15 @@ def load_image(path, transform):
     try:
         return transform(open_rgb(path))
     except Exception:  # PIL raises OSError, ValueError or others by format and damage
-        raise UnreadableImage(f"cannot read image {path} any more (it was readable when the run began): put it "
-                              f"back, then continue with --resume") from None
+        raise UnreadableImage(f"cannot read image {path} any more (it was readable when the run began): "
+                              f"put it back, then continue with --resume") from None
 
 def image_opens(path):
     """A cheap check (no full decode) for the per-step encoder."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
+    with contextlib.suppress(Exception), Image.open(path) as image:
+        image.verify()
         return True
-    except Exception:
-        return False
+    return False
 
 class ImageSource:
     """Encoder inputs by image name: cached 2048-d features when there are some, else decoded images."""
@@ -615,31 +545,20 @@ class ImageSource:
             return self.features[self.row[name]]
         return load_image(self.image_dir / name, self.transform)
 
-class ImageList(Dataset):
-    """One item per image: (decoded image, or None when it cannot be read; its index in names)."""
-
-    def __init__(self, source, names):
-        self.source, self.names = source, list(names)
-
-    def __len__(self):
-        return len(self.names)
-
-    def __getitem__(self, i):
+def stack_readable(source, batch):
+    """(inputs of the readable images among a batch of (index, name), or None; their indices)."""
+    images, index = [], []
+    for i, name in batch:
         with contextlib.suppress(UnreadableImage):
-            return self.source.get(self.names[i]), i
-        return None, i
-
-def stack_readable(batch):
-    readable = [(image, i) for image, i in batch if image is not None]
-    if not readable:
-        return None, torch.zeros(0, dtype=torch.long)
-    return torch.stack([image for image, _ in readable]), torch.tensor([i for _, i in readable])
+            images.append(source.get(name))
+            index.append(i)
+    return (torch.stack(images) if images else None), torch.tensor(index, dtype=torch.long)
 
 def image_batches(source, names, batch_size, num_workers=0, pin_memory=False, desc=None):
     """(inputs, indices into names) per batch of the readable images: where unreadable ones are found."""
     workers = 0 if source.features is not None else num_workers
-    loader = DataLoader(ImageList(source, names), batch_size=batch_size, num_workers=workers,
-                        collate_fn=stack_readable, pin_memory=pin_memory, generator=torch.Generator())
+    loader = DataLoader(list(enumerate(names)), batch_size, num_workers=workers, pin_memory=pin_memory,
+                        collate_fn=functools.partial(stack_readable, source), generator=torch.Generator())
     for inputs, index in tqdm(loader, desc=desc, unit="batch", leave=False, disable=desc is None):
         if len(index):
             yield inputs, index
@@ -648,19 +567,17 @@ class FlickrDataset(Dataset):
     """One item per caption: (encoder input for its image, caption ids with <SOS> and <EOS>)."""
 
     def __init__(self, captions, vocab, source, max_len=None):
-        self.images = captions["image"].tolist()
-        self.source = source
-        tokens = captions["tokens"] if "tokens" in captions else Vocabulary.tokenize_many(captions["caption"].tolist())
-        if max_len:  # one 10,000-word caption once made two batches take 420 s
-            cut = sum(len(t) > max_len for t in tokens)
+        self.images, self.source = captions["image"].tolist(), source
+        tokens = captions["tokens"] if "tokens" in captions else Vocabulary.tokenize_many(captions["caption"])
+        cut = sum(len(t) > max_len for t in tokens) if max_len else 0
+        if cut:  # one 10,000-word caption once made two batches take 420 s
             tokens = [t[:max_len] for t in tokens]
-            if cut:
-                log(f"{cut} caption(s) longer than {max_len} words cut to {max_len} words")
-        self.captions = [torch.tensor([Vocabulary.SOS] + vocab.numericalize(t) + [Vocabulary.EOS]) for t in tokens]
+            log(f"{cut} caption(s) longer than {max_len} words cut to {max_len} words")
+        self.captions = [torch.tensor([vocab.SOS, *vocab.numericalize(t), vocab.EOS]) for t in tokens]
         self.lengths = torch.tensor([len(c) for c in self.captions])
         if source.features is not None:  # every batch is then indexed from these, in place
             self.padded = pad_sequence(self.captions, batch_first=True).int()  # (N, T)
-            self.rows = torch.tensor([source.row[name] for name in self.images])  # (N,): each caption's feature row
+            self.rows = torch.tensor([source.row[name] for name in self.images])  # (N,): feature rows
 
     def __len__(self):
         return len(self.captions)
@@ -669,34 +586,26 @@ class FlickrDataset(Dataset):
         return self.source.get(self.images[i]), self.captions[i]
 
     def batch(self, indices):
-        """The captions at indices with their cached features, gathered in one indexing each, no DataLoader."""
+        """The captions at indices with their cached features, in one indexing each, without a DataLoader."""
         index = torch.tensor(indices)
         longest = int(self.lengths[index].max())  # on the host: no wait for a GPU
-        features = self.source.features[self.rows[index].to(self.source.features.device)]  # (B, 2048) or (B, L, 2048)
+        features = self.source.features[self.rows[index].to(self.source.features.device)]  # (B, [L,] 2048)
         return features, self.padded[index, :longest].long()  # (B, T)
 
 class CapsCollate:
-    """Pads captions to the longest in the batch."""
-
-    def __init__(self, pad_idx=Vocabulary.PAD):
-        self.pad_idx = pad_idx
+    """Stacks a batch's images and pads its captions (with <PAD>, 0) to the longest."""
 
     def __call__(self, batch):
-        images = torch.stack([image for image, _ in batch])
-        return images, pad_sequence([c for _, c in batch], batch_first=True, padding_value=self.pad_idx)
+        images, captions = zip(*batch)
+        return torch.stack(images), pad_sequence(captions, batch_first=True, padding_value=Vocabulary.PAD)
 
 def caption_batches(dataset, batches, cfg, device):
     """(inputs, padded captions) on the device per batch: indexed from cached features, else decoded."""
-    if dataset.source.features is not None:
-        for indices in batches:
-            inputs, captions = dataset.batch(indices)
-            yield inputs.to(device, non_blocking=True), captions.to(device, non_blocking=True)
-        return
     # its own generator: a DataLoader otherwise draws from the global RNG, and a resumed run would differ
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=CapsCollate(), generator=torch.Generator(),
                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    for images, captions in loader:
-        yield images.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+    for inputs, captions in map(dataset.batch, batches) if dataset.source.features is not None else loader:
+        yield inputs.to(device, non_blocking=True), captions.to(device, non_blocking=True)
 
 # -----------------------------------------------------------------------------
 # the built-in demo set: coloured shapes with captions, in the Flickr8k layout

@@ -81,6 +81,15 @@ def test_preset_applies_over_the_constants_and_under_the_command_line():
     assert (other.embed_size, other.best_metric, cfg.best_metric) == (128, "CIDEr", "demo_accuracy")
 
 
+def test_auto_dataset_is_resolved_even_when_given(tmp_path):
+    for argv in ([], ["--dataset=auto"]):  # an explicit --dataset=auto once stayed 'auto' (resources/input/auto)
+        cfg = settings(*argv)
+        assert cfg.dataset in ("demo", "flickr8k") and cfg.data_dir.endswith(f"resources/input/{cfg.dataset}")
+    printed = []
+    assert settings("--dataset=auto", f"--data_dir={tmp_path}", echo=printed.append).dataset == "flickr8k"
+    assert "(--data_dir given)" in printed[0]
+
+
 def test_an_edited_constant_acts_and_every_difference_is_printed(monkeypatch):
     monkeypatch.setattr(cap, "beam_size", 7)  # as if edited at the top of the script
     monkeypatch.setattr(cap, "learning_rate", 0.01)
@@ -109,7 +118,8 @@ def test_import_has_no_side_effects(tmp_path):
                                           ("--dropout=2", "--dropout=2.0: must be at least 0 and below 1"),
                                           ("--seed=100000000000000000", "--seed=100000000000000000: must be"),
                                           ("--lr_schedule=linear", "--lr_schedule=linear: must be 'constant' or"),
-                                          ("--preset=huge", "--preset='huge': expected"),
+                                          ("--preset=huge", "--preset=huge: must be 'auto', 'none' or a preset"),
+                                          ("--dataset=mnist", "--dataset=mnist: must be auto, demo, flickr8k"),
                                           ("--warmup_steps=-5", "must be 0 or more"),
                                           ("--best_metric=cider", "--best_metric=cider: must be 'CIDEr', 'BLEU-4'"),
                                           ("--best_metric=demo_accuracy", "or, on the demo, 'demo_accuracy'"),
@@ -165,8 +175,9 @@ def test_bad_settings_give_one_line_before_any_work(tmp_path):
 
 
 def test_devices_are_checked():
-    with pytest.raises(cap.UserError, match="expected auto, cpu, cuda"):
-        cap.pick_device("quantum")
+    for name in ("quantum", "cuda:01", "cuda:128"):  # torch.device refuses the second and wraps the third to -128
+        with pytest.raises(cap.UserError, match=re.escape(f"--device={name}: must be auto, cpu, cuda, cuda:N")):
+            settings("--dataset=flickr8k", f"--device={name}")
     if not cap.torch.cuda.is_available():
         with pytest.raises(cap.UserError, match="no CUDA GPU"):
             cap.pick_device("cuda")

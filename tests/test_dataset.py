@@ -292,14 +292,12 @@ GOOD_ENTRY = {"filename": "a.jpg", "split": "train", "sentences": [{"raw": "A do
 
 
 @pytest.mark.parametrize("images, message", [
-    ([GOOD_ENTRY, {"filename": "b.jpg", "split": "train"}], r"images\[1\] \(b.jpg\) has no 'sentences' list"),
-    ([GOOD_ENTRY, {"filename": "b.jpg", "split": "train", "sentences": []}],
-     r"images\[1\] \(b.jpg\) has no 'sentences'"),
-    ([GOOD_ENTRY, "b.jpg"], r"images\[1\] is a str, not an object"),
-    ([GOOD_ENTRY, {**GOOD_ENTRY, "filename": "b.jpg", "sentences": [{"raw": 7}]}],
-     r"images\[1\] \(b.jpg\): sentences\[0\] has no 'raw' caption string"),
-    ([{**GOOD_ENTRY, "filename": None}], r"images\[0\] has no 'filename'"),
-    ([{**GOOD_ENTRY, "split": "dev"}], r"images\[0\] \(a.jpg\) has split 'dev'"),
+    ([GOOD_ENTRY, {"filename": "b.jpg", "split": "train"}], r"images\[1\] \{'filename': 'b.jpg', 'split': 'train'\}"),
+    ([GOOD_ENTRY, {"filename": "b.jpg", "split": "train", "sentences": []}], r"images\[1\] .*'sentences': \[\]\} is"),
+    ([GOOD_ENTRY, "b.jpg"], r"images\[1\] 'b.jpg' is not an object"),
+    ([GOOD_ENTRY, {**GOOD_ENTRY, "filename": "b.jpg", "sentences": [{"raw": 7}]}], r"images\[1\] .*'raw': 7\}\]\}"),
+    ([{**GOOD_ENTRY, "filename": None}], r"images\[0\] \{'filename': None, "),
+    ([{**GOOD_ENTRY, "split": "dev"}], r"images\[0\] \{'filename': 'a.jpg', 'split': 'dev', "),
     ({"a.jpg": GOOD_ENTRY}, r"'images' is a dict, not a list")])
 def test_malformed_karpathy_entries_are_clear_errors(tmp_path, images, message):
     path = tmp_path / "dataset_flickr8k.json"
@@ -307,6 +305,9 @@ def test_malformed_karpathy_entries_are_clear_errors(tmp_path, images, message):
     with pytest.raises(cap.UserError, match=message) as error:
         cap.read_captions(path)
     assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+    if isinstance(images, list):  # what a valid entry has, and what to do
+        assert str(error.value).endswith("is not an object with a 'filename', 'split' (train/restval/val/test), "
+                                         "'sentences' of {'raw': caption}: fix or remove it")
 
 
 def test_malformed_karpathy_json_stops_the_script_with_one_line(tmp_path):
@@ -316,7 +317,7 @@ def test_malformed_karpathy_json_stops_the_script_with_one_line(tmp_path):
     result = run_script("--dataset=flickr8k", f"--data_dir={tmp_path / 'data'}", f"--output_dir={tmp_path / 'out'}")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr
-    assert "images[1] (b.jpg) has no 'sentences' list" in errors[0]
+    assert "images[1] {'filename': 'b.jpg', 'split': 'test'} is not an object with a 'filename'" in errors[0]
 
 
 def test_an_image_in_two_split_lists_is_named(tmp_path, capsys):
