@@ -2234,9 +2234,7 @@ def save_caption_figure(items, path, maps=None):
     rows = [group[i:i + per_row] for group in groups for i in range(0, len(group), per_row)]
     cols = max(map(len, rows))
     fig, axes = plt.subplots(len(rows), cols, figsize=(width * cols, height * len(rows)), squeeze=False,
-                             layout="constrained")
-    for ax in axes.flat:
-        ax.axis("off")
+                             layout="constrained", subplot_kw=dict(frame_on=False, xticks=[], yticks=[]))
     for axes_row, row in zip(axes, rows):
         for ax, (image, text, word_map) in zip(axes_row, row):
             picture = open_rgb(image)
