@@ -2319,16 +2319,14 @@ list.addEventListener('click', async event => {  // each word's attention, as --
   const image = row.querySelector('img'), loaded = await image.decode().then(() => true, () => false);
   for (const [word, map] of box.children.length ? [] : JSON.parse(row.dataset.maps)) {  // drawn once
     const side = Math.sqrt(map.length), low = Math.min(...map), high = Math.max(...map);
-    const small = document.createElement('canvas'), pixels = new ImageData(side, side);
+    const pixels = new ImageData(side, side);
     map.forEach((v, i) => pixels.data.set([0, 0, 0, 166 * (1 - (v - low) / (high - low || 1))], 4 * i));
-    small.width = small.height = side;
-    small.getContext('2d').putImageData(pixels, 0, 0);
     const figure = box.appendChild(document.createElement('figure'));
     const canvas = figure.appendChild(document.createElement('canvas')), context = canvas.getContext('2d');
     figure.appendChild(document.createElement('figcaption')).textContent = word;
     canvas.width = canvas.height = 224;
     if (loaded) context.drawImage(image, 0, 0, 224, 224);  // a missing thumbnail: the maps alone
-    context.drawImage(small, 0, 0, 224, 224);
+    context.drawImage(await createImageBitmap(pixels), 0, 0, 224, 224);
   }
   box.hidden = !box.hidden;
 });
