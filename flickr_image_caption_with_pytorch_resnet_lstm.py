@@ -2003,17 +2003,15 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
             best_score[i] = ended_score[i]
             best_seq[i] = seqs[offsets[i, 0] + beam[i, ended_at[i]]].tolist()
         finished += ends.sum(1)
-        keep = (place + (word == Vocabulary.EOS).long() * top.size(1)).argsort(1)[:, :k]  # (n, k): best k going on
+        keep = (place + (word == Vocabulary.EOS).long() * top.size(1)).argsort(1)[:, :k]  # (n, k) survivors
         rows = (offsets + beam.gather(1, keep)).view(-1)  # (n*k,): the beam each survivor extends
         tokens, scores = word.gather(1, keep).view(-1), top.gather(1, keep)  # (n*k,), (n, k)
         seqs = torch.cat([seqs[rows], tokens.unsqueeze(1)], 1)  # (n*k, t+1)
         state = tuple(s[:, rows] for s in state)
         if (finished >= k).all():
             break
-    for i in range(n):  # none ended within max_len: the best hypothesis still going
-        if best_seq[i] is None:
-            best_seq[i] = seqs[offsets[i, 0] + scores[i].argmax()].tolist()
-    return best_seq
+    going = seqs[offsets[:, 0] + scores.argmax(1)].tolist()  # each image's best still going: where none ended
+    return [seq if seq is not None else best_going for seq, best_going in zip(best_seq, going)]
 
 def generate_captions(model, source, names, cfg, device, beam_size=None):
     """{name: caption} of the images and the unreadable names; under torchrun, shared out and gathered."""
@@ -2030,9 +2028,8 @@ def generate_captions(model, source, names, cfg, device, beam_size=None):
 def evaluating(model):
     """The model in eval mode (no dropout) inside; after, in the mode it was."""
     was_training = model.training
-    model.eval()
     try:
-        yield model
+        yield model.eval()
     finally:
         model.train(was_training)
 
@@ -2042,18 +2039,14 @@ def metric_text(caption):
 
 @functools.lru_cache(maxsize=1)
 def meteor_scorer():
-    """One METEOR process per run: starting its JVM and paraphrase table takes seconds, scoring milliseconds."""
+    """One METEOR process per run: its JVM takes seconds to start, scoring milliseconds."""
     from pycocoevalcap.meteor.meteor import Meteor
     if shutil.which("java"):
         return Meteor()
     warn("METEOR is not computed: it needs Java (`java` on the PATH), e.g. apt-get install default-jre")
 
 def caption_metrics(references, hypotheses):
-    """BLEU-1..4, METEOR, ROUGE-L and CIDEr with the coco-caption scorers (METEOR None without Java)."""
-    return score_captions(references, hypotheses)[0]
-
-def score_captions(references, hypotheses):
-    """caption_metrics' figures, and each image's CIDEr and BLEU-4 from the same scorers: {image: {name: score}}."""
+    """coco-caption's BLEU-1..4, METEOR (None without Java), ROUGE-L, CIDEr; {image: its CIDEr, BLEU-4}."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -2081,7 +2074,7 @@ def evaluate_split(model, data, split, cfg, device):
     captions, _ = generate_captions(model, data.source, data.images(split), cfg, device)
     if not is_main_process():
         return {}, captions
-    return caption_metrics(references_of(data.split(split)), captions), captions
+    return caption_metrics(references_of(data.split(split)), captions)[0], captions
 
 def print_samples(model, source, names, cfg, device, label):
     captions, _ = generate_captions(model, source, names, cfg, device)
@@ -2089,56 +2082,49 @@ def print_samples(model, source, names, cfg, device, label):
         log(f"  [{label}] {name}: {caption}")
 
 def test_report(restored, data, cfg, device, tag=""):
-    """Test metrics, captions (with each image's scores), examples and report.html, tag in their names."""
-    out, model, checkpoint_path = Path(cfg.output_dir), restored.model, restored.path
-    start = time.time()
+    """Test metrics, captions (with each image's scores) and report.html, tag in their names."""
+    out, model, start = Path(cfg.output_dir), restored.model, time.time()
     captions, _ = generate_captions(model, data.source, data.images("test"), cfg, device)
-    demo = demo_scores(model, data, "test", cfg, device, by_kind=True)  # in every process: each captions a share
+    demo = demo_scores(model, data, "test", cfg, device, by_kind=True)  # in every process: each does a share
     if not is_main_process():
-        return None
+        return
     refs = references_of(data.split("test"))
-    metrics, scores = score_captions(refs, captions)
+    metrics, scores = caption_metrics(refs, captions)
     for name, right in demo_judgement(cfg, captions).items():
         scores[name]["right"] = right
     pd.DataFrame([{"image": n, "caption": c, "references": " | ".join(refs[n]), **scores[n]}
                   for n, c in captions.items()]).to_csv(out / f"test_captions{tag}.csv", index=False)
-    coco = [{"image_id": coco_image_id(n), "caption": c} for n, c in captions.items()]  # COCO's results format
+    coco = [{"image_id": coco_image_id(n), "caption": c} for n, c in captions.items()]  # COCO's format
     (out / f"test_captions{tag}.json").write_text(json.dumps(coco))
-    report = {"checkpoint": str(checkpoint_path), "split": "test", "images": len(captions),
+    report = {"checkpoint": str(restored.path), "split": "test", "images": len(captions),
               "beam_size": cfg.beam_size, **metrics, **demo, "seconds": round(time.time() - start, 2)}
     (out / f"test_metrics{tag}.json").write_text(json.dumps(report, indent=2))
-    log(f"test split, {len(captions)} images, beam {cfg.beam_size} ({checkpoint_path}):\n"
-        + "\n".join(f"  {k:8s} {'n/a (needs Java)' if v is None else f'{100 * v:5.1f}'}"
-                    for k, v in metrics.items()))
-    examples = random.Random(cfg.seed).sample(sorted(captions), min(6, len(captions)))
-    items = []
-    for name in examples:
+    log(f"test split, {len(captions)} images, beam {cfg.beam_size} ({restored.path}): "
+        f"{format_metrics(metrics)}")
+    for name in random.Random(cfg.seed).sample(sorted(captions), min(6, len(captions))):
         log(f"  {name}: {captions[name]}\n      reference: {refs[name][0]}")
-        items.append((data.source.image_dir / name, f"generated: {captions[name]}\nreference: {refs[name][0]}"))
     maps = word_maps(model, data.source, captions, device)
-    save_caption_figure(items, out / f"test_examples{tag}.png", [maps.get(name) for name in examples])
-    rows = [{"path": data.source.image_dir / n, "name": n, "caption": c, "references": refs[n], "scores": scores[n],
-             "maps": maps.get(n)} for n, c in captions.items()]
+    rows = [{"path": data.source.image_dir / n, "name": n, "caption": c, "references": refs[n],
+             "scores": scores[n], "maps": maps.get(n)} for n, c in captions.items()]
     title = f"{cfg.dataset}: the test split's {len(rows)} images"
     page = write_report(out, f"report{tag}", title, report_header(cfg, restored, metrics | demo), rows)
     log(f"results page: {page}")
-    return report
 
 @torch.no_grad()
 def word_maps(model, source, captions, device):
-    """{name: [(word, its attention map (h, w))]} of an attention model's captions, replayed; {} when pooled."""
+    """{name: [(word, its attention map (h, w))]} of an attention model's captions, replayed; {} if pooled."""
     if not model.attention:
         return {}
-    maps, items = {}, list(captions.items())
+    maps, items = {}, [(name, caption.split()) for name, caption in captions.items()]
     for chunk in (items[i:i + 64] for i in range(0, len(items), 64)):
-        ids = pad_sequence([torch.tensor([Vocabulary.SOS, *model.vocab.numericalize(c.split()), Vocabulary.EOS])
-                            for _, c in chunk], batch_first=True).to(device)
+        ids = pad_sequence([torch.tensor([Vocabulary.SOS, *model.vocab.numericalize(w), Vocabulary.EOS])
+                            for _, w in chunk], batch_first=True).to(device)  # (N, T)
         inputs = torch.stack([source.get(name) for name, _ in chunk]).to(device)
         with evaluating(model):
             _, alphas = model.decoder(model.encoder(inputs), ids, alphas=True)  # (N, T-1, L)
         side = math.isqrt(alphas.size(-1))
-        maps |= {name: list(zip(caption.split(), a.view(-1, side, side).cpu().numpy()))  # (T-1, h, w): a map a word
-                 for (name, caption), a in zip(chunk, alphas)}
+        maps |= {name: list(zip(words, a.view(-1, side, side).cpu().numpy()))  # (T-1, h, w): a map a word
+                 for (name, words), a in zip(chunk, alphas)}
     return maps
 
 def pyplot():
@@ -2148,67 +2134,56 @@ def pyplot():
     return plt
 
 def save_caption_figure(items, path, maps=None):
-    """Images (path, text) three to a row; with attention maps, each image and then its words, one a panel."""
-    if not items:
-        return
-    plt = pyplot()
-    if maps and any(maps):
-        panels = [[(image, text, None), *((image, word, m) for word, m in words or [])]
-                  for (image, text), words in zip(items, maps)]
-        rows, size, width = [p[i:i + 6] for p in panels for i in range(0, len(p), 6)], (2.6, 3.1), 32
-    else:
-        rows = [[(*item, None) for item in items[i:i + 3]] for i in range(0, len(items), 3)]
-        size, width = (4.5, 5.2), 50
+    """Images (path, caption) three to a row; with attention maps, each image then its words, one a panel."""
+    plt, attention = pyplot(), any(maps or [])
+    groups = [[(*item, None), *((item[0], w, m) for w, m in words or [])]
+              for item, words in zip(items, maps)] if attention else [[(*item, None) for item in items]]
+    per_row, (width, height), wrap = (6, (2.6, 3.1), 32) if attention else (3, (4.5, 5.2), 50)
+    rows = [group[i:i + per_row] for group in groups for i in range(0, len(group), per_row)]
     cols = max(map(len, rows))
-    fig, axes = plt.subplots(len(rows), cols, figsize=(size[0] * cols, size[1] * len(rows)), squeeze=False,
-                             layout="constrained")
-    for ax in axes.flat:
-        ax.axis("off")
+    fig, axes = plt.subplots(len(rows), cols, figsize=(width * cols, height * len(rows)), squeeze=False,
+                             layout="constrained", subplot_kw=dict(frame_on=False, xticks=[], yticks=[]))
     for axes_row, row in zip(axes, rows):
         for ax, (image, text, word_map) in zip(axes_row, row):
             picture = open_rgb(image)
             picture.thumbnail((1024, 1024))  # a figure needs no more pixels, and a huge image no copies
-            if maps and any(maps):  # the centre square, as image_transform crops it
+            if attention:  # the centre square, as image_transform crops it
                 picture = ImageOps.fit(picture, (min(picture.size),) * 2)
             ax.imshow(picture)
             if word_map is not None:
                 ax.imshow(word_map, cmap="gray", alpha=0.65, interpolation="bilinear",
                           extent=(0, picture.width, picture.height, 0))
-            ax.set_title("\n".join(textwrap.fill(line, width) for line in text.splitlines()), fontsize=8, loc="left")
+            ax.set_title(textwrap.fill(text, wrap), fontsize=8, loc="left")
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
-def whole_epochs(*axes):
-    from matplotlib.ticker import MaxNLocator
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epoch 2, not 2.5
-
 def plot_history(out):
+    from matplotlib.ticker import MaxNLocator
     plt = pyplot()
     batches, epochs = pd.read_csv(out / "loss_per_batch.csv"), pd.read_csv(out / "loss_per_epoch.csv")
-    scst = batches.get("phase", pd.Series(dtype=str)).reindex(batches.index) == "self-critical"  # their rewards
+    scst = batches.get("phase", pd.Series(dtype=str)).reindex(batches.index) == "self-critical"
     epochs.loc[epochs["phase"] == "self-critical", "train_loss"] = None
-    cross_entropy = batches[~scst].assign(**{"mean of 50": batches[~scst]["loss"].rolling(50, min_periods=1).mean()})
+    per_batch = batches[~scst].assign(**{"mean of 50": lambda b: b["loss"].rolling(50, min_periods=1).mean()})
     panels = 3 if scst.any() else 2
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), layout="constrained")
-    cross_entropy.plot(x="step", y=["loss", "mean of 50"], ax=axes[0], ylabel="training loss", title="loss per batch")
-    epochs.plot(x="epoch", y=["train_loss", "val_loss"], style="o-", ax=axes[1], ylabel="loss", title="loss per epoch")
-    whole_epochs(axes[1])
+    per_batch.plot(x="step", y=["loss", "mean of 50"], ax=axes[0], ylabel="training loss",
+                   title="loss per batch")
+    epochs.plot(x="epoch", y=["train_loss", "val_loss"], style="o-", ax=axes[1], ylabel="loss",
+                title="loss per epoch")
     if scst.any():
-        batches[scst].plot(x="step", y=["reward", "greedy_cider"], ax=axes[2], ylabel="CIDEr-D (training images)",
-                           title="self-critical: sampled and greedy captions")
-    fig.savefig(out / "loss_graph.png", dpi=90)
-    plt.close(fig)
+        batches[scst].plot(x="step", y=["reward", "greedy_cider"], ylabel="CIDEr-D (training images)",
+                           ax=axes[2], title="self-critical: sampled and greedy captions")
     columns = ["val_token_accuracy", "BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "demo_accuracy", "CIDEr"]
-    scores = 100 * epochs.set_index("epoch")[[c for c in columns if c in epochs]].astype(float).dropna(axis=1,
-                                                                                                      how="all")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+    scores = 100 * epochs.set_index("epoch").filter(columns).astype(float).dropna(axis=1, how="all")
+    metrics_fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
     scores.drop(columns="CIDEr").plot(style="o-", ax=left, ylabel="score x 100", title="validation metrics")
     scores[["CIDEr"]].plot(style="o-", color="tab:brown", ax=right, ylabel="score x 100",
                            title="validation CIDEr")
-    whole_epochs(left, right)
-    fig.savefig(out / "metrics_graph.png", dpi=90)
-    plt.close(fig)
+    for ax in (axes[1], left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epoch 2, not 2.5
+    fig.savefig(out / "loss_graph.png", dpi=90)
+    metrics_fig.savefig(out / "metrics_graph.png", dpi=90)
+    plt.close("all")
 
 def evaluate_checkpoint(cfg, device, restored):
     """--evaluate: the test report of a checkpoint, on the data it was trained on (refused if not)."""
@@ -2216,68 +2191,54 @@ def evaluate_checkpoint(cfg, device, restored):
     data = prepare_data(cfg, device, trained=restored)
     if data.resnet is not None:
         restored.model.encoder.attach(data.resnet)
-    tag = f"-{restored.path.stem}-beam{cfg.beam_size}"
     restored.model.to(device)
-    test_report(restored, data, cfg, device, tag)
+    test_report(restored, data, cfg, device, f"-{restored.path.stem}-beam{cfg.beam_size}")
     del lock
     return 0
 
 # -----------------------------------------------------------------------------
 # the results page: report.html, every image with its caption, references and scores; plain HTML, no server
 REPORT_STYLE = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; } .name { color: #777; margin: 0; }
+[hidden] { display: none !important; } .row img { width: 160px; } .maps canvas { width: 112px; }
 table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ccc; padding: 2px 8px; }
 .graphs img { max-width: 48%; } .controls { position: sticky; top: 0; background: #fff; padding: .5em 0; }
-.row { display: flex; gap: 1em; border-top: 1px solid #ddd; padding: .6em 0; } [hidden] { display: none !important; }
-.row img { width: 160px; } .caption { font-size: 1.15em; margin: 0; } .name { color: #777; margin: 0; }
-.row ul { margin: .3em 0; padding-left: 1.2em; color: #555; } .text { flex: 1; } .scores { min-width: 9em; }
-.right { color: #080; } .wrong { color: #b00; } .maps figure { display: inline-block; margin: 2px; }
-.maps canvas { width: 112px; } .maps figcaption { text-align: center; }
+.row { display: flex; gap: 1em; border-top: 1px solid #ddd; padding: .6em 0; } .scores { min-width: 9em; }
+.text { flex: 1; } .right { color: #080; } .wrong { color: #b00; }
+.caption { font-size: 1.15em; margin: 0; } .row ul { margin: .3em 0; padding-left: 1.2em; color: #555; }
+.maps figure { display: inline-block; margin: 2px; } .maps figcaption { text-align: center; }
 """
 REPORT_SCRIPT = """
 const list = document.getElementById('rows'), rows = [...list.children];
-const scores = new Map(rows.map(row => [row, JSON.parse(row.dataset.scores)]));
+const keys = new Map(rows.map(row => [row, {...JSON.parse(row.dataset.scores), name: row.dataset.name}]));
 const sort = document.getElementById('sort'), filter = document.getElementById('filter');
-function value(row, by) { return by === 'name' ? row.dataset.name : scores.get(row)[by]; }
 function update() {
   const [by, direction] = sort.value.split('|'), sign = direction === 'desc' ? -1 : 1;
   const words = filter.value.toLowerCase().split(/\\s+/).filter(Boolean);
-  let shown = 0;
-  const order = (a, b) => sign * (value(a, by) > value(b, by) ? 1 : value(a, by) < value(b, by) ? -1 : 0);
-  for (const row of rows.slice().sort(order)) {
-    const said = row.dataset.words.split(' ');
-    row.hidden = !words.every(word => said.some(w => w.startsWith(word)));
-    shown += row.hidden ? 0 : 1;
-    list.append(row);
-  }
-  document.getElementById('count').textContent = shown + ' of ' + rows.length + ' images';
+  const order = (a, b) => sign * ((keys.get(a)[by] > keys.get(b)[by]) - (keys.get(a)[by] < keys.get(b)[by]));
+  rows.slice().sort(order).forEach(row => list.append(row));
+  rows.forEach(row => { row.hidden = !words.every(word => (' ' + row.dataset.words).includes(' ' + word)); });
+  const shown = rows.filter(row => !row.hidden).length;
+  document.getElementById('count').textContent = `${shown} of ${rows.length} images`;
 }
-async function drawMaps(row) {  // each word's attention over the image, as --caption_figure draws it
-  const box = row.querySelector('.maps'), data = JSON.parse(row.dataset.maps), image = row.querySelector('img');
-  const loaded = await image.decode().then(() => true, () => false);  // a missing thumbnail: the maps alone
-  for (const [word, map] of data.words) {
-    const figure = document.createElement('figure'), canvas = document.createElement('canvas');
-    const small = document.createElement('canvas'), label = document.createElement('figcaption');
-    canvas.width = canvas.height = 224;
-    small.width = small.height = data.side;
-    const low = Math.min(...map), high = Math.max(...map), pixels = new ImageData(data.side, data.side);
-    map.forEach((v, i) => pixels.data.set([0, 0, 0, 166 * (1 - (v - low) / (high - low || 1))], 4 * i));
-    small.getContext('2d').putImageData(pixels, 0, 0);
-    if (loaded) canvas.getContext('2d').drawImage(image, 0, 0, 224, 224);
-    canvas.getContext('2d').drawImage(small, 0, 0, 224, 224);
-    label.textContent = word;
-    figure.append(canvas, label);
-    box.append(figure);
-  }
-}
-list.addEventListener('click', async event => {
+list.addEventListener('click', async event => {  // each word's attention, as --caption_figure draws it
   if (!event.target.matches('.show-maps')) return;
   const row = event.target.closest('.row'), box = row.querySelector('.maps');
-  if (!box.children.length) await drawMaps(row);
+  const image = row.querySelector('img'), loaded = await image.decode().then(() => true, () => false);
+  for (const [word, map] of box.children.length ? [] : JSON.parse(row.dataset.maps)) {  // drawn once
+    const side = Math.sqrt(map.length), low = Math.min(...map), high = Math.max(...map);
+    const pixels = new ImageData(side, side);
+    map.forEach((v, i) => pixels.data.set([0, 0, 0, 166 * (1 - (v - low) / (high - low || 1))], 4 * i));
+    const figure = box.appendChild(document.createElement('figure'));
+    const canvas = figure.appendChild(document.createElement('canvas')), context = canvas.getContext('2d');
+    figure.appendChild(document.createElement('figcaption')).textContent = word;
+    canvas.width = canvas.height = 224;
+    if (loaded) context.drawImage(image, 0, 0, 224, 224);  // a missing thumbnail: the maps alone
+    context.drawImage(await createImageBitmap(pixels), 0, 0, 224, 224);
+  }
   box.hidden = !box.hidden;
 });
-sort.onchange = update;
-filter.oninput = update;
+sort.onchange = filter.oninput = update;
 update();
 """
 
@@ -2289,18 +2250,16 @@ def write_report(out, name, title, header, rows):
     entries = [report_row(row, folder / f"{i:05d}.jpg", out) for i, row in
                enumerate(tqdm(rows, desc="results page", unit="img", leave=False))]
     keys = list(dict.fromkeys(k for row in rows for k in row.get("scores", {})))
-    orders = [f"{k}|asc" for k in keys] + [f"{k}|desc" for k in keys] + ["name|asc"]  # worst first
-    options = "".join(f'<option value="{html.escape(o)}">{html.escape(o.replace("|", ", "))}ending</option>'
-                      for o in orders)
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f'<style>{REPORT_STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{header}\n'
+    orders = [f"{k}|{d}" for d in ("asc", "desc") for k in keys] + ["name|asc"]  # the first: worst first
+    options = "".join(f'<option value="{o}">{o.replace("|", ", ")}ending</option>' for o in orders)
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}'
+            f'</title><style>{REPORT_STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{header}\n'
             f'<div class="controls"><label>sort by <select id="sort">{options}</select></label> '
             f'<label>captions with the word <input id="filter" type="search" placeholder="e.g. dog"></label> '
             f'<span id="count"></span></div>\n<div id="rows">\n' + "\n".join(entries) +
             f'\n</div>\n<script>{REPORT_SCRIPT}</script></body></html>\n')
-    path = out / f"{name}.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    (out / f"{name}.html").write_text(page, encoding="utf-8")
+    return out / f"{name}.html"
 
 def report_row(row, thumbnail, out):
     """One image's entry: its thumbnail (written now), caption, references, scores and attention maps."""
@@ -2311,40 +2270,33 @@ def report_row(row, thumbnail, out):
         picture.thumbnail((256, 256))  # shown at 160 px: sharp on a high-density screen too
         picture.save(thumbnail, quality=80)
     scores, maps = row.get("scores", {}), row.get("maps")
-    data = {"name": row["name"], "words": " ".join(row["caption"].lower().split()), "scores": json.dumps(scores)}
-    if maps:
-        data["maps"] = json.dumps({"side": len(maps[0][1]), "words": [[w, np.round(m.flatten().astype(float), 3)
-                                                                          .tolist()] for w, m in maps]})
+    data = dict(name=row["name"], words=" ".join(row["caption"].lower().split()), scores=json.dumps(scores),
+                maps=json.dumps([[w, m.astype(float).round(3).flatten().tolist()] for w, m in maps or []]))
     attributes = " ".join(f'data-{k}="{html.escape(v)}"' for k, v in data.items())
-    shown = [f"{k} {100 * v:.1f}" for k, v in scores.items() if k != "right"]
-    if "right" in scores:
-        shown.append('<span class="right">right</span>' if scores["right"] else '<span class="wrong">wrong</span>')
-    link = urllib.parse.quote(os.path.relpath(row["path"], out))
+    verdict = {True: '<span class="right">right</span>', False: '<span class="wrong">wrong</span>'}
+    shown = [verdict[v] if k == "right" else f"{k} {100 * v:.1f}" for k, v in scores.items()]
     references = "".join(f"<li>{html.escape(r)}</li>" for r in row.get("references", []))
     button = '<button class="show-maps">attention</button><div class="maps" hidden></div>' if maps else ""
-    return (f'<div class="row" {attributes}><a href="{html.escape(link)}"><img loading="lazy" '
-            f'src="{html.escape(urllib.parse.quote(f"{thumbnail.parent.name}/{thumbnail.name}"))}" '
-            f'alt="{html.escape(row["name"])}"></a><div class="text">'
-            f'<p class="caption">{html.escape(row["caption"])}</p>'
-            f'<ul>{references}</ul><p class="name">{html.escape(row["name"])}</p>{button}</div>'
-            f'<div class="scores">{"<br>".join(shown)}</div></div>')
+    name, link = html.escape(row["name"]), urllib.parse.quote(os.path.relpath(row["path"], out))
+    src = urllib.parse.quote(thumbnail.relative_to(out).as_posix())  # quoted: no " & < left to escape
+    return (f'<div class="row" {attributes}><a href="{link}"><img loading="lazy" src="{src}" alt="{name}">'
+            f'</a><div class="text"><p class="caption">{html.escape(row["caption"])}</p><ul>{references}</ul>'
+            f'<p class="name">{name}</p>{button}</div><div class="scores">{"<br>".join(shown)}</div></div>')
 
 def report_header(cfg, restored, metrics=None):
-    """The top of the page: data, checkpoint, the settings that differ from the constants, metrics and graphs."""
-    changed = "".join(f"<tr><td>{html.escape(n)}</td><td>{html.escape(repr(getattr(cfg, n)))}</td></tr>"
+    """The top of the page: checkpoint, data, metrics, the settings that differ from the constants, graphs."""
+    changed = "".join(f"<tr><td>{n}</td><td>{html.escape(repr(getattr(cfg, n)))}</td></tr>"
                       for n in CONFIG_NAMES if getattr(cfg, n) != globals()[n])
-    parts = [f"<p>checkpoint {html.escape(str(restored.path))} (epoch {restored.progress.epoch}, "
-             f"{html.escape(restored.model.args['decoder'])} decoder), beam {cfg.beam_size}; trained on "
-             f"{html.escape(restored.config['dataset'])} ({html.escape(restored.config['data_dir'])})</p>"]
-    if metrics:
-        cells = "".join(f"<td>{'n/a' if v is None else f'{100 * v:.1f}'}</td>" for v in metrics.values())
-        parts.append(f"<table><tr>{''.join(f'<th>{html.escape(k)}</th>' for k in metrics)}</tr><tr>{cells}</tr>"
-                     f"</table>")
-    parts.append(f"<details><summary>settings that differ from the script's constants</summary><table>{changed}"
-                 f"</table></details>")
-    graphs = [g for g in ("loss_graph.png", "metrics_graph.png") if (Path(cfg.output_dir) / g).is_file()]
-    parts.append('<p class="graphs">' + "".join(f'<img src="{g}" alt="{g}">' for g in graphs) + "</p>")
-    return "\n".join(parts)
+    names = "".join(f"<th>{k}</th>" for k in metrics or {})
+    values = "".join(f"<td>{'n/a' if v is None else f'{100 * v:.1f}'}</td>" for v in (metrics or {}).values())
+    graphs = "".join(f'<img src="{g}" alt="{g}">' for g in ("loss_graph.png", "metrics_graph.png")
+                     if (Path(cfg.output_dir) / g).is_file())
+    return (f"<p>checkpoint {html.escape(str(restored.path))} (epoch {restored.progress.epoch}, "
+            f"{restored.model.args['decoder']} decoder), beam {cfg.beam_size}; trained on "
+            f"{html.escape(restored.config['dataset'])} ({html.escape(restored.config['data_dir'])})</p>\n"
+            + (f"<table><tr>{names}</tr><tr>{values}</tr></table>\n" if metrics else "")
+            + f"<details><summary>settings that differ from the script's constants</summary><table>{changed}"
+            f'</table></details>\n<p class="graphs">{graphs}</p>')
 
 def coco_image_id(name):
     """COCO's integer image id from its file name (COCO_val2014_000000391895.jpg: 391895); else the name."""
@@ -2353,51 +2305,31 @@ def coco_image_id(name):
 
 # -----------------------------------------------------------------------------
 # captioning new images
-def collect_images(paths):
-    files, missing = [], []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        elif path.is_file():
-            files.append(path)
-        else:
-            missing.append(path)
-    return files, missing
-
 def check_figure_path(figure, inputs):
     """--caption_figure, refused before any captioning if it cannot be written or would overwrite an input."""
     from matplotlib.backend_bases import FigureCanvasBase
     if figure.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
         raise UserError(f"--caption_figure={figure}: name an image file such as captions.png (or .jpg, .pdf)")
     if figure.is_dir():
-        raise UserError(f"--caption_figure={figure} is a folder: name a file in it, such as {figure / 'captions.png'}")
+        raise UserError(f"--caption_figure={figure} is a folder: name a file, e.g. {figure / 'captions.png'}")
     if figure.resolve() in {p.resolve() for p in inputs}:
         raise UserError(f"--caption_figure={figure} is one of the images to caption: name another file")
-    if not figure.parent.is_dir():
-        raise UserError(f"--caption_figure={figure}: its folder {figure.parent} does not exist; create it first")
-    try:  # writable for real: permissions alone do not tell (a read-only mount, /proc)
+    try:  # writable for real: permissions alone do not tell (a read-only mount, /proc); nor a missing folder
         tempfile.TemporaryFile(dir=figure.parent).close()
     except OSError as error:
-        raise UserError(f"--caption_figure={figure}: cannot write in {figure.parent} ({error.strerror or error}): "
-                        f"choose another folder") from None
-
-def caption_page(cfg, restored, rows):
-    """report-captions.html in output_dir, of the user's own images; a folder that cannot be written only warns."""
-    try:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        page = write_report(cfg.output_dir, "report-captions", f"{len(rows)} images captioned",
-                            report_header(cfg, restored), rows)
-        print(f"results page: {page}", file=sys.stderr)
-    except OSError as error:
-        print(f"warning: no results page in {cfg.output_dir}: {error.strerror or error}", file=sys.stderr)
+        raise UserError(f"--caption_figure={figure}: cannot write in {figure.parent} "
+                        f"({error.strerror or error}): choose another folder") from None
 
 def record_path(path):
-    """The path as one field of a line: a tab, newline or backslash in a file name is escaped as Python does."""
+    """The path as one field of a line: tab, newline, CR and backslash escaped as Python does."""
     return str(path).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 def caption_images(cfg, paths, restored, device):
-    """--caption: prints path<TAB>caption for each image (stdout holds nothing else; messages go to stderr)."""
-    files, missing = collect_images(paths)
+    """--caption: prints path<TAB>caption for each image; stdout holds nothing else, messages go to stderr."""
+    given = [Path(p) for p in paths]
+    missing = [p for p in given if not p.is_dir() and not p.is_file()]
+    files = [f for p in given for f in (sorted(p.iterdir()) if p.is_dir() else [p])
+             if f.is_file() and (f == p or f.suffix.lower() in IMAGE_EXTENSIONS)]  # named: any suffix
     figure = Path(cfg.caption_figure) if cfg.caption_figure else None
     if figure:
         check_figure_path(figure, files)
@@ -2407,7 +2339,7 @@ def caption_images(cfg, paths, restored, device):
     model = restored.model
     model.encoder.attach(resnet)
     if not files:
-        print(f"error: no images found in {' '.join(map(str, paths))}", file=sys.stderr)
+        stderr(f"error: no images found in {' '.join(map(str, paths))}")
     names = [str(f.resolve()) for f in files]
     source = ImageSource(Path("/"), image_transform(model.args["image_size"]))
     captions, failed = generate_captions(model.to(device), source, names, cfg, device)
@@ -2415,18 +2347,24 @@ def caption_images(cfg, paths, restored, device):
         if name in captions:
             print(f"{record_path(file)}\t{captions[name]}", flush=True)
         else:
-            print(f"error: cannot read image {record_path(file)}", file=sys.stderr, flush=True)
+            stderr(f"error: cannot read image {record_path(file)}")
     for file in missing:
-        print(f"error: no such file or folder: {record_path(file)}", file=sys.stderr, flush=True)
+        stderr(f"error: no such file or folder: {record_path(file)}")
+    if not captions:
+        return 1
     maps = word_maps(model, source, captions, device)
-    if figure and captions:
+    if figure:
         save_caption_figure(list(captions.items()), figure, [maps.get(name) for name in captions])
-        print(f"saved {figure}", file=sys.stderr)
-    if captions:
-        rows = [{"path": Path(name), "name": str(file), "caption": captions[name], "maps": maps.get(name)}
-                for file, name in zip(files, names) if name in captions]
-        caption_page(cfg, restored, rows)
-    return 1 if failed or missing or not files else 0
+        stderr(f"saved {figure}")
+    rows = [{"path": Path(name), "name": str(file), "caption": captions[name], "maps": maps.get(name)}
+            for file, name in zip(files, names) if name in captions]
+    try:  # report-captions.html; the captions are out: a folder that cannot be written only warns
+        page = write_report(cfg.output_dir, "report-captions", f"{len(rows)} images captioned",
+                            report_header(cfg, restored), rows)
+        stderr(f"results page: {page}")
+    except OSError as error:
+        stderr(f"warning: no results page in {cfg.output_dir}: {error.strerror or error}")
+    return 1 if failed or missing else 0
 
 # -----------------------------------------------------------------------------
 def main(argv=None):
@@ -2436,13 +2374,12 @@ def main(argv=None):
         if captioning and "LOCAL_RANK" in os.environ:
             raise UserError("--caption runs in one process: run it with python, not torchrun")
         cfg = resolve_settings(overrides)
-        restored = None
+        restored, trained = None, None
         if captioning or cfg.evaluate:  # the checkpoint's own data and sizes, under the command line
             restored = restore(cfg.checkpoint or Path(cfg.output_dir) / "best.pt")
-            echo = stderr if captioning else log
-            cfg = resolve_settings(overrides, echo, restored.trained_on(), CAPTIONING if captioning else None)
-        else:
-            cfg = resolve_settings(overrides, log)
+            trained = restored.trained_on()
+        echo, shown = (stderr, CAPTIONING) if captioning else (log, None)
+        cfg = resolve_settings(overrides, echo, trained, shown)
         device = pick_device(cfg.device)
         if captioning:
             return caption_images(cfg, caption_paths, restored, device)

@@ -1,6 +1,8 @@
 """The attention decoder: its shapes and state, that it looks at the image, its penalty, and end to end (conftest's
 trained_attention run): its checkpoint, its test report's figures, --evaluate with its maps, a resume refused."""
+import html
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -22,18 +24,19 @@ def test_an_attention_run_records_its_decoder_and_its_demo_figures_are_its_capti
     assert report["demo_colour_shape_accuracy"] == single and report["demo_two_shape_accuracy"] == two
 
 
-def test_evaluate_an_attention_checkpoint_with_its_maps(trained_attention, demo_dirs, random_weights, monkeypatch):
-    drawn, real = [], cap.save_caption_figure
-    monkeypatch.setattr(cap, "save_caption_figure", lambda items, path, maps=None: drawn.append((items, maps)) or
-                        real(items, path, maps))
+def test_evaluate_an_attention_checkpoint_with_its_maps(trained_attention, demo_dirs, random_weights):
     assert cap.main(demo_args(demo_dirs, random_weights, trained_attention, "--decoder=attention", "--evaluate")) == 0
     report = json.loads((trained_attention / "test_metrics-best-beam3.json").read_text())
     assert report["images"] == 100 and "demo_two_shape_accuracy" in report
-    ((items, maps),) = drawn
-    assert len(items) == len(maps) == 6 and all(maps)
-    for (_, text), words in zip(items, maps):  # each generated word with its map
-        assert [w for w, _ in words] == text.splitlines()[0].removeprefix("generated: ").split()
-    assert (trained_attention / "test_examples-best-beam3.png").stat().st_size > 0
+    captions = pd.read_csv(trained_attention / "test_captions-best-beam3.csv", keep_default_na=False)
+    caption_of = dict(zip(captions["image"], captions["caption"]))
+    page = (trained_attention / "report-best-beam3.html").read_text()
+    rows = re.findall(r'data-name="([^"]*)"[^>]*data-maps="([^"]*)"', page)
+    assert len(rows) == 100
+    for name, maps in rows:  # each generated word with its map (96 px: a 3x3 grid), on the results page
+        maps = json.loads(html.unescape(maps))
+        assert [w for w, _ in maps] == caption_of[name].split()
+        assert all(len(m) == 9 and abs(sum(m) - 1) < 0.01 for _, m in maps)
 
 
 def test_resuming_with_the_other_decoder_is_refused(demo_dirs, random_weights, trained_attention, capsys):

@@ -43,7 +43,7 @@ def test_missing_checkpoint_says_how_to_train(tmp_path):
     assert result.returncode == 2 and "train one first" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("figure, message", [("nowhere/out.png", "its folder"), ("out.xyz", "name an image file"),
+@pytest.mark.parametrize("figure, message", [("nowhere/out.png", "cannot write in"), ("out.xyz", "name an image file"),
                                              (".", "name an image file")])
 def test_a_bad_figure_path_is_refused_before_captioning(tmp_path, trained_demo, demo_dirs, figure, message, capsys):
     image = sorted((demo_dirs["data_dir"] / "Images").iterdir())[0]
@@ -250,8 +250,7 @@ def test_a_figure_onto_an_existing_folder_is_refused(tmp_path, trained_demo, dem
     code, out, err = caption(capsys, demo_image(demo_dirs), f"--checkpoint={trained_demo / 'best.pt'}",
                              f"--caption_figure={figure}")
     assert (code, out) == (2, "") and list(figure.iterdir()) == []
-    assert refusal(err) == (f"error: --caption_figure={figure} is a folder: name a file in it, such as "
-                            f"{figure / 'captions.png'}")
+    assert refusal(err) == f"error: --caption_figure={figure} is a folder: name a file, e.g. {figure / 'captions.png'}"
 
 
 def test_a_figure_in_a_folder_that_cannot_be_written_is_refused(trained_demo, demo_dirs, capsys):

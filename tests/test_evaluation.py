@@ -20,7 +20,7 @@ def test_bleu_and_rouge_l_of_one_caption_as_worked_out_by_hand():
     """'a dog runs on grass' (5 words) against 'a dog runs on the grass' (6): every word matches, 3 of 4 bigrams,
     2 of 3 trigrams, 1 of 2 4-grams; the brevity penalty is exp(1 - 6/5). The longest common subsequence is all 5
     words: precision 1, recall 5/6, and ROUGE-L's F with beta 1.2."""
-    metrics = cap.caption_metrics({1: ["A dog runs on the grass ."]}, {1: "A dog, runs on grass!"})
+    metrics, each = cap.caption_metrics({1: ["A dog runs on the grass ."]}, {1: "A dog, runs on grass!"})
     penalty, precisions = math.exp(1 - 6 / 5), [1, 3 / 4, 2 / 3, 1 / 2]
     for n in range(1, 5):
         expected = penalty * math.prod(precisions[:n]) ** (1 / n)
@@ -28,12 +28,13 @@ def test_bleu_and_rouge_l_of_one_caption_as_worked_out_by_hand():
     recall, beta2 = 5 / 6, 1.2 ** 2
     assert metrics["ROUGE-L"] == pytest.approx((1 + beta2) * recall / (recall + beta2), abs=1e-8)
     assert metrics["CIDEr"] == 0  # one image: every n-gram is in every document, and its IDF is log(1) = 0
+    assert each == {1: {"CIDEr": 0, "BLEU-4": pytest.approx(metrics["BLEU-4"])}}  # one image: the corpus figures
 
 
 def test_metrics_rank_the_same_perfect_partial_and_swapped_captions_in_order():
     perfect = {k: refs[0] for k, refs in REFS.items()}
     swapped = {"a": HYPS["b"], "b": HYPS["c"], "c": HYPS["a"]}  # each image given another's caption
-    scores = [cap.caption_metrics(REFS, hyps) for hyps in (perfect, HYPS, swapped)]
+    scores = [cap.caption_metrics(REFS, hyps)[0] for hyps in (perfect, HYPS, swapped)]
     for name in ("BLEU-4", "ROUGE-L", "CIDEr") + (("METEOR",) if shutil.which("java") else ()):
         assert scores[0][name] > scores[1][name] > scores[2][name] >= 0, name
     assert scores[1]["BLEU-1"] > scores[2]["BLEU-1"]  # the partial captions' words are all in their references
@@ -49,14 +50,14 @@ def test_metric_text_is_lowercased_without_punctuation():
 
 def test_identical_caption_scores_bleu_4_of_one():
     caption = "a little girl in a pink dress climbs the stairs"
-    assert cap.caption_metrics({1: [caption]}, {1: caption})["BLEU-4"] == pytest.approx(1.0)
+    assert cap.caption_metrics({1: [caption]}, {1: caption})[0]["BLEU-4"] == pytest.approx(1.0)
 
 
 def test_meteor_is_absent_without_java(monkeypatch, capsys):
     monkeypatch.setattr(cap.shutil, "which", lambda name: None)
     cap.meteor_scorer.cache_clear()
     try:
-        metrics = cap.caption_metrics(REFS, HYPS)
+        metrics, _ = cap.caption_metrics(REFS, HYPS)
     finally:
         cap.meteor_scorer.cache_clear()
     assert metrics["METEOR"] is None and metrics["BLEU-1"] > 0
@@ -89,18 +90,17 @@ def test_evaluation_helpers_leave_the_model_in_its_mode(tmp_path):
 def test_evaluate_writes_tagged_outputs_beside_the_training_runs_own(trained_demo, demo_dirs, random_weights,
                                                                      capsys):
     own = {name: (trained_demo / name).read_bytes() for name in ("test_metrics.json", "test_captions.csv",
-                                                                 "test_examples.png")}
+                                                                 "report.html")}
     assert cap.main(demo_args(demo_dirs, random_weights, trained_demo, "--evaluate", "--beam_size=2")) == 0
     printed = capsys.readouterr().out
     assert "test split, 100 images, beam 2" in printed and "CIDEr" in printed
-    tagged = [trained_demo / f"test_{kind}-best-beam2.{ext}" for kind, ext in
-              (("metrics", "json"), ("captions", "csv"), ("examples", "png"))]
+    tagged = [trained_demo / "test_metrics-best-beam2.json", trained_demo / "test_captions-best-beam2.csv"]
     try:
         report = json.loads(tagged[0].read_text())
         assert report["checkpoint"] == str(trained_demo / "best.pt") and report["beam_size"] == 2
         assert report["images"] == 100 and report["BLEU-1"] > 0
         assert (report["METEOR"] > 0) if shutil.which("java") else report["METEOR"] is None
-        assert len(pd.read_csv(tagged[1])) == 100 and tagged[2].stat().st_size > 0
+        assert len(pd.read_csv(tagged[1])) == 100
         assert {name: (trained_demo / name).read_bytes() for name in own} == own  # the training run's, untouched
         assert len(json.loads((trained_demo / "test_captions-best-beam2.json").read_text())) == 100
         assert len(list((trained_demo / "report-best-beam2").glob("*.jpg"))) == 100

@@ -19,8 +19,8 @@ import torch
 from conftest import ROOT, SCRIPT, TINY_DEMO, cap, demo_args, error_line, shared
 
 OUTPUTS = ["loss_per_batch.csv", "loss_per_epoch.csv", "loss_graph.png", "metrics_graph.png", "vocab.json",
-           "config.json", "last.pt", "best.pt", "test_metrics.json", "test_captions.csv", "test_examples.png",
-           "test_captions.json", "report.html"]
+           "config.json", "last.pt", "best.pt", "test_metrics.json", "test_captions.csv", "test_captions.json",
+           "report.html"]
 
 
 def test_demo_run_writes_every_output(trained_demo):
@@ -378,7 +378,7 @@ def test_a_fresh_run_sets_an_earlier_run_aside_and_a_resume_goes_on_from_the_new
     assert pd.read_csv(batch_log)["step"].tolist() == list(range(1, stopped["step"] + 1))  # the new run's alone
     if stopped["epoch"] == 0:  # stopped before its first validation, as it nearly always is
         assert not (out / "best.pt").exists() and not (out / "loss_per_epoch.csv").exists()
-    assert not any((out / name).exists() for name in ("test_metrics.json", "test_captions.csv", "test_examples.png",
+    assert not any((out / name).exists() for name in ("test_metrics.json", "test_captions.csv", "report.html",
                                                      "loss_graph.png", "metrics_graph.png"))
     assert cap.main(quick_args(demo_dirs, random_weights, out, "--log_every=1", "--resume", "--num_epochs=1")) == 0
     assert f"epoch {stopped['epoch']} done, step {stopped['step']}" in capsys.readouterr().out  # not the old run's
@@ -404,7 +404,7 @@ def test_ctrl_c_during_the_last_validation_stops_before_the_test_report(tmp_path
     printed = capsys.readouterr().out
     assert f"interrupted: saved {out / 'last.pt'} at step 3" in printed and "--resume" in printed
     assert "test split" not in printed
-    assert not any((out / name).exists() for name in ("test_metrics.json", "test_captions.csv", "test_examples.png"))
+    assert not any((out / name).exists() for name in ("test_metrics.json", "test_captions.csv", "report.html"))
     stopped = torch.load(out / "last.pt", weights_only=True)
     assert (stopped["epoch"], stopped["step"]) == (1, 3)
     monkeypatch.undo()
