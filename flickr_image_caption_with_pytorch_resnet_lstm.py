@@ -1949,16 +1949,12 @@ def train(cfg, device):
             stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device)
             return resume_hint(out, progress.step, size)
     wait_for_all()  # for best.pt
-    best = restore(out / "best.pt")
-    if data.resnet is not None:
-        best.model.encoder.attach(data.resnet)
-    best.model.to(device)
-    test_report(best, data, cfg, device)
+    test_report(restore(out / "best.pt"), data, cfg, device)
     if device.type == "cuda":
         log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
     log(f"outputs in {out}: report.html (open it in a browser), loss_per_batch.csv, loss_per_epoch.csv, "
         f"loss_graph.png, metrics_graph.png, test_metrics.json, test_captions.csv, test_captions.json, "
-        f"test_examples.png, best.pt, last.pt, vocab.json, config.json")
+        f"best.pt, last.pt, vocab.json, config.json")
     del lock
     return 0
 
@@ -2084,6 +2080,9 @@ def print_samples(model, source, names, cfg, device, label):
 def test_report(restored, data, cfg, device, tag=""):
     """Test metrics, captions (with each image's scores) and report.html, tag in their names."""
     out, model, start = Path(cfg.output_dir), restored.model, time.time()
+    if data.resnet is not None:  # no cached features: the backbone encodes every image
+        model.encoder.attach(data.resnet)
+    model.to(device)
     captions, _ = generate_captions(model, data.source, data.images("test"), cfg, device)
     demo = demo_scores(model, data, "test", cfg, device, by_kind=True)  # in every process: each does a share
     if not is_main_process():
@@ -2189,9 +2188,6 @@ def evaluate_checkpoint(cfg, device, restored):
     """--evaluate: the test report of a checkpoint, on the data it was trained on (refused if not)."""
     lock = claim_output_dir(cfg.output_dir) if is_main_process() else None
     data = prepare_data(cfg, device, trained=restored)
-    if data.resnet is not None:
-        restored.model.encoder.attach(data.resnet)
-    restored.model.to(device)
     test_report(restored, data, cfg, device, f"-{restored.path.stem}-beam{cfg.beam_size}")
     del lock
     return 0
