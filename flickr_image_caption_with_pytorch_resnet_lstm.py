@@ -706,8 +706,11 @@ DEMO_SHAPES = ["circle", "square", "triangle"]
 DEMO_SINGLE_SHARE = 2 / 3   # the rest have two shapes, one on each side
 DEMO_SHADE = 15             # each channel of a shape's colour varies by up to this much (0-255)
 DEMO_BACKGROUND_SHADE = 20  # and the background's grey level by up to this much
-DEMO_SINGLE_PLACE = dict(x=(0.45, 0.55), y=(0.45, 0.55), extent=(0.5, 0.75))  # fractions of the image
-DEMO_PAIR_PLACE = dict(left=(0.24, 0.26), right=(0.74, 0.76), y=(0.35, 0.65), extent=(0.4, 0.46))  # never touch
+# by number of shapes, in fractions of the image: each shape's x range (left to right), then every shape's y and
+# size ranges. Single shapes large and near the centre (what a random-weight encoder can still tell apart); two
+# shapes one in each half, each at its own height, never touching
+DEMO_PLACES = {1: ([(0.45, 0.55)], (0.45, 0.55), (0.5, 0.75)),
+               2: ([(0.24, 0.26), (0.74, 0.76)], (0.35, 0.65), (0.4, 0.46))}
 DEMO_CAPTIONS_PER_IMAGE = 3  # of the templates below, drawn without repeats
 ONE_SHAPE_CAPTIONS = ["a {c} {s} .", "a {c} {s} on a {bg} background .", "there is a {c} {s} on a {bg} background .",
                       "a large {c} {s} in the middle of the picture .", "a picture of a {c} {s} .",
@@ -716,60 +719,40 @@ ONE_SHAPE_CAPTIONS = ["a {c} {s} .", "a {c} {s} on a {bg} background .", "there 
 # reads back: one word order is easier to learn than six ways of saying the same
 TWO_SHAPE_CAPTIONS = ["a {c} {s} on the left and a {c2} {s2} on the right .", "a {c} {s} to the left of a {c2} {s2} .",
                       "two shapes on a {bg} background : a {c} {s} on the left and a {c2} {s2} on the right ."]
-
-def draw_shape(draw, shape, centre, size, colour):
-    x, y, r = centre[0], centre[1], size / 2
-    if shape == "circle":
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
-    elif shape == "square":
-        draw.rectangle([x - r, y - r, x + r, y + r], fill=colour)
-    else:
-        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
-
-DEMO_ENTRIES = ["Images", "captions.txt", "shapes.csv", "demo.json"]  # what the demo owns in its folder, stamp last
-DEMO_IMAGE = re.compile(r"demo_\d{5}\.jpg")
+DEMO_IMAGES = "demo_[0-9][0-9][0-9][0-9][0-9].jpg"  # the demo's own images: any other file in Images/ stays
 
 def make_demo_dataset(folder, n_images, size, seed=0):
     """Writes Images/, captions.txt and shapes.csv deterministically; rebuilt only when the settings change."""
-    folder = Path(folder)
+    folder, stamp = Path(folder), {"images": n_images, "size": size, "seed": seed, "version": 9}
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--data_dir={folder} is a file, and the demo needs a folder there: choose another --data_dir")
-    stamp = {"images": n_images, "size": size, "seed": seed, "version": 9}
     if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
         return folder
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "demo.json").is_file():
         raise UserError(f"{folder} holds files but no demo set: choose an empty or new --data_dir for the demo")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-demo-", dir=folder.parent))
-    try:
-        write_demo_set(tmp, n_images, size, seed, stamp)
-        # the folder may also hold the user's own files: only the demo's own entries are replaced. A stamp that
-        # matches no settings goes first, so that an interrupted swap is redone on the next run
-        (folder / "demo.json").write_text(json.dumps({"incomplete": True}))
-        for name in DEMO_ENTRIES:
-            if name == "Images" and (folder / name).is_dir():
-                replace_demo_images(tmp / name, folder / name)
-            else:
-                os.replace(tmp / name, folder / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    (folder / "Images").mkdir(parents=True, exist_ok=True)
+    # the folder may also hold the user's own files: only the demo's are replaced. A stamp that matches no
+    # settings goes first, so that an interrupted rebuild is redone on the next run
+    (folder / "demo.json").write_text(json.dumps({"incomplete": True}))
+    for old in (folder / "Images").glob(DEMO_IMAGES):
+        old.unlink()
+    write_demo_set(folder, n_images, size, seed)
+    (folder / "demo.json").write_text(json.dumps(stamp))
     return folder
-
-def replace_demo_images(new, images):
-    """Swaps the demo's own images (demo_NNNNN.jpg) for new ones; anything else in the folder stays."""
-    for old in images.iterdir():
-        if DEMO_IMAGE.fullmatch(old.name):
-            old.unlink()
-    for image in new.iterdir():
-        os.replace(image, images / image.name)
 
 def shift(rgb, offsets):
     return tuple(min(255, max(0, round(v + o))) for v, o in zip(rgb, offsets))
 
-def write_demo_set(tmp, n_images, size, seed, stamp):
-    """The demo set's entries (DEMO_ENTRIES) in the empty folder tmp, every drawing varied (README: the demo)."""
+def draw_shape(draw, shape, centre, size, colour):
+    (x, y), r = centre, size / 2
+    if shape == "triangle":
+        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
+    else:
+        (draw.ellipse if shape == "circle" else draw.rectangle)([x - r, y - r, x + r, y + r], fill=colour)
+
+def write_demo_set(folder, n_images, size, seed):
+    """The demo's images, captions.txt and shapes.csv in folder, every drawing varied (README: the demo)."""
     from PIL import ImageDraw
-    (tmp / "Images").mkdir()
     rng = random.Random(seed)
     captions, shapes = [], []
     for i in tqdm(range(n_images), desc="making the demo set", unit="img", leave=False):
@@ -781,29 +764,22 @@ def write_demo_set(tmp, n_images, size, seed, stamp):
         # two shapes may share a colour or a shape, never both: which colour belongs to which shape, and which
         # is where, is then the question, and no combination can be guessed from what the other one is
         objects = rng.sample([(c, s) for c in DEMO_COLOURS for s in DEMO_SHAPES], n_shapes)
-        # single shapes large and near the centre (what a random-weight encoder can still tell apart); two
-        # shapes one in each half, each at its own height, never touching
-        if n_shapes == 1:
-            p = DEMO_SINGLE_PLACE
-            places = [(rng.uniform(*p["x"]), rng.uniform(*p["y"]), rng.uniform(*p["extent"]))]
-        else:
-            p = DEMO_PAIR_PLACE
-            places = [(rng.uniform(*p[side]), rng.uniform(*p["y"]), rng.uniform(*p["extent"]))
-                      for side in ("left", "right")]
+        xs, ys, extents = DEMO_PLACES[n_shapes]
+        places = [(rng.uniform(*x), rng.uniform(*ys), rng.uniform(*extents)) for x in xs]
         for (colour, shape), (x, y, extent) in zip(objects, places):
             shade = [rng.uniform(-DEMO_SHADE, DEMO_SHADE) for _ in range(3)]
             draw_shape(draw, shape, (x * big, y * big), extent * big, shift(DEMO_COLOURS[colour], shade))
-        image.resize((size, size), Image.LANCZOS).save(tmp / "Images" / name, quality=92)
+        image.resize((size, size), Image.LANCZOS).save(folder / "Images" / name, quality=92)
         (c, s), (c2, s2) = objects[0], objects[-1]
-        templates = rng.sample(ONE_SHAPE_CAPTIONS if n_shapes == 1 else TWO_SHAPE_CAPTIONS,
-                               DEMO_CAPTIONS_PER_IMAGE)
+        templates = rng.sample([ONE_SHAPE_CAPTIONS, TWO_SHAPE_CAPTIONS][n_shapes - 1], DEMO_CAPTIONS_PER_IMAGE)
         captions += [(name, t.format(c=c, s=s, c2=c2, s2=s2, bg=bg)) for t in templates]
         shapes.append((name, ";".join(f"{c} {s}" for c, s in objects)))  # left to right
-    pd.DataFrame(captions, columns=["image", "caption"]).to_csv(tmp / "captions.txt", index=False)
-    pd.DataFrame(shapes, columns=["image", "shapes"]).to_csv(tmp / "shapes.csv", index=False)
-    (tmp / "demo.json").write_text(json.dumps(stamp))
+    pd.DataFrame(captions, columns=["image", "caption"]).to_csv(folder / "captions.txt", index=False)
+    pd.DataFrame(shapes, columns=["image", "shapes"]).to_csv(folder / "shapes.csv", index=False)
 
-SIDES = {"on the left": "left", "on the right": "right", "to the left of": "left", "to the right of": "right"}
+# the side a phrase after a shape puts it on and, for 'X to the left of Y', the side of Y
+SIDES = {"on the left": ["left"], "on the right": ["right"], "to the left of": ["left", "right"],
+         "to the right of": ["right", "left"]}
 
 def demo_placement(caption):
     """'left colour shape;right colour shape' as the caption places two shapes, or None if it hedges."""
@@ -814,11 +790,9 @@ def demo_placement(caption):
     claims = set()
     for k, i in enumerate(pairs):
         after = " ".join(words[i + 2:i + 6]) + " "
-        for phrase, side in SIDES.items():
+        for phrase, sides in SIDES.items():
             if after.startswith(phrase + " "):
-                claims.add((k, side))
-                if phrase.endswith(" of"):  # 'X to the left of Y' places Y too
-                    claims.add((1 - k, {"left": "right", "right": "left"}[side]))
+                claims |= {(k ^ j, side) for j, side in enumerate(sides)}  # k ^ 1: the other one
     side = dict(claims)
     if len(claims) != 2 or sorted(side.values()) != ["left", "right"]:
         return None
@@ -826,29 +800,25 @@ def demo_placement(caption):
 
 def demo_accuracy(captions_by_image, shapes_file, n_shapes=1):
     """The share of the images with n_shapes shapes (None: any) captioned right, and their number."""
-    truth = demo_truth(shapes_file)
-    names = [name for name in captions_by_image if n_shapes in (None, truth[name].count(";") + 1)]
-    correct = sum(demo_right(captions_by_image[name], truth[name]) for name in names)
-    return correct / max(1, len(names)), len(names)
+    right = demo_right(captions_by_image, shapes_file, n_shapes)
+    return sum(right.values()) / max(1, len(right)), len(right)
 
 def demo_judgement(cfg, captions):
     """On the demo, whether each caption names its image's shapes right ({} elsewhere)."""
-    if cfg.dataset != "demo":
-        return {}
-    truth = demo_truth(Path(cfg.data_dir) / "shapes.csv")
-    return {name: demo_right(caption, truth[name]) for name, caption in captions.items()}
+    return demo_right(captions, Path(cfg.data_dir) / "shapes.csv") if cfg.dataset == "demo" else {}
 
-def demo_truth(shapes_file):
-    """{image: 'colour shape[;colour shape]'} as the demo set drew them, left to right."""
-    return pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()
-
-def demo_right(caption, shapes):
-    """Whether the caption names the shape(s) of shapes ('colour shape[;colour shape]', left to right) right."""
-    if ";" in shapes:
-        return demo_placement(caption) == shapes
-    words = set(caption.split())
-    colour, shape = shapes.split()
-    return words & set(DEMO_COLOURS) == {colour} and words & set(DEMO_SHAPES) == {shape}
+def demo_right(captions_by_image, shapes_file, n_shapes=None):
+    """{image: whether its caption names its shapes right}, for the images with n_shapes shapes (None: any)."""
+    truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()  # as write_demo_set drew them
+    right = {}
+    for name, caption in captions_by_image.items():
+        if n_shapes not in (None, truth[name].count(";") + 1):
+            continue
+        if ";" in truth[name]:
+            right[name] = demo_placement(caption) == truth[name]
+        else:  # colours and shapes are different words: this colour and this shape, and no other
+            right[name] = set(caption.split()) & {*DEMO_COLOURS, *DEMO_SHAPES} == set(truth[name].split())
+    return right
 
 # The demo's settings over the constants (resolve_settings), sized to finish in minutes on a 2-core CPU: its
 # 36-word vocabulary needs no 2-layer 512-unit LSTM, and one layer of 256 reads the shapes as well in half the time
@@ -858,7 +828,7 @@ PRESETS = {"demo": dict(image_size=128, num_epochs=20, batch_size=64, learning_r
 DEMO_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # without ./setup.sh's download
 
 def prepare_demo(cfg):
-    """On the demo: says so, makes its data set and, when there are no ResNet50 weights, random ones."""
+    """On the demo: says so and makes its data set (in process 0, while the others wait)."""
     if cfg.dataset != "demo":
         return
     if is_main_process():
@@ -866,16 +836,17 @@ def prepare_demo(cfg):
             f"built-in demo set\n({cfg.demo_images} generated images of coloured shapes). For real captions: "
             f"./setup.sh --flickr8k, then run this script again (README: 'Getting the data').\n{'=' * 100}")
         make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
-        if not Path(cfg.encoder_weights).is_file():  # written once, before the other processes look for it
-            random_resnet50_weights(DEMO_WEIGHTS)
     wait_for_all()
 
-def demo_weights(cfg):
-    """The fixed random-init ResNet50 for a demo without downloaded weights at the default path (else None)."""
-    if cfg.dataset != "demo" or Path(cfg.encoder_weights) != ROOT / encoder_weights:
-        return None
-    warn(f"no ResNet50 weights at {cfg.encoder_weights}: the demo uses a randomly initialised (still frozen) "
-         f"ResNet50. ./setup.sh downloads the ImageNet weights.")
+def encoder_weights_file(cfg):
+    """--encoder_weights or, on the demo without them at the default path, a fixed random-init ResNet50."""
+    path = Path(cfg.encoder_weights)
+    if path.is_file():
+        return path
+    if cfg.dataset != "demo" or path != ROOT / encoder_weights:
+        raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
+    warn(f"no ResNet50 weights at {path}: the demo uses a randomly initialised (still frozen) ResNet50. "
+         f"./setup.sh downloads the ImageNet weights.")
     return random_resnet50_weights(DEMO_WEIGHTS)
 
 def demo_scores(model, data, split, cfg, device, by_kind=False):
@@ -1358,15 +1329,6 @@ class Data:
 
     def images(self, split):
         return sorted(self.split(split)["image"].unique())
-
-def encoder_weights_file(cfg):
-    path = Path(cfg.encoder_weights)
-    if path.is_file():
-        return path
-    fallback = demo_weights(cfg)
-    if fallback is None:
-        raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
-    return fallback
 
 def feature_statistics(features, rows):
     """Per-channel mean and std (2048,) over some rows of pooled or grid features, a chunk at a time."""
