@@ -1271,8 +1271,7 @@ def gather_shares(path, key, size):
 
 def atomic_save(obj, path):
     """torch.save to this process's temporary file, fsync, rename: a crash leaves the previous file intact."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    path, tmp = Path(path), Path(f"{path}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
