@@ -743,13 +743,6 @@ def make_demo_dataset(folder, n_images, size, seed=0):
 def shift(rgb, offsets):
     return tuple(min(255, max(0, round(v + o))) for v, o in zip(rgb, offsets))
 
-def draw_shape(draw, shape, centre, size, colour):
-    (x, y), r = centre, size / 2
-    if shape == "triangle":
-        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
-    else:
-        (draw.ellipse if shape == "circle" else draw.rectangle)([x - r, y - r, x + r, y + r], fill=colour)
-
 def write_demo_set(folder, n_images, size, seed):
     """The demo's images, captions.txt and shapes.csv in folder, every drawing varied (README: the demo)."""
     from PIL import ImageDraw
@@ -768,7 +761,11 @@ def write_demo_set(folder, n_images, size, seed):
         places = [(rng.uniform(*x), rng.uniform(*ys), rng.uniform(*extents)) for x in xs]
         for (colour, shape), (x, y, extent) in zip(objects, places):
             shade = [rng.uniform(-DEMO_SHADE, DEMO_SHADE) for _ in range(3)]
-            draw_shape(draw, shape, (x * big, y * big), extent * big, shift(DEMO_COLOURS[colour], shade))
+            x, y, r, fill = x * big, y * big, extent * big / 2, shift(DEMO_COLOURS[colour], shade)
+            if shape == "triangle":
+                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+            else:
+                (draw.ellipse if shape == "circle" else draw.rectangle)([x - r, y - r, x + r, y + r], fill=fill)
         image.resize((size, size), Image.LANCZOS).save(folder / "Images" / name, quality=92)
         (c, s), (c2, s2) = objects[0], objects[-1]
         chosen = rng.sample([ONE_SHAPE_CAPTIONS, TWO_SHAPE_CAPTIONS][n_shapes - 1], DEMO_CAPTIONS_PER_IMAGE)
@@ -829,9 +826,7 @@ DEMO_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # without ./s
 
 def prepare_demo(cfg):
     """On the demo: says so and makes its data set (in process 0, while the others wait)."""
-    if cfg.dataset != "demo":
-        return
-    if is_main_process():
+    if cfg.dataset == "demo" and is_main_process():
         log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run trains on the "
             f"built-in demo set\n({cfg.demo_images} generated images of coloured shapes). For real captions: "
             f"./setup.sh --flickr8k, then run this again (README: 'Getting the data').\n{'=' * 100}")
@@ -1072,8 +1067,8 @@ class Captioner(nn.Module):
                  decoder="lstm"):
         super().__init__()
         self.vocab = vocab
-        self.args = dict(decoder=decoder, embed_size=embed_size, hidden_size=hidden_size,  # in checkpoints, as
-                         num_layers=num_layers, dropout=dropout, image_size=image_size)  # nanoGPT's model_args
+        self.args = dict(decoder=decoder, embed_size=embed_size, hidden_size=hidden_size, num_layers=num_layers,
+                         dropout=dropout, image_size=image_size)  # in checkpoints, like nanoGPT's model_args
         self.attention = decoder == "attention"
         self.encoder = EncoderCNN(embed_size, resnet, spatial=self.attention)
         self.decoder = DECODERS[decoder](embed_size, hidden_size, len(vocab), num_layers, dropout)
