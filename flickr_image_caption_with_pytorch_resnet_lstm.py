@@ -615,70 +615,46 @@ DEMO_SHAPES = ["circle", "square", "triangle"]
 DEMO_SINGLE_SHARE = 2 / 3   # the rest have two shapes, one on each side
 DEMO_SHADE = 15             # each channel of a shape's colour varies by up to this much (0-255)
 DEMO_BACKGROUND_SHADE = 20  # and the background's grey level by up to this much
-DEMO_SINGLE_PLACE = dict(x=(0.45, 0.55), y=(0.45, 0.55), extent=(0.5, 0.75))  # fractions of the image
-DEMO_PAIR_PLACE = dict(left=(0.24, 0.26), right=(0.74, 0.76), y=(0.35, 0.65), extent=(0.4, 0.46))  # never touch
+# by number of shapes, in fractions of the image: each shape's x range (left to right), every shape's y and
+# size ranges. One shape large and central (what a random-weight encoder can still tell apart); two, one in
+# each half, each at its own height, never touching
+DEMO_PLACES = {1: ([(0.45, 0.55)], (0.45, 0.55), (0.5, 0.75)),
+               2: ([(0.24, 0.26), (0.74, 0.76)], (0.35, 0.65), (0.4, 0.46))}
 DEMO_CAPTIONS_PER_IMAGE = 3  # of the templates below, drawn without repeats
 ONE_SHAPE_CAPTIONS = ["a {c} {s} .", "a {c} {s} on a {bg} background .", "there is a {c} {s} on a {bg} background .",
                       "a large {c} {s} in the middle of the picture .", "a picture of a {c} {s} .",
                       "one big {c} {s} in the centre ."]
-# every two-shape caption names the left shape first and says which shape is where, in words that demo_placement
+# every two-shape caption names the left shape first and says which is where, in words that demo_placement
 # reads back: one word order is easier to learn than six ways of saying the same
 TWO_SHAPE_CAPTIONS = ["a {c} {s} on the left and a {c2} {s2} on the right .", "a {c} {s} to the left of a {c2} {s2} .",
                       "two shapes on a {bg} background : a {c} {s} on the left and a {c2} {s2} on the right ."]
-
-def draw_shape(draw, shape, centre, size, colour):
-    x, y, r = centre[0], centre[1], size / 2
-    if shape == "circle":
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
-    elif shape == "square":
-        draw.rectangle([x - r, y - r, x + r, y + r], fill=colour)
-    else:
-        draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
-
-DEMO_ENTRIES = ["Images", "captions.txt", "shapes.csv", "demo.json"]  # what the demo owns in its folder, stamp last
-DEMO_IMAGE = re.compile(r"demo_\d{5}\.jpg")
+DEMO_IMAGES = "demo_[0-9][0-9][0-9][0-9][0-9].jpg"  # the demo's own images: any other file in Images/ stays
 
 def make_demo_dataset(folder, n_images, size, seed=0):
-    """Writes Images/, captions.txt and shapes.csv deterministically; rebuilt only when the settings change."""
-    folder = Path(folder)
+    """Writes Images/, captions.txt and shapes.csv deterministically; again only when the settings change."""
+    folder, stamp = Path(folder), {"images": n_images, "size": size, "seed": seed, "version": 9}
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"--data_dir={folder} is a file, and the demo needs a folder there: choose another --data_dir")
-    stamp = {"images": n_images, "size": size, "seed": seed, "version": 9}
+        raise UserError(f"--data_dir={folder} is a file and the demo needs a folder: choose another one")
     if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
         return folder
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "demo.json").is_file():
-        raise UserError(f"{folder} holds files but no demo set: choose an empty or new --data_dir for the demo")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-demo-", dir=folder.parent))
-    try:
-        write_demo_set(tmp, n_images, size, seed, stamp)
-        # the folder may also hold the user's own files: only the demo's own entries are replaced. A stamp that
-        # matches no settings goes first, so that an interrupted swap is redone on the next run
-        (folder / "demo.json").write_text(json.dumps({"incomplete": True}))
-        for name in DEMO_ENTRIES:
-            if name == "Images" and (folder / name).is_dir():
-                replace_demo_images(tmp / name, folder / name)
-            else:
-                os.replace(tmp / name, folder / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{folder} holds files but no demo set: choose an empty or new --data_dir")
+    (folder / "Images").mkdir(parents=True, exist_ok=True)
+    # the folder may also hold the user's own files: only the demo's are replaced. A stamp that matches no
+    # settings goes first, so that an interrupted rebuild is redone on the next run
+    (folder / "demo.json").write_text(json.dumps({"incomplete": True}))
+    for old in (folder / "Images").glob(DEMO_IMAGES):
+        old.unlink()
+    write_demo_set(folder, n_images, size, seed)
+    (folder / "demo.json").write_text(json.dumps(stamp))
     return folder
-
-def replace_demo_images(new, images):
-    """Swaps the demo's own images (demo_NNNNN.jpg) for new ones; anything else in the folder stays."""
-    for old in images.iterdir():
-        if DEMO_IMAGE.fullmatch(old.name):
-            old.unlink()
-    for image in new.iterdir():
-        os.replace(image, images / image.name)
 
 def shift(rgb, offsets):
     return tuple(min(255, max(0, round(v + o))) for v, o in zip(rgb, offsets))
 
-def write_demo_set(tmp, n_images, size, seed, stamp):
-    """The demo set's entries (DEMO_ENTRIES) in the empty folder tmp, every drawing varied (README: the demo)."""
+def write_demo_set(folder, n_images, size, seed):
+    """The demo's images, captions.txt and shapes.csv in folder, every drawing varied (README: the demo)."""
     from PIL import ImageDraw
-    (tmp / "Images").mkdir()
     rng = random.Random(seed)
     captions, shapes = [], []
     for i in tqdm(range(n_images), desc="making the demo set", unit="img", leave=False):
@@ -690,29 +666,26 @@ def write_demo_set(tmp, n_images, size, seed, stamp):
         # two shapes may share a colour or a shape, never both: which colour belongs to which shape, and which
         # is where, is then the question, and no combination can be guessed from what the other one is
         objects = rng.sample([(c, s) for c in DEMO_COLOURS for s in DEMO_SHAPES], n_shapes)
-        # single shapes large and near the centre (what a random-weight encoder can still tell apart); two
-        # shapes one in each half, each at its own height, never touching
-        if n_shapes == 1:
-            p = DEMO_SINGLE_PLACE
-            places = [(rng.uniform(*p["x"]), rng.uniform(*p["y"]), rng.uniform(*p["extent"]))]
-        else:
-            p = DEMO_PAIR_PLACE
-            places = [(rng.uniform(*p[side]), rng.uniform(*p["y"]), rng.uniform(*p["extent"]))
-                      for side in ("left", "right")]
+        xs, ys, extents = DEMO_PLACES[n_shapes]
+        places = [(rng.uniform(*x), rng.uniform(*ys), rng.uniform(*extents)) for x in xs]
         for (colour, shape), (x, y, extent) in zip(objects, places):
             shade = [rng.uniform(-DEMO_SHADE, DEMO_SHADE) for _ in range(3)]
-            draw_shape(draw, shape, (x * big, y * big), extent * big, shift(DEMO_COLOURS[colour], shade))
-        image.resize((size, size), Image.LANCZOS).save(tmp / "Images" / name, quality=92)
+            x, y, r, fill = x * big, y * big, extent * big / 2, shift(DEMO_COLOURS[colour], shade)
+            if shape == "triangle":
+                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+            else:
+                (draw.ellipse if shape == "circle" else draw.rectangle)([x - r, y - r, x + r, y + r], fill=fill)
+        image.resize((size, size), Image.LANCZOS).save(folder / "Images" / name, quality=92)
         (c, s), (c2, s2) = objects[0], objects[-1]
-        templates = rng.sample(ONE_SHAPE_CAPTIONS if n_shapes == 1 else TWO_SHAPE_CAPTIONS,
-                               DEMO_CAPTIONS_PER_IMAGE)
-        captions += [(name, t.format(c=c, s=s, c2=c2, s2=s2, bg=bg)) for t in templates]
+        chosen = rng.sample([ONE_SHAPE_CAPTIONS, TWO_SHAPE_CAPTIONS][n_shapes - 1], DEMO_CAPTIONS_PER_IMAGE)
+        captions += [(name, t.format(c=c, s=s, c2=c2, s2=s2, bg=bg)) for t in chosen]
         shapes.append((name, ";".join(f"{c} {s}" for c, s in objects)))  # left to right
-    pd.DataFrame(captions, columns=["image", "caption"]).to_csv(tmp / "captions.txt", index=False)
-    pd.DataFrame(shapes, columns=["image", "shapes"]).to_csv(tmp / "shapes.csv", index=False)
-    (tmp / "demo.json").write_text(json.dumps(stamp))
+    pd.DataFrame(captions, columns=["image", "caption"]).to_csv(folder / "captions.txt", index=False)
+    pd.DataFrame(shapes, columns=["image", "shapes"]).to_csv(folder / "shapes.csv", index=False)
 
-SIDES = {"on the left": "left", "on the right": "right", "to the left of": "left", "to the right of": "right"}
+# the side a phrase after a shape puts it on and, for 'X to the left of Y', the side of Y
+SIDES = {"on the left": ["left"], "on the right": ["right"], "to the left of": ["left", "right"],
+         "to the right of": ["right", "left"]}
 
 def demo_placement(caption):
     """'left colour shape;right colour shape' as the caption places two shapes, or None if it hedges."""
@@ -723,11 +696,9 @@ def demo_placement(caption):
     claims = set()
     for k, i in enumerate(pairs):
         after = " ".join(words[i + 2:i + 6]) + " "
-        for phrase, side in SIDES.items():
+        for phrase, sides in SIDES.items():
             if after.startswith(phrase + " "):
-                claims.add((k, side))
-                if phrase.endswith(" of"):  # 'X to the left of Y' places Y too
-                    claims.add((1 - k, {"left": "right", "right": "left"}[side]))
+                claims |= {(k ^ j, side) for j, side in enumerate(sides)}  # k ^ 1: the other one
     side = dict(claims)
     if len(claims) != 2 or sorted(side.values()) != ["left", "right"]:
         return None
@@ -735,56 +706,51 @@ def demo_placement(caption):
 
 def demo_accuracy(captions_by_image, shapes_file, n_shapes=1):
     """The share of the images with n_shapes shapes (None: any) captioned right, and their number."""
-    truth = demo_truth(shapes_file)
-    names = [name for name in captions_by_image if n_shapes in (None, truth[name].count(";") + 1)]
-    correct = sum(demo_right(captions_by_image[name], truth[name]) for name in names)
-    return correct / max(1, len(names)), len(names)
+    right = demo_right(captions_by_image, shapes_file, n_shapes)
+    return sum(right.values()) / max(1, len(right)), len(right)
 
 def demo_judgement(cfg, captions):
     """On the demo, whether each caption names its image's shapes right ({} elsewhere)."""
-    if cfg.dataset != "demo":
-        return {}
-    truth = demo_truth(Path(cfg.data_dir) / "shapes.csv")
-    return {name: demo_right(caption, truth[name]) for name, caption in captions.items()}
+    return demo_right(captions, Path(cfg.data_dir) / "shapes.csv") if cfg.dataset == "demo" else {}
 
-def demo_truth(shapes_file):
-    """{image: 'colour shape[;colour shape]'} as the demo set drew them, left to right."""
-    return pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()
+def demo_right(captions_by_image, shapes_file, n_shapes=None):
+    """{image: whether its caption names its shapes right} for the images with n_shapes shapes (None: any)."""
+    truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()  # as write_demo_set drew them
+    right = {}
+    for name, caption in captions_by_image.items():
+        if n_shapes not in (None, truth[name].count(";") + 1):
+            continue
+        if ";" in truth[name]:
+            right[name] = demo_placement(caption) == truth[name]
+        else:  # colours and shapes are different words: this colour and this shape, and no other
+            right[name] = set(caption.split()) & {*DEMO_COLOURS, *DEMO_SHAPES} == set(truth[name].split())
+    return right
 
-def demo_right(caption, shapes):
-    """Whether the caption names the shape(s) of shapes ('colour shape[;colour shape]', left to right) right."""
-    if ";" in shapes:
-        return demo_placement(caption) == shapes
-    words = set(caption.split())
-    colour, shape = shapes.split()
-    return words & set(DEMO_COLOURS) == {colour} and words & set(DEMO_SHAPES) == {shape}
-
-# The demo's settings over the constants (resolve_settings), sized to finish in minutes on a 2-core CPU: its
-# 36-word vocabulary needs no 2-layer 512-unit LSTM, and one layer of 256 reads the shapes as well in half the time
-PRESETS = {"demo": dict(image_size=128, num_epochs=20, batch_size=64, learning_rate=0.002, lr_schedule="cosine",
-                        embed_size=128, hidden_size=256, num_layers=1,
+# The demo's settings over the constants (resolve_settings), to finish in minutes on a 2-core CPU: its 36-word
+# vocabulary needs no 2-layer 512-unit LSTM, and one layer of 256 reads the shapes as well in half the time
+PRESETS = {"demo": dict(image_size=128, num_epochs=20, batch_size=64, learning_rate=0.002,
+                        lr_schedule="cosine", embed_size=128, hidden_size=256, num_layers=1,
                         max_caption_len=24)}  # room to end its longest caption (20 words and a full stop)
 DEMO_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # without ./setup.sh's download
 
 def prepare_demo(cfg):
-    """On the demo: says so, makes its data set and, when there are no ResNet50 weights, random ones."""
-    if cfg.dataset != "demo":
-        return
-    if is_main_process():
+    """On the demo: says so and makes its data set (in process 0, while the others wait)."""
+    if cfg.dataset == "demo" and is_main_process():
         log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run trains on the "
             f"built-in demo set\n({cfg.demo_images} generated images of coloured shapes). For real captions: "
-            f"./setup.sh --flickr8k, then run this script again (README: 'Getting the data').\n{'=' * 100}")
+            f"./setup.sh --flickr8k, then run this again (README: 'Getting the data').\n{'=' * 100}")
         make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
-        if not Path(cfg.encoder_weights).is_file():  # written once, before the other processes look for it
-            random_resnet50_weights(DEMO_WEIGHTS)
     wait_for_all()
 
-def demo_weights(cfg):
-    """The fixed random-init ResNet50 for a demo without downloaded weights at the default path (else None)."""
-    if cfg.dataset != "demo" or Path(cfg.encoder_weights) != ROOT / encoder_weights:
-        return None
-    warn(f"no ResNet50 weights at {cfg.encoder_weights}: the demo uses a randomly initialised (still frozen) "
-         f"ResNet50. ./setup.sh downloads the ImageNet weights.")
+def encoder_weights_file(cfg):
+    """--encoder_weights or, on the demo without them at the default path, a fixed random-init ResNet50."""
+    path = Path(cfg.encoder_weights)
+    if path.is_file():
+        return path
+    if cfg.dataset != "demo" or path != ROOT / encoder_weights:
+        raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
+    warn(f"no ResNet50 weights at {path}: the demo uses a randomly initialised (still frozen) ResNet50. "
+         f"./setup.sh downloads the ImageNet weights.")
     return random_resnet50_weights(DEMO_WEIGHTS)
 
 def demo_scores(model, data, split, cfg, device, by_kind=False):
@@ -807,12 +773,16 @@ FETCH_WEIGHTS = "run ./setup.sh to download it (or see the README)"
 WEIGHTS_NAME = re.compile(r"resnet50-([0-9a-f]{8,64})\.pth")  # torchvision's names carry a sha256 prefix
 
 def weights_sha256(path):
-    stat = Path(path).stat()
-    return file_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    stat = Path(path).stat()  # size and time are in the cache key: a changed file is hashed again
+    return stamped_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 @functools.lru_cache(maxsize=8)
-def file_sha256(path, size, mtime):  # size and mtime are in the cache key: a changed file is hashed again
-    with open(path, "rb") as f:
+def stamped_sha256(path, size, mtime):
+    return file_sha256(path)
+
+def file_sha256(path):
+    """The file's sha256, or None when it cannot be read (an image is then named where it is decoded)."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 def load_resnet50(weights_path):
@@ -843,7 +813,7 @@ def load_resnet50(weights_path):
     return model.float()  # assign keeps the file's dtype; copying into the model converted it to float32
 
 def random_resnet50_weights(path, seed=0):
-    """A fixed random-init ResNet50 for the demo without downloads; saved so that captions can be reproduced."""
+    """A fixed random-init ResNet50 for the demo without downloads, saved: its captions can be reproduced."""
     path = Path(path)
     if not path.is_file():
         with torch.random.fork_rng():
@@ -853,8 +823,8 @@ def random_resnet50_weights(path, seed=0):
     return path
 
 def resnet_grid(resnet, images):
-    """ResNet50's last convolutional grid as L = h*w feature vectors (B, L, 2048); their mean is the pooled feature."""
-    out = resnet(images.contiguous(memory_format=torch.channels_last)).float()  # (B, 2048*h*w), channels first
+    """ResNet50's last convolutional grid, L = h*w vectors (B, L, 2048); their mean is the pooled feature."""
+    out = resnet(images.contiguous(memory_format=torch.channels_last)).float()  # (B, 2048*h*w)
     return out.view(out.size(0), 2048, -1).transpose(1, 2)  # (B, L, 2048)
 
 class EncoderCNN(nn.Module):
@@ -865,8 +835,8 @@ class EncoderCNN(nn.Module):
         self.resnet, self.spatial = None, spatial
         if resnet is not None:
             self.attach(resnet)
-        # standardising with the training set's statistics (per channel, over every grid cell for the attention
-        # decoder) is what lets the decoder read random-weight features
+        # standardising with the training set's statistics (per channel, over every grid cell for the
+        # attention decoder) is what lets the decoder read random-weight features
         self.register_buffer("feature_mean", torch.zeros(2048))
         self.register_buffer("feature_std", torch.ones(2048))
         self.embed = nn.Linear(2048, embed_size)
@@ -888,7 +858,7 @@ class EncoderCNN(nn.Module):
             return cells if self.spatial else cells.mean(1)
 
     def forward(self, x):
-        """Images (B, 3, H, W) or cached features, pooled (B, 2048) or grid (B, L, 2048) -> (B, E) or (B, L, E)."""
+        """Images (B, 3, H, W) or cached features (B, 2048) or grid (B, L, 2048) -> (B, E) or (B, L, E)."""
         features = x.float() if x.dim() < 4 else self.features(x)  # cached grids are float16
         return self.embed((features - self.feature_mean) / self.feature_std)
 
@@ -905,7 +875,7 @@ class DecoderRNN(nn.Module):
 
     def forward(self, image_embeds, captions):
         """Logits for captions[:, 1:] given the image (B, E) and captions[:, :-1] (B, T-1): (B, T-1, V)."""
-        x = torch.cat([image_embeds.unsqueeze(1), self.drop(self.embed(captions[:, :-1]))], dim=1)  # (B, T, E)
+        x = torch.cat([image_embeds.unsqueeze(1), self.drop(self.embed(captions[:, :-1]))], 1)  # (B, T, E)
         out, _ = self.lstm(x)  # (B, T, H)
         return self.to_vocab(self.drop(out[:, 1:]))  # the image step predicts nothing: (B, T-1, V)
 
@@ -915,17 +885,17 @@ class DecoderRNN(nn.Module):
         return state
 
     def step(self, tokens, state, first=False):
-        """Log-probabilities (B, V) of the next word after tokens (B,); <EOS> never first: no caption is empty."""
+        """Log-probabilities (B, V) of the word after tokens (B,); never <EOS> first: no caption is empty."""
         out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # (B, 1, H)
         return next_word_logp(self.to_vocab(out.squeeze(1)), first), state
 
 def next_word_logp(logits, first):
     never = [Vocabulary.PAD, Vocabulary.SOS, Vocabulary.EOS] if first else [Vocabulary.PAD, Vocabulary.SOS]
     logp = F.log_softmax(logits.float(), dim=-1)  # (B, V)
-    return logp.index_fill(1, torch.tensor(never, device=logp.device), float("-inf"))  # not in place: SCST's gradient
+    return logp.index_fill(1, torch.tensor(never, device=logp.device), -math.inf)  # a copy: SCST's gradient
 
 def sample_captions(decoder, image_embeds, n, max_len, greedy=False):
-    """n captions per image drawn word by word: ids (B*n, T), <EOS> then <PAD>, and each word's log-probability."""
+    """n captions per image drawn word by word: ids (B*n, T), <EOS> then <PAD>, and each word's log-prob."""
     state = tuple(s.repeat_interleave(n, dim=1) for s in decoder.start(image_embeds))  # each (L, B*n, H)
     tokens = torch.full((image_embeds.size(0) * n,), Vocabulary.SOS, device=image_embeds.device)  # (B*n,)
     ended = torch.zeros_like(tokens, dtype=torch.bool)
@@ -946,16 +916,15 @@ def sample_captions(decoder, image_embeds, n, max_len, greedy=False):
 DOUBLY_STOCHASTIC_WEIGHT = 0.2
 
 class AttentionDecoder(nn.Module):
-    """Show, Attend and Tell's soft attention over the image's grid cells (Xu et al., 2015; README: attention)."""
+    """Show, Attend and Tell's soft attention over the grid cells (Xu et al., 2015; README: attention)."""
 
     def __init__(self, embed_size, hidden_size, vocab_size, num_layers=2, dropout=0.3):
         super().__init__()
         self.num_layers, self.hidden_size = num_layers, hidden_size
         self.embed = nn.Embedding(vocab_size, embed_size)
         self.init_state = nn.Linear(embed_size, 2 * num_layers * hidden_size)
-        self.key, self.query, self.score = (nn.Linear(embed_size, hidden_size), nn.Linear(hidden_size, hidden_size),
-                                            nn.Linear(hidden_size, 1))
-        self.gate = nn.Linear(hidden_size, 1)
+        self.key, self.query = nn.Linear(embed_size, hidden_size), nn.Linear(hidden_size, hidden_size)
+        self.score, self.gate = nn.Linear(hidden_size, 1), nn.Linear(hidden_size, 1)
         # LSTM cells rather than nn.LSTM: faster one step at a time on a CPU
         self.lstm_cells = nn.ModuleList(nn.LSTMCell(hidden_size if i else 2 * embed_size, hidden_size)
                                    for i in range(num_layers))
@@ -964,11 +933,11 @@ class AttentionDecoder(nn.Module):
 
     def start(self, cells):
         """The state before the first word, from the cells (B, L, E); the batch in dimension 1 throughout."""
-        # (h, c, cells, keys, alpha): (num_layers, B, H) twice, (L, B, E), (L, B, H) and the last attention (1, B, L)
+        # (h, c, cells, keys, alpha): (layers, B, H) twice, (L, B, E), (L, B, H), the last attention (1, B, L)
         h, c = torch.tanh(self.init_state(cells.mean(1))).view(-1, 2 * self.num_layers, self.hidden_size) \
             .transpose(0, 1).chunk(2)  # (L, B, H) each: layers first
         cells = cells.transpose(0, 1)  # (L, B, E)
-        return (h.contiguous(), c.contiguous(), cells, self.key(cells), cells.new_zeros(1, *cells.shape[1::-1]))
+        return h.contiguous(), c.contiguous(), cells, self.key(cells), cells.new_zeros(1, *cells.shape[1::-1])
 
     def advance(self, words, state):
         """The top LSTM layer's output (B, H) after attending and reading the embedded words (B, E)."""
@@ -983,7 +952,7 @@ class AttentionDecoder(nn.Module):
         return h[-1], (h, c, cells, keys, alpha.t().unsqueeze(0))
 
     def forward(self, cells, captions, alphas=False):
-        """Logits (B, T-1, V) for captions[:, 1:] given the cells (B, L, E); with alphas, each step's map too."""
+        """Logits (B, T-1, V) for captions[:, 1:] given cells (B, L, E); with alphas, each step's map too."""
         state, words = self.start(cells), self.drop(self.embed(captions[:, :-1]))  # (B, T-1, E)
         outs, maps = [], []
         for t in range(words.size(1)):
@@ -1001,20 +970,20 @@ class AttentionDecoder(nn.Module):
 DECODERS = {"lstm": DecoderRNN, "attention": AttentionDecoder}
 
 class Captioner(nn.Module):
-    """The trained model: encoder projection and decoder, with its vocabulary and the sizes that rebuild it."""
+    """The trained model: encoder projection and decoder, its vocabulary and the sizes that rebuild it."""
 
     def __init__(self, vocab, embed_size, hidden_size, num_layers=2, dropout=0.3, image_size=224, resnet=None,
                  decoder="lstm"):
         super().__init__()
         self.vocab = vocab
         self.args = dict(decoder=decoder, embed_size=embed_size, hidden_size=hidden_size, num_layers=num_layers,
-                         dropout=dropout, image_size=image_size)  # stored in checkpoints, like nanoGPT's model_args
+                         dropout=dropout, image_size=image_size)  # in checkpoints, like nanoGPT's model_args
         self.attention = decoder == "attention"
         self.encoder = EncoderCNN(embed_size, resnet, spatial=self.attention)
         self.decoder = DECODERS[decoder](embed_size, hidden_size, len(vocab), num_layers, dropout)
 
     def forward(self, inputs, captions=None, samples=1, max_len=20, greedy=False):
-        """The loss (with the attention's penalty when training), logits (B, T-1, V), targets; no captions: samples."""
+        """Loss (with attention's penalty in training), logits (B, T-1, V), targets; no captions: samples."""
         if captions is None:  # in forward, so that DistributedDataParallel averages SCST's gradients too
             return sample_captions(self.decoder, self.encoder(inputs), samples, max_len, greedy)
         targets, penalty = captions[:, 1:], 0.0
@@ -1024,7 +993,7 @@ class Captioner(nn.Module):
             penalty = DOUBLY_STOCHASTIC_WEIGHT * ((1 - looked) ** 2).mean()
         else:
             logits = self.decoder(self.encoder(inputs), captions)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),  # (B*(T-1), V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1),  # (B*(T-1), V)
                                ignore_index=Vocabulary.PAD)
         return loss + penalty, logits, targets
 
@@ -1041,23 +1010,13 @@ class Captioner(nn.Module):
 # feature cache: the frozen encoder runs once per image, not once per caption per epoch
 def features_cache_key(weights_sha, transform, image_dir, names, precision="fp32"):
     # each image's content: an image replaced under the same name, even with its old size and time, is new
-    files = dict(zip(sorted(names), content_hashes([Path(image_dir) / name for name in sorted(names)])))
-    spec = {"weights": weights_sha, "transform": repr(transform), "image_dir": str(Path(image_dir).resolve()),
-            "images": files, "precision": precision, "version": 4}  # 4: keyed by content
-    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
-
-def content_hashes(paths):
-    """Each file's sha256 (None for one that is gone: it fails, and is reported, when read), in 4 threads."""
+    names = sorted(names)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        return list(tqdm(pool.map(file_content_sha256, paths), total=len(paths), desc="hashing images", unit="img",
-                         leave=False, mininterval=1))
-
-def file_content_sha256(path):
-    try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError:
-        return None
+        hashes = list(tqdm(pool.map(file_sha256, [Path(image_dir) / n for n in names]), total=len(names),
+                           desc="hashing images", unit="img", leave=False, mininterval=1))
+    spec = {"weights": weights_sha, "transform": repr(transform), "image_dir": str(Path(image_dir).resolve()),
+            "images": dict(zip(names, hashes)), "precision": precision, "version": 4}  # 4: keyed by content
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
 def tensor_sha256(tensor):
     return hashlib.sha256(tensor.contiguous().numpy()).hexdigest()  # hashed in place: no copy of a memory map
@@ -1066,26 +1025,24 @@ def extract_features(resnet, image_dir, names, transform, device, batch_size=64,
                      into=None):
     """Pooled (N, 2048) or, with grid_cells, float16 grid (N, L, 2048) features, and the unreadable names."""
     resnet = resnet.to(device).eval().to(memory_format=torch.channels_last)
-    shape, dtype = (len(names), 2048), torch.float
-    if grid_cells:
-        shape, dtype = (len(names), grid_cells, 2048), torch.float16
+    shape = (len(names), grid_cells, 2048) if grid_cells else (len(names), 2048)
+    dtype = torch.float16 if grid_cells else torch.float
     if into:  # the kernel writes the features out to the file as memory runs short
         features = torch.from_file(str(into), True, math.prod(shape), dtype=dtype).view(shape)
     else:
         features = torch.zeros(shape, dtype=dtype)
     read = torch.zeros(len(names), dtype=torch.bool)
-    bar = tqdm(total=len(names), desc="ResNet50 features", unit="img", leave=False)
     if device.type == "cuda":  # the CPU cores cannot decode JPEGs as fast as a GPU runs ResNet50
         batches = jpeg_batches(image_dir, names, transform, device, batch_size, num_workers)
     else:
         batches = image_batches(ImageSource(image_dir, transform), names, batch_size, num_workers)
-    with torch.inference_mode(), autocast(device):
+    bar = tqdm(total=len(names), desc="ResNet50 features", unit="img", leave=False)
+    with torch.inference_mode(), autocast(device), bar:
         for images, index in batches:
             cells = resnet_grid(resnet, images.to(device, non_blocking=True))  # (B, L, 2048)
             features[index] = (cells if grid_cells else cells.mean(1)).cpu().to(features.dtype)
             read[index] = True
             bar.update(int(index[-1]) + 1 - bar.n)  # up to this batch's last image, unreadable ones included
-    bar.close()
     return features, [name for name, ok in zip(names, read.tolist()) if not ok]
 
 class ImageFiles(Dataset):
@@ -1103,82 +1060,71 @@ class ImageFiles(Dataset):
         return None, i
 
 def jpeg_batches(image_dir, names, transform, device, batch_size=64, num_workers=2):
-    """As image_batches, with JPEGs decoded and transformed on the device (nvJPEG on a GPU); the rest via PIL."""
-    files = DataLoader(ImageFiles(image_dir, names), batch_size, num_workers=num_workers, collate_fn=list)
-    for batch in files:
-        images, index = [], []
-        for data, i in batch:
-            try:
-                image = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
-                                                   apply_exif_orientation=True, device=device)
-                images.append(transform(image))
-            except Exception:  # not a JPEG, damaged, CMYK on nvJPEG, ...: as any other image
-                with contextlib.suppress(UnreadableImage):
-                    images.append(load_image(Path(image_dir) / names[i], transform).to(device))
-            if len(images) > len(index):
-                index.append(i)
+    """As image_batches, with JPEGs decoded and transformed on the device (nvJPEG on a GPU), others by PIL."""
+    for batch in DataLoader(ImageFiles(image_dir, names), batch_size, num_workers=num_workers, collate_fn=list):
+        images = {i: decode_on(device, data, Path(image_dir) / names[i], transform) for data, i in batch}
+        index = [i for i, image in images.items() if image is not None]
         if index:
-            yield torch.stack(images), torch.tensor(index)  # (B, 3, H, W) on the device
+            yield torch.stack([images[i] for i in index]), torch.tensor(index)  # (B, 3, H, W) on the device
+
+def decode_on(device, data, path, transform):
+    """The transformed image on the device from its file's bytes, or None when it cannot be read."""
+    with contextlib.suppress(Exception):  # not a JPEG, damaged, CMYK on nvJPEG, ...: as any other image
+        return transform(torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
+                                                    apply_exif_orientation=True, device=device))
+    with contextlib.suppress(UnreadableImage):
+        return load_image(path, transform).to(device)
 
 def load_cached_features(path, key):
     """The cache's contents, or None when it is absent, for other inputs, or damaged in any way."""
     if not path.is_file():
         return None
-    try:
+    with contextlib.suppress(Exception):  # a truncated or corrupt file fails in many ways; all mean rebuild
         cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read as pages are used
         if cache["key"] == key and tensor_sha256(cache["features"]) == cache["sha256"]:
             return cache
-    except Exception:  # a truncated or corrupt file fails in many ways; all mean rebuild
-        pass
     warn(f"feature cache {path} is damaged or stale: rebuilding it")
     return None
 
 def try_lock(file):
     """Takes the kernel's lock (flock) on an open file, or says False when another process holds it."""
-    try:
+    with contextlib.suppress(OSError):
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends, even by kill -9
         return True
-    except OSError:
-        return False
+    return False
 
 @contextlib.contextmanager
-def exclusive(lock_path, waiting_message):
-    """Holds a kernel lock (flock) on lock_path: a second holder waits, then goes on; kill -9 releases it."""
+def exclusive(path):
+    """A kernel lock (flock) on path's .lock file, taken after any run that holds it; kill -9 releases it."""
     try:
-        lock = open(lock_path, "a+")
+        lock = open(f"{path}.lock", "a+")
     except OSError:  # a read-only folder: nothing can be written there to race over
         yield
         return
     with lock:
         if not try_lock(lock):
-            log(waiting_message)
+            log(f"features: waiting for another run that is writing {path}")
             fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in [p for p in path.parent.glob(f"{path.name}.*") if p.suffix != ".lock"]:
+            stale.unlink()  # a killed run's scratch, share or temporary file: only the lock holder writes one
         yield
 
 def cached_features(weights, image_dir, names, transform, cache_folder, device, batch_size=64, num_workers=2,
                     grid_cells=0):
     """The images' features, memory-mapped from the cache; extracted and cached first when it lacks them."""
-    precision = "bf16" if uses_bf16(device) else "fp32"
-    if grid_cells:
-        precision += f" grid {grid_cells}"
-    key = [None]
+    precision = ("bf16" if uses_bf16(device) else "fp32") + (f" grid {grid_cells}" if grid_cells else "")
+    key = {}
     if is_main_process():  # hashing every image once, not once per process
-        key = [features_cache_key(weights_sha256(weights), transform, image_dir, names, precision)]
-    if dist.is_initialized():
-        dist.broadcast_object_list(key, src=0)
-    key = key[0]
+        key = {"key": features_cache_key(weights_sha256(weights), transform, image_dir, names, precision)}
+    key = merge_over_processes(key)["key"]
     path = Path(cache_folder) / f"features-{key[:20]}.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    waiting = f"features: waiting for another run that is writing {path}"
-    with exclusive(path.with_name(path.name + ".lock"), waiting) if is_main_process() else contextlib.nullcontext():
-        if is_main_process():  # what a killed run of these features left; only the lock holder writes them
-            for stale in [*path.parent.glob(f"{path.name}.*.scratch"), *path.parent.glob(f"{path.name}.*.tmp")]:
-                stale.unlink()
+    with exclusive(path) if is_main_process() else contextlib.nullcontext():
         wait_for_all()
         cache = load_cached_features(path, key)
         if cache is None:
-            write_feature_cache(weights, image_dir, names, transform, path, key, device, batch_size, num_workers,
-                                grid_cells)
+            write_feature_cache(weights, image_dir, names, transform, path, key, device, batch_size,
+                                num_workers, grid_cells)
             cache = load_cached_features(path, key)  # memory-mapped: the extracted copy leaves RAM
         else:
             log(f"features: reusing {path} ({len(cache['images'])} images)")
@@ -1187,53 +1133,49 @@ def cached_features(weights, image_dir, names, transform, cache_folder, device, 
 
 def write_feature_cache(weights, image_dir, names, transform, path, key, device, batch_size, num_workers,
                         grid_cells):
-    image_bytes = 2048 * 2 * grid_cells if grid_cells else 2048 * 4  # float16 grids, float32 pooled
-    needed, free = len(names) * image_bytes, shutil.disk_usage(path.parent).free
+    needed = len(names) * 2048 * (2 * grid_cells if grid_cells else 4) / 1e9  # GB; grids in float16
+    free = shutil.disk_usage(path.parent).free / 1e9
     if 2 * needed > free:  # the features as extracted, and the cache file written from them
-        raise UserError(f"the feature cache needs {needed / 1e9:.2f} GB in {path.parent}, and twice that while it is "
-                        f"written, but only {free / 1e9:.2f} GB is free: free some space or choose another --cache_dir")
+        raise UserError(f"the feature cache needs {needed:.2f} GB in {path.parent}, and twice that while it is "
+                        f"written, but only {free:.2f} GB is free: free some space or use another --cache_dir")
     start, (rank, size) = time.time(), rank_and_size()
     share = names[len(names) * rank // size:len(names) * (rank + 1) // size]  # each image in one process
-    scratch = path.with_name(f"{path.name}.{os.getpid()}.scratch")  # at COCO's size, a grid is too big for RAM
+    scratch = path.with_name(f"{path.name}.{os.getpid()}.scratch")  # at COCO's size a grid outgrows RAM
     try:  # the scratch file goes also when the cache cannot be written (a full disk) or the run is stopped
         features, failed = extract_features(load_resnet50(weights), image_dir, share, transform, device,
                                             max(batch_size, 64), num_workers, grid_cells, into=scratch)
         cache = {"key": key, "images": share, "failed": failed, "features": features}
-        if size > 1:  # the shares meet in cache_dir, which every process must see (on several machines: shared)
+        if size > 1:  # the shares meet in cache_dir, which every process must see (on several machines too)
             atomic_save(cache, path.with_name(f"{path.name}.{rank}"))
             wait_for_all()
-            if rank == 0:
-                cache = {"key": key, **gather_shares(path, size)}
+            cache = gather_shares(path, key, size) if rank == 0 else None
         if rank == 0:
             seconds, read = time.time() - start, len(cache["images"]) - len(cache["failed"])
             processes = f" in {size} processes" if size > 1 else ""
             atomic_save(cache | {"sha256": tensor_sha256(cache["features"])}, path)
             log(f"features: {read} images in {seconds:.1f} s ({read / max(seconds, 1e-9):.1f} images/s"
                 f"{processes}), cached in {path}")
-        del cache, features
     finally:
         scratch.unlink(missing_ok=True)
     wait_for_all()
 
-def gather_shares(path, size):
-    """Process 0 gathers every process's share (features, images, failures) in order, removing its file."""
-    shares = []
-    for rank in range(size):
-        try:
-            shares.append(torch.load(path.with_name(f"{path.name}.{rank}"), weights_only=True, mmap=True))
-        except OSError:
-            raise UserError(f"process {rank}'s share of the features is not in {path.parent}: with several "
-                            f"machines, --cache_dir must be a shared folder that every process can read") from None
-    gathered = {"features": torch.cat([s["features"] for s in shares]),
-                "images": sum((s["images"] for s in shares), []), "failed": sum((s["failed"] for s in shares), [])}
-    for rank in range(size):
-        path.with_name(f"{path.name}.{rank}").unlink()
-    return gathered
+def gather_shares(path, key, size):
+    """Process 0's cache from every process's share (features, images, failures) in order; their files go."""
+    files = [path.with_name(f"{path.name}.{rank}") for rank in range(size)]
+    missing = [rank for rank, file in enumerate(files) if not file.is_file()]
+    if missing:
+        raise UserError(f"process {missing[0]}'s share of the features is not in {path.parent}: with several "
+                        f"machines, --cache_dir must be a shared folder that every process can read")
+    shares = [torch.load(file, weights_only=True, mmap=True) for file in files]
+    cache = {"key": key, "features": torch.cat([s["features"] for s in shares]),
+             **{k: [name for s in shares for name in s[k]] for k in ("images", "failed")}}
+    for file in files:
+        file.unlink()
+    return cache
 
 def atomic_save(obj, path):
     """torch.save to this process's temporary file, fsync, rename: a crash leaves the previous file intact."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    path, tmp = Path(path), Path(f"{path}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
@@ -1242,13 +1184,12 @@ def atomic_save(obj, path):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as error:  # a full disk (torch says RuntimeError), or a second Ctrl-C while writing
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
         if not isinstance(error, (OSError, RuntimeError)):
             raise
         reason = getattr(error, "strerror", None) or "the disk may be full"
-        raise UserError(f"cannot write {path}: {reason}. Free some space or choose another folder; the previous "
-                        f"{path.name}, if any, is intact") from None
+        raise UserError(f"cannot write {path}: {reason}. Free some space or choose another folder; the "
+                        f"previous {path.name}, if any, is intact") from None
 
 # -----------------------------------------------------------------------------
 # data for a run: captions, vocabulary (from the training split) and encoder inputs
@@ -1268,15 +1209,6 @@ class Data:
     def images(self, split):
         return sorted(self.split(split)["image"].unique())
 
-def encoder_weights_file(cfg):
-    path = Path(cfg.encoder_weights)
-    if path.is_file():
-        return path
-    fallback = demo_weights(cfg)
-    if fallback is None:
-        raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
-    return fallback
-
 def feature_statistics(features, rows):
     """Per-channel mean and std (2048,) over some rows of pooled or grid features, a chunk at a time."""
     chunks = (features[chunk].reshape(-1, 2048).double() for chunk in torch.as_tensor(rows).split(256))
@@ -1289,29 +1221,26 @@ def names_sha256(names):
     return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()
 
 def prepare_data(cfg, device, build_vocab=False, trained=None):
-    """Captions, splits and tokens, the training vocabulary (build_vocab) and every readable image's inputs."""
+    """Captions, splits, tokens, the training vocabulary (build_vocab) and every readable image's inputs."""
     prepare_demo(cfg)
     frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
     frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
-    train_sha256 = names_sha256(frame.loc[frame["split"] == "train", "image"].unique())
-    vocab = None
-    if build_vocab:
-        vocab = build_vocabulary(frame.loc[frame["split"] == "train", "tokens"], cfg.freq_threshold)
+    training = frame[frame["split"] == "train"]
+    train_sha256 = names_sha256(training["image"].unique())
+    vocab = build_vocabulary(training["tokens"], cfg.freq_threshold) if build_vocab else None
     weights = encoder_weights_file(cfg)
     if trained:
         trained.check_data(vocab, weights, train_sha256, cfg.data_dir)
-    transform = image_transform(cfg.image_size)
-    names = sorted(frame["image"].unique())
-    resnet = None  # with cached features, training needs only the projection; the checkpoint records the hash
-    grid_cells = 0
-    if cfg.decoder == "attention":
-        grid_cells = math.ceil(cfg.image_size / 32) ** 2  # halved 5 times, rounded up
+    transform, names = image_transform(cfg.image_size), sorted(frame["image"].unique())
+    grid_cells = math.ceil(cfg.image_size / 32) ** 2 if cfg.decoder == "attention" else 0  # halved 5 times
+    # with cached features, training needs only the projection; the checkpoint records the weights' hash
+    resnet = None if cfg.cache_features else load_resnet50(weights)
     if cfg.cache_features:
         cache = cached_features(weights, image_dir, names, transform, cfg.cache_dir, device, cfg.batch_size,
                                 cfg.num_workers, grid_cells)
         source, failed = ImageSource(image_dir, transform, cache["features"], cache["images"]), cache["failed"]
     else:
-        resnet, source = load_resnet50(weights), ImageSource(image_dir, transform)
+        source = ImageSource(image_dir, transform)
         failed = [n for n in tqdm(names, desc="checking images", leave=False) if not image_opens(image_dir / n)]
     if failed:
         more = " ..." if len(failed) > 5 else ""
@@ -1323,15 +1252,15 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
         stats = feature_statistics(cache["features"], [source.row[n] for n in train_names])
     else:
         sample = random.Random(cfg.seed).sample(train_names, min(512, len(train_names)))
-        features, unread = extract_features(resnet, image_dir, sample, transform, device, grid_cells=grid_cells)
-        stats = feature_statistics(features, [i for i, name in enumerate(sample) if name not in unread])
+        features, bad = extract_features(resnet, image_dir, sample, transform, device, grid_cells=grid_cells)
+        stats = feature_statistics(features, [i for i, name in enumerate(sample) if name not in bad])
     return Data(frame, source, Path(weights).resolve(), stats, train_sha256, vocab, resnet)
 
 def build_vocabulary(train_tokens, freq_threshold):
     vocab = Vocabulary(freq_threshold).build_vocab(train_tokens)
     if len(vocab) == len(Vocabulary.SPECIALS):
-        raise UserError(f"--freq_threshold={freq_threshold} leaves no word in the vocabulary (no training word "
-                        f"occurs that often): lower it, e.g. --freq_threshold=2")
+        raise UserError(f"--freq_threshold={freq_threshold} leaves no word in the vocabulary (no training "
+                        f"word occurs that often): lower it, e.g. --freq_threshold=2")
     log(f"vocabulary: {len(vocab)} words (from the training split, threshold {freq_threshold})")
     return vocab
 
