@@ -673,8 +673,10 @@ def write_demo_set(folder, n_images, size, seed):
             x, y, r, fill = x * big, y * big, extent * big / 2, shift(DEMO_COLOURS[colour], shade)
             if shape == "triangle":
                 draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+            elif shape == "circle":
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
             else:
-                (draw.ellipse if shape == "circle" else draw.rectangle)([x - r, y - r, x + r, y + r], fill=fill)
+                draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
         image.resize((size, size), Image.LANCZOS).save(folder / "Images" / name, quality=92)
         (c, s), (c2, s2) = objects[0], objects[-1]
         chosen = rng.sample([ONE_SHAPE_CAPTIONS, TWO_SHAPE_CAPTIONS][n_shapes - 1], DEMO_CAPTIONS_PER_IMAGE)
@@ -698,7 +700,7 @@ def demo_placement(caption):
         after = " ".join(words[i + 2:i + 6]) + " "
         for phrase, sides in SIDES.items():
             if after.startswith(phrase + " "):
-                claims |= {(k ^ j, side) for j, side in enumerate(sides)}  # k ^ 1: the other one
+                claims |= {(k if j == 0 else 1 - k, side) for j, side in enumerate(sides)}  # 1 - k: the other
     side = dict(claims)
     if len(claims) != 2 or sorted(side.values()) != ["left", "right"]:
         return None
