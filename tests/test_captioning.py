@@ -89,6 +89,12 @@ def demo_image(demo_dirs, i=0):
     return sorted((demo_dirs["data_dir"] / "Images").iterdir())[i]
 
 
+@pytest.fixture(autouse=True)
+def pages_outside_the_project(tmp_path, monkeypatch):
+    """--caption writes report-captions.html to output_dir: in these tests never the project's own."""
+    monkeypatch.setattr(cap, "output_dir", str(tmp_path / "output"))
+
+
 def caption(capsys, *args):
     """cap.main(['--caption', *args]) in this process: (exit code, stdout, stderr). A UserError is exit 2; any
     other exception would propagate, with its traceback."""
