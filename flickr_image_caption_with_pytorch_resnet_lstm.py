@@ -347,7 +347,7 @@ class Vocabulary:
         return " ".join(self.itos[i] for i in ids if i not in (self.PAD, self.SOS))
 
     def save(self, path):
-        Path(path).write_text(json.dumps({"freq_threshold": self.freq_threshold, "itos": self.itos}, indent=0))
+        Path(path).write_text(json.dumps({"freq_threshold": self.freq_threshold, "itos": self.itos}))
 
     @classmethod
     def load(cls, path):
@@ -621,12 +621,14 @@ DEMO_BACKGROUND_SHADE = 20  # and the background's grey level by up to this much
 DEMO_PLACES = {1: ([(0.45, 0.55)], (0.45, 0.55), (0.5, 0.75)),
                2: ([(0.24, 0.26), (0.74, 0.76)], (0.35, 0.65), (0.4, 0.46))}
 DEMO_CAPTIONS_PER_IMAGE = 3  # of the templates below, drawn without repeats
-ONE_SHAPE_CAPTIONS = ["a {c} {s} .", "a {c} {s} on a {bg} background .", "there is a {c} {s} on a {bg} background .",
+ONE_SHAPE_CAPTIONS = ["a {c} {s} .", "a {c} {s} on a {bg} background .",
+                      "there is a {c} {s} on a {bg} background .",
                       "a large {c} {s} in the middle of the picture .", "a picture of a {c} {s} .",
                       "one big {c} {s} in the centre ."]
 # every two-shape caption names the left shape first and says which is where, in words that demo_placement
 # reads back: one word order is easier to learn than six ways of saying the same
-TWO_SHAPE_CAPTIONS = ["a {c} {s} on the left and a {c2} {s2} on the right .", "a {c} {s} to the left of a {c2} {s2} .",
+TWO_SHAPE_CAPTIONS = ["a {c} {s} on the left and a {c2} {s2} on the right .",
+                      "a {c} {s} to the left of a {c2} {s2} .",
                       "two shapes on a {bg} background : a {c} {s} on the left and a {c2} {s2} on the right ."]
 DEMO_IMAGES = "demo_[0-9][0-9][0-9][0-9][0-9].jpg"  # the demo's own images: any other file in Images/ stays
 
@@ -738,9 +740,9 @@ DEMO_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # without ./s
 def prepare_demo(cfg):
     """On the demo: says so and makes its data set (in process 0, while the others wait)."""
     if cfg.dataset == "demo" and is_main_process():
-        log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run trains on the "
-            f"built-in demo set\n({cfg.demo_images} generated images of coloured shapes). For real captions: "
-            f"./setup.sh --flickr8k, then run this again (README: 'Getting the data').\n{'=' * 100}")
+        log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run trains on "
+            f"the built-in demo set\n({cfg.demo_images} generated images of coloured shapes). For real "
+            f"captions: ./setup.sh --flickr8k, then run this again (README: 'Getting the data').\n{'=' * 100}")
         make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
     wait_for_all()
 
@@ -978,8 +980,8 @@ class Captioner(nn.Module):
                  decoder="lstm"):
         super().__init__()
         self.vocab = vocab
-        self.args = dict(decoder=decoder, embed_size=embed_size, hidden_size=hidden_size, num_layers=num_layers,
-                         dropout=dropout, image_size=image_size)  # in checkpoints, like nanoGPT's model_args
+        self.args = dict(decoder=decoder, embed_size=embed_size, hidden_size=hidden_size,
+                         num_layers=num_layers, dropout=dropout, image_size=image_size)  # as nanoGPT's
         self.attention = decoder == "attention"
         self.encoder = EncoderCNN(embed_size, resnet, spatial=self.attention)
         self.decoder = DECODERS[decoder](embed_size, hidden_size, len(vocab), num_layers, dropout)
@@ -1063,7 +1065,8 @@ class ImageFiles(Dataset):
 
 def jpeg_batches(image_dir, names, transform, device, batch_size=64, num_workers=2):
     """As image_batches, with JPEGs decoded and transformed on the device (nvJPEG on a GPU), others by PIL."""
-    for batch in DataLoader(ImageFiles(image_dir, names), batch_size, num_workers=num_workers, collate_fn=list):
+    files = DataLoader(ImageFiles(image_dir, names), batch_size, num_workers=num_workers, collate_fn=list)
+    for batch in files:
         images = {i: decode_on(device, data, Path(image_dir) / names[i], transform) for data, i in batch}
         index = [i for i, image in images.items() if image is not None]
         if index:
@@ -1138,8 +1141,9 @@ def write_feature_cache(weights, image_dir, names, transform, path, key, device,
     needed = len(names) * 2048 * (2 * grid_cells if grid_cells else 4) / 1e9  # GB; grids in float16
     free = shutil.disk_usage(path.parent).free / 1e9
     if 2 * needed > free:  # the features as extracted, and the cache file written from them
-        raise UserError(f"the feature cache needs {needed:.2f} GB in {path.parent}, and twice that while it is "
-                        f"written, but only {free:.2f} GB is free: free some space or use another --cache_dir")
+        raise UserError(f"the feature cache needs {needed:.2f} GB in {path.parent}, and twice that while it "
+                        f"is written, but only {free:.2f} GB is free: free some space or use another "
+                        f"--cache_dir")
     start, (rank, size) = time.time(), rank_and_size()
     share = names[len(names) * rank // size:len(names) * (rank + 1) // size]  # each image in one process
     scratch = path.with_name(f"{path.name}.{os.getpid()}.scratch")  # at COCO's size a grid outgrows RAM
@@ -1240,10 +1244,12 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
     if cfg.cache_features:
         cache = cached_features(weights, image_dir, names, transform, cfg.cache_dir, device, cfg.batch_size,
                                 cfg.num_workers, grid_cells)
-        source, failed = ImageSource(image_dir, transform, cache["features"], cache["images"]), cache["failed"]
+        source = ImageSource(image_dir, transform, cache["features"], cache["images"])
+        failed = cache["failed"]
     else:
         source = ImageSource(image_dir, transform)
-        failed = [n for n in tqdm(names, desc="checking images", leave=False) if not image_opens(image_dir / n)]
+        checking = tqdm(names, desc="checking images", leave=False)
+        failed = [n for n in checking if not image_opens(image_dir / n)]
     if failed:
         more = " ..." if len(failed) > 5 else ""
         warn(f"skipped {len(failed)} unreadable image(s): {', '.join(failed[:5])}{more}")
