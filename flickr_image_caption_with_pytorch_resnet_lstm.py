@@ -255,7 +255,9 @@ def autocast(device):
 def pick_device(name):
     """The device --device names (SETTING_RULES checked the name); a GPU this machine lacks is refused."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    device = torch.device(next(kind for kind in available if available[kind]) if name == "auto" else name)
+    if name == "auto":
+        name = next(kind for kind, present in available.items() if present)  # cuda, then mps, then cpu
+    device = torch.device(name)
     if not available[device.type]:
         gpu = "CUDA GPU" if device.type == "cuda" else "Apple GPU (MPS)"
         raise UserError(f"--device={name}: this machine has no {gpu} that torch can use; try --device=cpu")
@@ -347,7 +349,8 @@ class Vocabulary:
         return " ".join(self.itos[i] for i in ids if i not in (self.PAD, self.SOS))
 
     def save(self, path):
-        Path(path).write_text(json.dumps({"freq_threshold": self.freq_threshold, "itos": self.itos}))
+        data = {"freq_threshold": self.freq_threshold, "itos": self.itos}
+        Path(path).write_text(json.dumps(data, indent=0))  # a word a line
 
     @classmethod
     def load(cls, path):
@@ -365,12 +368,13 @@ TOKEN_LINE = re.compile(r"(?P<image>[^\t#,|]+)#\d+\t(?P<caption>.*)")  # Flickr8
 RESULTS_LINE = re.compile(r"\s*(?P<image>[^|]+?)\s*\|\s*\d+\s*\|?(?P<caption>.*)")  # even without its 2nd '|'
 
 def read_text(path):
-    """The file's text in its encoding: UTF-16, UTF-8 with or without a BOM, else cp1252."""
+    """The file's text in its encoding (UTF-16, UTF-8 with or without a BOM, else cp1252), \n line endings."""
     raw = Path(path).read_bytes()
     try:
-        return raw.decode("utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig")
+        text = raw.decode("utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig")
     except UnicodeDecodeError:
-        return raw.decode("cp1252", errors="replace")
+        text = raw.decode("cp1252", errors="replace")
+    return re.sub(r"\r\n?", "\n", text)  # also inside a quoted caption
 
 def read_captions(path):
     """Any supported caption file: (DataFrame of image, caption[, split]; counts of what was dropped)."""
@@ -601,10 +605,13 @@ class CapsCollate:
 
 def caption_batches(dataset, batches, cfg, device):
     """(inputs, padded captions) on the device per batch: indexed from cached features, else decoded."""
-    # its own generator: a DataLoader otherwise draws from the global RNG, and a resumed run would differ
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=CapsCollate(), generator=torch.Generator(),
-                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-    for inputs, captions in map(dataset.batch, batches) if dataset.source.features is not None else loader:
+    if dataset.source.features is not None:
+        pairs = map(dataset.batch, batches)
+    else:  # its own generator: a DataLoader otherwise draws from the global RNG, and resumes would differ
+        pairs = DataLoader(dataset, batch_sampler=batches, collate_fn=CapsCollate(),
+                           generator=torch.Generator(), num_workers=cfg.num_workers,
+                           pin_memory=device.type == "cuda")
+    for inputs, captions in pairs:
         yield inputs.to(device, non_blocking=True), captions.to(device, non_blocking=True)
 
 # -----------------------------------------------------------------------------
@@ -755,7 +762,10 @@ def encoder_weights_file(cfg):
         raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
     warn(f"no ResNet50 weights at {path}: the demo uses a randomly initialised (still frozen) ResNet50. "
          f"./setup.sh downloads the ImageNet weights.")
-    return random_resnet50_weights(DEMO_WEIGHTS)
+    if is_main_process():  # written once, before the other processes read it
+        random_resnet50_weights(DEMO_WEIGHTS)
+    wait_for_all()
+    return DEMO_WEIGHTS
 
 def demo_scores(model, data, split, cfg, device, by_kind=False):
     """The demo's figures from greedy captions ({} elsewhere); every process calls it."""
@@ -777,12 +787,16 @@ FETCH_WEIGHTS = "run ./setup.sh to download it (or see the README)"
 WEIGHTS_NAME = re.compile(r"resnet50-([0-9a-f]{8,64})\.pth")  # torchvision's names carry a sha256 prefix
 
 def weights_sha256(path):
-    stat = Path(path).stat()  # size and time are in the cache key: a changed file is hashed again
-    return stamped_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    try:
+        stat = Path(path).stat()  # size and time are in the cache key: a changed file is hashed again
+        return stamped_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    except OSError as error:
+        raise UserError(f"cannot read ResNet50 weights {path}: {error.strerror or error}") from None
 
 @functools.lru_cache(maxsize=8)
 def stamped_sha256(path, size, mtime):
-    return file_sha256(path)
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 def file_sha256(path):
     """The file's sha256, or None when it cannot be read (an image is then named where it is decoded)."""
@@ -795,7 +809,7 @@ def load_resnet50(weights_path):
     if not path.is_file():
         raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
     named_hash = WEIGHTS_NAME.fullmatch(path.name)
-    if named_hash and not (weights_sha256(path) or "unreadable").startswith(named_hash[1]):
+    if named_hash and not weights_sha256(path).startswith(named_hash[1]):
         raise UserError(f"{path} is corrupt or incomplete (its sha256 does not start with {named_hash[1]}): "
                         f"delete it and {FETCH_WEIGHTS}")
     try:  # weights_only: tensors and plain containers; a file that needs more could run code, and is refused
@@ -1110,8 +1124,9 @@ def exclusive(path):
         if not try_lock(lock):
             log(f"features: waiting for another run that is writing {path}")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        for stale in [p for p in path.parent.glob(f"{path.name}.*") if p.suffix != ".lock"]:
-            stale.unlink()  # a killed run's scratch, share or temporary file: only the lock holder writes one
+        for stale in path.parent.glob(f"{path.name}.*"):  # a killed run's: only the lock holder writes one
+            if stale.suffix in (".scratch", ".tmp") or stale.suffix[1:].isdigit():  # a share
+                stale.unlink()
         yield
 
 def cached_features(weights, image_dir, names, transform, cache_folder, device, batch_size=64, num_workers=2,
@@ -1190,7 +1205,8 @@ def atomic_save(obj, path):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as error:  # a full disk (torch says RuntimeError), or a second Ctrl-C while writing
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # also where nothing was written (read-only, a file in the way)
+            tmp.unlink()
         if not isinstance(error, (OSError, RuntimeError)):
             raise
         reason = getattr(error, "strerror", None) or "the disk may be full"
@@ -1757,7 +1773,7 @@ def record_losses(pending, progress, vocab_size, cfg, device, bar):
     stats = torch.tensor(sum_over_processes(stats.flatten().tolist(), device)).view(len(pending), -1)
     scst = stats.size(1) > 1
     phase = "self-critical" if scst else "cross-entropy"
-    rows = [(*row[:2], phase, row[2], *values) for row, values in zip(pending, stats.tolist())]  # epoch, step
+    rows = [(epoch, step, phase, lr, *v) for (epoch, step, lr, _), v in zip(pending, stats.tolist())]
     limit = math.inf if scst else 10 * math.log(vocab_size)  # a fresh model's loss is about log(vocab_size)
     bad = [row for row in rows if not math.isfinite(row[4]) or row[4] > limit]
     if bad:
@@ -2072,9 +2088,13 @@ def pyplot():
 def save_caption_figure(items, path, maps=None):
     """Images (path, caption) three to a row; with attention maps, each image then its words, one a panel."""
     plt, attention = pyplot(), any(maps or [])
-    groups = [[(*item, None), *((item[0], w, m) for w, m in words or [])]
-              for item, words in zip(items, maps)] if attention else [[(*item, None) for item in items]]
-    per_row, (width, height), wrap = (6, (2.6, 3.1), 32) if attention else (3, (4.5, 5.2), 50)
+    if attention:  # each image, then a panel per word
+        groups = [[(image, text, None), *((image, word, m) for word, m in words or [])]
+                  for (image, text), words in zip(items, maps)]
+        per_row, (width, height), wrap = 6, (2.6, 3.1), 32
+    else:
+        groups = [[(*item, None) for item in items]]
+        per_row, (width, height), wrap = 3, (4.5, 5.2), 50
     rows = [group[i:i + per_row] for group in groups for i in range(0, len(group), per_row)]
     cols = max(map(len, rows))
     fig, axes = plt.subplots(len(rows), cols, figsize=(width * cols, height * len(rows)), squeeze=False,
