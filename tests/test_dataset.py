@@ -390,3 +390,11 @@ def test_a_coco_run_trains_and_reports(tmp_path, random_weights):
                      "--sample_every=0", "--num_workers=0"]) == 0
     captions = pd.read_csv(out / "test_captions.csv")
     assert len(captions) == 5 and captions["image"].str.startswith("val2014/COCO_val2014_").all()
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
+def test_a_quoted_caption_over_two_lines_reads_the_same_with_any_line_ending(tmp_path, ending):
+    path = tmp_path / "captions.txt"
+    path.write_bytes(f'image,caption{ending}a.jpg,"a dog{ending}runs"{ending}b.jpg,a cat{ending}'.encode())
+    frame, _ = cap.read_captions(path)
+    assert frame["caption"].tolist() == ["a dog\nruns", "a cat"]

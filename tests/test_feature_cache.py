@@ -278,11 +278,12 @@ def test_a_killed_runs_scratch_is_removed_and_a_read_only_cache_is_reused(tmp_pa
     folder, names = images
     first = features(tmp_path, random_weights, folder, names)
     path = cache_file(tmp_path)
-    stale = [path.with_name(f"{path.name}.99999.scratch"), path.with_name(f"{path.name}.99999.tmp")]
-    for file in stale:
+    stale = [path.with_name(f"{path.name}.{end}") for end in ("99999.scratch", "99999.tmp", "1")]  # 1: a share
+    mine = path.with_name(f"{path.name}.bak")  # a user's copy, not a run's: it stays
+    for file in [*stale, mine]:
         file.write_bytes(b"left by kill -9")
     features(tmp_path, random_weights, folder, names)
-    assert not any(file.exists() for file in stale)
+    assert not any(file.exists() for file in stale) and mine.exists()
     real_open = open
 
     def read_only(file, mode="r", *args, **kwargs):  # as on a read-only mount: nothing can be created there
@@ -293,3 +294,9 @@ def test_a_killed_runs_scratch_is_removed_and_a_read_only_cache_is_reused(tmp_pa
     monkeypatch.setattr("builtins.open", read_only)
     again = features(tmp_path, random_weights, folder, names)
     assert torch.equal(again["features"], first["features"])
+
+
+def test_a_write_with_a_file_where_its_folder_should_be_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(cap.UserError, match="cannot write .*afile/x.pt: .*the previous x.pt, if any, is intact"):
+        cap.atomic_save({"a": 1}, tmp_path / "afile" / "x.pt")

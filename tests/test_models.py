@@ -189,3 +189,17 @@ def test_loading_the_backbone_leaves_the_global_rng_alone(random_weights):
     assert all(t.device.type == "cpu" for t in tensors.values()) and len(tensors) == len(saved) - 2  # less fc
     assert all(torch.equal(t, saved[k]) for k, t in tensors.items())
     assert cap.resnet_grid(resnet, torch.randn(1, 3, 64, 64)).shape == (1, 4, 2048)  # a 2x2 grid at 64 px
+
+
+def test_weights_that_cannot_be_read_are_one_line(tmp_path, random_weights, monkeypatch):
+    path = named_by_hash(tmp_path, torch.load(random_weights, weights_only=True))
+    real_open = open
+
+    def denied(file, *args, **kwargs):  # as chmod 000 would for a user other than root
+        if str(file) == str(path.resolve()):
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", denied)
+    with pytest.raises(cap.UserError, match=f"cannot read ResNet50 weights {path}: Permission denied"):
+        cap.load_resnet50(path)
