@@ -1393,8 +1393,6 @@ def scst_data(data, vocab, max_len=0):
 
 def scst_step(ddp, model, optimizer, inputs, images, reward, lr, cfg, device):
     """One step on the sampled captions' CIDEr-D above the baseline: the loss, mean reward, greedy CIDEr-D."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     n = cfg.scst_samples
     with autocast(device):
         words, logps = ddp(inputs, samples=n, max_len=cfg.max_caption_len)  # (B*n, T) each
@@ -1409,9 +1407,7 @@ def scst_step(ddp, model, optimizer, inputs, images, reward, lr, cfg, device):
     advantage = (rewards - baseline).view(-1, 1).to(device, torch.float)  # (B*n, 1)
     mask = words != Vocabulary.PAD  # the words up to and with <EOS>: the model learns where to end
     loss = -(advantage * logps * mask).sum() / mask.sum()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    optimizer_step(optimizer, loss, lr)
     figures = torch.stack([rewards.mean(), greedy_reward.mean()]).float().to(device)  # not all have float64
     return torch.cat([loss.detach().float().view(1), figures])
 
@@ -1756,14 +1752,18 @@ def start_run(cfg, device, out):
 
 def train_step(model, optimizer, inputs, captions, lr, device):
     """One optimizer step; the loss stays on the device, as reading it would wait for the GPU every step."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     with autocast(device):
         loss, _, _ = model(inputs, captions)
+    optimizer_step(optimizer, loss, lr)
+    return loss.detach()
+
+def optimizer_step(optimizer, loss, lr):
+    """One Adam step on the loss's gradient at this step's learning rate (cross-entropy and SCST alike)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach()
 
 def record_losses(pending, progress, vocab_size, cfg, device, bar):
     """Averages the pending steps' losses over the processes, checks them and appends them to the CSV."""
@@ -1836,7 +1836,7 @@ def end_epoch(model, optimizer, data, val_set, progress, train_seconds, cfg, dev
 
 def train(cfg, device):
     """Trains, validates every epoch, keeps best.pt (by best_metric) and last.pt, then reports on test."""
-    out, (rank, size) = Path(cfg.output_dir), rank_and_size()
+    out, size = Path(cfg.output_dir), rank_and_size()[1]
     lock = claim_output_dir(out, fresh=not cfg.resume) if is_main_process() else None
     data, model, optimizer, progress = start_run(cfg, device, out)
     # with torchrun, DDP averages the gradients of the processes; else the model as it is
@@ -1867,15 +1867,9 @@ def train(cfg, device):
                     end_epoch(model, optimizer, data, val_set, progress, seconds, cfg, device)
                 if epoch >= all_epochs:  # num_epochs may be lowered on resume
                     break
-                if batch == 0 or batches is None:
-                    if batch == 0:  # epochs are reproducible one by one; each process has its own dropout
-                        torch.manual_seed((cfg.seed * 1000 + epoch + 1) * size + rank)
+                if batch == 0 or batches is None:  # a new epoch, or the first batch of a resumed one
                     dataset = scst_set if scst else train_set
-                    shares = process_batches(len(dataset), cfg, epoch + 1)[batch:]
-                    batches = zip(shares, caption_batches(dataset, shares, cfg, device))
-                    phase = " (self-critical)" if scst else ""
-                    bar = tqdm(total=epoch_steps, initial=batch, unit="batch", leave=False,
-                               desc=f"epoch {epoch + 1}/{all_epochs}{phase}")
+                    batches, bar = open_epoch(dataset, epoch, batch, epoch_steps, all_epochs, cfg, device)
                     epoch_start = time.time()
                 indices, (inputs, captions) = next(batches)
                 progress.step += 1
@@ -1910,6 +1904,17 @@ def train(cfg, device):
         f"best.pt, last.pt, vocab.json, config.json")
     del lock
     return 0
+
+def open_epoch(dataset, epoch, batch, epoch_steps, all_epochs, cfg, device):
+    """The epoch's batches from batch on (with each one's indices into dataset), and its progress bar."""
+    rank, size = rank_and_size()
+    if batch == 0:  # epochs are reproducible one by one; each process has its own dropout
+        torch.manual_seed((cfg.seed * 1000 + epoch + 1) * size + rank)
+    shares = process_batches(len(dataset), cfg, epoch + 1)[batch:]
+    phase = " (self-critical)" if epoch >= cfg.num_epochs else ""
+    bar = tqdm(total=epoch_steps, initial=batch, unit="batch", leave=False,
+               desc=f"epoch {epoch + 1}/{all_epochs}{phase}")
+    return zip(shares, caption_batches(dataset, shares, cfg, device)), bar
 
 def stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device):
     """last.pt at the last step taken, with its losses recorded, so that --resume goes on from there."""
