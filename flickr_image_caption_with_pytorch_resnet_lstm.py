@@ -51,7 +51,6 @@ from tqdm.auto import tqdm as _tqdm
 
 ROOT = Path(__file__).resolve().parent
 
-# -----------------------------------------------------------------------------
 # config: plain constants; override any of them as --name=value
 # data
 dataset = "auto"            # auto (Flickr8k if present, else the demo), demo, flickr8k, flickr30k or coco
@@ -107,208 +106,23 @@ CONFIG_NAMES = [k for k, v in globals().items()
 Config = dataclasses.make_dataclass("Config", [(n, type(globals()[n])) for n in CONFIG_NAMES], frozen=True)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
-class UserError(Exception):
-    """A problem the user can fix; printed as one line, without a traceback."""
 
-def is_main_process():
-    """True except in the other processes of a torchrun job, which neither print nor write files."""
-    return os.environ.get("RANK", "0") == "0"
+# The demo's settings over the constants (resolve_settings), to finish in minutes on a 2-core CPU: its 36-word
+# vocabulary needs no 2-layer 512-unit LSTM, and one layer of 256 reads the shapes as well in half the time
+PRESETS = {"demo": dict(image_size=128, num_epochs=20, batch_size=64, learning_rate=0.002,
+                        lr_schedule="cosine", embed_size=128, hidden_size=256, num_layers=1,
+                        max_caption_len=24)}  # room to end its longest caption (20 words and a full stop)
 
-def tqdm(*args, **kwargs):
-    return _tqdm(*args, **kwargs | {"disable": kwargs.get("disable") or not is_main_process()})
 
-def log(message):
-    if is_main_process():
-        _tqdm.write(message)
+# --------------------------------------------------------------------------------------------------
+# vocabulary: spaCy's tokens, and the words of the training split that occur freq_threshold times
+# hands Vocabulary (words <-> ids) to the dataset, the models and the metrics
 
-def warn(message):
-    if is_main_process():
-        _tqdm.write(f"warning: {message}", file=sys.stderr)
-
-def parse_bool(text):
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
-    return text.lower() in ("true", "1", "yes")
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line, with the nearest valid name for an unknown one, instead of argparse's usage block."""
-        unknown = re.match(r"unrecognized arguments: -*([^\s=]+)", message)
-        if unknown:
-            near = difflib.get_close_matches(unknown[1], CONFIG_NAMES, 1)
-            hint = f"did you mean --{near[0]}? " if near else ""
-            message += f" ({hint}valid: {' '.join('--' + n for n in CONFIG_NAMES)} --caption)"
-        raise UserError(message)
-
-def parse_args(argv):
-    """({name: value} for each --name=value given, type-checked; the --caption paths or None)."""
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            allow_abbrev=False, argument_default=argparse.SUPPRESS)
-    for name in CONFIG_NAMES:
-        default = globals()[name]
-        bare = dict(nargs="?", const=True) if isinstance(default, bool) else {}  # a bare --flag sets it
-        kind = parse_bool if isinstance(default, bool) else type(default)
-        parser.add_argument(f"--{name}", type=kind, help=f"default: {default!r}", **bare)
-    parser.add_argument("--caption", nargs="+", metavar="PATH", help="caption these image files or folders")
-    overrides = vars(parser.parse_args(argv))
-    return overrides, overrides.pop("caption", None)
-
-PATHS = ("data_dir", "encoder_weights", "output_dir", "cache_dir", "checkpoint", "caption_figure")
-DATASETS = ("auto", "demo", "flickr8k", "flickr30k", "coco")
-# what a checkpoint was trained on: --evaluate and --caption take these from it, under the command line
-TRAINED_ON = ("dataset", "data_dir", "max_images", "demo_images", "seed", "image_size", "freq_threshold",
-              "max_train_caption_len", "decoder", "embed_size", "hidden_size", "num_layers", "dropout",
-              "encoder_weights")
-MODEL_SHAPE = ("decoder", "embed_size", "hidden_size", "num_layers", "image_size")  # fixed by a checkpoint
-CAPTIONING = ("checkpoint", "encoder_weights", "decoder", "beam_size", "max_caption_len", "device",
-              "caption_figure")
-
-def resolve_settings(overrides=None, echo=None, trained=None, shown=None):
-    """constants < preset < what a checkpoint was trained on < command line: one frozen Config."""
-    # prints each value in shown (default: all) that differs from its constant, and where it came from
-    overrides, trained = dict(overrides or {}), {k: v for k, v in (trained or {}).items() if k in TRAINED_ON}
-    values, origin = {name: globals()[name] for name in CONFIG_NAMES}, {}
-    given = values | trained | overrides
-    where = "resources/input/flickr8k"
-    flickr8k = given["data_dir"] != "" or (ROOT / where).is_dir()
-    why = "--data_dir given" if given["data_dir"] else f"{'found' if flickr8k else 'no'} {where}"
-    auto = {"dataset": "flickr8k" if flickr8k else "demo"} if given["dataset"] == "auto" else {}
-    preset = auto.get("dataset", given["dataset"]) if given["preset"] == "auto" else given["preset"]
-    for name in MODEL_SHAPE:
-        if name in trained and name in overrides and overrides[name] != trained[name]:
-            raise UserError(f"--{name}={overrides[name]}, but the checkpoint was trained with "
-                            f"{name}={trained[name]}: leave --{name} out (the checkpoint's is used), or name "
-                            f"another --checkpoint")
-    layer(values, origin, PRESETS.get(preset, {}), f"{preset} preset; --preset=none keeps the constants")
-    layer(values, origin, trained, "trained with it")
-    layer(values, origin, overrides, "command line")
-    layer(values, origin, auto, why)
-    if values["best_metric"] == "auto":
-        demo_metric = values["dataset"] == "demo"  # the demo's CIDEr rewards one of three arbitrary phrasings
-        layer(values, origin, {"best_metric": "demo_accuracy" if demo_metric else "CIDEr"}, "auto")
-    for name in PATHS:  # the defaults are in the project; the user's own paths are relative to where they are
-        if values[name]:
-            values[name] = str((Path.cwd() if name in overrides else ROOT) / values[name])
-    for name, folder in (("data_dir", "input"), ("output_dir", "output")):
-        if not values[name]:
-            layer(values, origin, {name: str(ROOT / "resources" / folder / values["dataset"])},
-                  f"default for {values['dataset']}")
-    check_settings(values)
-    changed = [n for n in shown or CONFIG_NAMES if n in origin and values[n] != globals()[n]]
-    if echo and changed:
-        echo("settings that differ from the constants at the top of the script:\n" + "\n".join(
-            f"  {name:15s} = {values[name]!r:30s} ({origin[name]})" for name in changed))
-    return Config(**values)
-
-def layer(values, origin, new, where):
-    values.update(new)
-    origin.update(dict.fromkeys(new, where))
-
-def valid_best_metric(value, values):
-    return value in ("CIDEr", "BLEU-4", "val_loss") or (value, values["dataset"]) == ("demo_accuracy", "demo")
-
-SETTING_RULES = [
-    (["dataset"], lambda v, _: v in DATASETS, ", ".join(DATASETS)),
-    (["preset"], lambda v, _: v in ("auto", "none", *PRESETS), "'auto', 'none' or a preset, such as 'demo'"),
-    (["batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_size", "hidden_size", "num_layers",
-      "freq_threshold", "image_size", "log_every", "demo_images"], lambda v, _: v >= 1, "at least 1"),
-    (["max_images", "max_batches_per_epoch", "num_workers", "sample_every", "warmup_steps",
-      "max_train_caption_len", "scst_epochs"], lambda v, _: v >= 0, "0 or more"),
-    (["learning_rate", "scst_learning_rate"], lambda v, _: 0 < v <= 1,
-     "a positive number up to 1, such as 0.0002"),
-    (["scst_baseline"], lambda v, _: v in ("mean", "greedy"), "'mean' or 'greedy'"),
-    (["scst_samples"], lambda v, values: v >= (2 if values["scst_baseline"] == "mean" else 1),
-     "at least 1, and at least 2 with scst_baseline='mean' (the baseline is the other samples' mean)"),
-    (["dropout"], lambda v, _: 0 <= v < 1, "at least 0 and below 1, such as 0.3"),
-    (["seed"], lambda v, _: 0 <= v < 2 ** 32, f"between 0 and {2 ** 32 - 1}"),
-    (["lr_schedule"], lambda v, _: v in ("constant", "cosine"), "'constant' or 'cosine'"),
-    (["decoder"], lambda v, _: v in ("lstm", "attention"), "'lstm' or 'attention'"),
-    (["best_metric"], valid_best_metric, "'CIDEr', 'BLEU-4', 'val_loss' or, on the demo, 'demo_accuracy'"),
-    (["cache_dir"], lambda v, _: v != "", "a folder, such as resources/cache"),
-    (["device"], lambda v, _: re.fullmatch(r"auto|cpu|mps|cuda(:[1-9]?\d)?", v),
-     "auto, cpu, cuda, cuda:N or mps"),  # torch.device refuses cuda:01 and turns cuda:128 into cuda:-128
-    (["demo_images"], lambda v, values: v >= 30 or values["dataset"] != "demo",
-     "at least 30 on the demo (every split needs images of one and of two shapes)"),
-]
-
-def check_settings(values):
-    """Impossible values, each refused before any work with one line that says what the value must be."""
-    for names, valid, must_be in SETTING_RULES:
-        for name in names:
-            if not valid(values[name], values):
-                raise UserError(f"--{name}={values[name]}: must be {must_be}")
-    out = Path(values["output_dir"]).resolve()
-    if out in (Path("/"), ROOT, Path.home()):
-        raise UserError(f"--output_dir={out}: a run writes a dozen files there; choose a folder of its own, "
-                        f"such as resources/output/mine")
-    if values["dataset"] == "demo" and out.is_relative_to(Path(values["data_dir"]).resolve()):
-        raise UserError(f"--output_dir={values['output_dir']} lies in the demo's data folder "
-                        f"{values['data_dir']}, which the demo rewrites: choose an output_dir outside it")
-
-def uses_bf16(device):
-    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-
-def autocast(device):
-    """bf16 mixed precision on GPUs that support it natively; full precision elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device))
-
-def pick_device(name):
-    """The device --device names (SETTING_RULES checked the name); a GPU this machine lacks is refused."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        name = next(kind for kind, present in available.items() if present)  # cuda, then mps, then cpu
-    device = torch.device(name)
-    if not available[device.type]:
-        gpu = "CUDA GPU" if device.type == "cuda" else "Apple GPU (MPS)"
-        raise UserError(f"--device={name}: this machine has no {gpu} that torch can use; try --device=cpu")
-    return device
-
-# -----------------------------------------------------------------------------
-# several processes (torchrun): the same loop in each, on its share of every batch; rank 0 writes everything
-def start_processes(device):
-    """Under torchrun, joins the process group and returns this process's device; else the device as it is."""
-    if "LOCAL_RANK" not in os.environ:
-        return device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    # the others wait while process 0 writes the feature cache: at COCO's size, longer than NCCL's 10 minutes
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
-                            device_id=device if device.type == "cuda" else None)
-    return device
-
-def rank_and_size():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-def wait_for_all():
-    if dist.is_initialized():
-        dist.barrier()
-
-def any_process(flag, device):
-    """Whether flag is true in any process: every process then takes the same branch."""
-    return sum_over_processes([float(flag)], device)[0] > 0
-
-def sum_over_processes(values, device):
-    if not dist.is_initialized():
-        return values
-    total = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return total.tolist()
-
-def merge_over_processes(part):
-    """The union of every process's dict."""
-    if not dist.is_initialized():
-        return part
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
-    return {k: v for p in parts for k, v in p.items()}
-
-# -----------------------------------------------------------------------------
-# tokenization and vocabulary
 @functools.lru_cache(maxsize=1)
 def spacy_tokenizer():
     import spacy  # spacy.blank("en") tokenizes exactly as en_core_web_sm does, with no model download
     return spacy.blank("en").tokenizer
+
 
 class Vocabulary:
     PAD, SOS, EOS, UNK = 0, 1, 2, 3
@@ -356,186 +170,16 @@ class Vocabulary:
     def load(cls, path):
         return cls(**json.loads(Path(path).read_text()))  # the keys are __init__'s arguments
 
-# -----------------------------------------------------------------------------
-# dataset: caption files, image folders, splits
-CAPTION_FILES = ["dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json", "captions.txt",
-                 "results.csv", "Flickr8k.token.txt"]
-IMAGE_DIRS = ["Images", "flickr30k_images/flickr30k_images", "flickr30k_images", "Flicker8k_Dataset",
-              "Flickr8k_Dataset"]
-SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
-               "test": "Flickr_8k.testImages.txt"}
-TOKEN_LINE = re.compile(r"(?P<image>[^\t#,|]+)#\d+\t(?P<caption>.*)")  # Flickr8k.token.txt
-RESULTS_LINE = re.compile(r"\s*(?P<image>[^|]+?)\s*\|\s*\d+\s*\|?(?P<caption>.*)")  # even without its 2nd '|'
 
-def read_text(path):
-    """The file's text in its encoding (UTF-16, UTF-8 with or without a BOM, else cp1252), \n line endings."""
-    raw = Path(path).read_bytes()
-    try:
-        text = raw.decode("utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw.decode("cp1252", errors="replace")
-    return re.sub(r"\r\n?", "\n", text)  # also inside a quoted caption
-
-def read_captions(path):
-    """Any supported caption file: (DataFrame of image, caption[, split]; counts of what was dropped)."""
-    text = read_text(path)
-    lines = text.splitlines()
-    first = next((line for line in lines if line.strip()), "")
-    header = re.sub(r"\s", "", first).lower()
-    if first.lstrip().startswith("{"):
-        rows, bad_lines = karpathy_rows(path, text), []
-    elif TOKEN_LINE.match(first) or header == "image_name|comment_number|comment":
-        pattern = TOKEN_LINE if TOKEN_LINE.match(first) else RESULTS_LINE
-        matches = [(n, line, pattern.match(line)) for n, line in enumerate(lines, 1)]
-        rows = [match.groups() for _, _, match in matches if match]
-        bad_lines = [n for n, line, match in matches if not match and line.strip() and line is not first]
-    elif header == "image,caption":
-        reader = csv.reader(io.StringIO(text, newline=""))  # newline="": \r\n and old Mac \r, even mixed
-        numbered = [(reader.line_num, row) for row in reader][1:]  # a caption's unquoted commas: 3+ fields
-        rows = [(row[0].strip(), ",".join(row[1:])) for _, row in numbered if len(row) >= 2]
-        bad_lines = [n for n, row in numbered if len(row) == 1]
-    else:
-        raise UserError(f"{path}: unknown caption format (first line {first[:120]!r}); accepted formats: "
-                        f"captions.txt ('image,caption'), Flickr8k.token.txt ('name.jpg#0<TAB>caption'), "
-                        f"results.csv ('image_name| comment_number| comment') or Karpathy's dataset_*.json")
-    frame = pd.DataFrame(rows, columns=["image", "caption", "split"][:len(rows[0]) if rows else 2])
-    frame["caption"] = frame["caption"].str.strip()
-    empty = frame["caption"] == ""
-    wordless = ~frame["caption"].str.contains(r"\w")  # punctuation alone: nothing to learn or score
-    kept = frame[~wordless].drop_duplicates(["image", "caption"]).reset_index(drop=True)
-    dropped = Counter(blank_lines=sum(not line.strip() for line in lines), empty_captions=int(empty.sum()),
-                      captions_without_words=int((wordless & ~empty).sum()),
-                      duplicate_rows=int((~wordless).sum()) - len(kept), malformed_rows=len(bad_lines))
-    if bad_lines:
-        warn(f"{path}: skipped {len(bad_lines)} malformed line(s): {bad_lines[:10]}")
-    if kept.empty:
-        raise UserError(f"{path} holds no caption with a word in it ({dict(+dropped) or 'no rows'}): fix it")
-    return kept, dict(+dropped)
-
-def karpathy_rows(path, text):
-    """(image, caption, split) rows of a Karpathy-format JSON file; a malformed entry is one clear error."""
-    try:
-        images = json.loads(text)["images"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{path}: not a Karpathy-format JSON file ({error!r})") from None
-    if not isinstance(images, list):
-        raise UserError(f"{path}: 'images' is a {type(images).__name__}, not a list: not Karpathy's format")
-    rows = []
-    for i, image in enumerate(images):
-        valid = (isinstance(image, dict) and image.get("split") in ("train", "restval", "val", "test")
-                 and isinstance(image.get("filename"), str) and image["filename"] != ""
-                 and isinstance(image.get("sentences"), list) and image["sentences"] != []
-                 and all(isinstance(s, dict) and isinstance(s.get("raw"), str) for s in image["sentences"]))
-        if not valid:
-            raise UserError(f"{path}: images[{i}] {image!r:.80} is not an object with a 'filename', 'split' "
-                            f"(train/restval/val/test), 'sentences' of {{'raw': caption}}: fix or remove it")
-        split = {"restval": "train"}.get(image["split"], image["split"])
-        name = f"{image['filepath']}/{image['filename']}" if image.get("filepath") else image["filename"]
-        rows += [(name, sentence["raw"], split) for sentence in image["sentences"]]
-    return rows
-
-def find_dataset_files(folder):
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"dataset folder {folder} does not exist. Download the data into it (see the README: "
-                        f"./setup.sh --flickr8k fetches Flickr8k) or point --data_dir at it.")
-    places = [folder] + [folder / d for d in IMAGE_DIRS]
-    caption_file = next((p / name for name in CAPTION_FILES for p in places if (p / name).is_file()), None)
-    if caption_file is None:
-        raise UserError(f"no caption file in {folder}: expected one of {', '.join(CAPTION_FILES)}")
-    if caption_file.name == "dataset_coco.json":  # its images are in train2014/ and val2014/, named with them
-        return caption_file, folder
-    image_dir = next((folder / d for d in IMAGE_DIRS if (folder / d).is_dir()
-                      and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (folder / d).iterdir())), None)
-    if image_dir is None:
-        raise UserError(f"no image folder with images in {folder}: expected one of {', '.join(IMAGE_DIRS)}")
-    return caption_file, image_dir
-
-def assign_splits(frame, folder, seed, holdout_fraction=0.1):
-    """Split by image, never by caption: Karpathy splits, else the official Flickr8k lists, else seeded."""
-    if "split" in frame:
-        return frame, "from Karpathy's JSON"
-    if all((Path(folder) / f).is_file() for f in SPLIT_FILES.values()):
-        listed = [(n, split) for split, f in SPLIT_FILES.items() for n in read_text(Path(folder) / f).split()]
-        split_of = dict(listed)  # an image in two lists goes in the last
-        repeated = sorted(n for n, lists in Counter(n for n, _ in set(listed)).items() if lists > 1)
-        if repeated:
-            named = ", ".join(f"{n} (put in {split_of[n]})" for n in repeated[:5])
-            warn(f"{len(repeated)} image(s) are in more than one of the split lists in {folder}, each put in "
-                 f"the last list that names it: {named}")
-        frame = frame.assign(split=frame["image"].map(split_of))
-        unlisted = frame["split"].isna()
-        if unlisted.any():
-            log(f"{frame.loc[unlisted, 'image'].nunique()} images are in no official split list: left out")
-        return frame[~unlisted].reset_index(drop=True), "from the official Flickr8k lists"
-    images = sorted(frame["image"].unique())
-    random.Random(seed).shuffle(images)
-    n = max(1, round(holdout_fraction * len(images)))
-    split_of = {name: "test" if i < n else "val" if i < 2 * n else "train" for i, name in enumerate(images)}
-    return frame.assign(split=frame["image"].map(split_of)), f"random by image, seed {seed}"
-
-def load_captions(folder, seed, max_images=0):
-    """Caption table with a split column, for images that exist; reports everything it dropped."""
-    caption_file, image_dir = find_dataset_files(folder)
-    frame, dropped = read_captions(caption_file)
-    names, inside = frame["image"].unique(), image_dir.resolve()
-    outside = sorted(n for n in names if not (image_dir / n).resolve().is_relative_to(inside))
-    missing = sorted(n for n in set(names) - set(outside) if not (image_dir / n).is_file())
-    for bad, why in ((outside, f"point outside {image_dir}"), (missing, f"are not in {image_dir}")):
-        if bad:
-            warn(f"{len(bad)} image name(s) in {caption_file.name} {why}, skipped: {', '.join(bad[:5])}")
-    frame = frame[~frame["image"].isin(outside + missing)]
-    if max_images:  # a random subset before splitting, so that every split keeps its share
-        keep = sorted(frame["image"].unique())
-        random.Random(f"max_images {seed}").shuffle(keep)
-        frame = frame[frame["image"].isin(set(keep[:max_images]))]
-    frame, split_source = assign_splits(frame.reset_index(drop=True), folder, seed)
-    counts = frame.drop_duplicates("image")["split"].value_counts()
-    log(f"captions: {caption_file} ({len(frame)} captions of {frame['image'].nunique()} images; images in "
-        f"{image_dir}); splits ({split_source}): train {counts.get('train', 0)}, val {counts.get('val', 0)}, "
-        f"test {counts.get('test', 0)} images" + (f"; dropped {dict(dropped)}" if dropped else ""))
-    check_splits(frame, folder)
-    return frame, image_dir
-
-def check_splits(frame, folder):
-    for split in ("train", "val", "test"):
-        if not (frame["split"] == split).any():
-            raise UserError(f"no {split} images in {folder} (after leaving out missing or unreadable ones): "
-                            f"use more images (max_images) or check the split files")
+# --------------------------------------------------------------------------------------------------
+# dataset and batches: one item per caption, its image's cached ResNet50 features and its word ids
+# hands (features, padded captions) batches, in an order fixed by seed and epoch, to the training loop
 
 def image_transform(size):
     return T.Compose([T.ToImage(), T.Resize(size, antialias=True), T.CenterCrop(size),
                       T.ToDtype(torch.float32, scale=True),
                       T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
 
-def open_rgb(path):
-    """The image as 8-bit RGB, upright as its EXIF orientation says; 16- and 32-bit greys are scaled."""
-    with Image.open(path) as image:
-        with contextlib.suppress(Exception):  # a damaged EXIF block must not lose an otherwise good image
-            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of every upright image
-        if image.mode.startswith("I"):  # 'I;16', 'I;16B', 'I': convert() would clip them at 255, almost white
-            pixels = np.asarray(image, dtype=np.float64)
-            # 'I' is how some Pillow versions open 16-bit PNGs: values that fit 16 bits are taken as 16-bit
-            top = 65535 if image.mode.startswith("I;16") or pixels.max() <= 65535 else 2 ** 31 - 1
-            image = Image.fromarray(np.clip(np.round(pixels * (255 / top)), 0, 255).astype(np.uint8))
-        return image.convert("RGB")
-
-class UnreadableImage(UserError):
-    """An image that could be read when the run began and cannot be now."""
-
-def load_image(path, transform):
-    try:
-        return transform(open_rgb(path))
-    except Exception:  # PIL raises OSError, ValueError or others by format and damage
-        raise UnreadableImage(f"cannot read image {path} any more (it was readable when the run began): "
-                              f"put it back, then continue with --resume") from None
-
-def image_opens(path):
-    """A cheap check (no full decode) for the per-step encoder."""
-    with contextlib.suppress(Exception), Image.open(path) as image:
-        image.verify()
-        return True
-    return False
 
 class ImageSource:
     """Encoder inputs by image name: cached 2048-d features when there are some, else decoded images."""
@@ -549,23 +193,6 @@ class ImageSource:
             return self.features[self.row[name]]
         return load_image(self.image_dir / name, self.transform)
 
-def stack_readable(source, batch):
-    """(inputs of the readable images among a batch of (index, name), or None; their indices)."""
-    images, index = [], []
-    for i, name in batch:
-        with contextlib.suppress(UnreadableImage):
-            images.append(source.get(name))
-            index.append(i)
-    return (torch.stack(images) if images else None), torch.tensor(index, dtype=torch.long)
-
-def image_batches(source, names, batch_size, num_workers=0, pin_memory=False, desc=None):
-    """(inputs, indices into names) per batch of the readable images: where unreadable ones are found."""
-    workers = 0 if source.features is not None else num_workers
-    loader = DataLoader(list(enumerate(names)), batch_size, num_workers=workers, pin_memory=pin_memory,
-                        collate_fn=functools.partial(stack_readable, source), generator=torch.Generator())
-    for inputs, index in tqdm(loader, desc=desc, unit="batch", leave=False, disable=desc is None):
-        if len(index):
-            yield inputs, index
 
 class FlickrDataset(Dataset):
     """One item per caption: (encoder input for its image, caption ids with <SOS> and <EOS>)."""
@@ -596,12 +223,14 @@ class FlickrDataset(Dataset):
         features = self.source.features[self.rows[index].to(self.source.features.device)]  # (B, [L,] 2048)
         return features, self.padded[index, :longest].long()  # (B, T)
 
+
 class CapsCollate:
     """Stacks a batch's images and pads its captions (with <PAD>, 0) to the longest."""
 
     def __call__(self, batch):
         images, captions = zip(*batch)
         return torch.stack(images), pad_sequence(captions, batch_first=True, padding_value=Vocabulary.PAD)
+
 
 def caption_batches(dataset, batches, cfg, device):
     """(inputs, padded captions) on the device per batch: indexed from cached features, else decoded."""
@@ -614,236 +243,46 @@ def caption_batches(dataset, batches, cfg, device):
     for inputs, captions in pairs:
         yield inputs.to(device, non_blocking=True), captions.to(device, non_blocking=True)
 
-# -----------------------------------------------------------------------------
-# the built-in demo set: coloured shapes with captions, in the Flickr8k layout
-DEMO_COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (240, 210, 30)}
-DEMO_BACKGROUNDS = {"white": (240, 240, 240), "grey": (128, 128, 128), "black": (15, 15, 15)}
-DEMO_SHAPES = ["circle", "square", "triangle"]
-DEMO_SINGLE_SHARE = 2 / 3   # the rest have two shapes, one on each side
-DEMO_SHADE = 15             # each channel of a shape's colour varies by up to this much (0-255)
-DEMO_BACKGROUND_SHADE = 20  # and the background's grey level by up to this much
-# by number of shapes, in fractions of the image: each shape's x range (left to right), every shape's y and
-# size ranges. One shape large and central (what a random-weight encoder can still tell apart); two, one in
-# each half, each at its own height, never touching
-DEMO_PLACES = {1: ([(0.45, 0.55)], (0.45, 0.55), (0.5, 0.75)),
-               2: ([(0.24, 0.26), (0.74, 0.76)], (0.35, 0.65), (0.4, 0.46))}
-DEMO_CAPTIONS_PER_IMAGE = 3  # of the templates below, drawn without repeats
-ONE_SHAPE_CAPTIONS = ["a {c} {s} .", "a {c} {s} on a {bg} background .",
-                      "there is a {c} {s} on a {bg} background .",
-                      "a large {c} {s} in the middle of the picture .", "a picture of a {c} {s} .",
-                      "one big {c} {s} in the centre ."]
-# every two-shape caption names the left shape first and says which is where, in words that demo_placement
-# reads back: one word order is easier to learn than six ways of saying the same
-TWO_SHAPE_CAPTIONS = ["a {c} {s} on the left and a {c2} {s2} on the right .",
-                      "a {c} {s} to the left of a {c2} {s2} .",
-                      "two shapes on a {bg} background : a {c} {s} on the left and a {c2} {s2} on the right ."]
-DEMO_IMAGES = "demo_[0-9][0-9][0-9][0-9][0-9].jpg"  # the demo's own images: any other file in Images/ stays
 
-def make_demo_dataset(folder, n_images, size, seed=0):
-    """Writes Images/, captions.txt and shapes.csv deterministically; again only when the settings change."""
-    folder, stamp = Path(folder), {"images": n_images, "size": size, "seed": seed, "version": 9}
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--data_dir={folder} is a file and the demo needs a folder: choose another one")
-    if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
-        return folder
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / "demo.json").is_file():
-        raise UserError(f"{folder} holds files but no demo set: choose an empty or new --data_dir")
-    (folder / "Images").mkdir(parents=True, exist_ok=True)
-    # the folder may also hold the user's own files: only the demo's are replaced. A stamp that matches no
-    # settings goes first, so that an interrupted rebuild is redone on the next run
-    (folder / "demo.json").write_text(json.dumps({"incomplete": True}))
-    for old in (folder / "Images").glob(DEMO_IMAGES):
-        old.unlink()
-    write_demo_set(folder, n_images, size, seed)
-    (folder / "demo.json").write_text(json.dumps(stamp))
-    return folder
+@dataclasses.dataclass
+class Data:
+    frame: pd.DataFrame         # image, caption, tokens, split: one row per caption
+    source: "ImageSource"       # encoder inputs by image name
+    weights: Path               # the ResNet50 file the features come from
+    feature_stats: tuple        # mean and std (2048,) of the training split's features (per channel)
+    train_images_sha256: str    # which images the split trains on, as checkpoints record it
+    vocab: "Vocabulary" = None  # of the training split, when asked for
+    resnet: nn.Module = None    # only when features are not cached: the encoder then runs every step
 
-def shift(rgb, offsets):
-    return tuple(min(255, max(0, round(v + o))) for v, o in zip(rgb, offsets))
+    def split(self, name):
+        return self.frame[self.frame["split"] == name]
 
-def write_demo_set(folder, n_images, size, seed):
-    """The demo's images, captions.txt and shapes.csv in folder, every drawing varied (README: the demo)."""
-    from PIL import ImageDraw
-    rng = random.Random(seed)
-    captions, shapes = [], []
-    for i in tqdm(range(n_images), desc="making the demo set", unit="img", leave=False):
-        name, bg, big = f"demo_{i:05d}.jpg", rng.choice(list(DEMO_BACKGROUNDS)), 4 * size
-        grey = rng.uniform(-DEMO_BACKGROUND_SHADE, DEMO_BACKGROUND_SHADE)
-        image = Image.new("RGB", (big, big), shift(DEMO_BACKGROUNDS[bg], [grey] * 3))  # grey stays grey
-        draw = ImageDraw.Draw(image)
-        n_shapes = 1 if rng.random() < DEMO_SINGLE_SHARE else 2
-        # two shapes may share a colour or a shape, never both: which colour belongs to which shape, and which
-        # is where, is then the question, and no combination can be guessed from what the other one is
-        objects = rng.sample([(c, s) for c in DEMO_COLOURS for s in DEMO_SHAPES], n_shapes)
-        xs, ys, extents = DEMO_PLACES[n_shapes]
-        places = [(rng.uniform(*x), rng.uniform(*ys), rng.uniform(*extents)) for x in xs]
-        for (colour, shape), (x, y, extent) in zip(objects, places):
-            shade = [rng.uniform(-DEMO_SHADE, DEMO_SHADE) for _ in range(3)]
-            x, y, r, fill = x * big, y * big, extent * big / 2, shift(DEMO_COLOURS[colour], shade)
-            if shape == "triangle":
-                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
-            elif shape == "circle":
-                draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
-            else:
-                draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
-        image.resize((size, size), Image.LANCZOS).save(folder / "Images" / name, quality=92)
-        (c, s), (c2, s2) = objects[0], objects[-1]
-        chosen = rng.sample([ONE_SHAPE_CAPTIONS, TWO_SHAPE_CAPTIONS][n_shapes - 1], DEMO_CAPTIONS_PER_IMAGE)
-        captions += [(name, t.format(c=c, s=s, c2=c2, s2=s2, bg=bg)) for t in chosen]
-        shapes.append((name, ";".join(f"{c} {s}" for c, s in objects)))  # left to right
-    pd.DataFrame(captions, columns=["image", "caption"]).to_csv(folder / "captions.txt", index=False)
-    pd.DataFrame(shapes, columns=["image", "shapes"]).to_csv(folder / "shapes.csv", index=False)
+    def images(self, split):
+        return sorted(self.split(split)["image"].unique())
 
-# the side a phrase after a shape puts it on and, for 'X to the left of Y', the side of Y
-SIDES = {"on the left": ["left"], "on the right": ["right"], "to the left of": ["left", "right"],
-         "to the right of": ["right", "left"]}
 
-def demo_placement(caption):
-    """'left colour shape;right colour shape' as the caption places two shapes, or None if it hedges."""
-    words = caption.split()
-    pairs = [i for i in range(len(words) - 1) if words[i] in DEMO_COLOURS and words[i + 1] in DEMO_SHAPES]
-    if len(pairs) != 2 or sum(w in DEMO_COLOURS or w in DEMO_SHAPES for w in words) != 4:
-        return None  # one shape, three, or a colour or shape word that belongs to neither: hedging
-    claims = set()
-    for k, i in enumerate(pairs):
-        after = " ".join(words[i + 2:i + 6]) + " "
-        for phrase, sides in SIDES.items():
-            if after.startswith(phrase + " "):
-                claims |= {(k if j == 0 else 1 - k, side) for j, side in enumerate(sides)}  # 1 - k: the other
-    side = dict(claims)
-    if len(claims) != 2 or sorted(side.values()) != ["left", "right"]:
-        return None
-    return ";".join(" ".join(words[pairs[k]:pairs[k] + 2]) for k in sorted(side, key=lambda k: side[k]))
+def epoch_batches(n, batch_size, seed, epoch, max_batches=0):
+    """The epoch's batches of caption indices, in an order fixed by seed and epoch: a resume repeats it."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)][:max_batches or None]
 
-def demo_accuracy(captions_by_image, shapes_file, n_shapes=1):
-    """The share of the images with n_shapes shapes (None: any) captioned right, and their number."""
-    right = demo_right(captions_by_image, shapes_file, n_shapes)
-    return sum(right.values()) / max(1, len(right)), len(right)
 
-def demo_judgement(cfg, captions):
-    """On the demo, whether each caption names its image's shapes right ({} elsewhere)."""
-    return demo_right(captions, Path(cfg.data_dir) / "shapes.csv") if cfg.dataset == "demo" else {}
+def process_batches(n, cfg, epoch):
+    """This process's share of each step's batch: any number of processes takes the same steps."""
+    rank, size = rank_and_size()
+    batches = epoch_batches(n, cfg.batch_size * size, cfg.seed, epoch, cfg.max_batches_per_epoch)
+    return [batch[rank::size] for batch in batches if len(batch) >= size]
 
-def demo_right(captions_by_image, shapes_file, n_shapes=None):
-    """{image: whether its caption names its shapes right} for the images with n_shapes shapes (None: any)."""
-    truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()  # as write_demo_set drew them
-    right = {}
-    for name, caption in captions_by_image.items():
-        if n_shapes not in (None, truth[name].count(";") + 1):
-            continue
-        if ";" in truth[name]:
-            right[name] = demo_placement(caption) == truth[name]
-        else:  # colours and shapes are different words: this colour and this shape, and no other
-            right[name] = set(caption.split()) & {*DEMO_COLOURS, *DEMO_SHAPES} == set(truth[name].split())
-    return right
 
-# The demo's settings over the constants (resolve_settings), to finish in minutes on a 2-core CPU: its 36-word
-# vocabulary needs no 2-layer 512-unit LSTM, and one layer of 256 reads the shapes as well in half the time
-PRESETS = {"demo": dict(image_size=128, num_epochs=20, batch_size=64, learning_rate=0.002,
-                        lr_schedule="cosine", embed_size=128, hidden_size=256, num_layers=1,
-                        max_caption_len=24)}  # room to end its longest caption (20 words and a full stop)
-DEMO_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # without ./setup.sh's download
-
-def prepare_demo(cfg):
-    """On the demo: says so and makes its data set (in process 0, while the others wait)."""
-    if cfg.dataset == "demo" and is_main_process():
-        log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run trains on "
-            f"the built-in demo set\n({cfg.demo_images} generated images of coloured shapes). For real "
-            f"captions: ./setup.sh --flickr8k, then run this again (README: 'Getting the data').\n{'=' * 100}")
-        make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
-    wait_for_all()
-
-def encoder_weights_file(cfg):
-    """--encoder_weights or, on the demo without them at the default path, a fixed random-init ResNet50."""
-    path = Path(cfg.encoder_weights)
-    if path.is_file():
-        return path
-    if cfg.dataset != "demo" or path != ROOT / encoder_weights:
-        raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
-    warn(f"no ResNet50 weights at {path}: the demo uses a randomly initialised (still frozen) ResNet50. "
-         f"./setup.sh downloads the ImageNet weights.")
-    if is_main_process():  # written once, before the other processes read it
-        random_resnet50_weights(DEMO_WEIGHTS)
-    wait_for_all()
-    return DEMO_WEIGHTS
-
-def demo_scores(model, data, split, cfg, device, by_kind=False):
-    """The demo's figures from greedy captions ({} elsewhere); every process calls it."""
-    if cfg.dataset != "demo":
-        return {}
-    greedy, _ = generate_captions(model, data.source, data.images(split), cfg, device, beam_size=1)
-    shapes = Path(cfg.data_dir) / "shapes.csv"
-    if not by_kind:
-        return {"demo_accuracy": demo_accuracy(greedy, shapes, None)[0]}
-    (single, n_single), (two, n_two) = demo_accuracy(greedy, shapes, 1), demo_accuracy(greedy, shapes, 2)
-    log(f"demo: the greedy captions name the right colour and shape of {single:.1%} of {n_single} held-out "
-        f"single-shape images, and both shapes with their colours on the right sides of {two:.1%} of {n_two} "
-        f"two-shape images")
-    return {"demo_colour_shape_accuracy": single, "demo_two_shape_accuracy": two}
-
-# -----------------------------------------------------------------------------
-# models
-FETCH_WEIGHTS = "run ./setup.sh to download it (or see the README)"
-WEIGHTS_NAME = re.compile(r"resnet50-([0-9a-f]{8,64})\.pth")  # torchvision's names carry a sha256 prefix
-
-def weights_sha256(path):
-    try:
-        stat = Path(path).stat()  # size and time are in the cache key: a changed file is hashed again
-        return stamped_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    except OSError as error:
-        raise UserError(f"cannot read ResNet50 weights {path}: {error.strerror or error}") from None
-
-@functools.lru_cache(maxsize=8)
-def stamped_sha256(path, size, mtime):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-def file_sha256(path):
-    """The file's sha256, or None when it cannot be read (an image is then named where it is decoded)."""
-    with contextlib.suppress(OSError), open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-def load_resnet50(weights_path):
-    """torchvision ResNet50 without its classifier, from a local .pth, never unpickling anything."""
-    path = Path(weights_path)
-    if not path.is_file():
-        raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
-    named_hash = WEIGHTS_NAME.fullmatch(path.name)
-    if named_hash and not weights_sha256(path).startswith(named_hash[1]):
-        raise UserError(f"{path} is corrupt or incomplete (its sha256 does not start with {named_hash[1]}): "
-                        f"delete it and {FETCH_WEIGHTS}")
-    try:  # weights_only: tensors and plain containers; a file that needs more could run code, and is refused
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"{path} cannot be read as plain tensors ({type(error).__name__}): it is damaged, in "
-                        f"torch.hub's old format (resnet50-19c8e357.pth) or not a weights file; "
-                        f"{FETCH_WEIGHTS} (resnet50-0676ba61.pth)") from None
-    # built on the meta device: no random init, which would waste time and draw from the global RNG (a run
-    # would then train differently with and without a feature cache); strict loading makes every tensor real
-    with torch.device("meta"):
-        model = torchvision.models.resnet50(weights=None)
-    try:
-        model.load_state_dict(state, assign=True)
-    except Exception as error:
-        reason = " ".join(str(error).split())[:200]  # one line: torch's message spans several
-        raise UserError(f"{path} does not hold ResNet50 weights ({reason}): {FETCH_WEIGHTS}") from None
-    model.avgpool = model.fc = nn.Identity()  # its output is the last convolutional grid, flattened
-    return model.float()  # assign keeps the file's dtype; copying into the model converted it to float32
-
-def random_resnet50_weights(path, seed=0):
-    """A fixed random-init ResNet50 for the demo without downloads, saved: its captions can be reproduced."""
-    path = Path(path)
-    if not path.is_file():
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            state = torchvision.models.resnet50(weights=None).state_dict()
-        atomic_save(state, path)
-    return path
+# --------------------------------------------------------------------------------------------------
+# models: EncoderCNN projects the frozen ResNet50's features; DecoderRNN (Show and Tell) or
+# AttentionDecoder (Show, Attend and Tell) writes the caption; Captioner holds both and the vocabulary
 
 def resnet_grid(resnet, images):
     """ResNet50's last convolutional grid, L = h*w vectors (B, L, 2048); their mean is the pooled feature."""
     out = resnet(images.contiguous(memory_format=torch.channels_last)).float()  # (B, 2048*h*w)
     return out.view(out.size(0), 2048, -1).transpose(1, 2)  # (B, L, 2048)
+
 
 class EncoderCNN(nn.Module):
     """Frozen ResNet50 (always in eval mode) and a trained projection of its standardised 2048-d features."""
@@ -880,6 +319,7 @@ class EncoderCNN(nn.Module):
         features = x.float() if x.dim() < 4 else self.features(x)  # cached grids are float16
         return self.embed((features - self.feature_mean) / self.feature_std)
 
+
 class DecoderRNN(nn.Module):
     """The image embedding is the first input step, then <SOS> and the caption's words."""
 
@@ -907,10 +347,12 @@ class DecoderRNN(nn.Module):
         out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # (B, 1, H)
         return next_word_logp(self.to_vocab(out.squeeze(1)), first), state
 
+
 def next_word_logp(logits, first):
     never = [Vocabulary.PAD, Vocabulary.SOS, Vocabulary.EOS] if first else [Vocabulary.PAD, Vocabulary.SOS]
     logp = F.log_softmax(logits.float(), dim=-1)  # (B, V)
     return logp.index_fill(1, torch.tensor(never, device=logp.device), -math.inf)  # a copy: SCST's gradient
+
 
 def sample_captions(decoder, image_embeds, n, max_len, greedy=False):
     """n captions per image drawn word by word: ids (B*n, T), <EOS> then <PAD>, and each word's log-prob."""
@@ -929,9 +371,11 @@ def sample_captions(decoder, image_embeds, n, max_len, greedy=False):
             break
     return torch.stack(words, 1), torch.stack(logps, 1)  # (B*n, T) each
 
+
 # Xu et al.'s lambda (1 in the paper): how strongly every grid cell must be looked at once per caption. Lower
 # leaves the attention on the objects rather than on empty background cells (README: attention)
 DOUBLY_STOCHASTIC_WEIGHT = 0.2
+
 
 class AttentionDecoder(nn.Module):
     """Show, Attend and Tell's soft attention over the grid cells (Xu et al., 2015; README: attention)."""
@@ -985,7 +429,9 @@ class AttentionDecoder(nn.Module):
         out, state = self.advance(self.embed(tokens), state)
         return next_word_logp(self.to_vocab(out), first), state
 
+
 DECODERS = {"lstm": DecoderRNN, "attention": AttentionDecoder}
+
 
 class Captioner(nn.Module):
     """The trained model: encoder projection and decoder, its vocabulary and the sizes that rebuild it."""
@@ -1024,272 +470,11 @@ class Captioner(nn.Module):
     def trainable_state_dict(self):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.resnet.")}
 
-# -----------------------------------------------------------------------------
-# feature cache: the frozen encoder runs once per image, not once per caption per epoch
-def features_cache_key(weights_sha, transform, image_dir, names, precision="fp32"):
-    # each image's content: an image replaced under the same name, even with its old size and time, is new
-    names = sorted(names)
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        hashes = list(tqdm(pool.map(file_sha256, [Path(image_dir) / n for n in names]), total=len(names),
-                           desc="hashing images", unit="img", leave=False, mininterval=1))
-    spec = {"weights": weights_sha, "transform": repr(transform), "image_dir": str(Path(image_dir).resolve()),
-            "images": dict(zip(names, hashes)), "precision": precision, "version": 4}  # 4: keyed by content
-    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
-def tensor_sha256(tensor):
-    return hashlib.sha256(tensor.contiguous().numpy()).hexdigest()  # hashed in place: no copy of a memory map
+# --------------------------------------------------------------------------------------------------
+# training: the cross-entropy step, the self-critical (SCST) step and its CIDEr-D reward, the
+# learning-rate schedule and the loop over steps; hands best.pt and the logs to validation and the report
 
-def extract_features(resnet, image_dir, names, transform, device, batch_size=64, num_workers=2, grid_cells=0,
-                     into=None):
-    """Pooled (N, 2048) or, with grid_cells, float16 grid (N, L, 2048) features, and the unreadable names."""
-    resnet = resnet.to(device).eval().to(memory_format=torch.channels_last)
-    shape = (len(names), grid_cells, 2048) if grid_cells else (len(names), 2048)
-    dtype = torch.float16 if grid_cells else torch.float
-    if into:  # the kernel writes the features out to the file as memory runs short
-        features = torch.from_file(str(into), True, math.prod(shape), dtype=dtype).view(shape)
-    else:
-        features = torch.zeros(shape, dtype=dtype)
-    read = torch.zeros(len(names), dtype=torch.bool)
-    if device.type == "cuda":  # the CPU cores cannot decode JPEGs as fast as a GPU runs ResNet50
-        batches = jpeg_batches(image_dir, names, transform, device, batch_size, num_workers)
-    else:
-        batches = image_batches(ImageSource(image_dir, transform), names, batch_size, num_workers)
-    bar = tqdm(total=len(names), desc="ResNet50 features", unit="img", leave=False)
-    with torch.inference_mode(), autocast(device), bar:
-        for images, index in batches:
-            cells = resnet_grid(resnet, images.to(device, non_blocking=True))  # (B, L, 2048)
-            features[index] = (cells if grid_cells else cells.mean(1)).cpu().to(features.dtype)
-            read[index] = True
-            bar.update(int(index[-1]) + 1 - bar.n)  # up to this batch's last image, unreadable ones included
-    return features, [name for name, ok in zip(names, read.tolist()) if not ok]
-
-class ImageFiles(Dataset):
-    """One item per image: its file's bytes (read by the workers, decoded on the device), and its index."""
-
-    def __init__(self, image_dir, names):
-        self.image_dir, self.names = Path(image_dir), list(names)
-
-    def __len__(self):
-        return len(self.names)
-
-    def __getitem__(self, i):
-        with contextlib.suppress(OSError, RuntimeError):
-            return torchvision.io.read_file(str(self.image_dir / self.names[i])), i
-        return None, i
-
-def jpeg_batches(image_dir, names, transform, device, batch_size=64, num_workers=2):
-    """As image_batches, with JPEGs decoded and transformed on the device (nvJPEG on a GPU), others by PIL."""
-    files = DataLoader(ImageFiles(image_dir, names), batch_size, num_workers=num_workers, collate_fn=list)
-    for batch in files:
-        images = {i: decode_on(device, data, Path(image_dir) / names[i], transform) for data, i in batch}
-        index = [i for i, image in images.items() if image is not None]
-        if index:
-            yield torch.stack([images[i] for i in index]), torch.tensor(index)  # (B, 3, H, W) on the device
-
-def decode_on(device, data, path, transform):
-    """The transformed image on the device from its file's bytes, or None when it cannot be read."""
-    with contextlib.suppress(Exception):  # not a JPEG, damaged, CMYK on nvJPEG, ...: as any other image
-        return transform(torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
-                                                    apply_exif_orientation=True, device=device))
-    with contextlib.suppress(UnreadableImage):
-        return load_image(path, transform).to(device)
-
-def load_cached_features(path, key):
-    """The cache's contents, or None when it is absent, for other inputs, or damaged in any way."""
-    if not path.is_file():
-        return None
-    with contextlib.suppress(Exception):  # a truncated or corrupt file fails in many ways; all mean rebuild
-        cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read as pages are used
-        if cache["key"] == key and tensor_sha256(cache["features"]) == cache["sha256"]:
-            return cache
-    warn(f"feature cache {path} is damaged or stale: rebuilding it")
-    return None
-
-def try_lock(file):
-    """Takes the kernel's lock (flock) on an open file, or says False when another process holds it."""
-    with contextlib.suppress(OSError):
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends, even by kill -9
-        return True
-    return False
-
-@contextlib.contextmanager
-def exclusive(path):
-    """A kernel lock (flock) on path's .lock file, taken after any run that holds it; kill -9 releases it."""
-    try:
-        lock = open(f"{path}.lock", "a+")
-    except OSError:  # a read-only folder: nothing can be written there to race over
-        yield
-        return
-    with lock:
-        if not try_lock(lock):
-            log(f"features: waiting for another run that is writing {path}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        for stale in path.parent.glob(f"{path.name}.*"):  # a killed run's: only the lock holder writes one
-            if stale.suffix in (".scratch", ".tmp") or stale.suffix[1:].isdigit():  # a share
-                stale.unlink()
-        yield
-
-def cached_features(weights, image_dir, names, transform, cache_folder, device, batch_size=64, num_workers=2,
-                    grid_cells=0):
-    """The images' features, memory-mapped from the cache; extracted and cached first when it lacks them."""
-    precision = ("bf16" if uses_bf16(device) else "fp32") + (f" grid {grid_cells}" if grid_cells else "")
-    key = {}
-    if is_main_process():  # hashing every image once, not once per process
-        key = {"key": features_cache_key(weights_sha256(weights), transform, image_dir, names, precision)}
-    key = merge_over_processes(key)["key"]
-    path = Path(cache_folder) / f"features-{key[:20]}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(path) if is_main_process() else contextlib.nullcontext():
-        wait_for_all()
-        cache = load_cached_features(path, key)
-        if cache is None:
-            write_feature_cache(weights, image_dir, names, transform, path, key, device, batch_size,
-                                num_workers, grid_cells)
-            cache = load_cached_features(path, key)  # memory-mapped: the extracted copy leaves RAM
-        else:
-            log(f"features: reusing {path} ({len(cache['images'])} images)")
-        wait_for_all()  # the lock is held until every process has read the cache
-    return cache
-
-def write_feature_cache(weights, image_dir, names, transform, path, key, device, batch_size, num_workers,
-                        grid_cells):
-    needed = len(names) * 2048 * (2 * grid_cells if grid_cells else 4) / 1e9  # GB; grids in float16
-    free = shutil.disk_usage(path.parent).free / 1e9
-    if 2 * needed > free:  # the features as extracted, and the cache file written from them
-        raise UserError(f"the feature cache needs {needed:.2f} GB in {path.parent}, and twice that while it "
-                        f"is written, but only {free:.2f} GB is free: free some space or use another "
-                        f"--cache_dir")
-    start, (rank, size) = time.time(), rank_and_size()
-    share = names[len(names) * rank // size:len(names) * (rank + 1) // size]  # each image in one process
-    scratch = path.with_name(f"{path.name}.{os.getpid()}.scratch")  # at COCO's size a grid outgrows RAM
-    try:  # the scratch file goes also when the cache cannot be written (a full disk) or the run is stopped
-        features, failed = extract_features(load_resnet50(weights), image_dir, share, transform, device,
-                                            max(batch_size, 64), num_workers, grid_cells, into=scratch)
-        cache = {"key": key, "images": share, "failed": failed, "features": features}
-        if size > 1:  # the shares meet in cache_dir, which every process must see (on several machines too)
-            atomic_save(cache, path.with_name(f"{path.name}.{rank}"))
-            wait_for_all()
-            cache = gather_shares(path, key, size) if rank == 0 else None
-        if rank == 0:
-            seconds, read = time.time() - start, len(cache["images"]) - len(cache["failed"])
-            processes = f" in {size} processes" if size > 1 else ""
-            atomic_save(cache | {"sha256": tensor_sha256(cache["features"])}, path)
-            log(f"features: {read} images in {seconds:.1f} s ({read / max(seconds, 1e-9):.1f} images/s"
-                f"{processes}), cached in {path}")
-    finally:
-        scratch.unlink(missing_ok=True)
-    wait_for_all()
-
-def gather_shares(path, key, size):
-    """Process 0's cache from every process's share (features, images, failures) in order; their files go."""
-    files = [path.with_name(f"{path.name}.{rank}") for rank in range(size)]
-    missing = [rank for rank, file in enumerate(files) if not file.is_file()]
-    if missing:
-        raise UserError(f"process {missing[0]}'s share of the features is not in {path.parent}: with several "
-                        f"machines, --cache_dir must be a shared folder that every process can read")
-    shares = [torch.load(file, weights_only=True, mmap=True) for file in files]
-    cache = {"key": key, "features": torch.cat([s["features"] for s in shares]),
-             **{k: [name for s in shares for name in s[k]] for k in ("images", "failed")}}
-    for file in files:
-        file.unlink()
-    return cache
-
-def atomic_save(obj, path):
-    """torch.save to this process's temporary file, fsync, rename: a crash leaves the previous file intact."""
-    path, tmp = Path(path), Path(f"{path}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:  # a full disk (torch says RuntimeError), or a second Ctrl-C while writing
-        with contextlib.suppress(OSError):  # also where nothing was written (read-only, a file in the way)
-            tmp.unlink()
-        if not isinstance(error, (OSError, RuntimeError)):
-            raise
-        reason = getattr(error, "strerror", None) or "the disk may be full"
-        raise UserError(f"cannot write {path}: {reason}. Free some space or choose another folder; the "
-                        f"previous {path.name}, if any, is intact") from None
-
-# -----------------------------------------------------------------------------
-# data for a run: captions, vocabulary (from the training split) and encoder inputs
-@dataclasses.dataclass
-class Data:
-    frame: pd.DataFrame         # image, caption, tokens, split: one row per caption
-    source: "ImageSource"       # encoder inputs by image name
-    weights: Path               # the ResNet50 file the features come from
-    feature_stats: tuple        # mean and std (2048,) of the training split's features (per channel)
-    train_images_sha256: str    # which images the split trains on, as checkpoints record it
-    vocab: "Vocabulary" = None  # of the training split, when asked for
-    resnet: nn.Module = None    # only when features are not cached: the encoder then runs every step
-
-    def split(self, name):
-        return self.frame[self.frame["split"] == name]
-
-    def images(self, split):
-        return sorted(self.split(split)["image"].unique())
-
-def feature_statistics(features, rows):
-    """Per-channel mean and std (2048,) over some rows of pooled or grid features, a chunk at a time."""
-    chunks = (features[chunk].reshape(-1, 2048).double() for chunk in torch.as_tensor(rows).split(256))
-    total, squares = sum(torch.stack([x.sum(0), x.square().sum(0)]) for x in chunks)  # (2048,) each
-    n = len(rows) * features[0].numel() // 2048
-    mean = total / n
-    return mean.float(), ((squares - n * mean.square()) / max(n - 1, 1)).sqrt().float().clamp_min(1e-6)
-
-def names_sha256(names):
-    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()
-
-def prepare_data(cfg, device, build_vocab=False, trained=None):
-    """Captions, splits, tokens, the training vocabulary (build_vocab) and every readable image's inputs."""
-    prepare_demo(cfg)
-    frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
-    frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
-    training = frame[frame["split"] == "train"]
-    train_sha256 = names_sha256(training["image"].unique())
-    vocab = build_vocabulary(training["tokens"], cfg.freq_threshold) if build_vocab else None
-    weights = encoder_weights_file(cfg)
-    if trained:
-        trained.check_data(vocab, weights, train_sha256, cfg.data_dir)
-    transform, names = image_transform(cfg.image_size), sorted(frame["image"].unique())
-    grid_cells = math.ceil(cfg.image_size / 32) ** 2 if cfg.decoder == "attention" else 0  # halved 5 times
-    # with cached features, training needs only the projection; the checkpoint records the weights' hash
-    resnet = None if cfg.cache_features else load_resnet50(weights)
-    if cfg.cache_features:
-        cache = cached_features(weights, image_dir, names, transform, cfg.cache_dir, device, cfg.batch_size,
-                                cfg.num_workers, grid_cells)
-        source = ImageSource(image_dir, transform, cache["features"], cache["images"])
-        failed = cache["failed"]
-    else:
-        source = ImageSource(image_dir, transform)
-        checking = tqdm(names, desc="checking images", leave=False)
-        failed = [n for n in checking if not image_opens(image_dir / n)]
-    if failed:
-        more = " ..." if len(failed) > 5 else ""
-        warn(f"skipped {len(failed)} unreadable image(s): {', '.join(failed[:5])}{more}")
-        frame = frame[~frame["image"].isin(set(failed))].reset_index(drop=True)
-        check_splits(frame, cfg.data_dir)
-    train_names = sorted(frame.loc[frame["split"] == "train", "image"].unique())
-    if cfg.cache_features:
-        stats = feature_statistics(cache["features"], [source.row[n] for n in train_names])
-    else:
-        sample = random.Random(cfg.seed).sample(train_names, min(512, len(train_names)))
-        features, bad = extract_features(resnet, image_dir, sample, transform, device, grid_cells=grid_cells)
-        stats = feature_statistics(features, [i for i, name in enumerate(sample) if name not in bad])
-    return Data(frame, source, Path(weights).resolve(), stats, train_sha256, vocab, resnet)
-
-def build_vocabulary(train_tokens, freq_threshold):
-    vocab = Vocabulary(freq_threshold).build_vocab(train_tokens)
-    if len(vocab) == len(Vocabulary.SPECIALS):
-        raise UserError(f"--freq_threshold={freq_threshold} leaves no word in the vocabulary (no training "
-                        f"word occurs that often): lower it, e.g. --freq_threshold=2")
-    log(f"vocabulary: {len(vocab)} words (from the training split, threshold {freq_threshold})")
-    return vocab
-
-# -----------------------------------------------------------------------------
-# self-critical sequence training: sampled captions rewarded by their CIDEr-D (Rennie et al. 2017; Luo 2020)
 def ngram_codes(ids, base):
     """Each n-gram (n = 1..4) of 0-padded word ids (M, T) as one integer in [base^(n-1), base^n): (M, 4T)."""
     codes, code, whole = [], torch.zeros_like(ids), torch.ones_like(ids, dtype=torch.bool)
@@ -1299,10 +484,12 @@ def ngram_codes(ids, base):
         codes.append(torch.where(whole, code, 0))
     return torch.cat(codes, 1)  # (M, 4T)
 
+
 def pad_references(refs):
     """Each image's references (lists of word ids) in one tensor (N, R, T), 0 for padding and missing ones."""
     flat = pad_sequence([torch.tensor(r, dtype=torch.int32) for rs in refs for r in rs], True)  # (all, T)
     return pad_sequence(flat.split([len(rs) for rs in refs]), batch_first=True)  # (N, R, T)
+
 
 def distinct(codes):
     """Each row's distinct nonzero codes (M, W) and their counts: (row, code, count), (P,) each."""
@@ -1314,6 +501,7 @@ def distinct(codes):
     counts = torch.diff(at, append=torch.tensor([codes.numel()]))
     rows, values = at // codes.size(1), codes.flatten()[at]
     return rows[values > 0], values[values > 0], counts[values > 0].double()
+
 
 class CiderD:
     """coco-caption's CIDEr-D of word ids, vectorised; document frequencies from the references, once."""
@@ -1381,6 +569,7 @@ class CiderD:
         real = refs.amax(-1) > 0  # (H, R): references, not padding
         return 10 * (score * real).sum(1) / real.sum(1)  # (H,)
 
+
 def scst_data(data, vocab, max_len=0):
     """One item per training image, and the CIDEr-D reward with its captions (and <EOS>) as the references."""
     refs = data.split("train").groupby("image")["tokens"].apply(list)  # sorted by image
@@ -1390,6 +579,7 @@ def scst_data(data, vocab, max_len=0):
     scored = torch.tensor([any(c.isalnum() or c in "<>" for c in w) for w in vocab.itos])
     scored[[Vocabulary.PAD, Vocabulary.SOS]] = False
     return FlickrDataset(images, vocab, data.source), CiderD(ids, len(vocab), scored)
+
 
 def scst_step(ddp, model, optimizer, inputs, images, reward, lr, cfg, device):
     """One step on the sampled captions' CIDEr-D above the baseline: the loss, mean reward, greedy CIDEr-D."""
@@ -1411,21 +601,6 @@ def scst_step(ddp, model, optimizer, inputs, images, reward, lr, cfg, device):
     figures = torch.stack([rewards.mean(), greedy_reward.mean()]).float().to(device)  # not all have float64
     return torch.cat([loss.detach().float().view(1), figures])
 
-# -----------------------------------------------------------------------------
-# training: checkpoints, the output folder, one loop over steps
-CHECKPOINT_KEYS = {"model_args", "model", "optimizer", "vocab", "freq_threshold", "config", "encoder_weights",
-                   "encoder_weights_sha256", "epoch", "step", "best_score", "loss_sum", "loss_count",
-                   "processes", "rng_state", "cuda_rng_state"}  # since: sha256, train_images_sha256, SCST's
-MODEL_ARGS = {"decoder": str, "embed_size": int, "hidden_size": int, "num_layers": int, "dropout": float,
-              "image_size": int}
-RENAMED = {".fcn.": ".to_vocab.", "decoder.cells.": "decoder.lstm_cells."}  # older checkpoints' names
-# these decide the batches, the vocabulary or the model: a resumed run must keep them
-RESUME_FIXED = ("dataset", "data_dir", "max_images", "demo_images", "image_size", "freq_threshold", "decoder",
-                "embed_size", "hidden_size", "num_layers", "dropout", "batch_size", "max_batches_per_epoch",
-                "seed", "best_metric")
-NOT_TRAINING = ("resume", "evaluate", "checkpoint", "caption_figure", "preset", "output_dir")
-RESUME_ADDED = {"best_metric": "CIDEr"}  # settings added since: what older checkpoints did
-RUN_OUTPUTS = ["loss_per_*.csv", "*_graph.png", "vocab.json", "config.json", "*.pt", "test_*", "report*"]
 
 @dataclasses.dataclass
 class Progress:
@@ -1438,216 +613,6 @@ class Progress:
     reward_sum: float = 0.0  # self-critical steps: their sampled and greedy captions' CIDEr-D
     greedy_sum: float = 0.0
 
-@dataclasses.dataclass
-class Restored:
-    """A checkpoint, checked: its model (rebuilt from its own sizes) and what a resumed run goes on from."""
-    path: Path
-    model: "Captioner"
-    config: dict  # the settings it was trained with
-    optimizer: dict
-    progress: Progress
-    rng_states: tuple  # CPU, CUDA
-    weights_file: str  # the ResNet50 file it was trained with, and its sha256
-    weights_sha256: str
-    train_images_sha256: str  # None in checkpoints from before it was recorded
-
-    def trained_on(self):
-        """Its settings, with the weights file it recorded only where that file still is."""
-        if Path(self.weights_file).is_file():
-            return self.config | {"encoder_weights": self.weights_file}
-        return {k: v for k, v in self.config.items() if k != "encoder_weights"}
-
-    def check_weights(self, weights):
-        if weights_sha256(weights) != self.weights_sha256:
-            gone = "" if Path(self.weights_file).is_file() else ", no longer there: put it back"
-            raise UserError(f"checkpoint {self.path} was trained on other ResNet50 weights than {weights}: "
-                            f"use --encoder_weights={self.weights_file}, the file it was trained with{gone}")
-
-    def check_data(self, vocab, weights, train_sha256, data_dir):
-        """Refuses data other than the checkpoint was trained on, before any feature is computed."""
-        if vocab is not None and vocab.itos != self.model.vocab.itos:
-            raise UserError(f"checkpoint {self.path} has a different vocabulary ({len(self.model.vocab)} "
-                            f"words, now {len(vocab)}): the captions in {data_dir} changed; train afresh")
-        self.check_weights(weights)
-        if self.train_images_sha256 is None:
-            warn(f"{self.path} does not record its training images (an old version wrote it): no leak check")
-        elif train_sha256 != self.train_images_sha256:
-            raise UserError(f"the training split of {data_dir} is not the one {self.path} was trained on: "
-                            f"its test split may hold training images. Use its data, or train afresh")
-
-def checkpoint_sha256(ckpt):
-    """A checksum of everything in a checkpoint but the checksum: tensors by their bytes, the rest by repr."""
-    digest = hashlib.sha256()
-    pending = [{k: v for k, v in ckpt.items() if k != "sha256"}]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, dict):
-            keys = sorted(value, key=str)
-            digest.update(repr(keys).encode())
-            pending += [value[k] for k in reversed(keys)]
-        elif isinstance(value, (list, tuple)):
-            digest.update(f"[{len(value)}]".encode())
-            pending += reversed(value)
-        elif isinstance(value, torch.Tensor):
-            digest.update(f"{value.dtype}{list(value.shape)}".encode())
-            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        else:
-            digest.update(repr(value).encode())
-    return digest.hexdigest()
-
-def checkpoint_problem(ckpt):
-    """What makes a loaded file no sound checkpoint of this script, or None."""
-    missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
-    if missing:
-        return f"it lacks {', '.join(sorted(missing)[:5])}"
-    if "sha256" in ckpt and ckpt["sha256"] != checkpoint_sha256(ckpt):
-        return "its checksum does not match its contents: it was changed or damaged"
-    args = ckpt["model_args"]
-    if not isinstance(args, dict) or set(args) != set(MODEL_ARGS):
-        return f"its model_args are not {', '.join(MODEL_ARGS)}"
-    for name, kind in MODEL_ARGS.items():
-        if type(args[name]) is not kind or (kind is int and args[name] < 1):
-            return f"model_args {name}={args[name]!r} is not a {kind.__name__} (at least 1 if an int)"
-    if args["decoder"] not in DECODERS:  # else building the model fails with a KeyError
-        return f"model_args decoder={args['decoder']!r} is not one of {', '.join(map(repr, DECODERS))}"
-    words, weights = ckpt["vocab"], ckpt["model"]
-    if not isinstance(words, list) or words[:4] != Vocabulary.SPECIALS or {type(w) for w in words} != {str}:
-        return f"its vocabulary is not a list of words starting with {Vocabulary.SPECIALS}"
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        return "its model is not a dict of tensors"
-    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
-        return "its weights are not all finite numbers"
-    return None
-
-def read_checkpoint(path):
-    """A checkpoint written by this script, loaded without running any pickled code and checked whole."""
-    if not Path(path).is_file():
-        raise UserError(f"no checkpoint at {path}: train one first with `python {Path(__file__).name}` "
-                        f"(it writes best.pt and last.pt to output_dir), or name one with --checkpoint=FILE")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"cannot load checkpoint {path}: it is damaged or holds more than plain tensors "
-                        f"and values, which is refused ({type(error).__name__})") from None
-    problem = checkpoint_problem(ckpt)
-    if problem:
-        raise UserError(f"{path} is not a sound checkpoint of this script: {problem}. Use another "
-                        f"--checkpoint, or train afresh")
-    return ckpt
-
-def restore(path, cfg=None):
-    """The one way back from a checkpoint: resume (with its cfg), --evaluate, --caption, the test report."""
-    ckpt = read_checkpoint(path)
-    config = {**RESUME_ADDED, **ckpt["config"]}
-    if cfg:
-        check_resumable(config, ckpt["processes"], cfg, path, ckpt["epoch"])
-    state = {}
-    for name, tensor in ckpt["model"].items():
-        for old, new in RENAMED.items():
-            name = name.replace(old, new)
-        state[name] = tensor
-    try:
-        model = Captioner(Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]), **ckpt["model_args"])
-        model.load_state_dict(state)
-    except (RuntimeError, ValueError, TypeError) as error:
-        reason = " ".join(str(error).split())[:250]  # one line: torch's message spans several
-        raise UserError(f"{path} does not match its own model ({reason}): it is damaged; use another "
-                        f"--checkpoint, or train afresh") from None
-    progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress) if f.name in ckpt})
-    return Restored(Path(path), model, config, ckpt["optimizer"], progress,
-                    (ckpt["rng_state"], ckpt["cuda_rng_state"]), ckpt["encoder_weights"],
-                    ckpt["encoder_weights_sha256"], ckpt.get("train_images_sha256"))
-
-def check_resumable(config, processes, cfg, path, epoch):
-    """Refuses a resume whose settings would make it another run; says which changed settings it applies."""
-    if processes != rank_and_size()[1]:  # each step's batch holds batch_size captions per process
-        raise UserError(f"checkpoint {path} was written by a run of {processes} process(es), and this one "
-                        f"has {rank_and_size()[1]}: resume it with as many (torchrun --nproc_per_node=...)")
-    scst_began = config.get("scst_epochs", 0) > 0 and epoch >= config["num_epochs"]
-    if scst_began and cfg.num_epochs != config["num_epochs"]:  # its steps would be counted as other epochs
-        raise UserError(f"checkpoint {path} has begun its self-critical epochs, after num_epochs="
-                        f"{config['num_epochs']}: keep --num_epochs={config['num_epochs']} to resume it")
-    for name in RESUME_FIXED:
-        if name not in config:
-            raise UserError(f"checkpoint {path} does not record {name}: another version of this script wrote "
-                            f"it; train afresh (without --resume)")
-        if config[name] != getattr(cfg, name):
-            raise UserError(f"checkpoint {path} was trained with {name}={config[name]} but the config says "
-                            f"{name}={getattr(cfg, name)}: set --{name}={config[name]} to resume it")
-    for name in CONFIG_NAMES:
-        if name not in RESUME_FIXED + NOT_TRAINING and config.get(name) != getattr(cfg, name):
-            log(f"resume: {name} was {config.get(name)!r}, now {getattr(cfg, name)!r} (applied from here on)")
-
-def save_checkpoint(path, model, optimizer, cfg, data, progress):
-    """A flat dict of state dicts and counters, read with weights_only=True; config.json beside it."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise UserError(f"the model's weights are not finite at step {progress.step}: {path.name} unwritten")
-    (path.parent / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    ckpt = {"model_args": model.args, "model": model.trainable_state_dict(), "vocab": model.vocab.itos,
-            "freq_threshold": model.vocab.freq_threshold, "optimizer": optimizer.state_dict(),
-            "config": dataclasses.asdict(cfg), "encoder_weights": str(data.weights),
-            "encoder_weights_sha256": weights_sha256(data.weights), "processes": rank_and_size()[1],
-            "train_images_sha256": data.train_images_sha256, **dataclasses.asdict(progress),
-            "rng_state": torch.get_rng_state(), "cuda_rng_state": torch.cuda.get_rng_state_all()}
-    atomic_save(ckpt | {"sha256": checkpoint_sha256(ckpt)}, path)
-
-def claim_output_dir(out, fresh=False):
-    """Creates and locks output_dir for this run; a fresh run sets an earlier run's files aside first."""
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".lock", "a+")
-    except OSError as error:
-        raise UserError(f"cannot write to --output_dir={out}: {error.strerror or error} (is it, or a folder "
-                        f"above it, a file or read-only?). Choose another output_dir") from None
-    if not try_lock(lock):
-        lock.seek(0)
-        holder = lock.read().strip() or "?"
-        raise UserError(f"another run (process {holder}) is writing to {out}: wait for it to finish, stop "
-                        f"it, or choose another --output_dir") from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    for stale in out.glob("*.tmp"):  # only this run may write here now: any temporary file is a dead run's
-        stale.unlink()
-    earlier = [p for pattern in RUN_OUTPUTS for p in out.glob(pattern)]
-    if fresh and earlier:  # never a folder that mixes two runs, and nothing of the earlier one lost
-        aside = Path(tempfile.mkdtemp(prefix=f"previous-{datetime.datetime.now():%Y%m%d-%H%M%S}-", dir=out))
-        for path in earlier:
-            os.replace(path, aside / path.name)
-        log(f"{out} held an earlier run: its files are now in {aside} (--resume continues a run instead)")
-    return lock  # held open until the process ends
-
-class CtrlC:
-    """Ctrl-C or SIGTERM asks the loop to save last.pt and stop; a second one stops at once."""
-    # under torchrun, whose agent passes one Ctrl-C on twice, every signal only asks
-    requested = False
-
-    def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def request(self, signum, frame):
-        if self.requested and "LOCAL_RANK" not in os.environ:
-            raise SystemExit(130)
-        if not self.requested:
-            log("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-def epoch_batches(n, batch_size, seed, epoch, max_batches=0):
-    """The epoch's batches of caption indices, in an order fixed by seed and epoch: a resume repeats it."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)][:max_batches or None]
-
-def process_batches(n, cfg, epoch):
-    """This process's share of each step's batch: any number of processes takes the same steps."""
-    rank, size = rank_and_size()
-    batches = epoch_batches(n, cfg.batch_size * size, cfg.seed, epoch, cfg.max_batches_per_epoch)
-    return [batch[rank::size] for batch in batches if len(batch) >= size]
 
 def count_steps(dataset, cfg, what):
     """This process's steps in an epoch of dataset; none at all is one clear error."""
@@ -1656,6 +621,7 @@ def count_steps(dataset, cfg, what):
         raise UserError(f"{len(dataset)} {what} cannot be shared by {rank_and_size()[1]} processes: use more")
     return steps
 
+
 def epoch_and_batch(step, steps_per_epoch, scst_steps, cfg):
     """The 0-based epoch and batch of a step: num_epochs of cross-entropy, then the self-critical epochs."""
     cross_entropy_steps = cfg.num_epochs * steps_per_epoch
@@ -1663,6 +629,7 @@ def epoch_and_batch(step, steps_per_epoch, scst_steps, cfg):
         return divmod(step, steps_per_epoch)
     epoch, batch = divmod(step - cross_entropy_steps, scst_steps)
     return cfg.num_epochs + epoch, batch
+
 
 def learning_rate_at(step, total_steps, cfg):
     """The learning rate of a step (1-based): a function of the step alone, which a resume continues."""
@@ -1675,46 +642,6 @@ def learning_rate_at(step, total_steps, cfg):
         return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.learning_rate
 
-@torch.no_grad()
-def validation_loss(model, dataset, cfg, device):
-    """Teacher-forced loss and token accuracy: the share of non-padding targets whose argmax is right."""
-    rank, size = rank_and_size()
-    batches = [b.tolist() for b in torch.arange(len(dataset)).split(cfg.batch_size)][rank::size]
-    total_loss, correct, tokens = 0.0, 0, 0
-    with evaluating(model):
-        for inputs, captions in caption_batches(dataset, batches, cfg, device):
-            loss, logits, targets = model(inputs, captions)
-            mask = targets != Vocabulary.PAD
-            total_loss += loss.item() * mask.sum().item()
-            correct += ((logits.argmax(-1) == targets) & mask).sum().item()
-            tokens += mask.sum().item()
-    total_loss, correct, tokens = sum_over_processes([total_loss, correct, tokens], device)
-    return total_loss / max(tokens, 1), correct / max(tokens, 1)
-
-def append_csv(path, rows, columns):
-    """Appends rows in the file's column order; a file that lacks columns is rewritten, atomically."""
-    frame, path = pd.DataFrame(rows, columns=columns), Path(path)
-    if not path.is_file():
-        frame.to_csv(path, index=False)
-        return
-    with open(path) as f:
-        header = f.readline().strip().split(",")
-    if set(columns) <= set(header):
-        frame.reindex(columns=header).to_csv(path, mode="a", header=False, index=False)
-        return
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # SCST's columns, or a file of an older version
-    pd.concat([pd.read_csv(path), frame]).to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-def truncate_csv(path, column, last):
-    """Keeps the rows up to a checkpoint, so a resumed run neither repeats nor loses any."""
-    if Path(path).is_file():
-        try:
-            frame = pd.read_csv(path)
-        except pd.errors.EmptyDataError:  # killed before its first row: nothing to keep
-            Path(path).unlink()
-            return
-        frame[frame[column] <= last].to_csv(path, index=False)
 
 def start_run(cfg, device, out):
     """A fresh run's data, model, optimizer and progress, or last.pt's (--resume): the one place for both."""
@@ -1750,12 +677,14 @@ def start_run(cfg, device, out):
         meteor_scorer()  # its JVM loads while the first epoch trains
     return data, model, optimizer, progress
 
+
 def train_step(model, optimizer, inputs, captions, lr, device):
     """One optimizer step; the loss stays on the device, as reading it would wait for the GPU every step."""
     with autocast(device):
         loss, _, _ = model(inputs, captions)
     optimizer_step(optimizer, loss, lr)
     return loss.detach()
+
 
 def optimizer_step(optimizer, loss, lr):
     """One Adam step on the loss's gradient at this step's learning rate (cross-entropy and SCST alike)."""
@@ -1764,6 +693,7 @@ def optimizer_step(optimizer, loss, lr):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+
 
 def record_losses(pending, progress, vocab_size, cfg, device, bar):
     """Averages the pending steps' losses over the processes, checks them and appends them to the CSV."""
@@ -1792,6 +722,7 @@ def record_losses(pending, progress, vocab_size, cfg, device, bar):
     average = ("avg reward", progress.reward_sum) if scst else ("avg", progress.loss_sum)
     bar.set_postfix({"loss": f"{stats[-1, 0]:.3f}", average[0]: f"{average[1] / progress.loss_count:.3f}"})
     pending.clear()
+
 
 def end_epoch(model, optimizer, data, val_set, progress, train_seconds, cfg, device):
     """Validation, the epoch's row and log line, best.pt when it is the best yet, last.pt, graphs, samples."""
@@ -1833,6 +764,7 @@ def end_epoch(model, optimizer, data, val_set, progress, train_seconds, cfg, dev
         save_checkpoint(out / "last.pt", model, optimizer, cfg, data, progress)
         plot_history(out)
     print_samples(model, data.source, data.images("val")[:3], cfg, device, f"end of epoch {progress.epoch}")
+
 
 def train(cfg, device):
     """Trains, validates every epoch, keeps best.pt (by best_metric) and last.pt, then reports on test."""
@@ -1905,6 +837,7 @@ def train(cfg, device):
     del lock
     return 0
 
+
 def open_epoch(dataset, epoch, batch, epoch_steps, all_epochs, cfg, device):
     """The epoch's batches from batch on (with each one's indices into dataset), and its progress bar."""
     rank, size = rank_and_size()
@@ -1916,20 +849,34 @@ def open_epoch(dataset, epoch, batch, epoch_steps, all_epochs, cfg, device):
                desc=f"epoch {epoch + 1}/{all_epochs}{phase}")
     return zip(shares, caption_batches(dataset, shares, cfg, device)), bar
 
+
 def stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device):
     """last.pt at the last step taken, with its losses recorded, so that --resume goes on from there."""
     record_losses(pending, progress, len(model.vocab), cfg, device, bar)
     if is_main_process():
         save_checkpoint(out / "last.pt", model, optimizer, cfg, data, progress)
 
-def resume_hint(out, step, size):
-    command = shlex.join([Path(__file__).name, *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
-    runner = "torchrun ... " if size > 1 else "python "
-    log(f"\ninterrupted: saved {out / 'last.pt'} at step {step}. Resume with:\n  {runner}{command}")
-    return 130
 
-# -----------------------------------------------------------------------------
-# evaluation and decoding
+# --------------------------------------------------------------------------------------------------
+# validation, beam search and the metrics papers report (coco-caption's BLEU, METEOR, ROUGE-L, CIDEr)
+
+@torch.no_grad()
+def validation_loss(model, dataset, cfg, device):
+    """Teacher-forced loss and token accuracy: the share of non-padding targets whose argmax is right."""
+    rank, size = rank_and_size()
+    batches = [b.tolist() for b in torch.arange(len(dataset)).split(cfg.batch_size)][rank::size]
+    total_loss, correct, tokens = 0.0, 0, 0
+    with evaluating(model):
+        for inputs, captions in caption_batches(dataset, batches, cfg, device):
+            loss, logits, targets = model(inputs, captions)
+            mask = targets != Vocabulary.PAD
+            total_loss += loss.item() * mask.sum().item()
+            correct += ((logits.argmax(-1) == targets) & mask).sum().item()
+            tokens += mask.sum().item()
+    total_loss, correct, tokens = sum_over_processes([total_loss, correct, tokens], device)
+    return total_loss / max(tokens, 1), correct / max(tokens, 1)
+
+
 @torch.no_grad()
 def beam_search(decoder, image_embeds, beam_size, max_len):
     """Each image's best word ids by log-probability per word; beam_size=1 is exactly greedy decoding."""
@@ -1967,6 +914,7 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
     going = seqs[offsets[:, 0] + scores.argmax(1)].tolist()  # each image's best still going: where none ended
     return [seq if seq is not None else best_going for seq, best_going in zip(best_seq, going)]
 
+
 def generate_captions(model, source, names, cfg, device, beam_size=None):
     """{name: caption} of the images and the unreadable names; under torchrun, shared out and gathered."""
     rank, size = rank_and_size()
@@ -1978,6 +926,7 @@ def generate_captions(model, source, names, cfg, device, beam_size=None):
     captions = merge_over_processes(captions)
     return {n: captions[n] for n in names if n in captions}, [n for n in names if n not in captions]
 
+
 @contextlib.contextmanager
 def evaluating(model):
     """The model in eval mode (no dropout) inside; after, in the mode it was."""
@@ -1987,9 +936,11 @@ def evaluating(model):
     finally:
         model.train(was_training)
 
+
 def metric_text(caption):
     # coco-caption's PTB tokenizer drops punctuation before scoring; so do we, with the vocabulary's tokenizer
     return " ".join(t for t in Vocabulary.tokenize(caption) if any(ch.isalnum() or ch in "<>" for ch in t))
+
 
 @functools.lru_cache(maxsize=1)
 def meteor_scorer():
@@ -1998,6 +949,7 @@ def meteor_scorer():
     if shutil.which("java"):
         return Meteor()
     warn("METEOR is not computed: it needs Java (`java` on the PATH), e.g. apt-get install default-jre")
+
 
 def caption_metrics(references, hypotheses):
     """coco-caption's BLEU-1..4, METEOR (None without Java), ROUGE-L, CIDEr; {image: its CIDEr, BLEU-4}."""
@@ -2017,11 +969,14 @@ def caption_metrics(references, hypotheses):
     each = zip(hyps, cider_each, bleu_each[3])  # in the order of hyps
     return metrics, {name: {"CIDEr": float(c), "BLEU-4": float(b)} for name, c, b in each}
 
+
 def format_metrics(metrics):
     return ", ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f}'}" for k, v in metrics.items())
 
+
 def references_of(frame):
     return frame.groupby("image")["caption"].apply(list).to_dict()
+
 
 def evaluate_split(model, data, split, cfg, device):
     """The metrics (in process 0; {} in the others) and captions of the model on a split."""
@@ -2030,10 +985,1267 @@ def evaluate_split(model, data, split, cfg, device):
         return {}, captions
     return caption_metrics(references_of(data.split(split)), captions)[0], captions
 
+
 def print_samples(model, source, names, cfg, device, label):
     captions, _ = generate_captions(model, source, names, cfg, device)
     for name, caption in captions.items():
         log(f"  [{label}] {name}: {caption}")
+
+
+# ==================================================================================================
+# ==== plumbing: a first reading can stop here. Below: settings, data formats, the demo set, the
+# feature cache, checkpoints, torchrun, the results page, --caption and main.
+# ==================================================================================================
+
+
+# --------------------------------------------------------------------------------------------------
+# settings: the constants above, a preset, a checkpoint's settings and the command line, resolved once
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, without a traceback."""
+
+
+def is_main_process():
+    """True except in the other processes of a torchrun job, which neither print nor write files."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def tqdm(*args, **kwargs):
+    return _tqdm(*args, **kwargs | {"disable": kwargs.get("disable") or not is_main_process()})
+
+
+def log(message):
+    if is_main_process():
+        _tqdm.write(message)
+
+
+def warn(message):
+    if is_main_process():
+        _tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def parse_bool(text):
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, with the nearest valid name for an unknown one, instead of argparse's usage block."""
+        unknown = re.match(r"unrecognized arguments: -*([^\s=]+)", message)
+        if unknown:
+            near = difflib.get_close_matches(unknown[1], CONFIG_NAMES, 1)
+            hint = f"did you mean --{near[0]}? " if near else ""
+            message += f" ({hint}valid: {' '.join('--' + n for n in CONFIG_NAMES)} --caption)"
+        raise UserError(message)
+
+
+def parse_args(argv):
+    """({name: value} for each --name=value given, type-checked; the --caption paths or None)."""
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    for name in CONFIG_NAMES:
+        default = globals()[name]
+        bare = dict(nargs="?", const=True) if isinstance(default, bool) else {}  # a bare --flag sets it
+        kind = parse_bool if isinstance(default, bool) else type(default)
+        parser.add_argument(f"--{name}", type=kind, help=f"default: {default!r}", **bare)
+    parser.add_argument("--caption", nargs="+", metavar="PATH", help="caption these image files or folders")
+    overrides = vars(parser.parse_args(argv))
+    return overrides, overrides.pop("caption", None)
+
+
+PATHS = ("data_dir", "encoder_weights", "output_dir", "cache_dir", "checkpoint", "caption_figure")
+
+
+DATASETS = ("auto", "demo", "flickr8k", "flickr30k", "coco")
+
+
+# what a checkpoint was trained on: --evaluate and --caption take these from it, under the command line
+TRAINED_ON = ("dataset", "data_dir", "max_images", "demo_images", "seed", "image_size", "freq_threshold",
+              "max_train_caption_len", "decoder", "embed_size", "hidden_size", "num_layers", "dropout",
+              "encoder_weights")
+
+
+MODEL_SHAPE = ("decoder", "embed_size", "hidden_size", "num_layers", "image_size")  # fixed by a checkpoint
+
+
+CAPTIONING = ("checkpoint", "encoder_weights", "decoder", "beam_size", "max_caption_len", "device",
+              "caption_figure")
+
+
+def resolve_settings(overrides=None, echo=None, trained=None, shown=None):
+    """constants < preset < what a checkpoint was trained on < command line: one frozen Config."""
+    # prints each value in shown (default: all) that differs from its constant, and where it came from
+    overrides, trained = dict(overrides or {}), {k: v for k, v in (trained or {}).items() if k in TRAINED_ON}
+    values, origin = {name: globals()[name] for name in CONFIG_NAMES}, {}
+    given = values | trained | overrides
+    where = "resources/input/flickr8k"
+    flickr8k = given["data_dir"] != "" or (ROOT / where).is_dir()
+    why = "--data_dir given" if given["data_dir"] else f"{'found' if flickr8k else 'no'} {where}"
+    auto = {"dataset": "flickr8k" if flickr8k else "demo"} if given["dataset"] == "auto" else {}
+    preset = auto.get("dataset", given["dataset"]) if given["preset"] == "auto" else given["preset"]
+    for name in MODEL_SHAPE:
+        if name in trained and name in overrides and overrides[name] != trained[name]:
+            raise UserError(f"--{name}={overrides[name]}, but the checkpoint was trained with "
+                            f"{name}={trained[name]}: leave --{name} out (the checkpoint's is used), or name "
+                            f"another --checkpoint")
+    layer(values, origin, PRESETS.get(preset, {}), f"{preset} preset; --preset=none keeps the constants")
+    layer(values, origin, trained, "trained with it")
+    layer(values, origin, overrides, "command line")
+    layer(values, origin, auto, why)
+    if values["best_metric"] == "auto":
+        demo_metric = values["dataset"] == "demo"  # the demo's CIDEr rewards one of three arbitrary phrasings
+        layer(values, origin, {"best_metric": "demo_accuracy" if demo_metric else "CIDEr"}, "auto")
+    for name in PATHS:  # the defaults are in the project; the user's own paths are relative to where they are
+        if values[name]:
+            values[name] = str((Path.cwd() if name in overrides else ROOT) / values[name])
+    for name, folder in (("data_dir", "input"), ("output_dir", "output")):
+        if not values[name]:
+            layer(values, origin, {name: str(ROOT / "resources" / folder / values["dataset"])},
+                  f"default for {values['dataset']}")
+    check_settings(values)
+    changed = [n for n in shown or CONFIG_NAMES if n in origin and values[n] != globals()[n]]
+    if echo and changed:
+        echo("settings that differ from the constants at the top of the script:\n" + "\n".join(
+            f"  {name:15s} = {values[name]!r:30s} ({origin[name]})" for name in changed))
+    return Config(**values)
+
+
+def layer(values, origin, new, where):
+    values.update(new)
+    origin.update(dict.fromkeys(new, where))
+
+
+def valid_best_metric(value, values):
+    return value in ("CIDEr", "BLEU-4", "val_loss") or (value, values["dataset"]) == ("demo_accuracy", "demo")
+
+
+SETTING_RULES = [
+    (["dataset"], lambda v, _: v in DATASETS, ", ".join(DATASETS)),
+    (["preset"], lambda v, _: v in ("auto", "none", *PRESETS), "'auto', 'none' or a preset, such as 'demo'"),
+    (["batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_size", "hidden_size", "num_layers",
+      "freq_threshold", "image_size", "log_every", "demo_images"], lambda v, _: v >= 1, "at least 1"),
+    (["max_images", "max_batches_per_epoch", "num_workers", "sample_every", "warmup_steps",
+      "max_train_caption_len", "scst_epochs"], lambda v, _: v >= 0, "0 or more"),
+    (["learning_rate", "scst_learning_rate"], lambda v, _: 0 < v <= 1,
+     "a positive number up to 1, such as 0.0002"),
+    (["scst_baseline"], lambda v, _: v in ("mean", "greedy"), "'mean' or 'greedy'"),
+    (["scst_samples"], lambda v, values: v >= (2 if values["scst_baseline"] == "mean" else 1),
+     "at least 1, and at least 2 with scst_baseline='mean' (the baseline is the other samples' mean)"),
+    (["dropout"], lambda v, _: 0 <= v < 1, "at least 0 and below 1, such as 0.3"),
+    (["seed"], lambda v, _: 0 <= v < 2 ** 32, f"between 0 and {2 ** 32 - 1}"),
+    (["lr_schedule"], lambda v, _: v in ("constant", "cosine"), "'constant' or 'cosine'"),
+    (["decoder"], lambda v, _: v in ("lstm", "attention"), "'lstm' or 'attention'"),
+    (["best_metric"], valid_best_metric, "'CIDEr', 'BLEU-4', 'val_loss' or, on the demo, 'demo_accuracy'"),
+    (["cache_dir"], lambda v, _: v != "", "a folder, such as resources/cache"),
+    (["device"], lambda v, _: re.fullmatch(r"auto|cpu|mps|cuda(:[1-9]?\d)?", v),
+     "auto, cpu, cuda, cuda:N or mps"),  # torch.device refuses cuda:01 and turns cuda:128 into cuda:-128
+    (["demo_images"], lambda v, values: v >= 30 or values["dataset"] != "demo",
+     "at least 30 on the demo (every split needs images of one and of two shapes)"),
+]
+
+
+def check_settings(values):
+    """Impossible values, each refused before any work with one line that says what the value must be."""
+    for names, valid, must_be in SETTING_RULES:
+        for name in names:
+            if not valid(values[name], values):
+                raise UserError(f"--{name}={values[name]}: must be {must_be}")
+    out = Path(values["output_dir"]).resolve()
+    if out in (Path("/"), ROOT, Path.home()):
+        raise UserError(f"--output_dir={out}: a run writes a dozen files there; choose a folder of its own, "
+                        f"such as resources/output/mine")
+    if values["dataset"] == "demo" and out.is_relative_to(Path(values["data_dir"]).resolve()):
+        raise UserError(f"--output_dir={values['output_dir']} lies in the demo's data folder "
+                        f"{values['data_dir']}, which the demo rewrites: choose an output_dir outside it")
+
+
+def uses_bf16(device):
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def autocast(device):
+    """bf16 mixed precision on GPUs that support it natively; full precision elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device))
+
+
+def pick_device(name):
+    """The device --device names (SETTING_RULES checked the name); a GPU this machine lacks is refused."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        name = next(kind for kind, present in available.items() if present)  # cuda, then mps, then cpu
+    device = torch.device(name)
+    if not available[device.type]:
+        gpu = "CUDA GPU" if device.type == "cuda" else "Apple GPU (MPS)"
+        raise UserError(f"--device={name}: this machine has no {gpu} that torch can use; try --device=cpu")
+    return device
+
+
+# --------------------------------------------------------------------------------------------------
+# dataset formats and splits: Flickr8k/30k caption files, Karpathy's JSON (COCO), split by image
+
+CAPTION_FILES = ["dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json", "captions.txt",
+                 "results.csv", "Flickr8k.token.txt"]
+
+
+IMAGE_DIRS = ["Images", "flickr30k_images/flickr30k_images", "flickr30k_images", "Flicker8k_Dataset",
+              "Flickr8k_Dataset"]
+
+
+SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
+               "test": "Flickr_8k.testImages.txt"}
+
+
+TOKEN_LINE = re.compile(r"(?P<image>[^\t#,|]+)#\d+\t(?P<caption>.*)")  # Flickr8k.token.txt
+
+
+RESULTS_LINE = re.compile(r"\s*(?P<image>[^|]+?)\s*\|\s*\d+\s*\|?(?P<caption>.*)")  # even without its 2nd '|'
+
+
+def read_text(path):
+    """The file's text in its encoding (UTF-16, UTF-8 with or without a BOM, else cp1252), \n line endings."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("cp1252", errors="replace")
+    return re.sub(r"\r\n?", "\n", text)  # also inside a quoted caption
+
+
+def read_captions(path):
+    """Any supported caption file: (DataFrame of image, caption[, split]; counts of what was dropped)."""
+    text = read_text(path)
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    header = re.sub(r"\s", "", first).lower()
+    if first.lstrip().startswith("{"):
+        rows, bad_lines = karpathy_rows(path, text), []
+    elif TOKEN_LINE.match(first) or header == "image_name|comment_number|comment":
+        pattern = TOKEN_LINE if TOKEN_LINE.match(first) else RESULTS_LINE
+        matches = [(n, line, pattern.match(line)) for n, line in enumerate(lines, 1)]
+        rows = [match.groups() for _, _, match in matches if match]
+        bad_lines = [n for n, line, match in matches if not match and line.strip() and line is not first]
+    elif header == "image,caption":
+        reader = csv.reader(io.StringIO(text, newline=""))  # newline="": \r\n and old Mac \r, even mixed
+        numbered = [(reader.line_num, row) for row in reader][1:]  # a caption's unquoted commas: 3+ fields
+        rows = [(row[0].strip(), ",".join(row[1:])) for _, row in numbered if len(row) >= 2]
+        bad_lines = [n for n, row in numbered if len(row) == 1]
+    else:
+        raise UserError(f"{path}: unknown caption format (first line {first[:120]!r}); accepted formats: "
+                        f"captions.txt ('image,caption'), Flickr8k.token.txt ('name.jpg#0<TAB>caption'), "
+                        f"results.csv ('image_name| comment_number| comment') or Karpathy's dataset_*.json")
+    frame = pd.DataFrame(rows, columns=["image", "caption", "split"][:len(rows[0]) if rows else 2])
+    frame["caption"] = frame["caption"].str.strip()
+    empty = frame["caption"] == ""
+    wordless = ~frame["caption"].str.contains(r"\w")  # punctuation alone: nothing to learn or score
+    kept = frame[~wordless].drop_duplicates(["image", "caption"]).reset_index(drop=True)
+    dropped = Counter(blank_lines=sum(not line.strip() for line in lines), empty_captions=int(empty.sum()),
+                      captions_without_words=int((wordless & ~empty).sum()),
+                      duplicate_rows=int((~wordless).sum()) - len(kept), malformed_rows=len(bad_lines))
+    if bad_lines:
+        warn(f"{path}: skipped {len(bad_lines)} malformed line(s): {bad_lines[:10]}")
+    if kept.empty:
+        raise UserError(f"{path} holds no caption with a word in it ({dict(+dropped) or 'no rows'}): fix it")
+    return kept, dict(+dropped)
+
+
+def karpathy_rows(path, text):
+    """(image, caption, split) rows of a Karpathy-format JSON file; a malformed entry is one clear error."""
+    try:
+        images = json.loads(text)["images"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{path}: not a Karpathy-format JSON file ({error!r})") from None
+    if not isinstance(images, list):
+        raise UserError(f"{path}: 'images' is a {type(images).__name__}, not a list: not Karpathy's format")
+    rows = []
+    for i, image in enumerate(images):
+        valid = (isinstance(image, dict) and image.get("split") in ("train", "restval", "val", "test")
+                 and isinstance(image.get("filename"), str) and image["filename"] != ""
+                 and isinstance(image.get("sentences"), list) and image["sentences"] != []
+                 and all(isinstance(s, dict) and isinstance(s.get("raw"), str) for s in image["sentences"]))
+        if not valid:
+            raise UserError(f"{path}: images[{i}] {image!r:.80} is not an object with a 'filename', 'split' "
+                            f"(train/restval/val/test), 'sentences' of {{'raw': caption}}: fix or remove it")
+        split = {"restval": "train"}.get(image["split"], image["split"])
+        name = f"{image['filepath']}/{image['filename']}" if image.get("filepath") else image["filename"]
+        rows += [(name, sentence["raw"], split) for sentence in image["sentences"]]
+    return rows
+
+
+def find_dataset_files(folder):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"dataset folder {folder} does not exist. Download the data into it (see the README: "
+                        f"./setup.sh --flickr8k fetches Flickr8k) or point --data_dir at it.")
+    places = [folder] + [folder / d for d in IMAGE_DIRS]
+    caption_file = next((p / name for name in CAPTION_FILES for p in places if (p / name).is_file()), None)
+    if caption_file is None:
+        raise UserError(f"no caption file in {folder}: expected one of {', '.join(CAPTION_FILES)}")
+    if caption_file.name == "dataset_coco.json":  # its images are in train2014/ and val2014/, named with them
+        return caption_file, folder
+    image_dir = next((folder / d for d in IMAGE_DIRS if (folder / d).is_dir()
+                      and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (folder / d).iterdir())), None)
+    if image_dir is None:
+        raise UserError(f"no image folder with images in {folder}: expected one of {', '.join(IMAGE_DIRS)}")
+    return caption_file, image_dir
+
+
+def assign_splits(frame, folder, seed, holdout_fraction=0.1):
+    """Split by image, never by caption: Karpathy splits, else the official Flickr8k lists, else seeded."""
+    if "split" in frame:
+        return frame, "from Karpathy's JSON"
+    if all((Path(folder) / f).is_file() for f in SPLIT_FILES.values()):
+        listed = [(n, split) for split, f in SPLIT_FILES.items() for n in read_text(Path(folder) / f).split()]
+        split_of = dict(listed)  # an image in two lists goes in the last
+        repeated = sorted(n for n, lists in Counter(n for n, _ in set(listed)).items() if lists > 1)
+        if repeated:
+            named = ", ".join(f"{n} (put in {split_of[n]})" for n in repeated[:5])
+            warn(f"{len(repeated)} image(s) are in more than one of the split lists in {folder}, each put in "
+                 f"the last list that names it: {named}")
+        frame = frame.assign(split=frame["image"].map(split_of))
+        unlisted = frame["split"].isna()
+        if unlisted.any():
+            log(f"{frame.loc[unlisted, 'image'].nunique()} images are in no official split list: left out")
+        return frame[~unlisted].reset_index(drop=True), "from the official Flickr8k lists"
+    images = sorted(frame["image"].unique())
+    random.Random(seed).shuffle(images)
+    n = max(1, round(holdout_fraction * len(images)))
+    split_of = {name: "test" if i < n else "val" if i < 2 * n else "train" for i, name in enumerate(images)}
+    return frame.assign(split=frame["image"].map(split_of)), f"random by image, seed {seed}"
+
+
+def load_captions(folder, seed, max_images=0):
+    """Caption table with a split column, for images that exist; reports everything it dropped."""
+    caption_file, image_dir = find_dataset_files(folder)
+    frame, dropped = read_captions(caption_file)
+    names, inside = frame["image"].unique(), image_dir.resolve()
+    outside = sorted(n for n in names if not (image_dir / n).resolve().is_relative_to(inside))
+    missing = sorted(n for n in set(names) - set(outside) if not (image_dir / n).is_file())
+    for bad, why in ((outside, f"point outside {image_dir}"), (missing, f"are not in {image_dir}")):
+        if bad:
+            warn(f"{len(bad)} image name(s) in {caption_file.name} {why}, skipped: {', '.join(bad[:5])}")
+    frame = frame[~frame["image"].isin(outside + missing)]
+    if max_images:  # a random subset before splitting, so that every split keeps its share
+        keep = sorted(frame["image"].unique())
+        random.Random(f"max_images {seed}").shuffle(keep)
+        frame = frame[frame["image"].isin(set(keep[:max_images]))]
+    frame, split_source = assign_splits(frame.reset_index(drop=True), folder, seed)
+    counts = frame.drop_duplicates("image")["split"].value_counts()
+    log(f"captions: {caption_file} ({len(frame)} captions of {frame['image'].nunique()} images; images in "
+        f"{image_dir}); splits ({split_source}): train {counts.get('train', 0)}, val {counts.get('val', 0)}, "
+        f"test {counts.get('test', 0)} images" + (f"; dropped {dict(dropped)}" if dropped else ""))
+    check_splits(frame, folder)
+    return frame, image_dir
+
+
+def check_splits(frame, folder):
+    for split in ("train", "val", "test"):
+        if not (frame["split"] == split).any():
+            raise UserError(f"no {split} images in {folder} (after leaving out missing or unreadable ones): "
+                            f"use more images (max_images) or check the split files")
+
+
+def open_rgb(path):
+    """The image as 8-bit RGB, upright as its EXIF orientation says; 16- and 32-bit greys are scaled."""
+    with Image.open(path) as image:
+        with contextlib.suppress(Exception):  # a damaged EXIF block must not lose an otherwise good image
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of every upright image
+        if image.mode.startswith("I"):  # 'I;16', 'I;16B', 'I': convert() would clip them at 255, almost white
+            pixels = np.asarray(image, dtype=np.float64)
+            # 'I' is how some Pillow versions open 16-bit PNGs: values that fit 16 bits are taken as 16-bit
+            top = 65535 if image.mode.startswith("I;16") or pixels.max() <= 65535 else 2 ** 31 - 1
+            image = Image.fromarray(np.clip(np.round(pixels * (255 / top)), 0, 255).astype(np.uint8))
+        return image.convert("RGB")
+
+
+class UnreadableImage(UserError):
+    """An image that could be read when the run began and cannot be now."""
+
+
+def load_image(path, transform):
+    try:
+        return transform(open_rgb(path))
+    except Exception:  # PIL raises OSError, ValueError or others by format and damage
+        raise UnreadableImage(f"cannot read image {path} any more (it was readable when the run began): "
+                              f"put it back, then continue with --resume") from None
+
+
+def image_opens(path):
+    """A cheap check (no full decode) for the per-step encoder."""
+    with contextlib.suppress(Exception), Image.open(path) as image:
+        image.verify()
+        return True
+    return False
+
+
+def stack_readable(source, batch):
+    """(inputs of the readable images among a batch of (index, name), or None; their indices)."""
+    images, index = [], []
+    for i, name in batch:
+        with contextlib.suppress(UnreadableImage):
+            images.append(source.get(name))
+            index.append(i)
+    return (torch.stack(images) if images else None), torch.tensor(index, dtype=torch.long)
+
+
+def image_batches(source, names, batch_size, num_workers=0, pin_memory=False, desc=None):
+    """(inputs, indices into names) per batch of the readable images: where unreadable ones are found."""
+    workers = 0 if source.features is not None else num_workers
+    loader = DataLoader(list(enumerate(names)), batch_size, num_workers=workers, pin_memory=pin_memory,
+                        collate_fn=functools.partial(stack_readable, source), generator=torch.Generator())
+    for inputs, index in tqdm(loader, desc=desc, unit="batch", leave=False, disable=desc is None):
+        if len(index):
+            yield inputs, index
+
+
+# --------------------------------------------------------------------------------------------------
+# the built-in demo set: coloured shapes with captions, in the Flickr8k layout
+
+DEMO_COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (240, 210, 30)}
+
+
+DEMO_BACKGROUNDS = {"white": (240, 240, 240), "grey": (128, 128, 128), "black": (15, 15, 15)}
+
+
+DEMO_SHAPES = ["circle", "square", "triangle"]
+
+
+DEMO_SINGLE_SHARE = 2 / 3   # the rest have two shapes, one on each side
+
+
+DEMO_SHADE = 15             # each channel of a shape's colour varies by up to this much (0-255)
+
+
+DEMO_BACKGROUND_SHADE = 20  # and the background's grey level by up to this much
+
+
+# by number of shapes, in fractions of the image: each shape's x range (left to right), every shape's y and
+# size ranges. One shape large and central (what a random-weight encoder can still tell apart); two, one in
+# each half, each at its own height, never touching
+DEMO_PLACES = {1: ([(0.45, 0.55)], (0.45, 0.55), (0.5, 0.75)),
+               2: ([(0.24, 0.26), (0.74, 0.76)], (0.35, 0.65), (0.4, 0.46))}
+
+
+DEMO_CAPTIONS_PER_IMAGE = 3  # of the templates below, drawn without repeats
+
+
+ONE_SHAPE_CAPTIONS = ["a {c} {s} .", "a {c} {s} on a {bg} background .",
+                      "there is a {c} {s} on a {bg} background .",
+                      "a large {c} {s} in the middle of the picture .", "a picture of a {c} {s} .",
+                      "one big {c} {s} in the centre ."]
+
+
+# every two-shape caption names the left shape first and says which is where, in words that demo_placement
+# reads back: one word order is easier to learn than six ways of saying the same
+TWO_SHAPE_CAPTIONS = ["a {c} {s} on the left and a {c2} {s2} on the right .",
+                      "a {c} {s} to the left of a {c2} {s2} .",
+                      "two shapes on a {bg} background : a {c} {s} on the left and a {c2} {s2} on the right ."]
+
+
+DEMO_IMAGES = "demo_[0-9][0-9][0-9][0-9][0-9].jpg"  # the demo's own images: any other file in Images/ stays
+
+
+def make_demo_dataset(folder, n_images, size, seed=0):
+    """Writes Images/, captions.txt and shapes.csv deterministically; again only when the settings change."""
+    folder, stamp = Path(folder), {"images": n_images, "size": size, "seed": seed, "version": 9}
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--data_dir={folder} is a file and the demo needs a folder: choose another one")
+    if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
+        return folder
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "demo.json").is_file():
+        raise UserError(f"{folder} holds files but no demo set: choose an empty or new --data_dir")
+    (folder / "Images").mkdir(parents=True, exist_ok=True)
+    # the folder may also hold the user's own files: only the demo's are replaced. A stamp that matches no
+    # settings goes first, so that an interrupted rebuild is redone on the next run
+    (folder / "demo.json").write_text(json.dumps({"incomplete": True}))
+    for old in (folder / "Images").glob(DEMO_IMAGES):
+        old.unlink()
+    write_demo_set(folder, n_images, size, seed)
+    (folder / "demo.json").write_text(json.dumps(stamp))
+    return folder
+
+
+def shift(rgb, offsets):
+    return tuple(min(255, max(0, round(v + o))) for v, o in zip(rgb, offsets))
+
+
+def write_demo_set(folder, n_images, size, seed):
+    """The demo's images, captions.txt and shapes.csv in folder, every drawing varied (README: the demo)."""
+    from PIL import ImageDraw
+    rng = random.Random(seed)
+    captions, shapes = [], []
+    for i in tqdm(range(n_images), desc="making the demo set", unit="img", leave=False):
+        name, bg, big = f"demo_{i:05d}.jpg", rng.choice(list(DEMO_BACKGROUNDS)), 4 * size
+        grey = rng.uniform(-DEMO_BACKGROUND_SHADE, DEMO_BACKGROUND_SHADE)
+        image = Image.new("RGB", (big, big), shift(DEMO_BACKGROUNDS[bg], [grey] * 3))  # grey stays grey
+        draw = ImageDraw.Draw(image)
+        n_shapes = 1 if rng.random() < DEMO_SINGLE_SHARE else 2
+        # two shapes may share a colour or a shape, never both: which colour belongs to which shape, and which
+        # is where, is then the question, and no combination can be guessed from what the other one is
+        objects = rng.sample([(c, s) for c in DEMO_COLOURS for s in DEMO_SHAPES], n_shapes)
+        xs, ys, extents = DEMO_PLACES[n_shapes]
+        places = [(rng.uniform(*x), rng.uniform(*ys), rng.uniform(*extents)) for x in xs]
+        for (colour, shape), (x, y, extent) in zip(objects, places):
+            shade = [rng.uniform(-DEMO_SHADE, DEMO_SHADE) for _ in range(3)]
+            x, y, r, fill = x * big, y * big, extent * big / 2, shift(DEMO_COLOURS[colour], shade)
+            if shape == "triangle":
+                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+            elif shape == "circle":
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+            else:
+                draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
+        image.resize((size, size), Image.LANCZOS).save(folder / "Images" / name, quality=92)
+        (c, s), (c2, s2) = objects[0], objects[-1]
+        chosen = rng.sample([ONE_SHAPE_CAPTIONS, TWO_SHAPE_CAPTIONS][n_shapes - 1], DEMO_CAPTIONS_PER_IMAGE)
+        captions += [(name, t.format(c=c, s=s, c2=c2, s2=s2, bg=bg)) for t in chosen]
+        shapes.append((name, ";".join(f"{c} {s}" for c, s in objects)))  # left to right
+    pd.DataFrame(captions, columns=["image", "caption"]).to_csv(folder / "captions.txt", index=False)
+    pd.DataFrame(shapes, columns=["image", "shapes"]).to_csv(folder / "shapes.csv", index=False)
+
+
+# the side a phrase after a shape puts it on and, for 'X to the left of Y', the side of Y
+SIDES = {"on the left": ["left"], "on the right": ["right"], "to the left of": ["left", "right"],
+         "to the right of": ["right", "left"]}
+
+
+def demo_placement(caption):
+    """'left colour shape;right colour shape' as the caption places two shapes, or None if it hedges."""
+    words = caption.split()
+    pairs = [i for i in range(len(words) - 1) if words[i] in DEMO_COLOURS and words[i + 1] in DEMO_SHAPES]
+    if len(pairs) != 2 or sum(w in DEMO_COLOURS or w in DEMO_SHAPES for w in words) != 4:
+        return None  # one shape, three, or a colour or shape word that belongs to neither: hedging
+    claims = set()
+    for k, i in enumerate(pairs):
+        after = " ".join(words[i + 2:i + 6]) + " "
+        for phrase, sides in SIDES.items():
+            if after.startswith(phrase + " "):
+                claims |= {(k if j == 0 else 1 - k, side) for j, side in enumerate(sides)}  # 1 - k: the other
+    side = dict(claims)
+    if len(claims) != 2 or sorted(side.values()) != ["left", "right"]:
+        return None
+    return ";".join(" ".join(words[pairs[k]:pairs[k] + 2]) for k in sorted(side, key=lambda k: side[k]))
+
+
+def demo_accuracy(captions_by_image, shapes_file, n_shapes=1):
+    """The share of the images with n_shapes shapes (None: any) captioned right, and their number."""
+    right = demo_right(captions_by_image, shapes_file, n_shapes)
+    return sum(right.values()) / max(1, len(right)), len(right)
+
+
+def demo_judgement(cfg, captions):
+    """On the demo, whether each caption names its image's shapes right ({} elsewhere)."""
+    return demo_right(captions, Path(cfg.data_dir) / "shapes.csv") if cfg.dataset == "demo" else {}
+
+
+def demo_right(captions_by_image, shapes_file, n_shapes=None):
+    """{image: whether its caption names its shapes right} for the images with n_shapes shapes (None: any)."""
+    truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()  # as write_demo_set drew them
+    right = {}
+    for name, caption in captions_by_image.items():
+        if n_shapes not in (None, truth[name].count(";") + 1):
+            continue
+        if ";" in truth[name]:
+            right[name] = demo_placement(caption) == truth[name]
+        else:  # colours and shapes are different words: this colour and this shape, and no other
+            right[name] = set(caption.split()) & {*DEMO_COLOURS, *DEMO_SHAPES} == set(truth[name].split())
+    return right
+
+
+DEMO_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # without ./setup.sh's download
+
+
+def prepare_demo(cfg):
+    """On the demo: says so and makes its data set (in process 0, while the others wait)."""
+    if cfg.dataset == "demo" and is_main_process():
+        log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run trains on "
+            f"the built-in demo set\n({cfg.demo_images} generated images of coloured shapes). For real "
+            f"captions: ./setup.sh --flickr8k, then run this again (README: 'Getting the data').\n{'=' * 100}")
+        make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
+    wait_for_all()
+
+
+def encoder_weights_file(cfg):
+    """--encoder_weights or, on the demo without them at the default path, a fixed random-init ResNet50."""
+    path = Path(cfg.encoder_weights)
+    if path.is_file():
+        return path
+    if cfg.dataset != "demo" or path != ROOT / encoder_weights:
+        raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
+    warn(f"no ResNet50 weights at {path}: the demo uses a randomly initialised (still frozen) ResNet50. "
+         f"./setup.sh downloads the ImageNet weights.")
+    if is_main_process():  # written once, before the other processes read it
+        random_resnet50_weights(DEMO_WEIGHTS)
+    wait_for_all()
+    return DEMO_WEIGHTS
+
+
+def demo_scores(model, data, split, cfg, device, by_kind=False):
+    """The demo's figures from greedy captions ({} elsewhere); every process calls it."""
+    if cfg.dataset != "demo":
+        return {}
+    greedy, _ = generate_captions(model, data.source, data.images(split), cfg, device, beam_size=1)
+    shapes = Path(cfg.data_dir) / "shapes.csv"
+    if not by_kind:
+        return {"demo_accuracy": demo_accuracy(greedy, shapes, None)[0]}
+    (single, n_single), (two, n_two) = demo_accuracy(greedy, shapes, 1), demo_accuracy(greedy, shapes, 2)
+    log(f"demo: the greedy captions name the right colour and shape of {single:.1%} of {n_single} held-out "
+        f"single-shape images, and both shapes with their colours on the right sides of {two:.1%} of {n_two} "
+        f"two-shape images")
+    return {"demo_colour_shape_accuracy": single, "demo_two_shape_accuracy": two}
+
+
+# --------------------------------------------------------------------------------------------------
+# feature cache: the frozen ResNet50 runs once per image, and its features are cached by content
+
+FETCH_WEIGHTS = "run ./setup.sh to download it (or see the README)"
+
+
+WEIGHTS_NAME = re.compile(r"resnet50-([0-9a-f]{8,64})\.pth")  # torchvision's names carry a sha256 prefix
+
+
+def weights_sha256(path):
+    try:
+        stat = Path(path).stat()  # size and time are in the cache key: a changed file is hashed again
+        return stamped_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    except OSError as error:
+        raise UserError(f"cannot read ResNet50 weights {path}: {error.strerror or error}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def stamped_sha256(path, size, mtime):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def file_sha256(path):
+    """The file's sha256, or None when it cannot be read (an image is then named where it is decoded)."""
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def load_resnet50(weights_path):
+    """torchvision ResNet50 without its classifier, from a local .pth, never unpickling anything."""
+    path = Path(weights_path)
+    if not path.is_file():
+        raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
+    named_hash = WEIGHTS_NAME.fullmatch(path.name)
+    if named_hash and not weights_sha256(path).startswith(named_hash[1]):
+        raise UserError(f"{path} is corrupt or incomplete (its sha256 does not start with {named_hash[1]}): "
+                        f"delete it and {FETCH_WEIGHTS}")
+    try:  # weights_only: tensors and plain containers; a file that needs more could run code, and is refused
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"{path} cannot be read as plain tensors ({type(error).__name__}): it is damaged, in "
+                        f"torch.hub's old format (resnet50-19c8e357.pth) or not a weights file; "
+                        f"{FETCH_WEIGHTS} (resnet50-0676ba61.pth)") from None
+    # built on the meta device: no random init, which would waste time and draw from the global RNG (a run
+    # would then train differently with and without a feature cache); strict loading makes every tensor real
+    with torch.device("meta"):
+        model = torchvision.models.resnet50(weights=None)
+    try:
+        model.load_state_dict(state, assign=True)
+    except Exception as error:
+        reason = " ".join(str(error).split())[:200]  # one line: torch's message spans several
+        raise UserError(f"{path} does not hold ResNet50 weights ({reason}): {FETCH_WEIGHTS}") from None
+    model.avgpool = model.fc = nn.Identity()  # its output is the last convolutional grid, flattened
+    return model.float()  # assign keeps the file's dtype; copying into the model converted it to float32
+
+
+def random_resnet50_weights(path, seed=0):
+    """A fixed random-init ResNet50 for the demo without downloads, saved: its captions can be reproduced."""
+    path = Path(path)
+    if not path.is_file():
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            state = torchvision.models.resnet50(weights=None).state_dict()
+        atomic_save(state, path)
+    return path
+
+
+def features_cache_key(weights_sha, transform, image_dir, names, precision="fp32"):
+    # each image's content: an image replaced under the same name, even with its old size and time, is new
+    names = sorted(names)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        hashes = list(tqdm(pool.map(file_sha256, [Path(image_dir) / n for n in names]), total=len(names),
+                           desc="hashing images", unit="img", leave=False, mininterval=1))
+    spec = {"weights": weights_sha, "transform": repr(transform), "image_dir": str(Path(image_dir).resolve()),
+            "images": dict(zip(names, hashes)), "precision": precision, "version": 4}  # 4: keyed by content
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+
+def tensor_sha256(tensor):
+    return hashlib.sha256(tensor.contiguous().numpy()).hexdigest()  # hashed in place: no copy of a memory map
+
+
+def extract_features(resnet, image_dir, names, transform, device, batch_size=64, num_workers=2, grid_cells=0,
+                     into=None):
+    """Pooled (N, 2048) or, with grid_cells, float16 grid (N, L, 2048) features, and the unreadable names."""
+    resnet = resnet.to(device).eval().to(memory_format=torch.channels_last)
+    shape = (len(names), grid_cells, 2048) if grid_cells else (len(names), 2048)
+    dtype = torch.float16 if grid_cells else torch.float
+    if into:  # the kernel writes the features out to the file as memory runs short
+        features = torch.from_file(str(into), True, math.prod(shape), dtype=dtype).view(shape)
+    else:
+        features = torch.zeros(shape, dtype=dtype)
+    read = torch.zeros(len(names), dtype=torch.bool)
+    if device.type == "cuda":  # the CPU cores cannot decode JPEGs as fast as a GPU runs ResNet50
+        batches = jpeg_batches(image_dir, names, transform, device, batch_size, num_workers)
+    else:
+        batches = image_batches(ImageSource(image_dir, transform), names, batch_size, num_workers)
+    bar = tqdm(total=len(names), desc="ResNet50 features", unit="img", leave=False)
+    with torch.inference_mode(), autocast(device), bar:
+        for images, index in batches:
+            cells = resnet_grid(resnet, images.to(device, non_blocking=True))  # (B, L, 2048)
+            features[index] = (cells if grid_cells else cells.mean(1)).cpu().to(features.dtype)
+            read[index] = True
+            bar.update(int(index[-1]) + 1 - bar.n)  # up to this batch's last image, unreadable ones included
+    return features, [name for name, ok in zip(names, read.tolist()) if not ok]
+
+
+class ImageFiles(Dataset):
+    """One item per image: its file's bytes (read by the workers, decoded on the device), and its index."""
+
+    def __init__(self, image_dir, names):
+        self.image_dir, self.names = Path(image_dir), list(names)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        with contextlib.suppress(OSError, RuntimeError):
+            return torchvision.io.read_file(str(self.image_dir / self.names[i])), i
+        return None, i
+
+
+def jpeg_batches(image_dir, names, transform, device, batch_size=64, num_workers=2):
+    """As image_batches, with JPEGs decoded and transformed on the device (nvJPEG on a GPU), others by PIL."""
+    files = DataLoader(ImageFiles(image_dir, names), batch_size, num_workers=num_workers, collate_fn=list)
+    for batch in files:
+        images = {i: decode_on(device, data, Path(image_dir) / names[i], transform) for data, i in batch}
+        index = [i for i, image in images.items() if image is not None]
+        if index:
+            yield torch.stack([images[i] for i in index]), torch.tensor(index)  # (B, 3, H, W) on the device
+
+
+def decode_on(device, data, path, transform):
+    """The transformed image on the device from its file's bytes, or None when it cannot be read."""
+    with contextlib.suppress(Exception):  # not a JPEG, damaged, CMYK on nvJPEG, ...: as any other image
+        return transform(torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
+                                                    apply_exif_orientation=True, device=device))
+    with contextlib.suppress(UnreadableImage):
+        return load_image(path, transform).to(device)
+
+
+def load_cached_features(path, key):
+    """The cache's contents, or None when it is absent, for other inputs, or damaged in any way."""
+    if not path.is_file():
+        return None
+    with contextlib.suppress(Exception):  # a truncated or corrupt file fails in many ways; all mean rebuild
+        cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read as pages are used
+        if cache["key"] == key and tensor_sha256(cache["features"]) == cache["sha256"]:
+            return cache
+    warn(f"feature cache {path} is damaged or stale: rebuilding it")
+    return None
+
+
+def try_lock(file):
+    """Takes the kernel's lock (flock) on an open file, or says False when another process holds it."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends, even by kill -9
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def exclusive(path):
+    """A kernel lock (flock) on path's .lock file, taken after any run that holds it; kill -9 releases it."""
+    try:
+        lock = open(f"{path}.lock", "a+")
+    except OSError:  # a read-only folder: nothing can be written there to race over
+        yield
+        return
+    with lock:
+        if not try_lock(lock):
+            log(f"features: waiting for another run that is writing {path}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in path.parent.glob(f"{path.name}.*"):  # a killed run's: only the lock holder writes one
+            if stale.suffix in (".scratch", ".tmp") or stale.suffix[1:].isdigit():  # a share
+                stale.unlink()
+        yield
+
+
+def cached_features(weights, image_dir, names, transform, cache_folder, device, batch_size=64, num_workers=2,
+                    grid_cells=0):
+    """The images' features, memory-mapped from the cache; extracted and cached first when it lacks them."""
+    precision = ("bf16" if uses_bf16(device) else "fp32") + (f" grid {grid_cells}" if grid_cells else "")
+    key = {}
+    if is_main_process():  # hashing every image once, not once per process
+        key = {"key": features_cache_key(weights_sha256(weights), transform, image_dir, names, precision)}
+    key = merge_over_processes(key)["key"]
+    path = Path(cache_folder) / f"features-{key[:20]}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(path) if is_main_process() else contextlib.nullcontext():
+        wait_for_all()
+        cache = load_cached_features(path, key)
+        if cache is None:
+            write_feature_cache(weights, image_dir, names, transform, path, key, device, batch_size,
+                                num_workers, grid_cells)
+            cache = load_cached_features(path, key)  # memory-mapped: the extracted copy leaves RAM
+        else:
+            log(f"features: reusing {path} ({len(cache['images'])} images)")
+        wait_for_all()  # the lock is held until every process has read the cache
+    return cache
+
+
+def write_feature_cache(weights, image_dir, names, transform, path, key, device, batch_size, num_workers,
+                        grid_cells):
+    needed = len(names) * 2048 * (2 * grid_cells if grid_cells else 4) / 1e9  # GB; grids in float16
+    free = shutil.disk_usage(path.parent).free / 1e9
+    if 2 * needed > free:  # the features as extracted, and the cache file written from them
+        raise UserError(f"the feature cache needs {needed:.2f} GB in {path.parent}, and twice that while it "
+                        f"is written, but only {free:.2f} GB is free: free some space or use another "
+                        f"--cache_dir")
+    start, (rank, size) = time.time(), rank_and_size()
+    share = names[len(names) * rank // size:len(names) * (rank + 1) // size]  # each image in one process
+    scratch = path.with_name(f"{path.name}.{os.getpid()}.scratch")  # at COCO's size a grid outgrows RAM
+    try:  # the scratch file goes also when the cache cannot be written (a full disk) or the run is stopped
+        features, failed = extract_features(load_resnet50(weights), image_dir, share, transform, device,
+                                            max(batch_size, 64), num_workers, grid_cells, into=scratch)
+        cache = {"key": key, "images": share, "failed": failed, "features": features}
+        if size > 1:  # the shares meet in cache_dir, which every process must see (on several machines too)
+            atomic_save(cache, path.with_name(f"{path.name}.{rank}"))
+            wait_for_all()
+            cache = gather_shares(path, key, size) if rank == 0 else None
+        if rank == 0:
+            seconds, read = time.time() - start, len(cache["images"]) - len(cache["failed"])
+            processes = f" in {size} processes" if size > 1 else ""
+            atomic_save(cache | {"sha256": tensor_sha256(cache["features"])}, path)
+            log(f"features: {read} images in {seconds:.1f} s ({read / max(seconds, 1e-9):.1f} images/s"
+                f"{processes}), cached in {path}")
+    finally:
+        scratch.unlink(missing_ok=True)
+    wait_for_all()
+
+
+def gather_shares(path, key, size):
+    """Process 0's cache from every process's share (features, images, failures) in order; their files go."""
+    files = [path.with_name(f"{path.name}.{rank}") for rank in range(size)]
+    missing = [rank for rank, file in enumerate(files) if not file.is_file()]
+    if missing:
+        raise UserError(f"process {missing[0]}'s share of the features is not in {path.parent}: with several "
+                        f"machines, --cache_dir must be a shared folder that every process can read")
+    shares = [torch.load(file, weights_only=True, mmap=True) for file in files]
+    cache = {"key": key, "features": torch.cat([s["features"] for s in shares]),
+             **{k: [name for s in shares for name in s[k]] for k in ("images", "failed")}}
+    for file in files:
+        file.unlink()
+    return cache
+
+
+def atomic_save(obj, path):
+    """torch.save to this process's temporary file, fsync, rename: a crash leaves the previous file intact."""
+    path, tmp = Path(path), Path(f"{path}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:  # a full disk (torch says RuntimeError), or a second Ctrl-C while writing
+        with contextlib.suppress(OSError):  # also where nothing was written (read-only, a file in the way)
+            tmp.unlink()
+        if not isinstance(error, (OSError, RuntimeError)):
+            raise
+        reason = getattr(error, "strerror", None) or "the disk may be full"
+        raise UserError(f"cannot write {path}: {reason}. Free some space or choose another folder; the "
+                        f"previous {path.name}, if any, is intact") from None
+
+
+def feature_statistics(features, rows):
+    """Per-channel mean and std (2048,) over some rows of pooled or grid features, a chunk at a time."""
+    chunks = (features[chunk].reshape(-1, 2048).double() for chunk in torch.as_tensor(rows).split(256))
+    total, squares = sum(torch.stack([x.sum(0), x.square().sum(0)]) for x in chunks)  # (2048,) each
+    n = len(rows) * features[0].numel() // 2048
+    mean = total / n
+    return mean.float(), ((squares - n * mean.square()) / max(n - 1, 1)).sqrt().float().clamp_min(1e-6)
+
+
+def names_sha256(names):
+    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()
+
+
+def prepare_data(cfg, device, build_vocab=False, trained=None):
+    """Captions, splits, tokens, the training vocabulary (build_vocab) and every readable image's inputs."""
+    prepare_demo(cfg)
+    frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
+    frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
+    training = frame[frame["split"] == "train"]
+    train_sha256 = names_sha256(training["image"].unique())
+    vocab = build_vocabulary(training["tokens"], cfg.freq_threshold) if build_vocab else None
+    weights = encoder_weights_file(cfg)
+    if trained:
+        trained.check_data(vocab, weights, train_sha256, cfg.data_dir)
+    transform, names = image_transform(cfg.image_size), sorted(frame["image"].unique())
+    grid_cells = math.ceil(cfg.image_size / 32) ** 2 if cfg.decoder == "attention" else 0  # halved 5 times
+    # with cached features, training needs only the projection; the checkpoint records the weights' hash
+    resnet = None if cfg.cache_features else load_resnet50(weights)
+    if cfg.cache_features:
+        cache = cached_features(weights, image_dir, names, transform, cfg.cache_dir, device, cfg.batch_size,
+                                cfg.num_workers, grid_cells)
+        source = ImageSource(image_dir, transform, cache["features"], cache["images"])
+        failed = cache["failed"]
+    else:
+        source = ImageSource(image_dir, transform)
+        checking = tqdm(names, desc="checking images", leave=False)
+        failed = [n for n in checking if not image_opens(image_dir / n)]
+    if failed:
+        more = " ..." if len(failed) > 5 else ""
+        warn(f"skipped {len(failed)} unreadable image(s): {', '.join(failed[:5])}{more}")
+        frame = frame[~frame["image"].isin(set(failed))].reset_index(drop=True)
+        check_splits(frame, cfg.data_dir)
+    train_names = sorted(frame.loc[frame["split"] == "train", "image"].unique())
+    if cfg.cache_features:
+        stats = feature_statistics(cache["features"], [source.row[n] for n in train_names])
+    else:
+        sample = random.Random(cfg.seed).sample(train_names, min(512, len(train_names)))
+        features, bad = extract_features(resnet, image_dir, sample, transform, device, grid_cells=grid_cells)
+        stats = feature_statistics(features, [i for i, name in enumerate(sample) if name not in bad])
+    return Data(frame, source, Path(weights).resolve(), stats, train_sha256, vocab, resnet)
+
+
+def build_vocabulary(train_tokens, freq_threshold):
+    vocab = Vocabulary(freq_threshold).build_vocab(train_tokens)
+    if len(vocab) == len(Vocabulary.SPECIALS):
+        raise UserError(f"--freq_threshold={freq_threshold} leaves no word in the vocabulary (no training "
+                        f"word occurs that often): lower it, e.g. --freq_threshold=2")
+    log(f"vocabulary: {len(vocab)} words (from the training split, threshold {freq_threshold})")
+    return vocab
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints and the output folder
+
+CHECKPOINT_KEYS = {"model_args", "model", "optimizer", "vocab", "freq_threshold", "config", "encoder_weights",
+                   "encoder_weights_sha256", "epoch", "step", "best_score", "loss_sum", "loss_count",
+                   "processes", "rng_state", "cuda_rng_state"}  # since: sha256, train_images_sha256, SCST's
+
+
+MODEL_ARGS = {"decoder": str, "embed_size": int, "hidden_size": int, "num_layers": int, "dropout": float,
+              "image_size": int}
+
+
+RENAMED = {".fcn.": ".to_vocab.", "decoder.cells.": "decoder.lstm_cells."}  # older checkpoints' names
+
+
+# these decide the batches, the vocabulary or the model: a resumed run must keep them
+RESUME_FIXED = ("dataset", "data_dir", "max_images", "demo_images", "image_size", "freq_threshold", "decoder",
+                "embed_size", "hidden_size", "num_layers", "dropout", "batch_size", "max_batches_per_epoch",
+                "seed", "best_metric")
+
+
+NOT_TRAINING = ("resume", "evaluate", "checkpoint", "caption_figure", "preset", "output_dir")
+
+
+RESUME_ADDED = {"best_metric": "CIDEr"}  # settings added since: what older checkpoints did
+
+
+RUN_OUTPUTS = ["loss_per_*.csv", "*_graph.png", "vocab.json", "config.json", "*.pt", "test_*", "report*"]
+
+
+@dataclasses.dataclass
+class Restored:
+    """A checkpoint, checked: its model (rebuilt from its own sizes) and what a resumed run goes on from."""
+    path: Path
+    model: "Captioner"
+    config: dict  # the settings it was trained with
+    optimizer: dict
+    progress: Progress
+    rng_states: tuple  # CPU, CUDA
+    weights_file: str  # the ResNet50 file it was trained with, and its sha256
+    weights_sha256: str
+    train_images_sha256: str  # None in checkpoints from before it was recorded
+
+    def trained_on(self):
+        """Its settings, with the weights file it recorded only where that file still is."""
+        if Path(self.weights_file).is_file():
+            return self.config | {"encoder_weights": self.weights_file}
+        return {k: v for k, v in self.config.items() if k != "encoder_weights"}
+
+    def check_weights(self, weights):
+        if weights_sha256(weights) != self.weights_sha256:
+            gone = "" if Path(self.weights_file).is_file() else ", no longer there: put it back"
+            raise UserError(f"checkpoint {self.path} was trained on other ResNet50 weights than {weights}: "
+                            f"use --encoder_weights={self.weights_file}, the file it was trained with{gone}")
+
+    def check_data(self, vocab, weights, train_sha256, data_dir):
+        """Refuses data other than the checkpoint was trained on, before any feature is computed."""
+        if vocab is not None and vocab.itos != self.model.vocab.itos:
+            raise UserError(f"checkpoint {self.path} has a different vocabulary ({len(self.model.vocab)} "
+                            f"words, now {len(vocab)}): the captions in {data_dir} changed; train afresh")
+        self.check_weights(weights)
+        if self.train_images_sha256 is None:
+            warn(f"{self.path} does not record its training images (an old version wrote it): no leak check")
+        elif train_sha256 != self.train_images_sha256:
+            raise UserError(f"the training split of {data_dir} is not the one {self.path} was trained on: "
+                            f"its test split may hold training images. Use its data, or train afresh")
+
+
+def checkpoint_sha256(ckpt):
+    """A checksum of everything in a checkpoint but the checksum: tensors by their bytes, the rest by repr."""
+    digest = hashlib.sha256()
+    pending = [{k: v for k, v in ckpt.items() if k != "sha256"}]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            keys = sorted(value, key=str)
+            digest.update(repr(keys).encode())
+            pending += [value[k] for k in reversed(keys)]
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"[{len(value)}]".encode())
+            pending += reversed(value)
+        elif isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}{list(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()
+
+
+def checkpoint_problem(ckpt):
+    """What makes a loaded file no sound checkpoint of this script, or None."""
+    missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
+    if missing:
+        return f"it lacks {', '.join(sorted(missing)[:5])}"
+    if "sha256" in ckpt and ckpt["sha256"] != checkpoint_sha256(ckpt):
+        return "its checksum does not match its contents: it was changed or damaged"
+    args = ckpt["model_args"]
+    if not isinstance(args, dict) or set(args) != set(MODEL_ARGS):
+        return f"its model_args are not {', '.join(MODEL_ARGS)}"
+    for name, kind in MODEL_ARGS.items():
+        if type(args[name]) is not kind or (kind is int and args[name] < 1):
+            return f"model_args {name}={args[name]!r} is not a {kind.__name__} (at least 1 if an int)"
+    if args["decoder"] not in DECODERS:  # else building the model fails with a KeyError
+        return f"model_args decoder={args['decoder']!r} is not one of {', '.join(map(repr, DECODERS))}"
+    words, weights = ckpt["vocab"], ckpt["model"]
+    if not isinstance(words, list) or words[:4] != Vocabulary.SPECIALS or {type(w) for w in words} != {str}:
+        return f"its vocabulary is not a list of words starting with {Vocabulary.SPECIALS}"
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        return "its model is not a dict of tensors"
+    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+        return "its weights are not all finite numbers"
+    return None
+
+
+def read_checkpoint(path):
+    """A checkpoint written by this script, loaded without running any pickled code and checked whole."""
+    if not Path(path).is_file():
+        raise UserError(f"no checkpoint at {path}: train one first with `python {Path(__file__).name}` "
+                        f"(it writes best.pt and last.pt to output_dir), or name one with --checkpoint=FILE")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"cannot load checkpoint {path}: it is damaged or holds more than plain tensors "
+                        f"and values, which is refused ({type(error).__name__})") from None
+    problem = checkpoint_problem(ckpt)
+    if problem:
+        raise UserError(f"{path} is not a sound checkpoint of this script: {problem}. Use another "
+                        f"--checkpoint, or train afresh")
+    return ckpt
+
+
+def restore(path, cfg=None):
+    """The one way back from a checkpoint: resume (with its cfg), --evaluate, --caption, the test report."""
+    ckpt = read_checkpoint(path)
+    config = {**RESUME_ADDED, **ckpt["config"]}
+    if cfg:
+        check_resumable(config, ckpt["processes"], cfg, path, ckpt["epoch"])
+    state = {}
+    for name, tensor in ckpt["model"].items():
+        for old, new in RENAMED.items():
+            name = name.replace(old, new)
+        state[name] = tensor
+    try:
+        model = Captioner(Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]), **ckpt["model_args"])
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError) as error:
+        reason = " ".join(str(error).split())[:250]  # one line: torch's message spans several
+        raise UserError(f"{path} does not match its own model ({reason}): it is damaged; use another "
+                        f"--checkpoint, or train afresh") from None
+    progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress) if f.name in ckpt})
+    return Restored(Path(path), model, config, ckpt["optimizer"], progress,
+                    (ckpt["rng_state"], ckpt["cuda_rng_state"]), ckpt["encoder_weights"],
+                    ckpt["encoder_weights_sha256"], ckpt.get("train_images_sha256"))
+
+
+def check_resumable(config, processes, cfg, path, epoch):
+    """Refuses a resume whose settings would make it another run; says which changed settings it applies."""
+    if processes != rank_and_size()[1]:  # each step's batch holds batch_size captions per process
+        raise UserError(f"checkpoint {path} was written by a run of {processes} process(es), and this one "
+                        f"has {rank_and_size()[1]}: resume it with as many (torchrun --nproc_per_node=...)")
+    scst_began = config.get("scst_epochs", 0) > 0 and epoch >= config["num_epochs"]
+    if scst_began and cfg.num_epochs != config["num_epochs"]:  # its steps would be counted as other epochs
+        raise UserError(f"checkpoint {path} has begun its self-critical epochs, after num_epochs="
+                        f"{config['num_epochs']}: keep --num_epochs={config['num_epochs']} to resume it")
+    for name in RESUME_FIXED:
+        if name not in config:
+            raise UserError(f"checkpoint {path} does not record {name}: another version of this script wrote "
+                            f"it; train afresh (without --resume)")
+        if config[name] != getattr(cfg, name):
+            raise UserError(f"checkpoint {path} was trained with {name}={config[name]} but the config says "
+                            f"{name}={getattr(cfg, name)}: set --{name}={config[name]} to resume it")
+    for name in CONFIG_NAMES:
+        if name not in RESUME_FIXED + NOT_TRAINING and config.get(name) != getattr(cfg, name):
+            log(f"resume: {name} was {config.get(name)!r}, now {getattr(cfg, name)!r} (applied from here on)")
+
+
+def save_checkpoint(path, model, optimizer, cfg, data, progress):
+    """A flat dict of state dicts and counters, read with weights_only=True; config.json beside it."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(f"the model's weights are not finite at step {progress.step}: {path.name} unwritten")
+    (path.parent / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    ckpt = {"model_args": model.args, "model": model.trainable_state_dict(), "vocab": model.vocab.itos,
+            "freq_threshold": model.vocab.freq_threshold, "optimizer": optimizer.state_dict(),
+            "config": dataclasses.asdict(cfg), "encoder_weights": str(data.weights),
+            "encoder_weights_sha256": weights_sha256(data.weights), "processes": rank_and_size()[1],
+            "train_images_sha256": data.train_images_sha256, **dataclasses.asdict(progress),
+            "rng_state": torch.get_rng_state(), "cuda_rng_state": torch.cuda.get_rng_state_all()}
+    atomic_save(ckpt | {"sha256": checkpoint_sha256(ckpt)}, path)
+
+
+def claim_output_dir(out, fresh=False):
+    """Creates and locks output_dir for this run; a fresh run sets an earlier run's files aside first."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")
+    except OSError as error:
+        raise UserError(f"cannot write to --output_dir={out}: {error.strerror or error} (is it, or a folder "
+                        f"above it, a file or read-only?). Choose another output_dir") from None
+    if not try_lock(lock):
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        raise UserError(f"another run (process {holder}) is writing to {out}: wait for it to finish, stop "
+                        f"it, or choose another --output_dir") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    for stale in out.glob("*.tmp"):  # only this run may write here now: any temporary file is a dead run's
+        stale.unlink()
+    earlier = [p for pattern in RUN_OUTPUTS for p in out.glob(pattern)]
+    if fresh and earlier:  # never a folder that mixes two runs, and nothing of the earlier one lost
+        aside = Path(tempfile.mkdtemp(prefix=f"previous-{datetime.datetime.now():%Y%m%d-%H%M%S}-", dir=out))
+        for path in earlier:
+            os.replace(path, aside / path.name)
+        log(f"{out} held an earlier run: its files are now in {aside} (--resume continues a run instead)")
+    return lock  # held open until the process ends
+
+
+class CtrlC:
+    """Ctrl-C or SIGTERM asks the loop to save last.pt and stop; a second one stops at once."""
+    # under torchrun, whose agent passes one Ctrl-C on twice, every signal only asks
+    requested = False
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def request(self, signum, frame):
+        if self.requested and "LOCAL_RANK" not in os.environ:
+            raise SystemExit(130)
+        if not self.requested:
+            log("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def append_csv(path, rows, columns):
+    """Appends rows in the file's column order; a file that lacks columns is rewritten, atomically."""
+    frame, path = pd.DataFrame(rows, columns=columns), Path(path)
+    if not path.is_file():
+        frame.to_csv(path, index=False)
+        return
+    with open(path) as f:
+        header = f.readline().strip().split(",")
+    if set(columns) <= set(header):
+        frame.reindex(columns=header).to_csv(path, mode="a", header=False, index=False)
+        return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # SCST's columns, or a file of an older version
+    pd.concat([pd.read_csv(path), frame]).to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def truncate_csv(path, column, last):
+    """Keeps the rows up to a checkpoint, so a resumed run neither repeats nor loses any."""
+    if Path(path).is_file():
+        try:
+            frame = pd.read_csv(path)
+        except pd.errors.EmptyDataError:  # killed before its first row: nothing to keep
+            Path(path).unlink()
+            return
+        frame[frame[column] <= last].to_csv(path, index=False)
+
+
+def resume_hint(out, step, size):
+    command = shlex.join([Path(__file__).name, *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
+    runner = "torchrun ... " if size > 1 else "python "
+    log(f"\ninterrupted: saved {out / 'last.pt'} at step {step}. Resume with:\n  {runner}{command}")
+    return 130
+
+
+# --------------------------------------------------------------------------------------------------
+# several processes (torchrun): the same loop in each, on its share of every batch; rank 0 writes
+
+def start_processes(device):
+    """Under torchrun, joins the process group and returns this process's device; else the device as it is."""
+    if "LOCAL_RANK" not in os.environ:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    # the others wait while process 0 writes the feature cache: at COCO's size, longer than NCCL's 10 minutes
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
+                            device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def rank_and_size():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def wait_for_all():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_process(flag, device):
+    """Whether flag is true in any process: every process then takes the same branch."""
+    return sum_over_processes([float(flag)], device)[0] > 0
+
+
+def sum_over_processes(values, device):
+    if not dist.is_initialized():
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def merge_over_processes(part):
+    """The union of every process's dict."""
+    if not dist.is_initialized():
+        return part
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# the results page: report.html, every test image with its caption, references and scores
 
 def test_report(restored, data, cfg, device, tag=""):
     """Test metrics, captions (with each image's scores) and report.html, tag in their names."""
@@ -2067,6 +2279,7 @@ def test_report(restored, data, cfg, device, tag=""):
     page = write_report(out, f"report{tag}", title, report_header(cfg, restored, metrics | demo), rows)
     log(f"results page: {page}")
 
+
 @torch.no_grad()
 def word_maps(model, source, captions, device):
     """{name: [(word, its attention map (h, w))]} of an attention model's captions, replayed; {} if pooled."""
@@ -2084,11 +2297,13 @@ def word_maps(model, source, captions, device):
                  for (name, words), a in zip(chunk, alphas)}
     return maps
 
+
 def pyplot():
     import matplotlib
     matplotlib.use("Agg")  # figures go to files; no window, no display needed
     import matplotlib.pyplot as plt
     return plt
+
 
 def save_caption_figure(items, path, maps=None):
     """Images (path, caption) three to a row; with attention maps, each image then its words, one a panel."""
@@ -2118,6 +2333,7 @@ def save_caption_figure(items, path, maps=None):
     fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
+
 def plot_history(out):
     from matplotlib.ticker import MaxNLocator
     plt = pyplot()
@@ -2146,6 +2362,7 @@ def plot_history(out):
     metrics_fig.savefig(out / "metrics_graph.png", dpi=90)
     plt.close("all")
 
+
 def evaluate_checkpoint(cfg, device, restored):
     """--evaluate: the test report of a checkpoint, on the data it was trained on (refused if not)."""
     lock = claim_output_dir(cfg.output_dir) if is_main_process() else None
@@ -2154,8 +2371,7 @@ def evaluate_checkpoint(cfg, device, restored):
     del lock
     return 0
 
-# -----------------------------------------------------------------------------
-# the results page: report.html, every image with its caption, references and scores; plain HTML, no server
+
 REPORT_STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; } .name { color: #777; margin: 0; }
 [hidden] { display: none !important; } .row img { width: 160px; } .maps canvas { width: 112px; }
@@ -2166,6 +2382,8 @@ table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid 
 .caption { font-size: 1.15em; margin: 0; } .row ul { margin: .3em 0; padding-left: 1.2em; color: #555; }
 .maps figure { display: inline-block; margin: 2px; } .maps figcaption { text-align: center; }
 """
+
+
 REPORT_SCRIPT = """
 const list = document.getElementById('rows'), rows = [...list.children];
 const keys = new Map(rows.map(row => [row, {...JSON.parse(row.dataset.scores), name: row.dataset.name}]));
@@ -2200,6 +2418,7 @@ sort.onchange = filter.oninput = update;
 update();
 """
 
+
 def write_report(out, name, title, header, rows):
     """out/name.html, thumbnails in out/name/: the header, then a row per image, sortable and filterable."""
     out, folder = Path(out), Path(out) / name
@@ -2218,6 +2437,7 @@ def write_report(out, name, title, header, rows):
             f'\n</div>\n<script>{REPORT_SCRIPT}</script></body></html>\n')
     (out / f"{name}.html").write_text(page, encoding="utf-8")
     return out / f"{name}.html"
+
 
 def report_row(row, thumbnail, out):
     """One image's entry: its thumbnail (written now), caption, references, scores and attention maps."""
@@ -2241,6 +2461,7 @@ def report_row(row, thumbnail, out):
             f'</a><div class="text"><p class="caption">{html.escape(row["caption"])}</p><ul>{references}</ul>'
             f'<p class="name">{name}</p>{button}</div><div class="scores">{"<br>".join(shown)}</div></div>')
 
+
 def report_header(cfg, restored, metrics=None):
     """The top of the page: checkpoint, data, metrics, the settings that differ from the constants, graphs."""
     changed = "".join(f"<tr><td>{n}</td><td>{html.escape(repr(getattr(cfg, n)))}</td></tr>"
@@ -2256,13 +2477,16 @@ def report_header(cfg, restored, metrics=None):
             + f"<details><summary>settings that differ from the script's constants</summary><table>{changed}"
             f'</table></details>\n<p class="graphs">{graphs}</p>')
 
+
 def coco_image_id(name):
     """COCO's integer image id from its file name (COCO_val2014_000000391895.jpg: 391895); else the name."""
     match = re.fullmatch(r"(?:.*/)?COCO_[a-z]+\d*_0*(\d+)\.jpg", name)
     return int(match[1]) if match else name
 
-# -----------------------------------------------------------------------------
-# captioning new images
+
+# --------------------------------------------------------------------------------------------------
+# --caption: captions for new images from a checkpoint
+
 def check_figure_path(figure, inputs):
     """--caption_figure, refused before any captioning if it cannot be written or would overwrite an input."""
     from matplotlib.backend_bases import FigureCanvasBase
@@ -2278,9 +2502,11 @@ def check_figure_path(figure, inputs):
         raise UserError(f"--caption_figure={figure}: cannot write in {figure.parent} "
                         f"({error.strerror or error}): choose another folder") from None
 
+
 def record_path(path):
     """The path as one field of a line: tab, newline, CR and backslash escaped as Python does."""
     return str(path).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
 
 def caption_images(cfg, paths, restored, device):
     """--caption: prints path<TAB>caption for each image; stdout holds nothing else, messages go to stderr."""
@@ -2324,7 +2550,10 @@ def caption_images(cfg, paths, restored, device):
         stderr(f"warning: no results page in {cfg.output_dir}: {error.strerror or error}")
     return 1 if failed or missing else 0
 
-# -----------------------------------------------------------------------------
+
+# --------------------------------------------------------------------------------------------------
+# main: settings, then training, --evaluate or --caption
+
 def main(argv=None):
     try:
         overrides, caption_paths = parse_args(sys.argv[1:] if argv is None else argv)
@@ -2358,8 +2587,10 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
 
+
 def stderr(message):
     print(message, file=sys.stderr)
+
 
 def say_once(message):
     """Prints message to stderr; under torchrun, once: the other processes wait while process 0 fails."""
@@ -2367,6 +2598,7 @@ def say_once(message):
         time.sleep(3)
     if message:
         stderr(message)
+
 
 if __name__ == "__main__":
     sys.exit(main())
