@@ -451,9 +451,10 @@ if [ "$WANT_TEST" = "1" ]; then
 fi
 
 say "done. Next:"
-printf '  .venv/bin/python flickr_image_caption_with_pytorch_resnet_lstm.py   # train\n'
+next_step() { printf '  %-66s # %s\n' "$1" "$2"; }
+next_step ".venv/bin/python flickr_image_caption_with_pytorch_resnet_lstm.py" "train"
 if [ "$WANT_TEST" = "1" ]; then
-    printf '  .venv/bin/python -m pytest                                       # test\n'
+    next_step ".venv/bin/python -m pytest" "test"
 else
-    printf '  ./setup.sh --test && .venv/bin/python -m pytest                  # test\n'
+    next_step "./setup.sh --test && .venv/bin/python -m pytest" "test"
 fi
