@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# One-shot project setup: Python venv, ResNet50 weights and (optionally) Flickr8k.
+# One-shot project setup: Python venv, ResNet50 weights and (optionally) Flickr8k;
+# with --test, also the test requirements and a headless Chromium for the tests.
 # Safe to run again: every step checks what is already there and skips it.
 # Run ./setup.sh --help for the options and the environment variables.
 set -euo pipefail
 
 usage() {
     cat <<'EOF'
-Usage: ./setup.sh [--flickr8k] [--help]
+Usage: ./setup.sh [--test] [--flickr8k] [--help]
 
-Sets up this project (it can be run from any folder, and again at any time):
+Sets up this project for training (it can be run from any folder, and again at
+any time; the second time it takes seconds). Nothing is installed system-wide:
   1. creates the Python virtual environment .venv/ if it is missing and installs
      requirements.txt into it (again only when requirements.txt has changed);
   2. downloads the ImageNet ResNet50 weights to
@@ -16,25 +18,35 @@ Sets up this project (it can be run from any folder, and again at any time):
      download fails, e.g. offline, it says so and carries on: the built-in demo
      needs no download);
   3. with --flickr8k, also downloads and unpacks the Flickr8k data set
-     (about 1 GB) into resources/input/flickr8k/;
-  4. installs Debian's chromium and chromium-driver with apt-get when they
-     are missing (as root, or with sudo that needs no password), for the
-     tests of the results page (report.html) in a real browser; if that
-     fails, it says so and carries on (those tests then skip).
+     (about 1 GB) into resources/input/flickr8k/.
+
+With --test it also sets up what the tests need:
+  4. installs tests/requirements.txt (pytest, selenium, ruff) into .venv
+     (again only when that file has changed);
+  5. installs Debian's chromium and chromium-driver with apt-get when they are
+     missing (as root, or with sudo that needs no password), for the tests of
+     the results page in a real browser; if that fails, it says so and carries
+     on (those tests then skip).
 
 Options:
+  --test       also install the test requirements and the tests' browser
   --flickr8k   also fetch Flickr8k into resources/input/flickr8k/
   -h, --help   show this help and exit
 
 Environment variables:
+  TORCH_INDEX_URL      install torch and torchvision from this pip index before
+                       the rest, e.g. the CPU-only build (a tenth of the default
+                       build's size) on a machine without an NVIDIA GPU:
+                         TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu ./setup.sh
+                       (to switch the build of an existing .venv, delete .venv)
   RESNET50_URL         where to get the ResNet50 weights
                        (default https://download.pytorch.org/models/resnet50-0676ba61.pth)
   FLICKR8K_IMAGES_URL  Flickr8k image zip (default
                        https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip)
   FLICKR8K_TEXT_URL    Flickr8k caption/split zip (default
                        https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip)
-  SETUP_SKIP_VENV=1    skip step 1 (the Python environment)
-  SETUP_SKIP_BROWSER=1 skip step 4 (the browser for the tests)
+  SETUP_SKIP_VENV=1    skip steps 1 and 4 (the Python packages)
+  SETUP_SKIP_BROWSER=1 skip step 5 (the browser for the tests)
 
 Flickr30k is not downloaded by this script: it has to be fetched by hand from
 Kaggle (which needs an account) and unpacked into resources/input/flickr30k/.
@@ -46,9 +58,11 @@ warn() { printf 'setup: WARNING: %s\n' "$*" >&2; }
 die()  { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
 
 WANT_FLICKR8K=0
+WANT_TEST=0
 while [ "$#" -gt 0 ]; do
     case "$1" in
         --flickr8k) WANT_FLICKR8K=1 ;;
+        --test) WANT_TEST=1 ;;
         -h|--help) usage; exit 0 ;;
         *) printf 'setup: unknown option: %s\n\n' "$1" >&2; usage >&2; exit 2 ;;
     esac
@@ -129,7 +143,37 @@ with zipfile.ZipFile(sys.argv[1]) as z:
 PYEOF
 }
 
-# ---------------------------------------------------------------- 1. venv
+# ---------------------------------------------------------------- 1. venv (and 4. test requirements)
+
+# stale FILE STAMP: true when .venv/STAMP does not hold FILE's sha256, i.e. FILE changed since installed.
+stale() {
+    local have=""
+    if [ -f ".venv/$2" ]; then have="$(cat ".venv/$2")"; fi
+    [ "$(sha256_of "$1")" != "$have" ]
+}
+
+# pip_install FILE STAMP: installs FILE into .venv, then records its sha256 in .venv/STAMP.
+pip_install() {
+    local want
+    want="$(sha256_of "$1")"
+    say "installing $1 into .venv (this can take a while the first time)"
+    .venv/bin/pip install -r "$1" \
+        || die "'.venv/bin/pip install -r $1' failed (see the messages above; offline?)"
+    printf '%s\n' "$want" >".venv/$2"
+    say "Python packages of $1 installed"
+}
+
+# torch and torchvision as requirements.txt pins them, from TORCH_INDEX_URL (e.g. the CPU-only build).
+# pip then takes them as given: torch==2.14.1 is met by the index's 2.14.1+cpu.
+install_torch_from_index() {
+    local pins
+    pins="$(grep -E '^(torch|torchvision)==' requirements.txt | awk '{print $1}' | xargs)"
+    if [ -z "$pins" ]; then pins="torch torchvision"; fi
+    say "installing $pins from $TORCH_INDEX_URL (TORCH_INDEX_URL)"
+    # shellcheck disable=SC2086  # the pins are words
+    .venv/bin/pip install $pins --index-url "$TORCH_INDEX_URL" \
+        || die "'.venv/bin/pip install $pins --index-url $TORCH_INDEX_URL' failed (see the messages above)"
+}
 
 setup_venv() {
     if [ "${SETUP_SKIP_VENV:-0}" = "1" ]; then
@@ -143,20 +187,27 @@ setup_venv() {
         python3 -m venv .venv \
             || die "'python3 -m venv .venv' failed (on Debian/Ubuntu: apt install python3-venv)"
     fi
-    local want have=""
-    want="$(sha256_of requirements.txt)"
-    if [ -f .venv/.requirements.sha256 ]; then
-        have="$(cat .venv/.requirements.sha256)"
-    fi
-    if [ "$want" = "$have" ]; then
+    if ! stale requirements.txt .requirements.sha256; then
         say "Python packages are up to date with requirements.txt"
         return 0
     fi
-    say "installing requirements.txt into .venv (this can take a while the first time)"
-    .venv/bin/pip install -r requirements.txt \
-        || die "'.venv/bin/pip install -r requirements.txt' failed (see the messages above)"
-    printf '%s\n' "$want" >.venv/.requirements.sha256
-    say "Python packages installed"
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then
+        install_torch_from_index
+    fi
+    pip_install requirements.txt .requirements.sha256
+}
+
+setup_test_requirements() {
+    if [ "${SETUP_SKIP_VENV:-0}" = "1" ]; then
+        say "SETUP_SKIP_VENV=1: skipping the test requirements"
+        return 0
+    fi
+    [ -f tests/requirements.txt ] || die "tests/requirements.txt not found in $(pwd)"
+    if ! stale tests/requirements.txt .test-requirements.sha256; then
+        say "Python packages are up to date with tests/requirements.txt"
+        return 0
+    fi
+    pip_install tests/requirements.txt .test-requirements.sha256
 }
 
 # ---------------------------------------------------------------- 2. weights
@@ -347,7 +398,7 @@ setup_flickr8k() {
     say "Flickr8k ready in $FLICKR8K_DIR ($n_images images)"
 }
 
-# ---------------------------------------------------------------- 4. a browser for the tests
+# ---------------------------------------------------------------- 5. a browser for the tests
 
 setup_browser() {
     if [ "${SETUP_SKIP_BROWSER:-0}" = "1" ]; then
@@ -394,8 +445,16 @@ setup_resnet50
 if [ "$WANT_FLICKR8K" = "1" ]; then
     setup_flickr8k
 fi
-setup_browser
+if [ "$WANT_TEST" = "1" ]; then
+    setup_test_requirements
+    setup_browser
+fi
 
 say "done. Next:"
-printf '  .venv/bin/python flickr_image_caption_with_pytorch_resnet_lstm.py\n'
-printf '  .venv/bin/python -m pytest\n'
+next_step() { printf '  %-66s # %s\n' "$1" "$2"; }
+next_step ".venv/bin/python flickr_image_caption_with_pytorch_resnet_lstm.py" "train"
+if [ "$WANT_TEST" = "1" ]; then
+    next_step ".venv/bin/python -m pytest" "test"
+else
+    next_step "./setup.sh --test && .venv/bin/python -m pytest" "test"
+fi

@@ -9,6 +9,7 @@ network or this checkout.
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,8 +44,9 @@ def project(tmp_path):
     proj = tmp_path / "project"
     proj.mkdir()
     shutil.copy2(SETUP_SH, proj / "setup.sh")
-    if (ROOT / "requirements.txt").exists():
-        shutil.copy2(ROOT / "requirements.txt", proj / "requirements.txt")
+    shutil.copy2(ROOT / "requirements.txt", proj / "requirements.txt")
+    (proj / "tests").mkdir()
+    shutil.copy2(ROOT / "tests/requirements.txt", proj / "tests/requirements.txt")
     return proj
 
 
@@ -131,6 +133,8 @@ def test_help(project):
     assert "RESNET50_URL" in out
     assert "Flickr30k" in out and "Kaggle" in out
     assert "resources/input/flickr30k" in out
+    assert "--test" in out and "tests/requirements.txt" in out
+    assert "TORCH_INDEX_URL" in out and "https://download.pytorch.org/whl/cpu" in out
     # --help does nothing else.
     assert not (project / "resources").exists()
 
@@ -144,8 +148,8 @@ def test_unknown_option(project):
 # ---------------------------------------------------------------- venv
 
 
-def test_venv_requirements_installed_only_when_changed(project):
-    # A stand-in .venv whose pip only logs its calls, so no real install runs.
+def fake_venv(project):
+    """A stand-in .venv whose pip only logs its calls, so no real install runs; returns the log."""
     bin_dir = project / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     log = project / "pip.log"
@@ -155,32 +159,117 @@ def test_venv_requirements_installed_only_when_changed(project):
     )
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    (project / "requirements.txt").write_text("pytest\n")
+    return log
+
+
+def pip_calls(log):
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def sha256_text(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+VENV = {"SETUP_SKIP_VENV": "0"}
+
+
+def test_venv_requirements_installed_only_when_changed(project):
+    log = fake_venv(project)
+    (project / "requirements.txt").write_text("numpy\n")
     stamp = project / ".venv" / ".requirements.sha256"
-    env = {"SETUP_SKIP_VENV": "0"}
 
-    rc, out = run_setup(project, env=env)
+    rc, out = run_setup(project, env=VENV)
     assert rc == 0, out
-    assert log.read_text().splitlines() == ["install -r requirements.txt"]
-    assert stamp.read_text().strip() == hashlib.sha256(b"pytest\n").hexdigest()
+    assert pip_calls(log) == ["install -r requirements.txt"]  # and not the tests' requirements
+    assert stamp.read_text().strip() == sha256_text("numpy\n")
 
-    rc, out = run_setup(project, env=env)
+    rc, out = run_setup(project, env=VENV)
     assert rc == 0, out
-    assert len(log.read_text().splitlines()) == 1  # unchanged: no pip run
+    assert len(pip_calls(log)) == 1  # unchanged: no pip run
     assert "up to date" in out
 
     # Changed requirements and a failing pip: error, and the stamp stays old.
-    (project / "requirements.txt").write_text("pytest\nnumpy\n")
-    rc, out = run_setup(project, env={**env, "FAKE_PIP_RC": "1"})
+    (project / "requirements.txt").write_text("numpy\npandas\n")
+    rc, out = run_setup(project, env={**VENV, "FAKE_PIP_RC": "1"})
     assert rc != 0, out
-    assert "pip install -r requirements.txt' failed" in out
-    assert len(log.read_text().splitlines()) == 2
-    assert stamp.read_text().strip() == hashlib.sha256(b"pytest\n").hexdigest()
+    assert "requirements.txt" in out and "failed" in out
+    assert len(pip_calls(log)) == 2
+    assert stamp.read_text().strip() == sha256_text("numpy\n")
 
+    rc, out = run_setup(project, env=VENV)
+    assert rc == 0, out
+    assert len(pip_calls(log)) == 3
+    assert stamp.read_text().strip() == sha256_text("numpy\npandas\n")
+
+
+def test_test_requirements_only_with_test_and_only_when_changed(project):
+    log = fake_venv(project)
+    env = {**VENV, "SETUP_SKIP_BROWSER": "0", "PATH": no_browser_path(project.parent)}
     rc, out = run_setup(project, env=env)
     assert rc == 0, out
-    assert len(log.read_text().splitlines()) == 3
-    assert stamp.read_text().strip() == hashlib.sha256(b"pytest\nnumpy\n").hexdigest()
+    assert pip_calls(log) == ["install -r requirements.txt"]
+    assert not (project.parent / "calls").exists()  # plain setup never runs apt-get
+    assert "./setup.sh --test && .venv/bin/python -m pytest" in out  # how to test next
+
+    rc, out = run_setup(project, "--test", env=env)
+    assert rc == 0, out
+    assert pip_calls(log) == ["install -r requirements.txt", "install -r tests/requirements.txt"]
+    stamp = project / ".venv" / ".test-requirements.sha256"
+    tests_requirements = (project / "tests/requirements.txt").read_text()
+    assert stamp.read_text().strip() == sha256_text(tests_requirements)
+    assert (project.parent / "calls").exists()  # --test tried to install the browser
+
+    rc, out = run_setup(project, "--test", env=env)
+    assert rc == 0, out
+    assert len(pip_calls(log)) == 2  # both unchanged: no pip run
+
+    (project / "tests/requirements.txt").write_text("pytest\n")
+    rc, out = run_setup(project, "--test", env=env)
+    assert rc == 0, out
+    assert pip_calls(log)[2:] == ["install -r tests/requirements.txt"]  # only the changed file
+
+    (project / "tests/requirements.txt").write_text("pytest\nruff\n")
+    rc, out = run_setup(project, "--test", env={**env, "FAKE_PIP_RC": "1"})
+    assert rc != 0, out
+    assert "tests/requirements.txt" in out and "failed" in out
+    assert stamp.read_text().strip() == sha256_text("pytest\n")
+
+
+def test_torch_index_url_installs_torch_first(project):
+    log = fake_venv(project)
+    pins = "torch==2.14.1\ntorchvision==0.29.1  # pinned\nnumpy\n"
+    (project / "requirements.txt").write_text(pins)
+    url = "https://download.pytorch.org/whl/cpu"
+    rc, out = run_setup(project, env={**VENV, "TORCH_INDEX_URL": url})
+    assert rc == 0, out
+    assert pip_calls(log) == [f"install torch==2.14.1 torchvision==0.29.1 --index-url {url}",
+                              "install -r requirements.txt"]
+    rc, out = run_setup(project, env={**VENV, "TORCH_INDEX_URL": url})
+    assert rc == 0, out
+    assert len(pip_calls(log)) == 2  # installed: nothing to do
+
+
+def test_requirements_split():
+    """Training needs no test tools: they are in tests/requirements.txt, ruff 0.17 among them."""
+    def names(path):
+        lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+        return {re.split(r"[<>=!~ ]", line)[0].lower(): line for line in lines if line}
+    runtime = names(ROOT / "requirements.txt")
+    tests = names(ROOT / "tests/requirements.txt")
+    assert {"torch", "torchvision"} <= set(runtime)
+    assert not {"pytest", "selenium", "ruff"} & set(runtime)
+    assert {"pytest", "selenium", "ruff"} <= set(tests)
+    from packaging.specifiers import SpecifierSet
+    assert "0.17.6" in SpecifierSet(tests["ruff"][len("ruff"):])
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    command = "./setup.sh --test && .venv/bin/python -m pytest"
+    assert command in readme
+    ci = [line for line in (ROOT / ".ci/run").read_text().splitlines()
+          if line.strip() and not line.startswith("#")]
+    assert ci[-1] == command
 
 
 # ---------------------------------------------------------------- weights
@@ -197,8 +286,7 @@ def test_weights_offline_carries_on(project, tmp_path):
     assert str(WEIGHTS_REL) in out  # how to fetch it by hand
     assert not (project / WEIGHTS_REL).exists()
     assert not (project / f"{WEIGHTS_REL}.part").exists()
-    assert "flickr_image_caption_with_pytorch_resnet_lstm.py" in out
-    assert ".venv/bin/python -m pytest" in out
+    assert ".venv/bin/python flickr_image_caption_with_pytorch_resnet_lstm.py" in out
 
 
 def test_weights_hash_mismatch_refused(project, tmp_path):
@@ -272,7 +360,8 @@ def test_flickr8k_from_local_zips_and_second_run(project, tmp_path):
 
 
 def test_flickr8k_text_in_subfolder_is_moved_up(project, tmp_path):
-    images_zip, text_zip, names = make_flickr8k_zips(tmp_path / "srv", text_subfolder="Flickr8k_text/")
+    srv = tmp_path / "srv"
+    images_zip, text_zip, names = make_flickr8k_zips(srv, text_subfolder="Flickr8k_text/")
     rc, out = run_setup(project, "--flickr8k", env=flickr_env(images_zip, text_zip))
     assert rc == 0, out
     assert_flickr8k_layout(project, names)
@@ -357,7 +446,7 @@ def test_flickr8k_not_a_zip_fails(project, tmp_path):
     assert not (project / "resources/input/.downloads/Flickr8k_text.zip.part").exists()
 
 
-# ---------------------------------------------------------------- 4. the browser for the tests
+# ---------------------------------------------------------------- the tests' browser (--test)
 
 
 def stub(folder, name, body):
@@ -366,30 +455,45 @@ def stub(folder, name, body):
     (folder / name).chmod(0o755)
 
 
+def no_browser_path(tmp_path):
+    """A PATH of every command but chromium and chromedriver, as root; apt-get fails."""
+    tools = tmp_path / "tools"
+    if not tools.exists():
+        tools.mkdir()
+        for folder in [os.path.dirname(sys.executable), *os.environ["PATH"].split(os.pathsep)]:
+            for tool in Path(folder).glob("*") if Path(folder).is_dir() else []:
+                wanted = tool.name not in ("chromium", "chromedriver")
+                if wanted and not (tools / tool.name).exists():
+                    (tools / tool.name).symlink_to(tool)
+    stubs = tmp_path / "stubs"
+    stub(stubs, "apt-get", f"echo \"$@\" >> {tmp_path / 'calls'}; exit 100")
+    stub(stubs, "id", "echo 0")
+    return f"{stubs}{os.pathsep}{tools}"
+
+
 def test_browser_present_is_left_alone(project, tmp_path):
     stubs = tmp_path / "stubs"
     for name in ("chromium", "chromedriver", "apt-get"):
         stub(stubs, name, f"echo {name} >> {tmp_path / 'calls'}; exit 0")
     path = f"{stubs}{os.pathsep}{os.environ['PATH']}"
-    rc, out = run_setup(project, env={"SETUP_SKIP_BROWSER": "0", "PATH": path})
+    rc, out = run_setup(project, "--test", env={"SETUP_SKIP_BROWSER": "0", "PATH": path})
     assert rc == 0 and "chromium and chromedriver are installed" in out
     assert not (tmp_path / "calls").exists()  # nothing run, nothing installed
 
 
-def test_browser_install_failing_offline_carries_on(project, tmp_path):
-    # every command of the PATH but chromium and chromedriver, then an apt-get that fails as offline, as root
-    tools = tmp_path / "tools"
-    tools.mkdir()
-    for folder in [os.path.dirname(sys.executable), *os.environ["PATH"].split(os.pathsep)]:
-        for tool in Path(folder).glob("*") if Path(folder).is_dir() else []:
-            if tool.name not in ("chromium", "chromedriver") and not (tools / tool.name).exists():
-                (tools / tool.name).symlink_to(tool)
-    stubs = tmp_path / "stubs"
-    stub(stubs, "apt-get", f"echo \"$@\" >> {tmp_path / 'calls'}; exit 100")
-    stub(stubs, "id", "echo 0")
-    rc, out = run_setup(project, env={"SETUP_SKIP_BROWSER": "0", "PATH": f"{stubs}{os.pathsep}{tools}"})
+def test_browser_not_installed_without_test(project, tmp_path):
+    rc, out = run_setup(project, env={"SETUP_SKIP_BROWSER": "0", "PATH": no_browser_path(tmp_path)})
     assert rc == 0, out
-    assert "no headless Chromium: apt-get could not install chromium and chromium-driver" in out
+    assert not (tmp_path / "calls").exists()  # nothing system-wide: apt-get never ran
+    assert "chromium" not in out
+
+
+def test_browser_install_failing_offline_carries_on(project, tmp_path):
+    env = {"SETUP_SKIP_BROWSER": "0", "PATH": no_browser_path(tmp_path)}
+    rc, out = run_setup(project, "--test", env=env)
+    assert rc == 0, out
+    assert "no headless Chromium" in out and "apt-get" in out
     assert "setup: done" in out
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert calls == ["install -y -q chromium chromium-driver", "update -q"]  # the install, then a refresh that fails
+    # the install, then a refresh of the package lists that fails too
+    assert calls == ["install -y -q chromium chromium-driver", "update -q"]
