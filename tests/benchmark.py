@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +119,9 @@ def extraction(cfg, device, image_dir, weights):
     transform = cap.image_transform(cfg.image_size)
     batch = max(cfg.batch_size, 64)  # as the script extracts
     # at most 1,024 decoded images on the device (all of Flickr8k would need 4.9 GB)
-    tensors = torch.stack([cap.load_image(image_dir / n, transform) for n in names[:1024]])
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # PIL decodes without the GIL
+        decoded = list(pool.map(lambda n: cap.load_image(image_dir / n, transform), names[:1024]))
+    tensors = torch.stack(decoded)
     tensors = tensors.to(device).contiguous(memory_format=torch.channels_last)  # (N, 3, H, W)
 
     def forward_only():

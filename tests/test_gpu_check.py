@@ -1,7 +1,7 @@
 """tests/gpu_check.sh on its CPU path (--device=cpu --quick): every part runs and gives a figure.
 
-Opt-in (GPU_CHECK=1): it runs the script, torchrun and the benchmark for 3-4 minutes on a 2-core
-CPU (longer on a shared one), and the suite must stay under 8 minutes without it."""
+Opt-in (GPU_CHECK=1): it runs the script, torchrun and the benchmark for 3-4 minutes on an idle
+2-core CPU (up to 25 on a shared one), and the suite must stay under 8 minutes without it."""
 import json
 import os
 import subprocess
@@ -13,7 +13,7 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("GPU_CHECK") != "1",
-    reason="opt-in, 3-4 minutes or more: GPU_CHECK=1 runs tests/gpu_check.sh --device=cpu --quick")
+    reason="opt-in (3-4 minutes or more): GPU_CHECK=1 runs tests/gpu_check.sh --device=cpu --quick")
 
 # the figures each part must give, as figures.json names them (by the part's number)
 PART_FIGURES = [
@@ -31,7 +31,7 @@ def test_the_quick_cpu_check_gives_a_figure_for_every_part(tmp_path):
     out = tmp_path / "check"
     start = time.time()
     done = subprocess.run(["bash", str(ROOT / "tests" / "gpu_check.sh"), str(out), "--device=cpu",
-                           "--quick"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+                           "--quick"], capture_output=True, text=True, timeout=1800, cwd=ROOT)
     print(f"gpu_check.sh --device=cpu --quick: {time.time() - start:.0f} s")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[0].startswith("needs: ")  # what to bring, in one line
