@@ -332,6 +332,10 @@ def number(value):
         return None
 
 
+def short(value):
+    return f"{number(value):.2g}" if number(value) is not None else "?"
+
+
 def add(part, name, value, shown, target="", test=None):
     met = "" if test is None or value is None else ("yes" if test(value) else "no")
     if target and value is None:
@@ -382,12 +386,14 @@ where = f"stopped by SIGINT at step {stops[-1]}" if stops else "not stopped by S
 add(2, "torchrun: resumed run's train_loss and val_loss equal an uninterrupted run's",
     exact if interrupted == "yes" else None,
     f"{exact} ({run.get('torchrun_epochs_compared', '?')} epochs; {where}; largest difference "
-    f"{run.get('torchrun_epoch_loss_max_difference', '?')} in an epoch's, "
-    f"{run.get('torchrun_step_loss_max_difference', '?')} in a step's loss)", "exact",
+    f"{short(run.get('torchrun_epoch_loss_max_difference'))} in an epoch's, "
+    f"{short(run.get('torchrun_step_loss_max_difference'))} in a step's loss)", "exact",
     lambda v: v == "yes")
 lines = number(run.get("torchrun_stderr_warning_lines"))
-add(2, "torchrun: stderr lines saying 'warning' (3 runs)", lines,
-    f"{lines:.0f} (torchrun.out lists them)" if lines is not None else "", "0", lambda v: v == 0)
+said = sorted({line.strip()[:100].replace("|", "/") for path in sorted(out.glob("torchrun-*.err"))
+               for line in text(path.name).splitlines() if "warning" in line.lower()})
+shown = f"{lines:.0f}" + (f": {'; '.join(said[:3])}" if said else "") if lines is not None else ""
+add(2, "torchrun: stderr lines saying 'warning' (3 runs)", lines, shown, "0", lambda v: v == 0)
 
 # 3. the benchmark
 bench = parsed("benchmark.out")
