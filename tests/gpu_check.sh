@@ -66,8 +66,8 @@ touch "$OUT/.gpu_check"
 
 # time caps in seconds, summing to the 8 minutes: setup, parts 1-4 (and the whole job's in part 3)
 if [ "$QUICK" = 1 ]; then
-    # the work is small (3-4 minutes on an idle 2-core CPU); the caps leave room for a CPU that
-    # other jobs share (6 times slower, on this project's machines)
+    # about 5 minutes of CPU time on 2 cores; the caps leave room for a CPU that other jobs share
+    # (measured: 16 minutes with the load average at 10-14 on 2 cores)
     CAPS=(120 240 420 420 300) JOB_TIMEOUT=300
     DEMO=(--demo_images=60 --num_workers=0 --beam_size=1)  # the demo set's, for every demo part
     DEMO_RUN=(--num_epochs=2)
