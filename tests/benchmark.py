@@ -1,24 +1,31 @@
-"""Benchmark: per-step encoding (the original's way) against cached features. Prints figures; asserts nothing.
+"""Benchmark: the script's speed against what its hardware allows. Prints figures; asserts nothing.
 
-    .venv/bin/python tests/benchmark.py [--images=256] [--device=cpu]
+    .venv/bin/python tests/benchmark.py [--images=256] [--figures=LIST] [--work=DIR]
+                                        [--job_timeout=SECONDS] [--scst_only] [--name=value ...]
 
-On a generated set of 500x375 JPEGs with 5 captions each (and the script's default model sizes) it measures
-1. seconds per epoch encoding every caption's image each step vs training from cached features;
-2. feature-extraction throughput (JPEG decoding included) vs ResNet50's own forward throughput on tensors;
-3. seconds per cached epoch vs the decoder's own training steps on tensors already in memory;
-4. seconds per epoch and peak memory of the pooled LSTM decoder and of the attention decoder (over the 7x7 grid,
-   cached in float16 and memory-mapped), each in a fresh process reading a cache that is already there;
-5. self-critical training: the CIDEr-D reward's throughput (captions per second), and the time of an SCST step
-   (batch_size images, scst_samples captions sampled for each) against a cross-entropy step (batch_size captions).
-   With --scst_only, only this.
+On a generated set of 500x375 JPEGs with 5 captions each (3,000 random words: about Flickr8k's
+vocabulary), with the script's default settings (any --name=value among them is passed on), it
+measures the figures that --figures names (a comma-separated list; default: all of them):
+  extraction  feature extraction (JPEG decoding included) against ResNet50's bare forward on decoded
+              tensors already on the device;
+  job         the whole default job, as a user runs it (extraction into a fresh cache, num_epochs,
+              test report), and its second epoch: a cached epoch;
+  epoch       the same steps as that cached epoch on tensors already in memory (needs job);
+  decoders    a cached epoch (the second, in a fresh process) and its peak memory, pooled lstm
+              against attention;
+  scst        the CIDEr-D reward's throughput, and an SCST step against a cross-entropy step.
+              --scst_only means --figures=scst.
+Every figure is one line `name: value` (a number, or n/a or timeout), printed as soon as it is
+known; lines starting with '#' say what was measured. tests/gpu_check.sh reads these lines.
 """
-import random
+import os
+import re
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,186 +36,295 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flickr_image_caption_with_pytorch_resnet_lstm as cap  # noqa: E402
 
+SCRIPT = Path(cap.__file__)
+FIGURES = ("extraction", "job", "epoch", "decoders", "scst")
+OWN_FLAGS = ("--images=", "--figures=", "--work=", "--job_timeout=", "--scst_only")
+# a Flickr8k-sized vocabulary, so that the softmax costs what it costs there
+WORDS = [f"w{i}" for i in range(3000)]
+
+
+def figure(name, value, digits=2):
+    """One parseable line: name: value."""
+    text = f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    print(f"{name}: {text}", flush=True)
+
+
+def note(text):
+    print(f"# {text}", flush=True)
+
 
 def make_jpeg(args):
-    """One photo-sized JPEG with texture (so it costs what a real one costs to decode) and its 5 captions."""
+    """A photo-sized JPEG with texture (it costs what a real one costs to decode), 5 captions."""
     folder, i, seed = args
     rng = np.random.default_rng([seed, i])
-    pixels = (rng.random((375, 500, 3)) * 60 + np.linspace(0, 190, 500)[None, :, None]).astype(np.uint8)
+    ramp = np.linspace(0, 190, 500)[None, :, None]
+    pixels = (rng.random((375, 500, 3)) * 60 + ramp).astype(np.uint8)
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
     for _ in range(5):
         x, y = rng.integers(0, 450), rng.integers(0, 325)
-        draw.ellipse([x, y, x + 50, y + 50], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        draw.ellipse([x, y, x + 50, y + 50], fill=colour)
     image.save(folder / "Images" / f"{i:05d}.jpg", quality=90)
-    return [(f"{i:05d}.jpg", " ".join(rng.choice(WORDS, rng.integers(8, 16)))) for _ in range(5)]
-
-
-WORDS = [f"w{i}" for i in range(3000)]  # a Flickr8k-sized vocabulary, so the softmax costs what it costs there
+    name = f"{i:05d}.jpg"
+    return [(name, " ".join(rng.choice(WORDS, rng.integers(8, 16)))) for _ in range(5)]
 
 
 def make_jpegs(folder, n, seed=0):
     (folder / "Images").mkdir(parents=True)
+    jobs = [(folder, i, seed) for i in range(n)]
     with ProcessPoolExecutor() as pool:
-        rows = [row for rows in pool.map(make_jpeg, [(folder, i, seed) for i in range(n)], chunksize=64)
-                for row in rows]
-    pd.DataFrame(rows, columns=["image", "caption"]).to_csv(folder / "captions.txt", index=False)
+        rows = [row for rows in pool.map(make_jpeg, jobs, chunksize=64) for row in rows]
+    frame = pd.DataFrame(rows, columns=["image", "caption"])
+    frame.to_csv(folder / "captions.txt", index=False)
 
 
-def timed(fn):
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    synchronize(device)
     start = time.perf_counter()
     fn()
+    synchronize(device)
     return time.perf_counter() - start
 
 
+def decoding_workers(cfg):
+    """num_workers as the script reads it: below 0 means one per core."""
+    if cfg.num_workers >= 0:
+        return cfg.num_workers
+    return len(os.sched_getaffinity(0))
+
+
+def peak_memory():
+    """(GiB, where): the GPU's peak allocation, else this process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30, "gpu"
+    # Linux carries ru_maxrss over exec: a child would report its parent's peak
+    status = Path("/proc/self/status")
+    if status.exists():
+        lines = status.read_text().splitlines()
+        peak_kib = next(int(line.split()[1]) for line in lines if line.startswith("VmHWM"))
+        return peak_kib / 2**20, "resident"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "resident"
+
+
+def extraction(cfg, device, image_dir, weights):
+    """Extraction with JPEG decoding against ResNet50's bare forward on decoded tensors."""
+    names = sorted(p.name for p in image_dir.iterdir())
+    resnet = cap.load_resnet50(weights).to(device).eval().to(memory_format=torch.channels_last)
+    transform = cap.image_transform(cfg.image_size)
+    batch = max(cfg.batch_size, 64)  # as the script extracts
+    # at most 1,024 decoded images on the device (all of Flickr8k would need 4.9 GB)
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # PIL decodes without the GIL
+        decoded = list(pool.map(lambda n: cap.load_image(image_dir / n, transform), names[:1024]))
+    tensors = torch.stack(decoded)
+    tensors = tensors.to(device).contiguous(memory_format=torch.channels_last)  # (N, 3, H, W)
+
+    def forward_only():
+        with torch.inference_mode(), cap.autocast(device):
+            for i in range(0, len(tensors), batch):
+                resnet(tensors[i:i + batch])
+
+    with torch.inference_mode(), cap.autocast(device):
+        resnet(tensors[:batch])  # cuDNN picks its kernels before the clock starts
+    alone = len(tensors) / timed(forward_only, device)
+    workers = decoding_workers(cfg)
+    seconds = timed(lambda: cap.extract_features(resnet, image_dir, names, transform, device,
+                                                 batch, workers), device)
+    with_decoding = len(names) / seconds
+    note(f"extraction: {len(names)} JPEGs in {seconds:.1f} s, batch {batch}, {workers} "
+         f"decoding workers; bare forward on {len(tensors)} decoded tensors on {device}")
+    figure("extraction_images_per_s", with_decoding, 1)
+    figure("bare_forward_images_per_s", alone, 1)
+    figure("extraction_vs_forward", with_decoding / alone)
+
+
+def whole_job(common, work, timeout):
+    """The default job in a process of its own, as a user runs it; past timeout it is stopped, and
+    the epochs it finished still count. Returns how many epochs it recorded."""
+    out = work / "job"
+    command = [sys.executable, str(SCRIPT), *common, f"--cache_dir={work / 'job-cache'}",
+               f"--output_dir={out}"]
+    note("the whole default job: " + " ".join(command[2:]))
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        seconds = time.perf_counter() - start
+        (work / "job.log").write_text(done.stdout + done.stderr)
+        if done.returncode == 0:
+            figure("default_job_s", seconds, 1)
+        else:
+            note(f"the default job failed ({done.returncode}): {done.stderr[-2000:]}")
+            figure("default_job_s", "n/a")
+        found = re.search(r"features: \d+ images in [\d.]+ s \(([\d.]+) images/s", done.stdout)
+        if found:
+            figure("job_extraction_images_per_s", float(found.group(1)), 1)
+    except subprocess.TimeoutExpired:
+        figure("default_job_s", f"timeout (over {timeout:.0f} s)")
+    if not (out / "loss_per_epoch.csv").is_file():
+        return 0
+    epochs = pd.read_csv(out / "loss_per_epoch.csv")
+    note(f"the job's epochs took {', '.join(f'{s:.2f}' for s in epochs['epoch_seconds'])} s")
+    figure("cached_epoch_s", float(epochs["epoch_seconds"].iloc[-1]))  # the last: warm
+    return len(epochs)
+
+
+def in_memory_epoch(cfg, device, epoch):
+    """The job's last epoch's steps on batches already on the device: the training loop's floor."""
+    data = cap.prepare_data(cfg, device, build_vocab=True)  # reads the job's cache
+    if device.type == "cuda":  # as the script does: batches gathered on the GPU
+        data.source.features = data.source.features.to(device)
+    model = cap.Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers,
+                          cfg.dropout, cfg.image_size, None, cfg.decoder).to(device).train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    fused = True if device.type == "cuda" else None  # as the script's optimizer
+    optimizer = torch.optim.Adam(trained, lr=cfg.learning_rate, fused=fused)
+    train_set = cap.FlickrDataset(data.split("train"), data.vocab, data.source,
+                                  cfg.max_train_caption_len)
+    batches = cap.epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch,
+                                cfg.max_batches_per_epoch)
+    pairs = [train_set.batch(b) for b in batches]
+    in_memory = [(x.to(device), y.to(device)) for x, y in pairs]
+
+    def steps(some):
+        for images, captions in some:
+            cap.train_step(model, optimizer, images, captions, cfg.learning_rate, device)
+
+    timed(lambda: steps(in_memory[:20]), device)  # kernels chosen and memory allocated first
+    seconds = timed(lambda: steps(in_memory), device)
+    note(f"in memory: the same {len(in_memory)} steps of batch {cfg.batch_size}")
+    figure("in_memory_epoch_s", seconds)
+    return seconds
+
+
 def epoch_seconds(args):
-    """Trains with the script itself and returns the last epoch's training time as it recorded it."""
+    """Trains with the script itself; returns the last epoch's training time as it recorded it."""
     assert cap.main(args) == 0
     out = next(a.split("=", 1)[1] for a in args if a.startswith("--output_dir="))
     return float(pd.read_csv(Path(out) / "loss_per_epoch.csv")["epoch_seconds"].iloc[-1])
 
 
-def peak_memory():
-    if torch.cuda.is_available():
-        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB on the GPU"
-    status = Path("/proc/self/status")  # Linux carries ru_maxrss over exec: a child would report its parent's peak
-    if status.exists():
-        peak_kib = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM"))
-        return f"{peak_kib / 2**20:.2f} GiB resident"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident"
-
-
 def epoch_in_a_fresh_process(args):
-    """(training seconds of one epoch, peak memory) of the script run in its own process, after a first run
-    that fills the feature cache, so that the figures are training's own."""
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import benchmark; "
-            f"print('RESULT', benchmark.epoch_seconds({args!r}), '|', benchmark.peak_memory())")
+    """(training seconds of one epoch, peak GiB, where) of the script in its own process, after a
+    first run that fills the feature cache, so that the figures are training's own."""
+    here = str(Path(__file__).parent)
+    code = (f"import sys; sys.path.insert(0, {here!r}); import benchmark; "
+            f"print('RESULT', benchmark.epoch_seconds({args!r}), *benchmark.peak_memory())")
     for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    seconds, peak = out.rsplit("RESULT", 1)[1].split("|")
-    return float(seconds), peak.strip()
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True)
+    seconds, peak, where = done.stdout.rsplit("RESULT", 1)[1].split()
+    return float(seconds), float(peak), where
+
+
+def decoders(common, work):
+    """A cached epoch (the second: the first shares the CPU with METEOR's JVM starting) and its peak
+    memory, pooled lstm against attention, each in a fresh process reading a cache already there."""
+    quick = ["--sample_every=0", "--freq_threshold=1", "--beam_size=1", "--num_epochs=2",
+             f"--cache_dir={work / 'cache'}"]
+    for name in ("lstm", "attention"):
+        args = [*common, *quick, f"--decoder={name}", f"--output_dir={work / name}"]
+        seconds, peak, where = epoch_in_a_fresh_process(args)
+        figure(f"{name}_epoch_s", seconds)
+        figure(f"{name}_peak_{where}_gib", peak)
+    grid = max((work / "cache").glob("features-*.pt"), key=lambda p: p.stat().st_size)
+    figure("attention_grid_cache_mib", grid.stat().st_size / 2**20, 0)
 
 
 def main(argv):
-    overrides, _ = cap.parse_args([a for a in argv if not a.startswith(("--images=", "--scst_only"))])
-    n_images = int(next((a.split("=")[1] for a in argv if a.startswith("--images=")), 256))
-    work = Path(tempfile.mkdtemp(prefix="caption-benchmark-"))
+    settings = [a for a in argv if not a.startswith(OWN_FLAGS)]
+    overrides, _ = cap.parse_args(settings)
+    own = dict(a[2:].split("=", 1) for a in argv if a.startswith(OWN_FLAGS) and "=" in a)
+    listed = "scst" if "--scst_only" in argv else own.get("figures", ",".join(FIGURES))
+    chosen = set(listed.split(","))
+    unknown = chosen - set(FIGURES)
+    if unknown:
+        sys.exit(f"--figures: unknown {', '.join(sorted(unknown))}; choose among {FIGURES}")
+    n_images = int(own.get("images", 256))
+    work = Path(own["work"]) if "work" in own else Path(tempfile.mkdtemp(prefix="caption-bench-"))
     make_jpegs(work / "data", n_images)
     weights = cap.random_resnet50_weights(work / "resnet50-random.pth")
     common = [f"--{k}={v}" for k, v in overrides.items()] + [
-        "--dataset=flickr8k", f"--data_dir={work / 'data'}", f"--cache_dir={work / 'cache'}",
-        f"--encoder_weights={weights}", "--sample_every=0", "--freq_threshold=1", "--num_epochs=1", "--beam_size=1"]
-    cfg = cap.resolve_settings(cap.parse_args(common)[0])
+        "--dataset=flickr8k", f"--data_dir={work / 'data'}", f"--encoder_weights={weights}"]
+    cfg = cap.resolve_settings(cap.parse_args([*common, f"--cache_dir={work / 'job-cache'}"])[0])
     device = cap.pick_device(cfg.device)
-    print(f"benchmark: {n_images} JPEGs of 500x375, {n_images * 5} captions, batch {cfg.batch_size}, "
-          f"image size {cfg.image_size}, device {device}, {torch.get_num_threads()} threads, "
-          f"{cfg.num_workers} decoding workers")
-    if "--scst_only" in argv:
-        return self_critical(cfg, device)
-
-    cached = epoch_seconds([*common, f"--output_dir={work / 'cached'}"])  # extracts the features first
-    per_step = epoch_seconds([*common, f"--output_dir={work / 'per_step'}", "--cache_features=false"])
-    cached = min(cached, epoch_seconds([*common, f"--output_dir={work / 'cached2'}"]))  # both warm now
-    print(f"1. epoch, per-step encoding: {per_step:.1f} s; from cached features: {cached:.2f} s; "
-          f"ratio {per_step / cached:.1f}x (target >= 10x)")
-
-    data = cap.prepare_data(cfg, device, build_vocab=True)
-    names = data.images("train")
-    resnet = cap.load_resnet50(weights).to(device).eval().to(memory_format=torch.channels_last)
-    transform = cap.image_transform(cfg.image_size)
-    extraction = timed(lambda: cap.extract_features(resnet, work / "data" / "Images", names, transform, device,
-                                                    max(cfg.batch_size, 64), cfg.num_workers))
-    # ResNet50's forward alone, on at most 1,024 images already decoded (all of Flickr8k would need 4 GB)
-    tensors = torch.stack([cap.load_image(work / "data" / "Images" / n, transform) for n in names[:1024]])
-
-    def forward_only():
-        with torch.inference_mode(), cap.autocast(device):
-            for i in range(0, len(tensors), 64):
-                resnet(tensors[i:i + 64].to(device).contiguous(memory_format=torch.channels_last))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    forward = timed(forward_only)
-    with_decoding, alone = len(names) / extraction, len(tensors) / forward
-    print(f"2. feature extraction with JPEG decoding: {with_decoding:.1f} images/s; ResNet50 forward alone on "
-          f"decoded tensors: {alone:.1f} images/s; ratio {with_decoding / alone:.2f} (target >= 0.8)")
-
-    vocab = data.vocab
-    model = cap.Captioner(vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.dropout).to(device).train()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], cfg.learning_rate)
-    train_set = cap.FlickrDataset(data.split("train"), vocab, data.source)
-    batches = cap.epoch_batches(len(train_set), cfg.batch_size, cfg.seed, 1)
-    in_memory = [cap.CapsCollate()([train_set[i] for i in batch]) for batch in batches]
-    in_memory = [(x.to(device), y.to(device)) for x, y in in_memory]
-
-    def decoder_only():
-        for images, captions in in_memory:
-            with cap.autocast(device):
-                loss, _, _ = model(images, captions)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    bare = timed(decoder_only)
-    print(f"3. cached epoch: {cached:.2f} s; the same steps on tensors in memory: {bare:.2f} s; "
-          f"overhead {100 * (cached / bare - 1):.1f}% (target <= 25%)")
-    print(f"peak memory of the whole benchmark so far: {peak_memory()}")
-
-    # the second epoch's time: the first shares the CPU with METEOR's JVM loading its tables
-    figures = {name: epoch_in_a_fresh_process([*common, f"--decoder={name}", f"--output_dir={work / name}",
-                                               "--num_epochs=2"]) for name in ("lstm", "attention")}
-    grid = max((work / "cache").glob("features-*.pt"), key=lambda p: p.stat().st_size)
-    print("4. a cached epoch (the second) in a fresh process: " + "; ".join(
-        f"{name} decoder {seconds:.2f} s, peak {peak}" for name, (seconds, peak) in figures.items()) +
-        f" (the grid cache: {grid.stat().st_size / 2**20:.0f} MiB on disk, memory-mapped)")
-
-    self_critical(cfg, device)
+    note(f"{n_images} JPEGs of 500x375, {n_images * 5} captions, batch {cfg.batch_size}, image "
+         f"size {cfg.image_size}, device {device}, {torch.get_num_threads()} threads, "
+         f"{decoding_workers(cfg)} decoding workers, torch {torch.__version__}")
+    if device.type == "cuda":
+        note(f"GPU: {torch.cuda.get_device_name(device)}")
+    if "extraction" in chosen:
+        extraction(cfg, device, work / "data" / "Images", weights)
+    epochs = None
+    if "job" in chosen:
+        timeout = float(own["job_timeout"]) if "job_timeout" in own else None
+        epochs = whole_job(common, work, timeout)
+    if "epoch" in chosen and not epochs:
+        note("epoch: skipped, as it needs the job's cache and its last epoch (--figures=job,epoch)")
+    if "epoch" in chosen and epochs:
+        in_memory = in_memory_epoch(cfg, device, epochs)
+        cached = float(pd.read_csv(work / "job" / "loss_per_epoch.csv")["epoch_seconds"].iloc[-1])
+        figure("cached_vs_in_memory", cached / in_memory)
+    if "decoders" in chosen:
+        decoders(common, work)
+    if "scst" in chosen:
+        self_critical(cap.resolve_settings(cap.parse_args(
+            [*common, f"--cache_dir={work / 'cache'}", "--freq_threshold=1"])[0]), device)
 
 
 def self_critical(cfg, device):
-    """5. The CIDEr-D reward's throughput, and an SCST step against a cross-entropy step, on the same data."""
+    """The CIDEr-D reward's throughput, and an SCST step against a cross-entropy step."""
     data = cap.prepare_data(cfg, device, build_vocab=True)
-    model = cap.Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.dropout).to(device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], cfg.learning_rate)
+    model = cap.Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers,
+                          cfg.dropout).to(device)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, cfg.learning_rate)
     train_set = cap.FlickrDataset(data.split("train"), data.vocab, data.source)
     start = time.perf_counter()
     images, reward = cap.scst_data(data, data.vocab, cfg.max_train_caption_len)
     setup = time.perf_counter() - start
-    hyps = torch.nn.utils.rnn.pad_sequence([c[1:] for c in train_set.captions], batch_first=True)  # words, <EOS>
+    words = [c[1:] for c in train_set.captions]  # words, <EOS>
+    hyps = torch.nn.utils.rnn.pad_sequence(words, batch_first=True)
     position = {name: i for i, name in enumerate(images.images)}
-    owners = torch.tensor([position[name] for name in train_set.images])  # each caption's image, as the reward has it
+    # each caption's image, as the reward has it
+    owners = torch.tensor([position[name] for name in train_set.images])
     n = cfg.batch_size * cfg.scst_samples
-    scoring = timed(lambda: [reward(hyps[i:i + n], owners[i:i + n]) for i in range(0, len(hyps), n)])
-    print(f"5. CIDEr-D reward: {len(hyps) / scoring:.0f} captions/s in batches of {n} "
-          f"({len(images)} training images' references prepared in {setup:.2f} s)")
+    scoring = timed(lambda: [reward(hyps[i:i + n], owners[i:i + n])
+                             for i in range(0, len(hyps), n)], device)
+    note(f"CIDEr-D reward in batches of {n}; {len(images)} training images' references "
+         f"prepared in {setup:.2f} s")
+    figure("cider_reward_captions_per_s", len(hyps) / scoring, 0)
     steps = cap.epoch_batches(len(images), cfg.batch_size, cfg.seed, 1)[:20]
     model.train()
 
     def scst_steps():
         for batch in steps:
             inputs, _ = images.batch(batch)
-            cap.scst_step(model, model, optimizer, inputs.to(device), batch, reward, cfg.scst_learning_rate, cfg,
-                          device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            cap.scst_step(model, model, optimizer, inputs.to(device), batch, reward,
+                          cfg.scst_learning_rate, cfg, device)
 
     def cross_entropy_steps():
         for batch in cap.epoch_batches(len(train_set), cfg.batch_size, cfg.seed, 1)[:20]:
             inputs, captions = train_set.batch(batch)
-            cap.train_step(model, optimizer, inputs.to(device), captions.to(device), cfg.learning_rate, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            cap.train_step(model, optimizer, inputs.to(device), captions.to(device),
+                           cfg.learning_rate, device)
 
-    scst, cross_entropy = timed(scst_steps) / len(steps), timed(cross_entropy_steps) / 20
+    scst = timed(scst_steps, device) / len(steps)
+    cross_entropy = timed(cross_entropy_steps, device) / 20
     per_epoch = scst * len(cap.epoch_batches(len(images), cfg.batch_size, cfg.seed, 1))
     ce_epoch = cross_entropy * len(cap.epoch_batches(len(train_set), cfg.batch_size, cfg.seed, 1))
-    print(f"   an SCST step ({cfg.batch_size} images x {cfg.scst_samples} samples, max {cfg.max_caption_len} words): "
-          f"{1000 * scst:.0f} ms; a cross-entropy step ({cfg.batch_size} captions): {1000 * cross_entropy:.0f} ms; "
-          f"per epoch {per_epoch:.2f} s vs {ce_epoch:.2f} s ({per_epoch / ce_epoch:.1f}x)")
+    note(f"an SCST step: {cfg.batch_size} images x {cfg.scst_samples} samples, at most "
+         f"{cfg.max_caption_len} words; a cross-entropy step: {cfg.batch_size} captions")
+    figure("scst_step_ms", 1000 * scst, 0)
+    figure("cross_entropy_step_ms", 1000 * cross_entropy, 0)
+    figure("scst_epoch_s_estimate", per_epoch)
+    figure("cross_entropy_epoch_s_estimate", ce_epoch)
+    figure("scst_vs_cross_entropy_epoch", per_epoch / ce_epoch)
 
 
 if __name__ == "__main__":
-    random.seed(0)
     main(sys.argv[1:])
