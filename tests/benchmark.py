@@ -27,6 +27,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -92,13 +93,6 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
-def decoding_workers(cfg):
-    """num_workers as the script reads it: below 0 means one per core."""
-    if cfg.num_workers >= 0:
-        return cfg.num_workers
-    return len(os.sched_getaffinity(0))
-
-
 def peak_memory():
     """(GiB, where): the GPU's peak allocation, else this process's peak resident memory."""
     if torch.cuda.is_available():
@@ -112,6 +106,11 @@ def peak_memory():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "resident"
 
 
+def model_args(cfg):
+    """The settings that shape the model, as the script passes them to Captioner."""
+    return {name: getattr(cfg, name) for name in cap.MODEL_ARGS}
+
+
 def extraction(cfg, device, image_dir, weights):
     """Extraction with JPEG decoding against ResNet50's bare forward on decoded tensors."""
     names = sorted(p.name for p in image_dir.iterdir())
@@ -120,7 +119,7 @@ def extraction(cfg, device, image_dir, weights):
     batch = max(cfg.batch_size, 64)  # as the script extracts
     # at most 1,024 decoded images on the device (all of Flickr8k would need 4.9 GB)
     with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # PIL decodes without the GIL
-        decoded = list(pool.map(lambda n: cap.load_image(image_dir / n, transform), names[:1024]))
+        decoded = list(pool.map(lambda n: transform(cap.open_rgb(image_dir / n)), names[:1024]))
     tensors = torch.stack(decoded)
     tensors = tensors.to(device).contiguous(memory_format=torch.channels_last)  # (N, 3, H, W)
 
@@ -132,9 +131,9 @@ def extraction(cfg, device, image_dir, weights):
     with torch.inference_mode(), cap.autocast(device):
         resnet(tensors[:batch])  # cuDNN picks its kernels before the clock starts
     alone = len(tensors) / timed(forward_only, device)
-    workers = decoding_workers(cfg)
-    seconds = timed(lambda: cap.extract_features(resnet, image_dir, names, transform, device,
-                                                 batch, workers), device)
+    workers = cap.decoding_workers(cfg)
+    paths = [image_dir / n for n in names]
+    seconds = timed(lambda: cap.extract_features(resnet, paths, cfg, device), device)
     with_decoding = len(names) / seconds
     note(f"extraction: {len(names)} JPEGs in {seconds:.1f} s, batch {batch}, {workers} "
          f"decoding workers; bare forward on {len(tensors)} decoded tensors on {device}")
@@ -178,8 +177,7 @@ def in_memory_epoch(cfg, device, epoch):
     data = cap.prepare_data(cfg, device, build_vocab=True)  # reads the job's cache
     if device.type == "cuda":  # as the script does: batches gathered on the GPU
         data.source.features = data.source.features.to(device)
-    model = cap.Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers,
-                          cfg.dropout, cfg.image_size, None, cfg.decoder).to(device).train()
+    model = cap.Captioner(data.vocab, model_args(cfg)).to(device).train()
     trained = [p for p in model.parameters() if p.requires_grad]
     fused = True if device.type == "cuda" else None  # as the script's optimizer
     optimizer = torch.optim.Adam(trained, lr=cfg.learning_rate, fused=fused)
@@ -192,8 +190,9 @@ def in_memory_epoch(cfg, device, epoch):
 
     def steps(some):
         for images, captions in some:
-            cap.train_step(model, optimizer, images, captions, cfg.learning_rate, device)
+            cap.train_step(run, images, captions, cfg.learning_rate)
 
+    run = SimpleNamespace(cfg=cfg, device=device, model=model, ddp=model, optimizer=optimizer)
     timed(lambda: steps(in_memory[:20]), device)  # kernels chosen and memory allocated first
     seconds = timed(lambda: steps(in_memory), device)
     note(f"in memory: the same {len(in_memory)} steps of batch {cfg.batch_size}")
@@ -254,7 +253,7 @@ def main(argv):
     device = cap.pick_device(cfg.device)
     note(f"{n_images} JPEGs of 500x375, {n_images * 5} captions, batch {cfg.batch_size}, image "
          f"size {cfg.image_size}, device {device}, {torch.get_num_threads()} threads, "
-         f"{decoding_workers(cfg)} decoding workers, torch {torch.__version__}")
+         f"{cap.decoding_workers(cfg)} decoding workers, torch {torch.__version__}")
     if device.type == "cuda":
         note(f"GPU: {torch.cuda.get_device_name(device)}")
     if "extraction" in chosen:
@@ -279,8 +278,7 @@ def main(argv):
 def self_critical(cfg, device):
     """The CIDEr-D reward's throughput, and an SCST step against a cross-entropy step."""
     data = cap.prepare_data(cfg, device, build_vocab=True)
-    model = cap.Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers,
-                          cfg.dropout).to(device)
+    model = cap.Captioner(data.vocab, model_args(cfg)).to(device)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trained, cfg.learning_rate)
     train_set = cap.FlickrDataset(data.split("train"), data.vocab, data.source)
@@ -300,18 +298,18 @@ def self_critical(cfg, device):
     figure("cider_reward_captions_per_s", len(hyps) / scoring, 0)
     steps = cap.epoch_batches(len(images), cfg.batch_size, cfg.seed, 1)[:20]
     model.train()
+    run = SimpleNamespace(cfg=cfg, device=device, model=model, ddp=model, optimizer=optimizer,
+                          reward=reward)
 
     def scst_steps():
         for batch in steps:
             inputs, _ = images.batch(batch)
-            cap.scst_step(model, model, optimizer, inputs.to(device), batch, reward,
-                          cfg.scst_learning_rate, cfg, device)
+            cap.scst_step(run, inputs.to(device), batch, cfg.scst_learning_rate)
 
     def cross_entropy_steps():
         for batch in cap.epoch_batches(len(train_set), cfg.batch_size, cfg.seed, 1)[:20]:
             inputs, captions = train_set.batch(batch)
-            cap.train_step(model, optimizer, inputs.to(device), captions.to(device),
-                           cfg.learning_rate, device)
+            cap.train_step(run, inputs.to(device), captions.to(device), cfg.learning_rate)
 
     scst = timed(scst_steps, device) / len(steps)
     cross_entropy = timed(cross_entropy_steps, device) / 20
