@@ -974,7 +974,7 @@ def validation_loss(model, dataset, cfg, device):
     batches = [b.tolist() for b in torch.arange(len(dataset)).split(cfg.batch_size)][rank::size]
     total_loss, correct, tokens = 0.0, 0, 0
     with evaluating(model):
-        for inputs, captions in caption_batches(dataset, batches, cfg, device):
+        for inputs, captions in caption_batches(dataset, batches, device):
             loss, logits, targets = model(inputs, captions)
             mask = targets != Vocabulary.PAD
             total_loss += loss.item() * mask.sum().item()
@@ -1122,7 +1122,9 @@ def is_main_process():
 
 
 def tqdm(*args, **kwargs):
-    return _tqdm(*args, **kwargs | {"disable": kwargs.get("disable") or not is_main_process()})
+    """A progress bar in process 0 on a terminal; a log file gets plain lines instead (no \\r)."""
+    shown = is_main_process() and sys.stderr.isatty() and not kwargs.get("disable")
+    return _tqdm(*args, **kwargs | {"disable": not shown})
 
 
 def log(message):
@@ -2226,13 +2228,27 @@ def claim_output_dir(out, fresh=False):
     return lock  # held open until the process ends
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a scheduler, a closed terminal
+
+
+@contextlib.contextmanager
+def stopping_on_signals():
+    """Inside, SIGTERM and SIGHUP stop the process as Ctrl-C does: what is being written is cleaned."""
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class CtrlC:
-    """Ctrl-C or SIGTERM asks the loop to save last.pt and stop; a second one stops at once."""
+    """Ctrl-C, SIGTERM or SIGHUP asks the loop to save last.pt and stop; a second one stops at once."""
     # under torchrun, whose agent passes one Ctrl-C on twice, every signal only asks
     requested = False
 
     def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {sig: signal.signal(sig, self.request) for sig in STOP_SIGNALS}
         return self
 
     def request(self, signum, frame):
@@ -2334,8 +2350,6 @@ def merge_over_processes(part):
 def test_report(restored, data, cfg, device, tag=""):
     """Test metrics, captions (with each image's scores) and report.html, tag in their names."""
     out, model, start = Path(cfg.output_dir), restored.model, time.time()
-    if data.resnet is not None:  # no cached features: the backbone encodes every image
-        model.encoder.attach(data.resnet)
     model.to(device)
     captions, _ = generate_captions(model, data.source, data.images("test"), cfg, device)
     demo = demo_scores(model, data, "test", cfg, device, by_kind=True)  # in every process: each does a share
@@ -2596,8 +2610,8 @@ def image_files(paths):
     return files, missing
 
 
-def caption_images(cfg, paths, restored, device):
-    """--caption: prints path<TAB>caption a line per image; messages go to stderr."""
+def caption_images(cfg, paths, restored, device, out):
+    """--caption: prints path<TAB>caption a line per image, and writes out/report-captions.html."""
     files, missing = image_files(paths)
     weights = encoder_weights_file(cfg)
     resnet = load_resnet50(weights)  # first: a missing or damaged file is its own clear error
@@ -2623,12 +2637,15 @@ def caption_images(cfg, paths, restored, device):
     maps = word_maps(model, source, captions, device)
     rows = [{"path": Path(name), "name": str(file), "caption": captions[name], "maps": maps.get(name)}
             for file, name in zip(files, names) if name in captions]
-    try:  # report-captions.html; the captions are out: a folder that cannot be written only warns
-        page = write_report(cfg.output_dir, "report-captions", f"{len(rows)} images captioned",
+    # beside the checkpoint (or in --output_dir): never into another run's folder, and the page's
+    # graphs are those of the checkpoint's own run
+    cfg = dataclasses.replace(cfg, output_dir=str(out))
+    try:  # the captions are out: a folder that cannot be written only warns
+        page = write_report(out, "report-captions", f"{len(rows)} images captioned",
                             report_header(cfg, restored), rows)
         stderr(f"results page: {page}")
-    except OSError as error:
-        stderr(f"warning: no results page in {cfg.output_dir}: {error.strerror or error}")
+    except (OSError, UserError) as error:
+        stderr(f"warning: no results page in {out}: {getattr(error, 'strerror', None) or error}")
     return 1 if unread or missing else 0
 
 
@@ -2636,6 +2653,11 @@ def caption_images(cfg, paths, restored, device):
 # main: settings, then training, --evaluate or --caption
 
 def main(argv=None):
+    with stopping_on_signals():
+        return main_(argv)
+
+
+def main_(argv=None):
     try:
         overrides, caption_paths = parse_args(sys.argv[1:] if argv is None else argv)
         captioning = caption_paths is not None  # then stdout holds only captions
@@ -2650,7 +2672,8 @@ def main(argv=None):
         cfg = resolve_settings(overrides, echo, trained, shown)
         device = pick_device(cfg.device)
         if captioning:
-            return caption_images(cfg, caption_paths, restored, device)
+            out = cfg.output_dir if "output_dir" in overrides else restored.path.parent
+            return caption_images(cfg, caption_paths, restored, device, out)
         device = start_processes(device)  # under torchrun: this process's GPU, and the others
         if cfg.evaluate:
             return evaluate_checkpoint(cfg, device, restored)
