@@ -750,11 +750,12 @@ def record_losses(run):
             columns += ["reward", "greedy_cider"]
         append_csv(Path(run.cfg.output_dir) / "loss_per_batch.csv", rows, columns)
     progress = run.progress
-    progress.loss_sum += sum(row[4] for row in rows)
-    progress.loss_count += len(rows)
-    if scst:
-        progress.reward_sum += sum(row[5] for row in rows)
-        progress.greedy_sum += sum(row[6] for row in rows)
+    for row in rows:  # one at a time, in float64: a resume that groups steps otherwise sums the same
+        progress.loss_sum += row[4]
+        progress.loss_count += 1
+        if scst:
+            progress.reward_sum += row[5]
+            progress.greedy_sum += row[6]
     average = progress.reward_sum if scst else progress.loss_sum
     average /= progress.loss_count
     run.bar.set_postfix({"loss": f"{rows[-1][4]:.3f}", "avg": f"{average:.3f}"})
@@ -945,15 +946,29 @@ def open_epoch(run, epoch, batch, epoch_steps, all_epochs):
     """The epoch's batches from batch on, each with its indices into the dataset; its progress bar."""
     cfg = run.cfg
     rank, size = rank_and_size()
+    scst = epoch >= cfg.num_epochs
+    if scst and epoch == cfg.num_epochs and batch == 0:
+        keep_cross_entropy_results(run)
     if batch == 0:  # epochs are reproducible one by one; each process has its own dropout
         torch.manual_seed((cfg.seed * 1000 + epoch + 1) * size + rank)
-    scst = epoch >= cfg.num_epochs
     dataset = run.scst_set if scst else run.train_set
     shares = process_batches(len(dataset), cfg, epoch + 1)[batch:]
     phase = " (self-critical)" if scst else ""
     run.bar = tqdm(total=epoch_steps, initial=batch, unit="batch", leave=False,
                    desc=f"epoch {epoch + 1}/{all_epochs}{phase}")
     return zip(shares, caption_batches(dataset, shares, run.device))
+
+
+def keep_cross_entropy_results(run):
+    """Before SCST's first epoch: the cross-entropy best.pt and its test report, kept as best-xe.pt,
+    report-xe.html and test_*-xe.*, to compare with what SCST makes of them."""
+    out = Path(run.cfg.output_dir)
+    if is_main_process():
+        shutil.copyfile(out / "best.pt", out / "best-xe.pt.tmp")
+        os.replace(out / "best-xe.pt.tmp", out / "best-xe.pt")
+    wait_for_all()
+    log(f"self-critical training begins: the cross-entropy run's best.pt is kept as {out / 'best-xe.pt'}")
+    test_report(restore(out / "best-xe.pt"), run.data, run.cfg, run.device, "-xe")
 
 
 def stop_and_save(run):

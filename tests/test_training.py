@@ -1,7 +1,5 @@
 """End-to-end training on the demo set, resume after kill -9 and Ctrl-C, checkpoints, the output folder."""
 import errno
-import gc
-import itertools
 import json
 import math
 import os
@@ -11,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -477,3 +476,29 @@ def test_a_fresh_run_sets_aside_only_what_a_run_writes(tmp_path, demo_dirs, rand
     assert (out / "notes" / "todo.txt").read_text() == "keep me" and not (previous / "notes").exists()
     assert {"best.pt", "last.pt", "loss_per_epoch.csv", "test_metrics.json", "report.html", "report"} <= {
         p.name for p in previous.iterdir()}
+
+
+def test_scst_added_to_a_finished_run_keeps_its_cross_entropy_results(tmp_path, random_weights):
+    out = tmp_path / "out"
+    args = [*TINY_DEMO, "--num_epochs=1", "--max_batches_per_epoch=4", f"--data_dir={tmp_path / 'data'}",
+            f"--cache_dir={tmp_path / 'cache'}", f"--encoder_weights={random_weights}", f"--output_dir={out}"]
+    assert cap.main(args) == 0
+    cross_entropy = json.loads((out / "test_metrics.json").read_text())
+    assert cap.main([*args, "--resume", "--scst_epochs=1"]) == 0
+    kept = json.loads((out / "test_metrics-xe.json").read_text())
+    assert {k: v for k, v in kept.items() if k not in ("checkpoint", "seconds")} == \
+        {k: v for k, v in cross_entropy.items() if k not in ("checkpoint", "seconds")}
+    assert (out / "report-xe.html").is_file() and (out / "report.html").is_file()
+    xe, scst = (torch.load(out / name, weights_only=True) for name in ("best-xe.pt", "best.pt"))
+    assert xe["epoch"] == 1 and scst["epoch"] == 2  # SCST's best beside the cross-entropy one
+
+
+def test_an_scst_epoch_whose_every_reward_is_0_is_warned_about(capsys):
+    progress = cap.Progress(epoch=2, loss_sum=-3.0, loss_count=4)
+    run = SimpleNamespace(progress=progress, cfg=SimpleNamespace(num_epochs=1))
+    figures = cap.epoch_training_figures(run)
+    assert figures["phase"] == "self-critical" and figures["reward"] == 0
+    assert "reward was 0" in capsys.readouterr().err
+    progress.reward_sum = 1.0
+    cap.epoch_training_figures(run)
+    assert "reward" not in capsys.readouterr().err
