@@ -24,6 +24,7 @@ import math
 import os
 import random
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import unicodedata
 import urllib.parse
 from collections import Counter
 from pathlib import Path
@@ -176,39 +178,47 @@ class Vocabulary:
 # hands (features, padded captions) batches, in an order fixed by seed and epoch, to the training loop
 
 def image_transform(size):
-    return T.Compose([T.ToImage(), T.Resize(size, antialias=True), T.CenterCrop(size),
-                      T.ToDtype(torch.float32, scale=True),
-                      T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    """What the frozen ResNet50 sees: resized, centre-cropped, normalised as for ImageNet."""
+    return T.Compose([
+        T.ToImage(),
+        T.Resize(size, antialias=True),
+        T.CenterCrop(size),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    ])
 
 
 class ImageSource:
-    """Encoder inputs by image name: cached 2048-d features when there are some, else decoded images."""
+    """The frozen ResNet50's features by image name: pooled (N, 2048) or grids (N, L, 2048)."""
 
-    def __init__(self, image_dir, transform, features=None, names=None):
-        self.image_dir, self.transform, self.features = Path(image_dir), transform, features
-        self.row = {name: i for i, name in enumerate(names or [])}
+    def __init__(self, image_dir, features, names):
+        self.image_dir = Path(image_dir)
+        self.features = features
+        self.row = {name: i for i, name in enumerate(names)}
 
     def get(self, name):
-        if self.features is not None:
-            return self.features[self.row[name]]
-        return load_image(self.image_dir / name, self.transform)
+        return self.features[self.row[name]]
 
 
 class FlickrDataset(Dataset):
-    """One item per caption: (encoder input for its image, caption ids with <SOS> and <EOS>)."""
+    """One item per caption: its image's features and its word ids, <SOS> first and <EOS> last."""
 
     def __init__(self, captions, vocab, source, max_len=None):
-        self.images, self.source = captions["image"].tolist(), source
-        tokens = captions["tokens"] if "tokens" in captions else Vocabulary.tokenize_many(captions["caption"])
+        self.images = captions["image"].tolist()
+        self.source = source
+        if "tokens" in captions:
+            tokens = captions["tokens"]
+        else:
+            tokens = Vocabulary.tokenize_many(captions["caption"])
         cut = sum(len(t) > max_len for t in tokens) if max_len else 0
         if cut:  # one 10,000-word caption once made two batches take 420 s
             tokens = [t[:max_len] for t in tokens]
             log(f"{cut} caption(s) longer than {max_len} words cut to {max_len} words")
         self.captions = [torch.tensor([vocab.SOS, *vocab.numericalize(t), vocab.EOS]) for t in tokens]
         self.lengths = torch.tensor([len(c) for c in self.captions])
-        if source.features is not None:  # every batch is then indexed from these, in place
-            self.padded = pad_sequence(self.captions, batch_first=True).int()  # (N, T)
-            self.rows = torch.tensor([source.row[name] for name in self.images])  # (N,): feature rows
+        # every batch is indexed from these two, in place: no DataLoader, no copies per item
+        self.padded = pad_sequence(self.captions, batch_first=True).int()  # (N, T)
+        self.rows = torch.tensor([source.row[name] for name in self.images])  # (N,) feature rows
 
     def __len__(self):
         return len(self.captions)
@@ -217,42 +227,30 @@ class FlickrDataset(Dataset):
         return self.source.get(self.images[i]), self.captions[i]
 
     def batch(self, indices):
-        """The captions at indices with their cached features, in one indexing each, without a DataLoader."""
+        """The captions at indices, cut to the longest, with their images' features."""
         index = torch.tensor(indices)
         longest = int(self.lengths[index].max())  # on the host: no wait for a GPU
-        features = self.source.features[self.rows[index].to(self.source.features.device)]  # (B, [L,] 2048)
+        rows = self.rows[index].to(self.source.features.device)
+        features = self.source.features[rows]  # (B, 2048) or (B, L, 2048)
         return features, self.padded[index, :longest].long()  # (B, T)
 
 
-class CapsCollate:
-    """Stacks a batch's images and pads its captions (with <PAD>, 0) to the longest."""
-
-    def __call__(self, batch):
-        images, captions = zip(*batch)
-        return torch.stack(images), pad_sequence(captions, batch_first=True, padding_value=Vocabulary.PAD)
-
-
-def caption_batches(dataset, batches, cfg, device):
-    """(inputs, padded captions) on the device per batch: indexed from cached features, else decoded."""
-    if dataset.source.features is not None:
-        pairs = map(dataset.batch, batches)
-    else:  # its own generator: a DataLoader otherwise draws from the global RNG, and resumes would differ
-        pairs = DataLoader(dataset, batch_sampler=batches, collate_fn=CapsCollate(),
-                           generator=torch.Generator(), num_workers=cfg.num_workers,
-                           pin_memory=device.type == "cuda")
-    for inputs, captions in pairs:
-        yield inputs.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+def caption_batches(dataset, batches, device):
+    """(features, padded captions) on the device, one pair per batch of caption indices."""
+    for indices in batches:
+        features, captions = dataset.batch(indices)
+        yield features.to(device, non_blocking=True), captions.to(device, non_blocking=True)
 
 
 @dataclasses.dataclass
 class Data:
+    """What a run trains and is scored on."""
     frame: pd.DataFrame         # image, caption, tokens, split: one row per caption
-    source: "ImageSource"       # encoder inputs by image name
+    source: ImageSource         # every readable image's features
     weights: Path               # the ResNet50 file the features come from
-    feature_stats: tuple        # mean and std (2048,) of the training split's features (per channel)
+    feature_stats: tuple        # mean and std (2048,) of the training split's features
     train_images_sha256: str    # which images the split trains on, as checkpoints record it
     vocab: "Vocabulary" = None  # of the training split, when asked for
-    resnet: nn.Module = None    # only when features are not cached: the encoder then runs every step
 
     def split(self, name):
         return self.frame[self.frame["split"] == name]
@@ -262,9 +260,12 @@ class Data:
 
 
 def epoch_batches(n, batch_size, seed, epoch, max_batches=0):
-    """The epoch's batches of caption indices, in an order fixed by seed and epoch: a resume repeats it."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)][:max_batches or None]
+    """The epoch's batches of caption indices, in an order fixed by seed and epoch."""
+    # a resume repeats the order exactly: the generator is seeded by the epoch, never global
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return batches[:max_batches or None]
 
 
 def process_batches(n, cfg, epoch):
@@ -581,7 +582,8 @@ def scst_data(data, vocab, max_len=0):
     return FlickrDataset(images, vocab, data.source), CiderD(ids, len(vocab), scored)
 
 
-def scst_step(ddp, model, optimizer, inputs, images, reward, lr, cfg, device):
+def scst_step(run, inputs, images, lr):
+    ddp, model, optimizer, reward, cfg, device = run.ddp, run.model, run.optimizer, run.reward, run.cfg, run.device
     """One step on the sampled captions' CIDEr-D above the baseline: the loss, mean reward, greedy CIDEr-D."""
     n = cfg.scst_samples
     with autocast(device):
@@ -608,22 +610,25 @@ class Progress:
     epoch: int = 0  # epochs trained and validated
     step: int = 0  # optimizer steps taken
     best_score: float = float("-inf")  # of best_metric, higher is better
+    best_step: int = 0  # the step best.pt was saved at
     loss_sum: float = 0.0  # over the recorded steps of the epoch under way
     loss_count: int = 0
     reward_sum: float = 0.0  # self-critical steps: their sampled and greedy captions' CIDEr-D
     greedy_sum: float = 0.0
+    epoch_row: dict = dataclasses.field(default_factory=dict)  # the last epoch's loss_per_epoch row
 
 
 def count_steps(dataset, cfg, what):
     """This process's steps in an epoch of dataset; none at all is one clear error."""
     steps = len(process_batches(len(dataset), cfg, 1))
     if steps == 0:
-        raise UserError(f"{len(dataset)} {what} cannot be shared by {rank_and_size()[1]} processes: use more")
+        raise UserError(f"{len(dataset)} {what} cannot be shared by {rank_and_size()[1]} "
+                        f"processes: use more")
     return steps
 
 
 def epoch_and_batch(step, steps_per_epoch, scst_steps, cfg):
-    """The 0-based epoch and batch of a step: num_epochs of cross-entropy, then the self-critical epochs."""
+    """The 0-based epoch and batch of a step: num_epochs of cross-entropy, then SCST epochs."""
     cross_entropy_steps = cfg.num_epochs * steps_per_epoch
     if step < cross_entropy_steps or not scst_steps:
         return divmod(step, steps_per_epoch)
@@ -643,42 +648,78 @@ def learning_rate_at(step, total_steps, cfg):
     return cfg.learning_rate
 
 
-def start_run(cfg, device, out):
-    """A fresh run's data, model, optimizer and progress, or last.pt's (--resume): the one place for both."""
+@dataclasses.dataclass
+class Run:
+    """What the training loop and its helpers share, made once by start_run."""
+    cfg: Config
+    device: torch.device
+    data: Data
+    model: Captioner
+    optimizer: torch.optim.Optimizer
+    progress: Progress
+    ddp: nn.Module = None  # the model, or its DistributedDataParallel wrapper under torchrun
+    train_set: FlickrDataset = None  # a caption an item
+    val_set: FlickrDataset = None
+    scst_set: FlickrDataset = None  # an image an item
+    reward: CiderD = None  # SCST's reward
+    pending: list = dataclasses.field(default_factory=list)  # steps whose losses are not read yet
+    bar: object = None  # the epoch's progress bar
+
+
+def start_run(cfg, device):
+    """A fresh run's data, model, optimizer and progress, or last.pt's (--resume), in a Run."""
+    out = Path(cfg.output_dir)
     restored = restore(out / "last.pt", cfg) if cfg.resume else None
     data = prepare_data(cfg, device, build_vocab=True, trained=restored)
-    if device.type == "cuda" and data.source.features is not None:  # batches are then gathered on the GPU
-        if data.source.features.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
-            data.source.features = data.source.features.to(device)
-    torch.manual_seed(cfg.seed)  # after the data: the model's initial weights never depend on what was cached
+    features = data.source.features
+    if device.type == "cuda" and features.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
+        data.source.features = features.to(device)  # batches are then gathered on the GPU
+    torch.manual_seed(cfg.seed)  # after the data: the initial weights never depend on the cache
     if restored:
-        model, progress = restored.model, restored.progress
-        if data.resnet is not None:
-            model.encoder.attach(data.resnet)
+        model = restored.model
+        progress = restored.progress
     else:
         model = Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.dropout,
-                          cfg.image_size, data.resnet, cfg.decoder)
+                          cfg.image_size, None, cfg.decoder)
         model.encoder.feature_mean.copy_(data.feature_stats[0])
         model.encoder.feature_std.copy_(data.feature_stats[1])
         progress = Progress()
     fused = True if device.type == "cuda" else None  # one kernel for all the parameters on a GPU
-    optimizer = torch.optim.Adam([p for p in model.to(device).parameters() if p.requires_grad],
-                                 lr=cfg.learning_rate, fused=fused)
+    trained = [p for p in model.to(device).parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=cfg.learning_rate, fused=fused)
     if restored:
         optimizer.load_state_dict(restored.optimizer)
         torch.set_rng_state(restored.rng_states[0])  # mid-epoch: dropout goes on as it would have
         if torch.cuda.is_available() and restored.rng_states[1]:
             torch.cuda.set_rng_state_all(restored.rng_states[1][:torch.cuda.device_count()])
-        log(f"resuming from {restored.path}: epoch {progress.epoch} done, step {progress.step}")
-    if is_main_process():  # the logs keep their rows up to the checkpoint (a fresh run's folder is empty)
-        truncate_csv(out / "loss_per_batch.csv", "step", progress.step)
-        truncate_csv(out / "loss_per_epoch.csv", "epoch", progress.epoch)
+        log(f"resuming from {out / 'last.pt'}: epoch {progress.epoch} done, step {progress.step}")
+    run = Run(cfg, device, data, model, optimizer, progress)
+    if is_main_process():
+        mend_outputs(run, out)
         model.vocab.save(out / "vocab.json")
         meteor_scorer()  # its JVM loads while the first epoch trains
-    return data, model, optimizer, progress
+    return run
 
 
-def train_step(model, optimizer, inputs, captions, lr, device):
+def mend_outputs(run, out):
+    """The logs and best.pt as last.pt left them: a kill -9 at any instant resumes exactly."""
+    # end_epoch writes last.pt first, then best.pt, then the epoch's row: what a kill skipped is
+    # redone here from last.pt; rows past it (steps taken after last.pt) go
+    progress = run.progress
+    truncate_csv(out / "loss_per_batch.csv", "step", progress.step)
+    truncate_csv(out / "loss_per_epoch.csv", "epoch", progress.epoch)
+    if not progress.epoch_row:  # a fresh run, or a resume before the first epoch ended
+        return
+    epochs = out / "loss_per_epoch.csv"
+    if not epochs.is_file() or pd.read_csv(epochs)["epoch"].max() < progress.epoch:
+        append_csv(epochs, [progress.epoch_row], list(progress.epoch_row))
+    if progress.best_step == progress.step:  # last.pt was written with best.pt, at an epoch end
+        shutil.copyfile(out / "last.pt", out / "best.pt.tmp")
+        os.replace(out / "best.pt.tmp", out / "best.pt")
+
+
+def train_step(run, inputs, captions, lr):
+    model, optimizer, device = run.ddp, run.optimizer, run.device
     """One optimizer step; the loss stays on the device, as reading it would wait for the GPU every step."""
     with autocast(device):
         loss, _, _ = model(inputs, captions)
@@ -695,166 +736,247 @@ def optimizer_step(optimizer, loss, lr):
     optimizer.step()
 
 
-def record_losses(pending, progress, vocab_size, cfg, device, bar):
-    """Averages the pending steps' losses over the processes, checks them and appends them to the CSV."""
-    if not pending:
+def record_losses(run):
+    """Reads back the pending steps' losses, checks them and appends them to loss_per_batch.csv."""
+    if not run.pending:
         return
-    stats = torch.stack([p[3] for p in pending]) / rank_and_size()[1]  # (steps,), or (steps, 3) with rewards
-    stats = torch.tensor(sum_over_processes(stats.flatten().tolist(), device)).view(len(pending), -1)
-    scst = stats.size(1) > 1
-    phase = "self-critical" if scst else "cross-entropy"
-    rows = [(epoch, step, phase, lr, *v) for (epoch, step, lr, _), v in zip(pending, stats.tolist())]
-    limit = math.inf if scst else 10 * math.log(vocab_size)  # a fresh model's loss is about log(vocab_size)
-    bad = [row for row in rows if not math.isfinite(row[4]) or row[4] > limit]
-    if bad:
-        rate = "scst_learning_rate" if scst else "learning_rate"
-        epoch, step, _, _, loss = bad[0][:5]
-        raise UserError(f"the training loss diverged at epoch {epoch}, step {step} (loss {loss:.4g}): lower "
-                        f"--{rate} (now {getattr(cfg, rate)}). No checkpoint was written after that step")
+    rows = read_back(run.pending, run.device)
+    run.pending.clear()
+    scst = len(rows[0]) > 5  # (epoch, step, phase, lr, loss[, reward, greedy_cider])
+    check_losses(rows, scst, run)
     if is_main_process():
-        columns = ["epoch", "step", "phase", "lr", "loss"] + (["reward", "greedy_cider"] if scst else [])
-        append_csv(Path(cfg.output_dir) / "loss_per_batch.csv", rows, columns)
-    progress.loss_sum += float(stats[:, 0].sum())
-    progress.loss_count += len(stats)
-    if scst:
-        progress.reward_sum += float(stats[:, 1].sum())
-        progress.greedy_sum += float(stats[:, 2].sum())
-    average = ("avg reward", progress.reward_sum) if scst else ("avg", progress.loss_sum)
-    bar.set_postfix({"loss": f"{stats[-1, 0]:.3f}", average[0]: f"{average[1] / progress.loss_count:.3f}"})
-    pending.clear()
+        columns = ["epoch", "step", "phase", "lr", "loss"]
+        if scst:
+            columns += ["reward", "greedy_cider"]
+        append_csv(Path(run.cfg.output_dir) / "loss_per_batch.csv", rows, columns)
+    progress = run.progress
+    for row in rows:  # one at a time, in float64: a resume that groups steps otherwise sums the same
+        progress.loss_sum += row[4]
+        progress.loss_count += 1
+        if scst:
+            progress.reward_sum += row[5]
+            progress.greedy_sum += row[6]
+    average = progress.reward_sum if scst else progress.loss_sum
+    average /= progress.loss_count
+    run.bar.set_postfix({"loss": f"{rows[-1][4]:.3f}", "avg": f"{average:.3f}"})
+    if run.bar.disable and is_main_process():  # a log file, not a terminal: a plain line instead
+        epoch, step, phase, lr, loss = rows[-1][:5]
+        log(f"step {step} (epoch {epoch}, {phase}): loss {loss:.4f}, avg {average:.4f}, lr {lr:.3g}")
 
 
-def end_epoch(model, optimizer, data, val_set, progress, train_seconds, cfg, device):
-    """Validation, the epoch's row and log line, best.pt when it is the best yet, last.pt, graphs, samples."""
+def read_back(pending, device):
+    """Each pending step's row, its figures averaged over the processes: one wait for the GPU."""
+    stats = torch.stack([figures for *_, figures in pending])  # (steps,) or (steps, 3) with SCST
+    stats = stats / rank_and_size()[1]
+    totals = sum_over_processes(stats.flatten().tolist(), device)
+    stats = torch.tensor(totals).view(len(pending), -1)  # (steps, 1 or 3)
+    phases = {1: "cross-entropy", 3: "self-critical"}
+    phase = phases[stats.size(1)]
+    rows = []
+    for (epoch, step, lr, _), figures in zip(pending, stats.tolist()):
+        rows.append((epoch, step, phase, lr, *figures))
+    return rows
+
+
+def check_losses(rows, scst, run):
+    """Stops a run whose loss diverged, before any checkpoint saves the diverged weights."""
+    # a fresh model's loss is about log(vocab_size): ten times that is no learning
+    limit = math.inf if scst else 10 * math.log(len(run.model.vocab))
+    for epoch, step, _, _, loss, *_ in rows:
+        if not math.isfinite(loss) or loss > limit:
+            rate = "scst_learning_rate" if scst else "learning_rate"
+            raise UserError(f"the training loss diverged at epoch {epoch}, step {step} (loss "
+                            f"{loss:.4g}): lower --{rate} (now {getattr(run.cfg, rate)}). No "
+                            f"checkpoint was written after that step")
+
+
+def end_epoch(run, train_seconds):
+    """Validation, then last.pt, best.pt when it is the best yet, the epoch's row and graphs."""
+    cfg, progress = run.cfg, run.progress
     start = time.time()
-    val_loss, token_accuracy = validation_loss(model, val_set, cfg, device)
-    metrics, _ = evaluate_split(model, data, "val", cfg, device)
-    metrics |= demo_scores(model, data, "val", cfg, device)
-    eval_seconds = time.time() - start
+    val_loss, token_accuracy = validation_loss(run.model, run.val_set, cfg, run.device)
+    metrics, _ = evaluate_split(run.model, run.data, "val", cfg, run.device)
+    metrics |= demo_scores(run.model, run.data, "val", cfg, run.device)
     progress.epoch += 1
-    count, scst = max(progress.loss_count, 1), progress.epoch > cfg.num_epochs
-    train = {"phase": "self-critical" if scst else "cross-entropy", "train_loss": progress.loss_sum / count}
-    said = f"train loss {train['train_loss']:.3f}"
-    if scst:  # the loss of a self-critical step is no cross-entropy: the rewards say how it goes
-        train |= {"reward": progress.reward_sum / count, "greedy_cider": progress.greedy_sum / count}
-        reward, greedy = 100 * train["reward"], 100 * train["greedy_cider"]
-        said = f"self-critical: reward {reward:.1f}, greedy CIDEr-D {greedy:.1f}"
-    progress.loss_sum = progress.reward_sum = progress.greedy_sum = 0.0  # before the checkpoints
-    progress.loss_count = 0
+    row = {"epoch": progress.epoch, **epoch_training_figures(run)}
+    row |= {"val_loss": val_loss, "val_token_accuracy": token_accuracy, **metrics}
+    row |= {"epoch_seconds": round(train_seconds, 2), "eval_seconds": round(time.time() - start, 2)}
     if is_main_process():
+        best = is_best(progress, row, cfg)
+        progress.epoch_row = row
         out = Path(cfg.output_dir)
-        row = {"epoch": progress.epoch, **train, "val_loss": val_loss,
-               "val_token_accuracy": token_accuracy, **metrics, "epoch_seconds": round(train_seconds, 2),
-               "eval_seconds": round(eval_seconds, 2)}
-        append_csv(out / "loss_per_epoch.csv", [row], list(row))
-        metric = cfg.best_metric
-        if scst and metric in ("demo_accuracy", "val_loss"):  # SCST raises the cross-entropy: its epochs
-            metric = "CIDEr"  # are compared among themselves by the figure they optimise
-            if progress.epoch == cfg.num_epochs + 1:
-                progress.best_score = float("-inf")
-        score = -val_loss if metric == "val_loss" else metrics[metric]
-        # of equals the later: on the demo ties are common, and the later epoch is more trained
-        best = score >= progress.best_score
-        progress.best_score = max(progress.best_score, score)
-        log(f"epoch {progress.epoch}: {said}, val loss {val_loss:.3f}, token accuracy "
-            f"{token_accuracy:.1%}, {format_metrics(metrics)}; {train_seconds:.1f} s training, "
-            f"{eval_seconds:.1f} s validation (beam {cfg.beam_size}){'; best.pt' if best else ''}")
+        # last.pt first: a kill before the row is written is mended from it on --resume
+        save_checkpoint(out / "last.pt", run.model, run.optimizer, cfg, run.data, progress)
         if best:
-            save_checkpoint(out / "best.pt", model, optimizer, cfg, data, progress)
-        save_checkpoint(out / "last.pt", model, optimizer, cfg, data, progress)
+            save_checkpoint(out / "best.pt", run.model, run.optimizer, cfg, run.data, progress)
+        append_csv(out / "loss_per_epoch.csv", [row], list(row))
+        log_epoch(row, best, cfg)
         plot_history(out)
-    print_samples(model, data.source, data.images("val")[:3], cfg, device, f"end of epoch {progress.epoch}")
+    val_names = run.data.images("val")[:3]
+    print_samples(run.model, run.data.source, val_names, cfg, run.device, f"end of epoch {progress.epoch}")
+
+
+def epoch_training_figures(run):
+    """The epoch's phase and mean training loss (SCST: its rewards); the sums start again."""
+    progress = run.progress
+    count = max(progress.loss_count, 1)
+    figures = {"phase": "cross-entropy", "train_loss": progress.loss_sum / count}
+    if progress.epoch > run.cfg.num_epochs:  # SCST's loss is no cross-entropy: its rewards tell
+        figures["phase"] = "self-critical"
+        figures["reward"] = progress.reward_sum / count
+        figures["greedy_cider"] = progress.greedy_sum / count
+        if progress.reward_sum == 0:
+            warn("every sampled caption's reward was 0 this epoch, so SCST learned nothing: its "
+                 "captions match no reference n-gram (one training image, or identical captions?)")
+    progress.loss_sum = progress.reward_sum = progress.greedy_sum = 0.0
+    progress.loss_count = 0
+    return figures
+
+
+def is_best(progress, row, cfg):
+    """Whether the epoch's row is the best yet by best_metric (higher is better); records it."""
+    metric = cfg.best_metric
+    scst = row["phase"] == "self-critical"
+    if scst and metric in ("demo_accuracy", "val_loss"):  # SCST raises the cross-entropy: its
+        metric = "CIDEr"  # epochs are compared among themselves by the figure they optimise
+        if progress.epoch == cfg.num_epochs + 1:
+            progress.best_score = float("-inf")
+    score = -row["val_loss"] if metric == "val_loss" else row[metric]
+    # of equals the later: on the demo ties are common, and the later epoch is more trained
+    best = score >= progress.best_score
+    if best:
+        progress.best_score = score
+        progress.best_step = progress.step
+    return best
+
+
+def log_epoch(row, best, cfg):
+    if row["phase"] == "self-critical":
+        reward = 100 * row["reward"]
+        greedy = 100 * row["greedy_cider"]
+        said = f"self-critical: reward {reward:.1f}, greedy CIDEr-D {greedy:.1f}"
+    else:
+        said = f"train loss {row['train_loss']:.3f}"
+    metrics = {k: v for k, v in row.items() if k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR",
+                                                     "ROUGE-L", "CIDEr", "demo_accuracy")}
+    log(f"epoch {row['epoch']}: {said}, val loss {row['val_loss']:.3f}, token accuracy "
+        f"{row['val_token_accuracy']:.1%}, {format_metrics(metrics)}; {row['epoch_seconds']:.1f} s "
+        f"training, {row['eval_seconds']:.1f} s validation (beam {cfg.beam_size})"
+        + ("; best.pt" if best else ""))
 
 
 def train(cfg, device):
-    """Trains, validates every epoch, keeps best.pt (by best_metric) and last.pt, then reports on test."""
+    """Trains, validates every epoch, keeps best.pt (by best_metric) and last.pt, reports on test."""
     out, size = Path(cfg.output_dir), rank_and_size()[1]
     lock = claim_output_dir(out, fresh=not cfg.resume) if is_main_process() else None
-    data, model, optimizer, progress = start_run(cfg, device, out)
-    # with torchrun, DDP averages the gradients of the processes; else the model as it is
-    ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None) if size > 1 else model
-    train_set = FlickrDataset(data.split("train"), model.vocab, data.source, cfg.max_train_caption_len)
-    val_set = FlickrDataset(data.split("val"), model.vocab, data.source)
-    steps_per_epoch = count_steps(train_set, cfg, "training captions")
-    scst_set, reward, scst_steps = None, None, 0
-    if cfg.scst_epochs:
-        scst_set, reward = scst_data(data, model.vocab, cfg.max_train_caption_len)
-        scst_steps = count_steps(scst_set, cfg, "training images")
-    total_steps, all_epochs = cfg.num_epochs * steps_per_epoch, cfg.num_epochs + cfg.scst_epochs
-    pending, batches, bar, epoch_start = [], None, tqdm(disable=True), time.time()
-    model.train()
+    run = start_run(cfg, device)
+    prepare_epochs(run)
+    steps_per_epoch = count_steps(run.train_set, cfg, "training captions")
+    scst_steps = count_steps(run.scst_set, cfg, "training images") if cfg.scst_epochs else 0
+    total_steps = cfg.num_epochs * steps_per_epoch  # of cross-entropy: the schedule's length
+    all_epochs = cfg.num_epochs + cfg.scst_epochs
+    progress = run.progress
+    batches = None
+    epoch_start = time.time()
+    run.bar = tqdm(disable=True)
+    run.model.train()
     with CtrlC() as stop:
         try:
             while True:
-                epoch, batch = epoch_and_batch(progress.step, steps_per_epoch, scst_steps, cfg)  # next step's
+                # the step about to be taken: its epoch and batch
+                epoch, batch = epoch_and_batch(progress.step, steps_per_epoch, scst_steps, cfg)
                 scst = epoch >= cfg.num_epochs
                 epoch_steps = scst_steps if scst else steps_per_epoch
-                # every process stops at the same step; asking the others is a collective, so not every step
+                # every process stops at the same step; asking is a collective, so not every step
                 asking = size == 1 or batch % cfg.log_every == 0  # batch 0 too
                 if asking and any_process(stop.requested, device):
                     break
                 if batch == 0 and epoch > progress.epoch:  # the previous epoch's training is done
-                    bar.close()
-                    seconds = time.time() - epoch_start
-                    end_epoch(model, optimizer, data, val_set, progress, seconds, cfg, device)
+                    run.bar.close()
+                    end_epoch(run, time.time() - epoch_start)
                 if epoch >= all_epochs:  # num_epochs may be lowered on resume
                     break
                 if batch == 0 or batches is None:  # a new epoch, or the first batch of a resumed one
-                    dataset = scst_set if scst else train_set
-                    batches, bar = open_epoch(dataset, epoch, batch, epoch_steps, all_epochs, cfg, device)
+                    batches = open_epoch(run, epoch, batch, epoch_steps, all_epochs)
                     epoch_start = time.time()
                 indices, (inputs, captions) = next(batches)
                 progress.step += 1
                 lr = learning_rate_at(progress.step, total_steps, cfg)
                 if scst:
-                    stats = scst_step(ddp, model, optimizer, inputs, indices, reward, lr, cfg, device)
+                    figures = scst_step(run, inputs, indices, lr)
                 else:
-                    stats = train_step(ddp, optimizer, inputs, captions, lr, device)
-                pending.append((epoch + 1, progress.step, lr, stats))
-                bar.update()
-                if len(pending) >= cfg.log_every or batch + 1 == epoch_steps:
-                    record_losses(pending, progress, len(model.vocab), cfg, device, bar)
+                    figures = train_step(run, inputs, captions, lr)
+                run.pending.append((epoch + 1, progress.step, lr, figures))
+                run.bar.update()
+                if len(run.pending) >= cfg.log_every or batch + 1 == epoch_steps:
+                    record_losses(run)
                 if cfg.sample_every and progress.step % cfg.sample_every == 0:
-                    label = f"step {progress.step}"
-                    print_samples(model, data.source, data.images("val")[:3], cfg, device, label)
-        except UnreadableImage as error:  # gone since the run began: what was trained so far is kept
-            if size == 1:  # under torchrun the others wait in DDP: no collective, torchrun stops them
-                stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device)
-            # from a DataLoader worker the message holds a traceback whose source line matches first: the last
-            raise UserError(re.findall(r"cannot read image .*", str(error))[-1]) from None
+                    names = run.data.images("val")[:3]
+                    print_samples(run.model, run.data.source, names, cfg, device, f"step {progress.step}")
         finally:
-            bar.close()  # before any error's one line, which must start a line of its own
-        if any_process(stop.requested, device):  # also during the last validation: no test report then
-            stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device)
+            run.bar.close()  # before any error's one line, which must start a line of its own
+        if any_process(stop.requested, device):  # also during the last validation: no test report
+            stop_and_save(run)
             return resume_hint(out, progress.step, size)
     wait_for_all()  # for best.pt
-    test_report(restore(out / "best.pt"), data, cfg, device)
+    test_report(restore(out / "best.pt"), run.data, cfg, device)
     if device.type == "cuda":
         log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
-    log(f"outputs in {out}: report.html (open it in a browser), loss_per_batch.csv, loss_per_epoch.csv, "
-        f"loss_graph.png, metrics_graph.png, test_metrics.json, test_captions.csv, test_captions.json, "
-        f"best.pt, last.pt, vocab.json, config.json")
+    log(f"outputs in {out}: report.html (open it in a browser), loss_per_batch.csv, "
+        f"loss_per_epoch.csv, loss_graph.png, metrics_graph.png, test_metrics.json, "
+        f"test_captions.csv, test_captions.json, best.pt, last.pt, vocab.json, config.json")
     del lock
     return 0
 
 
-def open_epoch(dataset, epoch, batch, epoch_steps, all_epochs, cfg, device):
-    """The epoch's batches from batch on (with each one's indices into dataset), and its progress bar."""
+def prepare_epochs(run):
+    """The datasets an epoch goes through, the SCST reward, and the model to step (DDP or not)."""
+    cfg, data, vocab = run.cfg, run.data, run.model.vocab
+    # with torchrun, DDP averages the gradients of the processes; else the model as it is
+    run.ddp = run.model
+    if rank_and_size()[1] > 1:
+        run.ddp = DistributedDataParallel(run.model, [run.device] if run.device.type == "cuda" else None)
+    run.train_set = FlickrDataset(data.split("train"), vocab, data.source, cfg.max_train_caption_len)
+    run.val_set = FlickrDataset(data.split("val"), vocab, data.source)
+    if cfg.scst_epochs:
+        run.scst_set, run.reward = scst_data(data, vocab, cfg.max_train_caption_len)
+
+
+def open_epoch(run, epoch, batch, epoch_steps, all_epochs):
+    """The epoch's batches from batch on, each with its indices into the dataset; its progress bar."""
+    cfg = run.cfg
     rank, size = rank_and_size()
+    scst = epoch >= cfg.num_epochs
+    if scst and epoch == cfg.num_epochs and batch == 0:
+        keep_cross_entropy_results(run)
     if batch == 0:  # epochs are reproducible one by one; each process has its own dropout
         torch.manual_seed((cfg.seed * 1000 + epoch + 1) * size + rank)
+    dataset = run.scst_set if scst else run.train_set
     shares = process_batches(len(dataset), cfg, epoch + 1)[batch:]
-    phase = " (self-critical)" if epoch >= cfg.num_epochs else ""
-    bar = tqdm(total=epoch_steps, initial=batch, unit="batch", leave=False,
-               desc=f"epoch {epoch + 1}/{all_epochs}{phase}")
-    return zip(shares, caption_batches(dataset, shares, cfg, device)), bar
+    phase = " (self-critical)" if scst else ""
+    run.bar = tqdm(total=epoch_steps, initial=batch, unit="batch", leave=False,
+                   desc=f"epoch {epoch + 1}/{all_epochs}{phase}")
+    return zip(shares, caption_batches(dataset, shares, run.device))
 
 
-def stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, device):
-    """last.pt at the last step taken, with its losses recorded, so that --resume goes on from there."""
-    record_losses(pending, progress, len(model.vocab), cfg, device, bar)
+def keep_cross_entropy_results(run):
+    """Before SCST's first epoch: the cross-entropy best.pt and its test report, kept as best-xe.pt,
+    report-xe.html and test_*-xe.*, to compare with what SCST makes of them."""
+    out = Path(run.cfg.output_dir)
     if is_main_process():
-        save_checkpoint(out / "last.pt", model, optimizer, cfg, data, progress)
+        shutil.copyfile(out / "best.pt", out / "best-xe.pt.tmp")
+        os.replace(out / "best-xe.pt.tmp", out / "best-xe.pt")
+    wait_for_all()
+    log(f"self-critical training begins: the cross-entropy run's best.pt is kept as {out / 'best-xe.pt'}")
+    test_report(restore(out / "best-xe.pt"), run.data, run.cfg, run.device, "-xe")
+
+
+def stop_and_save(run):
+    """last.pt at the last step taken, with its losses recorded, so that --resume goes on from there."""
+    record_losses(run)
+    if is_main_process():
+        out = Path(run.cfg.output_dir)
+        save_checkpoint(out / "last.pt", run.model, run.optimizer, run.cfg, run.data, run.progress)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -867,7 +989,7 @@ def validation_loss(model, dataset, cfg, device):
     batches = [b.tolist() for b in torch.arange(len(dataset)).split(cfg.batch_size)][rank::size]
     total_loss, correct, tokens = 0.0, 0, 0
     with evaluating(model):
-        for inputs, captions in caption_batches(dataset, batches, cfg, device):
+        for inputs, captions in caption_batches(dataset, batches, device):
             loss, logits, targets = model(inputs, captions)
             mask = targets != Vocabulary.PAD
             total_loss += loss.item() * mask.sum().item()
@@ -916,13 +1038,17 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
 
 
 def generate_captions(model, source, names, cfg, device, beam_size=None):
-    """{name: caption} of the images and the unreadable names; under torchrun, shared out and gathered."""
+    """{name: caption} of the images, and the names left out; under torchrun, shared and gathered."""
     rank, size = rank_and_size()
-    share, captions = names[rank::size], {}
+    share = names[rank::size]
+    captions = {}
     with evaluating(model):
-        for inputs, index in image_batches(source, share, 64, cfg.num_workers, desc="captioning"):
-            texts = model.generate(inputs.to(device), beam_size or cfg.beam_size, cfg.max_caption_len)
-            captions.update({share[i]: text for i, text in zip(index.tolist(), texts)})
+        for start in tqdm(range(0, len(share), 64), desc="captioning", unit="batch", leave=False):
+            chunk = share[start:start + 64]
+            rows = [source.row[name] for name in chunk]
+            features = source.features[rows].to(device)  # (B, 2048) or (B, L, 2048)
+            texts = model.generate(features, beam_size or cfg.beam_size, cfg.max_caption_len)
+            captions.update(zip(chunk, texts))
     captions = merge_over_processes(captions)
     return {n: captions[n] for n in names if n in captions}, [n for n in names if n not in captions]
 
@@ -1011,7 +1137,9 @@ def is_main_process():
 
 
 def tqdm(*args, **kwargs):
-    return _tqdm(*args, **kwargs | {"disable": kwargs.get("disable") or not is_main_process()})
+    """A progress bar in process 0 on a terminal; a log file gets plain lines instead (no \\r)."""
+    shown = is_main_process() and sys.stderr.isatty() and not kwargs.get("disable")
+    return _tqdm(*args, **kwargs | {"disable": not shown})
 
 
 def log(message):
@@ -1359,46 +1487,6 @@ def open_rgb(path):
         return image.convert("RGB")
 
 
-class UnreadableImage(UserError):
-    """An image that could be read when the run began and cannot be now."""
-
-
-def load_image(path, transform):
-    try:
-        return transform(open_rgb(path))
-    except Exception:  # PIL raises OSError, ValueError or others by format and damage
-        raise UnreadableImage(f"cannot read image {path} any more (it was readable when the run began): "
-                              f"put it back, then continue with --resume") from None
-
-
-def image_opens(path):
-    """A cheap check (no full decode) for the per-step encoder."""
-    with contextlib.suppress(Exception), Image.open(path) as image:
-        image.verify()
-        return True
-    return False
-
-
-def stack_readable(source, batch):
-    """(inputs of the readable images among a batch of (index, name), or None; their indices)."""
-    images, index = [], []
-    for i, name in batch:
-        with contextlib.suppress(UnreadableImage):
-            images.append(source.get(name))
-            index.append(i)
-    return (torch.stack(images) if images else None), torch.tensor(index, dtype=torch.long)
-
-
-def image_batches(source, names, batch_size, num_workers=0, pin_memory=False, desc=None):
-    """(inputs, indices into names) per batch of the readable images: where unreadable ones are found."""
-    workers = 0 if source.features is not None else num_workers
-    loader = DataLoader(list(enumerate(names)), batch_size, num_workers=workers, pin_memory=pin_memory,
-                        collate_fn=functools.partial(stack_readable, source), generator=torch.Generator())
-    for inputs, index in tqdm(loader, desc=desc, unit="batch", leave=False, disable=desc is None):
-        if len(index):
-            yield inputs, index
-
-
 # --------------------------------------------------------------------------------------------------
 # the built-in demo set: coloured shapes with captions, in the Flickr8k layout
 
@@ -1664,77 +1752,102 @@ def random_resnet50_weights(path, seed=0):
 
 
 def features_cache_key(weights_sha, transform, image_dir, names, precision="fp32"):
-    # each image's content: an image replaced under the same name, even with its old size and time, is new
+    """What the features depend on, hashed: the weights, the transform and every image's content."""
+    # by content: an image replaced under the same name, even with its old size and time, is new
     names = sorted(names)
+    paths = [Path(image_dir) / n for n in names]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        hashes = list(tqdm(pool.map(file_sha256, [Path(image_dir) / n for n in names]), total=len(names),
-                           desc="hashing images", unit="img", leave=False, mininterval=1))
-    spec = {"weights": weights_sha, "transform": repr(transform), "image_dir": str(Path(image_dir).resolve()),
-            "images": dict(zip(names, hashes)), "precision": precision, "version": 4}  # 4: keyed by content
+        hashes = list(tqdm(pool.map(file_sha256, paths), total=len(names), desc="hashing images",
+                           unit="img", leave=False, mininterval=1))
+    spec = {
+        "weights": weights_sha,
+        "transform": repr(transform),
+        "image_dir": str(Path(image_dir).resolve()),
+        "images": dict(zip(names, hashes)),
+        "precision": precision,
+        "version": 4,
+    }
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
 
 def tensor_sha256(tensor):
-    return hashlib.sha256(tensor.contiguous().numpy()).hexdigest()  # hashed in place: no copy of a memory map
+    return hashlib.sha256(tensor.contiguous().numpy()).hexdigest()  # in place: no copy of a memory map
 
 
-def extract_features(resnet, image_dir, names, transform, device, batch_size=64, num_workers=2, grid_cells=0,
-                     into=None):
-    """Pooled (N, 2048) or, with grid_cells, float16 grid (N, L, 2048) features, and the unreadable names."""
-    resnet = resnet.to(device).eval().to(memory_format=torch.channels_last)
-    shape = (len(names), grid_cells, 2048) if grid_cells else (len(names), 2048)
+class ImageFiles(Dataset):
+    """One item per image file, decoded by PIL in a DataLoader worker: (image (3, H, W) or None, i)."""
+
+    def __init__(self, paths, transform):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with contextlib.suppress(Exception):  # PIL raises OSError, ValueError, ... by format and damage
+            return self.transform(open_rgb(self.paths[i])), i
+        return None, i
+
+
+def stack_readable(batch):
+    """(the readable images of a batch of (image or None, i), stacked, or None; their indices)."""
+    images = [image for image, _ in batch if image is not None]
+    index = torch.tensor([i for image, i in batch if image is not None], dtype=torch.long)
+    return (torch.stack(images) if images else None), index
+
+
+def decoding_workers(cfg):
+    """How many processes decode images: num_workers, or -1: one per CPU core (at most 16)."""
+    wanted = cfg.num_workers if cfg.num_workers >= 0 else min(16, os.cpu_count() or 1)
+    # each worker holds pipes and a shared-memory file per batch in flight: a low `ulimit -n`
+    # makes the DataLoader fail or hang, so raise the soft limit to the hard one, then fit in it
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    if soft < 64:
+        raise UserError(f"only {soft} open files are allowed (ulimit -n): raise it, e.g. ulimit -n 4096")
+    return min(wanted, (soft - 48) // 16)
+
+
+def extract_features(resnet, paths, cfg, device, into=None):
+    """Pooled (N, 2048) or, for attention, float16 grid (N, L, 2048) features; unreadable indices."""
+    grid_cells = feature_grid_cells(cfg)
+    shape = (len(paths), grid_cells, 2048) if grid_cells else (len(paths), 2048)
     dtype = torch.float16 if grid_cells else torch.float
     if into:  # the kernel writes the features out to the file as memory runs short
         features = torch.from_file(str(into), True, math.prod(shape), dtype=dtype).view(shape)
     else:
         features = torch.zeros(shape, dtype=dtype)
-    read = torch.zeros(len(names), dtype=torch.bool)
-    if device.type == "cuda":  # the CPU cores cannot decode JPEGs as fast as a GPU runs ResNet50
-        batches = jpeg_batches(image_dir, names, transform, device, batch_size, num_workers)
-    else:
-        batches = image_batches(ImageSource(image_dir, transform), names, batch_size, num_workers)
-    bar = tqdm(total=len(names), desc="ResNet50 features", unit="img", leave=False)
+    read = torch.zeros(len(paths), dtype=torch.bool)
+    batch_size = max(cfg.batch_size, 64)
+    workers = decoding_workers(cfg)
+    files = ImageFiles(paths, image_transform(cfg.image_size))
+    # batches in flight in pinned memory: the GPU never waits on the decoders
+    loader = DataLoader(files, batch_size, num_workers=workers,
+                        collate_fn=stack_readable, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if workers else None)
+    resnet = resnet.to(device).eval().to(memory_format=torch.channels_last)
+    bar = tqdm(total=len(paths), desc=f"ResNet50 features ({workers} decoding processes)",
+               unit="img", leave=False)
     with torch.inference_mode(), autocast(device), bar:
-        for images, index in batches:
-            cells = resnet_grid(resnet, images.to(device, non_blocking=True))  # (B, L, 2048)
-            features[index] = (cells if grid_cells else cells.mean(1)).cpu().to(features.dtype)
-            read[index] = True
-            bar.update(int(index[-1]) + 1 - bar.n)  # up to this batch's last image, unreadable ones included
-    return features, [name for name, ok in zip(names, read.tolist()) if not ok]
+        for images, index in loader:
+            if images is not None:
+                cells = resnet_grid(resnet, images.to(device, non_blocking=True))  # (B, L, 2048)
+                pooled = cells if grid_cells else cells.mean(1)  # (B, L, 2048) or (B, 2048)
+                features[index] = pooled.cpu().to(features.dtype)
+                read[index] = True
+            bar.update(min(batch_size, len(paths) - bar.n))  # unreadable images included
+    unread = (~read).nonzero().flatten().tolist()
+    return features, unread
 
 
-class ImageFiles(Dataset):
-    """One item per image: its file's bytes (read by the workers, decoded on the device), and its index."""
-
-    def __init__(self, image_dir, names):
-        self.image_dir, self.names = Path(image_dir), list(names)
-
-    def __len__(self):
-        return len(self.names)
-
-    def __getitem__(self, i):
-        with contextlib.suppress(OSError, RuntimeError):
-            return torchvision.io.read_file(str(self.image_dir / self.names[i])), i
-        return None, i
-
-
-def jpeg_batches(image_dir, names, transform, device, batch_size=64, num_workers=2):
-    """As image_batches, with JPEGs decoded and transformed on the device (nvJPEG on a GPU), others by PIL."""
-    files = DataLoader(ImageFiles(image_dir, names), batch_size, num_workers=num_workers, collate_fn=list)
-    for batch in files:
-        images = {i: decode_on(device, data, Path(image_dir) / names[i], transform) for data, i in batch}
-        index = [i for i, image in images.items() if image is not None]
-        if index:
-            yield torch.stack([images[i] for i in index]), torch.tensor(index)  # (B, 3, H, W) on the device
-
-
-def decode_on(device, data, path, transform):
-    """The transformed image on the device from its file's bytes, or None when it cannot be read."""
-    with contextlib.suppress(Exception):  # not a JPEG, damaged, CMYK on nvJPEG, ...: as any other image
-        return transform(torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
-                                                    apply_exif_orientation=True, device=device))
-    with contextlib.suppress(UnreadableImage):
-        return load_image(path, transform).to(device)
+def feature_grid_cells(cfg):
+    """ResNet50's grid cells per image for the attention decoder (the image halved 5 times), else 0."""
+    if cfg.decoder != "attention":
+        return 0
+    return math.ceil(cfg.image_size / 32) ** 2
 
 
 def load_cached_features(path, key):
@@ -1770,77 +1883,77 @@ def exclusive(path):
             log(f"features: waiting for another run that is writing {path}")
             fcntl.flock(lock, fcntl.LOCK_EX)
         for stale in path.parent.glob(f"{path.name}.*"):  # a killed run's: only the lock holder writes one
-            if stale.suffix in (".scratch", ".tmp") or stale.suffix[1:].isdigit():  # a share
+            if stale.suffix in (".scratch", ".tmp"):
                 stale.unlink()
         yield
 
 
-def cached_features(weights, image_dir, names, transform, cache_folder, device, batch_size=64, num_workers=2,
-                    grid_cells=0):
-    """The images' features, memory-mapped from the cache; extracted and cached first when it lacks them."""
-    precision = ("bf16" if uses_bf16(device) else "fp32") + (f" grid {grid_cells}" if grid_cells else "")
+def cached_features(weights, image_dir, names, cfg, device):
+    """The images' features, memory-mapped from the cache; extracted and cached first if missing."""
+    precision = "bf16" if uses_bf16(device) else "fp32"
+    if feature_grid_cells(cfg):
+        precision += f" grid {feature_grid_cells(cfg)}"
+    transform = image_transform(cfg.image_size)
+    # on each machine, local process 0 hashes, extracts and writes; the others wait and read
+    first_here = os.environ.get("LOCAL_RANK", "0") == "0"
     key = {}
-    if is_main_process():  # hashing every image once, not once per process
-        key = {"key": features_cache_key(weights_sha256(weights), transform, image_dir, names, precision)}
+    if first_here:
+        key["key"] = features_cache_key(weights_sha256(weights), transform, image_dir, names,
+                                        precision)
     key = merge_over_processes(key)["key"]
-    path = Path(cache_folder) / f"features-{key[:20]}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(path) if is_main_process() else contextlib.nullcontext():
-        wait_for_all()
-        cache = load_cached_features(path, key)
-        if cache is None:
-            write_feature_cache(weights, image_dir, names, transform, path, key, device, batch_size,
-                                num_workers, grid_cells)
-            cache = load_cached_features(path, key)  # memory-mapped: the extracted copy leaves RAM
-        else:
+    path = Path(cfg.cache_dir) / f"features-{key[:20]}.pt"
+    with contextlib.suppress(OSError):  # a read-only cache_dir may still hold the features
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(path) if first_here else contextlib.nullcontext():
+        cache = load_cached_features(path, key) if first_here else None
+        if first_here and cache is None:
+            files = {name: Path(image_dir) / name for name in names}
+            write_feature_cache(weights, files, path, key, cfg, device)
+        elif first_here:
             log(f"features: reusing {path} ({len(cache['images'])} images)")
+        wait_for_all()
+        if cache is None:  # memory-mapped: the extracted copy leaves RAM
+            cache = load_cached_features(path, key)
         wait_for_all()  # the lock is held until every process has read the cache
+    if cache is None:
+        raise UserError(f"feature cache {path} could not be read back: check --cache_dir")
     return cache
 
 
-def write_feature_cache(weights, image_dir, names, transform, path, key, device, batch_size, num_workers,
-                        grid_cells):
-    needed = len(names) * 2048 * (2 * grid_cells if grid_cells else 4) / 1e9  # GB; grids in float16
+def write_feature_cache(weights, files, path, key, cfg, device):
+    """Extracts the features of files ({name: path}) into the cache file at path, atomically."""
+    needed = len(files) * 2048 * (2 * feature_grid_cells(cfg) or 4) / 1e9  # GB; grids in float16
+    check_writable(path.parent, "--cache_dir")
     free = shutil.disk_usage(path.parent).free / 1e9
     if 2 * needed > free:  # the features as extracted, and the cache file written from them
-        raise UserError(f"the feature cache needs {needed:.2f} GB in {path.parent}, and twice that while it "
-                        f"is written, but only {free:.2f} GB is free: free some space or use another "
-                        f"--cache_dir")
-    start, (rank, size) = time.time(), rank_and_size()
-    share = names[len(names) * rank // size:len(names) * (rank + 1) // size]  # each image in one process
-    scratch = path.with_name(f"{path.name}.{os.getpid()}.scratch")  # at COCO's size a grid outgrows RAM
-    try:  # the scratch file goes also when the cache cannot be written (a full disk) or the run is stopped
-        features, failed = extract_features(load_resnet50(weights), image_dir, share, transform, device,
-                                            max(batch_size, 64), num_workers, grid_cells, into=scratch)
-        cache = {"key": key, "images": share, "failed": failed, "features": features}
-        if size > 1:  # the shares meet in cache_dir, which every process must see (on several machines too)
-            atomic_save(cache, path.with_name(f"{path.name}.{rank}"))
-            wait_for_all()
-            cache = gather_shares(path, key, size) if rank == 0 else None
-        if rank == 0:
-            seconds, read = time.time() - start, len(cache["images"]) - len(cache["failed"])
-            processes = f" in {size} processes" if size > 1 else ""
-            atomic_save(cache | {"sha256": tensor_sha256(cache["features"])}, path)
-            log(f"features: {read} images in {seconds:.1f} s ({read / max(seconds, 1e-9):.1f} images/s"
-                f"{processes}), cached in {path}")
+        raise UserError(f"the feature cache needs {needed:.2f} GB in {path.parent}, and twice that "
+                        f"while it is written, but only {free:.2f} GB is free: free some space or "
+                        f"use another --cache_dir")
+    start = time.time()
+    scratch = path.with_name(f"{path.name}.{os.getpid()}.scratch")  # COCO's grids outgrow RAM
+    try:  # the scratch file goes also on a full disk, Ctrl-C or SIGTERM (main makes it an exception)
+        resnet = load_resnet50(weights)
+        features, unread = extract_features(resnet, list(files.values()), cfg, device, scratch)
+        names = list(files)
+        failed = [names[i] for i in unread]
+        cache = {"key": key, "images": names, "failed": failed, "features": features}
+        atomic_save(cache | {"sha256": tensor_sha256(features)}, path)
     finally:
         scratch.unlink(missing_ok=True)
-    wait_for_all()
+    seconds = time.time() - start
+    read = len(files) - len(failed)
+    log(f"features: {read} images in {seconds:.1f} s ({read / max(seconds, 1e-9):.1f} images/s), "
+        f"cached in {path}")
 
 
-def gather_shares(path, key, size):
-    """Process 0's cache from every process's share (features, images, failures) in order; their files go."""
-    files = [path.with_name(f"{path.name}.{rank}") for rank in range(size)]
-    missing = [rank for rank, file in enumerate(files) if not file.is_file()]
-    if missing:
-        raise UserError(f"process {missing[0]}'s share of the features is not in {path.parent}: with several "
-                        f"machines, --cache_dir must be a shared folder that every process can read")
-    shares = [torch.load(file, weights_only=True, mmap=True) for file in files]
-    cache = {"key": key, "features": torch.cat([s["features"] for s in shares]),
-             **{k: [name for s in shares for name in s[k]] for k in ("images", "failed")}}
-    for file in files:
-        file.unlink()
-    return cache
+def check_writable(folder, setting):
+    """Refuses a folder that cannot be written, before any work is done for it."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise UserError(f"{setting}={folder} cannot be written ({error.strerror or error}): "
+                        f"choose another folder") from None
 
 
 def atomic_save(obj, path):
@@ -1877,42 +1990,30 @@ def names_sha256(names):
 
 
 def prepare_data(cfg, device, build_vocab=False, trained=None):
-    """Captions, splits, tokens, the training vocabulary (build_vocab) and every readable image's inputs."""
+    """Captions, splits, tokens, the training vocabulary (build_vocab) and every image's features."""
     prepare_demo(cfg)
     frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
     frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
     training = frame[frame["split"] == "train"]
     train_sha256 = names_sha256(training["image"].unique())
-    vocab = build_vocabulary(training["tokens"], cfg.freq_threshold) if build_vocab else None
+    vocab = None
+    if build_vocab:
+        vocab = build_vocabulary(training["tokens"], cfg.freq_threshold)
     weights = encoder_weights_file(cfg)
     if trained:
         trained.check_data(vocab, weights, train_sha256, cfg.data_dir)
-    transform, names = image_transform(cfg.image_size), sorted(frame["image"].unique())
-    grid_cells = math.ceil(cfg.image_size / 32) ** 2 if cfg.decoder == "attention" else 0  # halved 5 times
-    # with cached features, training needs only the projection; the checkpoint records the weights' hash
-    resnet = None if cfg.cache_features else load_resnet50(weights)
-    if cfg.cache_features:
-        cache = cached_features(weights, image_dir, names, transform, cfg.cache_dir, device, cfg.batch_size,
-                                cfg.num_workers, grid_cells)
-        source = ImageSource(image_dir, transform, cache["features"], cache["images"])
-        failed = cache["failed"]
-    else:
-        source = ImageSource(image_dir, transform)
-        checking = tqdm(names, desc="checking images", leave=False)
-        failed = [n for n in checking if not image_opens(image_dir / n)]
+    names = sorted(frame["image"].unique())
+    cache = cached_features(weights, image_dir, names, cfg, device)
+    source = ImageSource(image_dir, cache["features"], cache["images"])
+    failed = cache["failed"]
     if failed:
         more = " ..." if len(failed) > 5 else ""
         warn(f"skipped {len(failed)} unreadable image(s): {', '.join(failed[:5])}{more}")
         frame = frame[~frame["image"].isin(set(failed))].reset_index(drop=True)
         check_splits(frame, cfg.data_dir)
     train_names = sorted(frame.loc[frame["split"] == "train", "image"].unique())
-    if cfg.cache_features:
-        stats = feature_statistics(cache["features"], [source.row[n] for n in train_names])
-    else:
-        sample = random.Random(cfg.seed).sample(train_names, min(512, len(train_names)))
-        features, bad = extract_features(resnet, image_dir, sample, transform, device, grid_cells=grid_cells)
-        stats = feature_statistics(features, [i for i, name in enumerate(sample) if name not in bad])
-    return Data(frame, source, Path(weights).resolve(), stats, train_sha256, vocab, resnet)
+    stats = feature_statistics(cache["features"], [source.row[n] for n in train_names])
+    return Data(frame, source, Path(weights).resolve(), stats, train_sha256, vocab)
 
 
 def build_vocabulary(train_tokens, freq_threshold):
@@ -2142,13 +2243,27 @@ def claim_output_dir(out, fresh=False):
     return lock  # held open until the process ends
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a scheduler, a closed terminal
+
+
+@contextlib.contextmanager
+def stopping_on_signals():
+    """Inside, SIGTERM and SIGHUP stop the process as Ctrl-C does: what is being written is cleaned."""
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class CtrlC:
-    """Ctrl-C or SIGTERM asks the loop to save last.pt and stop; a second one stops at once."""
+    """Ctrl-C, SIGTERM or SIGHUP asks the loop to save last.pt and stop; a second one stops at once."""
     # under torchrun, whose agent passes one Ctrl-C on twice, every signal only asks
     requested = False
 
     def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {sig: signal.signal(sig, self.request) for sig in STOP_SIGNALS}
         return self
 
     def request(self, signum, frame):
@@ -2250,8 +2365,6 @@ def merge_over_processes(part):
 def test_report(restored, data, cfg, device, tag=""):
     """Test metrics, captions (with each image's scores) and report.html, tag in their names."""
     out, model, start = Path(cfg.output_dir), restored.model, time.time()
-    if data.resnet is not None:  # no cached features: the backbone encodes every image
-        model.encoder.attach(data.resnet)
     model.to(device)
     captions, _ = generate_captions(model, data.source, data.images("test"), cfg, device)
     demo = demo_scores(model, data, "test", cfg, device, by_kind=True)  # in every process: each does a share
@@ -2487,74 +2600,79 @@ def coco_image_id(name):
 # --------------------------------------------------------------------------------------------------
 # --caption: captions for new images from a checkpoint
 
-def check_figure_path(figure, inputs):
-    """--caption_figure, refused before any captioning if it cannot be written or would overwrite an input."""
-    from matplotlib.backend_bases import FigureCanvasBase
-    if figure.suffix[1:].lower() not in FigureCanvasBase.get_supported_filetypes():
-        raise UserError(f"--caption_figure={figure}: name an image file such as captions.png (or .jpg, .pdf)")
-    if figure.is_dir():
-        raise UserError(f"--caption_figure={figure} is a folder: name a file, e.g. {figure / 'captions.png'}")
-    if figure.resolve() in {p.resolve() for p in inputs}:
-        raise UserError(f"--caption_figure={figure} is one of the images to caption: name another file")
-    try:  # writable for real: permissions alone do not tell (a read-only mount, /proc); nor a missing folder
-        tempfile.TemporaryFile(dir=figure.parent).close()
-    except OSError as error:
-        raise UserError(f"--caption_figure={figure}: cannot write in {figure.parent} "
-                        f"({error.strerror or error}): choose another folder") from None
+def one_line(text):
+    """text as one field of a line: control, bidi and line-separator characters escaped."""
+    # \t, \n, U+2028, U+0085 would break the line; U+202E would reverse what follows it
+    escaped = []
+    for char in str(text):
+        if char == "\\" or unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+            char = char.encode("unicode_escape").decode("ascii")
+        escaped.append(char)
+    return "".join(escaped)
 
 
-def record_path(path):
-    """The path as one field of a line: tab, newline, CR and backslash escaped as Python does."""
-    return str(path).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-
-
-def caption_images(cfg, paths, restored, device):
-    """--caption: prints path<TAB>caption for each image; stdout holds nothing else, messages go to stderr."""
+def image_files(paths):
+    """The image files that paths name (a folder: its images, sorted), and the paths not found."""
     given = [Path(p) for p in paths]
     missing = [p for p in given if not p.is_dir() and not p.is_file()]
-    files = [f for p in given for f in (sorted(p.iterdir()) if p.is_dir() else [p])
-             if f.is_file() and (f == p or f.suffix.lower() in IMAGE_EXTENSIONS)]  # named: any suffix
-    figure = Path(cfg.caption_figure) if cfg.caption_figure else None
-    if figure:
-        check_figure_path(figure, files)
+    files = []
+    for path in given:
+        if path.is_file():  # named: any suffix
+            files.append(path)
+        elif path.is_dir():
+            files += [f for f in sorted(path.iterdir())
+                      if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+    return files, missing
+
+
+def caption_images(cfg, paths, restored, device, out):
+    """--caption: prints path<TAB>caption a line per image, and writes out/report-captions.html."""
+    files, missing = image_files(paths)
     weights = encoder_weights_file(cfg)
     resnet = load_resnet50(weights)  # first: a missing or damaged file is its own clear error
     restored.check_weights(weights)
-    model = restored.model
-    model.encoder.attach(resnet)
+    model = restored.model.to(device)
+    stderr(f"captioning with {restored.path}")
     if not files:
-        stderr(f"error: no images found in {' '.join(map(str, paths))}")
+        stderr(f"error: no images found in {' '.join(map(one_line, paths))}")
     names = [str(f.resolve()) for f in files]
-    source = ImageSource(Path("/"), image_transform(model.args["image_size"]))
-    captions, failed = generate_captions(model.to(device), source, names, cfg, device)
+    features, unread = extract_features(resnet, names, cfg, device)
+    source = ImageSource(Path("/"), features, names)
+    readable = [name for i, name in enumerate(names) if i not in set(unread)]
+    captions, _ = generate_captions(model, source, readable, cfg, device)
     for file, name in zip(files, names):
         if name in captions:
-            print(f"{record_path(file)}\t{captions[name]}", flush=True)
+            print(f"{one_line(file)}\t{one_line(captions[name])}", flush=True)
         else:
-            stderr(f"error: cannot read image {record_path(file)}")
+            stderr(f"error: cannot read image {one_line(file)}")
     for file in missing:
-        stderr(f"error: no such file or folder: {record_path(file)}")
+        stderr(f"error: no such file or folder: {one_line(file)}")
     if not captions:
         return 1
     maps = word_maps(model, source, captions, device)
-    if figure:
-        save_caption_figure(list(captions.items()), figure, [maps.get(name) for name in captions])
-        stderr(f"saved {figure}")
     rows = [{"path": Path(name), "name": str(file), "caption": captions[name], "maps": maps.get(name)}
             for file, name in zip(files, names) if name in captions]
-    try:  # report-captions.html; the captions are out: a folder that cannot be written only warns
-        page = write_report(cfg.output_dir, "report-captions", f"{len(rows)} images captioned",
+    # beside the checkpoint (or in --output_dir): never into another run's folder, and the page's
+    # graphs are those of the checkpoint's own run
+    cfg = dataclasses.replace(cfg, output_dir=str(out))
+    try:  # the captions are out: a folder that cannot be written only warns
+        page = write_report(out, "report-captions", f"{len(rows)} images captioned",
                             report_header(cfg, restored), rows)
         stderr(f"results page: {page}")
-    except OSError as error:
-        stderr(f"warning: no results page in {cfg.output_dir}: {error.strerror or error}")
-    return 1 if failed or missing else 0
+    except (OSError, UserError) as error:
+        stderr(f"warning: no results page in {out}: {getattr(error, 'strerror', None) or error}")
+    return 1 if unread or missing else 0
 
 
 # --------------------------------------------------------------------------------------------------
 # main: settings, then training, --evaluate or --caption
 
 def main(argv=None):
+    with stopping_on_signals():
+        return main_(argv)
+
+
+def main_(argv=None):
     try:
         overrides, caption_paths = parse_args(sys.argv[1:] if argv is None else argv)
         captioning = caption_paths is not None  # then stdout holds only captions
@@ -2569,7 +2687,8 @@ def main(argv=None):
         cfg = resolve_settings(overrides, echo, trained, shown)
         device = pick_device(cfg.device)
         if captioning:
-            return caption_images(cfg, caption_paths, restored, device)
+            out = cfg.output_dir if "output_dir" in overrides else restored.path.parent
+            return caption_images(cfg, caption_paths, restored, device, out)
         device = start_processes(device)  # under torchrun: this process's GPU, and the others
         if cfg.evaluate:
             return evaluate_checkpoint(cfg, device, restored)

@@ -1,16 +1,18 @@
 """The frozen encoder's features, computed once per image and cached."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, cap, shared
+from conftest import ROOT, SCRIPT, TINY_DEMO, cap, error_line, run_script, shared
 
 
 @pytest.fixture
@@ -24,10 +26,25 @@ def images(tmp_path):
     return folder, names
 
 
+def settings(cache, size=32, grid_cells=0, num_workers=0):
+    """What cached_features reads of the settings; grid_cells > 0: the attention decoder's grids."""
+    return SimpleNamespace(cache_dir=str(cache), image_size=size, batch_size=4, num_workers=num_workers,
+                           decoder="attention" if grid_cells else "lstm")
+
+
 def features(tmp_path, weights, folder, names, size=32, grid_cells=0):
     """cap.cached_features as prepare_data calls it, on the CPU, with a small batch and no worker processes."""
-    return cap.cached_features(weights, folder, names, cap.image_transform(size), tmp_path / "cache",
-                               torch.device("cpu"), batch_size=4, num_workers=0, grid_cells=grid_cells)
+    cfg = settings(tmp_path / "cache", size, grid_cells)
+    assert cap.feature_grid_cells(cfg) == grid_cells
+    return cap.cached_features(weights, folder, names, cfg, torch.device("cpu"))
+
+
+def resnet_features(weights, paths, size=32):
+    """The pooled features of images, decoded and encoded here, one by one."""
+    resnet = cap.load_resnet50(weights).eval()
+    images = torch.stack([cap.image_transform(size)(cap.open_rgb(path)) for path in paths])
+    with torch.no_grad():
+        return cap.resnet_grid(resnet, images).mean(1)
 
 
 def cache_file(tmp_path):
@@ -41,16 +58,12 @@ def file_identity(path):
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
-def test_cached_features_equal_per_step_features(tmp_path, images, random_weights):
+def test_cached_features_equal_the_images_encoded_one_by_one(tmp_path, images, random_weights):
     folder, names = images
-    transform = cap.image_transform(32)
     cache = features(tmp_path, random_weights, folder, names)
-    encoder = cap.EncoderCNN(8, cap.load_resnet50(random_weights))
-    per_step = encoder.features(torch.stack([cap.load_image(folder / n, transform) for n in cache["images"]]))
+    one_by_one = resnet_features(random_weights, [folder / n for n in cache["images"]])
     assert cache["images"] == names and cache["features"].shape == (5, 2048)
-    assert torch.allclose(cache["features"], per_step, atol=1e-4, rtol=1e-4)
-    assert torch.allclose(encoder(cache["features"]), encoder(torch.stack(
-        [cap.load_image(folder / n, transform) for n in names])), atol=1e-4)
+    assert torch.allclose(cache["features"], one_by_one, atol=1e-4, rtol=1e-4)
 
 
 def test_second_run_reuses_the_cache(tmp_path, images, random_weights, capsys):
@@ -165,15 +178,14 @@ def test_an_image_replaced_by_one_of_the_same_size_and_time_is_extracted_again(t
     second = features(tmp_path, random_weights, folder, names)["features"]
     assert not torch.allclose(second[2], first[2], atol=1e-3)  # the new image's features, not the cached ones
     assert torch.equal(second[[0, 1, 3]], first[[0, 1, 3]])
-    encoder = cap.EncoderCNN(8, cap.load_resnet50(random_weights))
-    assert torch.allclose(second[2], encoder.features(cap.load_image(replaced, cap.image_transform(32))[None])[0],
-                          atol=1e-4, rtol=1e-4)
+    assert torch.allclose(second[2], resnet_features(random_weights, [replaced])[0], atol=1e-4, rtol=1e-4)
 
 
 RUN_CACHED_FEATURES = """
 import sys, time
 from pathlib import Path
 import torch
+from types import SimpleNamespace
 sys.path.insert(0, sys.argv[1])
 import flickr_image_caption_with_pytorch_resnet_lstm as cap
 folder, weights, cache, ready, go = map(Path, sys.argv[2:7])
@@ -181,8 +193,8 @@ ready.touch()
 while not go.exists():  # both processes start their work at once
     time.sleep(0.01)
 names = sorted(p.name for p in folder.iterdir())
-result = cap.cached_features(weights, folder, names, cap.image_transform(32), cache, torch.device("cpu"),
-                             batch_size=4, num_workers=0)
+cfg = SimpleNamespace(cache_dir=cache, image_size=32, batch_size=4, num_workers=0, decoder="lstm")
+result = cap.cached_features(weights, folder, names, cfg, torch.device("cpu"))
 print("features sha256", cap.tensor_sha256(result["features"]), len(result["images"]))
 """
 
@@ -220,6 +232,7 @@ WRITE_WITH_A_FILE_SIZE_LIMIT = """
 import resource, signal, sys
 from pathlib import Path
 import torch
+from types import SimpleNamespace
 sys.path.insert(0, sys.argv[1])
 import flickr_image_caption_with_pytorch_resnet_lstm as cap
 folder, weights, cache, limit = Path(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
@@ -227,8 +240,8 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fai
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 names = sorted(p.name for p in folder.iterdir())
 try:
-    cap.cached_features(weights, folder, names, cap.image_transform(32), cache, torch.device("cpu"), batch_size=4,
-                        num_workers=0)
+    cfg = SimpleNamespace(cache_dir=cache, image_size=32, batch_size=4, num_workers=0, decoder="lstm")
+    cap.cached_features(weights, folder, names, cfg, torch.device("cpu"))
 except cap.UserError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
@@ -255,22 +268,66 @@ def test_a_cache_that_cannot_be_written_is_one_line_and_leaves_nothing_behind(tm
     assert cache_file(tmp_path) == path and cache["features"].shape == (5, 2048) and cache["features"].any()
 
 
-def test_jpegs_decoded_by_torchvision_match_the_pil_path(tmp_path):
-    """The GPU's extraction path (torchvision's decoder, here on the CPU): the same tensors as PIL's, and the same
-    images skipped; PNGs and damaged files go through PIL."""
-    real = sorted(shared("flickr8k-mini", "Images").iterdir())[:6]  # real 500x375 Flickr JPEGs
+def test_decoding_processes_give_the_features_one_process_gives(tmp_path, random_weights):
+    """Real 500x375 Flickr JPEGs, a PNG and a damaged file decoded by 2 worker processes: the same
+    features as in this process, and the same image skipped."""
+    real = sorted(shared("flickr8k-mini", "Images").iterdir())[:6]
     for path in real:
         shutil.copy(path, tmp_path / path.name)
     Image.open(real[0]).rotate(90, expand=True).save(tmp_path / "turned.png")
     (tmp_path / "broken.jpg").write_bytes(real[1].read_bytes()[:500])
-    names = sorted(p.name for p in tmp_path.iterdir())
-    transform = cap.image_transform(64)
-    pil = list(cap.image_batches(cap.ImageSource(tmp_path, transform), names, 4))
-    torchvision_decoded = list(cap.jpeg_batches(tmp_path, names, transform, torch.device("cpu"), 4, 0))
-    assert [i.tolist() for _, i in torchvision_decoded] == [i.tolist() for _, i in pil]
-    assert "broken.jpg" not in [names[i] for _, index in pil for i in index.tolist()]
-    for (ours, _), (theirs, _) in zip(torchvision_decoded, pil):
-        assert torch.equal(ours, theirs)
+    paths = sorted(tmp_path.iterdir())
+    resnet = cap.load_resnet50(random_weights)
+    device = torch.device("cpu")
+    alone, unread = cap.extract_features(resnet, paths, settings(tmp_path, 64), device)
+    workers, unread_too = cap.extract_features(resnet, paths, settings(tmp_path, 64, num_workers=2), device)
+    assert [paths[i].name for i in unread] == ["broken.jpg"] and unread_too == unread
+    assert torch.equal(alone, workers)
+
+
+def test_the_number_of_decoding_processes_fits_the_open_file_limit(monkeypatch):
+    cfg = SimpleNamespace(num_workers=-1)
+    monkeypatch.setattr(cap.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(cap.resource, "setrlimit", lambda *args: None)
+    monkeypatch.setattr(cap.resource, "getrlimit", lambda what: (4096, 4096))
+    assert cap.decoding_workers(cfg) == 16  # one per core, at most 16
+    monkeypatch.setattr(cap.resource, "getrlimit", lambda what: (100, 100))
+    assert cap.decoding_workers(cfg) == 3
+    monkeypatch.setattr(cap.resource, "getrlimit", lambda what: (30, 30))
+    with pytest.raises(cap.UserError, match="ulimit -n"):
+        cap.decoding_workers(cfg)
+
+
+def test_a_run_with_few_open_files_allowed_is_one_line(tmp_path, random_weights):
+    """ulimit -n 30 once made the decoding processes hang; it is one line and exit code 2."""
+    args = [*TINY_DEMO, "--num_workers=-1", f"--data_dir={tmp_path / 'data'}", f"--cache_dir={tmp_path / 'c'}",
+            f"--encoder_weights={random_weights}", f"--output_dir={tmp_path / 'out'}"]
+    result = subprocess.run(["bash", "-c", 'ulimit -n 30 && exec "$@"', "bash", sys.executable, str(SCRIPT),
+                             *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "ulimit -n" in error_line(result.stderr)
+
+
+def test_a_read_only_cache_dir_without_the_features_is_one_line(tmp_path, random_weights):
+    args = [*TINY_DEMO, f"--data_dir={tmp_path / 'data'}", "--cache_dir=/proc/no-cache-here",
+            f"--encoder_weights={random_weights}", f"--output_dir={tmp_path / 'out'}"]
+    result = run_script(*args)
+    assert result.returncode == 2 and "--cache_dir=/proc/no-cache-here" in error_line(result.stderr)
+
+
+def test_sigterm_during_extraction_leaves_no_scratch_file(tmp_path, random_weights):
+    cache = tmp_path / "cache"
+    args = [*TINY_DEMO, "--demo_images=300", f"--data_dir={tmp_path / 'data'}", f"--cache_dir={cache}",
+            f"--encoder_weights={random_weights}", f"--output_dir={tmp_path / 'out'}"]
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list(cache.glob("*.scratch")) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    assert list(cache.glob("*.scratch")), "extraction never started"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "interrupted" in err
+    assert not list(cache.glob("*.scratch")) and not list(cache.glob("*.tmp"))
 
 
 def test_a_killed_runs_scratch_is_removed_and_a_read_only_cache_is_reused(tmp_path, images, random_weights,
@@ -278,7 +335,7 @@ def test_a_killed_runs_scratch_is_removed_and_a_read_only_cache_is_reused(tmp_pa
     folder, names = images
     first = features(tmp_path, random_weights, folder, names)
     path = cache_file(tmp_path)
-    stale = [path.with_name(f"{path.name}.{end}") for end in ("99999.scratch", "99999.tmp", "1")]  # 1: a share
+    stale = [path.with_name(f"{path.name}.{end}") for end in ("99999.scratch", "99999.tmp")]
     mine = path.with_name(f"{path.name}.bak")  # a user's copy, not a run's: it stays
     for file in [*stale, mine]:
         file.write_bytes(b"left by kill -9")

@@ -1,7 +1,5 @@
 """End-to-end training on the demo set, resume after kill -9 and Ctrl-C, checkpoints, the output folder."""
 import errno
-import gc
-import itertools
 import json
 import math
 import os
@@ -11,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -160,21 +159,16 @@ def test_resume_without_checkpoint_says_how_to_train(tmp_path, demo_dirs, random
     assert "no checkpoint at" in error and "train one first" in error
 
 
-def test_per_step_encoding_and_an_existing_cache_train_the_same(tmp_path, random_weights):
-    """cache_features=False runs the frozen encoder every step; the model must learn the same. And a run that
-    finds the cache already there must train exactly like the run that made it."""
+def test_a_run_that_finds_the_cache_trains_exactly_like_the_run_that_made_it(tmp_path, random_weights):
     common = ["--dataset=demo", "--demo_images=60", "--image_size=64", "--num_epochs=1",
               "--max_batches_per_epoch=5", "--batch_size=16", "--embed_size=32", "--hidden_size=64",
               "--sample_every=0", "--num_workers=2", "--beam_size=1", f"--data_dir={tmp_path / 'data'}",
               f"--cache_dir={tmp_path / 'cache'}", f"--encoder_weights={random_weights}"]
     assert cap.main([*common, f"--output_dir={tmp_path / 'cold'}"]) == 0
     assert cap.main([*common, f"--output_dir={tmp_path / 'warm'}"]) == 0
-    assert cap.main([*common, f"--output_dir={tmp_path / 'per_step'}", "--cache_features=false"]) == 0
-    cold, warm, per_step = (pd.read_csv(tmp_path / name / "loss_per_batch.csv") for name in ("cold", "warm",
-                                                                                              "per_step"))
+    cold, warm = (pd.read_csv(tmp_path / name / "loss_per_batch.csv") for name in ("cold", "warm"))
     assert len(cold) == 5
     pd.testing.assert_frame_equal(cold, warm, rtol=0, atol=0)
-    pd.testing.assert_frame_equal(cold, per_step, rtol=1e-4)
 
 
 def test_best_metric_val_loss_keeps_the_lowest_validation_loss(tmp_path, random_weights):
@@ -413,47 +407,40 @@ def test_ctrl_c_during_the_last_validation_stops_before_the_test_report(tmp_path
     assert pd.read_csv(out / "loss_per_epoch.csv")["epoch"].tolist() == [1]  # validated once
 
 
-def test_an_image_gone_mid_run_in_per_step_mode_stops_it_and_a_resume_finishes(tmp_path, random_weights,
-                                                                               monkeypatch, capsys):
-    """cache_features=false reads every image at every step. One deleted after the start-up check stops the run
-    with one line naming it, with last.pt at the last step taken; once it is back, --resume goes on."""
+# a kill -9 at each instant of an epoch's end: after last.pt, after best.pt, after the epoch's row
+KILL_AT = {
+    "last.pt": "save_checkpoint, lambda path, *a: path.name == 'last.pt'",
+    "best.pt": "save_checkpoint, lambda path, *a: path.name == 'best.pt'",
+    "row": "append_csv, lambda path, *a: path.name == 'loss_per_epoch.csv'",
+}
+
+
+@pytest.mark.parametrize("instant", KILL_AT)
+def test_a_kill_9_around_an_epochs_end_resumes_exactly(tmp_path, demo_dirs, random_weights, uninterrupted,
+                                                         instant):
+    """The process dies (os._exit: no clean-up) right after the first epoch's file is written."""
     out = tmp_path / "out"
-    args = [*TINY_DEMO, "--demo_images=40", "--image_size=32", "--batch_size=8", "--num_epochs=1", "--log_every=1",
-            "--cache_features=false", "--num_workers=1", f"--data_dir={tmp_path / 'data'}",
-            f"--cache_dir={tmp_path / 'cache'}", f"--encoder_weights={random_weights}", f"--output_dir={out}"]
-    real, gone = cap.caption_batches, {}
-
-    def deleting_an_image(dataset, batches, cfg, device):
-        batches = list(batches)
-        if not gone:  # the training epoch: an image none of its first 6 batches holds (the loader's worker reads
-            # ahead up to 4 batches), deleted once 2 steps are taken
-            names = [[dataset.images[i] for i in batch] for batch in batches]
-            early = {name for batch in names[:6] for name in batch}
-            gone["step"], gone["name"] = next((k, name) for k, batch in enumerate(names) for name in batch
-                                              if name not in early)
-        loader = real(dataset, batches, cfg, device)
-        for k in itertools.count():
-            if k == 2 and "path" not in gone:
-                gone["path"] = dataset.source.image_dir / gone["name"]
-                gone["path"].rename(tmp_path / gone["name"])
-            try:
-                yield next(loader)
-            except StopIteration:
-                return
-
-    monkeypatch.setattr(cap, "caption_batches", deleting_an_image)
-    assert cap.main(args) == 2
-    line = error_line(capsys.readouterr().err)
-    assert f"cannot read image {gone['path']} any more" in line and "--resume" in line
-    stopped = torch.load(out / "last.pt", weights_only=True)
-    assert stopped["step"] == gone["step"] and stopped["epoch"] == 0  # every step before it, none after
-    assert pd.read_csv(out / "loss_per_batch.csv")["step"].tolist() == list(range(1, gone["step"] + 1))
-    monkeypatch.undo()
-    (tmp_path / gone["name"]).rename(gone["path"])  # put back
-    gc.collect()  # in process, the failed run's output_dir lock lives on in a traceback cycle until collected
+    args = quick_args(demo_dirs, random_weights, out)
+    name, when = KILL_AT[instant].split(", ", 1)
+    code = f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import {SCRIPT.stem} as cap
+real = cap.{name}
+def dying(path, *args):
+    real(path, *args)
+    if ({when})(path, *args):
+        os._exit(9)
+cap.{name} = dying
+sys.exit(cap.main({[str(a) for a in args]!r}))
+"""
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 9, killed.stderr[-2000:]
     assert cap.main([*args, "--resume"]) == 0
-    assert pd.read_csv(out / "loss_per_batch.csv")["step"].tolist() == list(range(1, 13))  # 96 captions, batch 8
-    assert (out / "test_metrics.json").is_file()
+    assert_same_run(out, uninterrupted)
+    best = torch.load(out / "best.pt", weights_only=True)
+    reference = torch.load(uninterrupted / "best.pt", weights_only=True)
+    assert best["step"] == reference["step"]
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -489,3 +476,29 @@ def test_a_fresh_run_sets_aside_only_what_a_run_writes(tmp_path, demo_dirs, rand
     assert (out / "notes" / "todo.txt").read_text() == "keep me" and not (previous / "notes").exists()
     assert {"best.pt", "last.pt", "loss_per_epoch.csv", "test_metrics.json", "report.html", "report"} <= {
         p.name for p in previous.iterdir()}
+
+
+def test_scst_added_to_a_finished_run_keeps_its_cross_entropy_results(tmp_path, random_weights):
+    out = tmp_path / "out"
+    args = [*TINY_DEMO, "--num_epochs=1", "--max_batches_per_epoch=4", f"--data_dir={tmp_path / 'data'}",
+            f"--cache_dir={tmp_path / 'cache'}", f"--encoder_weights={random_weights}", f"--output_dir={out}"]
+    assert cap.main(args) == 0
+    cross_entropy = json.loads((out / "test_metrics.json").read_text())
+    assert cap.main([*args, "--resume", "--scst_epochs=1"]) == 0
+    kept = json.loads((out / "test_metrics-xe.json").read_text())
+    assert {k: v for k, v in kept.items() if k not in ("checkpoint", "seconds")} == \
+        {k: v for k, v in cross_entropy.items() if k not in ("checkpoint", "seconds")}
+    assert (out / "report-xe.html").is_file() and (out / "report.html").is_file()
+    xe, scst = (torch.load(out / name, weights_only=True) for name in ("best-xe.pt", "best.pt"))
+    assert xe["epoch"] == 1 and scst["epoch"] == 2  # SCST's best beside the cross-entropy one
+
+
+def test_an_scst_epoch_whose_every_reward_is_0_is_warned_about(capsys):
+    progress = cap.Progress(epoch=2, loss_sum=-3.0, loss_count=4)
+    run = SimpleNamespace(progress=progress, cfg=SimpleNamespace(num_epochs=1))
+    figures = cap.epoch_training_figures(run)
+    assert figures["phase"] == "self-critical" and figures["reward"] == 0
+    assert "reward was 0" in capsys.readouterr().err
+    progress.reward_sum = 1.0
+    cap.epoch_training_figures(run)
+    assert "reward" not in capsys.readouterr().err
