@@ -120,7 +120,7 @@ PRESETS = {"demo": dict(image_size=128, num_epochs=20, batch_size=64, learning_r
 
 @functools.lru_cache(maxsize=1)
 def spacy_tokenizer():
-    import spacy  # spacy.blank("en") tokenizes exactly as en_core_web_sm does, with no model download
+    import spacy  # spacy.blank("en") tokenizes as en_core_web_sm does, with no model download
     return spacy.blank("en").tokenizer
 
 
@@ -129,7 +129,8 @@ class Vocabulary:
     SPECIALS = ["<PAD>", "<SOS>", "<EOS>", "<UNK>"]
 
     def __init__(self, freq_threshold=5, itos=None):
-        self.freq_threshold, self.itos = freq_threshold, list(self.SPECIALS if itos is None else itos)
+        self.freq_threshold = freq_threshold
+        self.itos = list(self.SPECIALS if itos is None else itos)
         if self.itos[:4] != self.SPECIALS:
             raise ValueError(f"a vocabulary must start with {self.SPECIALS}")
         self.stoi = {word: i for i, word in enumerate(self.itos)}
@@ -139,18 +140,19 @@ class Vocabulary:
 
     @staticmethod
     def tokenize(text):
-        return [token.text.lower() for token in spacy_tokenizer()(text)]
+        # spaCy makes tokens of "\n", "\t", " " and U+2028 too: whitespace is never a word
+        return [token.text.lower() for token in spacy_tokenizer()(text) if not token.is_space]
 
     @staticmethod
     def tokenize_many(texts):
-        return [[t.text.lower() for t in doc] for doc in spacy_tokenizer().pipe(texts, batch_size=2000)]
+        return [Vocabulary.tokenize(text) for text in texts]  # spaCy's tokenizer.pipe is this loop
 
     def build_vocab(self, sentences):
         """Counts words in sentences (strings, or lists of tokens already split)."""
         tokenized = [s if isinstance(s, list) else self.tokenize(s) for s in sentences]
         counts = Counter(token for tokens in tokenized for token in tokens)
-        self.itos += [word for word, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-                      if count >= self.freq_threshold and word not in self.stoi]
+        new = [w for w, n in counts.items() if n >= self.freq_threshold and w not in self.stoi]
+        self.itos += sorted(new, key=lambda word: (-counts[word], word))  # the most frequent first
         self.stoi = {word: i for i, word in enumerate(self.itos)}
         return self
 
@@ -159,7 +161,8 @@ class Vocabulary:
         return [self.stoi.get(token, self.UNK) for token in tokens]
 
     def decode(self, ids):
-        ids = ids[:ids.index(self.EOS)] if self.EOS in ids else ids
+        if self.EOS in ids:
+            ids = ids[:ids.index(self.EOS)]
         return " ".join(self.itos[i] for i in ids if i not in (self.PAD, self.SOS))
 
     def save(self, path):
