@@ -1187,147 +1187,179 @@ def pick_device(name):
 
 # --------------------------------------------------------------------------------------------------
 # dataset formats and splits: Flickr8k/30k caption files, Karpathy's JSON (COCO), split by image
+# hands load_captions' table (image, caption, split) and the image folder to prepare_data
 
-CAPTION_FILES = ["dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json", "captions.txt",
-                 "results.csv", "Flickr8k.token.txt"]
-
-
-IMAGE_DIRS = ["Images", "flickr30k_images/flickr30k_images", "flickr30k_images", "Flicker8k_Dataset",
-              "Flickr8k_Dataset"]
-
-
+CAPTION_FILES = ["dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json",
+                 "captions.txt", "results.csv", "Flickr8k.token.txt"]
+IMAGE_DIRS = ["Images", "flickr30k_images/flickr30k_images", "flickr30k_images",
+              "Flicker8k_Dataset", "Flickr8k_Dataset"]
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                "test": "Flickr_8k.testImages.txt"}
-
-
+SPLITS = ["train", "val", "test"]
 TOKEN_LINE = re.compile(r"(?P<image>[^\t#,|]+)#\d+\t(?P<caption>.*)")  # Flickr8k.token.txt
-
-
-RESULTS_LINE = re.compile(r"\s*(?P<image>[^|]+?)\s*\|\s*\d+\s*\|?(?P<caption>.*)")  # even without its 2nd '|'
+# results.csv, even its row without the second '|'
+RESULTS_LINE = re.compile(r"\s*(?P<image>[^|]+?)\s*\|\s*\d+\s*\|?(?P<caption>.*)")
 
 
 def read_text(path):
-    """The file's text in its encoding (UTF-16, UTF-8 with or without a BOM, else cp1252), \n line endings."""
+    """The file's text in its encoding (UTF-16, UTF-8 with or without a BOM, else cp1252)."""
     raw = Path(path).read_bytes()
     try:
         text = raw.decode("utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig")
     except UnicodeDecodeError:
         text = raw.decode("cp1252", errors="replace")
-    return re.sub(r"\r\n?", "\n", text)  # also inside a quoted caption
+    return re.sub(r"\r\n?", "\n", text)  # every line ends in \n, inside a quoted caption too
 
 
 def read_captions(path):
-    """Any supported caption file: (DataFrame of image, caption[, split]; counts of what was dropped)."""
+    """Any supported caption file: (DataFrame of image, caption[, split]; counts of what went)."""
     text = read_text(path)
-    lines = text.splitlines()
+    lines = text.removesuffix("\n").split("\n")  # not splitlines(): U+2028 ends no caption
     first = next((line for line in lines if line.strip()), "")
     header = re.sub(r"\s", "", first).lower()
     if first.lstrip().startswith("{"):
-        rows, bad_lines = karpathy_rows(path, text), []
+        frame = pd.DataFrame(karpathy_rows(path, text), columns=["image", "caption", "split"])
+        bad_lines = []
     elif TOKEN_LINE.match(first) or header == "image_name|comment_number|comment":
         pattern = TOKEN_LINE if TOKEN_LINE.match(first) else RESULTS_LINE
         matches = [(n, line, pattern.match(line)) for n, line in enumerate(lines, 1)]
-        rows = [match.groups() for _, _, match in matches if match]
-        bad_lines = [n for n, line, match in matches if not match and line.strip() and line is not first]
+        frame = pd.DataFrame([m.groups() for _, _, m in matches if m], columns=["image", "caption"])
+        # neither a caption, nor blank, nor results.csv's header
+        bad_lines = [n for n, line, m in matches if not m and line.strip() and line != first]
     elif header == "image,caption":
-        reader = csv.reader(io.StringIO(text, newline=""))  # newline="": \r\n and old Mac \r, even mixed
-        numbered = [(reader.line_num, row) for row in reader][1:]  # a caption's unquoted commas: 3+ fields
+        reader = csv.reader(io.StringIO(text, newline=""))  # "": a quoted caption may hold \n
+        numbered = [(reader.line_num, row) for row in reader][1:]  # [1:]: not the header
+        # a caption's unquoted commas make more than two fields
         rows = [(row[0].strip(), ",".join(row[1:])) for _, row in numbered if len(row) >= 2]
+        frame = pd.DataFrame(rows, columns=["image", "caption"])
         bad_lines = [n for n, row in numbered if len(row) == 1]
     else:
-        raise UserError(f"{path}: unknown caption format (first line {first[:120]!r}); accepted formats: "
-                        f"captions.txt ('image,caption'), Flickr8k.token.txt ('name.jpg#0<TAB>caption'), "
-                        f"results.csv ('image_name| comment_number| comment') or Karpathy's dataset_*.json")
-    frame = pd.DataFrame(rows, columns=["image", "caption", "split"][:len(rows[0]) if rows else 2])
-    frame["caption"] = frame["caption"].str.strip()
-    empty = frame["caption"] == ""
-    wordless = ~frame["caption"].str.contains(r"\w")  # punctuation alone: nothing to learn or score
-    kept = frame[~wordless].drop_duplicates(["image", "caption"]).reset_index(drop=True)
-    dropped = Counter(blank_lines=sum(not line.strip() for line in lines), empty_captions=int(empty.sum()),
-                      captions_without_words=int((wordless & ~empty).sum()),
-                      duplicate_rows=int((~wordless).sum()) - len(kept), malformed_rows=len(bad_lines))
+        raise UserError(f"{path}: unknown caption format (first line {first[:120]!r}); accepted "
+                        f"formats: captions.txt ('image,caption'), Flickr8k.token.txt "
+                        f"('name.jpg#0<TAB>caption'), results.csv ('image_name| comment_number| "
+                        f"comment') or Karpathy's dataset_*.json")
     if bad_lines:
         warn(f"{path}: skipped {len(bad_lines)} malformed line(s): {bad_lines[:10]}")
-    if kept.empty:
-        raise UserError(f"{path} holds no caption with a word in it ({dict(+dropped) or 'no rows'}): fix it")
+    frame["caption"] = frame["caption"].str.strip()
+    empty = frame["caption"] == ""
+    # nothing to learn or score without a letter or a digit: punctuation alone, '_' alone
+    wordless = ~frame["caption"].str.contains(r"[^\W_]")
+    kept = frame[~wordless].drop_duplicates(["image", "caption"]).reset_index(drop=True)
+    dropped = Counter(
+        blank_lines=sum(not line.strip() for line in lines),
+        empty_captions=int(empty.sum()),
+        captions_without_words=int((wordless & ~empty).sum()),
+        duplicate_rows=int((~wordless).sum()) - len(kept),
+        malformed_rows=len(bad_lines),
+    )
+    if kept.empty:  # +dropped: the counts above 0
+        raise UserError(f"{path} holds no caption with a word in it ({dict(+dropped)}): fix it")
     return kept, dict(+dropped)
 
 
 def karpathy_rows(path, text):
-    """(image, caption, split) rows of a Karpathy-format JSON file; a malformed entry is one clear error."""
+    """(image, caption, split) rows of a Karpathy-format JSON file; a bad entry is one line."""
     try:
         images = json.loads(text)["images"]
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, RecursionError) as error:  # Recursion: nested too deep
         raise UserError(f"{path}: not a Karpathy-format JSON file ({error!r})") from None
     if not isinstance(images, list):
-        raise UserError(f"{path}: 'images' is a {type(images).__name__}, not a list: not Karpathy's format")
+        raise UserError(f"{path}: 'images' is a {type(images).__name__}, not a list: not "
+                        f"Karpathy's format")
     rows = []
     for i, image in enumerate(images):
-        valid = (isinstance(image, dict) and image.get("split") in ("train", "restval", "val", "test")
+        valid = (isinstance(image, dict)
+                 and image.get("split") in ("train", "restval", "val", "test")
                  and isinstance(image.get("filename"), str) and image["filename"] != ""
                  and isinstance(image.get("sentences"), list) and image["sentences"] != []
-                 and all(isinstance(s, dict) and isinstance(s.get("raw"), str) for s in image["sentences"]))
+                 and all(isinstance(s, dict) and isinstance(s.get("raw"), str)
+                         for s in image["sentences"]))
         if not valid:
-            raise UserError(f"{path}: images[{i}] {image!r:.80} is not an object with a 'filename', 'split' "
-                            f"(train/restval/val/test), 'sentences' of {{'raw': caption}}: fix or remove it")
-        split = {"restval": "train"}.get(image["split"], image["split"])
-        name = f"{image['filepath']}/{image['filename']}" if image.get("filepath") else image["filename"]
+            raise UserError(f"{path}: images[{i}] {image!r:.80} is not an object with a "
+                            f"'filename', 'split' (train/restval/val/test), 'sentences' of "
+                            f"{{'raw': caption}}: fix or remove it")
+        name = image["filename"]
+        if image.get("filepath"):  # COCO's train2014/ or val2014/
+            name = f"{image['filepath']}/{name}"
+        split = {"restval": "train"}.get(image["split"], image["split"])  # restval: trained on
         rows += [(name, sentence["raw"], split) for sentence in image["sentences"]]
     return rows
 
 
 def find_dataset_files(folder):
+    """The caption file and the image folder in folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"dataset folder {folder} does not exist. Download the data into it (see the README: "
-                        f"./setup.sh --flickr8k fetches Flickr8k) or point --data_dir at it.")
+        raise UserError(f"dataset folder {folder} does not exist. Download the data into it (see "
+                        f"the README: ./setup.sh --flickr8k fetches Flickr8k) or point --data_dir "
+                        f"at it.")
     places = [folder] + [folder / d for d in IMAGE_DIRS]
-    caption_file = next((p / name for name in CAPTION_FILES for p in places if (p / name).is_file()), None)
-    if caption_file is None:
+    found = [p / name for name in CAPTION_FILES for p in places if (p / name).is_file()]
+    if not found:
         raise UserError(f"no caption file in {folder}: expected one of {', '.join(CAPTION_FILES)}")
-    if caption_file.name == "dataset_coco.json":  # its images are in train2014/ and val2014/, named with them
-        return caption_file, folder
-    image_dir = next((folder / d for d in IMAGE_DIRS if (folder / d).is_dir()
-                      and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (folder / d).iterdir())), None)
-    if image_dir is None:
-        raise UserError(f"no image folder with images in {folder}: expected one of {', '.join(IMAGE_DIRS)}")
-    return caption_file, image_dir
+    if found[0].name == "dataset_coco.json":  # its images are in train2014/ and val2014/, named so
+        return found[0], folder
+    image_dirs = [folder / d for d in IMAGE_DIRS if holds_images(folder / d)]
+    if not image_dirs:
+        raise UserError(f"no image folder with images in {folder}: expected one of "
+                        f"{', '.join(IMAGE_DIRS)}")
+    return found[0], image_dirs[0]
+
+
+def holds_images(folder):
+    return folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
 
 
 def assign_splits(frame, folder, seed, holdout_fraction=0.1):
-    """Split by image, never by caption: Karpathy splits, else the official Flickr8k lists, else seeded."""
+    """Split by image, never by caption: Karpathy's, else the official Flickr8k lists, or seeded."""
     if "split" in frame:
-        return frame, "from Karpathy's JSON"
+        split_of = one_split_each(zip(frame["image"], frame["split"]), f"the JSON file in {folder}")
+        return frame.assign(split=frame["image"].map(split_of)), "from Karpathy's JSON"
     if all((Path(folder) / f).is_file() for f in SPLIT_FILES.values()):
-        listed = [(n, split) for split, f in SPLIT_FILES.items() for n in read_text(Path(folder) / f).split()]
-        split_of = dict(listed)  # an image in two lists goes in the last
-        repeated = sorted(n for n, lists in Counter(n for n, _ in set(listed)).items() if lists > 1)
-        if repeated:
-            named = ", ".join(f"{n} (put in {split_of[n]})" for n in repeated[:5])
-            warn(f"{len(repeated)} image(s) are in more than one of the split lists in {folder}, each put in "
-                 f"the last list that names it: {named}")
+        listed = []
+        for split, file in SPLIT_FILES.items():  # a name a line: a name may hold spaces
+            lines = read_text(Path(folder) / file).split("\n")
+            listed += [(line.strip(), split) for line in lines if line.strip()]
+        split_of = one_split_each(listed, f"the split lists in {folder}")
         frame = frame.assign(split=frame["image"].map(split_of))
         unlisted = frame["split"].isna()
         if unlisted.any():
-            log(f"{frame.loc[unlisted, 'image'].nunique()} images are in no official split list: left out")
+            log(f"{frame.loc[unlisted, 'image'].nunique()} images are in no official split list: "
+                f"left out")
         return frame[~unlisted].reset_index(drop=True), "from the official Flickr8k lists"
     images = sorted(frame["image"].unique())
     random.Random(seed).shuffle(images)
     n = max(1, round(holdout_fraction * len(images)))
-    split_of = {name: "test" if i < n else "val" if i < 2 * n else "train" for i, name in enumerate(images)}
+    # the images, shuffled:  [ test: n | val: n | train: the rest ]
+    #                 i // n:      0          1          2, 3, ...
+    split_of = {name: ("test", "val", "train")[min(i // n, 2)] for i, name in enumerate(images)}
     return frame.assign(split=frame["image"].map(split_of)), f"random by image, seed {seed}"
+
+
+def one_split_each(listed, where):
+    """{image: split} of (image, split) pairs; an image in two splits is named in a warning."""
+    listed = sorted(set(listed), key=lambda pair: SPLITS.index(pair[1]))
+    split_of = dict(listed)  # an image's last pair wins: none is both trained on and scored
+    repeated = sorted(name for name, n in Counter(name for name, _ in listed).items() if n > 1)
+    if repeated:
+        named = ", ".join(f"{name} (put in {split_of[name]})" for name in repeated[:5])
+        warn(f"{len(repeated)} image(s) are in more than one split in {where}, each put in the "
+             f"last of train, val, test that names it: {named}")
+    return split_of
 
 
 def load_captions(folder, seed, max_images=0):
     """Caption table with a split column, for images that exist; reports everything it dropped."""
     caption_file, image_dir = find_dataset_files(folder)
     frame, dropped = read_captions(caption_file)
-    names, inside = frame["image"].unique(), image_dir.resolve()
+    names = frame["image"].unique()
+    inside = image_dir.resolve()
     outside = sorted(n for n in names if not (image_dir / n).resolve().is_relative_to(inside))
     missing = sorted(n for n in set(names) - set(outside) if not (image_dir / n).is_file())
     for bad, why in ((outside, f"point outside {image_dir}"), (missing, f"are not in {image_dir}")):
         if bad:
-            warn(f"{len(bad)} image name(s) in {caption_file.name} {why}, skipped: {', '.join(bad[:5])}")
+            warn(f"{len(bad)} image name(s) in {caption_file.name} {why}, skipped: "
+                 f"{', '.join(bad[:5])}")
     frame = frame[~frame["image"].isin(outside + missing)]
     if max_images:  # a random subset before splitting, so that every split keeps its share
         keep = sorted(frame["image"].unique())
@@ -1335,18 +1367,21 @@ def load_captions(folder, seed, max_images=0):
         frame = frame[frame["image"].isin(set(keep[:max_images]))]
     frame, split_source = assign_splits(frame.reset_index(drop=True), folder, seed)
     counts = frame.drop_duplicates("image")["split"].value_counts()
-    log(f"captions: {caption_file} ({len(frame)} captions of {frame['image'].nunique()} images; images in "
-        f"{image_dir}); splits ({split_source}): train {counts.get('train', 0)}, val {counts.get('val', 0)}, "
-        f"test {counts.get('test', 0)} images" + (f"; dropped {dict(dropped)}" if dropped else ""))
+    log(f"captions: {caption_file} ({len(frame)} captions of {frame['image'].nunique()} images; "
+        f"images in {image_dir}); splits ({split_source}): train {counts.get('train', 0)}, "
+        f"val {counts.get('val', 0)}, test {counts.get('test', 0)} images")
+    if dropped:
+        log(f"dropped from {caption_file.name}: {dropped}")
     check_splits(frame, folder)
     return frame, image_dir
 
 
 def check_splits(frame, folder):
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         if not (frame["split"] == split).any():
-            raise UserError(f"no {split} images in {folder} (after leaving out missing or unreadable ones): "
-                            f"use more images (max_images) or check the split files")
+            raise UserError(f"no {split} images in {folder} (after leaving out missing or "
+                            f"unreadable ones): use more images (max_images) or check the split "
+                            f"files")
 
 
 def open_rgb(path):
