@@ -1439,63 +1439,48 @@ def image_batches(source, names, batch_size, num_workers=0, pin_memory=False, de
 
 # --------------------------------------------------------------------------------------------------
 # the built-in demo set: coloured shapes with captions, in the Flickr8k layout
+# hands prepare_data a data folder (Images/, captions.txt) and shapes.csv, which scores the captions
 
-DEMO_COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (240, 210, 30)}
-
-
+DEMO_COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230),
+                "yellow": (240, 210, 30)}
 DEMO_BACKGROUNDS = {"white": (240, 240, 240), "grey": (128, 128, 128), "black": (15, 15, 15)}
-
-
 DEMO_SHAPES = ["circle", "square", "triangle"]
-
-
+DEMO_WORDS = {*DEMO_COLOURS, *DEMO_SHAPES}
 DEMO_SINGLE_SHARE = 2 / 3   # the rest have two shapes, one on each side
-
-
 DEMO_SHADE = 15             # each channel of a shape's colour varies by up to this much (0-255)
-
-
 DEMO_BACKGROUND_SHADE = 20  # and the background's grey level by up to this much
-
-
-# by number of shapes, in fractions of the image: each shape's x range (left to right), every shape's y and
-# size ranges. One shape large and central (what a random-weight encoder can still tell apart); two, one in
-# each half, each at its own height, never touching
+# by number of shapes, in fractions of the image: each shape's x range (left to right), every
+# shape's y and size ranges. One shape large and central (what a random-weight encoder can still
+# tell apart); two, one in each half, each at its own height, never touching
 DEMO_PLACES = {1: ([(0.45, 0.55)], (0.45, 0.55), (0.5, 0.75)),
                2: ([(0.24, 0.26), (0.74, 0.76)], (0.35, 0.65), (0.4, 0.46))}
-
-
 DEMO_CAPTIONS_PER_IMAGE = 3  # of the templates below, drawn without repeats
-
-
 ONE_SHAPE_CAPTIONS = ["a {c} {s} .", "a {c} {s} on a {bg} background .",
                       "there is a {c} {s} on a {bg} background .",
                       "a large {c} {s} in the middle of the picture .", "a picture of a {c} {s} .",
                       "one big {c} {s} in the centre ."]
-
-
-# every two-shape caption names the left shape first and says which is where, in words that demo_placement
-# reads back: one word order is easier to learn than six ways of saying the same
+# every two-shape caption names the left shape first and says which is where, in words that
+# demo_placement reads back: one word order is easier to learn than six ways of saying the same
 TWO_SHAPE_CAPTIONS = ["a {c} {s} on the left and a {c2} {s2} on the right .",
                       "a {c} {s} to the left of a {c2} {s2} .",
-                      "two shapes on a {bg} background : a {c} {s} on the left and a {c2} {s2} on the right ."]
-
-
-DEMO_IMAGES = "demo_[0-9][0-9][0-9][0-9][0-9].jpg"  # the demo's own images: any other file in Images/ stays
+                      "two shapes on a {bg} background : a {c} {s} on the left and a {c2} {s2} on "
+                      "the right ."]
+DEMO_IMAGES = "demo_[0-9][0-9][0-9][0-9][0-9].jpg"  # the demo's own: other files in Images/ stay
 
 
 def make_demo_dataset(folder, n_images, size, seed=0):
-    """Writes Images/, captions.txt and shapes.csv deterministically; again only when the settings change."""
-    folder, stamp = Path(folder), {"images": n_images, "size": size, "seed": seed, "version": 9}
+    """Writes Images/, captions.txt and shapes.csv; again only when the settings change."""
+    folder = Path(folder)
+    stamp = {"images": n_images, "size": size, "seed": seed, "version": 9}
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"--data_dir={folder} is a file and the demo needs a folder: choose another one")
+        raise UserError(f"--data_dir={folder} is a file and the demo needs a folder: choose one")
     if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
         return folder
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "demo.json").is_file():
         raise UserError(f"{folder} holds files but no demo set: choose an empty or new --data_dir")
     (folder / "Images").mkdir(parents=True, exist_ok=True)
-    # the folder may also hold the user's own files: only the demo's are replaced. A stamp that matches no
-    # settings goes first, so that an interrupted rebuild is redone on the next run
+    # the folder may also hold the user's own files: only the demo's are replaced. A stamp that
+    # matches no settings goes first, so that an interrupted rebuild is redone on the next run
     (folder / "demo.json").write_text(json.dumps({"incomplete": True}))
     for old in (folder / "Images").glob(DEMO_IMAGES):
         old.unlink()
@@ -1509,24 +1494,27 @@ def shift(rgb, offsets):
 
 
 def write_demo_set(folder, n_images, size, seed):
-    """The demo's images, captions.txt and shapes.csv in folder, every drawing varied (README: the demo)."""
+    """The demo's images, captions.txt and shapes.csv in folder, every drawing varied (README)."""
     from PIL import ImageDraw
     rng = random.Random(seed)
     captions, shapes = [], []
     for i in tqdm(range(n_images), desc="making the demo set", unit="img", leave=False):
-        name, bg, big = f"demo_{i:05d}.jpg", rng.choice(list(DEMO_BACKGROUNDS)), 4 * size
+        name = f"demo_{i:05d}.jpg"
+        bg = rng.choice(list(DEMO_BACKGROUNDS))
+        big = 4 * size  # drawn at 4x, then scaled down: smooth edges
         grey = rng.uniform(-DEMO_BACKGROUND_SHADE, DEMO_BACKGROUND_SHADE)
-        image = Image.new("RGB", (big, big), shift(DEMO_BACKGROUNDS[bg], [grey] * 3))  # grey stays grey
+        image = Image.new("RGB", (big, big), shift(DEMO_BACKGROUNDS[bg], [grey] * 3))  # still grey
         draw = ImageDraw.Draw(image)
         n_shapes = 1 if rng.random() < DEMO_SINGLE_SHARE else 2
-        # two shapes may share a colour or a shape, never both: which colour belongs to which shape, and which
-        # is where, is then the question, and no combination can be guessed from what the other one is
+        # two shapes may share a colour or a shape, never both: which colour belongs to which shape,
+        # and which is where, is then the question, and neither can be guessed from the other one
         objects = rng.sample([(c, s) for c in DEMO_COLOURS for s in DEMO_SHAPES], n_shapes)
         xs, ys, extents = DEMO_PLACES[n_shapes]
         places = [(rng.uniform(*x), rng.uniform(*ys), rng.uniform(*extents)) for x in xs]
         for (colour, shape), (x, y, extent) in zip(objects, places):
             shade = [rng.uniform(-DEMO_SHADE, DEMO_SHADE) for _ in range(3)]
-            x, y, r, fill = x * big, y * big, extent * big / 2, shift(DEMO_COLOURS[colour], shade)
+            fill = shift(DEMO_COLOURS[colour], shade)
+            x, y, r = x * big, y * big, extent * big / 2  # the centre and the half-width, in pixels
             if shape == "triangle":
                 draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
             elif shape == "circle":
@@ -1534,39 +1522,43 @@ def write_demo_set(folder, n_images, size, seed):
             else:
                 draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
         image.resize((size, size), Image.LANCZOS).save(folder / "Images" / name, quality=92)
-        (c, s), (c2, s2) = objects[0], objects[-1]
-        chosen = rng.sample([ONE_SHAPE_CAPTIONS, TWO_SHAPE_CAPTIONS][n_shapes - 1], DEMO_CAPTIONS_PER_IMAGE)
+        (c, s), (c2, s2) = objects[0], objects[-1]  # the left shape and the right (or the one)
+        chosen = rng.sample([ONE_SHAPE_CAPTIONS, TWO_SHAPE_CAPTIONS][n_shapes - 1],
+                            DEMO_CAPTIONS_PER_IMAGE)
         captions += [(name, t.format(c=c, s=s, c2=c2, s2=s2, bg=bg)) for t in chosen]
         shapes.append((name, ";".join(f"{c} {s}" for c, s in objects)))  # left to right
-    pd.DataFrame(captions, columns=["image", "caption"]).to_csv(folder / "captions.txt", index=False)
+    pd.DataFrame(captions, columns=["image", "caption"]).to_csv(
+        folder / "captions.txt", index=False)
     pd.DataFrame(shapes, columns=["image", "shapes"]).to_csv(folder / "shapes.csv", index=False)
 
 
-# the side a phrase after a shape puts it on and, for 'X to the left of Y', the side of Y
+# the sides a phrase after a shape puts it and, for 'X to the left of Y', the other shape on
 SIDES = {"on the left": ["left"], "on the right": ["right"], "to the left of": ["left", "right"],
          "to the right of": ["right", "left"]}
 
 
 def demo_placement(caption):
-    """'left colour shape;right colour shape' as the caption places two shapes, or None if it hedges."""
+    """'left colour shape;right colour shape' as the caption places two shapes; None: it hedges."""
     words = caption.split()
-    pairs = [i for i in range(len(words) - 1) if words[i] in DEMO_COLOURS and words[i + 1] in DEMO_SHAPES]
-    if len(pairs) != 2 or sum(w in DEMO_COLOURS or w in DEMO_SHAPES for w in words) != 4:
+    pairs = [i for i in range(len(words) - 1)
+             if words[i] in DEMO_COLOURS and words[i + 1] in DEMO_SHAPES]  # 'colour shape' at i
+    if len(pairs) != 2 or sum(w in DEMO_WORDS for w in words) != 4:
         return None  # one shape, three, or a colour or shape word that belongs to neither: hedging
-    claims = set()
+    claims = set()  # (0 or 1: the first or second shape named, its side)
     for k, i in enumerate(pairs):
         after = " ".join(words[i + 2:i + 6]) + " "
         for phrase, sides in SIDES.items():
             if after.startswith(phrase + " "):
-                claims |= {(k if j == 0 else 1 - k, side) for j, side in enumerate(sides)}  # 1 - k: the other
-    side = dict(claims)
+                claims |= set(zip([k, 1 - k], sides))  # this shape's side, then the other's
+    side = dict(claims)  # a shape put on both sides loses one of its claims here
     if len(claims) != 2 or sorted(side.values()) != ["left", "right"]:
         return None
-    return ";".join(" ".join(words[pairs[k]:pairs[k] + 2]) for k in sorted(side, key=lambda k: side[k]))
+    by_side = {side[k]: " ".join(words[i:i + 2]) for k, i in enumerate(pairs)}  # 'colour shape'
+    return f"{by_side['left']};{by_side['right']}"
 
 
 def demo_accuracy(captions_by_image, shapes_file, n_shapes=1):
-    """The share of the images with n_shapes shapes (None: any) captioned right, and their number."""
+    """The share of the images with n_shapes shapes (None: any) captioned right; their number."""
     right = demo_right(captions_by_image, shapes_file, n_shapes)
     return sum(right.values()) / max(1, len(right)), len(right)
 
@@ -1577,8 +1569,8 @@ def demo_judgement(cfg, captions):
 
 
 def demo_right(captions_by_image, shapes_file, n_shapes=None):
-    """{image: whether its caption names its shapes right} for the images with n_shapes shapes (None: any)."""
-    truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()  # as write_demo_set drew them
+    """{image: whether its caption names its shapes right}, for images with n_shapes (None: any)."""
+    truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()  # as drawn
     right = {}
     for name, caption in captions_by_image.items():
         if n_shapes not in (None, truth[name].count(";") + 1):
@@ -1586,7 +1578,7 @@ def demo_right(captions_by_image, shapes_file, n_shapes=None):
         if ";" in truth[name]:
             right[name] = demo_placement(caption) == truth[name]
         else:  # colours and shapes are different words: this colour and this shape, and no other
-            right[name] = set(caption.split()) & {*DEMO_COLOURS, *DEMO_SHAPES} == set(truth[name].split())
+            right[name] = set(caption.split()) & DEMO_WORDS == set(truth[name].split())
     return right
 
 
@@ -1596,22 +1588,23 @@ DEMO_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # without ./s
 def prepare_demo(cfg):
     """On the demo: says so and makes its data set (in process 0, while the others wait)."""
     if cfg.dataset == "demo" and is_main_process():
-        log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run trains on "
-            f"the built-in demo set\n({cfg.demo_images} generated images of coloured shapes). For real "
-            f"captions: ./setup.sh --flickr8k, then run this again (README: 'Getting the data').\n{'=' * 100}")
+        log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run "
+            f"trains on the built-in demo set\n({cfg.demo_images} generated images of coloured "
+            f"shapes). For real captions: ./setup.sh --flickr8k, then run this again (README: "
+            f"'Getting the data').\n{'=' * 100}")
         make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
     wait_for_all()
 
 
 def encoder_weights_file(cfg):
-    """--encoder_weights or, on the demo without them at the default path, a fixed random-init ResNet50."""
+    """--encoder_weights or, on the demo without them at the default path, a random ResNet50."""
     path = Path(cfg.encoder_weights)
     if path.is_file():
         return path
     if cfg.dataset != "demo" or path != ROOT / encoder_weights:
         raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
-    warn(f"no ResNet50 weights at {path}: the demo uses a randomly initialised (still frozen) ResNet50. "
-         f"./setup.sh downloads the ImageNet weights.")
+    warn(f"no ResNet50 weights at {path}: the demo uses a randomly initialised (still frozen) "
+         f"ResNet50. ./setup.sh downloads the ImageNet weights.")
     if is_main_process():  # written once, before the other processes read it
         random_resnet50_weights(DEMO_WEIGHTS)
     wait_for_all()
@@ -1626,10 +1619,11 @@ def demo_scores(model, data, split, cfg, device, by_kind=False):
     shapes = Path(cfg.data_dir) / "shapes.csv"
     if not by_kind:
         return {"demo_accuracy": demo_accuracy(greedy, shapes, None)[0]}
-    (single, n_single), (two, n_two) = demo_accuracy(greedy, shapes, 1), demo_accuracy(greedy, shapes, 2)
-    log(f"demo: the greedy captions name the right colour and shape of {single:.1%} of {n_single} held-out "
-        f"single-shape images, and both shapes with their colours on the right sides of {two:.1%} of {n_two} "
-        f"two-shape images")
+    single, n_single = demo_accuracy(greedy, shapes, 1)
+    two, n_two = demo_accuracy(greedy, shapes, 2)
+    log(f"demo: the greedy captions name the right colour and shape of {single:.1%} of {n_single} "
+        f"held-out single-shape images, and both shapes with their colours on the right sides of "
+        f"{two:.1%} of {n_two} two-shape images")
     return {"demo_colour_shape_accuracy": single, "demo_two_shape_accuracy": two}
 
 
