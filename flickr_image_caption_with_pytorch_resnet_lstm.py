@@ -1235,9 +1235,9 @@ def read_captions(path):
         bad_lines = [n for n, row in numbered if len(row) == 1]
     else:
         raise UserError(f"{path}: unknown caption format (first line {first[:120]!r}); accepted "
-                        f"formats: captions.txt ('image,caption'), Flickr8k.token.txt "
-                        f"('name.jpg#0<TAB>caption'), results.csv ('image_name| comment_number| "
-                        f"comment') or Karpathy's dataset_*.json")
+                        f"formats: captions.txt ('image,caption'), Flickr8k.token.txt ('name.jpg#0"
+                        f"<TAB>caption'), results.csv ('image_name| comment_number| comment') or "
+                        f"Karpathy's dataset_*.json")
     if bad_lines:
         warn(f"{path}: skipped {len(bad_lines)} malformed line(s): {bad_lines[:10]}")
     frame["caption"] = frame["caption"].str.strip()
@@ -1245,13 +1245,11 @@ def read_captions(path):
     # nothing to learn or score without a letter or a digit: punctuation alone, '_' alone
     wordless = ~frame["caption"].str.contains(r"[^\W_]")
     kept = frame[~wordless].drop_duplicates(["image", "caption"]).reset_index(drop=True)
-    dropped = Counter(
-        blank_lines=sum(not line.strip() for line in lines),
-        empty_captions=int(empty.sum()),
-        captions_without_words=int((wordless & ~empty).sum()),
-        duplicate_rows=int((~wordless).sum()) - len(kept),
-        malformed_rows=len(bad_lines),
-    )
+    dropped = Counter(blank_lines=sum(not line.strip() for line in lines),
+                      empty_captions=int(empty.sum()),
+                      captions_without_words=int((wordless & ~empty).sum()),
+                      duplicate_rows=int((~wordless).sum()) - len(kept),
+                      malformed_rows=len(bad_lines))
     if kept.empty:  # +dropped: the counts above 0
         raise UserError(f"{path} holds no caption with a word in it ({dict(+dropped)}): fix it")
     return kept, dict(+dropped)
@@ -1290,9 +1288,8 @@ def find_dataset_files(folder):
     """The caption file and the image folder in folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"dataset folder {folder} does not exist. Download the data into it (see "
-                        f"the README: ./setup.sh --flickr8k fetches Flickr8k) or point --data_dir "
-                        f"at it.")
+        raise UserError(f"dataset folder {folder} does not exist: download the data into it "
+                        f"(./setup.sh --flickr8k; README) or point --data_dir at it")
     places = [folder] + [folder / d for d in IMAGE_DIRS]
     found = [p / name for name in CAPTION_FILES for p in places if (p / name).is_file()]
     if not found:
@@ -1324,8 +1321,7 @@ def assign_splits(frame, folder, seed, holdout_fraction=0.1):
         frame = frame.assign(split=frame["image"].map(split_of))
         unlisted = frame["split"].isna()
         if unlisted.any():
-            log(f"{frame.loc[unlisted, 'image'].nunique()} images are in no official split list: "
-                f"left out")
+            log(f"{frame.loc[unlisted, 'image'].nunique()} images are in no split list: left out")
         return frame[~unlisted].reset_index(drop=True), "from the official Flickr8k lists"
     images = sorted(frame["image"].unique())
     random.Random(seed).shuffle(images)
@@ -1379,9 +1375,8 @@ def load_captions(folder, seed, max_images=0):
 def check_splits(frame, folder):
     for split in SPLITS:
         if not (frame["split"] == split).any():
-            raise UserError(f"no {split} images in {folder} (after leaving out missing or "
-                            f"unreadable ones): use more images (max_images) or check the split "
-                            f"files")
+            raise UserError(f"no {split} images in {folder} once missing or unreadable ones "
+                            f"are left out: use more images (max_images) or check the split files")
 
 
 def open_rgb(path):
@@ -1455,17 +1450,21 @@ DEMO_BACKGROUND_SHADE = 20  # and the background's grey level by up to this much
 DEMO_PLACES = {1: ([(0.45, 0.55)], (0.45, 0.55), (0.5, 0.75)),
                2: ([(0.24, 0.26), (0.74, 0.76)], (0.35, 0.65), (0.4, 0.46))}
 DEMO_CAPTIONS_PER_IMAGE = 3  # of the templates below, drawn without repeats
-ONE_SHAPE_CAPTIONS = ["a {c} {s} .", "a {c} {s} on a {bg} background .",
-                      "there is a {c} {s} on a {bg} background .",
-                      "a large {c} {s} in the middle of the picture .", "a picture of a {c} {s} .",
-                      "one big {c} {s} in the centre ."]
-# every two-shape caption names the left shape first and says which is where, in words that
-# demo_placement reads back: one word order is easier to learn than six ways of saying the same
-TWO_SHAPE_CAPTIONS = ["a {c} {s} on the left and a {c2} {s2} on the right .",
-                      "a {c} {s} to the left of a {c2} {s2} .",
-                      "two shapes on a {bg} background : a {c} {s} on the left and a {c2} {s2} on "
-                      "the right ."]
+# by number of shapes. Every two-shape caption names the left shape first and says which is where,
+# in words that demo_placement reads back: one word order is easier to learn than six
+DEMO_CAPTIONS = {1: ["a {c} {s} .", "a {c} {s} on a {bg} background .",
+                     "there is a {c} {s} on a {bg} background .",
+                     "a large {c} {s} in the middle of the picture .", "a picture of a {c} {s} .",
+                     "one big {c} {s} in the centre ."],
+                 2: ["a {c} {s} on the left and a {c2} {s2} on the right .",
+                     "a {c} {s} to the left of a {c2} {s2} .",
+                     "two shapes on a {bg} background : a {c} {s} on the left and a {c2} {s2} "
+                     "on the right ."]}
+# the sides a phrase after a shape puts it and, for 'X to the left of Y', the other shape on
+SIDES = {"on the left": ["left"], "on the right": ["right"], "to the left of": ["left", "right"],
+         "to the right of": ["right", "left"]}
 DEMO_IMAGES = "demo_[0-9][0-9][0-9][0-9][0-9].jpg"  # the demo's own: other files in Images/ stay
+DEMO_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # without ./setup.sh's download
 
 
 def make_demo_dataset(folder, n_images, size, seed=0):
@@ -1523,18 +1522,12 @@ def write_demo_set(folder, n_images, size, seed):
                 draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
         image.resize((size, size), Image.LANCZOS).save(folder / "Images" / name, quality=92)
         (c, s), (c2, s2) = objects[0], objects[-1]  # the left shape and the right (or the one)
-        chosen = rng.sample([ONE_SHAPE_CAPTIONS, TWO_SHAPE_CAPTIONS][n_shapes - 1],
-                            DEMO_CAPTIONS_PER_IMAGE)
+        chosen = rng.sample(DEMO_CAPTIONS[n_shapes], DEMO_CAPTIONS_PER_IMAGE)
         captions += [(name, t.format(c=c, s=s, c2=c2, s2=s2, bg=bg)) for t in chosen]
         shapes.append((name, ";".join(f"{c} {s}" for c, s in objects)))  # left to right
     pd.DataFrame(captions, columns=["image", "caption"]).to_csv(
         folder / "captions.txt", index=False)
     pd.DataFrame(shapes, columns=["image", "shapes"]).to_csv(folder / "shapes.csv", index=False)
-
-
-# the sides a phrase after a shape puts it and, for 'X to the left of Y', the other shape on
-SIDES = {"on the left": ["left"], "on the right": ["right"], "to the left of": ["left", "right"],
-         "to the right of": ["right", "left"]}
 
 
 def demo_placement(caption):
@@ -1582,14 +1575,11 @@ def demo_right(captions_by_image, shapes_file, n_shapes=None):
     return right
 
 
-DEMO_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # without ./setup.sh's download
-
-
 def prepare_demo(cfg):
     """On the demo: says so and makes its data set (in process 0, while the others wait)."""
     if cfg.dataset == "demo" and is_main_process():
-        log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run "
-            f"trains on the built-in demo set\n({cfg.demo_images} generated images of coloured "
+        log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this "
+            f"run trains on the built-in demo set\n({cfg.demo_images} generated images of coloured "
             f"shapes). For real captions: ./setup.sh --flickr8k, then run this again (README: "
             f"'Getting the data').\n{'=' * 100}")
         make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
