@@ -1336,7 +1336,8 @@ def one_split_each(listed, where):
     """{image: split} of (image, split) pairs; an image in two splits is named in a warning."""
     listed = sorted(set(listed), key=lambda pair: SPLITS.index(pair[1]))
     split_of = dict(listed)  # an image's last pair wins: none is both trained on and scored
-    repeated = sorted(name for name, n in Counter(name for name, _ in listed).items() if n > 1)
+    n_splits = Counter(name for name, _ in listed)  # (image, split) pairs are unique here
+    repeated = sorted(name for name, n in n_splits.items() if n > 1)
     if repeated:
         named = ", ".join(f"{name} (put in {split_of[name]})" for name in repeated[:5])
         warn(f"{len(repeated)} image(s) are in more than one split in {where}, each put in the "
