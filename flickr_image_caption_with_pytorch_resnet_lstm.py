@@ -1262,8 +1262,7 @@ def karpathy_rows(path, text):
     except (ValueError, KeyError, TypeError, RecursionError) as error:  # Recursion: nested too deep
         raise UserError(f"{path}: not a Karpathy-format JSON file ({error!r})") from None
     if not isinstance(images, list):
-        raise UserError(f"{path}: 'images' is a {type(images).__name__}, not a list: not "
-                        f"Karpathy's format")
+        raise UserError(f"{path}: 'images' is a {type(images).__name__}, not a list (Karpathy's)")
     rows = []
     for i, image in enumerate(images):
         valid = (isinstance(image, dict)
