@@ -122,7 +122,7 @@ PRESETS = {"demo": dict(image_size=128, num_epochs=20, batch_size=64, learning_r
 
 @functools.lru_cache(maxsize=1)
 def spacy_tokenizer():
-    import spacy  # spacy.blank("en") tokenizes exactly as en_core_web_sm does, with no model download
+    import spacy  # spacy.blank("en") tokenizes as en_core_web_sm does, with no model download
     return spacy.blank("en").tokenizer
 
 
@@ -131,7 +131,8 @@ class Vocabulary:
     SPECIALS = ["<PAD>", "<SOS>", "<EOS>", "<UNK>"]
 
     def __init__(self, freq_threshold=5, itos=None):
-        self.freq_threshold, self.itos = freq_threshold, list(self.SPECIALS if itos is None else itos)
+        self.freq_threshold = freq_threshold
+        self.itos = list(self.SPECIALS if itos is None else itos)
         if self.itos[:4] != self.SPECIALS:
             raise ValueError(f"a vocabulary must start with {self.SPECIALS}")
         self.stoi = {word: i for i, word in enumerate(self.itos)}
@@ -141,18 +142,19 @@ class Vocabulary:
 
     @staticmethod
     def tokenize(text):
-        return [token.text.lower() for token in spacy_tokenizer()(text)]
+        # spaCy makes tokens of "\n", "\t", " " and U+2028 too: whitespace is never a word
+        return [token.text.lower() for token in spacy_tokenizer()(text) if not token.is_space]
 
     @staticmethod
     def tokenize_many(texts):
-        return [[t.text.lower() for t in doc] for doc in spacy_tokenizer().pipe(texts, batch_size=2000)]
+        return [Vocabulary.tokenize(text) for text in texts]  # spaCy's tokenizer.pipe is this loop
 
     def build_vocab(self, sentences):
         """Counts words in sentences (strings, or lists of tokens already split)."""
         tokenized = [s if isinstance(s, list) else self.tokenize(s) for s in sentences]
         counts = Counter(token for tokens in tokenized for token in tokens)
-        self.itos += [word for word, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
-                      if count >= self.freq_threshold and word not in self.stoi]
+        new = [w for w, n in counts.items() if n >= self.freq_threshold and w not in self.stoi]
+        self.itos += sorted(new, key=lambda word: (-counts[word], word))  # the most frequent first
         self.stoi = {word: i for i, word in enumerate(self.itos)}
         return self
 
@@ -161,7 +163,8 @@ class Vocabulary:
         return [self.stoi.get(token, self.UNK) for token in tokens]
 
     def decode(self, ids):
-        ids = ids[:ids.index(self.EOS)] if self.EOS in ids else ids
+        if self.EOS in ids:
+            ids = ids[:ids.index(self.EOS)]
         return " ".join(self.itos[i] for i in ids if i not in (self.PAD, self.SOS))
 
     def save(self, path):
@@ -1312,147 +1315,175 @@ def pick_device(name):
 
 # --------------------------------------------------------------------------------------------------
 # dataset formats and splits: Flickr8k/30k caption files, Karpathy's JSON (COCO), split by image
+# hands load_captions' table (image, caption, split) and the image folder to prepare_data
 
-CAPTION_FILES = ["dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json", "captions.txt",
-                 "results.csv", "Flickr8k.token.txt"]
-
-
-IMAGE_DIRS = ["Images", "flickr30k_images/flickr30k_images", "flickr30k_images", "Flicker8k_Dataset",
-              "Flickr8k_Dataset"]
-
-
+CAPTION_FILES = ["dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json",
+                 "captions.txt", "results.csv", "Flickr8k.token.txt"]
+IMAGE_DIRS = ["Images", "flickr30k_images/flickr30k_images", "flickr30k_images",
+              "Flicker8k_Dataset", "Flickr8k_Dataset"]
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                "test": "Flickr_8k.testImages.txt"}
-
-
+SPLITS = ["train", "val", "test"]
 TOKEN_LINE = re.compile(r"(?P<image>[^\t#,|]+)#\d+\t(?P<caption>.*)")  # Flickr8k.token.txt
-
-
-RESULTS_LINE = re.compile(r"\s*(?P<image>[^|]+?)\s*\|\s*\d+\s*\|?(?P<caption>.*)")  # even without its 2nd '|'
+# results.csv, even its row without the second '|'
+RESULTS_LINE = re.compile(r"\s*(?P<image>[^|]+?)\s*\|\s*\d+\s*\|?(?P<caption>.*)")
 
 
 def read_text(path):
-    """The file's text in its encoding (UTF-16, UTF-8 with or without a BOM, else cp1252), \n line endings."""
+    """The file's text in its encoding (UTF-16, UTF-8 with or without a BOM, else cp1252)."""
     raw = Path(path).read_bytes()
     try:
         text = raw.decode("utf-16" if raw.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig")
     except UnicodeDecodeError:
         text = raw.decode("cp1252", errors="replace")
-    return re.sub(r"\r\n?", "\n", text)  # also inside a quoted caption
+    return re.sub(r"\r\n?", "\n", text)  # every line ends in \n, inside a quoted caption too
 
 
 def read_captions(path):
-    """Any supported caption file: (DataFrame of image, caption[, split]; counts of what was dropped)."""
+    """Any supported caption file: (DataFrame of image, caption[, split]; counts of what went)."""
     text = read_text(path)
-    lines = text.splitlines()
+    lines = text.removesuffix("\n").split("\n")  # not splitlines(): U+2028 ends no caption
     first = next((line for line in lines if line.strip()), "")
     header = re.sub(r"\s", "", first).lower()
     if first.lstrip().startswith("{"):
-        rows, bad_lines = karpathy_rows(path, text), []
+        frame = pd.DataFrame(karpathy_rows(path, text), columns=["image", "caption", "split"])
+        bad_lines = []
     elif TOKEN_LINE.match(first) or header == "image_name|comment_number|comment":
         pattern = TOKEN_LINE if TOKEN_LINE.match(first) else RESULTS_LINE
         matches = [(n, line, pattern.match(line)) for n, line in enumerate(lines, 1)]
-        rows = [match.groups() for _, _, match in matches if match]
-        bad_lines = [n for n, line, match in matches if not match and line.strip() and line is not first]
+        frame = pd.DataFrame([m.groups() for _, _, m in matches if m], columns=["image", "caption"])
+        # neither a caption, nor blank, nor results.csv's header
+        bad_lines = [n for n, line, m in matches if not m and line.strip() and line != first]
     elif header == "image,caption":
-        reader = csv.reader(io.StringIO(text, newline=""))  # newline="": \r\n and old Mac \r, even mixed
-        numbered = [(reader.line_num, row) for row in reader][1:]  # a caption's unquoted commas: 3+ fields
+        reader = csv.reader(io.StringIO(text, newline=""))  # "": a quoted caption may hold \n
+        numbered = [(reader.line_num, row) for row in reader][1:]  # [1:]: not the header
+        # a caption's unquoted commas make more than two fields
         rows = [(row[0].strip(), ",".join(row[1:])) for _, row in numbered if len(row) >= 2]
+        frame = pd.DataFrame(rows, columns=["image", "caption"])
         bad_lines = [n for n, row in numbered if len(row) == 1]
     else:
-        raise UserError(f"{path}: unknown caption format (first line {first[:120]!r}); accepted formats: "
-                        f"captions.txt ('image,caption'), Flickr8k.token.txt ('name.jpg#0<TAB>caption'), "
-                        f"results.csv ('image_name| comment_number| comment') or Karpathy's dataset_*.json")
-    frame = pd.DataFrame(rows, columns=["image", "caption", "split"][:len(rows[0]) if rows else 2])
-    frame["caption"] = frame["caption"].str.strip()
-    empty = frame["caption"] == ""
-    wordless = ~frame["caption"].str.contains(r"\w")  # punctuation alone: nothing to learn or score
-    kept = frame[~wordless].drop_duplicates(["image", "caption"]).reset_index(drop=True)
-    dropped = Counter(blank_lines=sum(not line.strip() for line in lines), empty_captions=int(empty.sum()),
-                      captions_without_words=int((wordless & ~empty).sum()),
-                      duplicate_rows=int((~wordless).sum()) - len(kept), malformed_rows=len(bad_lines))
+        raise UserError(f"{path}: unknown caption format (first line {first[:120]!r}); accepted "
+                        f"formats: captions.txt ('image,caption'), Flickr8k.token.txt ('name.jpg#0"
+                        f"<TAB>caption'), results.csv ('image_name| comment_number| comment') or "
+                        f"Karpathy's dataset_*.json")
     if bad_lines:
         warn(f"{path}: skipped {len(bad_lines)} malformed line(s): {bad_lines[:10]}")
-    if kept.empty:
-        raise UserError(f"{path} holds no caption with a word in it ({dict(+dropped) or 'no rows'}): fix it")
+    frame["caption"] = frame["caption"].str.strip()
+    empty = frame["caption"] == ""
+    # nothing to learn or score without a letter or a digit: punctuation alone, '_' alone
+    wordless = ~frame["caption"].str.contains(r"[^\W_]")
+    kept = frame[~wordless].drop_duplicates(["image", "caption"]).reset_index(drop=True)
+    dropped = Counter(blank_lines=sum(not line.strip() for line in lines),
+                      empty_captions=int(empty.sum()),
+                      captions_without_words=int((wordless & ~empty).sum()),
+                      duplicate_rows=int((~wordless).sum()) - len(kept),
+                      malformed_rows=len(bad_lines))
+    if kept.empty:  # +dropped: the counts above 0
+        raise UserError(f"{path} holds no caption with a word in it ({dict(+dropped)}): fix it")
     return kept, dict(+dropped)
 
 
 def karpathy_rows(path, text):
-    """(image, caption, split) rows of a Karpathy-format JSON file; a malformed entry is one clear error."""
+    """(image, caption, split) rows of a Karpathy-format JSON file; a bad entry is one line."""
     try:
         images = json.loads(text)["images"]
-    except (ValueError, KeyError, TypeError) as error:
+    except (ValueError, KeyError, TypeError, RecursionError) as error:  # Recursion: nested too deep
         raise UserError(f"{path}: not a Karpathy-format JSON file ({error!r})") from None
     if not isinstance(images, list):
-        raise UserError(f"{path}: 'images' is a {type(images).__name__}, not a list: not Karpathy's format")
+        raise UserError(f"{path}: 'images' is a {type(images).__name__}, not a list (Karpathy's)")
     rows = []
     for i, image in enumerate(images):
-        valid = (isinstance(image, dict) and image.get("split") in ("train", "restval", "val", "test")
+        valid = (isinstance(image, dict)
+                 and image.get("split") in ("train", "restval", "val", "test")
                  and isinstance(image.get("filename"), str) and image["filename"] != ""
                  and isinstance(image.get("sentences"), list) and image["sentences"] != []
-                 and all(isinstance(s, dict) and isinstance(s.get("raw"), str) for s in image["sentences"]))
+                 and all(isinstance(s, dict) and isinstance(s.get("raw"), str)
+                         for s in image["sentences"]))
         if not valid:
-            raise UserError(f"{path}: images[{i}] {image!r:.80} is not an object with a 'filename', 'split' "
-                            f"(train/restval/val/test), 'sentences' of {{'raw': caption}}: fix or remove it")
-        split = {"restval": "train"}.get(image["split"], image["split"])
-        name = f"{image['filepath']}/{image['filename']}" if image.get("filepath") else image["filename"]
+            raise UserError(f"{path}: images[{i}] {image!r:.80} is not an object with a "
+                            f"'filename', 'split' (train/restval/val/test), 'sentences' of "
+                            f"{{'raw': caption}}: fix or remove it")
+        name = image["filename"]
+        if image.get("filepath"):  # COCO's train2014/ or val2014/
+            name = f"{image['filepath']}/{name}"
+        split = {"restval": "train"}.get(image["split"], image["split"])  # restval: trained on
         rows += [(name, sentence["raw"], split) for sentence in image["sentences"]]
     return rows
 
 
 def find_dataset_files(folder):
+    """The caption file and the image folder in folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"dataset folder {folder} does not exist. Download the data into it (see the README: "
-                        f"./setup.sh --flickr8k fetches Flickr8k) or point --data_dir at it.")
+        raise UserError(f"dataset folder {folder} does not exist: download the data into it "
+                        f"(./setup.sh --flickr8k; README) or point --data_dir at it")
     places = [folder] + [folder / d for d in IMAGE_DIRS]
-    caption_file = next((p / name for name in CAPTION_FILES for p in places if (p / name).is_file()), None)
-    if caption_file is None:
+    found = [p / name for name in CAPTION_FILES for p in places if (p / name).is_file()]
+    if not found:
         raise UserError(f"no caption file in {folder}: expected one of {', '.join(CAPTION_FILES)}")
-    if caption_file.name == "dataset_coco.json":  # its images are in train2014/ and val2014/, named with them
-        return caption_file, folder
-    image_dir = next((folder / d for d in IMAGE_DIRS if (folder / d).is_dir()
-                      and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (folder / d).iterdir())), None)
-    if image_dir is None:
-        raise UserError(f"no image folder with images in {folder}: expected one of {', '.join(IMAGE_DIRS)}")
-    return caption_file, image_dir
+    if found[0].name == "dataset_coco.json":  # its images are in train2014/ and val2014/, named so
+        return found[0], folder
+    image_dirs = [folder / d for d in IMAGE_DIRS if holds_images(folder / d)]
+    if not image_dirs:
+        raise UserError(f"no image folder with images in {folder}: expected one of "
+                        f"{', '.join(IMAGE_DIRS)}")
+    return found[0], image_dirs[0]
+
+
+def holds_images(folder):
+    return folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
 
 
 def assign_splits(frame, folder, seed, holdout_fraction=0.1):
-    """Split by image, never by caption: Karpathy splits, else the official Flickr8k lists, else seeded."""
+    """Split by image, never by caption: Karpathy's, else the official Flickr8k lists, or seeded."""
     if "split" in frame:
-        return frame, "from Karpathy's JSON"
+        split_of = one_split_each(zip(frame["image"], frame["split"]), f"the JSON file in {folder}")
+        return frame.assign(split=frame["image"].map(split_of)), "from Karpathy's JSON"
     if all((Path(folder) / f).is_file() for f in SPLIT_FILES.values()):
-        listed = [(n, split) for split, f in SPLIT_FILES.items() for n in read_text(Path(folder) / f).split()]
-        split_of = dict(listed)  # an image in two lists goes in the last
-        repeated = sorted(n for n, lists in Counter(n for n, _ in set(listed)).items() if lists > 1)
-        if repeated:
-            named = ", ".join(f"{n} (put in {split_of[n]})" for n in repeated[:5])
-            warn(f"{len(repeated)} image(s) are in more than one of the split lists in {folder}, each put in "
-                 f"the last list that names it: {named}")
+        listed = []
+        for split, file in SPLIT_FILES.items():  # a name a line: a name may hold spaces
+            lines = read_text(Path(folder) / file).split("\n")
+            listed += [(line.strip(), split) for line in lines if line.strip()]
+        split_of = one_split_each(listed, f"the split lists in {folder}")
         frame = frame.assign(split=frame["image"].map(split_of))
         unlisted = frame["split"].isna()
         if unlisted.any():
-            log(f"{frame.loc[unlisted, 'image'].nunique()} images are in no official split list: left out")
+            log(f"{frame.loc[unlisted, 'image'].nunique()} images are in no split list: left out")
         return frame[~unlisted].reset_index(drop=True), "from the official Flickr8k lists"
     images = sorted(frame["image"].unique())
     random.Random(seed).shuffle(images)
     n = max(1, round(holdout_fraction * len(images)))
-    split_of = {name: "test" if i < n else "val" if i < 2 * n else "train" for i, name in enumerate(images)}
+    # the images, shuffled:  [ test: n | val: n | train: the rest ]
+    #                 i // n:      0          1          2, 3, ...
+    split_of = {name: ("test", "val", "train")[min(i // n, 2)] for i, name in enumerate(images)}
     return frame.assign(split=frame["image"].map(split_of)), f"random by image, seed {seed}"
+
+
+def one_split_each(listed, where):
+    """{image: split} of (image, split) pairs; an image in two splits is named in a warning."""
+    listed = sorted(set(listed), key=lambda pair: SPLITS.index(pair[1]))
+    split_of = dict(listed)  # an image's last pair wins: none is both trained on and scored
+    n_splits = Counter(name for name, _ in listed)  # (image, split) pairs are unique here
+    repeated = sorted(name for name, n in n_splits.items() if n > 1)
+    if repeated:
+        named = ", ".join(f"{name} (put in {split_of[name]})" for name in repeated[:5])
+        warn(f"{len(repeated)} image(s) are in more than one split in {where}, each put in the "
+             f"last of train, val, test that names it: {named}")
+    return split_of
 
 
 def load_captions(folder, seed, max_images=0):
     """Caption table with a split column, for images that exist; reports everything it dropped."""
     caption_file, image_dir = find_dataset_files(folder)
     frame, dropped = read_captions(caption_file)
-    names, inside = frame["image"].unique(), image_dir.resolve()
+    names = frame["image"].unique()
+    inside = image_dir.resolve()
     outside = sorted(n for n in names if not (image_dir / n).resolve().is_relative_to(inside))
     missing = sorted(n for n in set(names) - set(outside) if not (image_dir / n).is_file())
     for bad, why in ((outside, f"point outside {image_dir}"), (missing, f"are not in {image_dir}")):
         if bad:
-            warn(f"{len(bad)} image name(s) in {caption_file.name} {why}, skipped: {', '.join(bad[:5])}")
+            warn(f"{len(bad)} image name(s) in {caption_file.name} {why}, skipped: "
+                 f"{', '.join(bad[:5])}")
     frame = frame[~frame["image"].isin(outside + missing)]
     if max_images:  # a random subset before splitting, so that every split keeps its share
         keep = sorted(frame["image"].unique())
@@ -1460,18 +1491,20 @@ def load_captions(folder, seed, max_images=0):
         frame = frame[frame["image"].isin(set(keep[:max_images]))]
     frame, split_source = assign_splits(frame.reset_index(drop=True), folder, seed)
     counts = frame.drop_duplicates("image")["split"].value_counts()
-    log(f"captions: {caption_file} ({len(frame)} captions of {frame['image'].nunique()} images; images in "
-        f"{image_dir}); splits ({split_source}): train {counts.get('train', 0)}, val {counts.get('val', 0)}, "
-        f"test {counts.get('test', 0)} images" + (f"; dropped {dict(dropped)}" if dropped else ""))
+    log(f"captions: {caption_file} ({len(frame)} captions of {frame['image'].nunique()} images; "
+        f"images in {image_dir}); splits ({split_source}): train {counts.get('train', 0)}, "
+        f"val {counts.get('val', 0)}, test {counts.get('test', 0)} images")
+    if dropped:
+        log(f"dropped from {caption_file.name}: {dropped}")
     check_splits(frame, folder)
     return frame, image_dir
 
 
 def check_splits(frame, folder):
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         if not (frame["split"] == split).any():
-            raise UserError(f"no {split} images in {folder} (after leaving out missing or unreadable ones): "
-                            f"use more images (max_images) or check the split files")
+            raise UserError(f"no {split} images in {folder} once missing or unreadable ones "
+                            f"are left out: use more images (max_images) or check the split files")
 
 
 def open_rgb(path):
@@ -1489,63 +1522,52 @@ def open_rgb(path):
 
 # --------------------------------------------------------------------------------------------------
 # the built-in demo set: coloured shapes with captions, in the Flickr8k layout
+# hands prepare_data a data folder (Images/, captions.txt) and shapes.csv, which scores the captions
 
-DEMO_COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (240, 210, 30)}
-
-
+DEMO_COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230),
+                "yellow": (240, 210, 30)}
 DEMO_BACKGROUNDS = {"white": (240, 240, 240), "grey": (128, 128, 128), "black": (15, 15, 15)}
-
-
 DEMO_SHAPES = ["circle", "square", "triangle"]
-
-
+DEMO_WORDS = {*DEMO_COLOURS, *DEMO_SHAPES}
 DEMO_SINGLE_SHARE = 2 / 3   # the rest have two shapes, one on each side
-
-
 DEMO_SHADE = 15             # each channel of a shape's colour varies by up to this much (0-255)
-
-
 DEMO_BACKGROUND_SHADE = 20  # and the background's grey level by up to this much
-
-
-# by number of shapes, in fractions of the image: each shape's x range (left to right), every shape's y and
-# size ranges. One shape large and central (what a random-weight encoder can still tell apart); two, one in
-# each half, each at its own height, never touching
+# by number of shapes, in fractions of the image: each shape's x range (left to right), every
+# shape's y and size ranges. One shape large and central (what a random-weight encoder can still
+# tell apart); two, one in each half, each at its own height, never touching
 DEMO_PLACES = {1: ([(0.45, 0.55)], (0.45, 0.55), (0.5, 0.75)),
                2: ([(0.24, 0.26), (0.74, 0.76)], (0.35, 0.65), (0.4, 0.46))}
-
-
 DEMO_CAPTIONS_PER_IMAGE = 3  # of the templates below, drawn without repeats
-
-
-ONE_SHAPE_CAPTIONS = ["a {c} {s} .", "a {c} {s} on a {bg} background .",
-                      "there is a {c} {s} on a {bg} background .",
-                      "a large {c} {s} in the middle of the picture .", "a picture of a {c} {s} .",
-                      "one big {c} {s} in the centre ."]
-
-
-# every two-shape caption names the left shape first and says which is where, in words that demo_placement
-# reads back: one word order is easier to learn than six ways of saying the same
-TWO_SHAPE_CAPTIONS = ["a {c} {s} on the left and a {c2} {s2} on the right .",
-                      "a {c} {s} to the left of a {c2} {s2} .",
-                      "two shapes on a {bg} background : a {c} {s} on the left and a {c2} {s2} on the right ."]
-
-
-DEMO_IMAGES = "demo_[0-9][0-9][0-9][0-9][0-9].jpg"  # the demo's own images: any other file in Images/ stays
+# by number of shapes. Every two-shape caption names the left shape first and says which is where,
+# in words that demo_placement reads back: one word order is easier to learn than six
+DEMO_CAPTIONS = {1: ["a {c} {s} .", "a {c} {s} on a {bg} background .",
+                     "there is a {c} {s} on a {bg} background .",
+                     "a large {c} {s} in the middle of the picture .", "a picture of a {c} {s} .",
+                     "one big {c} {s} in the centre ."],
+                 2: ["a {c} {s} on the left and a {c2} {s2} on the right .",
+                     "a {c} {s} to the left of a {c2} {s2} .",
+                     "two shapes on a {bg} background : a {c} {s} on the left and a {c2} {s2} "
+                     "on the right ."]}
+# the sides a phrase after a shape puts it and, for 'X to the left of Y', the other shape on
+SIDES = {"on the left": ["left"], "on the right": ["right"], "to the left of": ["left", "right"],
+         "to the right of": ["right", "left"]}
+DEMO_IMAGES = "demo_[0-9][0-9][0-9][0-9][0-9].jpg"  # the demo's own: other files in Images/ stay
+DEMO_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # without ./setup.sh's download
 
 
 def make_demo_dataset(folder, n_images, size, seed=0):
-    """Writes Images/, captions.txt and shapes.csv deterministically; again only when the settings change."""
-    folder, stamp = Path(folder), {"images": n_images, "size": size, "seed": seed, "version": 9}
+    """Writes Images/, captions.txt and shapes.csv; again only when the settings change."""
+    folder = Path(folder)
+    stamp = {"images": n_images, "size": size, "seed": seed, "version": 9}
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"--data_dir={folder} is a file and the demo needs a folder: choose another one")
+        raise UserError(f"--data_dir={folder} is a file and the demo needs a folder: choose one")
     if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
         return folder
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "demo.json").is_file():
         raise UserError(f"{folder} holds files but no demo set: choose an empty or new --data_dir")
     (folder / "Images").mkdir(parents=True, exist_ok=True)
-    # the folder may also hold the user's own files: only the demo's are replaced. A stamp that matches no
-    # settings goes first, so that an interrupted rebuild is redone on the next run
+    # the folder may also hold the user's own files: only the demo's are replaced. A stamp that
+    # matches no settings goes first, so that an interrupted rebuild is redone on the next run
     (folder / "demo.json").write_text(json.dumps({"incomplete": True}))
     for old in (folder / "Images").glob(DEMO_IMAGES):
         old.unlink()
@@ -1559,24 +1581,27 @@ def shift(rgb, offsets):
 
 
 def write_demo_set(folder, n_images, size, seed):
-    """The demo's images, captions.txt and shapes.csv in folder, every drawing varied (README: the demo)."""
+    """The demo's images, captions.txt and shapes.csv in folder, every drawing varied (README)."""
     from PIL import ImageDraw
     rng = random.Random(seed)
     captions, shapes = [], []
     for i in tqdm(range(n_images), desc="making the demo set", unit="img", leave=False):
-        name, bg, big = f"demo_{i:05d}.jpg", rng.choice(list(DEMO_BACKGROUNDS)), 4 * size
+        name = f"demo_{i:05d}.jpg"
+        bg = rng.choice(list(DEMO_BACKGROUNDS))
+        big = 4 * size  # drawn at 4x, then scaled down: smooth edges
         grey = rng.uniform(-DEMO_BACKGROUND_SHADE, DEMO_BACKGROUND_SHADE)
-        image = Image.new("RGB", (big, big), shift(DEMO_BACKGROUNDS[bg], [grey] * 3))  # grey stays grey
+        image = Image.new("RGB", (big, big), shift(DEMO_BACKGROUNDS[bg], [grey] * 3))  # still grey
         draw = ImageDraw.Draw(image)
         n_shapes = 1 if rng.random() < DEMO_SINGLE_SHARE else 2
-        # two shapes may share a colour or a shape, never both: which colour belongs to which shape, and which
-        # is where, is then the question, and no combination can be guessed from what the other one is
+        # two shapes may share a colour or a shape, never both: which colour belongs to which shape,
+        # and which is where, is then the question, and neither can be guessed from the other one
         objects = rng.sample([(c, s) for c in DEMO_COLOURS for s in DEMO_SHAPES], n_shapes)
         xs, ys, extents = DEMO_PLACES[n_shapes]
         places = [(rng.uniform(*x), rng.uniform(*ys), rng.uniform(*extents)) for x in xs]
         for (colour, shape), (x, y, extent) in zip(objects, places):
             shade = [rng.uniform(-DEMO_SHADE, DEMO_SHADE) for _ in range(3)]
-            x, y, r, fill = x * big, y * big, extent * big / 2, shift(DEMO_COLOURS[colour], shade)
+            fill = shift(DEMO_COLOURS[colour], shade)
+            x, y, r = x * big, y * big, extent * big / 2  # the centre and the half-width, in pixels
             if shape == "triangle":
                 draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
             elif shape == "circle":
@@ -1584,39 +1609,37 @@ def write_demo_set(folder, n_images, size, seed):
             else:
                 draw.rectangle([x - r, y - r, x + r, y + r], fill=fill)
         image.resize((size, size), Image.LANCZOS).save(folder / "Images" / name, quality=92)
-        (c, s), (c2, s2) = objects[0], objects[-1]
-        chosen = rng.sample([ONE_SHAPE_CAPTIONS, TWO_SHAPE_CAPTIONS][n_shapes - 1], DEMO_CAPTIONS_PER_IMAGE)
+        (c, s), (c2, s2) = objects[0], objects[-1]  # the left shape and the right (or the one)
+        chosen = rng.sample(DEMO_CAPTIONS[n_shapes], DEMO_CAPTIONS_PER_IMAGE)
         captions += [(name, t.format(c=c, s=s, c2=c2, s2=s2, bg=bg)) for t in chosen]
         shapes.append((name, ";".join(f"{c} {s}" for c, s in objects)))  # left to right
-    pd.DataFrame(captions, columns=["image", "caption"]).to_csv(folder / "captions.txt", index=False)
+    pd.DataFrame(captions, columns=["image", "caption"]).to_csv(
+        folder / "captions.txt", index=False)
     pd.DataFrame(shapes, columns=["image", "shapes"]).to_csv(folder / "shapes.csv", index=False)
 
 
-# the side a phrase after a shape puts it on and, for 'X to the left of Y', the side of Y
-SIDES = {"on the left": ["left"], "on the right": ["right"], "to the left of": ["left", "right"],
-         "to the right of": ["right", "left"]}
-
-
 def demo_placement(caption):
-    """'left colour shape;right colour shape' as the caption places two shapes, or None if it hedges."""
+    """'left colour shape;right colour shape' as the caption places two shapes; None: it hedges."""
     words = caption.split()
-    pairs = [i for i in range(len(words) - 1) if words[i] in DEMO_COLOURS and words[i + 1] in DEMO_SHAPES]
-    if len(pairs) != 2 or sum(w in DEMO_COLOURS or w in DEMO_SHAPES for w in words) != 4:
+    pairs = [i for i in range(len(words) - 1)
+             if words[i] in DEMO_COLOURS and words[i + 1] in DEMO_SHAPES]  # 'colour shape' at i
+    if len(pairs) != 2 or sum(w in DEMO_WORDS for w in words) != 4:
         return None  # one shape, three, or a colour or shape word that belongs to neither: hedging
-    claims = set()
+    claims = set()  # (0 or 1: the first or second shape named, its side)
     for k, i in enumerate(pairs):
         after = " ".join(words[i + 2:i + 6]) + " "
         for phrase, sides in SIDES.items():
             if after.startswith(phrase + " "):
-                claims |= {(k if j == 0 else 1 - k, side) for j, side in enumerate(sides)}  # 1 - k: the other
-    side = dict(claims)
+                claims |= set(zip([k, 1 - k], sides))  # this shape's side, then the other's
+    side = dict(claims)  # a shape put on both sides loses one of its claims here
     if len(claims) != 2 or sorted(side.values()) != ["left", "right"]:
         return None
-    return ";".join(" ".join(words[pairs[k]:pairs[k] + 2]) for k in sorted(side, key=lambda k: side[k]))
+    by_side = {side[k]: " ".join(words[i:i + 2]) for k, i in enumerate(pairs)}  # 'colour shape'
+    return f"{by_side['left']};{by_side['right']}"
 
 
 def demo_accuracy(captions_by_image, shapes_file, n_shapes=1):
-    """The share of the images with n_shapes shapes (None: any) captioned right, and their number."""
+    """The share of the images with n_shapes shapes (None: any) captioned right; their number."""
     right = demo_right(captions_by_image, shapes_file, n_shapes)
     return sum(right.values()) / max(1, len(right)), len(right)
 
@@ -1627,8 +1650,8 @@ def demo_judgement(cfg, captions):
 
 
 def demo_right(captions_by_image, shapes_file, n_shapes=None):
-    """{image: whether its caption names its shapes right} for the images with n_shapes shapes (None: any)."""
-    truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()  # as write_demo_set drew them
+    """{image: whether its caption names its shapes right}, for images with n_shapes (None: any)."""
+    truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()  # as drawn
     right = {}
     for name, caption in captions_by_image.items():
         if n_shapes not in (None, truth[name].count(";") + 1):
@@ -1636,32 +1659,30 @@ def demo_right(captions_by_image, shapes_file, n_shapes=None):
         if ";" in truth[name]:
             right[name] = demo_placement(caption) == truth[name]
         else:  # colours and shapes are different words: this colour and this shape, and no other
-            right[name] = set(caption.split()) & {*DEMO_COLOURS, *DEMO_SHAPES} == set(truth[name].split())
+            right[name] = set(caption.split()) & DEMO_WORDS == set(truth[name].split())
     return right
-
-
-DEMO_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # without ./setup.sh's download
 
 
 def prepare_demo(cfg):
     """On the demo: says so and makes its data set (in process 0, while the others wait)."""
     if cfg.dataset == "demo" and is_main_process():
-        log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run trains on "
-            f"the built-in demo set\n({cfg.demo_images} generated images of coloured shapes). For real "
-            f"captions: ./setup.sh --flickr8k, then run this again (README: 'Getting the data').\n{'=' * 100}")
+        log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this "
+            f"run trains on the built-in demo set\n({cfg.demo_images} generated images of coloured "
+            f"shapes). For real captions: ./setup.sh --flickr8k, then run this again (README: "
+            f"'Getting the data').\n{'=' * 100}")
         make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
     wait_for_all()
 
 
 def encoder_weights_file(cfg):
-    """--encoder_weights or, on the demo without them at the default path, a fixed random-init ResNet50."""
+    """--encoder_weights or, on the demo without them at the default path, a random ResNet50."""
     path = Path(cfg.encoder_weights)
     if path.is_file():
         return path
     if cfg.dataset != "demo" or path != ROOT / encoder_weights:
         raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
-    warn(f"no ResNet50 weights at {path}: the demo uses a randomly initialised (still frozen) ResNet50. "
-         f"./setup.sh downloads the ImageNet weights.")
+    warn(f"no ResNet50 weights at {path}: the demo uses a randomly initialised (still frozen) "
+         f"ResNet50. ./setup.sh downloads the ImageNet weights.")
     if is_main_process():  # written once, before the other processes read it
         random_resnet50_weights(DEMO_WEIGHTS)
     wait_for_all()
@@ -1676,10 +1697,11 @@ def demo_scores(model, data, split, cfg, device, by_kind=False):
     shapes = Path(cfg.data_dir) / "shapes.csv"
     if not by_kind:
         return {"demo_accuracy": demo_accuracy(greedy, shapes, None)[0]}
-    (single, n_single), (two, n_two) = demo_accuracy(greedy, shapes, 1), demo_accuracy(greedy, shapes, 2)
-    log(f"demo: the greedy captions name the right colour and shape of {single:.1%} of {n_single} held-out "
-        f"single-shape images, and both shapes with their colours on the right sides of {two:.1%} of {n_two} "
-        f"two-shape images")
+    single, n_single = demo_accuracy(greedy, shapes, 1)
+    two, n_two = demo_accuracy(greedy, shapes, 2)
+    log(f"demo: the greedy captions name the right colour and shape of {single:.1%} of {n_single} "
+        f"held-out single-shape images, and both shapes with their colours on the right sides of "
+        f"{two:.1%} of {n_two} two-shape images")
     return {"demo_colour_shape_accuracy": single, "demo_two_shape_accuracy": two}
 
 

@@ -298,6 +298,7 @@ GOOD_ENTRY = {"filename": "a.jpg", "split": "train", "sentences": [{"raw": "A do
     ([GOOD_ENTRY, {**GOOD_ENTRY, "filename": "b.jpg", "sentences": [{"raw": 7}]}], r"images\[1\] .*'raw': 7\}\]\}"),
     ([{**GOOD_ENTRY, "filename": None}], r"images\[0\] \{'filename': None, "),
     ([{**GOOD_ENTRY, "split": "dev"}], r"images\[0\] \{'filename': 'a.jpg', 'split': 'dev', "),
+    ([{**GOOD_ENTRY, "split": ["train"]}], r"images\[0\] \{'filename': 'a.jpg', 'split': \['train'\]"),
     ({"a.jpg": GOOD_ENTRY}, r"'images' is a dict, not a list")])
 def test_malformed_karpathy_entries_are_clear_errors(tmp_path, images, message):
     path = tmp_path / "dataset_flickr8k.json"
@@ -398,3 +399,71 @@ def test_a_quoted_caption_over_two_lines_reads_the_same_with_any_line_ending(tmp
     path.write_bytes(f'image,caption{ending}a.jpg,"a dog{ending}runs"{ending}b.jpg,a cat{ending}'.encode())
     frame, _ = cap.read_captions(path)
     assert frame["caption"].tolist() == ["a dog\nruns", "a cat"]
+
+
+def test_an_image_in_two_karpathy_splits_is_never_both_trained_on_and_scored(tmp_path, capsys):
+    """Issue 28.1: as with the official lists, it goes in the last of train, val, test, with a warning."""
+    names = ["a.jpg", "b.jpg", "c.jpg", "t.jpg", "v.jpg", "s.jpg"]
+    make_images(tmp_path / "Images", names)
+    entries = [("a.jpg", "train", "A dog ."), ("a.jpg", "test", "A brown dog ."), ("b.jpg", "restval", "A cat ."),
+               ("b.jpg", "val", "A grey cat ."), ("c.jpg", "train", "A bird ."), ("c.jpg", "train", "A red bird ."),
+               ("t.jpg", "train", "A tree ."), ("v.jpg", "val", "A van ."), ("s.jpg", "test", "A sun .")]
+    images = [{"filename": name, "split": split, "sentences": [{"raw": caption}]} for name, split, caption in entries]
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": images}))
+    frame, _ = cap.load_captions(tmp_path, seed=1)
+    assert frame.groupby("image")["split"].nunique().max() == 1
+    assert dict(zip(frame["image"], frame["split"])) == {
+        "a.jpg": "test", "b.jpg": "val", "c.jpg": "train", "t.jpg": "train", "v.jpg": "val", "s.jpg": "test"}
+    assert len(frame) == 9  # every caption kept, with its image's one split
+    printed = capsys.readouterr()
+    warning = [line for line in printed.err.splitlines() if "more than one split" in line]
+    assert len(warning) == 1 and "2 image(s)" in warning[0] and "a.jpg (put in test)" in warning[0]
+    assert "b.jpg (put in val)" in warning[0] and "c.jpg" not in warning[0]
+    assert "train 2, val 2, test 2 images" in printed.out  # the log counts each image once
+
+
+def test_a_deeply_nested_karpathy_json_is_one_line_naming_it(tmp_path, capsys):
+    """Issue 28.8: 100,000 levels gave a RecursionError traceback."""
+    make_images(tmp_path / "data" / "Images", ["a.jpg"])
+    path = tmp_path / "data" / "dataset_flickr8k.json"
+    path.write_text('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(cap.UserError, match="not a Karpathy-format JSON") as error:
+        cap.read_captions(path)
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+    assert cap.main(["--dataset=flickr8k", f"--data_dir={path.parent}", f"--output_dir={tmp_path / 'out'}"]) == 2
+    assert str(path) in error_line(capsys.readouterr().err)
+
+
+def test_captions_of_underscores_have_no_word(tmp_path):
+    """Issue 28.11: '_' is a word character to regular expressions, not a word to the metrics."""
+    (tmp_path / "captions.txt").write_text("image,caption\na.jpg,_\na.jpg,__ _\nb.jpg,a_b\nb.jpg,_1_\nb.jpg,_ .\n")
+    frame, dropped = cap.read_captions(tmp_path / "captions.txt")
+    assert list(frame["caption"]) == ["a_b", "_1_"]
+    assert dropped == {"captions_without_words": 3}
+    (tmp_path / "captions.txt").write_text("image,caption\na.jpg,_\nb.jpg,__\n")
+    with pytest.raises(cap.UserError, match="no caption with a word"):
+        cap.read_captions(tmp_path / "captions.txt")
+
+
+def test_split_list_names_may_hold_spaces(tmp_path, capsys):
+    """Issue 28.17: the lists are read a name a line, not split at every space."""
+    names = ["my dog.jpg", "a b c.jpg", "0.jpg", "1 .jpg", "two  spaces.jpg"]
+    make_images(tmp_path / "Images", names)
+    pd.DataFrame([(n, "a caption") for n in names], columns=["image", "caption"]).to_csv(
+        tmp_path / "captions.txt", index=False)
+    for split, listed in [("train", names[:3]), ("dev", names[3:4]), ("test", names[4:])]:
+        (tmp_path / f"Flickr_8k.{split}Images.txt").write_text("\n".join(f"{n} \r" for n in listed) + "\n\n")
+    frame, _ = cap.load_captions(tmp_path, seed=1)
+    assert dict(zip(frame["image"], frame["split"])) == {
+        "my dog.jpg": "train", "a b c.jpg": "train", "0.jpg": "train", "1 .jpg": "val", "two  spaces.jpg": "test"}
+    assert "no official split list" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u0085", "\x0c"])
+def test_a_line_separator_inside_a_caption_ends_no_line(tmp_path, separator):
+    """Only \\n, \\r\\n and \\r end a line: a token file's caption holding U+2028 stays one caption."""
+    path = tmp_path / "Flickr8k.token.txt"
+    path.write_text(f"a.jpg#0\tA dog{separator}runs .\na.jpg#1\tA cat .\n")
+    frame, dropped = cap.read_captions(path)
+    assert list(frame["caption"]) == [f"A dog{separator}runs .", "A cat ."] and dropped == {}
+    assert cap.Vocabulary.tokenize(frame["caption"][0]) == ["a", "dog", "runs", "."]

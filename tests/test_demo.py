@@ -25,7 +25,7 @@ SECOND_RENDERER_SHARE = 0.75
 
 # making the demo set
 def test_the_demo_can_finish_its_longest_caption():
-    longest = max(len(t.split()) for t in cap.ONE_SHAPE_CAPTIONS + cap.TWO_SHAPE_CAPTIONS)  # '{c}': one word
+    longest = max(len(t.split()) for t in cap.DEMO_CAPTIONS[1] + cap.DEMO_CAPTIONS[2])  # '{c}': one word
     cfg = cap.resolve_settings(cap.parse_args(["--dataset=demo"])[0])
     assert cfg.max_caption_len > longest  # and then <EOS>: the original's 20 cut the full stop off
 

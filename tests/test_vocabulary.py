@@ -45,3 +45,14 @@ def test_vocabulary_must_start_with_specials():
     with pytest.raises(ValueError, match=specials):
         Vocabulary(5, ["<SOS>", "<PAD>", "<EOS>", "<UNK>", "a"])  # all four, but out of order
     assert Vocabulary(5, [*Vocabulary.SPECIALS, "a"]).stoi["a"] == 4
+
+
+@pytest.mark.parametrize("space", ["\n", "\t", "  ", "\u2028", "\u0085", "\u00a0", " \n\t "])
+def test_whitespace_is_never_a_word(space):
+    """spaCy makes tokens of these: the vocabulary, the training captions and the metrics never see them."""
+    caption = f"a dog{space}runs {space} fast"
+    assert Vocabulary.tokenize(caption) == ["a", "dog", "runs", "fast"]
+    assert Vocabulary.tokenize_many([caption, "a cat"]) == [["a", "dog", "runs", "fast"], ["a", "cat"]]
+    vocab = Vocabulary(1).build_vocab([caption])
+    assert vocab.itos[4:] == ["a", "dog", "fast", "runs"]
+    assert Vocabulary.UNK not in vocab.numericalize(caption)
