@@ -200,25 +200,26 @@ def test_missing_inputs_give_one_clear_error(tmp_path, capsys, broken, message):
     assert error.startswith("error: ") and message in error and str(folder) in error
 
 
-def test_dataset_and_collate_pad_captions(tmp_path):
+def test_a_batch_pads_its_captions_to_the_longest(tmp_path):
     frame = pd.DataFrame([("a.jpg", "a red circle"), ("a.jpg", "red")], columns=["image", "caption"])
     vocab = cap.Vocabulary(1).build_vocab(frame["caption"])
-    source = cap.ImageSource(tmp_path, None, torch.arange(4.0).view(1, 4), ["a.jpg"])
+    source = cap.ImageSource(tmp_path, torch.arange(4.0).view(1, 4), ["a.jpg"])
     dataset = cap.FlickrDataset(frame, vocab, source)
-    images, captions = cap.CapsCollate()([dataset[0], dataset[1]])
+    images, captions = dataset.batch([0, 1])
     assert images.shape == (2, 4) and captions.shape == (2, 5)
     assert captions[1].tolist() == [1, vocab.stoi["red"], 2, 0, 0]
 
 
-def test_image_batches_skip_unreadable_images(tmp_path):
+def test_decoded_batches_skip_unreadable_images(tmp_path):
     """The one place that skips them (feature extraction, --caption): each batch holds the readable ones."""
     make_images(tmp_path, ["good.jpg", "good2.jpg"])
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    source = cap.ImageSource(tmp_path, cap.image_transform(32))
-    batches = list(cap.image_batches(source, ["bad.jpg", "good.jpg", "bad.jpg", "bad.jpg", "good2.jpg"], 2))
-    assert [index.tolist() for _, index in batches] == [[1], [4]]  # the batch of two bad images: none at all
-    assert [tuple(images.shape) for images, _ in batches] == [(1, 3, 32, 32)] * 2
-    assert list(cap.image_batches(source, ["bad.jpg"], 4)) == []
+    files = cap.ImageFiles([tmp_path / n for n in ["bad.jpg", "good.jpg", "bad.jpg", "bad.jpg", "good2.jpg"]],
+                           cap.image_transform(32))
+    batches = [cap.stack_readable([files[i] for i in range(k, min(k + 2, 5))]) for k in range(0, 5, 2)]
+    assert [index.tolist() for _, index in batches] == [[1], [], [4]]  # the batch of two bad images: none
+    assert [None if images is None else tuple(images.shape) for images, _ in batches] == \
+        [(1, 3, 32, 32), None, (1, 3, 32, 32)]
 
 
 def test_unquoted_commas_and_spaced_header(tmp_path):
@@ -233,26 +234,13 @@ def test_broken_karpathy_json_is_a_clear_error(tmp_path):
         cap.read_captions(tmp_path / "dataset_flickr8k.json")
 
 
-def test_an_image_unreadable_during_training_is_an_error_naming_it(tmp_path):
-    """Training batches skip nothing: an image that cannot be read any more stops the run (tests/test_training.py)."""
-    make_images(tmp_path, ["good.jpg"])
-    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    frame = pd.DataFrame([("good.jpg", "x"), ("bad.jpg", "y")], columns=["image", "caption"])
-    dataset = cap.FlickrDataset(frame, cap.Vocabulary(1).build_vocab(["x y"]),
-                                cap.ImageSource(tmp_path, cap.image_transform(32)))
-    assert dataset[0][0].shape == (3, 32, 32)
-    with pytest.raises(cap.UnreadableImage, match=f"cannot read image {tmp_path / 'bad.jpg'} any more.*--resume"):
-        dataset[1]
-    assert issubclass(cap.UnreadableImage, cap.UserError)  # one line, no traceback
-
-
 @pytest.mark.parametrize("mode, value, name", [("I;16", 80 * 257, "grey.png"), ("I", 80 * 257, "grey.tif"),
                                                ("I", round(80 / 255 * (2 ** 31 - 1)), "grey.tif")])
 def test_16_and_32_bit_images_are_scaled_not_clipped(tmp_path, mode, value, name):
     Image.new(mode, (20, 10), value).save(tmp_path / name)  # a 16-bit PNG; 32-bit TIFFs, 16-bit or full range
     image = cap.open_rgb(tmp_path / name)
     assert image.mode == "RGB" and image.getextrema() == ((80, 80),) * 3
-    tensor = cap.load_image(tmp_path / name, cap.image_transform(8))  # the model's input, Normalize undone
+    tensor = cap.image_transform(8)(cap.open_rgb(tmp_path / name))  # the model's input, Normalize undone
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     assert torch.allclose((tensor * std[:, None, None] + mean[:, None, None]) * 255, torch.tensor(80.0), atol=0.5)
 
@@ -262,7 +250,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # Orientation: the camera was turned, the viewer rotates 90 degrees
     Image.new("RGB", (40, 20), (200, 30, 30)).save(tmp_path / "turned.jpg", exif=exif)
     assert cap.open_rgb(tmp_path / "turned.jpg").size == (20, 40)
-    assert cap.load_image(tmp_path / "turned.jpg", T.ToImage()).shape == (3, 40, 20)
+    assert T.ToImage()(cap.open_rgb(tmp_path / "turned.jpg")).shape == (3, 40, 20)
 
 
 @pytest.mark.parametrize("ending", ["\n", "\r\n", "\r", "mixed"])
@@ -346,7 +334,7 @@ def test_the_real_split_lists_do_not_overlap(tmp_path, capsys):
 
 def test_a_very_long_training_caption_is_cut(tmp_path, capsys):
     frame = pd.DataFrame([("a.jpg", " ".join(["dog"] * 10_000)), ("a.jpg", "a dog")], columns=["image", "caption"])
-    source = cap.ImageSource(tmp_path, None, torch.zeros(1, 4), ["a.jpg"])
+    source = cap.ImageSource(tmp_path, torch.zeros(1, 4), ["a.jpg"])
     dataset = cap.FlickrDataset(frame, cap.Vocabulary(1).build_vocab(["a dog"]), source, max_len=100)
     assert [len(c) for c in dataset.captions] == [102, 4]  # <SOS>, 100 words, <EOS>
     assert dataset.captions[0][-1] == cap.Vocabulary.EOS

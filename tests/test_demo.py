@@ -156,7 +156,7 @@ def test_demo_model_reads_the_image(trained_demo, trained_run):
     model, data, cfg = trained_run
     names = data.images("test")
     # the same model, blind: every image's features replaced by the training set's mean
-    blind_source = cap.ImageSource(data.source.image_dir, None,
+    blind_source = cap.ImageSource(data.source.image_dir,
                                    model.encoder.feature_mean.expand(len(names), -1), names)
     blind, _ = cap.generate_captions(model, blind_source, names, cfg, torch.device("cpu"), beam_size=1)
     blind_accuracy, singles = cap.demo_accuracy(blind, f"{cfg.data_dir}/shapes.csv")
@@ -218,9 +218,12 @@ def second_renderer_accuracy(checkpoint, weights, folder, n_images=90):
     truth = render_shapes(Path(folder), n_images)
     pd.DataFrame(list(truth.items()), columns=["image", "shapes"]).to_csv(Path(folder) / "shapes.csv", index=False)
     model = cap.restore(checkpoint).model
-    model.encoder.attach(cap.load_resnet50(weights))
-    source = cap.ImageSource(folder, cap.image_transform(model.args["image_size"]))
-    cfg = cap.resolve_settings({"dataset": "flickr8k", "num_workers": 0})
-    captions, failed = cap.generate_captions(model.eval(), source, sorted(truth), cfg, torch.device("cpu"), 1)
+    cfg = cap.resolve_settings({"dataset": "flickr8k", "num_workers": 0, "image_size": model.args["image_size"]})
+    names = sorted(truth)
+    features, unread = cap.extract_features(cap.load_resnet50(weights), [Path(folder) / n for n in names], cfg,
+                                            torch.device("cpu"))
+    assert not unread
+    source = cap.ImageSource(folder, features, names)
+    captions, failed = cap.generate_captions(model.eval(), source, names, cfg, torch.device("cpu"), 1)
     assert not failed
     return tuple(cap.demo_accuracy(captions, Path(folder) / "shapes.csv", n)[0] for n in (1, 2))

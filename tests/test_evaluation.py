@@ -71,7 +71,7 @@ def test_evaluation_helpers_leave_the_model_in_its_mode(tmp_path):
     vocab = cap.Vocabulary(1).build_vocab(["a red circle .", "a blue square ."])
     model = cap.Captioner(vocab, 8, 16, num_layers=1, dropout=0.5)
     names = ["a.jpg", "b.jpg"]
-    source = cap.ImageSource(tmp_path, None, torch.randn(2, 2048), names)
+    source = cap.ImageSource(tmp_path, torch.randn(2, 2048), names)
     frame = pd.DataFrame([("a.jpg", "a red circle ."), ("b.jpg", "a blue square .")], columns=["image", "caption"])
     dataset = cap.FlickrDataset(frame, vocab, source)
     cfg = cap.resolve_settings({"dataset": "flickr8k", "num_workers": 0, "batch_size": 2, "beam_size": 2,
