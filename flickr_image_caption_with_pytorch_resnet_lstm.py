@@ -2326,8 +2326,8 @@ def word_maps(model, source, captions, device):
 
 
 def plot_history(out, best_metric="CIDEr"):
-    """loss_graph.png (per batch) and metrics_graph.png (per epoch, with best.pt's epoch by
-    best_metric and the start of SCST marked), a panel a row."""
+    """loss_graph.png (per batch) and metrics_graph.png (per epoch, with the best epoch by
+    best_metric, as best.pt keeps it, and the start of SCST marked), a panel a row."""
     from matplotlib.figure import Figure  # not pyplot's: no window, no display, nothing to close
     batches = pd.read_csv(out / "loss_per_batch.csv").set_index("step")
     epochs = pd.read_csv(out / "loss_per_epoch.csv").set_index("epoch")
@@ -2351,7 +2351,7 @@ def plot_history(out, best_metric="CIDEr"):
             frame.plot(ax=ax, title=title)
             if frame.index.name != "epoch":
                 continue
-            ax.axvline(best, color="tab:green", linestyle="--", label=f"best.pt (by {best_metric})")
+            ax.axvline(best, color="tab:green", linestyle="--", label=f"best {best_metric}")
             if len(scst):
                 ax.axvline(scst[0] - 0.5, color="tab:purple", linestyle=":", label="SCST begins")
             ax.legend()
