@@ -2342,6 +2342,8 @@ def plot_history(out, best_metric="CIDEr"):
                  "validation x 100": 100 * scores.dropna(axis=1, how="all"),
                  "validation CIDEr x 100": 100 * epochs[["CIDEr"]]}
     score = -epochs["val_loss"] if best_metric == "val_loss" else epochs[best_metric]
+    if len(scst) and best_metric in ("demo_accuracy", "val_loss"):  # as end_epoch picks best.pt:
+        best_metric, score = "CIDEr", epochs.loc[scst, "CIDEr"]  # SCST's epochs by what it raises
     best = score[::-1].idxmax()  # of equals the later, as end_epoch keeps it
     files = {}
     for file, panels in (("loss_graph.png", per_batch), ("metrics_graph.png", per_epoch)):

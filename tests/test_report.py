@@ -339,22 +339,29 @@ def test_a_demo_checkpoint_says_its_encoder_was_random(tmp_path):
 
 
 def test_the_graphs_mark_the_best_epoch_and_the_start_of_scst(tmp_path, monkeypatch):
-    """best.pt's epoch by best_metric (of equals the later) and the first self-critical epoch."""
-    pd.DataFrame({"epoch": [1, 1, 2, 3], "step": [1, 2, 3, 4], "phase": ["cross-entropy"] * 3 + ["self-critical"],
-                  "loss": [4.0, 3, 2, -0.1], "reward": [None, None, None, 0.5],
-                  "greedy_cider": [None, None, None, 0.4]}).to_csv(tmp_path / "loss_per_batch.csv", index=False)
-    pd.DataFrame({"epoch": [1, 2, 3], "phase": ["cross-entropy", "cross-entropy", "self-critical"],
-                  "train_loss": [3.0, 2, -0.1], "val_loss": [2.5, 2.0, 2.2], "BLEU-4": [0.1, 0.2, 0.3],
-                  "METEOR": [None] * 3, "CIDEr": [0.3, 0.5, 0.5]}).to_csv(tmp_path / "loss_per_epoch.csv", index=False)
+    """best.pt's epoch as end_epoch picks it (by best_metric, of equals the later; once SCST has
+    begun, its epochs by CIDEr where best_metric is demo_accuracy or val_loss) and SCST's start."""
     import matplotlib.axes
-    lines = []
-    real = matplotlib.axes.Axes.axvline
-    monkeypatch.setattr(matplotlib.axes.Axes, "axvline", lambda ax, x, **kw: lines.append((x, kw["label"])) or
-                        real(ax, x, **kw))
-    for metric, best in [("CIDEr", 3), ("val_loss", 2), ("BLEU-4", 3)]:
+    lines, real = [], matplotlib.axes.Axes.axvline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline",
+                        lambda ax, x, **kw: lines.append((x, kw["label"])) or real(ax, x, **kw))
+    epochs = pd.DataFrame({"epoch": [1, 2, 3, 4], "phase": ["cross-entropy"] * 3 + ["self-critical"],
+                           "train_loss": [3.0, 2, 2.1, -0.1], "val_loss": [2.5, 2.0, 2.1, 2.2],
+                           "BLEU-4": [0.1, 0.3, 0.2, 0.3], "METEOR": [None] * 4,
+                           "demo_accuracy": [0.1, 0.5, 0.4, 0.3], "CIDEr": [0.3, 0.6, 0.5, 0.4]})
+    batches = pd.DataFrame({"epoch": [1, 2, 3, 4], "step": [1, 2, 3, 4], "phase": epochs["phase"],
+                            "loss": [4.0, 3, 2, -0.1], "reward": [None, None, None, 0.5],
+                            "greedy_cider": [None, None, None, 0.4]})
+    for scst, metric, best in [(True, "CIDEr", 2), (True, "BLEU-4", 4), (True, "val_loss", 4),
+                               (True, "demo_accuracy", 4), (False, "val_loss", 2),
+                               (False, "demo_accuracy", 2), (False, "BLEU-4", 2)]:
+        rows = slice(None) if scst else slice(0, 3)
+        epochs[rows].to_csv(tmp_path / "loss_per_epoch.csv", index=False)
+        batches[rows].to_csv(tmp_path / "loss_per_batch.csv", index=False)
         lines.clear()
         cap.plot_history(tmp_path, metric)
-        assert set(lines) == {(2.5, "SCST begins"), (best, f"best {metric}")}, metric
-        assert len(lines) == 6  # on each of the three panels of metrics_graph.png
+        label = "best CIDEr" if scst and metric in ("val_loss", "demo_accuracy") else f"best {metric}"
+        assert set(lines) == {(best, label), *[(3.5, "SCST begins")] * scst}, (scst, metric)
+        assert len(lines) == 3 * (1 + scst)  # on each of the three panels of metrics_graph.png
     for name in ("loss_graph.png", "metrics_graph.png"):
         assert Image.open(tmp_path / name).size[0] >= 500
