@@ -17,7 +17,6 @@ import difflib
 import fcntl
 import functools
 import hashlib
-import html
 import io
 import json
 import math
@@ -30,7 +29,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import textwrap
 import time
 import unicodedata
 import urllib.parse
@@ -2382,124 +2380,125 @@ def merge_over_processes(part):
 
 
 # --------------------------------------------------------------------------------------------------
-# the results page: report.html, every test image with its caption, references and scores
+# the results page: report.html (resources/report.html with the data filled in), every test image
+# with its caption, references and scores; beside it the test split's captions (CSV, and COCO's
+# results format), references (COCO's annotation format) and metrics, x100, each written whole.
 
 def test_report(restored, data, cfg, device, tag=""):
-    """Test metrics, captions (with each image's scores) and report.html, tag in their names."""
-    out, model, start = Path(cfg.output_dir), restored.model, time.time()
-    model.to(device)
+    """The test split's captions, scores and metrics, and report.html; tag in their names."""
+    start = time.time()
+    model = restored.model.to(device)
     captions, _ = generate_captions(model, data.source, data.images("test"), cfg, device)
-    demo = demo_scores(model, data, "test", cfg, device, by_kind=True)  # in every process: each does a share
+    demo = demo_scores(model, data, "test", cfg, device, by_kind=True)  # each process does a share
     if not is_main_process():
         return
     refs = references_of(data.split("test"))
     metrics, scores = caption_metrics(refs, captions)
-    for name, right in demo_judgement(cfg, captions).items():
-        scores[name]["right"] = right
-    pd.DataFrame([{"image": n, "caption": c, "references": " | ".join(refs[n]), **scores[n]}
-                  for n, c in captions.items()]).to_csv(out / f"test_captions{tag}.csv", index=False)
-    coco = [{"image_id": coco_image_id(n), "caption": c} for n, c in captions.items()]  # COCO's format
-    (out / f"test_captions{tag}.json").write_text(json.dumps(coco))
-    report = {"checkpoint": str(restored.path), "split": "test", "images": len(captions),
-              "beam_size": cfg.beam_size, **metrics, **demo, "seconds": round(time.time() - start, 2)}
-    (out / f"test_metrics{tag}.json").write_text(json.dumps(report, indent=2))
     log(f"test split, {len(captions)} images, beam {cfg.beam_size} ({restored.path}): "
         f"{format_metrics(metrics)}")
     for name in random.Random(cfg.seed).sample(sorted(captions), min(6, len(captions))):
         log(f"  {name}: {captions[name]}\n      reference: {refs[name][0]}")
+    metrics = {k: v if v is None else 100 * v for k, v in (metrics | demo).items()}  # x100
+    scores = {name: {k: 100 * v for k, v in each.items()} for name, each in scores.items()}
+    for name, right in demo_judgement(cfg, captions).items():
+        scores[name]["right"] = right
+    shapes = {}
+    if cfg.dataset == "demo":  # the page's filter by one or two shapes
+        shapes = pd.read_csv(Path(cfg.data_dir) / "shapes.csv").set_index("image")["shapes"]
+        shapes = shapes.str.count(";").add(1).to_dict()
+    out = Path(cfg.output_dir)
+    frame = pd.DataFrame([{"image": n, "caption": c, "references": " | ".join(refs[n]), **scores[n]}
+                          for n, c in captions.items()])
+    report = {"checkpoint": str(restored.path), "split": "test", "images": len(captions),
+              "beam_size": cfg.beam_size, "scale": 100, **metrics,
+              "seconds": round(time.time() - start, 2)}
+    results, references = coco_files(refs, captions)
+    outputs = {out / f"test_captions{tag}.csv": frame.to_csv(index=False).encode(),
+               out / f"test_captions{tag}.json": results.encode(),
+               out / f"test_references{tag}.json": references.encode(),
+               out / f"test_metrics{tag}.json": json.dumps(report, indent=2).encode()}
     maps = word_maps(model, data.source, captions, device)
     rows = [{"path": data.source.image_dir / n, "name": n, "caption": c, "references": refs[n],
-             "scores": scores[n], "maps": maps.get(n)} for n, c in captions.items()]
-    title = f"{cfg.dataset}: the test split's {len(rows)} images"
-    page = write_report(out, f"report{tag}", title, report_header(cfg, restored, metrics | demo), rows)
+             "scores": scores[n], "maps": maps.get(n), "shapes": shapes.get(n)}
+            for n, c in captions.items()]
+    page = write_report(out, f"report{tag}", f"{cfg.dataset}: the test split's {len(rows)} images",
+                        report_header(cfg, restored, metrics), rows, outputs)
     log(f"results page: {page}")
+
+
+def coco_files(references, captions):
+    """COCO's results and annotation files (JSON) of the captions, with the same integer ids."""
+    coco = [re.fullmatch(r"(?:.*/)?COCO_[a-z]+\d*_0*(\d+)\.jpg", name) for name in captions]
+    ids = {name: i for i, name in enumerate(sorted(captions))}  # where names carry no number
+    if all(coco):  # COCO's own: 391895 for COCO_val2014_000000391895.jpg
+        ids = {name: int(match[1]) for name, match in zip(captions, coco)}
+    pairs = [(name, text) for name in captions for text in references[name]]
+    info = {"image_ids": "COCO's own for COCO's file names, else each name's place in sorted order"}
+    return (json.dumps([{"image_id": ids[n], "caption": c} for n, c in captions.items()]),
+            json.dumps({"info": info, "licenses": [], "type": "captions",
+                        "images": [{"id": i, "file_name": n} for n, i in ids.items()],
+                        "annotations": [{"image_id": ids[n], "id": k, "caption": c}
+                                        for k, (n, c) in enumerate(pairs)]}))
 
 
 @torch.no_grad()
 def word_maps(model, source, captions, device):
-    """{name: [(word, its attention map (h, w))]} of an attention model's captions, replayed; {} if pooled."""
+    """{name: [(word, its attention map (h, w))]} of an attention model's captions; {} if pooled."""
     if not model.attention:
         return {}
     maps, items = {}, [(name, caption.split()) for name, caption in captions.items()]
     for chunk in (items[i:i + 64] for i in range(0, len(items), 64)):
-        ids = pad_sequence([torch.tensor([Vocabulary.SOS, *model.vocab.numericalize(w), Vocabulary.EOS])
-                            for _, w in chunk], batch_first=True).to(device)  # (N, T)
+        ids = pad_sequence([torch.tensor([Vocabulary.SOS, *model.vocab.numericalize(w),
+                                          Vocabulary.EOS]) for _, w in chunk],
+                           batch_first=True).to(device)  # (N, T)
         inputs = torch.stack([source.get(name) for name, _ in chunk]).to(device)
         with evaluating(model):
             _, alphas = model.decoder(model.encoder(inputs), ids, alphas=True)  # (N, T-1, L)
         side = math.isqrt(alphas.size(-1))
-        maps |= {name: list(zip(words, a.view(-1, side, side).cpu().numpy()))  # (T-1, h, w): a map a word
+        maps |= {name: list(zip(words, a.view(-1, side, side).cpu().numpy()))  # (T-1, h, w)
                  for (name, words), a in zip(chunk, alphas)}
     return maps
 
 
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # figures go to files; no window, no display needed
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_caption_figure(items, path, maps=None):
-    """Images (path, caption) three to a row; with attention maps, each image then its words, one a panel."""
-    plt, attention = pyplot(), any(maps or [])
-    if attention:  # each image, then a panel per word
-        groups = [[(image, text, None), *((image, word, m) for word, m in words or [])]
-                  for (image, text), words in zip(items, maps)]
-        per_row, (width, height), wrap = 6, (2.6, 3.1), 32
-    else:
-        groups = [[(*item, None) for item in items]]
-        per_row, (width, height), wrap = 3, (4.5, 5.2), 50
-    rows = [group[i:i + per_row] for group in groups for i in range(0, len(group), per_row)]
-    cols = max(map(len, rows))
-    fig, axes = plt.subplots(len(rows), cols, figsize=(width * cols, height * len(rows)), squeeze=False,
-                             layout="constrained", subplot_kw=dict(frame_on=False, xticks=[], yticks=[]))
-    for axes_row, row in zip(axes, rows):
-        for ax, (image, text, word_map) in zip(axes_row, row):
-            picture = open_rgb(image)
-            picture.thumbnail((1024, 1024))  # a figure needs no more pixels, and a huge image no copies
-            if attention:  # the centre square, as image_transform crops it
-                picture = ImageOps.fit(picture, (min(picture.size),) * 2)
-            ax.imshow(picture)
-            if word_map is not None:
-                ax.imshow(word_map, cmap="gray", alpha=0.65, interpolation="bilinear",
-                          extent=(0, picture.width, picture.height, 0))
-            ax.set_title(textwrap.fill(text, wrap), fontsize=8, loc="left")
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_history(out):
-    from matplotlib.ticker import MaxNLocator
-    plt = pyplot()
-    batches, epochs = pd.read_csv(out / "loss_per_batch.csv"), pd.read_csv(out / "loss_per_epoch.csv")
-    scst = batches.get("phase", pd.Series(dtype=str)).reindex(batches.index) == "self-critical"
-    epochs.loc[epochs["phase"] == "self-critical", "train_loss"] = None
-    per_batch = batches[~scst].assign(**{"mean of 50": lambda b: b["loss"].rolling(50, min_periods=1).mean()})
-    panels = 3 if scst.any() else 2
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), layout="constrained")
-    per_batch.plot(x="step", y=["loss", "mean of 50"], ax=axes[0], ylabel="training loss",
-                   title="loss per batch")
-    epochs.plot(x="epoch", y=["train_loss", "val_loss"], style="o-", ax=axes[1], ylabel="loss",
-                title="loss per epoch")
-    if scst.any():
-        batches[scst].plot(x="step", y=["reward", "greedy_cider"], ylabel="CIDEr-D (training images)",
-                           ax=axes[2], title="self-critical: sampled and greedy captions")
-    columns = ["val_token_accuracy", "BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "demo_accuracy", "CIDEr"]
-    scores = 100 * epochs.set_index("epoch").filter(columns).astype(float).dropna(axis=1, how="all")
-    metrics_fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
-    scores.drop(columns="CIDEr").plot(style="o-", ax=left, ylabel="score x 100", title="validation metrics")
-    scores[["CIDEr"]].plot(style="o-", color="tab:brown", ax=right, ylabel="score x 100",
-                           title="validation CIDEr")
-    for ax in (axes[1], left, right):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epoch 2, not 2.5
-    fig.savefig(out / "loss_graph.png", dpi=90)
-    metrics_fig.savefig(out / "metrics_graph.png", dpi=90)
-    plt.close("all")
+def plot_history(out, best_metric="CIDEr"):
+    """loss_graph.png (per batch) and metrics_graph.png (per epoch, with the best epoch by
+    best_metric, as best.pt keeps it, and the start of SCST marked), a panel a row."""
+    from matplotlib.figure import Figure  # not pyplot's: no window, no display, nothing to close
+    batches = pd.read_csv(out / "loss_per_batch.csv").set_index("step")
+    epochs = pd.read_csv(out / "loss_per_epoch.csv").set_index("epoch")
+    scst = epochs.index[epochs["phase"] == "self-critical"]
+    epochs.loc[scst, "train_loss"] = None  # a self-critical step's loss is no cross-entropy
+    scores = epochs.filter(regex=r"^(val_token_accuracy|BLEU-[14]|METEOR|ROUGE-L|demo_.*)$")
+    per_batch = {"loss per batch": batches.loc[batches["phase"] != "self-critical", ["loss"]]}
+    if len(scst):
+        per_batch["self-critical: CIDEr-D x 100 of sampled and greedy captions"] = \
+            100 * batches[["reward", "greedy_cider"]].dropna()
+    per_epoch = {"loss per epoch": epochs[["train_loss", "val_loss"]],
+                 "validation x 100": 100 * scores.dropna(axis=1, how="all"),
+                 "validation CIDEr x 100": 100 * epochs[["CIDEr"]]}
+    score = -epochs["val_loss"] if best_metric == "val_loss" else epochs[best_metric]
+    if len(scst) and best_metric in ("demo_accuracy", "val_loss"):  # as end_epoch picks best.pt:
+        best_metric, score = "CIDEr", epochs.loc[scst, "CIDEr"]  # SCST's epochs by what it raises
+    best = score[::-1].idxmax()  # of equals the later, as end_epoch keeps it
+    files = {}
+    for file, panels in (("loss_graph.png", per_batch), ("metrics_graph.png", per_epoch)):
+        figure = Figure(figsize=(6.4, 3.2 * len(panels)), layout="constrained")
+        for ax, (title, frame) in zip(figure.subplots(len(panels), squeeze=False).flat,
+                                      panels.items()):
+            frame.plot(ax=ax, title=title)
+            if frame.index.name != "epoch":
+                continue
+            ax.axvline(best, color="tab:green", linestyle="--", label=f"best {best_metric}")
+            if len(scst):
+                ax.axvline(scst[0] - 0.5, color="tab:purple", linestyle=":", label="SCST begins")
+            ax.legend()
+        files[out / file] = io.BytesIO()
+        figure.savefig(files[out / file], format="png", dpi=90)
+    write_whole(out, {path: buffer.getvalue() for path, buffer in files.items()})
 
 
 def evaluate_checkpoint(cfg, device, restored):
-    """--evaluate: the test report of a checkpoint, on the data it was trained on (refused if not)."""
+    """--evaluate: a checkpoint's test report, on the data it was trained on (refused if not)."""
     lock = claim_output_dir(cfg.output_dir) if is_main_process() else None
     data = prepare_data(cfg, device, trained=restored)
     test_report(restored, data, cfg, device, f"-{restored.path.stem}-beam{cfg.beam_size}")
@@ -2507,116 +2506,87 @@ def evaluate_checkpoint(cfg, device, restored):
     return 0
 
 
-REPORT_STYLE = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; } .name { color: #777; margin: 0; }
-[hidden] { display: none !important; } .row img { width: 160px; } .maps canvas { width: 112px; }
-table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ccc; padding: 2px 8px; }
-.graphs img { max-width: 48%; } .controls { position: sticky; top: 0; background: #fff; padding: .5em 0; }
-.row { display: flex; gap: 1em; border-top: 1px solid #ddd; padding: .6em 0; } .scores { min-width: 9em; }
-.text { flex: 1; } .right { color: #080; } .wrong { color: #b00; }
-.caption { font-size: 1.15em; margin: 0; } .row ul { margin: .3em 0; padding-left: 1.2em; color: #555; }
-.maps figure { display: inline-block; margin: 2px; } .maps figcaption { text-align: center; }
-"""
-
-
-REPORT_SCRIPT = """
-const list = document.getElementById('rows'), rows = [...list.children];
-const keys = new Map(rows.map(row => [row, {...JSON.parse(row.dataset.scores), name: row.dataset.name}]));
-const sort = document.getElementById('sort'), filter = document.getElementById('filter');
-function update() {
-  const [by, direction] = sort.value.split('|'), sign = direction === 'desc' ? -1 : 1;
-  const words = filter.value.toLowerCase().split(/\\s+/).filter(Boolean);
-  const order = (a, b) => sign * ((keys.get(a)[by] > keys.get(b)[by]) - (keys.get(a)[by] < keys.get(b)[by]));
-  rows.slice().sort(order).forEach(row => list.append(row));
-  rows.forEach(row => { row.hidden = !words.every(word => (' ' + row.dataset.words).includes(' ' + word)); });
-  const shown = rows.filter(row => !row.hidden).length;
-  document.getElementById('count').textContent = `${shown} of ${rows.length} images`;
-}
-list.addEventListener('click', async event => {  // each word's attention, as --caption_figure draws it
-  if (!event.target.matches('.show-maps')) return;
-  const row = event.target.closest('.row'), box = row.querySelector('.maps');
-  const image = row.querySelector('img'), loaded = await image.decode().then(() => true, () => false);
-  for (const [word, map] of box.children.length ? [] : JSON.parse(row.dataset.maps)) {  // drawn once
-    const side = Math.sqrt(map.length), low = Math.min(...map), high = Math.max(...map);
-    const pixels = new ImageData(side, side);
-    map.forEach((v, i) => pixels.data.set([0, 0, 0, 166 * (1 - (v - low) / (high - low || 1))], 4 * i));
-    const figure = box.appendChild(document.createElement('figure'));
-    const canvas = figure.appendChild(document.createElement('canvas')), context = canvas.getContext('2d');
-    figure.appendChild(document.createElement('figcaption')).textContent = word;
-    canvas.width = canvas.height = 224;
-    if (loaded) context.drawImage(image, 0, 0, 224, 224);  // a missing thumbnail: the maps alone
-    context.drawImage(await createImageBitmap(pixels), 0, 0, 224, 224);
-  }
-  box.hidden = !box.hidden;
-});
-sort.onchange = filter.oninput = update;
-update();
-"""
-
-
-def write_report(out, name, title, header, rows):
-    """out/name.html, thumbnails in out/name/: the header, then a row per image, sortable and filterable."""
-    out, folder = Path(out), Path(out) / name
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    entries = [report_row(row, folder / f"{i:05d}.jpg", out) for i, row in
-               enumerate(tqdm(rows, desc="results page", unit="img", leave=False))]
-    keys = list(dict.fromkeys(k for row in rows for k in row.get("scores", {})))
-    orders = [f"{k}|{d}" for d in ("asc", "desc") for k in keys] + ["name|asc"]  # the first: worst first
-    options = "".join(f'<option value="{o}">{o.replace("|", ", ")}ending</option>' for o in orders)
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}'
-            f'</title><style>{REPORT_STYLE}</style></head><body>\n<h1>{html.escape(title)}</h1>\n{header}\n'
-            f'<div class="controls"><label>sort by <select id="sort">{options}</select></label> '
-            f'<label>captions with the word <input id="filter" type="search" placeholder="e.g. dog"></label> '
-            f'<span id="count"></span></div>\n<div id="rows">\n' + "\n".join(entries) +
-            f'\n</div>\n<script>{REPORT_SCRIPT}</script></body></html>\n')
-    (out / f"{name}.html").write_text(page, encoding="utf-8")
+def write_report(out, name, title, header, rows, outputs=None):
+    """out/name.html, its thumbnails in out/name/ and outputs {path: bytes}: each file the old one
+    or the new one, whole. A thumbnail is named by its content: the old page keeps its own."""
+    out = Path(out)
+    files = dict(outputs or {})
+    entries = []
+    for row in tqdm(rows, desc="results page", unit="img", leave=False):
+        jpeg = thumbnail(row["path"], square=bool(row.get("maps")))
+        file = f"{name}/{hashlib.sha256(jpeg).hexdigest()[:16]}.jpg"
+        if jpeg:  # else the image is gone since it was captioned: its row stays, without it
+            files[out / file] = jpeg
+        entries.append({"name": row["name"], "caption": row["caption"], "shapes": row.get("shapes"),
+                        "references": row.get("references", []), "scores": row.get("scores", {}),
+                        "thumbnail": urllib.parse.quote(file),  # the page's own copy: it travels
+                        "maps": [[w, m.astype(float).round(3).flatten().tolist()] for w, m in
+                                 row.get("maps") or []]})
+    data = json.dumps(header | {"title": title, "rows": entries}, ensure_ascii=False)
+    page = (ROOT / "resources/report.html").read_text(encoding="utf-8")
+    files[out / f"{name}.html"] = page.replace("$data", data.translate(IN_SCRIPT)).encode()
+    write_whole(out, files)  # the page last: its thumbnails are there before it
+    for old in set((out / name).glob("*")) - set(files):  # the earlier page's
+        old.unlink()
     return out / f"{name}.html"
 
 
-def report_row(row, thumbnail, out):
-    """One image's entry: its thumbnail (written now), caption, references, scores and attention maps."""
-    with contextlib.suppress(Exception):  # an image gone since it was captioned: the row stays, without it
-        picture = open_rgb(row["path"])
-        if row.get("maps"):  # the centre square, which the model saw and its maps cover
-            picture = ImageOps.fit(picture, (min(picture.size),) * 2)
-        picture.thumbnail((256, 256))  # shown at 160 px: sharp on a high-density screen too
-        picture.save(thumbnail, quality=80)
-    scores, maps = row.get("scores", {}), row.get("maps")
-    data = dict(name=row["name"], words=" ".join(row["caption"].lower().split()), scores=json.dumps(scores),
-                maps=json.dumps([[w, m.astype(float).round(3).flatten().tolist()] for w, m in maps or []]))
-    attributes = " ".join(f'data-{k}="{html.escape(v)}"' for k, v in data.items())
-    verdict = {True: '<span class="right">right</span>', False: '<span class="wrong">wrong</span>'}
-    shown = [verdict[v] if k == "right" else f"{k} {100 * v:.1f}" for k, v in scores.items()]
-    references = "".join(f"<li>{html.escape(r)}</li>" for r in row.get("references", []))
-    button = '<button class="show-maps">attention</button><div class="maps" hidden></div>' if maps else ""
-    name, link = html.escape(row["name"]), urllib.parse.quote(os.path.relpath(row["path"], out))
-    src = urllib.parse.quote(thumbnail.relative_to(out).as_posix())  # quoted: no " & < left to escape
-    return (f'<div class="row" {attributes}><a href="{link}"><img loading="lazy" src="{src}" alt="{name}">'
-            f'</a><div class="text"><p class="caption">{html.escape(row["caption"])}</p><ul>{references}</ul>'
-            f'<p class="name">{name}</p>{button}</div><div class="scores">{"<br>".join(shown)}</div></div>')
+# what the page's JSON must not hold raw: '</script>', and bidi controls (U+202A-U+202E,
+# U+2066-U+2069, U+200E, U+200F), which reorder the text around them: shown as \u202e
+IN_SCRIPT = {ord(c): f"\\u{ord(c):04x}" for c in "<>&"} | {
+    c: f"\\\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F]}
+
+
+def thumbnail(path, square):
+    """The image as JPEG bytes, at most 256 px (the centre square if square); b"" if it is gone."""
+    try:
+        picture = open_rgb(path)
+    except Exception:
+        return b""
+    if square:  # what an attention model saw, which its maps cover
+        picture = ImageOps.fit(picture, (min(picture.size),) * 2)
+    picture.thumbnail((256, 256))  # shown at 160 px: sharp on a high-density screen too
+    jpeg = io.BytesIO()
+    picture.save(jpeg, "JPEG", quality=80)
+    return jpeg.getvalue()
 
 
 def report_header(cfg, restored, metrics=None):
-    """The top of the page: checkpoint, data, metrics, the settings that differ from the constants, graphs."""
-    changed = "".join(f"<tr><td>{n}</td><td>{html.escape(repr(getattr(cfg, n)))}</td></tr>"
-                      for n in CONFIG_NAMES if getattr(cfg, n) != globals()[n])
-    names = "".join(f"<th>{k}</th>" for k in metrics or {})
-    values = "".join(f"<td>{'n/a' if v is None else f'{100 * v:.1f}'}</td>" for v in (metrics or {}).values())
-    graphs = "".join(f'<img src="{g}" alt="{g}">' for g in ("loss_graph.png", "metrics_graph.png")
-                     if (Path(cfg.output_dir) / g).is_file())
-    return (f"<p>checkpoint {html.escape(str(restored.path))} (epoch {restored.progress.epoch}, "
-            f"{restored.model.args['decoder']} decoder), beam {cfg.beam_size}; trained on "
-            f"{html.escape(restored.config['dataset'])} ({html.escape(restored.config['data_dir'])})</p>\n"
-            + (f"<table><tr>{names}</tr><tr>{values}</tr></table>\n" if metrics else "")
-            + f"<details><summary>settings that differ from the script's constants</summary><table>{changed}"
-            f'</table></details>\n<p class="graphs">{graphs}</p>')
+    """The top of the page: checkpoint, encoder, data, metrics and changed settings; paths are
+    shown from output_dir."""
+    out = cfg.output_dir
+    weights = restored.weights_file  # restore()'s facts: its path, and what the checkpoint records
+    encoder = f"ResNet50 weights {os.path.relpath(weights, out)}"
+    if Path(weights).resolve() == DEMO_WEIGHTS.resolve():
+        encoder = "random ResNet50 (demo only)"
+    about = (f"checkpoint {os.path.relpath(restored.path, out)} (epoch {restored.progress.epoch}, "
+             f"{restored.model.args['decoder']} decoder), beam {cfg.beam_size}; "
+             f"encoder: {encoder}; trained on {restored.config['dataset']} "
+             f"({os.path.relpath(restored.config['data_dir'], out)})")
+    settings = {n: repr(getattr(cfg, n)) for n in CONFIG_NAMES if getattr(cfg, n) != globals()[n]}
+    settings |= {n: os.path.relpath(getattr(cfg, n), out) for n in PATHS if n in settings}
+    graphs = [g for g in ("loss_graph.png", "metrics_graph.png") if (Path(out) / g).is_file()]
+    return {"about": about, "metrics": metrics or {}, "settings": settings, "graphs": graphs}
 
 
-def coco_image_id(name):
-    """COCO's integer image id from its file name (COCO_val2014_000000391895.jpg: 391895); else the name."""
-    match = re.fullmatch(r"(?:.*/)?COCO_[a-z]+\d*_0*(\d+)\.jpg", name)
-    return int(match[1]) if match else name
+PATHS = ("data_dir", "output_dir", "cache_dir", "encoder_weights", "checkpoint")  # shown relative
+
+
+def write_whole(out, files):
+    """Writes {path: bytes}, each the old file whole or the new one: all to a temporary folder in
+    out first, then renamed into place in order. A full disk is one line, with nothing replaced."""
+    path = out  # what the message names while out itself is made
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="writing-", dir=out) as staging:
+            for i, (path, content) in enumerate(files.items()):
+                path.parent.mkdir(exist_ok=True)
+                Path(staging, str(i)).write_bytes(content)
+            for i, path in enumerate(files):
+                os.replace(Path(staging, str(i)), path)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}. Free some space or "
+                        f"choose another --output_dir; the previous files are intact") from None
 
 
 # --------------------------------------------------------------------------------------------------

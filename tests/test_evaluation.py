@@ -94,21 +94,56 @@ def test_evaluate_writes_tagged_outputs_beside_the_training_runs_own(trained_dem
     assert cap.main(demo_args(demo_dirs, random_weights, trained_demo, "--evaluate", "--beam_size=2")) == 0
     printed = capsys.readouterr().out
     assert "test split, 100 images, beam 2" in printed and "CIDEr" in printed
-    tagged = [trained_demo / "test_metrics-best-beam2.json", trained_demo / "test_captions-best-beam2.csv"]
+    tagged = [trained_demo / f"{name}-best-beam2.{ext}" for name, ext in [
+        ("test_metrics", "json"), ("test_captions", "csv"), ("test_captions", "json"), ("test_references", "json"),
+        ("report", "html")]]
     try:
         report = json.loads(tagged[0].read_text())
         assert report["checkpoint"] == str(trained_demo / "best.pt") and report["beam_size"] == 2
-        assert report["images"] == 100 and report["BLEU-1"] > 0
+        assert report["images"] == 100 and report["scale"] == 100 and 1 < report["BLEU-1"] <= 100  # x100
         assert (report["METEOR"] > 0) if shutil.which("java") else report["METEOR"] is None
         assert len(pd.read_csv(tagged[1])) == 100
         assert {name: (trained_demo / name).read_bytes() for name in own} == own  # the training run's, untouched
-        assert len(json.loads((trained_demo / "test_captions-best-beam2.json").read_text())) == 100
-        assert len(list((trained_demo / "report-best-beam2").glob("*.jpg"))) == 100
-        assert (trained_demo / "report-best-beam2.html").read_text().count('<div class="row"') == 100
+        assert len(json.loads(tagged[2].read_text())) == 100
+        assert len(json.loads(tagged[3].read_text())["images"]) == 100
+        page = tagged[4].read_text()
+        rows = json.loads(page.split('type="application/json">')[1].split("</script>")[0])["rows"]
+        assert len(rows) == 100 and {row["thumbnail"] for row in rows} == {
+            f"report-best-beam2/{p.name}" for p in (trained_demo / "report-best-beam2").glob("*.jpg")}
     finally:
-        for path in tagged + [trained_demo / "test_captions-best-beam2.json", trained_demo / "report-best-beam2.html"]:
+        for path in tagged:
             path.unlink(missing_ok=True)  # the shared run's folder as the other tests expect it
         shutil.rmtree(trained_demo / "report-best-beam2", ignore_errors=True)
+
+
+def test_the_coco_files_give_the_scripts_figures_through_pycocotools(trained_demo):
+    """test_references.json and test_captions.json load with pycocotools (COCO() and loadRes()) and
+    pycocoevalcap's scorers on them give test_metrics.json's figures, x100. The captions are tokenized
+    as the script does (metric_text): COCOEvalCap's PTBTokenizer would need Java, and its SPICE a
+    download."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocotools.coco import COCO
+    truth = COCO(str(trained_demo / "test_references.json"))
+    results = truth.loadRes(str(trained_demo / "test_captions.json"))
+    ids = truth.getImgIds()
+    assert len(ids) == 100 and sorted(results.getImgIds()) == sorted(ids) and all(type(i) is int for i in ids)
+    captions = pd.read_csv(trained_demo / "test_captions.csv", keep_default_na=False).set_index("image")
+    for i in ids:  # the same images under the same ids in both files, as test_captions.csv has them
+        [result] = results.imgToAnns[i]
+        name = truth.imgs[i]["file_name"]
+        assert result["caption"] == captions.loc[name, "caption"]
+        assert " | ".join(a["caption"] for a in truth.imgToAnns[i]) == captions.loc[name, "references"]
+    refs = {i: [cap.metric_text(a["caption"]) for a in truth.imgToAnns[i]] for i in ids}
+    hyps = {i: [cap.metric_text(a["caption"]) for a in results.imgToAnns[i]] for i in ids}
+    metrics = json.loads((trained_demo / "test_metrics.json").read_text())
+    scores = dict(zip(["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"], Bleu(4).compute_score(refs, hyps)[0]))
+    scores |= {"ROUGE-L": Rouge().compute_score(refs, hyps)[0], "CIDEr": Cider().compute_score(refs, hyps)[0]}
+    if shutil.which("java"):
+        scores["METEOR"] = cap.meteor_scorer().compute_score(refs, hyps)[0]
+    assert metrics["scale"] == 100
+    assert {k: 100 * v for k, v in scores.items()} == pytest.approx({k: metrics[k] for k in scores}, rel=1e-9)
 
 
 def test_evaluate_takes_the_data_and_sizes_from_the_checkpoint(tmp_path, trained_demo, demo_dirs, capsys):
