@@ -278,7 +278,8 @@ def process_batches(n, cfg, epoch):
 
 # --------------------------------------------------------------------------------------------------
 # models: EncoderCNN projects the frozen ResNet50's features; DecoderRNN (Show and Tell) or
-# AttentionDecoder (Show, Attend and Tell) writes the caption; Captioner holds both and the vocabulary
+# AttentionDecoder (Show, Attend and Tell) writes the caption; Captioner holds both and the
+# vocabulary, and hands training a loss, SCST sampled captions, and validation beam search's words
 
 def resnet_grid(resnet, images):
     """ResNet50's last convolutional grid: L = h*w vectors (B, L, 2048), whose mean is pooled."""
@@ -522,24 +523,22 @@ class Captioner(nn.Module):
 # training: the cross-entropy step, the self-critical (SCST) step and its CIDEr-D reward, the
 # learning-rate schedule and the loop over steps; hands best.pt and the logs to validation and the report
 
-# coco-caption's CIDEr-D (Vedantam et al., 2015) of a caption c of an image with references s_1..s_m,
-# among N training images, as pycocoevalcap's Cider computes it:
+# The reward: coco-caption's CIDEr-D (Vedantam et al., 2015) of a caption c of an image whose
+# references are s_1..s_m, among N training images, as pycocoevalcap's Cider computes it:
 #
-#   g_n(x)[w] = count of the n-gram w in x * (log N - log max(1, df(w)))    x's tf-idf vector for n
-#               df(w): how many images have w in at least one reference
-#   CIDEr-D_n = 1/m sum_j  sum_w min(g_n(c)[w], g_n(s_j)[w]) * g_n(s_j)[w]  / (|g_n(c)| |g_n(s_j)|)
-#                          * exp(-(l(c) - l(s_j))^2 / (2 * 6^2))     (clipped cosine, length penalty)
-#   CIDEr-D   = 10 * 1/4 sum_{n=1..4} CIDEr-D_n                  l(x): x's number of bigrams
+#   g_n(x)[w] = count of n-gram w in x * (log N - log max(1, df(w)))   x's tf-idf vector, n-grams
+#               df(w) = how many images have w in at least one reference
+#   CIDEr-D_n = 1/m sum_j  sum_w min(g_n(c)[w], g_n(s_j)[w]) * g_n(s_j)[w] / (|g_n(c)| |g_n(s_j)|)
+#                          * exp(-(l(c) - l(s_j))^2 / (2 * 6^2))    clipped cosine, length penalty
+#   CIDEr-D   = 10 * 1/4 sum_{n=1..4} CIDEr-D_n                 l(x) = x's number of bigrams
 #
-# Vectorised: every n-gram is one integer code (ngram_codes), the digits of base V being word ids,
+# Vectorised, each n-gram is one integer code whose digits in base V are its word ids:
 #
-#   ids (V = 10)  3  5  7  0         code = w1*V^(n-1) + ... + wn,   in [V^(n-1), V^n) as ids are >= 1
-#   n = 1         3  5  7  0         so n - 1 = the number of k in 1..3 with code >= V^k
-#   n = 2        35 57  0  0         0: the n-gram runs into padding
-#   n = 3       357  0  0  0
-#   n = 4         0  0  0  0         a row (T,) of ids gives 4T codes,
-#
-# and distinct() turns each row's codes into (row, code, count) triples: the sparse tf vectors.
+#   ids (V = 10)  3  5  7  0      code = w1*V^(n-1) + ... + wn, in [V^(n-1), V^n) as ids are >= 1,
+#   n = 1         3  5  7  0      so n - 1 = the number of k in 1..3 with code >= V^k;
+#   n = 2        35 57  0  0      0 where the n-gram runs into padding.
+#   n = 3       357  0  0  0      A row of T ids gives 4T codes (ngram_codes), and distinct()
+#   n = 4         0  0  0  0      makes them (row, code, count) triples: sparse count vectors.
 
 def ngram_codes(ids, base):
     """Each n-gram (n = 1..4) of 0-padded word ids (M, T) as one integer (as above): (M, 4T)."""
@@ -665,7 +664,7 @@ class CiderD:
 
 
 def scst_data(data, vocab, max_len=0):
-    """An item per training image, and the CIDEr-D reward: its captions with <EOS> the references."""
+    """An item per training image, and the CIDEr-D reward: its captions and <EOS> the references."""
     refs = data.split("train").groupby("image")["tokens"].apply(list)  # sorted by image
     images = pd.DataFrame({"image": refs.index, "tokens": [r[0] for r in refs]})
     ids = [[vocab.numericalize(t[:max_len or None]) + [Vocabulary.EOS] for t in r] for r in refs]
@@ -954,7 +953,8 @@ def stop_and_save(out, model, optimizer, cfg, data, progress, pending, bar, devi
 
 
 # --------------------------------------------------------------------------------------------------
-# validation, beam search and the metrics papers report (coco-caption's BLEU, METEOR, ROUGE-L, CIDEr)
+# validation, beam search and the metrics papers report (coco-caption's BLEU, METEOR, ROUGE-L and
+# CIDEr), which pick best.pt and fill the results page
 
 @torch.no_grad()
 def validation_loss(model, dataset, cfg, device):

@@ -170,10 +170,10 @@ def test_scst_added_with_resume_after_cross_entropy_is_the_same_run(tmp_path, de
     assert_same_run(out, scst_run)
 
 
-def test_the_greedy_baseline_trains_too_with_images_encoded_every_step(tmp_path, random_weights):
+def test_the_greedy_baseline_trains_too_with_the_attention_decoder(tmp_path, random_weights):
     out = tmp_path / "out"
     assert cap.main([*TINY_DEMO, f"--data_dir={tmp_path / 'data'}", f"--encoder_weights={random_weights}",
                      f"--output_dir={out}", "--num_epochs=1", "--scst_epochs=1", "--scst_baseline=greedy",
-                     "--scst_samples=1", "--cache_features=false", "--decoder=attention"]) == 0
+                     "--scst_samples=1", "--decoder=attention"]) == 0
     batches = pd.read_csv(out / "loss_per_batch.csv")  # 48 training images in batches of 16
     assert (batches["phase"] == "self-critical").sum() == 3 and batches["reward"].notna().sum() == 3
