@@ -8,6 +8,7 @@
 Every constant in the config section can be overridden on the command line as --name=value.
 """
 import argparse
+import atexit
 import concurrent.futures
 import contextlib
 import csv
@@ -34,6 +35,7 @@ import unicodedata
 import urllib.parse
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -278,24 +280,26 @@ def process_batches(n, cfg, epoch):
 
 # --------------------------------------------------------------------------------------------------
 # models: EncoderCNN projects the frozen ResNet50's features; DecoderRNN (Show and Tell) or
-# AttentionDecoder (Show, Attend and Tell) writes the caption; Captioner holds both and the vocabulary
+# AttentionDecoder (Show, Attend and Tell) writes the caption; Captioner holds both and the
+# vocabulary, and hands training a loss, SCST sampled captions, and validation beam search's words
 
 def resnet_grid(resnet, images):
-    """ResNet50's last convolutional grid, L = h*w vectors (B, L, 2048); their mean is the pooled feature."""
-    out = resnet(images.contiguous(memory_format=torch.channels_last)).float()  # (B, 2048*h*w)
+    """ResNet50's last convolutional grid: L = h*w vectors (B, L, 2048), whose mean is pooled."""
+    out = resnet(images.contiguous(memory_format=torch.channels_last)).float()  # (B, 2048*L)
     return out.view(out.size(0), 2048, -1).transpose(1, 2)  # (B, L, 2048)
 
 
 class EncoderCNN(nn.Module):
-    """Frozen ResNet50 (always in eval mode) and a trained projection of its standardised 2048-d features."""
+    """Frozen ResNet50 (always in eval mode) and a trained projection of its standard features."""
 
     def __init__(self, embed_size, resnet=None, spatial=False):
         super().__init__()
-        self.resnet, self.spatial = None, spatial
+        self.resnet = None
+        self.spatial = spatial  # the grid for the attention decoder, else its mean
         if resnet is not None:
             self.attach(resnet)
-        # standardising with the training set's statistics (per channel, over every grid cell for the
-        # attention decoder) is what lets the decoder read random-weight features
+        # standardising with the training set's statistics (per channel, over every grid cell for
+        # the attention decoder) is what lets the decoder read random-weight features
         self.register_buffer("feature_mean", torch.zeros(2048))
         self.register_buffer("feature_std", torch.ones(2048))
         self.embed = nn.Linear(2048, embed_size)
@@ -313,11 +317,11 @@ class EncoderCNN(nn.Module):
 
     def features(self, images):
         with torch.no_grad():
-            cells = resnet_grid(self.resnet, images)
+            cells = resnet_grid(self.resnet, images)  # (B, L, 2048)
             return cells if self.spatial else cells.mean(1)
 
     def forward(self, x):
-        """Images (B, 3, H, W) or cached features (B, 2048) or grid (B, L, 2048) -> (B, E) or (B, L, E)."""
+        """Images (B, 3, H, W) or cached features (B, 2048) or grids (B, L, 2048): (B, [L,] E)."""
         features = x.float() if x.dim() < 4 else self.features(x)  # cached grids are float16
         return self.embed((features - self.feature_mean) / self.feature_std)
 
@@ -334,138 +338,182 @@ class DecoderRNN(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, image_embeds, captions):
-        """Logits for captions[:, 1:] given the image (B, E) and captions[:, :-1] (B, T-1): (B, T-1, V)."""
-        x = torch.cat([image_embeds.unsqueeze(1), self.drop(self.embed(captions[:, :-1]))], 1)  # (B, T, E)
+        """Logits (B, T-1, V) for captions[:, 1:] given the image (B, E) and captions[:, :-1]."""
+        words = self.drop(self.embed(captions[:, :-1]))  # (B, T-1, E)
+        x = torch.cat([image_embeds.unsqueeze(1), words], 1)  # (B, T, E)
         out, _ = self.lstm(x)  # (B, T, H)
-        return self.to_vocab(self.drop(out[:, 1:]))  # the image step predicts nothing: (B, T-1, V)
+        return self.to_vocab(self.drop(out[:, 1:]))  # (B, T-1, V): the image step predicts nothing
 
     def start(self, image_embeds):
-        """The LSTM state after reading the image: (h, c), each (num_layers, B, H)."""
+        """The LSTM's state after reading the image (B, E): (h, c), each (num_layers, B, H)."""
         _, state = self.lstm(image_embeds.unsqueeze(1))  # (B, 1, E) in
         return state
 
     def step(self, tokens, state, first=False):
-        """Log-probabilities (B, V) of the word after tokens (B,); never <EOS> first: no caption is empty."""
+        """Log-probabilities (B, V) of the word after tokens (B,), and the state after them."""
         out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)  # (B, 1, H)
         return next_word_logp(self.to_vocab(out.squeeze(1)), first), state
 
+    @staticmethod
+    def reorder(state, rows):
+        """The state of the batch rows given, in their order: (h, c), each (num_layers, rows, H)."""
+        return tuple(s[:, rows] for s in state)
+
 
 def next_word_logp(logits, first):
-    never = [Vocabulary.PAD, Vocabulary.SOS, Vocabulary.EOS] if first else [Vocabulary.PAD, Vocabulary.SOS]
+    """Log-probabilities (B, V) of the next word, never <PAD> or <SOS>, nor <EOS> first."""
+    never = [Vocabulary.PAD, Vocabulary.SOS]
+    if first:  # no caption may be empty
+        never.append(Vocabulary.EOS)
     logp = F.log_softmax(logits.float(), dim=-1)  # (B, V)
-    return logp.index_fill(1, torch.tensor(never, device=logp.device), -math.inf)  # a copy: SCST's gradient
+    return logp.index_fill(1, torch.tensor(never, device=logp.device), -math.inf)  # a copy: SCST
 
 
 def sample_captions(decoder, image_embeds, n, max_len, greedy=False):
-    """n captions per image drawn word by word: ids (B*n, T), <EOS> then <PAD>, and each word's log-prob."""
-    state = tuple(s.repeat_interleave(n, dim=1) for s in decoder.start(image_embeds))  # each (L, B*n, H)
-    tokens = torch.full((image_embeds.size(0) * n,), Vocabulary.SOS, device=image_embeds.device)  # (B*n,)
-    ended = torch.zeros_like(tokens, dtype=torch.bool)
-    words, logps = [], []
+    """n captions an image, word by word: ids (B*n, T), <EOS> then <PAD>; each word's log-prob."""
+    rows = torch.arange(len(image_embeds), device=image_embeds.device).repeat_interleave(n)
+    state = decoder.reorder(decoder.start(image_embeds), rows)  # rows (B*n,): 0, .., 0, 1, ..
+    tokens = torch.full_like(rows, Vocabulary.SOS)  # (B*n,)
+    ended = torch.zeros_like(tokens, dtype=torch.bool)  # (B*n,)
+    words, logps = [], []  # each step's (B*n,)
     for t in range(max_len):
         logp, state = decoder.step(tokens, state, first=t == 0)  # (B*n, V)
-        tokens = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(1)  # temperature 1
-        tokens = tokens.masked_fill(ended, Vocabulary.PAD)
+        if greedy:
+            tokens = logp.argmax(-1)  # (B*n,)
+        else:  # at temperature 1
+            tokens = torch.multinomial(logp.exp(), 1).squeeze(1)  # (B*n,)
+        tokens = tokens.masked_fill(ended, Vocabulary.PAD)  # (B*n,): padding after <EOS>
         words.append(tokens)
-        logps.append(logp.gather(1, tokens.unsqueeze(1)).squeeze(1).masked_fill(ended, 0.0))
-        ended = ended | (tokens == Vocabulary.EOS)
+        logp = logp.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B*n,): the drawn word's
+        logps.append(logp.masked_fill(ended, 0.0))
+        ended = ended | (tokens == Vocabulary.EOS)  # (B*n,)
         if ended.all():
             break
     return torch.stack(words, 1), torch.stack(logps, 1)  # (B*n, T) each
 
 
-# Xu et al.'s lambda (1 in the paper): how strongly every grid cell must be looked at once per caption. Lower
-# leaves the attention on the objects rather than on empty background cells (README: attention)
+# Xu et al.'s lambda (1 in the paper): how strongly every grid cell must be looked at once per
+# caption. Lower leaves the attention on the objects rather than on empty background cells
 DOUBLY_STOCHASTIC_WEIGHT = 0.2
 
 
+class AttentionState(NamedTuple):
+    """The attention decoder's state between words; every tensor has the batch in dimension 1."""
+    h: torch.Tensor  # (layers, B, H): each LSTM layer's output
+    c: torch.Tensor  # (layers, B, H): and its cell
+    cells: torch.Tensor  # (L, B, E): the image's grid cells, the same at every word
+    keys: torch.Tensor  # (L, B, H): their projections, which each word's query is added to
+    alpha: torch.Tensor  # (1, B, L): the last word's attention over the cells
+
+
 class AttentionDecoder(nn.Module):
-    """Show, Attend and Tell's soft attention over the grid cells (Xu et al., 2015; README: attention)."""
+    """Show, Attend and Tell's soft attention over the grid cells (Xu et al., 2015)."""
 
     def __init__(self, embed_size, hidden_size, vocab_size, num_layers=2, dropout=0.3):
         super().__init__()
-        self.num_layers, self.hidden_size = num_layers, hidden_size
         self.embed = nn.Embedding(vocab_size, embed_size)
         self.init_state = nn.Linear(embed_size, 2 * num_layers * hidden_size)
-        self.key, self.query = nn.Linear(embed_size, hidden_size), nn.Linear(hidden_size, hidden_size)
-        self.score, self.gate = nn.Linear(hidden_size, 1), nn.Linear(hidden_size, 1)
+        self.key = nn.Linear(embed_size, hidden_size)
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.score = nn.Linear(hidden_size, 1)
+        self.gate = nn.Linear(hidden_size, 1)
         # LSTM cells rather than nn.LSTM: faster one step at a time on a CPU
-        self.lstm_cells = nn.ModuleList(nn.LSTMCell(hidden_size if i else 2 * embed_size, hidden_size)
-                                   for i in range(num_layers))
+        self.lstm_cells = nn.ModuleList(
+            nn.LSTMCell(2 * embed_size if i == 0 else hidden_size, hidden_size)
+            for i in range(num_layers))
         self.to_vocab = nn.Linear(hidden_size, vocab_size)
         self.drop = nn.Dropout(dropout)
 
     def start(self, cells):
-        """The state before the first word, from the cells (B, L, E); the batch in dimension 1 throughout."""
-        # (h, c, cells, keys, alpha): (layers, B, H) twice, (L, B, E), (L, B, H), the last attention (1, B, L)
-        h, c = torch.tanh(self.init_state(cells.mean(1))).view(-1, 2 * self.num_layers, self.hidden_size) \
-            .transpose(0, 1).chunk(2)  # (L, B, H) each: layers first
+        """The state before the first word, from the image's grid cells (B, L, E)."""
+        pooled = cells.mean(1)  # (B, E)
+        init = torch.tanh(self.init_state(pooled))  # (B, 2*layers*H)
+        init = init.view(len(cells), 2 * len(self.lstm_cells), -1)  # (B, 2*layers, H)
+        h, c = init.transpose(0, 1).chunk(2)  # (layers, B, H) each
         cells = cells.transpose(0, 1)  # (L, B, E)
-        return h.contiguous(), c.contiguous(), cells, self.key(cells), cells.new_zeros(1, *cells.shape[1::-1])
+        keys = self.key(cells)  # (L, B, H)
+        alpha = cells.new_zeros(1, cells.size(1), cells.size(0))  # (1, B, L): no word yet
+        return AttentionState(h.contiguous(), c.contiguous(), cells, keys, alpha)
 
     def advance(self, words, state):
-        """The top LSTM layer's output (B, H) after attending and reading the embedded words (B, E)."""
-        h, c, cells, keys, _ = state
-        alpha = self.score(torch.tanh(keys + self.query(h[-1]))).squeeze(-1).softmax(0)  # (L, B)
-        context = torch.sigmoid(self.gate(h[-1])) * (alpha.unsqueeze(-1) * cells).sum(0)  # (B, E)
-        x, layers = torch.cat([words, context], -1), []  # (B, 2E)
-        for cell, h_layer, c_layer in zip(self.lstm_cells, h, c):
-            layers.append(cell(x, (h_layer, c_layer)))
-            x = self.drop(layers[-1][0])  # between layers, as nn.LSTM's dropout
-        h, c = (torch.stack(s) for s in zip(*layers))  # (num_layers, B, H) each
-        return h[-1], (h, c, cells, keys, alpha.t().unsqueeze(0))
+        """The top LSTM layer's output (B, H), after attending, for the embedded words (B, E)."""
+        query = self.query(state.h[-1])  # (B, H): from the top layer's last output
+        energy = torch.tanh(state.keys + query)  # (L, B, H)
+        scores = self.score(energy).squeeze(-1)  # (L, B)
+        alpha = scores.softmax(0)  # (L, B): over the cells
+        gate = torch.sigmoid(self.gate(state.h[-1]))  # (B, 1): how much of the image the word needs
+        weighted = alpha.unsqueeze(-1) * state.cells  # (L, B, E)
+        context = gate * weighted.sum(0)  # (B, E)
+        x = torch.cat([words, context], -1)  # (B, 2E)
+        layers = []
+        for cell, h, c in zip(self.lstm_cells, state.h, state.c):
+            layers.append(cell(x, (h, c)))  # this layer's (h, c), (B, H) each
+            # between layers, as nn.LSTM's dropout; the top layer's x is not used, but its dropout
+            # draws random numbers, and dropping it would change every later draw
+            x = self.drop(layers[-1][0])
+        h, c = (torch.stack(s) for s in zip(*layers))  # (layers, B, H) each
+        return h[-1], AttentionState(h, c, state.cells, state.keys, alpha.t().unsqueeze(0))
 
     def forward(self, cells, captions, alphas=False):
-        """Logits (B, T-1, V) for captions[:, 1:] given cells (B, L, E); with alphas, each step's map too."""
-        state, words = self.start(cells), self.drop(self.embed(captions[:, :-1]))  # (B, T-1, E)
-        outs, maps = [], []
+        """Logits (B, T-1, V) for captions[:, 1:] given cells (B, L, E); with alphas, the maps."""
+        state = self.start(cells)
+        words = self.drop(self.embed(captions[:, :-1]))  # (B, T-1, E)
+        outs, maps = [], []  # each word's (B, H) and (B, L)
         for t in range(words.size(1)):
-            out, state = self.advance(words[:, t], state)
+            out, state = self.advance(words[:, t], state)  # (B, H)
             outs.append(out)
-            maps.append(state[-1][0])
+            maps.append(state.alpha[0])  # (B, L)
         logits = self.to_vocab(self.drop(torch.stack(outs, 1)))  # (B, T-1, V)
         return (logits, torch.stack(maps, 1)) if alphas else logits
 
     def step(self, tokens, state, first=False):
         """As DecoderRNN.step."""
-        out, state = self.advance(self.embed(tokens), state)
+        out, state = self.advance(self.embed(tokens), state)  # (B, H)
         return next_word_logp(self.to_vocab(out), first), state
+
+    @staticmethod
+    def reorder(state, rows):
+        """As DecoderRNN.reorder."""
+        return AttentionState(*(s[:, rows] for s in state))
 
 
 DECODERS = {"lstm": DecoderRNN, "attention": AttentionDecoder}
 
 
 class Captioner(nn.Module):
-    """The trained model: encoder projection and decoder, its vocabulary and the sizes that rebuild it."""
+    """The trained model: the encoder's projection, the decoder, the vocabulary and the sizes."""
 
-    def __init__(self, vocab, embed_size, hidden_size, num_layers=2, dropout=0.3, image_size=224, resnet=None,
-                 decoder="lstm"):
+    def __init__(self, vocab, args, resnet=None):
         super().__init__()
         self.vocab = vocab
-        self.args = dict(decoder=decoder, embed_size=embed_size, hidden_size=hidden_size,
-                         num_layers=num_layers, dropout=dropout, image_size=image_size)  # as nanoGPT's
-        self.attention = decoder == "attention"
-        self.encoder = EncoderCNN(embed_size, resnet, spatial=self.attention)
-        self.decoder = DECODERS[decoder](embed_size, hidden_size, len(vocab), num_layers, dropout)
+        self.args = args  # a dict of MODEL_ARGS, which rebuild the model, as nanoGPT's model_args
+        self.attention = args["decoder"] == "attention"
+        self.encoder = EncoderCNN(args["embed_size"], resnet, spatial=self.attention)
+        decoder = DECODERS[args["decoder"]]
+        self.decoder = decoder(args["embed_size"], args["hidden_size"], len(vocab),
+                               args["num_layers"], args["dropout"])
 
     def forward(self, inputs, captions=None, samples=1, max_len=20, greedy=False):
-        """Loss (with attention's penalty in training), logits (B, T-1, V), targets; no captions: samples."""
-        if captions is None:  # in forward, so that DistributedDataParallel averages SCST's gradients too
-            return sample_captions(self.decoder, self.encoder(inputs), samples, max_len, greedy)
-        targets, penalty = captions[:, 1:], 0.0
+        """Loss (with attention's penalty in training), logits (B, T-1, V), targets; or samples."""
+        embeds = self.encoder(inputs)  # (B, E), or (B, L, E) for the attention decoder
+        if captions is None:  # here, so that DistributedDataParallel averages SCST's gradients
+            return sample_captions(self.decoder, embeds, samples, max_len, greedy)
+        targets = captions[:, 1:]  # (B, T-1): each word after the ones before it
+        penalty = 0.0
         if self.attention and self.training:
-            logits, alphas = self.decoder(self.encoder(inputs), captions, alphas=True)  # alphas (B, T-1, L)
-            looked = (alphas * (targets != Vocabulary.PAD).unsqueeze(-1)).sum(1)  # (B, L)
-            penalty = DOUBLY_STOCHASTIC_WEIGHT * ((1 - looked) ** 2).mean()
+            logits, alphas = self.decoder(embeds, captions, alphas=True)  # alphas (B, T-1, L)
+            words = (targets != Vocabulary.PAD).unsqueeze(-1)  # (B, T-1, 1)
+            looked = (alphas * words).sum(1)  # (B, L): each cell's attention over the caption
+            penalty = DOUBLY_STOCHASTIC_WEIGHT * ((1 - looked) ** 2).mean()  # each cell once
         else:
-            logits = self.decoder(self.encoder(inputs), captions)
+            logits = self.decoder(embeds, captions)  # (B, T-1, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1),  # (B*(T-1), V)
                                ignore_index=Vocabulary.PAD)
         return loss + penalty, logits, targets
 
     @torch.no_grad()
     def generate(self, inputs, beam_size=3, max_len=20):
-        """Captions (strings) of a batch of images or cached features; beam_size=1 is greedy decoding."""
+        """Captions (strings) of images or cached features; beam_size=1 is greedy decoding."""
         ids = beam_search(self.decoder, self.encoder(inputs), beam_size, max_len)
         return [self.vocab.decode(seq) for seq in ids]
 
@@ -477,132 +525,178 @@ class Captioner(nn.Module):
 # training: the cross-entropy step, the self-critical (SCST) step and its CIDEr-D reward, the
 # learning-rate schedule and the loop over steps; hands best.pt and the logs to validation and the report
 
+# The reward: coco-caption's CIDEr-D (Vedantam et al., 2015) of a caption c of an image whose
+# references are s_1..s_m, among N training images, as pycocoevalcap's Cider computes it:
+#
+#   g_n(x)[w] = count of n-gram w in x * (log N - log max(1, df(w)))   x's tf-idf vector, n-grams
+#               df(w) = how many images have w in at least one reference
+#   CIDEr-D_n = 1/m sum_j  sum_w min(g_n(c)[w], g_n(s_j)[w]) * g_n(s_j)[w] / (|g_n(c)| |g_n(s_j)|)
+#                          * exp(-(l(c) - l(s_j))^2 / (2 * 6^2))    clipped cosine, length penalty
+#   CIDEr-D   = 10 * 1/4 sum_{n=1..4} CIDEr-D_n                 l(x) = x's number of bigrams
+#
+# Vectorised, each n-gram is one integer code whose digits in base V are its word ids:
+#
+#   ids (V = 10)  3  5  7  0      code = w1*V^(n-1) + ... + wn, in [V^(n-1), V^n) as ids are >= 1,
+#   n = 1         3  5  7  0      so n - 1 = the number of k in 1..3 with code >= V^k;
+#   n = 2        35 57  0  0      0 where the n-gram runs into padding.
+#   n = 3       357  0  0  0      A row of T ids gives 4T codes (ngram_codes), and distinct()
+#   n = 4         0  0  0  0      makes them (row, code, count) triples: sparse count vectors.
+
 def ngram_codes(ids, base):
-    """Each n-gram (n = 1..4) of 0-padded word ids (M, T) as one integer in [base^(n-1), base^n): (M, 4T)."""
-    codes, code, whole = [], torch.zeros_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    """Each n-gram (n = 1..4) of 0-padded word ids (M, T) as one integer (as above): (M, 4T)."""
+    codes = []
+    code = torch.zeros_like(ids)  # (M, T): the n-gram that starts at each column
+    whole = torch.ones_like(ids, dtype=torch.bool)  # (M, T): no padding in it
     for n in range(4):
         word = F.pad(ids, (0, n))[:, n:]  # (M, T): the n-gram's last word
-        code, whole = code * base + word, whole & (word > 0)
+        code = code * base + word  # (M, T): one more digit
+        whole = whole & (word > 0)
         codes.append(torch.where(whole, code, 0))
     return torch.cat(codes, 1)  # (M, 4T)
 
 
 def pad_references(refs):
-    """Each image's references (lists of word ids) in one tensor (N, R, T), 0 for padding and missing ones."""
-    flat = pad_sequence([torch.tensor(r, dtype=torch.int32) for rs in refs for r in rs], True)  # (all, T)
+    """Each image's references (lists of word ids) in one tensor (N, R, T), 0-padded."""
+    flat = [torch.tensor(r, dtype=torch.int32) for rs in refs for r in rs]
+    flat = pad_sequence(flat, batch_first=True)  # (all references, T)
     return pad_sequence(flat.split([len(rs) for rs in refs]), batch_first=True)  # (N, R, T)
 
 
 def distinct(codes):
     """Each row's distinct nonzero codes (M, W) and their counts: (row, code, count), (P,) each."""
-    # by hand: torch's unique_consecutive(dim=0) of (row, code) pairs gives the same, 7-25 times slower
-    codes = codes.sort(1).values
-    starts = torch.ones_like(codes, dtype=torch.bool)
-    starts[:, 1:] = codes[:, 1:] != codes[:, :-1]  # where a run of equal codes starts, in every row at 0
-    at = starts.flatten().nonzero().squeeze(1)  # (runs,)
-    counts = torch.diff(at, append=torch.tensor([codes.numel()]))
-    rows, values = at // codes.size(1), codes.flatten()[at]
-    return rows[values > 0], values[values > 0], counts[values > 0].double()
+    # by hand: torch's unique_consecutive(dim=0) of (row, code) pairs gives the same, 7-25x slower
+    codes = codes.sort(1).values  # (M, W)
+    starts = torch.ones_like(codes, dtype=torch.bool)  # (M, W): where a run of equal codes starts,
+    starts[:, 1:] = codes[:, 1:] != codes[:, :-1]  # in every row at column 0
+    at = starts.flatten().nonzero().squeeze(1)  # (runs,): flat index of each run's start
+    counts = torch.diff(at, append=torch.tensor([codes.numel()]))  # (runs,): to the next start
+    rows = at // codes.size(1)  # (runs,): flat index = row * W + column
+    values = codes.flatten()[at]  # (runs,)
+    real = values > 0  # 0 is no n-gram
+    return rows[real], values[real], counts[real].double()
 
 
 class CiderD:
-    """coco-caption's CIDEr-D of word ids, vectorised; document frequencies from the references, once."""
+    """coco-caption's CIDEr-D of word ids, vectorised; the references' document frequencies once."""
 
     def __init__(self, refs, vocab_size, scored=None):
         if vocab_size ** 4 >= 2 ** 63:  # an n-gram's code must fit in 64 bits
-            raise UserError(f"the reward handles up to 55,108 words, and the vocabulary has {vocab_size}: "
-                            f"raise --freq_threshold")
-        self.base, self.scored = vocab_size, scored  # scored: which word ids count (all if None)
+            raise UserError(f"the reward handles up to 55,108 words, and the vocabulary has "
+                            f"{vocab_size}: raise --freq_threshold")
+        self.base = vocab_size
+        self.scored = scored  # which word ids count (all if None)
         padded = pad_references(refs)  # (N, R, T)
         n, r, t = padded.shape
-        self.refs = self.words(padded.flatten(0, 1).long()).view(n, r, t).int()
+        self.refs = self.words(padded.flatten(0, 1).long()).view(n, r, t).int()  # (N, R, T)
         self.log_images = math.log(n)
-        chunks = [self.refs[i:i + 4096].flatten(0, 1).long() for i in range(0, n, 4096)]  # bounded memory
-        per_image = [distinct(ngram_codes(c, self.base).view(-1, r * 4 * c.size(1)))[1] for c in chunks]
-        self.grams, self.df = torch.cat(per_image).unique(return_counts=True)  # each n-gram once an image
+        # 4,096 images at a time, as (images*R, T): the codes take 32 bytes a word
+        chunks = [self.refs[i:i + 4096].flatten(0, 1).long() for i in range(0, n, 4096)]
+        per_image = [distinct(ngram_codes(c, self.base).view(-1, r * 4 * c.size(1)))[1]
+                     for c in chunks]  # each image's n-grams, once
+        self.grams, self.df = torch.cat(per_image).unique(return_counts=True)  # (G,) sorted; df(w)
         norms = [self.norms(*distinct(ngram_codes(c, self.base)), len(c)) for c in chunks]
-        self.ref_norm = torch.cat([norm for norm, _ in norms]).view(n, r, 4)
-        self.ref_length = torch.cat([length for _, length in norms]).view(n, r)
+        self.ref_norm = torch.cat([norm for norm, _ in norms]).view(n, r, 4)  # (N, R, 4)
+        self.ref_length = torch.cat([length for _, length in norms]).view(n, r)  # (N, R)
 
     def words(self, ids):
         """The scored words of each row of ids (H, T), moved to the front, 0 after them."""
-        keep = ids > 0 if self.scored is None else self.scored[ids] & (ids > 0)
-        order = (~keep).to(torch.uint8).sort(dim=-1, stable=True).indices
+        keep = ids > 0 if self.scored is None else self.scored[ids] & (ids > 0)  # (H, T)
+        order = (~keep).to(torch.uint8).sort(dim=-1, stable=True).indices  # (H, T): kept ones first
         return torch.where(keep, ids, 0).gather(-1, order)
 
     def tfidf(self, grams, counts):
-        place = torch.searchsorted(self.grams, grams).clamp_max(len(self.grams) - 1)
-        df = torch.where(self.grams[place] == grams, self.df[place], 0)  # 0: in no reference
+        """g_n(x)[w] of n-grams grams (P,) that occur counts (P,) times in x."""
+        place = torch.searchsorted(self.grams, grams).clamp_max(len(self.grams) - 1)  # (P,)
+        df = torch.where(self.grams[place] == grams, self.df[place], 0)  # (P,): 0 in no reference
         return counts * (self.log_images - df.clamp_min(1).double().log())
 
+    def sizes(self, grams):
+        """n - 1 of each n-gram's code (P,): its length less one (picture above)."""
+        return sum(grams >= self.base ** k for k in (1, 2, 3))
+
     def norms(self, rows, grams, counts, m):
-        """Each row's tf-idf norm per n-gram length (m, 4) and coco-caption's length, its bigrams (m,)."""
-        size = sum(grams >= self.base ** k for k in (1, 2, 3))  # n - 1
-        squares = self.tfidf(grams, counts).square()
-        norm = torch.zeros(m, 4, dtype=torch.float64).index_put_((rows, size), squares, accumulate=True)
-        length = torch.zeros(m, dtype=torch.float64).index_put_((rows[size == 1],), counts[size == 1], True)
+        """Each row's |g_n| (m, 4), and coco-caption's length l (m,), from (row, n-gram, count)s."""
+        size = self.sizes(grams)  # (P,)
+        squares = self.tfidf(grams, counts).square()  # (P,)
+        norm = torch.zeros(m, 4, dtype=torch.float64).index_put_(  # (m, 4): summed by row and n
+            (rows, size), squares, accumulate=True)
+        length = torch.zeros(m, dtype=torch.float64).index_put_(  # (m,): bigrams, summed by row
+            (rows[size == 1],), counts[size == 1], True)
         return norm.sqrt(), length
 
+    def reference_counts(self, refs, rows, grams):
+        """The count (P, R) of each caption's n-gram (P,) in each of its references (H, R, T)."""
+        used, column = grams.unique(return_inverse=True)  # (U,) the captions' n-grams; (P,) which
+        codes = ngram_codes(refs.flatten(0, 1).long(), self.base)  # (H*R, 4T)
+        ref_rows, ref_grams, ref_counts = distinct(codes)  # (Q,) each: by reference row, sorted
+        place = torch.searchsorted(used, ref_grams).clamp_max(len(used) - 1)  # (Q,)
+        hit = used[place] == ref_grams  # (Q,): the n-grams that some caption has
+        # a lookup table of sorted keys: reference row i*R + j and n-gram u make the key
+        # (i*R + j)*U + u, ascending as distinct() gives rows in order and each row's codes sorted;
+        # the last key is larger than any query, so that searchsorted never runs off the end
+        keys = torch.cat([ref_rows[hit] * len(used) + place[hit], torch.tensor([2 ** 63 - 1])])
+        found = torch.cat([ref_counts[hit], torch.zeros(1, dtype=torch.float64)])  # (keys,)
+        reference = rows.unsqueeze(1) * refs.size(1) + torch.arange(refs.size(1))  # (P, R): i*R + j
+        query = reference * len(used) + column.unsqueeze(1)  # (P, R)
+        at = torch.searchsorted(keys, query)  # (P, R)
+        return torch.where(keys[at] == query, found[at], 0)  # (P, R): 0 where the key is absent
+
     def __call__(self, hyps, images):
-        """The CIDEr-D (x10, as coco-caption's) of each caption (H, T) against its image's references."""
-        h, r = len(hyps), self.refs.size(1)
-        rows, grams, counts = distinct(ngram_codes(self.words(hyps), self.base))  # (P,) each
+        """CIDEr-D (x10, as coco-caption's) of captions (H, T) against their images' references."""
+        h = len(hyps)
+        codes = ngram_codes(self.words(hyps), self.base)  # (H, 4T)
+        rows, grams, counts = distinct(codes)  # (P,) each: P (caption, n-gram) pairs
         if not len(grams):
             return torch.zeros(h, dtype=torch.float64)
-        vec = self.tfidf(grams, counts)  # (P,)
+        vec = self.tfidf(grams, counts)  # (P,): g_n(c)[w]
         norm, length = self.norms(rows, grams, counts, h)  # (H, 4), (H,)
-        used, column = grams.unique(return_inverse=True)  # the hypotheses' n-grams (U,), and each pair's
         refs = self.refs[images]  # (H, R, T)
-        ref_rows, ref_grams, ref_counts = distinct(ngram_codes(refs.flatten(0, 1).long(), self.base))
-        place = torch.searchsorted(used, ref_grams).clamp_max(len(used) - 1)
-        hit = used[place] == ref_grams  # the references' counts of those n-grams, by (reference row, n-gram)
-        keys = torch.cat([ref_rows[hit] * len(used) + place[hit], torch.tensor([2 ** 63 - 1])])
-        found = torch.cat([ref_counts[hit], torch.zeros(1, dtype=torch.float64)])
-        query = (rows.unsqueeze(1) * r + torch.arange(r)) * len(used) + column.unsqueeze(1)  # (P, R)
-        at = torch.searchsorted(keys, query)
-        ref_vec = torch.where(keys[at] == query, found[at], 0) * (vec / counts).unsqueeze(1)  # (P, R)
-        clipped = torch.minimum(vec.unsqueeze(1), ref_vec) * ref_vec  # (P, R)
-        size = sum(grams >= self.base ** k for k in (1, 2, 3))
-        overlap = torch.zeros(h, 4, r, dtype=torch.float64).index_put_((rows, size), clipped, accumulate=True)
-        ref_norm, ref_length = self.ref_norm[images], self.ref_length[images]  # (H, R, 4), (H, R)
-        cosine = overlap.transpose(1, 2) / (norm.unsqueeze(1) * ref_norm).clamp_min(1e-300)  # (H, R, 4)
-        delta = length.unsqueeze(1) - ref_length  # (H, R)
-        score = cosine.mean(-1) * torch.exp(-delta.square() / (2 * 6.0 ** 2))  # the Gaussian length penalty
+        ref_counts = self.reference_counts(refs, rows, grams)  # (P, R)
+        ref_vec = ref_counts * (vec / counts).unsqueeze(1)  # (P, R): g_n(s_j)[w], its count * idf
+        products = torch.minimum(vec.unsqueeze(1), ref_vec) * ref_vec  # (P, R): clipped
+        overlap = torch.zeros(h, 4, refs.size(1), dtype=torch.float64).index_put_(  # (H, 4, R)
+            (rows, self.sizes(grams)), products, accumulate=True)  # summed over each n's n-grams
+        norms = norm.unsqueeze(1) * self.ref_norm[images]  # (H, R, 4)
+        cosine = overlap.transpose(1, 2) / norms.clamp_min(1e-300)  # (H, R, 4): 0 if a norm is 0
+        delta = length.unsqueeze(1) - self.ref_length[images]  # (H, R)
+        penalty = torch.exp(-delta.square() / (2 * 6.0 ** 2))  # (H, R): sigma = 6
+        score = cosine.mean(-1) * penalty  # (H, R)
         real = refs.amax(-1) > 0  # (H, R): references, not padding
-        return 10 * (score * real).sum(1) / real.sum(1)  # (H,)
+        return 10 * (score * real).sum(1) / real.sum(1)  # (H,): the mean over the references, x10
 
 
 def scst_data(data, vocab, max_len=0):
-    """One item per training image, and the CIDEr-D reward with its captions (and <EOS>) as the references."""
+    """An item per training image, and the CIDEr-D reward: its captions and <EOS> the references."""
     refs = data.split("train").groupby("image")["tokens"].apply(list)  # sorted by image
     images = pd.DataFrame({"image": refs.index, "tokens": [r[0] for r in refs]})
     ids = [[vocab.numericalize(t[:max_len or None]) + [Vocabulary.EOS] for t in r] for r in refs]
-    # the words the metrics score (metric_text drops punctuation), and <EOS>: the model is rewarded for ending
+    # the words the metrics score (metric_text drops punctuation), and <EOS>: it rewards ending
     scored = torch.tensor([any(c.isalnum() or c in "<>" for c in w) for w in vocab.itos])
     scored[[Vocabulary.PAD, Vocabulary.SOS]] = False
     return FlickrDataset(images, vocab, data.source), CiderD(ids, len(vocab), scored)
 
 
 def scst_step(run, inputs, images, lr):
-    ddp, model, optimizer, reward, cfg, device = run.ddp, run.model, run.optimizer, run.reward, run.cfg, run.device
-    """One step on the sampled captions' CIDEr-D above the baseline: the loss, mean reward, greedy CIDEr-D."""
-    n = cfg.scst_samples
-    with autocast(device):
-        words, logps = ddp(inputs, samples=n, max_len=cfg.max_caption_len)  # (B*n, T) each
-    with torch.no_grad(), evaluating(model):
-        greedy, _ = model(inputs, max_len=cfg.max_caption_len, greedy=True)  # (B, T)
-    images = torch.as_tensor(images)
-    rewards = reward(words.cpu(), images.repeat_interleave(n)).view(-1, n)  # (B, n)
-    greedy_reward = reward(greedy.cpu(), images)  # (B,)
-    baseline = greedy_reward.unsqueeze(1)
-    if cfg.scst_baseline == "mean":
-        baseline = (rewards.sum(1, keepdim=True) - rewards) / (n - 1)
-    advantage = (rewards - baseline).view(-1, 1).to(device, torch.float)  # (B*n, 1)
-    mask = words != Vocabulary.PAD  # the words up to and with <EOS>: the model learns where to end
-    loss = -(advantage * logps * mask).sum() / mask.sum()
-    optimizer_step(optimizer, loss, lr)
-    figures = torch.stack([rewards.mean(), greedy_reward.mean()]).float().to(device)  # not all have float64
-    return torch.cat([loss.detach().float().view(1), figures])
+    """A step on sampled captions' CIDEr-D above a baseline: loss, mean reward, greedy CIDEr-D."""
+    n = run.cfg.scst_samples
+    max_len = run.cfg.max_caption_len
+    with autocast(run.device):
+        words, logps = run.ddp(inputs, samples=n, max_len=max_len)  # (B*n, T) each
+    with torch.no_grad(), evaluating(run.model):
+        greedy, _ = run.model(inputs, max_len=max_len, greedy=True)  # (B, T)
+    images = torch.as_tensor(images)  # (B,)
+    rewards = run.reward(words.cpu(), images.repeat_interleave(n)).view(-1, n)  # (B, n)
+    greedy_reward = run.reward(greedy.cpu(), images)  # (B,)
+    baseline = greedy_reward.unsqueeze(1)  # (B, 1): Rennie et al.'s
+    if run.cfg.scst_baseline == "mean":  # Luo's: the mean of the image's other samples' rewards,
+        # b_i = (sum_j r_j - r_i) / (n - 1), so that reward_i - b_i has expectation 0 for every i
+        baseline = (rewards.sum(1, keepdim=True) - rewards) / (n - 1)  # (B, n)
+    advantage = (rewards - baseline).view(-1, 1).to(run.device, torch.float)  # (B*n, 1)
+    mask = words != Vocabulary.PAD  # (B*n, T): up to and with <EOS>, so that it learns where to end
+    loss = -(advantage * logps * mask).sum() / mask.sum()  # REINFORCE: -advantage * log p(word)
+    optimizer_step(run.optimizer, loss, lr)
+    figures = torch.stack([rewards.mean(), greedy_reward.mean()]).float()  # not all have float64
+    return torch.cat([loss.detach().float().view(1), figures.to(run.device)])
 
 
 @dataclasses.dataclass
@@ -638,13 +732,13 @@ def epoch_and_batch(step, steps_per_epoch, scst_steps, cfg):
 
 
 def learning_rate_at(step, total_steps, cfg):
-    """The learning rate of a step (1-based): a function of the step alone, which a resume continues."""
-    if step > total_steps and cfg.scst_epochs:  # the self-critical steps, after the cross-entropy ones
+    """The learning rate of a step (1-based): a function of the step alone, as resuming needs."""
+    if step > total_steps and cfg.scst_epochs:  # the self-critical steps, after cross-entropy's
         return cfg.scst_learning_rate
     if step <= cfg.warmup_steps:
         return cfg.learning_rate * step / cfg.warmup_steps
     if cfg.lr_schedule == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)  # 1 at the last step
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)  # 1 at last
         return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return cfg.learning_rate
 
@@ -680,8 +774,7 @@ def start_run(cfg, device):
         model = restored.model
         progress = restored.progress
     else:
-        model = Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.dropout,
-                          cfg.image_size, None, cfg.decoder)
+        model = Captioner(data.vocab, {name: getattr(cfg, name) for name in MODEL_ARGS})
         model.encoder.feature_mean.copy_(data.feature_stats[0])
         model.encoder.feature_std.copy_(data.feature_stats[1])
         progress = Progress()
@@ -720,16 +813,15 @@ def mend_outputs(run, out):
 
 
 def train_step(run, inputs, captions, lr):
-    model, optimizer, device = run.ddp, run.optimizer, run.device
-    """One optimizer step; the loss stays on the device, as reading it would wait for the GPU every step."""
-    with autocast(device):
-        loss, _, _ = model(inputs, captions)
-    optimizer_step(optimizer, loss, lr)
+    """One optimizer step; the loss stays on the device, as reading it would wait for the GPU."""
+    with autocast(run.device):
+        loss, _, _ = run.ddp(inputs, captions)
+    optimizer_step(run.optimizer, loss, lr)
     return loss.detach()
 
 
 def optimizer_step(optimizer, loss, lr):
-    """One Adam step on the loss's gradient at this step's learning rate (cross-entropy and SCST alike)."""
+    """One Adam step on the loss's gradient at the step's learning rate (cross-entropy and SCST)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
@@ -981,13 +1073,15 @@ def stop_and_save(run):
 
 
 # --------------------------------------------------------------------------------------------------
-# validation, beam search and the metrics papers report (coco-caption's BLEU, METEOR, ROUGE-L, CIDEr)
+# validation, beam search and the metrics papers report (coco-caption's BLEU, METEOR, ROUGE-L and
+# CIDEr), which pick best.pt and fill the results page
 
 @torch.no_grad()
 def validation_loss(model, dataset, cfg, device):
-    """Teacher-forced loss and token accuracy: the share of non-padding targets whose argmax is right."""
+    """Teacher-forced loss and token accuracy: the share of non-padding targets argmax predicts."""
     rank, size = rank_and_size()
-    batches = [b.tolist() for b in torch.arange(len(dataset)).split(cfg.batch_size)][rank::size]
+    batches = [b.tolist() for b in torch.arange(len(dataset)).split(cfg.batch_size)]
+    batches = batches[rank::size]
     total_loss, correct, tokens = 0.0, 0, 0
     with evaluating(model):
         for inputs, captions in caption_batches(dataset, batches, device):
@@ -1000,41 +1094,62 @@ def validation_loss(model, dataset, cfg, device):
     return total_loss / max(tokens, 1), correct / max(tokens, 1)
 
 
+# beam_search keeps k hypotheses (beams) for each of n images in one batch of n*k rows:
+#
+#   row    0  1  2 | 3  4  5 | ...        row = image*k + beam;  offsets = image*k, (n, 1)
+#   image  0  0  0 | 1  1  1 | ...        log-probs (n*k, V) -> view (n, k, V) -> (n, k*V)
+#   beam   0  1  2 | 0  1  2 | ...
+#
+# An image's k*V candidates (a beam and its next word) are one row of (n, k*V), candidate
+# index = beam*V + word, so beam = index // V and word = index % V. The k best that do not end
+# go on: their rows are offsets + beam, and every state tensor is reordered to those rows.
+
 @torch.no_grad()
 def beam_search(decoder, image_embeds, beam_size, max_len):
-    """Each image's best word ids by log-probability per word; beam_size=1 is exactly greedy decoding."""
-    # decoder: start(embeds) -> state and step(tokens, state, first) -> (log-probs, state), whose state is a
-    # tuple of tensors with the batch in dimension 1: any decoder with these two methods works
-    n, k, dev = image_embeds.size(0), beam_size, image_embeds.device
-    state = tuple(s.repeat_interleave(k, dim=1) for s in decoder.start(image_embeds))  # each (L, n*k, H)
+    """Each image's best word ids by log-probability per word; beam_size=1 is greedy decoding."""
+    # decoder: start(embeds) -> state; step(tokens, state, first) -> (log-probs, state);
+    # reorder(state, rows) -> state: any decoder with these three methods works
+    n = image_embeds.size(0)
+    k = beam_size
+    dev = image_embeds.device
+    images = torch.arange(n, device=dev)  # (n,)
+    offsets = images.unsqueeze(1) * k  # (n, 1): each image's first row
+    state = decoder.reorder(decoder.start(image_embeds), images.repeat_interleave(k))  # n*k rows
     tokens = torch.full((n * k,), Vocabulary.SOS, device=dev)  # (n*k,)
-    seqs = torch.zeros(n * k, 0, dtype=torch.long, device=dev)  # (n*k, t): the words so far of every beam
+    seqs = torch.zeros(n * k, 0, dtype=torch.long, device=dev)  # (n*k, t): each beam's words
     scores = torch.full((n, k), float("-inf"), device=dev)  # (n, k): summed log-probabilities
-    scores[:, 0] = 0.0  # all beams start as the same hypothesis
-    best_score, best_seq = torch.full((n,), float("-inf"), device=dev), [None] * n
+    scores[:, 0] = 0.0  # all beams start as the same hypothesis: one of them goes on
+    best_score = torch.full((n,), float("-inf"), device=dev)  # (n,): the best ended, per word
+    best_seq = [None] * n
     finished = torch.zeros(n, dtype=torch.long, device=dev)  # (n,): hypotheses ended so far
-    offsets = torch.arange(n, device=dev).unsqueeze(1) * k  # (n, 1): each image's first row in n*k
     for t in range(max_len):
         logp, state = decoder.step(tokens, state, first=t == 0)  # (n*k, V)
         vocab_size = logp.size(-1)
-        candidates = (scores.unsqueeze(-1) + logp.view(n, k, -1)).view(n, -1)  # (n, k*V)
-        top, index = candidates.topk(min(2 * k, k * vocab_size), 1)  # (n, 2k): enough that k go on after EOS
-        beam, word = index // vocab_size, index % vocab_size  # (n, 2k) each
-        place = torch.arange(top.size(1), device=dev).expand_as(top)  # (n, 2k): each candidate's place in top
-        ends = (word == Vocabulary.EOS) & (place < k) & (finished < k).unsqueeze(1) & (top > float("-inf"))
-        ended_score, ended_at = torch.where(ends, top / (t + 1), float("-inf")).max(1)  # (n,) per-word scores
+        candidates = scores.unsqueeze(-1) + logp.view(n, k, -1)  # (n, k, V)
+        candidates = candidates.view(n, -1)  # (n, k*V): index = beam*V + word
+        top, index = candidates.topk(min(2 * k, k * vocab_size), 1)  # (n, 2k): k go on after <EOS>s
+        beam = index // vocab_size  # (n, 2k)
+        word = index % vocab_size  # (n, 2k)
+        place = torch.arange(top.size(1), device=dev).expand_as(top)  # (n, 2k): 0, 1, .. in top
+        eos = word == Vocabulary.EOS  # (n, 2k)
+        # a hypothesis ends when <EOS> is among the k best, while the image has fewer than k ended
+        ends = eos & (place < k) & (finished < k).unsqueeze(1) & (top > float("-inf"))  # (n, 2k)
+        per_word = torch.where(ends, top / (t + 1), float("-inf"))  # (n, 2k)
+        ended_score, ended_at = per_word.max(1)  # (n,) each
         for i in (ended_score > best_score).nonzero().flatten().tolist():
             best_score[i] = ended_score[i]
             best_seq[i] = seqs[offsets[i, 0] + beam[i, ended_at[i]]].tolist()
         finished += ends.sum(1)
-        keep = (place + (word == Vocabulary.EOS).long() * top.size(1)).argsort(1)[:, :k]  # (n, k) survivors
-        rows = (offsets + beam.gather(1, keep)).view(-1)  # (n*k,): the beam each survivor extends
-        tokens, scores = word.gather(1, keep).view(-1), top.gather(1, keep)  # (n*k,), (n, k)
+        order = place + eos.long() * top.size(1)  # (n, 2k): the <EOS> candidates last
+        keep = order.argsort(1)[:, :k]  # (n, k): the k best that go on
+        rows = (offsets + beam.gather(1, keep)).view(-1)  # (n*k,): the row each of them extends
+        tokens = word.gather(1, keep).view(-1)  # (n*k,)
+        scores = top.gather(1, keep)  # (n, k)
         seqs = torch.cat([seqs[rows], tokens.unsqueeze(1)], 1)  # (n*k, t+1)
-        state = tuple(s[:, rows] for s in state)
+        state = decoder.reorder(state, rows)
         if (finished >= k).all():
             break
-    going = seqs[offsets[:, 0] + scores.argmax(1)].tolist()  # each image's best still going: where none ended
+    going = seqs[offsets[:, 0] + scores.argmax(1)].tolist()  # the best going on: if none ended
     return [seq if seq is not None else best_going for seq, best_going in zip(best_seq, going)]
 
 
@@ -1065,21 +1180,60 @@ def evaluating(model):
 
 
 def metric_text(caption):
-    # coco-caption's PTB tokenizer drops punctuation before scoring; so do we, with the vocabulary's tokenizer
-    return " ".join(t for t in Vocabulary.tokenize(caption) if any(ch.isalnum() or ch in "<>" for ch in t))
+    # coco-caption's PTB tokenizer drops punctuation before scoring; so do we, with the vocabulary's
+    # tokenizer. A word needs a letter or digit (or is <unk>): "_" alone is none
+    words = [t for t in Vocabulary.tokenize(caption) if any(ch.isalnum() or ch in "<>" for ch in t)]
+    return " ".join(words)
 
 
 @functools.lru_cache(maxsize=1)
 def meteor_scorer():
-    """One METEOR process per run: its JVM takes seconds to start, scoring milliseconds."""
+    """One METEOR process per run (its JVM takes seconds to start, scoring milliseconds)."""
     from pycocoevalcap.meteor.meteor import Meteor
-    if shutil.which("java"):
-        return Meteor()
-    warn("METEOR is not computed: it needs Java (`java` on the PATH), e.g. apt-get install default-jre")
+    if not shutil.which("java"):
+        warn("METEOR is not computed: it needs Java (`java` on the PATH), e.g. apt-get install "
+             "default-jre")
+        return None
+    # a terminal's Ctrl-C signals every process of its group, and Java would die mid-score while the
+    # run finishes its step; a signal ignored when the JVM starts stays ignored in it
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    handlers = [signal.signal(number, signal.SIG_IGN) for number in stops]
+    try:
+        meteor = Meteor()
+    finally:
+        for number, handler in zip(stops, handlers):
+            signal.signal(number, handler)
+    atexit.register(close_meteor, meteor)
+    return meteor
+
+
+def close_meteor(meteor):
+    """Ends METEOR's Java process and frees its lock, so that exit never waits on them."""
+    # pycocoevalcap's compute_score holds the lock while it talks to Java; an exception there (a
+    # second Ctrl-C) leaves it held, and its Meteor.__del__ would wait for it at exit, forever
+    meteor_scorer.cache_clear()  # a later scoring starts a new process
+    meteor.meteor_p.kill()
+    meteor.meteor_p.wait()
+    with contextlib.suppress(OSError):  # a line half written to the ended process
+        meteor.meteor_p.stdin.close()
+    if meteor.lock.locked():
+        meteor.lock.release()
+
+
+def meteor_score(refs, hyps):
+    """coco-caption's METEOR, or None without Java; an exception while scoring ends the process."""
+    meteor = meteor_scorer()
+    if meteor is None:
+        return None
+    try:
+        return float(meteor.compute_score(refs, hyps)[0])
+    except BaseException:  # a second Ctrl-C, say
+        close_meteor(meteor)
+        raise
 
 
 def caption_metrics(references, hypotheses):
-    """coco-caption's BLEU-1..4, METEOR (None without Java), ROUGE-L, CIDEr; {image: its CIDEr, BLEU-4}."""
+    """coco-caption's BLEU-1..4, METEOR (None without Java), ROUGE-L, CIDEr; and each image's."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -1087,11 +1241,12 @@ def caption_metrics(references, hypotheses):
     hyps = {i: [metric_text(hypotheses[i])] for i in hypotheses}
     with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their progress
         bleu, bleu_each = Bleu(4).compute_score(refs, hyps)
-        meteor = meteor_scorer()
         metrics = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
-        metrics["METEOR"] = None if meteor is None else float(meteor.compute_score(refs, hyps)[0])
+        metrics["METEOR"] = meteor_score(refs, hyps)
         metrics["ROUGE-L"] = float(Rouge().compute_score(refs, hyps)[0])
-        cider, cider_each = Cider().compute_score(refs, hyps)
+        cider, cider_each = 0.0, np.zeros(len(hyps))  # Cider fails where no reference has a word
+        if any(any(captions) for captions in refs.values()):
+            cider, cider_each = Cider().compute_score(refs, hyps)
     metrics["CIDEr"] = float(cider)
     each = zip(hyps, cider_each, bleu_each[3])  # in the order of hyps
     return metrics, {name: {"CIDEr": float(c), "BLEU-4": float(b)} for name, c, b in each}
@@ -2188,7 +2343,7 @@ def restore(path, cfg=None):
             name = name.replace(old, new)
         state[name] = tensor
     try:
-        model = Captioner(Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]), **ckpt["model_args"])
+        model = Captioner(Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]), ckpt["model_args"])
         model.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError) as error:
         reason = " ".join(str(error).split())[:250]  # one line: torch's message spans several

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import cap, demo_args
+from test_models import model_args
 
 
 def test_an_attention_run_records_its_decoder_and_its_demo_figures_are_its_captions(trained_attention, demo_dirs):
@@ -53,9 +54,11 @@ def test_attention_decoder_shapes_and_state_contract():
     assert logits.shape == (5, 7, 50) and alphas.shape == (5, 7, 9)
     assert torch.allclose(alphas.sum(-1), torch.ones(5, 7))  # a distribution over the grid at every word
     state = decoder.start(cells)
-    assert all(s.size(1) == 5 for s in state) and state[0].shape == (3, 5, 32)  # the batch in dimension 1
+    assert isinstance(state, cap.AttentionState) and state.h.shape == state.c.shape == (3, 5, 32)
+    assert all(s.size(1) == 5 for s in state)  # the batch in dimension 1, for reorder
     logp, state = decoder.step(torch.full((5,), cap.Vocabulary.SOS), state, first=True)
     assert logp.shape == (5, 50) and all(s.size(1) == 5 for s in state)
+    assert torch.equal(state.alpha[0], decoder(cells, captions[:, :2], alphas=True)[1][:, 0])
     assert torch.isinf(logp[:, [cap.Vocabulary.PAD, cap.Vocabulary.SOS, cap.Vocabulary.EOS]]).all()
     decoder.eval()  # teacher forcing and step by step give the same words
     logits = decoder(cells, captions)
@@ -83,7 +86,7 @@ def test_the_attention_decoder_looks_at_the_image():
 def test_the_doubly_stochastic_penalty_is_training_only():
     torch.manual_seed(0)
     vocab = cap.Vocabulary(1).build_vocab(["a red circle on the left"])
-    model = cap.Captioner(vocab, 16, 32, dropout=0.0, decoder="attention")
+    model = cap.Captioner(vocab, model_args(dropout=0.0, decoder="attention"))
     cells, captions = torch.randn(3, 4, 2048), torch.randint(4, len(vocab), (3, 6))
     captions[0, 4:] = cap.Vocabulary.PAD  # a shorter caption: its padding looks at nothing
     with torch.no_grad():

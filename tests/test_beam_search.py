@@ -1,8 +1,18 @@
-"""Beam search: batched and per image, beam 1 is greedy, both decoders; on the trained demo model, ids are words."""
+"""Beam search: batched and per image, beam 1 is greedy, both decoders; on the trained demo model, ids are words.
+And the metrics' failures: captions without words, and METEOR's process at an interrupted exit."""
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
 import pytest
 import torch
 
-from conftest import cap, greedy_decode
+from conftest import ROOT, cap, greedy_decode
 
 SPECIAL_IDS = {cap.Vocabulary.PAD, cap.Vocabulary.SOS, cap.Vocabulary.EOS}
 
@@ -82,3 +92,85 @@ def test_batched_beam_search_equals_one_image_at_a_time():
     batched = cap.beam_search(decoder, embeds, beam_size=4, max_len=8)
     assert batched == [cap.beam_search(decoder, embeds[i:i + 1], 4, 8)[0] for i in range(7)]
     assert all(batched)  # <EOS> can never come first: no empty captions
+
+
+@pytest.mark.parametrize("decoder", [cap.DecoderRNN(16, 32, 30), cap.AttentionDecoder(16, 32, 30)])
+def test_reorder_takes_batch_rows_of_every_state_tensor(decoder):
+    embeds = torch.randn(3, 4, 16) if isinstance(decoder, cap.AttentionDecoder) else torch.randn(3, 16)
+    state = decoder.start(embeds)
+    rows = torch.tensor([2, 0, 0])
+    picked = decoder.reorder(state, rows)
+    assert type(picked) is type(state) and len(picked) == len(state)
+    assert all(torch.equal(p, s[:, rows]) for p, s in zip(picked, state))
+    # sampling and beam search copy each image's state n times with it, as repeat_interleave did
+    repeated = decoder.reorder(state, torch.arange(3).repeat_interleave(2))
+    assert all(torch.equal(p, s.repeat_interleave(2, dim=1)) for p, s in zip(repeated, state))
+
+
+def test_captions_without_words_score_zero_rather_than_fail():
+    # "_" passes the caption reader, but it is no word to the metrics: pycocoevalcap's Cider raised
+    # ValueError when no reference had one
+    refs = {"a.jpg": ["_", "_ ."], "b.jpg": ["_"]}
+    metrics, each = cap.caption_metrics(refs, {"a.jpg": "_", "b.jpg": "a red circle"})
+    assert metrics["CIDEr"] == 0 and metrics["BLEU-4"] == pytest.approx(0, abs=1e-6)
+    assert set(each) == {"a.jpg", "b.jpg"} and all(scores["CIDEr"] == 0 for scores in each.values())
+    assert cap.metric_text("_ . _") == "" and cap.metric_text("_ a dog _") == "a dog"
+
+
+# Interrupted as train() is: a first signal asks to stop, a second raises KeyboardInterrupt, here while
+# METEOR scores; then the process ends normally. pycocoevalcap's Meteor.__del__ waited at exit for the
+# lock that compute_score still held, forever.
+INTERRUPTED_WHILE_SCORING = """
+import signal, sys, traceback
+sys.path.insert(0, {root!r})
+import flickr_image_caption_with_pytorch_resnet_lstm as cap
+
+signals = []
+def second_raises(number, frame):
+    signals.append(number)
+    if len(signals) == 2:
+        raise KeyboardInterrupt
+signal.signal(signal.SIGINT, second_raises)
+meteor = cap.meteor_scorer()
+compute_score = meteor.compute_score
+def scoring(refs, hyps):
+    print("scoring", meteor.meteor_p.pid, file=sys.__stdout__, flush=True)  # not redirected
+    return compute_score(refs, hyps)
+meteor.compute_score = scoring
+refs = {{i: ["a red circle on the left of a blue square", "two shapes"] for i in range(2000)}}
+hyps = {{i: "a red square on the right" for i in range(2000)}}
+try:
+    while True:
+        cap.caption_metrics(refs, hyps)
+except KeyboardInterrupt:
+    print("interrupted in compute_score:", "compute_score" in traceback.format_exc(), flush=True)
+"""
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java (`java` on the PATH)")
+@pytest.mark.parametrize("group", [False, True], ids=["to-the-process", "to-its-group"])
+def test_two_signals_while_meteor_scores_never_block_the_exit(tmp_path, group):
+    """Signals to the process (a scheduler), or to its whole group, Java too (a terminal's Ctrl-C)."""
+    script = tmp_path / "interrupted.py"
+    script.write_text(textwrap.dedent(INTERRUPTED_WHILE_SCORING.format(root=str(ROOT))))
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        assert select.select([process.stdout], [], [], 120)[0], "METEOR never began to score"
+        line = process.stdout.readline()  # the first call waits seconds for the JVM: signals land in it
+        assert line.startswith("scoring"), line + process.stderr.read()
+        java = int(line.split()[1])
+        for _ in range(2):
+            if group:
+                os.killpg(process.pid, signal.SIGINT)
+            else:
+                process.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        out, err = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err[-3000:]
+    assert "interrupted in compute_score: True" in out
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # and METEOR's Java process is gone with it
+        os.kill(java, 0)

@@ -10,6 +10,12 @@ import torchvision
 from conftest import cap
 
 
+def model_args(**changes):
+    """Captioner's args: the MODEL_ARGS dict, small sizes unless changed."""
+    args = dict(decoder="lstm", embed_size=16, hidden_size=32, num_layers=2, dropout=0.3, image_size=224)
+    return args | changes
+
+
 def test_encoder_loads_the_weights_file_and_is_frozen(random_weights):
     saved = torch.load(random_weights, weights_only=True)
     encoder = cap.EncoderCNN(32, cap.load_resnet50(random_weights))
@@ -38,7 +44,8 @@ def test_encoder_takes_cached_features_too():
     encoder.feature_std.fill_(2.0)
     features = torch.randn(3, 2048)
     assert torch.allclose(encoder(features), encoder.embed((features - 1) / 2))
-    model = cap.Captioner(cap.Vocabulary(1).build_vocab(["a b"]), 16, 32, resnet=encoder.resnet)
+    model = cap.Captioner(cap.Vocabulary(1).build_vocab(["a b"]), model_args(), resnet=encoder.resnet)
+    assert model.args == model_args()
     assert {k for k in model.trainable_state_dict() if k.startswith("encoder.")} == {
         "encoder.feature_mean", "encoder.feature_std", "encoder.embed.weight", "encoder.embed.bias"}
 

@@ -9,6 +9,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from conftest import TINY_DEMO, cap, demo_args, error_line, greedy_decode, shared
+from test_models import model_args
 from test_training import assert_same_run, start_training, wait_for
 
 
@@ -73,7 +74,7 @@ def test_a_vocabulary_too_big_for_the_codes_is_refused():
 def test_sampled_captions_end_with_eos_and_respect_max_len(decoder):
     torch.manual_seed(0)
     vocab = cap.Vocabulary(1).build_vocab([["a", "b", "c"]])
-    model = cap.Captioner(vocab, 16, 32, num_layers=2, decoder=decoder)
+    model = cap.Captioner(vocab, model_args(decoder=decoder))
     inputs = torch.randn(3, 4, 2048) if decoder == "attention" else torch.randn(3, 2048)
     words, logps = model(inputs, samples=4, max_len=6)
     assert words.shape == logps.shape and words.shape[0] == 12 and words.shape[1] <= 6
@@ -169,10 +170,10 @@ def test_scst_added_with_resume_after_cross_entropy_is_the_same_run(tmp_path, de
     assert_same_run(out, scst_run)
 
 
-def test_the_greedy_baseline_trains_too_with_images_encoded_every_step(tmp_path, random_weights):
+def test_the_greedy_baseline_trains_too_with_the_attention_decoder(tmp_path, random_weights):
     out = tmp_path / "out"
     assert cap.main([*TINY_DEMO, f"--data_dir={tmp_path / 'data'}", f"--encoder_weights={random_weights}",
                      f"--output_dir={out}", "--num_epochs=1", "--scst_epochs=1", "--scst_baseline=greedy",
-                     "--scst_samples=1", "--cache_features=false", "--decoder=attention"]) == 0
+                     "--scst_samples=1", "--decoder=attention"]) == 0
     batches = pd.read_csv(out / "loss_per_batch.csv")  # 48 training images in batches of 16
     assert (batches["phase"] == "self-critical").sum() == 3 and batches["reward"].notna().sum() == 3
