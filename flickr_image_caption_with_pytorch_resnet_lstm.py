@@ -436,15 +436,14 @@ DECODERS = {"lstm": DecoderRNN, "attention": AttentionDecoder}
 class Captioner(nn.Module):
     """The trained model: encoder projection and decoder, its vocabulary and the sizes that rebuild it."""
 
-    def __init__(self, vocab, embed_size, hidden_size, num_layers=2, dropout=0.3, image_size=224, resnet=None,
-                 decoder="lstm"):
+    def __init__(self, vocab, args, resnet=None):
         super().__init__()
         self.vocab = vocab
-        self.args = dict(decoder=decoder, embed_size=embed_size, hidden_size=hidden_size,
-                         num_layers=num_layers, dropout=dropout, image_size=image_size)  # as nanoGPT's
-        self.attention = decoder == "attention"
-        self.encoder = EncoderCNN(embed_size, resnet, spatial=self.attention)
-        self.decoder = DECODERS[decoder](embed_size, hidden_size, len(vocab), num_layers, dropout)
+        self.args = dict(args)  # MODEL_ARGS, as nanoGPT's model_args
+        self.attention = args["decoder"] == "attention"
+        self.encoder = EncoderCNN(args["embed_size"], resnet, spatial=self.attention)
+        self.decoder = DECODERS[args["decoder"]](args["embed_size"], args["hidden_size"], len(vocab),
+                                                 args["num_layers"], args["dropout"])
 
     def forward(self, inputs, captions=None, samples=1, max_len=20, greedy=False):
         """Loss (with attention's penalty in training), logits (B, T-1, V), targets; no captions: samples."""
@@ -656,8 +655,7 @@ def start_run(cfg, device, out):
         if data.resnet is not None:
             model.encoder.attach(data.resnet)
     else:
-        model = Captioner(data.vocab, cfg.embed_size, cfg.hidden_size, cfg.num_layers, cfg.dropout,
-                          cfg.image_size, data.resnet, cfg.decoder)
+        model = Captioner(data.vocab, {name: getattr(cfg, name) for name in MODEL_ARGS}, data.resnet)
         model.encoder.feature_mean.copy_(data.feature_stats[0])
         model.encoder.feature_std.copy_(data.feature_stats[1])
         progress = Progress()
