@@ -918,7 +918,7 @@ def generate_captions(model, source, names, cfg, device, beam_size=None):
     rank, size = rank_and_size()
     share, captions = names[rank::size], {}
     with evaluating(model):
-        for inputs, index in image_batches(source, share, 64, cfg.num_workers, desc="captioning"):
+        for inputs, index in image_batches(source, share, 64, max(0, cfg.num_workers), desc="captioning"):
             texts = model.generate(inputs.to(device), beam_size or cfg.beam_size, cfg.max_caption_len)
             captions.update({share[i]: text for i, text in zip(index.tolist(), texts)})
     captions = merge_over_processes(captions)
@@ -1888,10 +1888,10 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
     transform, names = image_transform(cfg.image_size), sorted(frame["image"].unique())
     grid_cells = math.ceil(cfg.image_size / 32) ** 2 if cfg.decoder == "attention" else 0  # halved 5 times
     # with cached features, training needs only the projection; the checkpoint records the weights' hash
-    resnet = None if cfg.cache_features else load_resnet50(weights)
-    if cfg.cache_features:
+    resnet = None if True else load_resnet50(weights)
+    if True:
         cache = cached_features(weights, image_dir, names, transform, cfg.cache_dir, device, cfg.batch_size,
-                                cfg.num_workers, grid_cells)
+                                max(0, cfg.num_workers), grid_cells)
         source = ImageSource(image_dir, transform, cache["features"], cache["images"])
         failed = cache["failed"]
     else:
@@ -1904,7 +1904,7 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
         frame = frame[~frame["image"].isin(set(failed))].reset_index(drop=True)
         check_splits(frame, cfg.data_dir)
     train_names = sorted(frame.loc[frame["split"] == "train", "image"].unique())
-    if cfg.cache_features:
+    if True:
         stats = feature_statistics(cache["features"], [source.row[n] for n in train_names])
     else:
         sample = random.Random(cfg.seed).sample(train_names, min(512, len(train_names)))
@@ -2512,9 +2512,6 @@ def caption_images(cfg, paths, restored, device):
     missing = [p for p in given if not p.is_dir() and not p.is_file()]
     files = [f for p in given for f in (sorted(p.iterdir()) if p.is_dir() else [p])
              if f.is_file() and (f == p or f.suffix.lower() in IMAGE_EXTENSIONS)]  # named: any suffix
-    figure = Path(cfg.caption_figure) if cfg.caption_figure else None
-    if figure:
-        check_figure_path(figure, files)
     weights = encoder_weights_file(cfg)
     resnet = load_resnet50(weights)  # first: a missing or damaged file is its own clear error
     restored.check_weights(weights)
@@ -2535,9 +2532,6 @@ def caption_images(cfg, paths, restored, device):
     if not captions:
         return 1
     maps = word_maps(model, source, captions, device)
-    if figure:
-        save_caption_figure(list(captions.items()), figure, [maps.get(name) for name in captions])
-        stderr(f"saved {figure}")
     rows = [{"path": Path(name), "name": str(file), "caption": captions[name], "maps": maps.get(name)}
             for file, name in zip(files, names) if name in captions]
     try:  # report-captions.html; the captions are out: a folder that cannot be written only warns
