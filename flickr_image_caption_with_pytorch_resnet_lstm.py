@@ -1170,7 +1170,8 @@ def valid_best_metric(value, values):
 DATASETS = ("auto", "demo", "flickr8k", "flickr30k", "coco")
 SETTING_RULES = [  # (names, valid(value, values), what the value must be)
     (["dataset"], lambda v, _: v in DATASETS, ", ".join(DATASETS)),
-    (["preset"], lambda v, _: v in ("auto", "none", *PRESETS), "'auto', 'none' or 'demo'"),
+    (["preset"], lambda v, _: v in ("auto", "none", *PRESETS),
+     "'auto', 'none' or a preset, such as 'demo'"),
     (["batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_size", "hidden_size",
       "num_layers", "freq_threshold", "image_size", "log_every", "demo_images"],
      lambda v, _: v >= 1, "at least 1"),
