@@ -35,6 +35,7 @@ import textwrap
 import time
 import tokenize
 import urllib.parse
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -1177,7 +1178,7 @@ SETTING_RULES = [  # (names, valid(value, values), what the value must be)
      lambda v, _: v >= 1, "at least 1"),
     (["max_images", "max_batches_per_epoch", "sample_every", "warmup_steps",
       "max_train_caption_len", "scst_epochs"], lambda v, _: v >= 0, "0 or more"),
-    (["num_workers"], lambda v, _: v >= -1, "-1 (one per CPU core, at most 16), 0 or more"),
+    (["num_workers"], lambda v, _: v >= -1, "-1 or more"),
     (["learning_rate", "scst_learning_rate"], lambda v, _: 0 < v <= 1,
      "a positive number up to 1, such as 0.0002"),
     (["scst_baseline"], lambda v, _: v in ("mean", "greedy"), "'mean' or 'greedy'"),
@@ -2087,17 +2088,23 @@ def restore(path):
         raise UserError(f"no checkpoint at {path}: train one first with `.venv/bin/python "
                         f"{Path(__file__).name}` (it writes best.pt and last.pt to output_dir)")
     try:  # unreadable, damaged, tampered with, of other types or shapes: one line naming the file
+        with zipfile.ZipFile(path) as archive:  # torch.save's zip keeps each part's CRC32
+            damaged = archive.testzip()
+        if damaged:
+            raise ValueError(f"its part {damaged} fails its CRC32")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # runs no pickled code
         if ckpt["model_sha256"] != model_sha256(ckpt):
             raise ValueError("its weights or settings are not those its sha256 was taken of")
         config = ckpt["config"]
         for field in dataclasses.fields(Config):  # its settings, typed as the command line's are
-            if type(config[field.name]) is not field.type:
-                raise TypeError(f"config {field.name}={config[field.name]!r}: not {field.type}")
+            value = config[field.name]
+            if type(value) is not field.type:
+                raise TypeError(f"config {field.name}={value!r}: not {field.type.__name__}")
         check_settings(config)
-        if ckpt["model_args"] != {name: config[name] for name in MODEL_ARGS}:
+        args = {name: config[name] for name in MODEL_ARGS}  # typed and checked
+        if ckpt["model_args"] != args:
             raise ValueError("its model_args are not its config's")
-        model = Captioner(Vocabulary(config["freq_threshold"], ckpt["vocab"]), ckpt["model_args"])
+        model = Captioner(Vocabulary(config["freq_threshold"], ckpt["vocab"]), args)
         model.load_state_dict(ckpt["model"])
     except Exception as error:
         reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]  # torch's span lines

@@ -65,7 +65,7 @@ def test_help_lists_every_setting_with_its_comment_rule_default_and_preset():
     assert result.returncode == 0 and all(f"--{name}" in result.stdout for name in cap.CONFIG_NAMES)
     text = " ".join(result.stdout.split())  # argparse wraps the help at the terminal's width
     assert "--num_epochs INT epochs of cross-entropy training; must be at least 1. default: 2, demo preset: 20" in text
-    assert "-1: one per CPU core, at most 16; must be -1 (one per CPU core" in text  # num_workers
+    assert "--num_workers INT image-decoding processes; -1: one per CPU core, at most 16; must be -1 or more" in text
     assert "training:" in result.stdout and "model:" in result.stdout  # the constants' sections
     assert "cache_features" not in result.stdout and "caption_figure" not in result.stdout
 
@@ -149,7 +149,7 @@ def test_import_has_no_side_effects(tmp_path):
                                           ("--device=meta", "--device=meta: must be auto, cpu, cuda, cuda:N or mps"),
                                           ("--device=cuda:x", "--device=cuda:x: must be auto, cpu, cuda, cuda:N"),
                                           ("--cache_dir=", "--cache_dir=: must be a folder, such as resources/cache"),
-                                          ("--num_workers=-2", "--num_workers=-2: must be -1"),
+                                          ("--num_workers=-2", "--num_workers=-2: must be -1 or more"),
                                           ("--scst_samples=21", "--scst_samples=21: must be from 1 to 20"),
                                           ("--scst_samples=1", "--scst_samples=1: must be from 1 to 20"),  # mean
                                           ("--output_dir=/", "--output_dir=/: a run writes a dozen files there"),

@@ -217,7 +217,7 @@ def second_renderer_accuracy(checkpoint, weights, folder, n_images=90):
     """The greedy captions' accuracy on render_shapes' images: (single-shape, two-shape) shares."""
     truth = render_shapes(Path(folder), n_images)
     pd.DataFrame(list(truth.items()), columns=["image", "shapes"]).to_csv(Path(folder) / "shapes.csv", index=False)
-    model = cap.restore(checkpoint).model
+    model, _ = cap.restore(checkpoint)
     model.encoder.attach(cap.load_resnet50(weights))
     source = cap.ImageSource(folder, cap.image_transform(model.args["image_size"]))
     cfg = cap.resolve_settings({"dataset": "flickr8k", "num_workers": 0})
