@@ -1,11 +1,12 @@
-"""Image captioning on Flickr8k, Flickr30k or MS-COCO: a frozen ResNet50 encoder and an LSTM decoder.
+"""Image captioning on Flickr8k, Flickr30k or MS-COCO: a frozen ResNet50 and an LSTM decoder.
 
-    python flickr_image_caption_with_pytorch_resnet_lstm.py                 # train (demo set if no Flickr8k)
-    python flickr_image_caption_with_pytorch_resnet_lstm.py --resume        # continue from last.pt
-    python flickr_image_caption_with_pytorch_resnet_lstm.py --evaluate      # test-split metrics of best.pt
-    python flickr_image_caption_with_pytorch_resnet_lstm.py --caption a.jpg dir/ [--caption_figure=out.png]
+    .venv/bin/python flickr_image_caption_with_pytorch_resnet_lstm.py  # train (the demo if no data)
+    ... --resume                  # go on from output_dir's last.pt, with its own settings
+    ... --evaluate                # the test split's metrics of best.pt (or --checkpoint=FILE)
+    ... --caption a.jpg dir/      # captions of new images, from best.pt (or --checkpoint=FILE)
+    ... --init_from=FILE          # a new run that starts from a checkpoint's weights
 
-Every constant in the config section can be overridden on the command line as --name=value.
+Every constant below can be overridden on the command line as --name=value; --help lists them all.
 """
 import argparse
 import atexit
@@ -18,6 +19,7 @@ import difflib
 import fcntl
 import functools
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -32,7 +34,9 @@ import sys
 import tempfile
 import time
 import unicodedata
+import tokenize
 import urllib.parse
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -43,77 +47,89 @@ import torch
 import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision
 from PIL import Image, ImageOps
 from torch.nn.utils.rnn import pad_sequence
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2 as T
 from tqdm.auto import tqdm as _tqdm
 
+
+class LazyModule:
+    """Imported on first use: torchvision loads torch._dynamo, a second that --help can skip."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getattr__(self, attribute):
+        return getattr(importlib.import_module(self.name), attribute)
+
+
+torchvision = LazyModule("torchvision")
+T = LazyModule("torchvision.transforms.v2")
 ROOT = Path(__file__).resolve().parent
 
-# config: plain constants; override any of them as --name=value
+# config: plain constants; override any of them as --name=value (--help shows each with its comment)
 # data
-dataset = "auto"            # auto (Flickr8k if present, else the demo), demo, flickr8k, flickr30k or coco
+dataset = "auto"            # which data; 'auto': Flickr8k if it is there, else the built-in demo
 data_dir = ""               # '' means resources/input/<dataset>
-encoder_weights = "resources/models/resnet50-0676ba61.pth"  # torchvision's ImageNet weights, from ./setup.sh
-output_dir = ""             # '' means resources/output/<dataset>
-cache_dir = "resources/cache"
-cache_features = True       # compute the frozen ResNet50 features once per image instead of every step
+encoder_weights = "resources/models/resnet50-0676ba61.pth"  # ImageNet's, from ./setup.sh
+output_dir = ""             # '' means resources/output/<dataset>, or the checkpoint's folder
+cache_dir = "resources/cache"  # the frozen ResNet50's features, computed once per image
 image_size = 224            # images are resized and centre-cropped to this many pixels
 max_images = 0              # 0 = every image; else a quick partial run on this many
-demo_images = 3000          # how many images of coloured shapes the built-in demo set has (image_size px)
+demo_images = 3000          # how many images of coloured shapes the built-in demo set has
 # model
-decoder = "lstm"            # 'lstm' (Show and Tell: the pooled feature is the LSTM's first input) or
-                            # 'attention' (Show, Attend and Tell: attention over ResNet50's image regions)
-embed_size = 400
-hidden_size = 512
-num_layers = 2
-dropout = 0.3
-freq_threshold = 5          # a word enters the vocabulary when it occurs this often in the training captions
+decoder = "lstm"            # 'lstm' (Show and Tell: the pooled feature is the LSTM's first input)
+                            # or 'attention' (Show, Attend and Tell: attention over image regions)
+embed_size = 400            # the size of word embeddings and of the projected image feature
+hidden_size = 512           # the LSTM's state size
+num_layers = 2              # stacked LSTM layers
+dropout = 0.3               # dropout before the output layer (and between LSTM layers)
+freq_threshold = 5          # a word enters the vocabulary when it occurs this often in training
 # training
-batch_size = 32
-num_epochs = 2
-learning_rate = 0.0002      # the original's 3e-4 scaled for batch size 32
+batch_size = 32             # captions per optimizer step (per process under torchrun)
+num_epochs = 2              # epochs of cross-entropy training
+learning_rate = 0.0002      # Adam's; the original's 3e-4 scaled for batch size 32
 lr_schedule = "constant"    # 'constant' (the original) or 'cosine' (decays to 0 by the last step)
-warmup_steps = 0            # steps of linear warm-up from 0 to learning_rate, before either schedule
+warmup_steps = 0            # steps of linear warm-up from 0 to learning_rate, before the schedule
 max_batches_per_epoch = 0   # 0 = whole epochs
-seed = 42
+seed = 42                   # the splits, the initial weights and every epoch's order
 device = "auto"             # 'auto' picks cuda, then mps, then cpu
-num_workers = 2             # image-decoding processes
-sample_every = 200          # print sample captions every this many batches
+num_workers = -1            # image-decoding processes; -1: one per CPU core, at most 16
+sample_every = 200          # print sample captions every this many batches (0: never)
 log_every = 10              # read the loss back from the device every this many batches
-resume = False              # continue from last.pt in output_dir
-# self-critical sequence training (README: SCST): after num_epochs of cross-entropy, optimise CIDEr-D itself
-scst_epochs = 0             # 0 = off; the run goes on for this many epochs (can be added later with --resume)
-scst_learning_rate = 0.00005
+resume = False              # continue from last.pt in output_dir, with the settings it records
+init_from = ""              # a checkpoint whose weights start a new run (its vocabulary must match)
+# self-critical sequence training (SCST): after num_epochs of cross-entropy, optimise CIDEr-D itself
+scst_epochs = 0             # 0 = off; SCST epochs after the cross-entropy ones (or later: --resume)
+scst_learning_rate = 0.00005  # the learning rate of the SCST epochs
 scst_samples = 5            # captions sampled per image (multinomial, temperature 1)
-scst_baseline = "mean"      # 'mean' of the other samples (Luo 2020) or the 'greedy' caption's (Rennie 2017)
+scst_baseline = "mean"      # 'mean' of the other samples (Luo 2020) or 'greedy' (Rennie 2017)
 # decoding and evaluation
-max_caption_len = 20
-max_train_caption_len = 100 # longer training captions are cut to this many words (Flickr8k's longest: 40)
-beam_size = 3
-best_metric = "auto"        # what picks best.pt on validation: 'CIDEr', 'BLEU-4', 'val_loss' (lowest) or
-                            # 'demo_accuracy' (demo captions right); 'auto': that on the demo, else CIDEr
+max_caption_len = 20        # generated captions stop after this many words
+max_train_caption_len = 100  # longer training captions are cut to this many words (Flickr8k's: 40)
+beam_size = 3               # beams of the beam search (1: greedy decoding)
+best_metric = "auto"        # what picks best.pt: 'CIDEr', 'BLEU-4', 'val_loss' (lowest) or
+                            # 'demo_accuracy' (demo captions right); 'auto': that, or off it CIDEr
 # modes
 evaluate = False            # evaluate a checkpoint on the test split and exit
-checkpoint = ""             # '' means best.pt in output_dir (for --evaluate and --caption)
-caption_figure = ""         # with --caption: also save the images and their captions to this PNG
-preset = "auto"             # settings over these constants: 'auto' (the dataset's own, see PRESETS) or 'none'
+checkpoint = ""             # for --evaluate and --caption; '' means best.pt in output_dir
+preset = "auto"             # 'auto' (the dataset's own settings: PRESETS) or 'none' (the constants)
 
 CONFIG_NAMES = [k for k, v in globals().items()
                 if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))]
-# Settings resolved once per run, then frozen: cfg.learning_rate, never a dictionary that code changes.
-Config = dataclasses.make_dataclass("Config", [(n, type(globals()[n])) for n in CONFIG_NAMES], frozen=True)
+# Settings resolved once per run, then frozen: cfg.learning_rate, never a dictionary code changes.
+Config = dataclasses.make_dataclass("Config", [(n, type(globals()[n])) for n in CONFIG_NAMES],
+                                    frozen=True)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
 
-# The demo's settings over the constants (resolve_settings), to finish in minutes on a 2-core CPU: its 36-word
-# vocabulary needs no 2-layer 512-unit LSTM, and one layer of 256 reads the shapes as well in half the time
+# The demo's settings over the constants, to finish in minutes on a 2-core CPU: its 36-word
+# vocabulary needs no 2-layer 512-unit LSTM, and one layer of 256 reads the shapes as well in half
+# the time
 PRESETS = {"demo": dict(image_size=128, num_epochs=20, batch_size=64, learning_rate=0.002,
                         lr_schedule="cosine", embed_size=128, hidden_size=256, num_layers=1,
-                        max_caption_len=24)}  # room to end its longest caption (20 words and a full stop)
+                        max_caption_len=24)}  # room to end its longest caption: 20 words, a stop
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,39 +306,21 @@ def resnet_grid(resnet, images):
 
 
 class EncoderCNN(nn.Module):
-    """Frozen ResNet50 (always in eval mode) and a trained projection of its standard features."""
+    """The frozen ResNet50's cached features, standardised, and their trained projection."""
+    # the ResNet50 itself runs once per image, before training (extract_features): only its
+    # features reach the model, and a checkpoint holds no copy of its weights
 
-    def __init__(self, embed_size, resnet=None, spatial=False):
+    def __init__(self, embed_size):
         super().__init__()
-        self.resnet = None
-        self.spatial = spatial  # the grid for the attention decoder, else its mean
-        if resnet is not None:
-            self.attach(resnet)
         # standardising with the training set's statistics (per channel, over every grid cell for
         # the attention decoder) is what lets the decoder read random-weight features
         self.register_buffer("feature_mean", torch.zeros(2048))
         self.register_buffer("feature_std", torch.ones(2048))
         self.embed = nn.Linear(2048, embed_size)
 
-    def attach(self, resnet):
-        """Adds the frozen backbone, for images instead of cached features."""
-        self.resnet = resnet.requires_grad_(False).eval()
-        return self
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.resnet is not None:
-            self.resnet.eval()  # BatchNorm running statistics must never change
-        return self
-
-    def features(self, images):
-        with torch.no_grad():
-            cells = resnet_grid(self.resnet, images)  # (B, L, 2048)
-            return cells if self.spatial else cells.mean(1)
-
-    def forward(self, x):
-        """Images (B, 3, H, W) or cached features (B, 2048) or grids (B, L, 2048): (B, [L,] E)."""
-        features = x.float() if x.dim() < 4 else self.features(x)  # cached grids are float16
+    def forward(self, features):
+        """Pooled features (B, 2048) or grids (B, L, 2048) -> (B, E) or (B, L, E)."""
+        features = features.float()  # cached grids are float16
         return self.embed((features - self.feature_mean) / self.feature_std)
 
 
@@ -483,12 +481,12 @@ DECODERS = {"lstm": DecoderRNN, "attention": AttentionDecoder}
 class Captioner(nn.Module):
     """The trained model: the encoder's projection, the decoder, the vocabulary and the sizes."""
 
-    def __init__(self, vocab, args, resnet=None):
+    def __init__(self, vocab, args):
         super().__init__()
         self.vocab = vocab
         self.args = args  # a dict of MODEL_ARGS, which rebuild the model, as nanoGPT's model_args
         self.attention = args["decoder"] == "attention"
-        self.encoder = EncoderCNN(args["embed_size"], resnet, spatial=self.attention)
+        self.encoder = EncoderCNN(args["embed_size"])
         decoder = DECODERS[args["decoder"]]
         self.decoder = decoder(args["embed_size"], args["hidden_size"], len(vocab),
                                args["num_layers"], args["dropout"])
@@ -517,8 +515,6 @@ class Captioner(nn.Module):
         ids = beam_search(self.decoder, self.encoder(inputs), beam_size, max_len)
         return [self.vocab.decode(seq) for seq in ids]
 
-    def trainable_state_dict(self):
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.resnet.")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -764,28 +760,29 @@ class Run:
 def start_run(cfg, device):
     """A fresh run's data, model, optimizer and progress, or last.pt's (--resume), in a Run."""
     out = Path(cfg.output_dir)
-    restored = restore(out / "last.pt", cfg) if cfg.resume else None
-    data = prepare_data(cfg, device, build_vocab=True, trained=restored)
+    model, ckpt = restore(out / "last.pt") if cfg.resume else (None, None)
+    data = prepare_data(cfg, device, build_vocab=True, trained=ckpt)
     features = data.source.features
     if device.type == "cuda" and features.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
         data.source.features = features.to(device)  # batches are then gathered on the GPU
     torch.manual_seed(cfg.seed)  # after the data: the initial weights never depend on the cache
-    if restored:
-        model = restored.model
-        progress = restored.progress
+    if ckpt:
+        progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress)})
     else:
         model = Captioner(data.vocab, {name: getattr(cfg, name) for name in MODEL_ARGS})
         model.encoder.feature_mean.copy_(data.feature_stats[0])
         model.encoder.feature_std.copy_(data.feature_stats[1])
         progress = Progress()
+        if cfg.init_from:
+            init_weights(model, cfg.init_from, data.weights)
     fused = True if device.type == "cuda" else None  # one kernel for all the parameters on a GPU
     trained = [p for p in model.to(device).parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trained, lr=cfg.learning_rate, fused=fused)
-    if restored:
-        optimizer.load_state_dict(restored.optimizer)
-        torch.set_rng_state(restored.rng_states[0])  # mid-epoch: dropout goes on as it would have
-        if torch.cuda.is_available() and restored.rng_states[1]:
-            torch.cuda.set_rng_state_all(restored.rng_states[1][:torch.cuda.device_count()])
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng_state"])  # mid-epoch: dropout goes on as it would have
+        if torch.cuda.is_available() and ckpt["cuda_rng_state"]:
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng_state"][:torch.cuda.device_count()])
         log(f"resuming from {out / 'last.pt'}: epoch {progress.epoch} done, step {progress.step}")
     run = Run(cfg, device, data, model, optimizer, progress)
     if is_main_process():
@@ -1281,7 +1278,7 @@ def print_samples(model, source, names, cfg, device, label):
 
 
 # --------------------------------------------------------------------------------------------------
-# settings: the constants above, a preset, a checkpoint's settings and the command line, resolved once
+# settings: the constants, a preset, a checkpoint's settings and the command line, in one Config
 
 class UserError(Exception):
     """A problem the user can fix; printed as one line, without a traceback."""
@@ -1316,7 +1313,7 @@ def parse_bool(text):
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
-        """One line, with the nearest valid name for an unknown one, instead of argparse's usage block."""
+        """One line, with the nearest valid name for an unknown one, instead of a usage block."""
         unknown = re.match(r"unrecognized arguments: -*([^\s=]+)", message)
         if unknown:
             near = difflib.get_close_matches(unknown[1], CONFIG_NAMES, 1)
@@ -1327,72 +1324,88 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def parse_args(argv):
     """({name: value} for each --name=value given, type-checked; the --caption paths or None)."""
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            allow_abbrev=False, argument_default=argparse.SUPPRESS)
-    for name in CONFIG_NAMES:
+    parser = ArgumentParser(description=__doc__, allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            usage="%(prog)s [--name=value ...] [--caption PATH ...]",
+                            argument_default=argparse.SUPPRESS)
+    groups = {}
+    for name, (section, comment) in setting_comments().items():
+        if section not in groups:  # as the constants are grouped at the top of the script
+            groups[section] = parser.add_argument_group(section)
         default = globals()[name]
-        bare = dict(nargs="?", const=True) if isinstance(default, bool) else {}  # a bare --flag sets it
+        bare = dict(nargs="?", const=True) if isinstance(default, bool) else {}  # --flag sets it
         kind = parse_bool if isinstance(default, bool) else type(default)
-        parser.add_argument(f"--{name}", type=kind, help=f"default: {default!r}", **bare)
-    parser.add_argument("--caption", nargs="+", metavar="PATH", help="caption these image files or folders")
+        groups[section].add_argument(f"--{name}", type=kind, metavar=type(default).__name__.upper(),
+                                     help=setting_help(name, comment), **bare)
+    parser.add_argument("--caption", nargs="+", metavar="PATH",
+                        help="caption these image files or folders, from --checkpoint")
     overrides = vars(parser.parse_args(argv))
     return overrides, overrides.pop("caption", None)
 
 
-PATHS = ("data_dir", "encoder_weights", "output_dir", "cache_dir", "checkpoint", "caption_figure")
+def setting_comments():
+    """{name: [its section, the comment beside its constant]}, from the top of this file."""
+    comments, section, name = {}, "", None
+    with open(__file__, "rb") as source:
+        for token in tokenize.tokenize(source.readline):
+            if token.string == "CONFIG_NAMES":  # the constants end here
+                return comments
+            text = token.string.lstrip("# ")
+            first = token.start[1] == 0  # in the line's first column
+            if token.type == tokenize.COMMENT and first:
+                section = text
+            elif token.type == tokenize.NAME and first and token.string in CONFIG_NAMES:
+                name = token.string
+                comments[name] = [section, ""]
+            elif token.type == tokenize.COMMENT and name:  # beside its constant, or on lines below
+                comments[name][1] = f"{comments[name][1]} {text}".strip()
 
 
-DATASETS = ("auto", "demo", "flickr8k", "flickr30k", "coco")
+def setting_help(name, comment):
+    """--help's text for a setting: its comment, the values it takes, its default and a preset's."""
+    rules = "".join(f"; must be {must_be}" for names, _, must_be in SETTING_RULES if name in names)
+    presets = "".join(f", {key} preset: {values[name]!r}" for key, values in PRESETS.items()
+                      if name in values)
+    return f"{comment}{rules}. default: {globals()[name]!r}{presets}".replace("%", "%%")
 
 
-# what a checkpoint was trained on: --evaluate and --caption take these from it, under the command line
-TRAINED_ON = ("dataset", "data_dir", "max_images", "demo_images", "seed", "image_size", "freq_threshold",
-              "max_train_caption_len", "decoder", "embed_size", "hidden_size", "num_layers", "dropout",
-              "encoder_weights")
+PATHS = ("data_dir", "encoder_weights", "output_dir", "cache_dir", "checkpoint", "init_from")
 
 
-MODEL_SHAPE = ("decoder", "embed_size", "hidden_size", "num_layers", "image_size")  # fixed by a checkpoint
-
-
-CAPTIONING = ("checkpoint", "encoder_weights", "decoder", "beam_size", "max_caption_len", "device",
-              "caption_figure")
-
-
-def resolve_settings(overrides=None, echo=None, trained=None, shown=None):
-    """constants < preset < what a checkpoint was trained on < command line: one frozen Config."""
-    # prints each value in shown (default: all) that differs from its constant, and where it came from
-    overrides, trained = dict(overrides or {}), {k: v for k, v in (trained or {}).items() if k in TRAINED_ON}
-    values, origin = {name: globals()[name] for name in CONFIG_NAMES}, {}
+def resolve_settings(overrides=None, trained=None, echo=None):
+    """The constants < the dataset's preset < a checkpoint's settings < the command line."""
+    overrides = dict(overrides or {})
+    trained = dict(trained or {})
+    values = {name: globals()[name] for name in CONFIG_NAMES}
+    origin = {}
     given = values | trained | overrides
-    where = "resources/input/flickr8k"
-    flickr8k = given["data_dir"] != "" or (ROOT / where).is_dir()
+    where = "resources/input/flickr8k"  # 'auto' is Flickr8k where its data is, else the demo
+    flickr8k = bool(given["data_dir"]) or (ROOT / where).is_dir()
     why = "--data_dir given" if given["data_dir"] else f"{'found' if flickr8k else 'no'} {where}"
-    auto = {"dataset": "flickr8k" if flickr8k else "demo"} if given["dataset"] == "auto" else {}
-    preset = auto.get("dataset", given["dataset"]) if given["preset"] == "auto" else given["preset"]
-    for name in MODEL_SHAPE:
-        if name in trained and name in overrides and overrides[name] != trained[name]:
-            raise UserError(f"--{name}={overrides[name]}, but the checkpoint was trained with "
-                            f"{name}={trained[name]}: leave --{name} out (the checkpoint's is used), or name "
-                            f"another --checkpoint")
-    layer(values, origin, PRESETS.get(preset, {}), f"{preset} preset; --preset=none keeps the constants")
-    layer(values, origin, trained, "trained with it")
+    if given["dataset"] == "auto":
+        given["dataset"] = "flickr8k" if flickr8k else "demo"
+    chosen = given["dataset"] if given["preset"] == "auto" else given["preset"]
+    preset_origin = f"{chosen} preset; --preset=none keeps the constants"
+    layer(values, origin, PRESETS.get(chosen, {}), preset_origin)
+    layer(values, origin, trained, "the checkpoint's")
     layer(values, origin, overrides, "command line")
-    layer(values, origin, auto, why)
-    if values["best_metric"] == "auto":
-        demo_metric = values["dataset"] == "demo"  # the demo's CIDEr rewards one of three arbitrary phrasings
-        layer(values, origin, {"best_metric": "demo_accuracy" if demo_metric else "CIDEr"}, "auto")
-    for name in PATHS:  # the defaults are in the project; the user's own paths are relative to where they are
+    layer(values, origin, {"dataset": given["dataset"]}, why)
+    if values["best_metric"] == "auto":  # the demo's CIDEr rewards one of three arbitrary phrasings
+        metric = "demo_accuracy" if values["dataset"] == "demo" else "CIDEr"
+        layer(values, origin, {"best_metric": metric}, "auto")
+    for name in PATHS:  # the defaults are in the project; a user's own, relative to where they are
         if values[name]:
             values[name] = str((Path.cwd() if name in overrides else ROOT) / values[name])
     for name, folder in (("data_dir", "input"), ("output_dir", "output")):
         if not values[name]:
-            layer(values, origin, {name: str(ROOT / "resources" / folder / values["dataset"])},
-                  f"default for {values['dataset']}")
+            default = str(ROOT / "resources" / folder / values["dataset"])
+            layer(values, origin, {name: default}, f"default for {values['dataset']}")
+    for name in RESUME_FIXED if values["resume"] else MODEL_ARGS:  # where its weights fit no other
+        if name in trained and values[name] != trained[name]:
+            raise UserError(f"--{name}={values[name]}, but the checkpoint was trained with "
+                            f"{name}={trained[name]}: leave --{name} out, and its own is used")
     check_settings(values)
-    changed = [n for n in shown or CONFIG_NAMES if n in origin and values[n] != globals()[n]]
-    if echo and changed:
-        echo("settings that differ from the constants at the top of the script:\n" + "\n".join(
-            f"  {name:15s} = {values[name]!r:30s} ({origin[name]})" for name in changed))
+    show_settings(values, origin, trained, echo)
     return Config(**values)
 
 
@@ -1401,48 +1414,69 @@ def layer(values, origin, new, where):
     origin.update(dict.fromkeys(new, where))
 
 
+def show_settings(values, origin, trained, echo):
+    """Each setting that differs from its constant (or the checkpoint's), and where it came from."""
+    lines = []
+    for name in CONFIG_NAMES:
+        before = trained.get(name, globals()[name])
+        if name in origin and values[name] != before:
+            was = f"; the checkpoint's: {before!r}" if name in trained else ""
+            lines.append(f"  {name:15s} = {values[name]!r:30s} ({origin[name]}{was})")
+    against = "the checkpoint's, or else from " if trained else ""
+    if echo and lines:
+        echo(f"settings that differ from {against}the constants at the top of the script:\n"
+             + "\n".join(lines))
+
+
 def valid_best_metric(value, values):
-    return value in ("CIDEr", "BLEU-4", "val_loss") or (value, values["dataset"]) == ("demo_accuracy", "demo")
+    demo = (value, values["dataset"]) == ("demo_accuracy", "demo")
+    return value in ("CIDEr", "BLEU-4", "val_loss") or demo
 
 
-SETTING_RULES = [
+DATASETS = ("auto", "demo", "flickr8k", "flickr30k", "coco")
+SETTING_RULES = [  # (names, valid(value, values), what the value must be)
     (["dataset"], lambda v, _: v in DATASETS, ", ".join(DATASETS)),
-    (["preset"], lambda v, _: v in ("auto", "none", *PRESETS), "'auto', 'none' or a preset, such as 'demo'"),
-    (["batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_size", "hidden_size", "num_layers",
-      "freq_threshold", "image_size", "log_every", "demo_images"], lambda v, _: v >= 1, "at least 1"),
-    (["max_images", "max_batches_per_epoch", "num_workers", "sample_every", "warmup_steps",
+    (["preset"], lambda v, _: v in ("auto", "none", *PRESETS),
+     "'auto', 'none' or a preset, such as 'demo'"),
+    (["batch_size", "num_epochs", "beam_size", "max_caption_len", "embed_size", "hidden_size",
+      "num_layers", "freq_threshold", "image_size", "log_every", "demo_images"],
+     lambda v, _: v >= 1, "at least 1"),
+    (["max_images", "max_batches_per_epoch", "sample_every", "warmup_steps",
       "max_train_caption_len", "scst_epochs"], lambda v, _: v >= 0, "0 or more"),
+    (["num_workers"], lambda v, _: v >= -1, "-1 or more"),
     (["learning_rate", "scst_learning_rate"], lambda v, _: 0 < v <= 1,
      "a positive number up to 1, such as 0.0002"),
     (["scst_baseline"], lambda v, _: v in ("mean", "greedy"), "'mean' or 'greedy'"),
-    (["scst_samples"], lambda v, values: v >= (2 if values["scst_baseline"] == "mean" else 1),
-     "at least 1, and at least 2 with scst_baseline='mean' (the baseline is the other samples' mean)"),
+    (["scst_samples"], lambda v, values: (2 if values["scst_baseline"] == "mean" else 1) <= v <= 20,
+     "from 1 to 20 (a batch's samples are decoded at once), and at least 2 with "
+     "scst_baseline='mean' (the baseline is the other samples' mean)"),
     (["dropout"], lambda v, _: 0 <= v < 1, "at least 0 and below 1, such as 0.3"),
     (["seed"], lambda v, _: 0 <= v < 2 ** 32, f"between 0 and {2 ** 32 - 1}"),
     (["lr_schedule"], lambda v, _: v in ("constant", "cosine"), "'constant' or 'cosine'"),
     (["decoder"], lambda v, _: v in ("lstm", "attention"), "'lstm' or 'attention'"),
-    (["best_metric"], valid_best_metric, "'CIDEr', 'BLEU-4', 'val_loss' or, on the demo, 'demo_accuracy'"),
+    (["best_metric"], valid_best_metric,
+     "'CIDEr', 'BLEU-4', 'val_loss' or, on the demo, 'demo_accuracy'"),
     (["cache_dir"], lambda v, _: v != "", "a folder, such as resources/cache"),
     (["device"], lambda v, _: re.fullmatch(r"auto|cpu|mps|cuda(:[1-9]?\d)?", v),
-     "auto, cpu, cuda, cuda:N or mps"),  # torch.device refuses cuda:01 and turns cuda:128 into cuda:-128
+     "auto, cpu, cuda, cuda:N or mps"),  # torch.device refuses cuda:01, turns cuda:128 into -128
     (["demo_images"], lambda v, values: v >= 30 or values["dataset"] != "demo",
      "at least 30 on the demo (every split needs images of one and of two shapes)"),
 ]
 
 
 def check_settings(values):
-    """Impossible values, each refused before any work with one line that says what the value must be."""
+    """Impossible values, each refused before any work with one line that says what it must be."""
     for names, valid, must_be in SETTING_RULES:
         for name in names:
             if not valid(values[name], values):
                 raise UserError(f"--{name}={values[name]}: must be {must_be}")
     out = Path(values["output_dir"]).resolve()
     if out in (Path("/"), ROOT, Path.home()):
-        raise UserError(f"--output_dir={out}: a run writes a dozen files there; choose a folder of its own, "
-                        f"such as resources/output/mine")
+        raise UserError(f"--output_dir={out}: a run writes a dozen files there; choose a folder of "
+                        f"its own, such as resources/output/mine")
     if values["dataset"] == "demo" and out.is_relative_to(Path(values["data_dir"]).resolve()):
         raise UserError(f"--output_dir={values['output_dir']} lies in the demo's data folder "
-                        f"{values['data_dir']}, which the demo rewrites: choose an output_dir outside it")
+                        f"{values['data_dir']}, which the demo rewrites: choose one outside it")
 
 
 def uses_bf16(device):
@@ -1455,14 +1489,16 @@ def autocast(device):
 
 
 def pick_device(name):
-    """The device --device names (SETTING_RULES checked the name); a GPU this machine lacks is refused."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    """The device --device names (SETTING_RULES checked the name); a GPU not here is refused."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "cpu": True}
     if name == "auto":
-        name = next(kind for kind, present in available.items() if present)  # cuda, then mps, then cpu
+        name = next(kind for kind, present in available.items() if present)  # cuda, mps, then cpu
     device = torch.device(name)
     if not available[device.type]:
         gpu = "CUDA GPU" if device.type == "cuda" else "Apple GPU (MPS)"
-        raise UserError(f"--device={name}: this machine has no {gpu} that torch can use; try --device=cpu")
+        raise UserError(f"--device={name}: this machine has no {gpu} that torch can use; "
+                        f"try --device=cpu")
     return device
 
 
@@ -2176,7 +2212,7 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
         vocab = build_vocabulary(training["tokens"], cfg.freq_threshold)
     weights = encoder_weights_file(cfg)
     if trained:
-        trained.check_data(vocab, weights, train_sha256, cfg.data_dir)
+        check_data(trained, vocab, weights, train_sha256, cfg.data_dir)
     names = sorted(frame["image"].unique())
     cache = cached_features(weights, image_dir, names, cfg, device)
     source = ImageSource(image_dir, cache["features"], cache["images"])
@@ -2201,220 +2237,202 @@ def build_vocabulary(train_tokens, freq_threshold):
 
 
 # --------------------------------------------------------------------------------------------------
-# checkpoints and the output folder
+# checkpoints and the output folder: a checkpoint is one flat dict, as nanoGPT's, loaded with
+# weights_only=True; its settings drive --resume, --evaluate and --caption, its weights --init_from
 
-CHECKPOINT_KEYS = {"model_args", "model", "optimizer", "vocab", "freq_threshold", "config", "encoder_weights",
-                   "encoder_weights_sha256", "epoch", "step", "best_score", "loss_sum", "loss_count",
-                   "processes", "rng_state", "cuda_rng_state"}  # since: sha256, train_images_sha256, SCST's
-
-
-MODEL_ARGS = {"decoder": str, "embed_size": int, "hidden_size": int, "num_layers": int, "dropout": float,
-              "image_size": int}
-
-
-RENAMED = {".fcn.": ".to_vocab.", "decoder.cells.": "decoder.lstm_cells."}  # older checkpoints' names
-
-
-# these decide the batches, the vocabulary or the model: a resumed run must keep them
-RESUME_FIXED = ("dataset", "data_dir", "max_images", "demo_images", "image_size", "freq_threshold", "decoder",
-                "embed_size", "hidden_size", "num_layers", "dropout", "batch_size", "max_batches_per_epoch",
-                "seed", "best_metric")
-
-
-NOT_TRAINING = ("resume", "evaluate", "checkpoint", "caption_figure", "preset", "output_dir")
+# the model's shape: every mode takes it from a checkpoint, as nanoGPT forces its model_args, since
+# its weights fit no other; a command line that contradicts one of these is refused
+MODEL_ARGS = ("decoder", "embed_size", "hidden_size", "num_layers", "dropout", "image_size")
+# --resume keeps these as well, or it would be another run: they decide the batches (as
+# max_train_caption_len cuts them), the vocabulary, or which epoch best.pt keeps
+RESUME_FIXED = MODEL_ARGS + ("dataset", "data_dir", "max_images", "demo_images", "freq_threshold",
+                             "seed", "batch_size", "max_batches_per_epoch", "max_train_caption_len",
+                             "best_metric")
+# how and where this command runs, never taken from a checkpoint; --resume, --evaluate and --caption
+# take every other setting from it, --init_from takes MODEL_ARGS
+THIS_COMMAND = ("resume", "evaluate", "checkpoint", "init_from", "preset", "output_dir",
+                "cache_dir", "device", "num_workers")
+# what a fresh run sets aside, and nothing else: a cache_dir may share the folder
+RUN_OUTPUTS = ["loss_per_*.csv", "*_graph.png", "vocab.json", "config.json", "best*.pt", "last.pt",
+               "test_*", "report*"]
 
 
-RESUME_ADDED = {"best_metric": "CIDEr"}  # settings added since: what older checkpoints did
+def settings_and_checkpoint(overrides, captioning):
+    """The run's Config, and the checkpoint it starts from, as restore gives it, or None."""
+    given = {name: globals()[name] for name in CONFIG_NAMES} | overrides
+    from_checkpoint = [given[name] for name in ("resume", "evaluate", "init_from", "checkpoint")]
+    if not captioning and not any(from_checkpoint):
+        return resolve_settings(overrides, echo=log), None  # a fresh run's, resolved once
+    cfg = resolve_settings(overrides)  # first: where the checkpoint is (output_dir, --checkpoint)
+    path = checkpoint_of(cfg, captioning)
+    restored = restore(path)
+    names = MODEL_ARGS if cfg.init_from else [n for n in CONFIG_NAMES if n not in THIS_COMMAND]
+    trained = {name: restored[1]["config"][name] for name in names}
+    if not Path(trained.get("encoder_weights", "")).is_file():  # moved since: the one given is
+        trained.pop("encoder_weights", None)  # checked against the sha256 the checkpoint records
+    if not cfg.init_from and not overrides.get("output_dir", output_dir):
+        trained["output_dir"] = str(path.parent)  # --caption and --evaluate write beside it
+    cfg = resolve_settings(overrides, trained, stderr if captioning else log)
+    if cfg.resume and not (captioning or cfg.evaluate):
+        check_resume(restored[1], cfg)
+    return cfg, restored
 
 
-RUN_OUTPUTS = ["loss_per_*.csv", "*_graph.png", "vocab.json", "config.json", "*.pt", "test_*", "report*"]
+def checkpoint_of(cfg, captioning):
+    """The checkpoint of --evaluate and --caption, --resume's last.pt, or --init_from's."""
+    if cfg.init_from and (captioning or cfg.evaluate or cfg.resume):
+        raise UserError(f"--init_from={cfg.init_from} starts a new training run: leave it out of "
+                        f"--resume, --evaluate and --caption (which take --checkpoint)")
+    if captioning or cfg.evaluate:
+        return Path(cfg.checkpoint or Path(cfg.output_dir) / "best.pt")
+    if cfg.checkpoint:
+        raise UserError(f"--checkpoint={cfg.checkpoint} is for --evaluate and --caption: to train "
+                        f"on from a checkpoint, use --resume (its run goes on) or --init_from")
+    return Path(cfg.output_dir) / "last.pt" if cfg.resume else Path(cfg.init_from)
 
 
-@dataclasses.dataclass
-class Restored:
-    """A checkpoint, checked: its model (rebuilt from its own sizes) and what a resumed run goes on from."""
-    path: Path
-    model: "Captioner"
-    config: dict  # the settings it was trained with
-    optimizer: dict
-    progress: Progress
-    rng_states: tuple  # CPU, CUDA
-    weights_file: str  # the ResNet50 file it was trained with, and its sha256
-    weights_sha256: str
-    train_images_sha256: str  # None in checkpoints from before it was recorded
-
-    def trained_on(self):
-        """Its settings, with the weights file it recorded only where that file still is."""
-        if Path(self.weights_file).is_file():
-            return self.config | {"encoder_weights": self.weights_file}
-        return {k: v for k, v in self.config.items() if k != "encoder_weights"}
-
-    def check_weights(self, weights):
-        if weights_sha256(weights) != self.weights_sha256:
-            gone = "" if Path(self.weights_file).is_file() else ", no longer there: put it back"
-            raise UserError(f"checkpoint {self.path} was trained on other ResNet50 weights than {weights}: "
-                            f"use --encoder_weights={self.weights_file}, the file it was trained with{gone}")
-
-    def check_data(self, vocab, weights, train_sha256, data_dir):
-        """Refuses data other than the checkpoint was trained on, before any feature is computed."""
-        if vocab is not None and vocab.itos != self.model.vocab.itos:
-            raise UserError(f"checkpoint {self.path} has a different vocabulary ({len(self.model.vocab)} "
-                            f"words, now {len(vocab)}): the captions in {data_dir} changed; train afresh")
-        self.check_weights(weights)
-        if self.train_images_sha256 is None:
-            warn(f"{self.path} does not record its training images (an old version wrote it): no leak check")
-        elif train_sha256 != self.train_images_sha256:
-            raise UserError(f"the training split of {data_dir} is not the one {self.path} was trained on: "
-                            f"its test split may hold training images. Use its data, or train afresh")
-
-
-def checkpoint_sha256(ckpt):
-    """A checksum of everything in a checkpoint but the checksum: tensors by their bytes, the rest by repr."""
-    digest = hashlib.sha256()
-    pending = [{k: v for k, v in ckpt.items() if k != "sha256"}]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, dict):
-            keys = sorted(value, key=str)
-            digest.update(repr(keys).encode())
-            pending += [value[k] for k in reversed(keys)]
-        elif isinstance(value, (list, tuple)):
-            digest.update(f"[{len(value)}]".encode())
-            pending += reversed(value)
-        elif isinstance(value, torch.Tensor):
-            digest.update(f"{value.dtype}{list(value.shape)}".encode())
-            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        else:
-            digest.update(repr(value).encode())
-    return digest.hexdigest()
-
-
-def checkpoint_problem(ckpt):
-    """What makes a loaded file no sound checkpoint of this script, or None."""
-    missing = CHECKPOINT_KEYS - set(ckpt) if isinstance(ckpt, dict) else CHECKPOINT_KEYS
-    if missing:
-        return f"it lacks {', '.join(sorted(missing)[:5])}"
-    if "sha256" in ckpt and ckpt["sha256"] != checkpoint_sha256(ckpt):
-        return "its checksum does not match its contents: it was changed or damaged"
-    args = ckpt["model_args"]
-    if not isinstance(args, dict) or set(args) != set(MODEL_ARGS):
-        return f"its model_args are not {', '.join(MODEL_ARGS)}"
-    for name, kind in MODEL_ARGS.items():
-        if type(args[name]) is not kind or (kind is int and args[name] < 1):
-            return f"model_args {name}={args[name]!r} is not a {kind.__name__} (at least 1 if an int)"
-    if args["decoder"] not in DECODERS:  # else building the model fails with a KeyError
-        return f"model_args decoder={args['decoder']!r} is not one of {', '.join(map(repr, DECODERS))}"
-    words, weights = ckpt["vocab"], ckpt["model"]
-    if not isinstance(words, list) or words[:4] != Vocabulary.SPECIALS or {type(w) for w in words} != {str}:
-        return f"its vocabulary is not a list of words starting with {Vocabulary.SPECIALS}"
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        return "its model is not a dict of tensors"
-    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
-        return "its weights are not all finite numbers"
-    return None
-
-
-def read_checkpoint(path):
-    """A checkpoint written by this script, loaded without running any pickled code and checked whole."""
-    if not Path(path).is_file():
-        raise UserError(f"no checkpoint at {path}: train one first with `python {Path(__file__).name}` "
-                        f"(it writes best.pt and last.pt to output_dir), or name one with --checkpoint=FILE")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"cannot load checkpoint {path}: it is damaged or holds more than plain tensors "
-                        f"and values, which is refused ({type(error).__name__})") from None
-    problem = checkpoint_problem(ckpt)
-    if problem:
-        raise UserError(f"{path} is not a sound checkpoint of this script: {problem}. Use another "
-                        f"--checkpoint, or train afresh")
-    return ckpt
-
-
-def restore(path, cfg=None):
-    """The one way back from a checkpoint: resume (with its cfg), --evaluate, --caption, the test report."""
-    ckpt = read_checkpoint(path)
-    config = {**RESUME_ADDED, **ckpt["config"]}
-    if cfg:
-        check_resumable(config, ckpt["processes"], cfg, path, ckpt["epoch"])
-    state = {}
-    for name, tensor in ckpt["model"].items():
-        for old, new in RENAMED.items():
-            name = name.replace(old, new)
-        state[name] = tensor
-    try:
-        model = Captioner(Vocabulary(ckpt["freq_threshold"], ckpt["vocab"]), ckpt["model_args"])
-        model.load_state_dict(state)
-    except (RuntimeError, ValueError, TypeError) as error:
-        reason = " ".join(str(error).split())[:250]  # one line: torch's message spans several
-        raise UserError(f"{path} does not match its own model ({reason}): it is damaged; use another "
-                        f"--checkpoint, or train afresh") from None
-    progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress) if f.name in ckpt})
-    return Restored(Path(path), model, config, ckpt["optimizer"], progress,
-                    (ckpt["rng_state"], ckpt["cuda_rng_state"]), ckpt["encoder_weights"],
-                    ckpt["encoder_weights_sha256"], ckpt.get("train_images_sha256"))
-
-
-def check_resumable(config, processes, cfg, path, epoch):
-    """Refuses a resume whose settings would make it another run; says which changed settings it applies."""
-    if processes != rank_and_size()[1]:  # each step's batch holds batch_size captions per process
-        raise UserError(f"checkpoint {path} was written by a run of {processes} process(es), and this one "
-                        f"has {rank_and_size()[1]}: resume it with as many (torchrun --nproc_per_node=...)")
-    scst_began = config.get("scst_epochs", 0) > 0 and epoch >= config["num_epochs"]
-    if scst_began and cfg.num_epochs != config["num_epochs"]:  # its steps would be counted as other epochs
-        raise UserError(f"checkpoint {path} has begun its self-critical epochs, after num_epochs="
-                        f"{config['num_epochs']}: keep --num_epochs={config['num_epochs']} to resume it")
-    for name in RESUME_FIXED:
-        if name not in config:
-            raise UserError(f"checkpoint {path} does not record {name}: another version of this script wrote "
-                            f"it; train afresh (without --resume)")
-        if config[name] != getattr(cfg, name):
-            raise UserError(f"checkpoint {path} was trained with {name}={config[name]} but the config says "
-                            f"{name}={getattr(cfg, name)}: set --{name}={config[name]} to resume it")
-    for name in CONFIG_NAMES:
-        if name not in RESUME_FIXED + NOT_TRAINING and config.get(name) != getattr(cfg, name):
-            log(f"resume: {name} was {config.get(name)!r}, now {getattr(cfg, name)!r} (applied from here on)")
+def check_resume(ckpt, cfg):
+    """Refuses a resume whose steps would count otherwise: other processes, moved SCST epochs."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # a step's batch is batch_size a process
+    if ckpt["processes"] != processes:
+        raise UserError(f"checkpoint {ckpt['path']} was written by {ckpt['processes']} process(es),"
+                        f" and this run has {processes}: resume it with as many (torchrun)")
+    trained = ckpt["config"]["num_epochs"]
+    began = ckpt["config"]["scst_epochs"] > 0 and ckpt["epoch"] >= trained  # SCST steps taken
+    past = cfg.scst_epochs > 0 and ckpt["epoch"] >= cfg.num_epochs  # would be taken for SCST's
+    if cfg.num_epochs != trained and (began or past):
+        raise UserError(f"--num_epochs={cfg.num_epochs}: {ckpt['path']} trained {ckpt['epoch']} "
+                        f"epochs of num_epochs={trained}; keep it, for its SCST epochs to follow")
 
 
 def save_checkpoint(path, model, optimizer, cfg, data, progress):
-    """A flat dict of state dicts and counters, read with weights_only=True; config.json beside it."""
+    """What a run needs to go on, or a model to be rebuilt; config.json beside it."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise UserError(f"the model's weights are not finite at step {progress.step}: {path.name} unwritten")
+        raise UserError(f"the model's weights are not finite at step {progress.step}: "
+                        f"{path.name} unwritten")
     (path.parent / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    ckpt = {"model_args": model.args, "model": model.trainable_state_dict(), "vocab": model.vocab.itos,
-            "freq_threshold": model.vocab.freq_threshold, "optimizer": optimizer.state_dict(),
-            "config": dataclasses.asdict(cfg), "encoder_weights": str(data.weights),
-            "encoder_weights_sha256": weights_sha256(data.weights), "processes": rank_and_size()[1],
-            "train_images_sha256": data.train_images_sha256, **dataclasses.asdict(progress),
-            "rng_state": torch.get_rng_state(), "cuda_rng_state": torch.cuda.get_rng_state_all()}
-    atomic_save(ckpt | {"sha256": checkpoint_sha256(ckpt)}, path)
+    ckpt = {
+        "model_args": model.args,  # MODEL_ARGS: Captioner(vocab, model_args) rebuilds the model
+        "model": model.state_dict(),  # its weights: the frozen ResNet50 is not part of it
+        "vocab": model.vocab.itos,
+        "config": dataclasses.asdict(cfg),  # every setting it was trained with
+        "optimizer": optimizer.state_dict(),
+        **dataclasses.asdict(progress),  # epoch, step, best_score and the epoch's running sums
+        "rng_state": torch.get_rng_state(),  # mid-epoch, dropout goes on as it would have
+        "cuda_rng_state": torch.cuda.get_rng_state_all(),
+        "processes": rank_and_size()[1],  # a step's batch: batch_size captions a process
+        "encoder_weights": str(data.weights),  # the ResNet50 file its features came from
+        "encoder_weights_sha256": weights_sha256(data.weights),
+        "train_images_sha256": data.train_images_sha256,  # what --evaluate must not score
+    }
+    atomic_save(ckpt | {"model_sha256": model_sha256(ckpt)}, path)
+
+
+def model_sha256(ckpt):
+    """sha256 of what makes the model: its args, vocabulary, settings and its weights' bytes."""
+    made_of = [ckpt["model_args"], ckpt["vocab"], ckpt["config"]]
+    digest = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode())
+    for name in sorted(ckpt["model"]):
+        digest.update(name.encode())
+        digest.update(ckpt["model"][name].cpu().reshape(-1).view(torch.uint8).numpy())  # raw bytes
+    return digest.hexdigest()
+
+
+def restore(path):
+    """A checkpoint: its model (from model_args, its weights loaded strictly) and its dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}: train one first with `.venv/bin/python "
+                        f"{Path(__file__).name}` (it writes best.pt and last.pt to output_dir)")
+    try:  # unreadable, damaged, tampered with, of other types or shapes: one line naming the file
+        with zipfile.ZipFile(path) as archive:  # torch.save's zip keeps each part's CRC32
+            damaged = archive.testzip()
+        if damaged:
+            raise ValueError(f"its part {damaged} fails its CRC32")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # runs no pickled code
+        if ckpt["model_sha256"] != model_sha256(ckpt):
+            raise ValueError("its weights or settings are not those its sha256 was taken of")
+        config = ckpt["config"]
+        for field in dataclasses.fields(Config):  # its settings, typed as the command line's are
+            value = config[field.name]
+            if type(value) is not field.type:
+                raise TypeError(f"config {field.name}={value!r}: not {field.type.__name__}")
+        check_settings(config)
+        args = {name: config[name] for name in MODEL_ARGS}  # typed and checked
+        if ckpt["model_args"] != args:
+            raise ValueError("its model_args are not its config's")
+        model = Captioner(Vocabulary(config["freq_threshold"], ckpt["vocab"]), args)
+        model.load_state_dict(ckpt["model"])
+    except Exception as error:
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]  # torch's span lines
+        raise UserError(f"checkpoint {path} is damaged or not one of this script's ({reason}): "
+                        f"use another, or train afresh") from None
+    return model, ckpt | {"path": path}
+
+
+def check_weights(ckpt, weights):
+    """Refuses ResNet50 weights other than the checkpoint's: its projection fits their features."""
+    if weights_sha256(weights) != ckpt["encoder_weights_sha256"]:
+        file = ckpt["encoder_weights"]
+        gone = "" if Path(file).is_file() else ", no longer there: put it back"
+        raise UserError(f"checkpoint {ckpt['path']} was trained on other ResNet50 weights than "
+                        f"{weights}: use --encoder_weights={file}, the file it was trained "
+                        f"with{gone}")
+
+
+def check_data(ckpt, vocab, weights, train_sha256, data_dir):
+    """Refuses data other than the checkpoint was trained on, before any feature is computed."""
+    if vocab is not None and vocab.itos != ckpt["vocab"]:
+        raise UserError(f"checkpoint {ckpt['path']} has a different vocabulary "
+                        f"({len(ckpt['vocab'])} words, now {len(vocab)}): the captions in "
+                        f"{data_dir} changed; train afresh")
+    check_weights(ckpt, weights)
+    if train_sha256 != ckpt["train_images_sha256"]:
+        raise UserError(f"the training split of {data_dir} is not the one {ckpt['path']} was "
+                        f"trained on: its test split may hold training images. Use its data, or "
+                        f"train afresh")
+
+
+def init_weights(model, path, weights):
+    """--init_from: a new run's model takes a checkpoint's weights, if their vocabulary is its."""
+    trained, ckpt = restore(path)
+    if ckpt["vocab"] != model.vocab.itos:
+        raise UserError(f"--init_from={path}: its vocabulary ({len(ckpt['vocab'])} words) is not "
+                        f"this run's ({len(model.vocab)}): train on the captions it was trained "
+                        f"on, with --freq_threshold={ckpt['config']['freq_threshold']}")
+    check_weights(ckpt, weights)
+    model.load_state_dict(trained.state_dict())  # its feature statistics too: its weights fit them
+    log(f"starting from the weights of {path} (epoch {ckpt['epoch']}), with a fresh optimizer")
 
 
 def claim_output_dir(out, fresh=False):
-    """Creates and locks output_dir for this run; a fresh run sets an earlier run's files aside first."""
+    """Creates and locks output_dir for this run; a fresh run sets an earlier run's files aside."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "a+")
     except OSError as error:
-        raise UserError(f"cannot write to --output_dir={out}: {error.strerror or error} (is it, or a folder "
-                        f"above it, a file or read-only?). Choose another output_dir") from None
+        raise UserError(f"cannot write to --output_dir={out}: {error.strerror or error} (is it, "
+                        f"or a folder above it, a file or read-only?). Choose another "
+                        f"output_dir") from None
     if not try_lock(lock):
         lock.seek(0)
         holder = lock.read().strip() or "?"
-        raise UserError(f"another run (process {holder}) is writing to {out}: wait for it to finish, stop "
-                        f"it, or choose another --output_dir") from None
+        raise UserError(f"another run (process {holder}) is writing to {out}: wait for it to "
+                        f"finish, stop it, or choose another --output_dir") from None
     lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
-    for stale in out.glob("*.tmp"):  # only this run may write here now: any temporary file is a dead run's
+    # only this run may write its outputs here now: their temporary files are a dead run's
+    for stale in {p for pattern in RUN_OUTPUTS for p in out.glob(f"{pattern}.*tmp")}:
         stale.unlink()
     earlier = [p for pattern in RUN_OUTPUTS for p in out.glob(pattern)]
     if fresh and earlier:  # never a folder that mixes two runs, and nothing of the earlier one lost
-        aside = Path(tempfile.mkdtemp(prefix=f"previous-{datetime.datetime.now():%Y%m%d-%H%M%S}-", dir=out))
+        stamp = f"previous-{datetime.datetime.now():%Y%m%d-%H%M%S}-"
+        aside = Path(tempfile.mkdtemp(prefix=stamp, dir=out))
         for path in earlier:
             os.replace(path, aside / path.name)
-        log(f"{out} held an earlier run: its files are now in {aside} (--resume continues a run instead)")
+        log(f"{out} held an earlier run: its files are now in {aside} (--resume continues a run)")
     return lock  # held open until the process ends
 
 
@@ -2454,8 +2472,9 @@ class CtrlC:
 
 
 def append_csv(path, rows, columns):
-    """Appends rows in the file's column order; a file that lacks columns is rewritten, atomically."""
-    frame, path = pd.DataFrame(rows, columns=columns), Path(path)
+    """Appends rows in the file's column order; a file lacking columns is rewritten, atomically."""
+    frame = pd.DataFrame(rows, columns=columns)
+    path = Path(path)
     if not path.is_file():
         frame.to_csv(path, index=False)
         return
@@ -2464,7 +2483,7 @@ def append_csv(path, rows, columns):
     if set(columns) <= set(header):
         frame.reindex(columns=header).to_csv(path, mode="a", header=False, index=False)
         return
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # SCST's columns, or a file of an older version
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # SCST's columns, or an older version's
     pd.concat([pd.read_csv(path), frame]).to_csv(tmp, index=False)
     os.replace(tmp, path)
 
@@ -2481,8 +2500,10 @@ def truncate_csv(path, column, last):
 
 
 def resume_hint(out, step, size):
-    command = shlex.join([Path(__file__).name, *(a for a in sys.argv[1:] if a != "--resume"), "--resume"])
-    runner = "torchrun ... " if size > 1 else "python "
+    """The command that resumes an interrupted run, as a user can paste it; exit code 130."""
+    arguments = [a for a in sys.argv[1:] if a != "--resume"]
+    command = shlex.join([Path(__file__).name, *arguments, "--resume"])
+    runner = "torchrun ... " if size > 1 else ".venv/bin/python "
     log(f"\ninterrupted: saved {out / 'last.pt'} at step {step}. Resume with:\n  {runner}{command}")
     return 130
 
@@ -2541,15 +2562,16 @@ def merge_over_processes(part):
 
 def test_report(restored, data, cfg, device, tag=""):
     """The test split's captions, scores and metrics, and report.html; tag in their names."""
+    model, ckpt = restored
     start = time.time()
-    model = restored.model.to(device)
+    model = model.to(device)
     captions, _ = generate_captions(model, data.source, data.images("test"), cfg, device)
     demo = demo_scores(model, data, "test", cfg, device, by_kind=True)  # each process does a share
     if not is_main_process():
         return
     refs = references_of(data.split("test"))
     metrics, scores = caption_metrics(refs, captions)
-    log(f"test split, {len(captions)} images, beam {cfg.beam_size} ({restored.path}): "
+    log(f"test split, {len(captions)} images, beam {cfg.beam_size} ({ckpt['path']}): "
         f"{format_metrics(metrics)}")
     for name in random.Random(cfg.seed).sample(sorted(captions), min(6, len(captions))):
         log(f"  {name}: {captions[name]}\n      reference: {refs[name][0]}")
@@ -2564,7 +2586,7 @@ def test_report(restored, data, cfg, device, tag=""):
     out = Path(cfg.output_dir)
     frame = pd.DataFrame([{"image": n, "caption": c, "references": " | ".join(refs[n]), **scores[n]}
                           for n, c in captions.items()])
-    report = {"checkpoint": str(restored.path), "split": "test", "images": len(captions),
+    report = {"checkpoint": str(ckpt["path"]), "split": "test", "images": len(captions),
               "beam_size": cfg.beam_size, "scale": 100, **metrics,
               "seconds": round(time.time() - start, 2)}
     results, references = coco_files(refs, captions)
@@ -2577,7 +2599,7 @@ def test_report(restored, data, cfg, device, tag=""):
              "scores": scores[n], "maps": maps.get(n), "shapes": shapes.get(n)}
             for n, c in captions.items()]
     page = write_report(out, f"report{tag}", f"{cfg.dataset}: the test split's {len(rows)} images",
-                        report_header(cfg, restored, metrics), rows, outputs)
+                        report_header(cfg, ckpt, metrics), rows, outputs)
     log(f"results page: {page}")
 
 
@@ -2655,8 +2677,8 @@ def plot_history(out, best_metric="CIDEr"):
 def evaluate_checkpoint(cfg, device, restored):
     """--evaluate: a checkpoint's test report, on the data it was trained on (refused if not)."""
     lock = claim_output_dir(cfg.output_dir) if is_main_process() else None
-    data = prepare_data(cfg, device, trained=restored)
-    test_report(restored, data, cfg, device, f"-{restored.path.stem}-beam{cfg.beam_size}")
+    data = prepare_data(cfg, device, trained=restored[1])
+    test_report(restored, data, cfg, device, f"-{restored[1]['path'].stem}-beam{cfg.beam_size}")
     del lock
     return 0
 
@@ -2706,18 +2728,18 @@ def thumbnail(path, square):
     return jpeg.getvalue()
 
 
-def report_header(cfg, restored, metrics=None):
+def report_header(cfg, ckpt, metrics=None):
     """The top of the page: checkpoint, encoder, data, metrics and changed settings; paths are
     shown from output_dir."""
     out = cfg.output_dir
-    weights = restored.weights_file  # restore()'s facts: its path, and what the checkpoint records
+    weights = ckpt["encoder_weights"]  # what the checkpoint records
     encoder = f"ResNet50 weights {os.path.relpath(weights, out)}"
     if Path(weights).resolve() == DEMO_WEIGHTS.resolve():
         encoder = "random ResNet50 (demo only)"
-    about = (f"checkpoint {os.path.relpath(restored.path, out)} (epoch {restored.progress.epoch}, "
-             f"{restored.model.args['decoder']} decoder), beam {cfg.beam_size}; "
-             f"encoder: {encoder}; trained on {restored.config['dataset']} "
-             f"({os.path.relpath(restored.config['data_dir'], out)})")
+    about = (f"checkpoint {os.path.relpath(ckpt['path'], out)} (epoch {ckpt['epoch']}, "
+             f"{ckpt['model_args']['decoder']} decoder), beam {cfg.beam_size}; "
+             f"encoder: {encoder}; trained on {ckpt['config']['dataset']} "
+             f"({os.path.relpath(ckpt['config']['data_dir'], out)})")
     settings = {n: repr(getattr(cfg, n)) for n in CONFIG_NAMES if getattr(cfg, n) != globals()[n]}
     settings |= {n: os.path.relpath(getattr(cfg, n), out) for n in PATHS if n in settings}
     graphs = [g for g in ("loss_graph.png", "metrics_graph.png") if (Path(out) / g).is_file()]
@@ -2772,14 +2794,15 @@ def image_files(paths):
     return files, missing
 
 
-def caption_images(cfg, paths, restored, device, out):
-    """--caption: prints path<TAB>caption a line per image, and writes out/report-captions.html."""
+def caption_images(cfg, paths, restored, device):
+    """--caption: prints path<TAB>caption a line per image; writes report-captions.html."""
     files, missing = image_files(paths)
     weights = encoder_weights_file(cfg)
     resnet = load_resnet50(weights)  # first: a missing or damaged file is its own clear error
-    restored.check_weights(weights)
-    model = restored.model.to(device)
-    stderr(f"captioning with {restored.path}")
+    model, ckpt = restored
+    check_weights(ckpt, weights)
+    model = model.to(device)
+    stderr(f"captioning with {ckpt['path']}")
     if not files:
         stderr(f"error: no images found in {' '.join(map(one_line, paths))}")
     names = [str(f.resolve()) for f in files]
@@ -2799,12 +2822,11 @@ def caption_images(cfg, paths, restored, device, out):
     maps = word_maps(model, source, captions, device)
     rows = [{"path": Path(name), "name": str(file), "caption": captions[name], "maps": maps.get(name)}
             for file, name in zip(files, names) if name in captions]
-    # beside the checkpoint (or in --output_dir): never into another run's folder, and the page's
-    # graphs are those of the checkpoint's own run
-    cfg = dataclasses.replace(cfg, output_dir=str(out))
+    # output_dir is the checkpoint's folder unless --output_dir is given: never another run's
+    out = cfg.output_dir
     try:  # the captions are out: a folder that cannot be written only warns
         page = write_report(out, "report-captions", f"{len(rows)} images captioned",
-                            report_header(cfg, restored), rows)
+                            report_header(cfg, ckpt), rows)
         stderr(f"results page: {page}")
     except (OSError, UserError) as error:
         stderr(f"warning: no results page in {out}: {getattr(error, 'strerror', None) or error}")
@@ -2815,27 +2837,21 @@ def caption_images(cfg, paths, restored, device, out):
 # main: settings, then training, --evaluate or --caption
 
 def main(argv=None):
-    with stopping_on_signals():
-        return main_(argv)
+    """Settings, then a mode: --caption, --evaluate or training (fresh, resumed or from weights)."""
+    with stopping_on_signals():  # SIGTERM and SIGHUP as Ctrl-C: what is being written is cleaned
+        return run_mode(argv)
 
 
-def main_(argv=None):
+def run_mode(argv):
     try:
         overrides, caption_paths = parse_args(sys.argv[1:] if argv is None else argv)
         captioning = caption_paths is not None  # then stdout holds only captions
         if captioning and "LOCAL_RANK" in os.environ:
-            raise UserError("--caption runs in one process: run it with python, not torchrun")
-        cfg = resolve_settings(overrides)
-        restored, trained = None, None
-        if captioning or cfg.evaluate:  # the checkpoint's own data and sizes, under the command line
-            restored = restore(cfg.checkpoint or Path(cfg.output_dir) / "best.pt")
-            trained = restored.trained_on()
-        echo, shown = (stderr, CAPTIONING) if captioning else (log, None)
-        cfg = resolve_settings(overrides, echo, trained, shown)
+            raise UserError("--caption runs in one process: run it without torchrun")
+        cfg, restored = settings_and_checkpoint(overrides, captioning)
         device = pick_device(cfg.device)
         if captioning:
-            out = cfg.output_dir if "output_dir" in overrides else restored.path.parent
-            return caption_images(cfg, caption_paths, restored, device, out)
+            return caption_images(cfg, caption_paths, restored, device)
         device = start_processes(device)  # under torchrun: this process's GPU, and the others
         if cfg.evaluate:
             return evaluate_checkpoint(cfg, device, restored)
@@ -2859,7 +2875,7 @@ def stderr(message):
 
 
 def say_once(message):
-    """Prints message to stderr; under torchrun, once: the other processes wait while process 0 fails."""
+    """Prints message to stderr; under torchrun once: the others wait while process 0 fails."""
     if "LOCAL_RANK" in os.environ and (not is_main_process() or message is None):
         time.sleep(3)
     if message:

@@ -89,7 +89,7 @@ def trained_demo(tmp_path_factory, demo_dirs, random_weights):
 def trained_run(trained_demo, demo_dirs, random_weights):
     """The trained demo model (best.pt), its data and settings, loaded as the script itself loads them."""
     cfg = cap.resolve_settings(cap.parse_args(demo_args(demo_dirs, random_weights, trained_demo))[0])
-    model = cap.restore(trained_demo / "best.pt").model
+    model, _ = cap.restore(trained_demo / "best.pt")
     return model.eval(), cap.prepare_data(cfg, torch.device("cpu")), cfg
 
 

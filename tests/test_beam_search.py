@@ -21,7 +21,7 @@ SPECIAL_IDS = {cap.Vocabulary.PAD, cap.Vocabulary.SOS, cap.Vocabulary.EOS}
 def trained(trained_run):
     """The trained demo model, its settings, and its test images' cached features and image embeddings."""
     model, data, cfg = trained_run
-    features = torch.cat([inputs for inputs, _ in cap.image_batches(data.source, data.images("test"), 64)])
+    features = data.source.features[[data.source.row[name] for name in data.images("test")]]
     with torch.no_grad():
         embeds = model.encoder(features)
     return model, cfg, features, embeds

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cap, run_script
+from conftest import ROOT, SCRIPT, cap, run_script
 
 
 def settings(*argv, **kw):
@@ -15,9 +15,9 @@ def settings(*argv, **kw):
 
 def test_overrides_are_typed():
     overrides, paths = cap.parse_args(["--embed_size=64", "--learning_rate=1e-3", "--dataset=demo", "--resume",
-                                       "--cache_features=false"])
+                                       "--evaluate=false"])
     assert overrides == {"embed_size": 64, "learning_rate": 1e-3, "dataset": "demo", "resume": True,
-                         "cache_features": False} and paths is None
+                         "evaluate": False} and paths is None
 
 
 def test_defaults_are_the_originals():
@@ -60,9 +60,29 @@ def test_unknown_name_suggests_the_nearest_in_one_line_without_a_traceback():
     assert line.startswith("error: unrecognized arguments: --num_epoch=3 (did you mean --num_epochs? valid: ")
 
 
-def test_help_lists_every_setting():
+def test_help_lists_every_setting_with_its_comment_rule_default_and_preset():
     result = run_script("--help", timeout=60)
     assert result.returncode == 0 and all(f"--{name}" in result.stdout for name in cap.CONFIG_NAMES)
+    text = " ".join(result.stdout.split())  # argparse wraps the help at the terminal's width
+    assert "--num_epochs INT epochs of cross-entropy training; must be at least 1. default: 2, demo preset: 20" in text
+    assert "--num_workers INT image-decoding processes; -1: one per CPU core, at most 16; must be -1 or more" in text
+    assert "training:" in result.stdout and "model:" in result.stdout  # the constants' sections
+    assert "cache_features" not in result.stdout and "caption_figure" not in result.stdout
+
+
+def test_every_setting_has_a_comment_for_help():
+    comments = cap.setting_comments()
+    assert list(comments) == cap.CONFIG_NAMES and all(comment for _, comment in comments.values())
+    assert comments["decoder"] == ["model", "'lstm' (Show and Tell: the pooled feature is the LSTM's first input) or "
+                                            "'attention' (Show, Attend and Tell: attention over image regions)"]
+
+
+def test_help_does_not_import_torchvision():
+    """torchvision pulls in torch._dynamo (about a second): --help answers without it."""
+    code = (f"import runpy, sys; sys.argv = ['x', '--help']\ntry: runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
+            f"except SystemExit: pass\nprint('torchvision' in sys.modules, 'torch._dynamo' in sys.modules, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stderr.split() == ["False", "False"] and "--init_from" in result.stdout
 
 
 def test_caption_takes_paths():
@@ -129,6 +149,9 @@ def test_import_has_no_side_effects(tmp_path):
                                           ("--device=meta", "--device=meta: must be auto, cpu, cuda, cuda:N or mps"),
                                           ("--device=cuda:x", "--device=cuda:x: must be auto, cpu, cuda, cuda:N"),
                                           ("--cache_dir=", "--cache_dir=: must be a folder, such as resources/cache"),
+                                          ("--num_workers=-2", "--num_workers=-2: must be -1 or more"),
+                                          ("--scst_samples=21", "--scst_samples=21: must be from 1 to 20"),
+                                          ("--scst_samples=1", "--scst_samples=1: must be from 1 to 20"),  # mean
                                           ("--output_dir=/", "--output_dir=/: a run writes a dozen files there"),
                                           (f"--output_dir={ROOT}", f"--output_dir={ROOT}: a run writes a dozen"),
                                           (f"--output_dir={Path.home()}/.", f"--output_dir={Path.home()}: a run")])
@@ -185,3 +208,49 @@ def test_devices_are_checked():
         with pytest.raises(cap.UserError, match="no Apple GPU"):
             cap.pick_device("mps")
     assert cap.pick_device("cpu").type == "cpu"
+
+
+def test_num_workers_minus_one_and_scst_samples_up_to_20_are_accepted():
+    assert settings("--dataset=flickr8k").num_workers == -1  # one per CPU core, at most 16
+    assert settings("--dataset=flickr8k", "--scst_samples=20").scst_samples == 20
+    assert settings("--dataset=flickr8k", "--scst_samples=1", "--scst_baseline=greedy").scst_samples == 1
+
+
+def test_the_key_lists_say_what_a_checkpoint_decides():
+    assert cap.MODEL_ARGS == ("decoder", "embed_size", "hidden_size", "num_layers", "dropout", "image_size")
+    assert cap.RESUME_FIXED[:len(cap.MODEL_ARGS)] == cap.MODEL_ARGS and "max_train_caption_len" in cap.RESUME_FIXED
+    assert set(cap.RESUME_FIXED + cap.THIS_COMMAND) <= set(cap.CONFIG_NAMES)
+    assert not set(cap.RESUME_FIXED) & set(cap.THIS_COMMAND)
+    assert "num_epochs" not in cap.RESUME_FIXED + cap.THIS_COMMAND  # taken from the checkpoint, and changeable
+    assert not hasattr(cap, "cache_features") and not hasattr(cap, "caption_figure")
+
+
+def trained(**changes):
+    """A checkpoint's settings as resolve_settings takes them: all but THIS_COMMAND's."""
+    cfg = settings("--dataset=demo", "--data_dir=/tmp/demo-data", "--output_dir=/tmp/demo-out")
+    values = {n: getattr(cfg, n) for n in cap.CONFIG_NAMES if n not in cap.THIS_COMMAND}
+    return values | changes
+
+
+def test_a_checkpoints_settings_come_under_the_command_line():
+    cfg = settings("--learning_rate=0.001", trained=trained(num_epochs=7, decoder="attention", beam_size=2))
+    assert (cfg.num_epochs, cfg.decoder, cfg.beam_size, cfg.learning_rate) == (7, "attention", 2, 0.001)
+    assert cfg.dataset == "demo" and cfg.data_dir == "/tmp/demo-data"
+    printed = []
+    settings("--learning_rate=0.001", trained=trained(), echo=printed.append)
+    assert "learning_rate   = 0.001" in printed[0] and "(command line; the checkpoint's: 0.002)" in printed[0]
+    assert "embed_size" not in printed[0]  # the checkpoint's own: no news
+
+
+@pytest.mark.parametrize("args, name", [(["--hidden_size=64"], "hidden_size"), (["--decoder=attention"], "decoder"),
+                                        (["--resume", "--max_train_caption_len=5"], "max_train_caption_len"),
+                                        (["--resume", "--batch_size=8"], "batch_size")])
+def test_a_command_line_that_contradicts_the_checkpoint_where_it_cannot_is_refused(args, name):
+    with pytest.raises(cap.UserError, match=f"^--{name}=") as error:
+        settings(*args, trained=trained())
+    assert f"trained with {name}=" in str(error.value)
+
+
+def test_outside_a_resume_the_data_and_batches_may_differ_from_the_checkpoints():
+    cfg = settings("--batch_size=8", "--max_train_caption_len=5", trained=trained())  # --evaluate, --caption
+    assert (cfg.batch_size, cfg.max_train_caption_len) == (8, 5)

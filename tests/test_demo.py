@@ -217,7 +217,7 @@ def second_renderer_accuracy(checkpoint, weights, folder, n_images=90):
     """The greedy captions' accuracy on render_shapes' images: (single-shape, two-shape) shares."""
     truth = render_shapes(Path(folder), n_images)
     pd.DataFrame(list(truth.items()), columns=["image", "shapes"]).to_csv(Path(folder) / "shapes.csv", index=False)
-    model = cap.restore(checkpoint).model
+    model, _ = cap.restore(checkpoint)
     cfg = cap.resolve_settings({"dataset": "flickr8k", "num_workers": 0, "image_size": model.args["image_size"]})
     names = sorted(truth)
     features, unread = cap.extract_features(cap.load_resnet50(weights), [Path(folder) / n for n in names], cfg,

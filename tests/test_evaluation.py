@@ -69,7 +69,8 @@ def test_evaluation_helpers_leave_the_model_in_its_mode(tmp_path):
     in training mode mid-epoch (sample captions), in eval mode after it."""
     torch.manual_seed(0)
     vocab = cap.Vocabulary(1).build_vocab(["a red circle .", "a blue square ."])
-    model = cap.Captioner(vocab, 8, 16, num_layers=1, dropout=0.5)
+    model = cap.Captioner(vocab, dict(decoder="lstm", embed_size=8, hidden_size=16, num_layers=1, dropout=0.5,
+                                      image_size=224))
     names = ["a.jpg", "b.jpg"]
     source = cap.ImageSource(tmp_path, torch.randn(2, 2048), names)
     frame = pd.DataFrame([("a.jpg", "a red circle ."), ("b.jpg", "a blue square .")], columns=["image", "caption"])

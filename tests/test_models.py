@@ -2,10 +2,12 @@
 import hashlib
 import io
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 from conftest import cap
 
@@ -16,37 +18,30 @@ def model_args(**changes):
     return args | changes
 
 
-def test_encoder_loads_the_weights_file_and_is_frozen(random_weights):
+def test_the_weights_file_is_loaded_and_extraction_never_changes_it(tmp_path, random_weights):
+    """The frozen ResNet50: its weights are the file's, and extracting features (in eval mode) leaves
+    its BatchNorm running statistics as they were."""
     saved = torch.load(random_weights, weights_only=True)
-    encoder = cap.EncoderCNN(32, cap.load_resnet50(random_weights))
-    assert torch.equal(encoder.resnet.conv1.weight, saved["conv1.weight"])
-    assert not any(p.requires_grad for p in encoder.resnet.parameters())
-    assert all(p.requires_grad for p in encoder.embed.parameters())
-    images = torch.randn(2, 3, 64, 64)
-    encoder(images).sum().backward()
-    assert all(p.grad is None for p in encoder.resnet.parameters()) and encoder.embed.weight.grad is not None
-
-
-def test_batchnorm_statistics_never_change_in_train_mode(random_weights):
-    encoder = cap.EncoderCNN(32, cap.load_resnet50(random_weights))
-    before = {k: v.clone() for k, v in encoder.resnet.state_dict().items()}
-    encoder.train()
-    assert not encoder.resnet.training and encoder.embed.training
-    for _ in range(2):
-        encoder(torch.randn(4, 3, 64, 64) * 3 + 1)
-    after = encoder.resnet.state_dict()
+    resnet = cap.load_resnet50(random_weights)
+    assert torch.equal(resnet.conv1.weight, saved["conv1.weight"])
+    resnet.train()  # as a careless caller might hand it over
+    before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    cfg = SimpleNamespace(image_size=64, batch_size=4, num_workers=0, decoder="lstm")
+    cap.extract_features(resnet, [tmp_path / "red.png"], cfg, torch.device("cpu"))
+    after = resnet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_encoder_takes_cached_features_too():
+def test_the_encoder_standardises_and_projects_cached_features():
     encoder = cap.EncoderCNN(16)
     encoder.feature_mean.fill_(1.0)
     encoder.feature_std.fill_(2.0)
     features = torch.randn(3, 2048)
     assert torch.allclose(encoder(features), encoder.embed((features - 1) / 2))
-    model = cap.Captioner(cap.Vocabulary(1).build_vocab(["a b"]), model_args(), resnet=encoder.resnet)
+    model = cap.Captioner(cap.Vocabulary(1).build_vocab(["a b"]), model_args())
     assert model.args == model_args()
-    assert {k for k in model.trainable_state_dict() if k.startswith("encoder.")} == {
+    assert {k for k in model.state_dict() if k.startswith("encoder.")} == {
         "encoder.feature_mean", "encoder.feature_std", "encoder.embed.weight", "encoder.embed.bias"}
 
 

@@ -49,9 +49,8 @@ def test_demo_run_writes_every_output(trained_demo):
 
 def test_checkpoint_loads_without_pickle(trained_demo):
     ckpt = torch.load(trained_demo / "best.pt", weights_only=True)
-    added = {"sha256", "train_images_sha256", "reward_sum", "greedy_sum"}
-    assert set(ckpt) == cap.CHECKPOINT_KEYS | added  # no "batch": the step says it
-    assert ckpt["sha256"] == cap.checkpoint_sha256(ckpt)  # a checksum of everything else in it
+    assert "batch" not in ckpt  # the step says it
+    assert ckpt["model_sha256"] == cap.model_sha256(ckpt)  # a checksum of the model's weights and settings
     data = cap.load_captions(ckpt["config"]["data_dir"], ckpt["config"]["seed"])[0]
     assert ckpt["train_images_sha256"] == cap.names_sha256(data.loc[data["split"] == "train", "image"].unique())
     assert ckpt["model_args"] == {"decoder": "lstm", "embed_size": 128, "hidden_size": 256, "num_layers": 1,
@@ -146,11 +145,12 @@ def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(tmp_path, demo_dirs, random_
 
 def test_mismatched_checkpoint_is_explained(demo_dirs, random_weights, uninterrupted, capsys):
     assert cap.main(quick_args(demo_dirs, random_weights, uninterrupted, "--resume", "--hidden_size=64")) == 2
-    assert "hidden_size=256 but the config says hidden_size=64" in capsys.readouterr().err
+    assert "--hidden_size=64, but the checkpoint was trained with hidden_size=256" in capsys.readouterr().err
     assert cap.main(quick_args(demo_dirs, random_weights, uninterrupted, "--resume", "--freq_threshold=1")) == 2
-    assert "freq_threshold=5 but the config says freq_threshold=1" in capsys.readouterr().err
+    assert "--freq_threshold=1, but the checkpoint was trained with freq_threshold=5" in capsys.readouterr().err
     assert cap.main(quick_args(demo_dirs, random_weights, uninterrupted, "--resume", "--best_metric=CIDEr")) == 2
-    assert "best_metric=demo_accuracy but the config says best_metric=CIDEr" in capsys.readouterr().err
+    assert "--best_metric=CIDEr, but the checkpoint was trained with best_metric=demo_accuracy" in \
+        capsys.readouterr().err
 
 
 def test_resume_without_checkpoint_says_how_to_train(tmp_path, demo_dirs, random_weights, capsys):
@@ -212,8 +212,8 @@ def test_resume_applies_a_changed_learning_rate_and_records_it(tmp_path, demo_di
     assert cap.main(quick_args(demo_dirs, random_weights, out, "--resume", "--num_epochs=4",
                                "--learning_rate=0.001")) == 0
     printed = capsys.readouterr().out
-    assert "resume: learning_rate was 0.002, now 0.001 (applied from here on)" in printed
-    assert "resume: num_epochs was 3, now 4" in printed
+    assert "learning_rate   = 0.001" in printed and "(command line; the checkpoint's: 0.002)" in printed
+    assert "num_epochs      = 4" in printed and "(command line; the checkpoint's: 3)" in printed
     batches = pd.read_csv(out / "loss_per_batch.csv")
     cfg = cap.resolve_settings(cap.parse_args(quick_args(demo_dirs, random_weights, out, "--num_epochs=4",
                                                          "--learning_rate=0.001"))[0])
@@ -301,40 +301,13 @@ def test_an_empty_vocabulary_is_refused_before_any_feature_is_computed(tmp_path,
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_checkpoint_lacking_a_setting_is_explained(tmp_path, demo_dirs, random_weights, uninterrupted, capsys):
-    out = copy_run(uninterrupted, tmp_path / "out")
-    ckpt = torch.load(out / "last.pt", weights_only=True)
-    del ckpt["config"]["embed_size"], ckpt["sha256"]  # as another version wrote it, before checksums
-    torch.save(ckpt, out / "last.pt")
-    assert cap.main(quick_args(demo_dirs, random_weights, out, "--resume", "--num_epochs=4")) == 2
-    assert "last.pt does not record embed_size: another version of this script wrote it" in capsys.readouterr().err
-    del ckpt["model_args"]["embed_size"]
-    torch.save(ckpt, out / "old.pt")
-    image = next((demo_dirs["data_dir"] / "Images").iterdir())
-    assert cap.main(["--caption", str(image), f"--checkpoint={out / 'old.pt'}"]) == 2
-    error = error_line(capsys.readouterr().err)
-    assert "old.pt is not a sound checkpoint of this script: its model_args are not decoder, embed_size" in error
-
-
 def test_a_changed_checkpoint_fails_its_checksum(tmp_path, demo_dirs, random_weights, uninterrupted, capsys):
     out = copy_run(uninterrupted, tmp_path / "out")
     ckpt = torch.load(out / "last.pt", weights_only=True)
     ckpt["model"]["encoder.embed.bias"][0] += 1  # a flipped bit, an edit: its sha256 no longer matches
     torch.save(ckpt, out / "last.pt")
     assert cap.main(quick_args(demo_dirs, random_weights, out, "--resume", "--num_epochs=4")) == 2
-    assert "last.pt is not a sound checkpoint of this script: its checksum does not match its contents" in \
-        error_line(capsys.readouterr().err)
-
-
-def test_a_checkpoint_from_before_best_metric_resumes_as_cider(tmp_path, demo_dirs, random_weights, uninterrupted,
-                                                               capsys):
-    out = copy_run(uninterrupted, tmp_path / "out")
-    ckpt = torch.load(out / "last.pt", weights_only=True)
-    del ckpt["config"]["best_metric"], ckpt["sha256"]  # as the checkpoints of earlier versions, which kept best.pt
-    torch.save(ckpt, out / "last.pt")  # by CIDEr (and had no checksum)
-    assert cap.main(quick_args(demo_dirs, random_weights, out, "--resume", "--num_epochs=4")) == 2
-    assert "best_metric=CIDEr but the config says best_metric=demo_accuracy: set --best_metric=CIDEr" in \
-        capsys.readouterr().err
+    assert f"checkpoint {out / 'last.pt'} is damaged" in error_line(capsys.readouterr().err)
 
 
 def test_resume_after_the_captions_changed_is_refused(tmp_path, random_weights, capsys):

@@ -1,0 +1,198 @@
+"""Checkpoints: what one holds, what refuses one, and how a checkpoint's settings drive every mode."""
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TINY_DEMO, cap, error_line
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny(base, random_weights):
+    """The arguments of a tiny demo, in folders of its own."""
+    return [*TINY_DEMO, f"--data_dir={base / 'data'}", f"--cache_dir={base / 'cache'}",
+            f"--encoder_weights={random_weights}", "--num_epochs=1", "--max_batches_per_epoch=3"]
+
+
+def an_image(base):
+    return sorted((base / "data" / "Images").iterdir())[0]
+
+
+@pytest.fixture(scope="module")
+def lstm_run(tmp_path_factory, tiny):
+    out = tmp_path_factory.mktemp("lstm")
+    assert cap.main([*tiny, f"--output_dir={out}"]) == 0
+    return out
+
+
+def rewritten(source, target, change, rehash=True):
+    """A copy of a checkpoint changed by change(ckpt), its checksum redone (rehash) as a careful tamperer would."""
+    ckpt = torch.load(source, weights_only=True)
+    change(ckpt)
+    if rehash:
+        ckpt["model_sha256"] = cap.model_sha256(ckpt)
+    torch.save(ckpt, target)
+    return target
+
+
+def refused(capsys, *args):
+    """The one error line of cap.main(args), which must exit with 2 (a UserError)."""
+    code = cap.main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert out == "" or "--caption" not in args  # --caption's stdout holds only captions
+    return error_line(err)
+
+
+def caption_with(capsys, base, checkpoint):
+    return refused(capsys, "--caption", an_image(base), f"--checkpoint={checkpoint}", "--num_workers=0")
+
+
+def test_a_checkpoint_is_one_flat_dict_that_rebuilds_its_model(lstm_run):
+    ckpt = torch.load(lstm_run / "best.pt", weights_only=True)
+    assert set(ckpt) == {"model_args", "model", "vocab", "config", "optimizer", "epoch", "step", "best_score",
+                         "loss_sum", "loss_count", "reward_sum", "greedy_sum", "rng_state", "cuda_rng_state",
+                         "processes", "encoder_weights", "encoder_weights_sha256", "train_images_sha256",
+                         "model_sha256"}
+    assert ckpt["model_sha256"] == cap.model_sha256(ckpt)
+    assert ckpt["model_args"] == {name: ckpt["config"][name] for name in cap.MODEL_ARGS}
+    model, restored = cap.restore(lstm_run / "best.pt")
+    assert restored["path"] == lstm_run / "best.pt" and model.args == ckpt["model_args"]
+    assert model.vocab.itos == ckpt["vocab"] and restored["epoch"] == ckpt["epoch"] == 1
+    for name, tensor in ckpt["model"].items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_a_checkpoint_damaged_on_disk_is_refused_naming_it(tmp_path, lstm_run, base, capsys):
+    damaged = tmp_path / "damaged.pt"
+    data = bytearray((lstm_run / "best.pt").read_bytes())
+    middle = len(data) // 2  # inside the weights: torch.load itself reads it without complaint
+    data[middle:middle + 100] = bytes(range(100))
+    damaged.write_bytes(bytes(data))
+    assert f"checkpoint {damaged} is damaged" in caption_with(capsys, base, damaged)
+
+
+def zero_the_weights_and_drop_the_checksum(ckpt):
+    for tensor in ckpt["model"].values():
+        tensor.zero_()
+    del ckpt["model_sha256"]
+
+
+def swap_two_words(ckpt):
+    ckpt["vocab"][4], ckpt["vocab"][5] = ckpt["vocab"][5], ckpt["vocab"][4]
+
+
+@pytest.mark.parametrize("change, rehash", [(zero_the_weights_and_drop_the_checksum, False),
+                                            (swap_two_words, False)], ids=["no-checksum", "swapped-words"])
+def test_a_checkpoint_without_its_checksum_or_changed_is_refused(tmp_path, lstm_run, base, capsys, change, rehash):
+    path = rewritten(lstm_run / "best.pt", tmp_path / "changed.pt", change, rehash)
+    assert f"checkpoint {path} is damaged" in caption_with(capsys, base, path)
+
+
+def config_item(name, value):
+    return lambda ckpt: ckpt["config"].__setitem__(name, value)
+
+
+@pytest.mark.parametrize("change, named", [
+    (config_item("image_size", "abc"), "image_size='abc'"),
+    (lambda ckpt: ckpt.__setitem__("config", list(ckpt["config"].items())), "TypeError"),
+    (config_item("encoder_weights", 7), "encoder_weights=7"),
+    (config_item("scst_samples", 0), "--scst_samples=0"),  # the command line's rules too
+    (lambda ckpt: ckpt["model_args"].__setitem__("hidden_size", 300), "model_args"),
+    (lambda ckpt: ckpt["model_args"].__setitem__("heads", 4), "model_args"),
+    (lambda ckpt: ckpt["model"].__setitem__("decoder.extra", torch.zeros(2)), "decoder.extra"),
+    (lambda ckpt: ckpt["model"].__setitem__("decoder.to_vocab.bias", torch.zeros(3)), "decoder.to_vocab.bias"),
+    (lambda ckpt: ckpt["vocab"].__setitem__(3, "<unk>"), "<UNK>"),
+], ids=["string-size", "config-list", "int-weights", "rule", "other-args", "extra-arg", "extra-weight",
+        "weight-shape", "specials"])
+def test_a_checkpoint_whose_checksum_matches_but_whose_contents_are_wrong_is_one_line(tmp_path, lstm_run, base,
+                                                                                      capsys, change, named):
+    path = rewritten(lstm_run / "best.pt", tmp_path / "tampered.pt", change)
+    line = caption_with(capsys, base, path)
+    assert f"checkpoint {path} is damaged" in line and named in line
+
+
+def test_checkpoint_while_training_is_refused_naming_resume_and_init_from(tmp_path, lstm_run, tiny, capsys):
+    out = tmp_path / "out"
+    line = refused(capsys, *tiny, f"--output_dir={out}", f"--checkpoint={lstm_run / 'best.pt'}")
+    assert line.startswith("error: --checkpoint=") and "--resume" in line and "--init_from" in line
+    assert not out.exists()  # before any work
+    line = refused(capsys, *tiny, f"--output_dir={lstm_run}", "--resume", f"--init_from={lstm_run / 'best.pt'}")
+    assert line.startswith("error: --init_from=")
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path, lstm_run, tiny, capsys, random_weights):
+    model, ckpt = cap.restore(lstm_run / "best.pt")
+    fresh = cap.Captioner(model.vocab, ckpt["model_args"])
+    cap.init_weights(fresh, lstm_run / "best.pt", random_weights)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name
+    out = tmp_path / "out"
+    assert cap.main([*tiny, f"--output_dir={out}", f"--init_from={lstm_run / 'best.pt'}"]) == 0
+    assert "starting from the weights of" in capsys.readouterr().out
+    started = torch.load(out / "last.pt", weights_only=True)
+    assert started["step"] == 3 and started["epoch"] == 1  # its own counters, from 0
+    first = pd.read_csv(out / "loss_per_batch.csv")["loss"].iloc[0]
+    assert first < pd.read_csv(lstm_run / "loss_per_batch.csv")["loss"].iloc[0]  # not a random start
+
+
+def test_init_from_with_another_vocabulary_or_model_shape_is_refused(tmp_path, lstm_run, tiny, capsys):
+    best = lstm_run / "best.pt"
+    line = refused(capsys, *tiny, f"--output_dir={tmp_path / 'a'}", f"--init_from={best}", "--freq_threshold=50")
+    assert line.startswith(f"error: --init_from={best}: its vocabulary")
+    line = refused(capsys, *tiny, f"--output_dir={tmp_path / 'b'}", f"--init_from={best}", "--hidden_size=32")
+    assert line.startswith("error: --hidden_size=32, but the checkpoint was trained with hidden_size=64")
+
+
+def test_resume_adds_scst_to_a_finished_attention_run_with_its_own_settings(tmp_path, base, tiny, capsys):
+    """No --decoder, no --num_epochs: both come from the checkpoint, and no cross-entropy epoch is retrained."""
+    out = tmp_path / "attention"
+    assert cap.main([*tiny, f"--output_dir={out}", "--decoder=attention"]) == 0
+    capsys.readouterr()
+    cache = f"--cache_dir={base / 'cache'}"  # this command's, not the checkpoint's
+    assert cap.main(["--resume", f"--output_dir={out}", "--scst_epochs=1", cache, "--num_workers=0"]) == 0
+    printed = capsys.readouterr().out
+    assert "(command line; the checkpoint's: 0)" in printed  # scst_epochs
+    epochs = pd.read_csv(out / "loss_per_epoch.csv")
+    assert epochs["phase"].tolist() == ["cross-entropy", "self-critical"]
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["config"]["decoder"] == "attention" and last["config"]["num_epochs"] == 1
+    line = refused(capsys, "--resume", f"--output_dir={out}", "--num_epochs=3", cache)
+    assert line.startswith("error: --num_epochs=3: ") and "last.pt" in line  # its SCST steps were taken
+
+
+def test_caption_writes_beside_its_checkpoint(tmp_path, lstm_run, base):
+    image = an_image(base)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "best.pt").write_bytes((lstm_run / "best.pt").read_bytes())
+    assert cap.main(["--caption", str(image), f"--checkpoint={folder / 'best.pt'}", "--num_workers=0"]) == 0
+    assert (folder / "report-captions.html").is_file()
+
+
+def test_a_fresh_run_sets_aside_its_outputs_but_not_a_cache_in_the_same_folder(tmp_path):
+    for name in ["features-0123.pt", "features-0123.pt.lock", "best.pt", "best-xe.pt", "last.pt",
+                 "loss_per_batch.csv", "report.html", "test_metrics.json", "notes.txt"]:
+        (tmp_path / name).write_text("x")
+    (tmp_path / "last.pt.4242.tmp").write_text("half")  # a killed run's
+    (tmp_path / "features-0123.pt.77.tmp").write_text("half")  # another run's cache, being written
+    lock = cap.claim_output_dir(tmp_path, fresh=True)
+    lock.close()
+    (aside,) = tmp_path.glob("previous-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["best-xe.pt", "best.pt", "last.pt", "loss_per_batch.csv",
+                                                      "report.html", "test_metrics.json"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p != aside) == [
+        ".lock", "features-0123.pt", "features-0123.pt.77.tmp", "features-0123.pt.lock", "notes.txt"]
+
+
+def test_the_resume_hint_runs_as_printed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["x.py", "--num_epochs=3", "--resume"])
+    assert cap.resume_hint(tmp_path, 7, 1) == 130
+    hint = capsys.readouterr().out.splitlines()[-1]
+    assert hint == f"  .venv/bin/python {cap.Path(cap.__file__).name} --num_epochs=3 --resume"
