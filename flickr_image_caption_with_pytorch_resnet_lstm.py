@@ -516,7 +516,6 @@ class Captioner(nn.Module):
         return [self.vocab.decode(seq) for seq in ids]
 
 
-
 # --------------------------------------------------------------------------------------------------
 # training: the cross-entropy step, the self-critical (SCST) step and its CIDEr-D reward, the
 # learning-rate schedule and the loop over steps; hands best.pt and the logs to validation and the report
@@ -709,15 +708,6 @@ class Progress:
     epoch_row: dict = dataclasses.field(default_factory=dict)  # the last epoch's loss_per_epoch row
 
 
-def count_steps(dataset, cfg, what):
-    """This process's steps in an epoch of dataset; none at all is one clear error."""
-    steps = len(process_batches(len(dataset), cfg, 1))
-    if steps == 0:
-        raise UserError(f"{len(dataset)} {what} cannot be shared by {rank_and_size()[1]} "
-                        f"processes: use more")
-    return steps
-
-
 def epoch_and_batch(step, steps_per_epoch, scst_steps, cfg):
     """The 0-based epoch and batch of a step: num_epochs of cross-entropy, then SCST epochs."""
     cross_entropy_steps = cfg.num_epochs * steps_per_epoch
@@ -755,58 +745,6 @@ class Run:
     reward: CiderD = None  # SCST's reward
     pending: list = dataclasses.field(default_factory=list)  # steps whose losses are not read yet
     bar: object = None  # the epoch's progress bar
-
-
-def start_run(cfg, device):
-    """A fresh run's data, model, optimizer and progress, or last.pt's (--resume), in a Run."""
-    out = Path(cfg.output_dir)
-    model, ckpt = restore(out / "last.pt") if cfg.resume else (None, None)
-    data = prepare_data(cfg, device, build_vocab=True, trained=ckpt)
-    features = data.source.features
-    if device.type == "cuda" and features.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
-        data.source.features = features.to(device)  # batches are then gathered on the GPU
-    torch.manual_seed(cfg.seed)  # after the data: the initial weights never depend on the cache
-    if ckpt:
-        progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress)})
-    else:
-        model = Captioner(data.vocab, {name: getattr(cfg, name) for name in MODEL_ARGS})
-        model.encoder.feature_mean.copy_(data.feature_stats[0])
-        model.encoder.feature_std.copy_(data.feature_stats[1])
-        progress = Progress()
-        if cfg.init_from:
-            init_weights(model, cfg.init_from, data.weights)
-    fused = True if device.type == "cuda" else None  # one kernel for all the parameters on a GPU
-    trained = [p for p in model.to(device).parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trained, lr=cfg.learning_rate, fused=fused)
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng_state"])  # mid-epoch: dropout goes on as it would have
-        if torch.cuda.is_available() and ckpt["cuda_rng_state"]:
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng_state"][:torch.cuda.device_count()])
-        log(f"resuming from {out / 'last.pt'}: epoch {progress.epoch} done, step {progress.step}")
-    run = Run(cfg, device, data, model, optimizer, progress)
-    if is_main_process():
-        mend_outputs(run, out)
-        model.vocab.save(out / "vocab.json")
-        meteor_scorer()  # its JVM loads while the first epoch trains
-    return run
-
-
-def mend_outputs(run, out):
-    """The logs and best.pt as last.pt left them: a kill -9 at any instant resumes exactly."""
-    # end_epoch writes last.pt first, then best.pt, then the epoch's row: what a kill skipped is
-    # redone here from last.pt; rows past it (steps taken after last.pt) go
-    progress = run.progress
-    truncate_csv(out / "loss_per_batch.csv", "step", progress.step)
-    truncate_csv(out / "loss_per_epoch.csv", "epoch", progress.epoch)
-    if not progress.epoch_row:  # a fresh run, or a resume before the first epoch ended
-        return
-    epochs = out / "loss_per_epoch.csv"
-    if not epochs.is_file() or pd.read_csv(epochs)["epoch"].max() < progress.epoch:
-        append_csv(epochs, [progress.epoch_row], list(progress.epoch_row))
-    if progress.best_step == progress.step:  # last.pt was written with best.pt, at an epoch end
-        shutil.copyfile(out / "last.pt", out / "best.pt.tmp")
-        os.replace(out / "best.pt.tmp", out / "best.pt")
 
 
 def train_step(run, inputs, captions, lr):
@@ -854,32 +792,6 @@ def record_losses(run):
         log(f"step {step} (epoch {epoch}, {phase}): loss {loss:.4f}, avg {average:.4f}, lr {lr:.3g}")
 
 
-def read_back(pending, device):
-    """Each pending step's row, its figures averaged over the processes: one wait for the GPU."""
-    stats = torch.stack([figures for *_, figures in pending])  # (steps,) or (steps, 3) with SCST
-    stats = stats / rank_and_size()[1]
-    totals = sum_over_processes(stats.flatten().tolist(), device)
-    stats = torch.tensor(totals).view(len(pending), -1)  # (steps, 1 or 3)
-    phases = {1: "cross-entropy", 3: "self-critical"}
-    phase = phases[stats.size(1)]
-    rows = []
-    for (epoch, step, lr, _), figures in zip(pending, stats.tolist()):
-        rows.append((epoch, step, phase, lr, *figures))
-    return rows
-
-
-def check_losses(rows, scst, run):
-    """Stops a run whose loss diverged, before any checkpoint saves the diverged weights."""
-    # a fresh model's loss is about log(vocab_size): ten times that is no learning
-    limit = math.inf if scst else 10 * math.log(len(run.model.vocab))
-    for epoch, step, _, _, loss, *_ in rows:
-        if not math.isfinite(loss) or loss > limit:
-            rate = "scst_learning_rate" if scst else "learning_rate"
-            raise UserError(f"the training loss diverged at epoch {epoch}, step {step} (loss "
-                            f"{loss:.4g}): lower --{rate} (now {getattr(run.cfg, rate)}). No "
-                            f"checkpoint was written after that step")
-
-
 def end_epoch(run, train_seconds):
     """Validation, then last.pt, best.pt when it is the best yet, the epoch's row and graphs."""
     cfg, progress = run.cfg, run.progress
@@ -904,55 +816,6 @@ def end_epoch(run, train_seconds):
         plot_history(out)
     val_names = run.data.images("val")[:3]
     print_samples(run.model, run.data.source, val_names, cfg, run.device, f"end of epoch {progress.epoch}")
-
-
-def epoch_training_figures(run):
-    """The epoch's phase and mean training loss (SCST: its rewards); the sums start again."""
-    progress = run.progress
-    count = max(progress.loss_count, 1)
-    figures = {"phase": "cross-entropy", "train_loss": progress.loss_sum / count}
-    if progress.epoch > run.cfg.num_epochs:  # SCST's loss is no cross-entropy: its rewards tell
-        figures["phase"] = "self-critical"
-        figures["reward"] = progress.reward_sum / count
-        figures["greedy_cider"] = progress.greedy_sum / count
-        if progress.reward_sum == 0:
-            warn("every sampled caption's reward was 0 this epoch, so SCST learned nothing: its "
-                 "captions match no reference n-gram (one training image, or identical captions?)")
-    progress.loss_sum = progress.reward_sum = progress.greedy_sum = 0.0
-    progress.loss_count = 0
-    return figures
-
-
-def is_best(progress, row, cfg):
-    """Whether the epoch's row is the best yet by best_metric (higher is better); records it."""
-    metric = cfg.best_metric
-    scst = row["phase"] == "self-critical"
-    if scst and metric in ("demo_accuracy", "val_loss"):  # SCST raises the cross-entropy: its
-        metric = "CIDEr"  # epochs are compared among themselves by the figure they optimise
-        if progress.epoch == cfg.num_epochs + 1:
-            progress.best_score = float("-inf")
-    score = -row["val_loss"] if metric == "val_loss" else row[metric]
-    # of equals the later: on the demo ties are common, and the later epoch is more trained
-    best = score >= progress.best_score
-    if best:
-        progress.best_score = score
-        progress.best_step = progress.step
-    return best
-
-
-def log_epoch(row, best, cfg):
-    if row["phase"] == "self-critical":
-        reward = 100 * row["reward"]
-        greedy = 100 * row["greedy_cider"]
-        said = f"self-critical: reward {reward:.1f}, greedy CIDEr-D {greedy:.1f}"
-    else:
-        said = f"train loss {row['train_loss']:.3f}"
-    metrics = {k: v for k, v in row.items() if k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR",
-                                                     "ROUGE-L", "CIDEr", "demo_accuracy")}
-    log(f"epoch {row['epoch']}: {said}, val loss {row['val_loss']:.3f}, token accuracy "
-        f"{row['val_token_accuracy']:.1%}, {format_metrics(metrics)}; {row['epoch_seconds']:.1f} s "
-        f"training, {row['eval_seconds']:.1f} s validation (beam {cfg.beam_size})"
-        + ("; best.pt" if best else ""))
 
 
 def train(cfg, device):
@@ -1047,26 +910,6 @@ def open_epoch(run, epoch, batch, epoch_steps, all_epochs):
     run.bar = tqdm(total=epoch_steps, initial=batch, unit="batch", leave=False,
                    desc=f"epoch {epoch + 1}/{all_epochs}{phase}")
     return zip(shares, caption_batches(dataset, shares, run.device))
-
-
-def keep_cross_entropy_results(run):
-    """Before SCST's first epoch: the cross-entropy best.pt and its test report, kept as best-xe.pt,
-    report-xe.html and test_*-xe.*, to compare with what SCST makes of them."""
-    out = Path(run.cfg.output_dir)
-    if is_main_process():
-        shutil.copyfile(out / "best.pt", out / "best-xe.pt.tmp")
-        os.replace(out / "best-xe.pt.tmp", out / "best-xe.pt")
-    wait_for_all()
-    log(f"self-critical training begins: the cross-entropy run's best.pt is kept as {out / 'best-xe.pt'}")
-    test_report(restore(out / "best-xe.pt"), run.data, run.cfg, run.device, "-xe")
-
-
-def stop_and_save(run):
-    """last.pt at the last step taken, with its losses recorded, so that --resume goes on from there."""
-    record_losses(run)
-    if is_main_process():
-        out = Path(run.cfg.output_dir)
-        save_checkpoint(out / "last.pt", run.model, run.optimizer, run.cfg, run.data, run.progress)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1181,52 +1024,6 @@ def metric_text(caption):
     # tokenizer. A word needs a letter or digit (or is <unk>): "_" alone is none
     words = [t for t in Vocabulary.tokenize(caption) if any(ch.isalnum() or ch in "<>" for ch in t)]
     return " ".join(words)
-
-
-@functools.lru_cache(maxsize=1)
-def meteor_scorer():
-    """One METEOR process per run (its JVM takes seconds to start, scoring milliseconds)."""
-    from pycocoevalcap.meteor.meteor import Meteor
-    if not shutil.which("java"):
-        warn("METEOR is not computed: it needs Java (`java` on the PATH), e.g. apt-get install "
-             "default-jre")
-        return None
-    # a terminal's Ctrl-C signals every process of its group, and Java would die mid-score while the
-    # run finishes its step; a signal ignored when the JVM starts stays ignored in it
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    handlers = [signal.signal(number, signal.SIG_IGN) for number in stops]
-    try:
-        meteor = Meteor()
-    finally:
-        for number, handler in zip(stops, handlers):
-            signal.signal(number, handler)
-    atexit.register(close_meteor, meteor)
-    return meteor
-
-
-def close_meteor(meteor):
-    """Ends METEOR's Java process and frees its lock, so that exit never waits on them."""
-    # pycocoevalcap's compute_score holds the lock while it talks to Java; an exception there (a
-    # second Ctrl-C) leaves it held, and its Meteor.__del__ would wait for it at exit, forever
-    meteor_scorer.cache_clear()  # a later scoring starts a new process
-    meteor.meteor_p.kill()
-    meteor.meteor_p.wait()
-    with contextlib.suppress(OSError):  # a line half written to the ended process
-        meteor.meteor_p.stdin.close()
-    if meteor.lock.locked():
-        meteor.lock.release()
-
-
-def meteor_score(refs, hyps):
-    """coco-caption's METEOR, or None without Java; an exception while scoring ends the process."""
-    meteor = meteor_scorer()
-    if meteor is None:
-        return None
-    try:
-        return float(meteor.compute_score(refs, hyps)[0])
-    except BaseException:  # a second Ctrl-C, say
-        close_meteor(meteor)
-        raise
 
 
 def caption_metrics(references, hypotheses):
@@ -2509,6 +2306,167 @@ def resume_hint(out, step, size):
 
 
 # --------------------------------------------------------------------------------------------------
+# the run's bookkeeping: start_run makes (or resumes) a Run; the loss logs and their checks,
+# the epoch's row, best.pt and last.pt, SCST's kept cross-entropy results; train() calls them
+
+
+def count_steps(dataset, cfg, what):
+    """This process's steps in an epoch of dataset; none at all is one clear error."""
+    steps = len(process_batches(len(dataset), cfg, 1))
+    if steps == 0:
+        raise UserError(f"{len(dataset)} {what} cannot be shared by {rank_and_size()[1]} "
+                        f"processes: use more")
+    return steps
+
+
+def start_run(cfg, device):
+    """A fresh run's data, model, optimizer and progress, or last.pt's (--resume), in a Run."""
+    out = Path(cfg.output_dir)
+    model, ckpt = restore(out / "last.pt") if cfg.resume else (None, None)
+    data = prepare_data(cfg, device, build_vocab=True, trained=ckpt)
+    features = data.source.features
+    if device.type == "cuda" and features.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
+        data.source.features = features.to(device)  # batches are then gathered on the GPU
+    torch.manual_seed(cfg.seed)  # after the data: the initial weights never depend on the cache
+    if ckpt:
+        progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress)})
+    else:
+        model = Captioner(data.vocab, {name: getattr(cfg, name) for name in MODEL_ARGS})
+        model.encoder.feature_mean.copy_(data.feature_stats[0])
+        model.encoder.feature_std.copy_(data.feature_stats[1])
+        progress = Progress()
+        if cfg.init_from:
+            init_weights(model, cfg.init_from, data.weights)
+    fused = True if device.type == "cuda" else None  # one kernel for all the parameters on a GPU
+    trained = [p for p in model.to(device).parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=cfg.learning_rate, fused=fused)
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng_state"])  # mid-epoch: dropout goes on as it would have
+        if torch.cuda.is_available() and ckpt["cuda_rng_state"]:
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng_state"][:torch.cuda.device_count()])
+        log(f"resuming from {out / 'last.pt'}: epoch {progress.epoch} done, step {progress.step}")
+    run = Run(cfg, device, data, model, optimizer, progress)
+    if is_main_process():
+        mend_outputs(run, out)
+        model.vocab.save(out / "vocab.json")
+        meteor_scorer()  # its JVM loads while the first epoch trains
+    return run
+
+
+def mend_outputs(run, out):
+    """The logs and best.pt as last.pt left them: a kill -9 at any instant resumes exactly."""
+    # end_epoch writes last.pt first, then best.pt, then the epoch's row: what a kill skipped is
+    # redone here from last.pt; rows past it (steps taken after last.pt) go
+    progress = run.progress
+    truncate_csv(out / "loss_per_batch.csv", "step", progress.step)
+    truncate_csv(out / "loss_per_epoch.csv", "epoch", progress.epoch)
+    if not progress.epoch_row:  # a fresh run, or a resume before the first epoch ended
+        return
+    epochs = out / "loss_per_epoch.csv"
+    if not epochs.is_file() or pd.read_csv(epochs)["epoch"].max() < progress.epoch:
+        append_csv(epochs, [progress.epoch_row], list(progress.epoch_row))
+    if progress.best_step == progress.step:  # last.pt was written with best.pt, at an epoch end
+        shutil.copyfile(out / "last.pt", out / "best.pt.tmp")
+        os.replace(out / "best.pt.tmp", out / "best.pt")
+
+
+def read_back(pending, device):
+    """Each pending step's row, its figures averaged over the processes: one wait for the GPU."""
+    stats = torch.stack([figures for *_, figures in pending])  # (steps,) or (steps, 3) with SCST
+    stats = stats / rank_and_size()[1]
+    totals = sum_over_processes(stats.flatten().tolist(), device)
+    stats = torch.tensor(totals).view(len(pending), -1)  # (steps, 1 or 3)
+    phases = {1: "cross-entropy", 3: "self-critical"}
+    phase = phases[stats.size(1)]
+    rows = []
+    for (epoch, step, lr, _), figures in zip(pending, stats.tolist()):
+        rows.append((epoch, step, phase, lr, *figures))
+    return rows
+
+
+def check_losses(rows, scst, run):
+    """Stops a run whose loss diverged, before any checkpoint saves the diverged weights."""
+    # a fresh model's loss is about log(vocab_size): ten times that is no learning
+    limit = math.inf if scst else 10 * math.log(len(run.model.vocab))
+    for epoch, step, _, _, loss, *_ in rows:
+        if not math.isfinite(loss) or loss > limit:
+            rate = "scst_learning_rate" if scst else "learning_rate"
+            raise UserError(f"the training loss diverged at epoch {epoch}, step {step} (loss "
+                            f"{loss:.4g}): lower --{rate} (now {getattr(run.cfg, rate)}). No "
+                            f"checkpoint was written after that step")
+
+
+def epoch_training_figures(run):
+    """The epoch's phase and mean training loss (SCST: its rewards); the sums start again."""
+    progress = run.progress
+    count = max(progress.loss_count, 1)
+    figures = {"phase": "cross-entropy", "train_loss": progress.loss_sum / count}
+    if progress.epoch > run.cfg.num_epochs:  # SCST's loss is no cross-entropy: its rewards tell
+        figures["phase"] = "self-critical"
+        figures["reward"] = progress.reward_sum / count
+        figures["greedy_cider"] = progress.greedy_sum / count
+        if progress.reward_sum == 0:
+            warn("every sampled caption's reward was 0 this epoch, so SCST learned nothing: its "
+                 "captions match no reference n-gram (one training image, or identical captions?)")
+    progress.loss_sum = progress.reward_sum = progress.greedy_sum = 0.0
+    progress.loss_count = 0
+    return figures
+
+
+def is_best(progress, row, cfg):
+    """Whether the epoch's row is the best yet by best_metric (higher is better); records it."""
+    metric = cfg.best_metric
+    scst = row["phase"] == "self-critical"
+    if scst and metric in ("demo_accuracy", "val_loss"):  # SCST raises the cross-entropy: its
+        metric = "CIDEr"  # epochs are compared among themselves by the figure they optimise
+        if progress.epoch == cfg.num_epochs + 1:
+            progress.best_score = float("-inf")
+    score = -row["val_loss"] if metric == "val_loss" else row[metric]
+    # of equals the later: on the demo ties are common, and the later epoch is more trained
+    best = score >= progress.best_score
+    if best:
+        progress.best_score = score
+        progress.best_step = progress.step
+    return best
+
+
+def log_epoch(row, best, cfg):
+    if row["phase"] == "self-critical":
+        reward = 100 * row["reward"]
+        greedy = 100 * row["greedy_cider"]
+        said = f"self-critical: reward {reward:.1f}, greedy CIDEr-D {greedy:.1f}"
+    else:
+        said = f"train loss {row['train_loss']:.3f}"
+    metrics = {k: v for k, v in row.items() if k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR",
+                                                     "ROUGE-L", "CIDEr", "demo_accuracy")}
+    log(f"epoch {row['epoch']}: {said}, val loss {row['val_loss']:.3f}, token accuracy "
+        f"{row['val_token_accuracy']:.1%}, {format_metrics(metrics)}; {row['epoch_seconds']:.1f} s "
+        f"training, {row['eval_seconds']:.1f} s validation (beam {cfg.beam_size})"
+        + ("; best.pt" if best else ""))
+
+
+def keep_cross_entropy_results(run):
+    """Before SCST's first epoch: the cross-entropy best.pt and its test report, kept as best-xe.pt,
+    report-xe.html and test_*-xe.*, to compare with what SCST makes of them."""
+    out = Path(run.cfg.output_dir)
+    if is_main_process():
+        shutil.copyfile(out / "best.pt", out / "best-xe.pt.tmp")
+        os.replace(out / "best-xe.pt.tmp", out / "best-xe.pt")
+    wait_for_all()
+    log(f"self-critical training begins: the cross-entropy run's best.pt is kept as {out / 'best-xe.pt'}")
+    test_report(restore(out / "best-xe.pt"), run.data, run.cfg, run.device, "-xe")
+
+
+def stop_and_save(run):
+    """last.pt at the last step taken, with its losses recorded, so that --resume goes on from there."""
+    record_losses(run)
+    if is_main_process():
+        out = Path(run.cfg.output_dir)
+        save_checkpoint(out / "last.pt", run.model, run.optimizer, run.cfg, run.data, run.progress)
+
+
+# --------------------------------------------------------------------------------------------------
 # several processes (torchrun): the same loop in each, on its share of every batch; rank 0 writes
 
 def start_processes(device):
@@ -2553,6 +2511,56 @@ def merge_over_processes(part):
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, part)
     return {k: v for p in parts for k, v in p.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# METEOR's Java process: one per run, closed on any exception and at exit
+
+
+@functools.lru_cache(maxsize=1)
+def meteor_scorer():
+    """One METEOR process per run (its JVM takes seconds to start, scoring milliseconds)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+    if not shutil.which("java"):
+        warn("METEOR is not computed: it needs Java (`java` on the PATH), e.g. apt-get install "
+             "default-jre")
+        return None
+    # a terminal's Ctrl-C signals every process of its group, and Java would die mid-score while the
+    # run finishes its step; a signal ignored when the JVM starts stays ignored in it
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    handlers = [signal.signal(number, signal.SIG_IGN) for number in stops]
+    try:
+        meteor = Meteor()
+    finally:
+        for number, handler in zip(stops, handlers):
+            signal.signal(number, handler)
+    atexit.register(close_meteor, meteor)
+    return meteor
+
+
+def close_meteor(meteor):
+    """Ends METEOR's Java process and frees its lock, so that exit never waits on them."""
+    # pycocoevalcap's compute_score holds the lock while it talks to Java; an exception there (a
+    # second Ctrl-C) leaves it held, and its Meteor.__del__ would wait for it at exit, forever
+    meteor_scorer.cache_clear()  # a later scoring starts a new process
+    meteor.meteor_p.kill()
+    meteor.meteor_p.wait()
+    with contextlib.suppress(OSError):  # a line half written to the ended process
+        meteor.meteor_p.stdin.close()
+    if meteor.lock.locked():
+        meteor.lock.release()
+
+
+def meteor_score(refs, hyps):
+    """coco-caption's METEOR, or None without Java; an exception while scoring ends the process."""
+    meteor = meteor_scorer()
+    if meteor is None:
+        return None
+    try:
+        return float(meteor.compute_score(refs, hyps)[0])
+    except BaseException:  # a second Ctrl-C, say
+        close_meteor(meteor)
+        raise
 
 
 # --------------------------------------------------------------------------------------------------
