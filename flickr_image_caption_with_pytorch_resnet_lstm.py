@@ -1655,7 +1655,7 @@ def prepare_demo(cfg):
         log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this "
             f"run trains on the built-in demo set\n({cfg.demo_images} generated images of coloured "
             f"shapes). For real captions: ./setup.sh --flickr8k, then run this again (README: "
-            f"'Getting the data').\n{'=' * 100}")
+            f"Data).\n{'=' * 100}")
         make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
     wait_for_all()
 
