@@ -194,7 +194,8 @@ class Vocabulary:
 
 # --------------------------------------------------------------------------------------------------
 # dataset and batches: one item per caption, its image's cached ResNet50 features and its word ids
-# hands (features, padded captions) batches, in an order fixed by seed and epoch, to the training loop
+# hands (features, padded captions) batches, in an order fixed by seed and epoch, to the training
+# loop
 
 def image_transform(size):
     """What the frozen ResNet50 sees: resized, centre-cropped, normalised as for ImageNet."""
@@ -233,7 +234,8 @@ class FlickrDataset(Dataset):
         if cut:  # one 10,000-word caption once made two batches take 420 s
             tokens = [t[:max_len] for t in tokens]
             log(f"{cut} caption(s) longer than {max_len} words cut to {max_len} words")
-        self.captions = [torch.tensor([vocab.SOS, *vocab.numericalize(t), vocab.EOS]) for t in tokens]
+        self.captions = [torch.tensor([vocab.SOS, *vocab.numericalize(t), vocab.EOS])
+                         for t in tokens]
         self.lengths = torch.tensor([len(c) for c in self.captions])
         # every batch is indexed from these two, in place: no DataLoader, no copies per item
         self.padded = pad_sequence(self.captions, batch_first=True).int()  # (N, T)
@@ -518,7 +520,8 @@ class Captioner(nn.Module):
 
 # --------------------------------------------------------------------------------------------------
 # training: the cross-entropy step, the self-critical (SCST) step and its CIDEr-D reward, the
-# learning-rate schedule and the loop over steps; hands best.pt and the logs to validation and the report
+# learning-rate schedule and the loop over steps; hands best.pt and the logs to validation and the
+# report
 
 # The reward: coco-caption's CIDEr-D (Vedantam et al., 2015) of a caption c of an image whose
 # references are s_1..s_m, among N training images, as pycocoevalcap's Cider computes it:
@@ -778,7 +781,8 @@ def record_losses(run):
             columns += ["reward", "greedy_cider"]
         append_csv(Path(run.cfg.output_dir) / "loss_per_batch.csv", rows, columns)
     progress = run.progress
-    for row in rows:  # one at a time, in float64: a resume that groups steps otherwise sums the same
+    # one at a time, in float64: a resume that groups steps otherwise sums the same
+    for row in rows:
         progress.loss_sum += row[4]
         progress.loss_count += 1
         if scst:
@@ -789,7 +793,8 @@ def record_losses(run):
     run.bar.set_postfix({"loss": f"{rows[-1][4]:.3f}", "avg": f"{average:.3f}"})
     if run.bar.disable and is_main_process():  # a log file, not a terminal: a plain line instead
         epoch, step, phase, lr, loss = rows[-1][:5]
-        log(f"step {step} (epoch {epoch}, {phase}): loss {loss:.4f}, avg {average:.4f}, lr {lr:.3g}")
+        log(f"step {step} (epoch {epoch}, {phase}): loss {loss:.4f}, avg {average:.4f}, "
+            f"lr {lr:.3g}")
 
 
 def end_epoch(run, train_seconds):
@@ -815,11 +820,12 @@ def end_epoch(run, train_seconds):
         log_epoch(row, best, cfg)
         plot_history(out)
     val_names = run.data.images("val")[:3]
-    print_samples(run.model, run.data.source, val_names, cfg, run.device, f"end of epoch {progress.epoch}")
+    print_samples(run.model, run.data.source, val_names, cfg, run.device,
+                  f"end of epoch {progress.epoch}")
 
 
 def train(cfg, device):
-    """Trains, validates every epoch, keeps best.pt (by best_metric) and last.pt, reports on test."""
+    """Trains, validates each epoch, keeps best.pt (by best_metric) and last.pt, reports on test."""
     out, size = Path(cfg.output_dir), rank_and_size()[1]
     lock = claim_output_dir(out, fresh=not cfg.resume) if is_main_process() else None
     run = start_run(cfg, device)
@@ -849,7 +855,8 @@ def train(cfg, device):
                     end_epoch(run, time.time() - epoch_start)
                 if epoch >= all_epochs:  # num_epochs may be lowered on resume
                     break
-                if batch == 0 or batches is None:  # a new epoch, or the first batch of a resumed one
+                # a new epoch, or the first batch of a resumed one
+                if batch == 0 or batches is None:
                     batches = open_epoch(run, epoch, batch, epoch_steps, all_epochs)
                     epoch_start = time.time()
                 indices, (inputs, captions) = next(batches)
@@ -865,7 +872,8 @@ def train(cfg, device):
                     record_losses(run)
                 if cfg.sample_every and progress.step % cfg.sample_every == 0:
                     names = run.data.images("val")[:3]
-                    print_samples(run.model, run.data.source, names, cfg, device, f"step {progress.step}")
+                    print_samples(run.model, run.data.source, names, cfg, device,
+                                  f"step {progress.step}")
         finally:
             run.bar.close()  # before any error's one line, which must start a line of its own
         if any_process(stop.requested, device):  # also during the last validation: no test report
@@ -888,15 +896,17 @@ def prepare_epochs(run):
     # with torchrun, DDP averages the gradients of the processes; else the model as it is
     run.ddp = run.model
     if rank_and_size()[1] > 1:
-        run.ddp = DistributedDataParallel(run.model, [run.device] if run.device.type == "cuda" else None)
-    run.train_set = FlickrDataset(data.split("train"), vocab, data.source, cfg.max_train_caption_len)
+        run.ddp = DistributedDataParallel(
+            run.model, [run.device] if run.device.type == "cuda" else None)
+    run.train_set = FlickrDataset(data.split("train"), vocab, data.source,
+                                  cfg.max_train_caption_len)
     run.val_set = FlickrDataset(data.split("val"), vocab, data.source)
     if cfg.scst_epochs:
         run.scst_set, run.reward = scst_data(data, vocab, cfg.max_train_caption_len)
 
 
 def open_epoch(run, epoch, batch, epoch_steps, all_epochs):
-    """The epoch's batches from batch on, each with its indices into the dataset; its progress bar."""
+    """The epoch's batches from batch on, each with its dataset indices; its progress bar."""
     cfg = run.cfg
     rank, size = rank_and_size()
     scst = epoch >= cfg.num_epochs
@@ -994,7 +1004,7 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
 
 
 def generate_captions(model, source, names, cfg, device, beam_size=None):
-    """{name: caption} of the images, and the names left out; under torchrun, shared and gathered."""
+    """{name: caption} of the images and the names left out; under torchrun, shared and gathered."""
     rank, size = rank_and_size()
     share = names[rank::size]
     captions = {}
@@ -1494,15 +1504,19 @@ def check_splits(frame, folder):
 
 
 def open_rgb(path):
-    """The image as 8-bit RGB, upright as its EXIF orientation says; 16- and 32-bit greys are scaled."""
+    """The image as 8-bit RGB, upright per its EXIF orientation; 16- and 32-bit greys are scaled."""
     with Image.open(path) as image:
-        with contextlib.suppress(Exception):  # a damaged EXIF block must not lose an otherwise good image
-            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of every upright image
-        if image.mode.startswith("I"):  # 'I;16', 'I;16B', 'I': convert() would clip them at 255, almost white
+        # a damaged EXIF block must not lose an otherwise good image
+        with contextlib.suppress(Exception):
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of each upright image
+        # 'I;16', 'I;16B', 'I': convert() would clip them at 255, almost white
+        if image.mode.startswith("I"):
             pixels = np.asarray(image, dtype=np.float64)
-            # 'I' is how some Pillow versions open 16-bit PNGs: values that fit 16 bits are taken as 16-bit
+            # 'I' is how some Pillow versions open 16-bit PNGs: values that fit 16 bits are taken
+            # as 16-bit
             top = 65535 if image.mode.startswith("I;16") or pixels.max() <= 65535 else 2 ** 31 - 1
-            image = Image.fromarray(np.clip(np.round(pixels * (255 / top)), 0, 255).astype(np.uint8))
+            image = Image.fromarray(
+                np.clip(np.round(pixels * (255 / top)), 0, 255).astype(np.uint8))
         return image.convert("RGB")
 
 
@@ -1697,12 +1711,14 @@ def demo_scores(model, data, split, cfg, device, by_kind=False):
 FETCH_WEIGHTS = "run ./setup.sh to download it (or see the README)"
 
 
-WEIGHTS_NAME = re.compile(r"resnet50-([0-9a-f]{8,64})\.pth")  # torchvision's names carry a sha256 prefix
+# torchvision's names carry a sha256 prefix
+WEIGHTS_NAME = re.compile(r"resnet50-([0-9a-f]{8,64})\.pth")
 
 
 def weights_sha256(path):
     try:
-        stat = Path(path).stat()  # size and time are in the cache key: a changed file is hashed again
+        # size and time are in the cache key: a changed file is hashed again
+        stat = Path(path).stat()
         return stamped_sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
     except OSError as error:
         raise UserError(f"cannot read ResNet50 weights {path}: {error.strerror or error}") from None
@@ -1715,7 +1731,7 @@ def stamped_sha256(path, size, mtime):
 
 
 def file_sha256(path):
-    """The file's sha256, or None when it cannot be read (an image is then named where it is decoded)."""
+    """The file's sha256, or None if unreadable (an image is then named where it is decoded)."""
     with contextlib.suppress(OSError), open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -1727,29 +1743,34 @@ def load_resnet50(weights_path):
         raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
     named_hash = WEIGHTS_NAME.fullmatch(path.name)
     if named_hash and not weights_sha256(path).startswith(named_hash[1]):
-        raise UserError(f"{path} is corrupt or incomplete (its sha256 does not start with {named_hash[1]}): "
-                        f"delete it and {FETCH_WEIGHTS}")
-    try:  # weights_only: tensors and plain containers; a file that needs more could run code, and is refused
+        raise UserError(f"{path} is corrupt or incomplete (its sha256 does not start with "
+                        f"{named_hash[1]}): delete it and {FETCH_WEIGHTS}")
+    # weights_only: tensors and plain containers; a file that needs more could run code, and is
+    # refused
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UserError(f"{path} cannot be read as plain tensors ({type(error).__name__}): it is damaged, in "
-                        f"torch.hub's old format (resnet50-19c8e357.pth) or not a weights file; "
-                        f"{FETCH_WEIGHTS} (resnet50-0676ba61.pth)") from None
-    # built on the meta device: no random init, which would waste time and draw from the global RNG (a run
-    # would then train differently with and without a feature cache); strict loading makes every tensor real
+        raise UserError(f"{path} cannot be read as plain tensors ({type(error).__name__}): it is "
+                        f"damaged, in torch.hub's old format (resnet50-19c8e357.pth) or not a "
+                        f"weights file; {FETCH_WEIGHTS} (resnet50-0676ba61.pth)") from None
+    # built on the meta device: no random init, which would waste time and draw from the global
+    # RNG (a run would then train differently with and without a feature cache); strict loading
+    # makes every tensor real
     with torch.device("meta"):
         model = torchvision.models.resnet50(weights=None)
     try:
         model.load_state_dict(state, assign=True)
     except Exception as error:
         reason = " ".join(str(error).split())[:200]  # one line: torch's message spans several
-        raise UserError(f"{path} does not hold ResNet50 weights ({reason}): {FETCH_WEIGHTS}") from None
+        raise UserError(f"{path} does not hold ResNet50 weights ({reason}): "
+                        f"{FETCH_WEIGHTS}") from None
     model.avgpool = model.fc = nn.Identity()  # its output is the last convolutional grid, flattened
-    return model.float()  # assign keeps the file's dtype; copying into the model converted it to float32
+    # assign keeps the file's dtype; copying into the model converted it to float32
+    return model.float()
 
 
 def random_resnet50_weights(path, seed=0):
-    """A fixed random-init ResNet50 for the demo without downloads, saved: its captions can be reproduced."""
+    """A fixed random-init ResNet50 for the offline demo, saved: its captions can be reproduced."""
     path = Path(path)
     if not path.is_file():
         with torch.random.fork_rng():
@@ -1779,11 +1800,12 @@ def features_cache_key(weights_sha, transform, image_dir, names, precision="fp32
 
 
 def tensor_sha256(tensor):
-    return hashlib.sha256(tensor.contiguous().numpy()).hexdigest()  # in place: no copy of a memory map
+    # in place: no copy of a memory map
+    return hashlib.sha256(tensor.contiguous().numpy()).hexdigest()
 
 
 class ImageFiles(Dataset):
-    """One item per image file, decoded by PIL in a DataLoader worker: (image (3, H, W) or None, i)."""
+    """One item per image, decoded by PIL in a DataLoader worker: (image (3, H, W) or None, i)."""
 
     def __init__(self, paths, transform):
         self.paths = list(paths)
@@ -1793,7 +1815,8 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        with contextlib.suppress(Exception):  # PIL raises OSError, ValueError, ... by format and damage
+        # PIL raises OSError, ValueError, ... by format and damage
+        with contextlib.suppress(Exception):
             return self.transform(open_rgb(self.paths[i])), i
         return None, i
 
@@ -1815,12 +1838,13 @@ def decoding_workers(cfg):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         soft = hard
     if soft < 64:
-        raise UserError(f"only {soft} open files are allowed (ulimit -n): raise it, e.g. ulimit -n 4096")
+        raise UserError(f"only {soft} open files are allowed (ulimit -n): "
+                        f"raise it, e.g. ulimit -n 4096")
     return min(wanted, (soft - 48) // 16)
 
 
 def extract_features(resnet, paths, cfg, device, into=None):
-    """Pooled (N, 2048) or, for attention, float16 grid (N, L, 2048) features; unreadable indices."""
+    """Pooled (N, 2048) or, for attention, fp16 grid (N, L, 2048) features; unreadable indices."""
     grid_cells = feature_grid_cells(cfg)
     shape = (len(paths), grid_cells, 2048) if grid_cells else (len(paths), 2048)
     dtype = torch.float16 if grid_cells else torch.float
@@ -1852,7 +1876,7 @@ def extract_features(resnet, paths, cfg, device, into=None):
 
 
 def feature_grid_cells(cfg):
-    """ResNet50's grid cells per image for the attention decoder (the image halved 5 times), else 0."""
+    """ResNet50's grid cells per image for the attention decoder (image halved 5 times), else 0."""
     if cfg.decoder != "attention":
         return 0
     return math.ceil(cfg.image_size / 32) ** 2
@@ -1862,8 +1886,10 @@ def load_cached_features(path, key):
     """The cache's contents, or None when it is absent, for other inputs, or damaged in any way."""
     if not path.is_file():
         return None
-    with contextlib.suppress(Exception):  # a truncated or corrupt file fails in many ways; all mean rebuild
-        cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read as pages are used
+    # a truncated or corrupt file fails in many ways; all mean rebuild
+    with contextlib.suppress(Exception):
+        # mmap: read as pages are used
+        cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if cache["key"] == key and tensor_sha256(cache["features"]) == cache["sha256"]:
             return cache
     warn(f"feature cache {path} is damaged or stale: rebuilding it")
@@ -1871,16 +1897,17 @@ def load_cached_features(path, key):
 
 
 def try_lock(file):
-    """Takes the kernel's lock (flock) on an open file, or says False when another process holds it."""
+    """Takes the kernel lock (flock) on an open file, or says False if another process holds it."""
     with contextlib.suppress(OSError):
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends, even by kill -9
+        # released when the process ends, even by kill -9
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     return False
 
 
 @contextlib.contextmanager
 def exclusive(path):
-    """A kernel lock (flock) on path's .lock file, taken after any run that holds it; kill -9 releases it."""
+    """A flock on path's .lock file, taken after any run that holds it; kill -9 releases it."""
     try:
         lock = open(f"{path}.lock", "a+")
     except OSError:  # a read-only folder: nothing can be written there to race over
@@ -1890,7 +1917,8 @@ def exclusive(path):
         if not try_lock(lock):
             log(f"features: waiting for another run that is writing {path}")
             fcntl.flock(lock, fcntl.LOCK_EX)
-        for stale in path.parent.glob(f"{path.name}.*"):  # a killed run's: only the lock holder writes one
+        # a killed run's: only the lock holder writes one
+        for stale in path.parent.glob(f"{path.name}.*"):
             if stale.suffix in (".scratch", ".tmp"):
                 stale.unlink()
         yield
@@ -1939,7 +1967,8 @@ def write_feature_cache(weights, files, path, key, cfg, device):
                         f"use another --cache_dir")
     start = time.time()
     scratch = path.with_name(f"{path.name}.{os.getpid()}.scratch")  # COCO's grids outgrow RAM
-    try:  # the scratch file goes also on a full disk, Ctrl-C or SIGTERM (main makes it an exception)
+    # the scratch file goes also on a full disk, Ctrl-C or SIGTERM (main makes it an exception)
+    try:
         resnet = load_resnet50(weights)
         features, unread = extract_features(resnet, list(files.values()), cfg, device, scratch)
         names = list(files)
@@ -1965,7 +1994,7 @@ def check_writable(folder, setting):
 
 
 def atomic_save(obj, path):
-    """torch.save to this process's temporary file, fsync, rename: a crash leaves the previous file intact."""
+    """torch.save to this process's temp file, fsync, rename: a crash leaves the old file intact."""
     path, tmp = Path(path), Path(f"{path}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1974,23 +2003,27 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as error:  # a full disk (torch says RuntimeError), or a second Ctrl-C while writing
-        with contextlib.suppress(OSError):  # also where nothing was written (read-only, a file in the way)
+    except BaseException as error:
+        # a full disk (torch says RuntimeError), or a second Ctrl-C while writing
+        # suppress: also where nothing was written (read-only, a file in the way)
+        with contextlib.suppress(OSError):
             tmp.unlink()
         if not isinstance(error, (OSError, RuntimeError)):
             raise
         reason = getattr(error, "strerror", None) or "the disk may be full"
-        raise UserError(f"cannot write {path}: {reason}. Free some space or choose another folder; the "
-                        f"previous {path.name}, if any, is intact") from None
+        raise UserError(f"cannot write {path}: {reason}. Free some space or choose another folder; "
+                        f"the previous {path.name}, if any, is intact") from None
 
 
 def feature_statistics(features, rows):
-    """Per-channel mean and std (2048,) over some rows of pooled or grid features, a chunk at a time."""
-    chunks = (features[chunk].reshape(-1, 2048).double() for chunk in torch.as_tensor(rows).split(256))
+    """Per-channel mean and std (2048,) over rows of pooled or grid features, a chunk at a time."""
+    chunks = (features[chunk].reshape(-1, 2048).double()
+              for chunk in torch.as_tensor(rows).split(256))
     total, squares = sum(torch.stack([x.sum(0), x.square().sum(0)]) for x in chunks)  # (2048,) each
     n = len(rows) * features[0].numel() // 2048
     mean = total / n
-    return mean.float(), ((squares - n * mean.square()) / max(n - 1, 1)).sqrt().float().clamp_min(1e-6)
+    return (mean.float(),
+            ((squares - n * mean.square()) / max(n - 1, 1)).sqrt().float().clamp_min(1e-6))
 
 
 def names_sha256(names):
@@ -1998,7 +2031,7 @@ def names_sha256(names):
 
 
 def prepare_data(cfg, device, build_vocab=False, trained=None):
-    """Captions, splits, tokens, the training vocabulary (build_vocab) and every image's features."""
+    """Captions, splits, tokens, the training vocabulary (build_vocab) and each image's features."""
     prepare_demo(cfg)
     frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
     frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
@@ -2027,8 +2060,8 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
 def build_vocabulary(train_tokens, freq_threshold):
     vocab = Vocabulary(freq_threshold).build_vocab(train_tokens)
     if len(vocab) == len(Vocabulary.SPECIALS):
-        raise UserError(f"--freq_threshold={freq_threshold} leaves no word in the vocabulary (no training "
-                        f"word occurs that often): lower it, e.g. --freq_threshold=2")
+        raise UserError(f"--freq_threshold={freq_threshold} leaves no word in the vocabulary "
+                        f"(no training word occurs that often): lower it, e.g. --freq_threshold=2")
     log(f"vocabulary: {len(vocab)} words (from the training split, threshold {freq_threshold})")
     return vocab
 
@@ -2233,12 +2266,13 @@ def claim_output_dir(out, fresh=False):
     return lock  # held open until the process ends
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a scheduler, a closed terminal
+# Ctrl-C, a scheduler, a closed terminal
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
 def stopping_on_signals():
-    """Inside, SIGTERM and SIGHUP stop the process as Ctrl-C does: what is being written is cleaned."""
+    """Inside, SIGTERM and SIGHUP stop the process like Ctrl-C: what is being written is cleaned."""
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in STOP_SIGNALS}
     try:
         yield
@@ -2248,7 +2282,7 @@ def stopping_on_signals():
 
 
 class CtrlC:
-    """Ctrl-C, SIGTERM or SIGHUP asks the loop to save last.pt and stop; a second one stops at once."""
+    """Ctrl-C, SIGTERM or SIGHUP asks the loop to save last.pt and stop; a second stops at once."""
     # under torchrun, whose agent passes one Ctrl-C on twice, every signal only asks
     requested = False
 
@@ -2438,8 +2472,9 @@ def log_epoch(row, best, cfg):
         said = f"self-critical: reward {reward:.1f}, greedy CIDEr-D {greedy:.1f}"
     else:
         said = f"train loss {row['train_loss']:.3f}"
-    metrics = {k: v for k, v in row.items() if k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR",
-                                                     "ROUGE-L", "CIDEr", "demo_accuracy")}
+    metrics = {k: v for k, v in row.items()
+               if k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
+                        "demo_accuracy")}
     log(f"epoch {row['epoch']}: {said}, val loss {row['val_loss']:.3f}, token accuracy "
         f"{row['val_token_accuracy']:.1%}, {format_metrics(metrics)}; {row['epoch_seconds']:.1f} s "
         f"training, {row['eval_seconds']:.1f} s validation (beam {cfg.beam_size})"
@@ -2454,12 +2489,13 @@ def keep_cross_entropy_results(run):
         shutil.copyfile(out / "best.pt", out / "best-xe.pt.tmp")
         os.replace(out / "best-xe.pt.tmp", out / "best-xe.pt")
     wait_for_all()
-    log(f"self-critical training begins: the cross-entropy run's best.pt is kept as {out / 'best-xe.pt'}")
+    log(f"self-critical training begins: the cross-entropy run's best.pt is kept as "
+        f"{out / 'best-xe.pt'}")
     test_report(restore(out / "best-xe.pt"), run.data, run.cfg, run.device, "-xe")
 
 
 def stop_and_save(run):
-    """last.pt at the last step taken, with its losses recorded, so that --resume goes on from there."""
+    """last.pt at the last step taken, with its losses recorded, so --resume goes on from there."""
     record_losses(run)
     if is_main_process():
         out = Path(run.cfg.output_dir)
@@ -2470,14 +2506,16 @@ def stop_and_save(run):
 # several processes (torchrun): the same loop in each, on its share of every batch; rank 0 writes
 
 def start_processes(device):
-    """Under torchrun, joins the process group and returns this process's device; else the device as it is."""
+    """Joins torchrun's process group, returns this process's device; else the device unchanged."""
     if "LOCAL_RANK" not in os.environ:
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    # the others wait while process 0 writes the feature cache: at COCO's size, longer than NCCL's 10 minutes
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
+    # the others wait while process 0 writes the feature cache: at COCO's size, longer than NCCL's
+    # 10 minutes
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(hours=2),
                             device_id=device if device.type == "cuda" else None)
     return device
 
@@ -2828,7 +2866,8 @@ def caption_images(cfg, paths, restored, device):
     if not captions:
         return 1
     maps = word_maps(model, source, captions, device)
-    rows = [{"path": Path(name), "name": str(file), "caption": captions[name], "maps": maps.get(name)}
+    rows = [{"path": Path(name), "name": str(file), "caption": captions[name],
+             "maps": maps.get(name)}
             for file, name in zip(files, names) if name in captions]
     # output_dir is the checkpoint's folder unless --output_dir is given: never another run's
     out = cfg.output_dir
