@@ -185,7 +185,8 @@ class Vocabulary:
 
     def save(self, path):
         data = {"freq_threshold": self.freq_threshold, "itos": self.itos}
-        Path(path).write_text(json.dumps(data, indent=0))  # a word a line
+        text = json.dumps(data, indent=0)  # a word a line
+        write_whole(Path(path).parent, {Path(path): text.encode()})
 
     @classmethod
     def load(cls, path):
@@ -2140,7 +2141,12 @@ def save_checkpoint(path, model, optimizer, cfg, data, progress):
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise UserError(f"the model's weights are not finite at step {progress.step}: "
                         f"{path.name} unwritten")
-    (path.parent / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    # config.json: the settings that ran, naming the ResNet50 file that was used, whole or not at all
+    settings = dataclasses.asdict(cfg) | {"encoder_weights": str(data.weights)}
+    if data.weights == DEMO_WEIGHTS.resolve():
+        settings["encoder"] = "random ResNet50 (demo only)"
+    text = json.dumps(settings, indent=2)
+    write_whole(path.parent, {path.parent / "config.json": text.encode()})
     ckpt = {
         "model_args": model.args,  # MODEL_ARGS: Captioner(vocab, model_args) rebuilds the model
         "model": model.state_dict(),  # its weights: the frozen ResNet50 is not part of it

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPT, TINY_DEMO, cap, demo_args, error_line, shared
+from conftest import ROOT, SCRIPT, TINY_DEMO, cap, demo_args, error_line, run_script, shared
 
 OUTPUTS = ["loss_per_batch.csv", "loss_per_epoch.csv", "loss_graph.png", "metrics_graph.png", "vocab.json",
            "config.json", "last.pt", "best.pt", "test_metrics.json", "test_captions.csv", "test_captions.json",
@@ -57,7 +57,10 @@ def test_checkpoint_loads_without_pickle(trained_demo):
                                   "dropout": 0.3, "image_size": 96}
     assert not any("resnet." in k for k in ckpt["model"])  # the backbone comes from its own file
     assert ckpt["vocab"] == json.loads((trained_demo / "vocab.json").read_text())["itos"]
-    assert ckpt["config"] == json.loads((trained_demo / "config.json").read_text())
+    ran = json.loads((trained_demo / "config.json").read_text())
+    assert ran["encoder_weights"] == ckpt["encoder_weights"]  # the ResNet50 file that was used
+    assert {k: v for k, v in ckpt["config"].items() if k != "encoder_weights"} == \
+        {k: v for k, v in ran.items() if k != "encoder_weights"}
 
 
 def quick_args(demo_dirs, weights, out, *extra):
@@ -475,3 +478,28 @@ def test_an_scst_epoch_whose_every_reward_is_0_is_warned_about(capsys):
     progress.reward_sum = 1.0
     cap.epoch_training_figures(run)
     assert "reward" not in capsys.readouterr().err
+
+
+def test_a_log_that_is_not_a_terminal_has_plain_lines_and_no_progress_bars(tmp_path, random_weights):
+    """Piped to a file: a line every log_every steps, as nanoGPT prints them; no \\r or cursor codes."""
+    result = run_script(*TINY_DEMO, "--num_epochs=1", "--max_batches_per_epoch=4", "--log_every=2",
+                        f"--data_dir={tmp_path / 'data'}", f"--cache_dir={tmp_path / 'cache'}",
+                        f"--encoder_weights={random_weights}", f"--output_dir={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = result.stdout + result.stderr
+    assert "\r" not in log and "\x1b[" not in log
+    assert [line.split(" (")[0] for line in result.stdout.splitlines() if line.startswith("step ")] == \
+        ["step 2", "step 4"]
+
+
+def test_config_json_names_the_random_resnet50_the_demo_used(tmp_path):
+    """Without the ImageNet file the demo uses a random ResNet50, and says so in config.json."""
+    args = [*TINY_DEMO, "--num_epochs=1", "--max_batches_per_epoch=2", f"--data_dir={tmp_path / 'data'}",
+            f"--cache_dir={tmp_path / 'cache'}",
+            f"--output_dir={tmp_path / 'out'}"]
+    if (ROOT / cap.encoder_weights).is_file():
+        pytest.skip("the ImageNet weights are here: the demo uses them")
+    assert cap.main(args) == 0
+    ran = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert ran["encoder"] == "random ResNet50 (demo only)"
+    assert ran["encoder_weights"] == str(cap.DEMO_WEIGHTS.resolve())
