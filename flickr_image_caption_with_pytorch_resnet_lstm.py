@@ -2141,7 +2141,7 @@ def save_checkpoint(path, model, optimizer, cfg, data, progress):
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise UserError(f"the model's weights are not finite at step {progress.step}: "
                         f"{path.name} unwritten")
-    # config.json: the settings that ran, naming the ResNet50 file that was used, whole or not at all
+    # config.json: the settings that ran, with the ResNet50 file that was used, written whole
     settings = dataclasses.asdict(cfg) | {"encoder_weights": str(data.weights)}
     if data.weights == DEMO_WEIGHTS.resolve():
         settings["encoder"] = "random ResNet50 (demo only)"
