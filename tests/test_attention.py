@@ -20,7 +20,9 @@ def test_an_attention_run_records_its_decoder_and_its_demo_figures_are_its_capti
     greedy, shapes = dict(zip(captions["image"], captions["caption"])), demo_dirs["data_dir"] / "shapes.csv"
     (single, n_single), (two, n_two) = (cap.demo_accuracy(greedy, shapes, n) for n in (1, 2))
     assert n_single + n_two == 100 and n_two > 10
-    assert report["demo_colour_shape_accuracy"] == single and report["demo_two_shape_accuracy"] == two
+    assert report["scale"] == 100  # figures are stored x100, as they are shown
+    assert report["demo_colour_shape_accuracy"] == pytest.approx(100 * single)
+    assert report["demo_two_shape_accuracy"] == pytest.approx(100 * two)
 
 
 def test_evaluate_an_attention_checkpoint_with_its_maps(trained_attention, demo_dirs, random_weights):

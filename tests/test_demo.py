@@ -148,11 +148,12 @@ def test_the_demo_figures_are_what_demo_accuracy_makes_of_the_greedy_captions(tr
     shapes = Path(cfg.data_dir) / "shapes.csv"
     (single, n_single), (two, n_two) = (cap.demo_accuracy(greedy, shapes, n) for n in (1, 2))
     assert not failed and n_single + n_two == report["images"] == 100 and n_two > 10
-    assert report["demo_colour_shape_accuracy"] == single and report["demo_two_shape_accuracy"] == two
+    assert report["demo_colour_shape_accuracy"] == pytest.approx(100 * single)  # stored x100
+    assert report["demo_two_shape_accuracy"] == pytest.approx(100 * two)
 
 
 def test_demo_model_reads_the_image(trained_demo, trained_run):
-    seeing = json.loads((trained_demo / "test_metrics.json").read_text())["demo_colour_shape_accuracy"]
+    seeing = json.loads((trained_demo / "test_metrics.json").read_text())["demo_colour_shape_accuracy"] / 100
     model, data, cfg = trained_run
     names = data.images("test")
     # the same model, blind: every image's features replaced by the training set's mean
@@ -166,7 +167,7 @@ def test_demo_model_reads_the_image(trained_demo, trained_run):
 
 def test_the_demo_model_reads_shapes_drawn_by_another_renderer(tmp_path, trained_demo, random_weights):
     """A model that learnt the demo's exact pixels would fall to chance (1/12) on another renderer's shapes."""
-    own = json.loads((trained_demo / "test_metrics.json").read_text())["demo_colour_shape_accuracy"]
+    own = json.loads((trained_demo / "test_metrics.json").read_text())["demo_colour_shape_accuracy"] / 100
     single, two = second_renderer_accuracy(trained_demo / "best.pt", random_weights, tmp_path / "shapes")
     print(f"second renderer: {single:.1%} of single-shape images right (the demo's own: {own:.1%}), {two:.1%} of "
           f"two-shape images")
