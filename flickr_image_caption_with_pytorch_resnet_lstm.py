@@ -1084,7 +1084,7 @@ def setting_comments():
     with open(__file__, "rb") as source:
         for token in tokenize.tokenize(source.readline):
             if token.string == "CONFIG_NAMES":  # the constants end here
-                return comments
+                break
             text = token.string.lstrip("# ")
             first = token.start[1] == 0  # in the line's first column
             if token.type == tokenize.COMMENT and first:
@@ -1094,6 +1094,7 @@ def setting_comments():
                 comments[name] = [section, ""]
             elif token.type == tokenize.COMMENT and name:  # beside its constant, or on lines below
                 comments[name][1] = f"{comments[name][1]} {text}".strip()
+    return comments
 
 
 def setting_help(name, comment):
@@ -1117,14 +1118,16 @@ def resolve_settings(overrides=None, trained=None, echo=None):
     where = "resources/input/flickr8k"  # 'auto' is Flickr8k where its data is, else the demo
     flickr8k = bool(given["data_dir"]) or (ROOT / where).is_dir()
     why = "--data_dir given" if given["data_dir"] else f"{'found' if flickr8k else 'no'} {where}"
-    if given["dataset"] == "auto":
-        given["dataset"] = "flickr8k" if flickr8k else "demo"
-    chosen = given["dataset"] if given["preset"] == "auto" else given["preset"]
+    dataset = given["dataset"]
+    if dataset == "auto":
+        dataset = "flickr8k" if flickr8k else "demo"
+    chosen = dataset if given["preset"] == "auto" else given["preset"]
     preset_origin = f"{chosen} preset; --preset=none keeps the constants"
     layer(values, origin, PRESETS.get(chosen, {}), preset_origin)
     layer(values, origin, trained, "the checkpoint's")
     layer(values, origin, overrides, "command line")
-    layer(values, origin, {"dataset": given["dataset"]}, why)
+    if given["dataset"] == "auto":
+        layer(values, origin, {"dataset": dataset}, why)
     if values["best_metric"] == "auto":  # the demo's CIDEr rewards one of three arbitrary phrasings
         metric = "demo_accuracy" if values["dataset"] == "demo" else "CIDEr"
         layer(values, origin, {"best_metric": metric}, "auto")
