@@ -1157,7 +1157,7 @@ def setting_comments():
     with open(__file__, "rb") as source:
         for token in tokenize.tokenize(source.readline):
             if token.string == "CONFIG_NAMES":  # the constants end here
-                return comments
+                break
             text = token.string.lstrip("# ")
             first = token.start[1] == 0  # in the line's first column
             if token.type == tokenize.COMMENT and first:
@@ -1167,6 +1167,7 @@ def setting_comments():
                 comments[name] = [section, ""]
             elif token.type == tokenize.COMMENT and name:  # beside its constant, or on lines below
                 comments[name][1] = f"{comments[name][1]} {text}".strip()
+    return comments
 
 
 def setting_help(name, comment):
@@ -1187,17 +1188,37 @@ def resolve_settings(overrides=None, trained=None, echo=None):
     values = {name: globals()[name] for name in CONFIG_NAMES}
     origin = {}
     given = values | trained | overrides
-    where = "resources/input/flickr8k"  # 'auto' is Flickr8k where its data is, else the demo
-    flickr8k = bool(given["data_dir"]) or (ROOT / where).is_dir()
-    why = "--data_dir given" if given["data_dir"] else f"{'found' if flickr8k else 'no'} {where}"
-    if given["dataset"] == "auto":
-        given["dataset"] = "flickr8k" if flickr8k else "demo"
-    chosen = given["dataset"] if given["preset"] == "auto" else given["preset"]
+    dataset, why = pick_dataset(given)
+    chosen = dataset if given["preset"] == "auto" else given["preset"]
     preset_origin = f"{chosen} preset; --preset=none keeps the constants"
     layer(values, origin, PRESETS.get(chosen, {}), preset_origin)
     layer(values, origin, trained, "the checkpoint's")
     layer(values, origin, overrides, "command line")
-    layer(values, origin, {"dataset": given["dataset"]}, why)
+    if why:  # it was 'auto'
+        layer(values, origin, {"dataset": dataset}, why)
+    fill_in(values, origin, overrides)
+    for name in RESUME_FIXED if values["resume"] else MODEL_ARGS:  # where its weights fit no other
+        if name in trained and values[name] != trained[name]:
+            raise UserError(f"--{name}={values[name]}, but the checkpoint was trained with "
+                            f"{name}={trained[name]}: leave --{name} out, and its own is used")
+    check_settings(values)
+    show_settings(values, origin, trained, echo)
+    return Config(**values)
+
+
+def pick_dataset(given):
+    """--dataset, and why where it was 'auto': Flickr8k where its data is, else the demo."""
+    if given["dataset"] != "auto":
+        return given["dataset"], None
+    if given["data_dir"]:
+        return "flickr8k", "--data_dir given"
+    where = "resources/input/flickr8k"
+    found = (ROOT / where).is_dir()
+    return "flickr8k" if found else "demo", f"{'found' if found else 'no'} {where}"
+
+
+def fill_in(values, origin, overrides):
+    """What 'auto' and '' mean once the dataset is known; every path made absolute."""
     if values["best_metric"] == "auto":  # the demo's CIDEr rewards one of three arbitrary phrasings
         metric = "demo_accuracy" if values["dataset"] == "demo" else "CIDEr"
         layer(values, origin, {"best_metric": metric}, "auto")
@@ -1208,13 +1229,6 @@ def resolve_settings(overrides=None, trained=None, echo=None):
         if not values[name]:
             default = str(ROOT / "resources" / folder / values["dataset"])
             layer(values, origin, {name: default}, f"default for {values['dataset']}")
-    for name in RESUME_FIXED if values["resume"] else MODEL_ARGS:  # where its weights fit no other
-        if name in trained and values[name] != trained[name]:
-            raise UserError(f"--{name}={values[name]}, but the checkpoint was trained with "
-                            f"{name}={trained[name]}: leave --{name} out, and its own is used")
-    check_settings(values)
-    show_settings(values, origin, trained, echo)
-    return Config(**values)
 
 
 def layer(values, origin, new, where):

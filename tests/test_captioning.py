@@ -139,13 +139,6 @@ def test_tampering_without_recomputing_the_checksum_is_caught(tmp_path, trained_
     assert caption(capsys, demo_image(demo_dirs), f"--checkpoint={path}")[0] == 0
 
 
-def drop(*keys):
-    def change(ckpt):
-        for key in keys:
-            del ckpt[key]
-    return change
-
-
 @pytest.mark.parametrize("change, problem", [
     (setting("attention_heads", 4), "model_args"),
     (lambda ckpt: ckpt["model_args"].pop("dropout"), "model_args"),
@@ -156,10 +149,8 @@ def drop(*keys):
     (setting("decoder", "transformer"), "model_args"),
     (lambda ckpt: ckpt["vocab"].__setitem__(3, "<unk>"), "<UNK>"),
     (lambda ckpt: ckpt.__setitem__("vocab", ckpt["vocab"][4:]), "<UNK>"),
-    (lambda ckpt: ckpt["model"].__setitem__("decoder.embed.weight", [[0.0]]), "AttributeError"),
-    (drop("vocab", "model_args"), "KeyError"),
 ], ids=["extra-model-arg", "missing-model-arg", "negative-size", "zero-layers", "bool-size",
-        "string-dropout", "unknown-decoder", "renamed-special", "no-specials", "list-weight", "missing-keys"])
+        "string-dropout", "unknown-decoder", "renamed-special", "no-specials"])
 def test_a_tampered_checkpoint_is_refused_in_one_line(tmp_path, trained_demo, demo_dirs, capsys, change, problem):
     path = rewritten(trained_demo / "best.pt", tmp_path / "tampered.pt", change)
     code, out, err = caption(capsys, demo_image(demo_dirs), f"--checkpoint={path}")
