@@ -819,7 +819,7 @@ def end_epoch(run, train_seconds):
             save_checkpoint(out / "best.pt", run.model, run.optimizer, cfg, run.data, progress)
         append_csv(out / "loss_per_epoch.csv", [row], list(row))
         log_epoch(row, best, cfg)
-        plot_history(out)
+        plot_history(out, cfg.best_metric)
     val_names = run.data.images("val")[:3]
     print_samples(run.model, run.data.source, val_names, cfg, run.device,
                   f"end of epoch {progress.epoch}")
@@ -886,7 +886,8 @@ def train(cfg, device):
         log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
     log(f"outputs in {out}: report.html (open it in a browser), loss_per_batch.csv, "
         f"loss_per_epoch.csv, loss_graph.png, metrics_graph.png, test_metrics.json, "
-        f"test_captions.csv, test_captions.json, best.pt, last.pt, vocab.json, config.json")
+        f"test_captions.csv, test_captions.json, test_references.json, best.pt, last.pt, "
+        f"vocab.json, config.json")
     del lock
     return 0
 
@@ -2293,6 +2294,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 @contextlib.contextmanager
 def stopping_on_signals():
     """Inside, SIGTERM and SIGHUP stop the process like Ctrl-C: what is being written is cleaned."""
+    if "LOCAL_RANK" in os.environ:  # torchrun's agent stops the others with SIGTERM: let it
+        yield
+        return
     previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in STOP_SIGNALS}
     try:
         yield

@@ -26,7 +26,7 @@ def test_an_attention_run_records_its_decoder_and_its_demo_figures_are_its_capti
 
 
 def test_evaluate_an_attention_checkpoint_with_its_maps(trained_attention, demo_dirs, random_weights):
-    assert cap.main(demo_args(demo_dirs, random_weights, trained_attention, "--decoder=attention", "--evaluate")) == 0
+    assert cap.main(demo_args(demo_dirs, random_weights, trained_attention, "--evaluate", "--beam_size=3")) == 0
     report = json.loads((trained_attention / "test_metrics-best-beam3.json").read_text())
     assert report["images"] == 100 and "demo_two_shape_accuracy" in report
     captions = pd.read_csv(trained_attention / "test_captions-best-beam3.csv", keep_default_na=False)

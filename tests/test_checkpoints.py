@@ -57,7 +57,7 @@ def caption_with(capsys, base, checkpoint):
 def test_a_checkpoint_is_one_flat_dict_that_rebuilds_its_model(lstm_run):
     ckpt = torch.load(lstm_run / "best.pt", weights_only=True)
     assert set(ckpt) == {"model_args", "model", "vocab", "config", "optimizer", "epoch", "step", "best_score",
-                         "loss_sum", "loss_count", "reward_sum", "greedy_sum", "rng_state", "cuda_rng_state",
+                         "best_step", "epoch_row", "loss_sum", "loss_count", "reward_sum", "greedy_sum", "rng_state", "cuda_rng_state",
                          "processes", "encoder_weights", "encoder_weights_sha256", "train_images_sha256",
                          "model_sha256"}
     assert ckpt["model_sha256"] == cap.model_sha256(ckpt)

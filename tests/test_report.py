@@ -330,10 +330,10 @@ def test_the_page_names_its_checkpoint_encoder_and_metrics_without_absolute_path
 
 def test_a_demo_checkpoint_says_its_encoder_was_random(tmp_path):
     cfg = cap.resolve_settings({"dataset": "demo", "output_dir": str(cap.ROOT / "resources/output/demo")})
-    restored = SimpleNamespace(weights_file=str(cap.DEMO_WEIGHTS), path=cap.ROOT / "resources/output/demo/best.pt",
-                               progress=SimpleNamespace(epoch=3), model=SimpleNamespace(args={"decoder": "lstm"}),
-                               config={"dataset": "demo", "data_dir": str(cap.ROOT / "resources/input/demo")})
-    header = cap.report_header(cfg, restored)
+    ckpt = {"encoder_weights": str(cap.DEMO_WEIGHTS), "path": cap.ROOT / "resources/output/demo/best.pt",
+            "epoch": 3, "model_args": {"decoder": "lstm"},
+            "config": {"dataset": "demo", "data_dir": str(cap.ROOT / "resources/input/demo")}}
+    header = cap.report_header(cfg, ckpt)
     assert header["about"] == ("checkpoint best.pt (epoch 3, lstm decoder), beam 3; encoder: random ResNet50 "
                                "(demo only); trained on demo (../../input/demo)")
 
