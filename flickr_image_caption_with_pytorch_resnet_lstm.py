@@ -2338,9 +2338,8 @@ def append_csv(path, rows, columns):
     if set(columns) <= set(header):
         frame.reindex(columns=header).to_csv(path, mode="a", header=False, index=False)
         return
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # SCST's columns, or an older version's
-    pd.concat([pd.read_csv(path), frame]).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    whole = pd.concat([pd.read_csv(path), frame])  # SCST's columns, or an older version's
+    write_whole(path.parent, {path: whole.to_csv(index=False).encode()})
 
 
 def truncate_csv(path, column, last):
@@ -2425,8 +2424,7 @@ def mend_outputs(run, out):
     if not epochs.is_file() or pd.read_csv(epochs)["epoch"].max() < progress.epoch:
         append_csv(epochs, [progress.epoch_row], list(progress.epoch_row))
     if progress.best_step == progress.step:  # last.pt was written with best.pt, at an epoch end
-        shutil.copyfile(out / "last.pt", out / "best.pt.tmp")
-        os.replace(out / "best.pt.tmp", out / "best.pt")
+        write_whole(out, {out / "best.pt": (out / "last.pt").read_bytes()})
 
 
 def read_back(pending, device):
@@ -2510,8 +2508,7 @@ def keep_cross_entropy_results(run):
     report-xe.html and test_*-xe.*, to compare with what SCST makes of them."""
     out = Path(run.cfg.output_dir)
     if is_main_process():
-        shutil.copyfile(out / "best.pt", out / "best-xe.pt.tmp")
-        os.replace(out / "best-xe.pt.tmp", out / "best-xe.pt")
+        write_whole(out, {out / "best-xe.pt": (out / "best.pt").read_bytes()})
     wait_for_all()
     log(f"self-critical training begins: the cross-entropy run's best.pt is kept as "
         f"{out / 'best-xe.pt'}")
