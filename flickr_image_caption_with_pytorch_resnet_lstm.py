@@ -114,6 +114,8 @@ best_metric = "auto"        # what picks best.pt: 'CIDEr', 'BLEU-4', 'val_loss' 
 # modes
 evaluate = False            # evaluate a checkpoint on the test split and exit
 checkpoint = ""             # for --evaluate and --caption; '' means best.pt in output_dir
+caption_format = "text"     # --caption's lines: 'text' (path, tab, caption) or 'json' (an object
+                            # an image: path, caption, the beam's n-best with log-probabilities)
 preset = "auto"             # 'auto' (the dataset's own settings: PRESETS) or 'none' (the constants)
 
 CONFIG_NAMES = [k for k, v in globals().items()
@@ -513,10 +515,14 @@ class Captioner(nn.Module):
         return loss + penalty, logits, targets
 
     @torch.no_grad()
-    def generate(self, inputs, beam_size=3, max_len=20):
-        """Captions (strings) of images or cached features; beam_size=1 is greedy decoding."""
-        ids = beam_search(self.decoder, self.encoder(inputs), beam_size, max_len)
-        return [self.vocab.decode(seq) for seq in ids]
+    def generate(self, inputs, beam_size=3, max_len=20, n_best=False):
+        """Captions (strings) of cached features; beam_size=1 is greedy decoding. n_best: each
+        image's beam_search hypotheses, best first: (caption, log-probability, that per token)."""
+        found = beam_search(self.decoder, self.encoder(inputs), beam_size, max_len, n_best)
+        if n_best:
+            return [[(self.vocab.decode(ids), *scores) for ids, *scores in hypotheses]
+                    for hypotheses in found]
+        return [self.vocab.decode(ids) for ids in found]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -695,6 +701,7 @@ def scst_step(run, inputs, images, lr):
     loss = -(advantage * logps * mask).sum() / mask.sum()  # REINFORCE: -advantage * log p(word)
     optimizer_step(run.optimizer, loss, lr)
     figures = torch.stack([rewards.mean(), greedy_reward.mean()]).float()  # not all have float64
+    figures = 100 * figures  # recorded x100, as every metric the outputs store and show
     return torch.cat([loss.detach().float().view(1), figures.to(run.device)])
 
 
@@ -807,7 +814,7 @@ def end_epoch(run, train_seconds):
     metrics |= demo_scores(run.model, run.data, "val", cfg, run.device)
     progress.epoch += 1
     row = {"epoch": progress.epoch, **epoch_training_figures(run)}
-    row |= {"val_loss": val_loss, "val_token_accuracy": token_accuracy, **metrics}
+    row |= {"val_loss": val_loss, "val_token_accuracy": 100 * token_accuracy, **times_100(metrics)}
     row |= {"epoch_seconds": round(train_seconds, 2), "eval_seconds": round(time.time() - start, 2)}
     if is_main_process():
         best = is_best(progress, row, cfg)
@@ -957,8 +964,10 @@ def validation_loss(model, dataset, cfg, device):
 # go on: their rows are offsets + beam, and every state tensor is reordered to those rows.
 
 @torch.no_grad()
-def beam_search(decoder, image_embeds, beam_size, max_len):
-    """Each image's best word ids by log-probability per word; beam_size=1 is greedy decoding."""
+def beam_search(decoder, image_embeds, beam_size, max_len, n_best=False):
+    """Each image's best word ids by log-probability per word; beam_size=1 is greedy decoding.
+    n_best: each image's hypotheses instead, best first, as (word ids, summed log-probability, its
+    mean per token): those that ended (at most beam_size), or if none did, the best going on."""
     # decoder: start(embeds) -> state; step(tokens, state, first) -> (log-probs, state);
     # reorder(state, rows) -> state: any decoder with these three methods works
     n = image_embeds.size(0)
@@ -971,8 +980,7 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
     seqs = torch.zeros(n * k, 0, dtype=torch.long, device=dev)  # (n*k, t): each beam's words
     scores = torch.full((n, k), float("-inf"), device=dev)  # (n, k): summed log-probabilities
     scores[:, 0] = 0.0  # all beams start as the same hypothesis: one of them goes on
-    best_score = torch.full((n,), float("-inf"), device=dev)  # (n,): the best ended, per word
-    best_seq = [None] * n
+    ended = [[] for _ in range(n)]  # each image's ended hypotheses: (per word, log-prob, ids)
     finished = torch.zeros(n, dtype=torch.long, device=dev)  # (n,): hypotheses ended so far
     for t in range(max_len):
         logp, state = decoder.step(tokens, state, first=t == 0)  # (n*k, V)
@@ -986,11 +994,11 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
         eos = word == Vocabulary.EOS  # (n, 2k)
         # a hypothesis ends when <EOS> is among the k best, while the image has fewer than k ended
         ends = eos & (place < k) & (finished < k).unsqueeze(1) & (top > float("-inf"))  # (n, 2k)
-        per_word = torch.where(ends, top / (t + 1), float("-inf"))  # (n, 2k)
-        ended_score, ended_at = per_word.max(1)  # (n,) each
-        for i in (ended_score > best_score).nonzero().flatten().tolist():
-            best_score[i] = ended_score[i]
-            best_seq[i] = seqs[offsets[i, 0] + beam[i, ended_at[i]]].tolist()
+        images_ended = ends.nonzero()[:, 0].tolist()  # (e,): one wait for the device a step
+        if images_ended:
+            ended_seqs = seqs[(offsets + beam)[ends]].tolist()  # (e, t): in the same order
+            for i, log_p, ids in zip(images_ended, top[ends].tolist(), ended_seqs):
+                ended[i].append((log_p / (t + 1), log_p, ids))  # per word: ranks any length
         finished += ends.sum(1)
         order = place + eos.long() * top.size(1)  # (n, 2k): the <EOS> candidates last
         keep = order.argsort(1)[:, :k]  # (n, k): the k best that go on
@@ -1001,12 +1009,19 @@ def beam_search(decoder, image_embeds, beam_size, max_len):
         state = decoder.reorder(state, rows)
         if (finished >= k).all():
             break
-    going = seqs[offsets[:, 0] + scores.argmax(1)].tolist()  # the best going on: if none ended
-    return [seq if seq is not None else best_going for seq, best_going in zip(best_seq, going)]
+    going_score, going_beam = scores.max(1)  # (n,) each: the best going on, if none ended
+    going = seqs[offsets[:, 0] + going_beam].tolist()  # (n, t)
+    hypotheses = []
+    for found, score, ids in zip(ended, going_score.tolist(), going):
+        # sorted() keeps the order of equals: of equal scores, the one that ended first
+        ranked = sorted(found, key=lambda h: -h[0]) or [(score / max_len, score, ids)]
+        hypotheses.append([(ids, log_p, per_word) for per_word, log_p, ids in ranked[:k]])
+    return hypotheses if n_best else [image[0][0] for image in hypotheses]
 
 
-def generate_captions(model, source, names, cfg, device, beam_size=None):
-    """{name: caption} of the images and the names left out; under torchrun, shared and gathered."""
+def generate_captions(model, source, names, cfg, device, n_best=False):
+    """{name: caption} of the images (n_best: beam_search's hypotheses, as generate gives them)
+    and the names left out; under torchrun, shared and gathered. cfg.beam_size beams."""
     rank, size = rank_and_size()
     share = names[rank::size]
     captions = {}
@@ -1015,7 +1030,7 @@ def generate_captions(model, source, names, cfg, device, beam_size=None):
             chunk = share[start:start + 64]
             rows = [source.row[name] for name in chunk]
             features = source.features[rows].to(device)  # (B, 2048) or (B, L, 2048)
-            texts = model.generate(features, beam_size or cfg.beam_size, cfg.max_caption_len)
+            texts = model.generate(features, cfg.beam_size, cfg.max_caption_len, n_best)
             captions.update(zip(chunk, texts))
     captions = merge_over_processes(captions)
     return {n: captions[n] for n in names if n in captions}, [n for n in names if n not in captions]
@@ -1056,10 +1071,6 @@ def caption_metrics(references, hypotheses):
     metrics["CIDEr"] = float(cider)
     each = zip(hyps, cider_each, bleu_each[3])  # in the order of hyps
     return metrics, {name: {"CIDEr": float(c), "BLEU-4": float(b)} for name, c, b in each}
-
-
-def format_metrics(metrics):
-    return ", ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f}'}" for k, v in metrics.items())
 
 
 def references_of(frame):
@@ -1270,6 +1281,7 @@ SETTING_RULES = [  # (names, valid(value, values), what the value must be)
     (["learning_rate", "scst_learning_rate"], lambda v, _: 0 < v <= 1,
      "a positive number up to 1, such as 0.0002"),
     (["scst_baseline"], lambda v, _: v in ("mean", "greedy"), "'mean' or 'greedy'"),
+    (["caption_format"], lambda v, _: v in ("text", "json"), "'text' or 'json'"),
     (["scst_samples"], lambda v, values: (2 if values["scst_baseline"] == "mean" else 1) <= v <= 20,
      "from 1 to 20 (a batch's samples are decoded at once), and at least 2 with "
      "scst_baseline='mean' (the baseline is the other samples' mean)"),
@@ -1709,7 +1721,8 @@ def demo_scores(model, data, split, cfg, device, by_kind=False):
     """The demo's figures from greedy captions ({} elsewhere); every process calls it."""
     if cfg.dataset != "demo":
         return {}
-    greedy, _ = generate_captions(model, data.source, data.images(split), cfg, device, beam_size=1)
+    greedy_cfg = dataclasses.replace(cfg, beam_size=1)
+    greedy, _ = generate_captions(model, data.source, data.images(split), greedy_cfg, device)
     shapes = Path(cfg.data_dir) / "shapes.csv"
     if not by_kind:
         return {"demo_accuracy": demo_accuracy(greedy, shapes, None)[0]}
@@ -2097,7 +2110,7 @@ RESUME_FIXED = MODEL_ARGS + ("dataset", "data_dir", "max_images", "demo_images",
 # how and where this command runs, never taken from a checkpoint; --resume, --evaluate and --caption
 # take every other setting from it, --init_from takes MODEL_ARGS
 THIS_COMMAND = ("resume", "evaluate", "checkpoint", "init_from", "preset", "output_dir",
-                "cache_dir", "device", "num_workers")
+                "cache_dir", "device", "num_workers", "caption_format")
 # what a fresh run sets aside, and nothing else: a cache_dir may share the folder
 RUN_OUTPUTS = ["loss_per_*.csv", "*_graph.png", "vocab.json", "config.json", "best*.pt", "last.pt",
                "test_*", "report*"]
@@ -2203,7 +2216,8 @@ def restore(path):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # runs no pickled code
         if ckpt["model_sha256"] != model_sha256(ckpt):
             raise ValueError("its weights or settings are not those its sha256 was taken of")
-        config = ckpt["config"]
+        # how a command runs is never taken from a checkpoint: an older one may lack a new setting
+        config = {name: globals()[name] for name in THIS_COMMAND} | ckpt["config"]
         for field in dataclasses.fields(Config):  # its settings, typed as the command line's are
             value = config[field.name]
             if type(value) is not field.type:
@@ -2218,7 +2232,7 @@ def restore(path):
         reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]  # torch's span lines
         raise UserError(f"checkpoint {path} is damaged or not one of this script's ({reason}): "
                         f"use another, or train afresh") from None
-    return model, ckpt | {"path": path}
+    return model, ckpt | {"config": config, "path": path}
 
 
 def check_weights(ckpt, weights):
@@ -2277,6 +2291,8 @@ def claim_output_dir(out, fresh=False):
     # only this run may write its outputs here now: their temporary files are a dead run's
     for stale in {p for pattern in RUN_OUTPUTS for p in out.glob(f"{pattern}.*tmp")}:
         stale.unlink()
+    for staging in out.glob("writing-*"):  # write_whole's, left by a kill -9
+        shutil.rmtree(staging, ignore_errors=True)
     earlier = [p for pattern in RUN_OUTPUTS for p in out.glob(pattern)]
     if fresh and earlier:  # never a folder that mixes two runs, and nothing of the earlier one lost
         stamp = f"previous-{datetime.datetime.now():%Y%m%d-%H%M%S}-"
@@ -2487,19 +2503,28 @@ def is_best(progress, row, cfg):
     return best
 
 
+def times_100(metrics):
+    """Metrics x100, as papers give them and as every output stores and shows them."""
+    return {k: v if v is None else 100 * v for k, v in metrics.items()}
+
+
+def format_metrics(metrics):
+    return ", ".join(f"{k} {'n/a' if v is None else f'{v:.1f}'}" for k, v in metrics.items())
+
+
 def log_epoch(row, best, cfg):
     if row["phase"] == "self-critical":
-        reward = 100 * row["reward"]
-        greedy = 100 * row["greedy_cider"]
-        said = f"self-critical: reward {reward:.1f}, greedy CIDEr-D {greedy:.1f}"
+        said = (f"self-critical: reward {row['reward']:.1f}, greedy CIDEr-D "
+                f"{row['greedy_cider']:.1f}")
     else:
         said = f"train loss {row['train_loss']:.3f}"
     metrics = {k: v for k, v in row.items()
                if k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
                         "demo_accuracy")}
     log(f"epoch {row['epoch']}: {said}, val loss {row['val_loss']:.3f}, token accuracy "
-        f"{row['val_token_accuracy']:.1%}, {format_metrics(metrics)}; {row['epoch_seconds']:.1f} s "
-        f"training, {row['eval_seconds']:.1f} s validation (beam {cfg.beam_size})"
+        f"{row['val_token_accuracy']:.1f}%, {format_metrics(metrics)}; "
+        f"{row['epoch_seconds']:.1f} s training, {row['eval_seconds']:.1f} s validation "
+        f"(beam {cfg.beam_size})"
         + ("; best.pt" if best else ""))
 
 
@@ -2638,12 +2663,13 @@ def test_report(restored, data, cfg, device, tag=""):
         return
     refs = references_of(data.split("test"))
     metrics, scores = caption_metrics(refs, captions)
+    metrics = times_100(metrics)
+    scores = {name: times_100(each) for name, each in scores.items()}
     log(f"test split, {len(captions)} images, beam {cfg.beam_size} ({ckpt['path']}): "
         f"{format_metrics(metrics)}")
+    metrics |= times_100(demo)
     for name in random.Random(cfg.seed).sample(sorted(captions), min(6, len(captions))):
         log(f"  {name}: {captions[name]}\n      reference: {refs[name][0]}")
-    metrics = {k: v if v is None else 100 * v for k, v in (metrics | demo).items()}  # x100
-    scores = {name: {k: 100 * v for k, v in each.items()} for name, each in scores.items()}
     for name, right in demo_judgement(cfg, captions).items():
         scores[name]["right"] = right
     shapes = {}
@@ -2716,10 +2742,10 @@ def plot_history(out, best_metric="CIDEr"):
     per_batch = {"loss per batch": batches.loc[batches["phase"] != "self-critical", ["loss"]]}
     if len(scst):
         per_batch["self-critical: CIDEr-D x 100 of sampled and greedy captions"] = \
-            100 * batches[["reward", "greedy_cider"]].dropna()
+            batches[["reward", "greedy_cider"]].dropna()
     per_epoch = {"loss per epoch": epochs[["train_loss", "val_loss"]],
-                 "validation x 100": 100 * scores.dropna(axis=1, how="all"),
-                 "validation CIDEr x 100": 100 * epochs[["CIDEr"]]}
+                 "validation x 100": scores.dropna(axis=1, how="all"),
+                 "validation CIDEr x 100": epochs[["CIDEr"]]}
     score = -epochs["val_loss"] if best_metric == "val_loss" else epochs[best_metric]
     if len(scst) and best_metric in ("demo_accuracy", "val_loss"):  # as end_epoch picks best.pt:
         best_metric, score = "CIDEr", epochs.loc[scst, "CIDEr"]  # SCST's epochs by what it raises
@@ -2861,8 +2887,21 @@ def image_files(paths):
     return files, missing
 
 
+def caption_line(file, found, json_lines):
+    """An image's line: path<TAB>caption; or a JSON object with the path, the caption and the
+    beam's n-best, each with its log-probability and that per token (which ranks them)."""
+    if not json_lines:
+        return f"{one_line(file)}\t{one_line(found)}" if found is not None else None
+    if found is None:
+        return json.dumps({"path": str(file), "error": "cannot read image"})
+    n_best = [{"caption": caption, "log_prob": round(log_p, 4),
+               "log_prob_per_token": round(per_token, 4)} for caption, log_p, per_token in found]
+    # ensure_ascii: control, line-separator and bidi characters come out as \uXXXX: one line
+    return json.dumps({"path": str(file), "caption": n_best[0]["caption"], "n_best": n_best})
+
+
 def caption_images(cfg, paths, restored, device):
-    """--caption: prints path<TAB>caption a line per image; writes report-captions.html."""
+    """--caption: prints a line per image (caption_format); writes report-captions.html."""
     files, missing = image_files(paths)
     weights = encoder_weights_file(cfg)
     resnet = load_resnet50(weights)  # first: a missing or damaged file is its own clear error
@@ -2876,11 +2915,14 @@ def caption_images(cfg, paths, restored, device):
     features, unread = extract_features(resnet, names, cfg, device)
     source = ImageSource(Path("/"), features, names)
     readable = [name for i, name in enumerate(names) if i not in set(unread)]
-    captions, _ = generate_captions(model, source, readable, cfg, device)
+    json_lines = cfg.caption_format == "json"
+    found, _ = generate_captions(model, source, readable, cfg, device, n_best=json_lines)
+    captions = {name: f[0][0] for name, f in found.items()} if json_lines else found
     for file, name in zip(files, names):
-        if name in captions:
-            print(f"{one_line(file)}\t{one_line(captions[name])}", flush=True)
-        else:
+        line = caption_line(file, found.get(name), json_lines)
+        if line:  # an unreadable image: an error object in JSON, and in either case on stderr
+            print(line, flush=True)
+        if name not in captions:
             stderr(f"error: cannot read image {one_line(file)}")
     for file in missing:
         stderr(f"error: no such file or folder: {one_line(file)}")

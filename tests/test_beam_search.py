@@ -94,6 +94,44 @@ def test_batched_beam_search_equals_one_image_at_a_time():
     assert all(batched)  # <EOS> can never come first: no empty captions
 
 
+def log_probability(decoder, embeds, ids, ended):
+    """A caption's log-probability step by step as the decoder gives it, with its <EOS> if it ended."""
+    state = decoder.start(embeds.unsqueeze(0))
+    token = torch.tensor([cap.Vocabulary.SOS])
+    total = 0.0
+    for t, word in enumerate([*ids, cap.Vocabulary.EOS] if ended else ids):
+        logp, state = decoder.step(token, state, first=t == 0)
+        total += logp[0, word].item()
+        token = torch.tensor([word])
+    return total
+
+
+@pytest.mark.parametrize("make", [lambda: cap.DecoderRNN(16, 32, vocab_size=25),
+                                  lambda: cap.AttentionDecoder(16, 32, vocab_size=25)])
+def test_n_best_holds_each_hypothesis_with_its_log_probability_best_first(make):
+    """What --caption_format=json prints: every ended hypothesis (at most beam_size), ranked by log-probability per
+    token as the best is chosen, each log-probability what the decoder gives that caption word by word."""
+    torch.manual_seed(1)
+    decoder = make().eval()
+    with torch.no_grad():
+        decoder.to_vocab.bias[cap.Vocabulary.EOS] += 2.5  # a random model that ends its captions now and then
+    embeds = torch.randn(8, 16) * 3 if isinstance(decoder, cap.DecoderRNN) else torch.randn(8, 4, 16) * 3
+    max_len = 8
+    with torch.no_grad():
+        n_best = cap.beam_search(decoder, embeds, 4, max_len, n_best=True)
+        best = cap.beam_search(decoder, embeds, 4, max_len)
+        assert [hypotheses[0][0] for hypotheses in n_best] == best
+        assert any(len(hypotheses) > 1 for hypotheses in n_best)  # the test sees rankings, not single answers
+        for image, hypotheses in zip(embeds, n_best):
+            assert 1 <= len(hypotheses) <= 4 and len({tuple(ids) for ids, *_ in hypotheses}) == len(hypotheses)
+            per_token = [mean for *_, mean in hypotheses]
+            assert per_token == sorted(per_token, reverse=True)
+            for ids, log_p, mean in hypotheses:
+                ended = len(ids) < max_len  # else none ended: the best going on, cut at max_len
+                assert log_p == pytest.approx(log_probability(decoder, image, ids, ended), abs=1e-4)
+                assert mean == pytest.approx(log_p / (len(ids) + ended))
+
+
 @pytest.mark.parametrize("decoder", [cap.DecoderRNN(16, 32, 30), cap.AttentionDecoder(16, 32, 30)])
 def test_reorder_takes_batch_rows_of_every_state_tensor(decoder):
     embeds = torch.randn(3, 4, 16) if isinstance(decoder, cap.AttentionDecoder) else torch.randn(3, 16)

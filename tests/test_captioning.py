@@ -1,12 +1,13 @@
 """--caption: captioning new images with a trained checkpoint."""
 import itertools
+import json
 import shutil
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import cap, run_script
+from conftest import cap, rewritten, run_script
 
 
 def test_caption_a_folder_with_a_good_image_a_text_file_and_a_corrupt_jpeg(tmp_path, trained_demo, demo_dirs):
@@ -101,17 +102,6 @@ def refusal(err):
     return errors[0]
 
 
-def rewritten(source, target, change, rehash=True):
-    """A copy of a checkpoint changed by change(ckpt), with its checksum recomputed (rehash) as a careful
-    tamperer would, so that only the structural checks can refuse it."""
-    ckpt = torch.load(source, weights_only=True)
-    change(ckpt)
-    if rehash:
-        ckpt["model_sha256"] = cap.model_sha256(ckpt)
-    torch.save(ckpt, target)
-    return target
-
-
 def setting(name, value):
     return lambda ckpt: ckpt["model_args"].__setitem__(name, value)
 
@@ -197,6 +187,27 @@ def test_a_file_name_with_a_tab_or_a_newline_is_one_escaped_record(tmp_path, tra
     assert [line.split("\t")[0] for line in records] == [f"{folder}/{escaped[name]}" for name in sorted(names)]
     assert all(any(colour in line.split("\t")[1] for colour in cap.DEMO_COLOURS) for line in records)
     assert f"error: cannot read image {folder}/bro\\nken.jpg\n" in err
+
+
+def test_json_lines_hold_the_caption_and_the_beams_n_best(tmp_path, trained_demo, demo_dirs, capsys):
+    """--caption_format=json: an object a line, the same caption as the text line, the n-best best first."""
+    folder = tmp_path / "json"
+    folder.mkdir()
+    for i, name in enumerate(["a\u2028b.png", "plain.png"]):  # a line separator: still one line
+        Image.open(demo_image(demo_dirs, i)).save(folder / name)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    args = [folder, f"--checkpoint={trained_demo / 'best.pt'}", "--beam_size=3"]
+    text = caption(capsys, *args)[1].split("\n")[:-1]
+    code, out, err = caption(capsys, *args, "--caption_format=json")
+    assert code == 1 and f"error: cannot read image {folder / 'broken.jpg'}" in err
+    records = [json.loads(line) for line in out.split("\n")[:-1]]  # split("\n"): U+2028 stays inside a record
+    assert [r["path"] for r in records] == [str(folder / n) for n in ["a\u2028b.png", "broken.jpg", "plain.png"]]
+    assert records[1] == {"path": str(folder / "broken.jpg"), "error": "cannot read image"}
+    for record, line in zip([records[0], records[2]], text):
+        assert record["caption"] == line.split("\t")[1] == record["n_best"][0]["caption"]
+        ranks = [h["log_prob_per_token"] for h in record["n_best"]]
+        assert 1 <= len(ranks) <= 3 and ranks == sorted(ranks, reverse=True)
+        assert all(h["log_prob"] <= h["log_prob_per_token"] < 0 for h in record["n_best"])
 
 
 def test_an_attention_checkpoint_captions_without_naming_its_decoder(trained_attention, demo_dirs, capsys):

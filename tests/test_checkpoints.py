@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY_DEMO, cap, error_line
+from conftest import TINY_DEMO, cap, error_line, rewritten
 
 
 @pytest.fixture(scope="module")
@@ -29,16 +29,6 @@ def lstm_run(tmp_path_factory, tiny):
     out = tmp_path_factory.mktemp("lstm")
     assert cap.main([*tiny, f"--output_dir={out}"]) == 0
     return out
-
-
-def rewritten(source, target, change, rehash=True):
-    """A copy of a checkpoint changed by change(ckpt), its checksum redone (rehash) as a careful tamperer would."""
-    ckpt = torch.load(source, weights_only=True)
-    change(ckpt)
-    if rehash:
-        ckpt["model_sha256"] = cap.model_sha256(ckpt)
-    torch.save(ckpt, target)
-    return target
 
 
 def refused(capsys, *args):
@@ -118,6 +108,17 @@ def test_a_checkpoint_whose_checksum_matches_but_whose_contents_are_wrong_is_one
     assert f"checkpoint {path} is damaged" in line and named in line
 
 
+def test_a_checkpoint_from_before_a_command_setting_existed_still_loads(tmp_path, lstm_run):
+    """Settings of how a command runs (THIS_COMMAND, such as caption_format) are never taken from a checkpoint: one
+    written before such a setting existed loads, with the setting at its default."""
+    path = rewritten(lstm_run / "best.pt", tmp_path / "older.pt", lambda ckpt: ckpt["config"].pop("caption_format"))
+    _, ckpt = cap.restore(path)
+    assert ckpt["config"]["caption_format"] == "text"
+    trained = rewritten(lstm_run / "best.pt", tmp_path / "no-seed.pt", lambda ckpt: ckpt["config"].pop("seed"))
+    with pytest.raises(cap.UserError, match="KeyError: 'seed'"):  # a trained-on setting is still required
+        cap.restore(trained)
+
+
 def test_checkpoint_while_training_is_refused_naming_resume_and_init_from(tmp_path, lstm_run, tiny, capsys):
     out = tmp_path / "out"
     line = refused(capsys, *tiny, f"--output_dir={out}", f"--checkpoint={lstm_run / 'best.pt'}")
@@ -182,6 +183,8 @@ def test_a_fresh_run_sets_aside_its_outputs_but_not_a_cache_in_the_same_folder(t
         (tmp_path / name).write_text("x")
     (tmp_path / "last.pt.4242.tmp").write_text("half")  # a killed run's
     (tmp_path / "features-0123.pt.77.tmp").write_text("half")  # another run's cache, being written
+    (tmp_path / "writing-k1ll9" / "0").parent.mkdir()  # write_whole's staging, left by a kill -9
+    (tmp_path / "writing-k1ll9" / "0").write_text("half a page")
     lock = cap.claim_output_dir(tmp_path, fresh=True)
     lock.close()
     (aside,) = tmp_path.glob("previous-*")

@@ -1,5 +1,6 @@
 """The built-in demo set: how it is made (and what it never touches), how its captions are scored, and whether the
 demo model reads the image, even shapes another renderer drew."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -139,12 +140,17 @@ def test_demo_accuracy_scores_single_and_two_shape_images_apart(tmp_path):
     assert cap.demo_accuracy(captions, tmp_path / "shapes.csv", n_shapes=None) == (0.5, 4)
 
 
+def greedy_settings(cfg):
+    """The demo's figures come from greedy captions (demo_scores)."""
+    return dataclasses.replace(cfg, beam_size=1)
+
+
 # the trained demo model (conftest's trained_demo)
 def test_the_demo_figures_are_what_demo_accuracy_makes_of_the_greedy_captions(trained_demo, trained_run):
     """The test report's demo figures, recomputed from the checkpoint's greedy captions of the test images."""
     model, data, cfg = trained_run
     report = json.loads((trained_demo / "test_metrics.json").read_text())
-    greedy, failed = cap.generate_captions(model, data.source, data.images("test"), cfg, torch.device("cpu"), 1)
+    greedy, failed = cap.generate_captions(model, data.source, data.images("test"), greedy_settings(cfg), torch.device("cpu"))
     shapes = Path(cfg.data_dir) / "shapes.csv"
     (single, n_single), (two, n_two) = (cap.demo_accuracy(greedy, shapes, n) for n in (1, 2))
     assert not failed and n_single + n_two == report["images"] == 100 and n_two > 10
@@ -159,7 +165,7 @@ def test_demo_model_reads_the_image(trained_demo, trained_run):
     # the same model, blind: every image's features replaced by the training set's mean
     blind_source = cap.ImageSource(data.source.image_dir,
                                    model.encoder.feature_mean.expand(len(names), -1), names)
-    blind, _ = cap.generate_captions(model, blind_source, names, cfg, torch.device("cpu"), beam_size=1)
+    blind, _ = cap.generate_captions(model, blind_source, names, greedy_settings(cfg), torch.device("cpu"))
     blind_accuracy, singles = cap.demo_accuracy(blind, f"{cfg.data_dir}/shapes.csv")
     assert singles >= 50
     assert seeing >= DEMO_ACCURACY_FLOOR and blind_accuracy <= BLIND_ACCURACY_CEILING, (seeing, blind_accuracy)
@@ -225,6 +231,6 @@ def second_renderer_accuracy(checkpoint, weights, folder, n_images=90):
                                             torch.device("cpu"))
     assert not unread
     source = cap.ImageSource(folder, features, names)
-    captions, failed = cap.generate_captions(model.eval(), source, names, cfg, torch.device("cpu"), 1)
+    captions, failed = cap.generate_captions(model.eval(), source, names, greedy_settings(cfg), torch.device("cpu"))
     assert not failed
     return tuple(cap.demo_accuracy(captions, Path(folder) / "shapes.csv", n)[0] for n in (1, 2))

@@ -85,7 +85,7 @@ def test_two_processes_train_as_one_with_the_same_vocabulary_cache_and_losses(tm
     assert list(losses[0]["phase"]) == list(losses[1]["phase"]) == ["cross-entropy"] * 72 + ["self-critical"] * 12
     cross_entropy = [frame[frame["phase"] == "cross-entropy"] for frame in losses]  # SCST's samples differ
     assert (cross_entropy[0]["loss"] - cross_entropy[1]["loss"]).abs().max() < LOSS_TOLERANCE
-    assert all(frame["reward"].iloc[72:].between(0, 10).all() for frame in losses)
+    assert all(frame["reward"].iloc[72:].between(0, 1000).all() for frame in losses)
     a, b = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (one, two))
     trained = [k for k in a if k.startswith(("decoder.", "encoder.embed."))]
     distance = sum((a[k] - b[k]).square().sum() for k in trained) / sum(a[k].square().sum() for k in trained)

@@ -33,8 +33,12 @@ def test_demo_run_writes_every_output(trained_demo):
     assert epochs["train_loss"].iloc[-1] < epochs["train_loss"].iloc[0]
     # the demo's best.pt: the last epoch of the highest share of val images captioned fully right
     best = torch.load(trained_demo / "best.pt", weights_only=True)
-    assert best["config"]["best_metric"] == "demo_accuracy" and epochs["demo_accuracy"].between(0, 1).all()
+    assert best["config"]["best_metric"] == "demo_accuracy" and epochs["demo_accuracy"].between(0, 100).all()
     assert best["epoch"] == epochs["epoch"][epochs["demo_accuracy"][::-1].idxmax()]
+    assert best["best_score"] == epochs["demo_accuracy"].max()  # x100, as the CSV stores it
+    # every metric is stored x100, as test_metrics.json and the page show them: a trained demo
+    # predicts more than 1% of the next words right, so a fraction would be at most 1
+    assert epochs["val_token_accuracy"].iloc[-1] > 1 and epochs["CIDEr"].max() > 1
     batches = pd.read_csv(trained_demo / "loss_per_batch.csv")
     assert list(batches["step"]) == list(range(1, len(batches) + 1))
     captions = pd.read_csv(trained_demo / "test_captions.csv")
