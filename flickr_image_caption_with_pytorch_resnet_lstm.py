@@ -1717,21 +1717,22 @@ def encoder_weights_file(cfg):
     return DEMO_WEIGHTS
 
 
-def demo_scores(model, data, split, cfg, device, by_kind=False):
-    """The demo's figures from greedy captions ({} elsewhere); every process calls it."""
+def demo_scores(model, data, split, cfg, device, say=False):
+    """The demo's figures from greedy captions, named alike on every split ({} elsewhere): the
+    share of all images captioned right, of the single-shape ones, of the two-shape ones."""
     if cfg.dataset != "demo":
         return {}
     greedy_cfg = dataclasses.replace(cfg, beam_size=1)
     greedy, _ = generate_captions(model, data.source, data.images(split), greedy_cfg, device)
     shapes = Path(cfg.data_dir) / "shapes.csv"
-    if not by_kind:
-        return {"demo_accuracy": demo_accuracy(greedy, shapes, None)[0]}
     single, n_single = demo_accuracy(greedy, shapes, 1)
     two, n_two = demo_accuracy(greedy, shapes, 2)
-    log(f"demo: the greedy captions name the right colour and shape of {single:.1%} of {n_single} "
-        f"held-out single-shape images, and both shapes with their colours on the right sides of "
-        f"{two:.1%} of {n_two} two-shape images")
-    return {"demo_colour_shape_accuracy": single, "demo_two_shape_accuracy": two}
+    if say:
+        log(f"demo: the greedy captions name the right colour and shape of {single:.1%} of "
+            f"{n_single} held-out single-shape images, and both shapes with their colours on the "
+            f"right sides of {two:.1%} of {n_two} two-shape images")
+    return {"demo_accuracy": demo_accuracy(greedy, shapes, None)[0],
+            "demo_colour_shape_accuracy": single, "demo_two_shape_accuracy": two}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2658,7 +2659,7 @@ def test_report(restored, data, cfg, device, tag=""):
     start = time.time()
     model = model.to(device)
     captions, _ = generate_captions(model, data.source, data.images("test"), cfg, device)
-    demo = demo_scores(model, data, "test", cfg, device, by_kind=True)  # each process does a share
+    demo = demo_scores(model, data, "test", cfg, device, say=True)  # each process does a share
     if not is_main_process():
         return
     refs = references_of(data.split("test"))

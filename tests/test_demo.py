@@ -156,6 +156,7 @@ def test_the_demo_figures_are_what_demo_accuracy_makes_of_the_greedy_captions(tr
     assert not failed and n_single + n_two == report["images"] == 100 and n_two > 10
     assert report["demo_colour_shape_accuracy"] == pytest.approx(100 * single)  # stored x100
     assert report["demo_two_shape_accuracy"] == pytest.approx(100 * two)
+    assert report["demo_accuracy"] == pytest.approx(100 * cap.demo_accuracy(greedy, shapes, None)[0])  # all images
 
 
 def test_demo_model_reads_the_image(trained_demo, trained_run):

@@ -47,6 +47,8 @@ def test_demo_run_writes_every_output(trained_demo):
     # each image's CIDEr: their mean is the split's, as coco-caption computes both
     metrics = json.loads((trained_demo / "test_metrics.json").read_text())
     assert captions["CIDEr"].mean() == pytest.approx(metrics["CIDEr"], rel=1e-9)
+    demo = {"demo_accuracy", "demo_colour_shape_accuracy", "demo_two_shape_accuracy"}
+    assert demo <= set(epochs.columns) and demo <= set(metrics)  # each demo figure one name, val and test
     coco = json.loads((trained_demo / "test_captions.json").read_text())  # COCO's results format
     assert [c["caption"] for c in coco] == captions["caption"].fillna("").tolist()
     assert all(isinstance(c["image_id"], int) for c in coco)  # COCO's ids: test_references.json has the same
