@@ -2153,6 +2153,10 @@ def checkpoint_of(cfg, captioning):
 
 def check_resume(ckpt, cfg):
     """Refuses a resume whose steps would count otherwise: other processes, moved SCST epochs."""
+    if ckpt.get("metrics_scale") != 100:  # its run's CSVs and best_score hold fractions
+        raise UserError(f"{ckpt['path']} was written by an older version of this script, which "
+                        f"stored metrics as fractions, not x100: resuming would mix the two. "
+                        f"Start a new run from its weights with --init_from={ckpt['path']}")
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # a step's batch is batch_size a process
     if ckpt["processes"] != processes:
         raise UserError(f"checkpoint {ckpt['path']} was written by {ckpt['processes']} process(es),"
@@ -2189,6 +2193,7 @@ def save_checkpoint(path, model, optimizer, cfg, data, progress):
         "encoder_weights": str(data.weights),  # the ResNet50 file its features came from
         "encoder_weights_sha256": weights_sha256(data.weights),
         "train_images_sha256": data.train_images_sha256,  # what --evaluate must not score
+        "metrics_scale": 100,  # best_score and the CSVs' metrics: x100 (older checkpoints: x1)
     }
     atomic_save(ckpt | {"model_sha256": model_sha256(ckpt)}, path)
 

@@ -46,7 +46,7 @@ def caption_with(capsys, base, checkpoint):
 
 def test_a_checkpoint_is_one_flat_dict_that_rebuilds_its_model(lstm_run):
     ckpt = torch.load(lstm_run / "best.pt", weights_only=True)
-    assert set(ckpt) == {"model_args", "model", "vocab", "config", "optimizer", "epoch", "step", "best_score",
+    assert set(ckpt) == {"model_args", "model", "vocab", "config", "optimizer", "epoch", "step", "best_score", "metrics_scale",
                          "best_step", "epoch_row", "loss_sum", "loss_count", "reward_sum", "greedy_sum", "rng_state", "cuda_rng_state",
                          "processes", "encoder_weights", "encoder_weights_sha256", "train_images_sha256",
                          "model_sha256"}
@@ -166,6 +166,19 @@ def test_resume_adds_scst_to_a_finished_attention_run_with_its_own_settings(tmp_
     assert last["config"]["decoder"] == "attention" and last["config"]["num_epochs"] == 1
     line = refused(capsys, "--resume", f"--output_dir={out}", "--num_epochs=3", cache)
     assert line.startswith("error: --num_epochs=3: ") and "last.pt" in line  # its SCST steps were taken
+
+
+def test_a_run_from_before_metrics_were_stored_x100_is_not_resumed_but_can_be_started_from(tmp_path, lstm_run, tiny,
+                                                                                           capsys):
+    """Its CSVs and best_score hold fractions: going on would mix two scales in one run's files."""
+    out = tmp_path / "older"
+    out.mkdir()
+    for name in ["last.pt", "loss_per_epoch.csv", "loss_per_batch.csv"]:
+        (out / name).write_bytes((lstm_run / name).read_bytes())
+    rewritten(lstm_run / "last.pt", out / "last.pt", lambda ckpt: ckpt.pop("metrics_scale"))
+    line = refused(capsys, *tiny, f"--output_dir={out}", "--resume")
+    assert "older version" in line and f"--init_from={out / 'last.pt'}" in line
+    assert cap.main([*tiny, f"--output_dir={tmp_path / 'new'}", f"--init_from={out / 'last.pt'}"]) == 0
 
 
 def test_caption_writes_beside_its_checkpoint(tmp_path, lstm_run, base):
