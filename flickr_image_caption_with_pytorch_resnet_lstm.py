@@ -2758,16 +2758,16 @@ def plot_history(out, best_metric="CIDEr"):
     best = score[::-1].idxmax()  # of equals the later, as end_epoch keeps it
     files = {}
     for file, panels in (("loss_graph.png", per_batch), ("metrics_graph.png", per_epoch)):
-        figure = Figure(figsize=(6.4, 3.2 * len(panels)), layout="constrained")
+        figure = Figure(figsize=(6.4, 3.6 * len(panels)), layout="constrained")
         for ax, (title, frame) in zip(figure.subplots(len(panels), squeeze=False).flat,
                                       panels.items()):
-            frame.plot(ax=ax, title=title)
-            if frame.index.name != "epoch":
-                continue
-            ax.axvline(best, color="tab:green", linestyle="--", label=f"best {best_metric}")
-            if len(scst):
+            frame.plot(ax=ax, title=title, legend=False)
+            if frame.index.name == "epoch":
+                ax.axvline(best, color="tab:green", linestyle="--", label=f"best {best_metric}")
+            if frame.index.name == "epoch" and len(scst):
                 ax.axvline(scst[0] - 0.5, color="tab:purple", linestyle=":", label="SCST begins")
-            ax.legend()
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=4,  # off the lines
+                      fontsize="small", frameon=False)
         files[out / file] = io.BytesIO()
         figure.savefig(files[out / file], format="png", dpi=90)
     write_whole(out, {path: buffer.getvalue() for path, buffer in files.items()})
