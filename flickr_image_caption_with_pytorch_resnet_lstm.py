@@ -2740,6 +2740,7 @@ def plot_history(out, best_metric="CIDEr"):
     """loss_graph.png (per batch) and metrics_graph.png (per epoch, with the best epoch by
     best_metric, as best.pt keeps it, and the start of SCST marked), a panel a row."""
     from matplotlib.figure import Figure  # not pyplot's: no window, no display, nothing to close
+    from matplotlib.ticker import MaxNLocator
     batches = pd.read_csv(out / "loss_per_batch.csv").set_index("step")
     epochs = pd.read_csv(out / "loss_per_epoch.csv").set_index("epoch")
     scst = epochs.index[epochs["phase"] == "self-critical"]
@@ -2763,10 +2764,11 @@ def plot_history(out, best_metric="CIDEr"):
                                       panels.items()):
             frame.plot(ax=ax, title=title, legend=False)
             if frame.index.name == "epoch":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epoch 3, not 2.5
                 ax.axvline(best, color="tab:green", linestyle="--", label=f"best {best_metric}")
             if frame.index.name == "epoch" and len(scst):
                 ax.axvline(scst[0] - 0.5, color="tab:purple", linestyle=":", label="SCST begins")
-            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=4,  # off the lines
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3,  # off the lines
                       fontsize="small", frameon=False)
         files[out / file] = io.BytesIO()
         figure.savefig(files[out / file], format="png", dpi=90)
