@@ -14,7 +14,8 @@ measures the figures that --figures names (a comma-separated list; default: all 
   decoders    a cached epoch (the second, in a fresh process) and its peak memory, pooled lstm
               against attention;
   scst        the CIDEr-D reward's throughput, and an SCST step against a cross-entropy step.
-              --scst_only means --figures=scst.
+              --scst_only means --figures=scst;
+  help        how long --help takes in a fresh process (the aim: under 3 s).
 Every figure is one line `name: value` (a number, or n/a or timeout), printed as soon as it is
 known; lines starting with '#' say what was measured. tests/gpu_check.sh reads these lines.
 """
@@ -38,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flickr_image_caption_with_pytorch_resnet_lstm as cap  # noqa: E402
 
 SCRIPT = Path(cap.__file__)
-FIGURES = ("extraction", "job", "epoch", "decoders", "scst")
+FIGURES = ("extraction", "job", "epoch", "decoders", "scst", "help")
 OWN_FLAGS = ("--images=", "--figures=", "--work=", "--job_timeout=", "--scst_only")
 # a Flickr8k-sized vocabulary, so that the softmax costs what it costs there
 WORDS = [f"w{i}" for i in range(3000)]
@@ -270,9 +271,21 @@ def main(argv):
         figure("cached_vs_in_memory", cached / in_memory)
     if "decoders" in chosen:
         decoders(common, work)
+    if "help" in chosen:
+        help_seconds()
     if "scst" in chosen:
         self_critical(cap.resolve_settings(cap.parse_args(
             [*common, f"--cache_dir={work / 'cache'}", "--freq_threshold=1"])[0]), device)
+
+
+def help_seconds():
+    """--help's wall time in a fresh process, as a user waits for it (the best of three)."""
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, check=True)
+        runs.append(time.perf_counter() - start)
+    figure("help_s", min(runs))
 
 
 def self_critical(cfg, device):
