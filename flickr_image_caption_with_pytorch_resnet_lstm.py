@@ -19,7 +19,6 @@ import difflib
 import fcntl
 import functools
 import hashlib
-import importlib
 import io
 import json
 import math
@@ -54,18 +53,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm as _tqdm
 
 
-class LazyModule:
-    """Imported on first use: torchvision loads torch._dynamo, a second that --help can skip."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __getattr__(self, attribute):
-        return getattr(importlib.import_module(self.name), attribute)
-
-
-torchvision = LazyModule("torchvision")
-T = LazyModule("torchvision.transforms.v2")
 ROOT = Path(__file__).resolve().parent
 
 # config: plain constants; override any of them as --name=value (--help shows each with its comment)
@@ -202,6 +189,7 @@ class Vocabulary:
 
 def image_transform(size):
     """What the frozen ResNet50 sees: resized, centre-cropped, normalised as for ImageNet."""
+    from torchvision.transforms import v2 as T  # here, not above: --help skips its second
     return T.Compose([
         T.ToImage(),
         T.Resize(size, antialias=True),
@@ -1190,6 +1178,7 @@ def setting_help(name, comment):
     return f"{comment}{rules}. default: {globals()[name]!r}{presets}".replace("%", "%%")
 
 
+# made absolute when the settings are resolved; shown relative to output_dir on the results page
 PATHS = ("data_dir", "encoder_weights", "output_dir", "cache_dir", "checkpoint", "init_from")
 
 
@@ -1786,8 +1775,9 @@ def load_resnet50(weights_path):
     # built on the meta device: no random init, which would waste time and draw from the global
     # RNG (a run would then train differently with and without a feature cache); strict loading
     # makes every tensor real
+    from torchvision.models import resnet50  # here, as in image_transform
     with torch.device("meta"):
-        model = torchvision.models.resnet50(weights=None)
+        model = resnet50(weights=None)
     try:
         model.load_state_dict(state, assign=True)
     except Exception as error:
@@ -1801,11 +1791,12 @@ def load_resnet50(weights_path):
 
 def random_resnet50_weights(path, seed=0):
     """A fixed random-init ResNet50 for the offline demo, saved: its captions can be reproduced."""
+    from torchvision.models import resnet50
     path = Path(path)
     if not path.is_file():
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            state = torchvision.models.resnet50(weights=None).state_dict()
+            state = resnet50(weights=None).state_dict()
         atomic_save(state, path)
     return path
 
@@ -2845,9 +2836,6 @@ def report_header(cfg, ckpt, metrics=None):
     settings |= {n: os.path.relpath(getattr(cfg, n), out) for n in PATHS if n in settings}
     graphs = [g for g in ("loss_graph.png", "metrics_graph.png") if (Path(out) / g).is_file()]
     return {"about": about, "metrics": metrics or {}, "settings": settings, "graphs": graphs}
-
-
-PATHS = ("data_dir", "output_dir", "cache_dir", "encoder_weights", "checkpoint")  # shown relative
 
 
 def write_whole(out, files):

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from conftest import cap, rewritten, run_script
@@ -285,7 +286,7 @@ def test_other_resnet50_weights_than_the_checkpoints_are_refused_naming_its_file
                                                                                   random_weights, capsys):
     other = tmp_path / "resnet50-other.pth"
     torch.manual_seed(1)
-    torch.save(cap.torchvision.models.resnet50(weights=None).state_dict(), other)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), other)
     code, out, err = caption(capsys, demo_image(demo_dirs), f"--checkpoint={trained_demo / 'best.pt'}",
                              f"--encoder_weights={other}")
     assert (code, out) == (2, "")

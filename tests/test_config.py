@@ -90,6 +90,14 @@ def test_caption_takes_paths():
     assert paths == ["a.jpg", "folder"] and overrides == {"beam_size": 5}
 
 
+def test_every_path_setting_given_relative_is_made_absolute_from_where_the_user_is(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    names = ["data_dir", "encoder_weights", "output_dir", "cache_dir", "checkpoint", "init_from"]
+    given = {name: f"mine/{name}" for name in names}
+    cfg = cap.resolve_settings(given)
+    assert {name: getattr(cfg, name) for name in names} == {n: str(tmp_path / v) for n, v in given.items()}
+
+
 def test_preset_applies_over_the_constants_and_under_the_command_line():
     cfg = settings("--dataset=demo", "--num_epochs=1")
     assert cfg.num_epochs == 1 and cfg.batch_size == cap.PRESETS["demo"]["batch_size"]
