@@ -150,10 +150,6 @@ class Vocabulary:
         # spaCy makes tokens of "\n", "\t", " " and U+2028 too: whitespace is never a word
         return [token.text.lower() for token in spacy_tokenizer()(text) if not token.is_space]
 
-    @staticmethod
-    def tokenize_many(texts):
-        return [Vocabulary.tokenize(text) for text in texts]  # spaCy's tokenizer.pipe is this loop
-
     def build_vocab(self, sentences):
         """Counts words in sentences (strings, or lists of tokens already split)."""
         tokenized = [s if isinstance(s, list) else self.tokenize(s) for s in sentences]
@@ -173,13 +169,9 @@ class Vocabulary:
         return " ".join(self.itos[i] for i in ids if i not in (self.PAD, self.SOS))
 
     def save(self, path):
-        data = {"freq_threshold": self.freq_threshold, "itos": self.itos}
-        text = json.dumps(data, indent=0)  # a word a line
+        # a word a line; the keys are __init__'s arguments: Vocabulary(**json.load(file))
+        text = json.dumps({"freq_threshold": self.freq_threshold, "itos": self.itos}, indent=0)
         write_whole(Path(path).parent, {Path(path): text.encode()})
-
-    @classmethod
-    def load(cls, path):
-        return cls(**json.loads(Path(path).read_text()))  # the keys are __init__'s arguments
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,7 +203,7 @@ class ImageSource:
         return self.features[self.row[name]]
 
 
-class FlickrDataset(Dataset):
+class FlickrDataset:
     """One item per caption: its image's features and its word ids, <SOS> first and <EOS> last."""
 
     def __init__(self, captions, vocab, source, max_len=None):
@@ -220,7 +212,7 @@ class FlickrDataset(Dataset):
         if "tokens" in captions:
             tokens = captions["tokens"]
         else:
-            tokens = Vocabulary.tokenize_many(captions["caption"])
+            tokens = [Vocabulary.tokenize(caption) for caption in captions["caption"]]
         cut = sum(len(t) > max_len for t in tokens) if max_len else 0
         if cut:  # one 10,000-word caption once made two batches take 420 s
             tokens = [t[:max_len] for t in tokens]
@@ -234,9 +226,6 @@ class FlickrDataset(Dataset):
 
     def __len__(self):
         return len(self.captions)
-
-    def __getitem__(self, i):
-        return self.source.get(self.images[i]), self.captions[i]
 
     def batch(self, indices):
         """The captions at indices, cut to the longest, with their images' features."""
@@ -353,11 +342,10 @@ class DecoderRNN(nn.Module):
 
 def next_word_logp(logits, first):
     """Log-probabilities (B, V) of the next word, never <PAD> or <SOS>, nor <EOS> first."""
-    never = [Vocabulary.PAD, Vocabulary.SOS]
-    if first:  # no caption may be empty
-        never.append(Vocabulary.EOS)
     logp = F.log_softmax(logits.float(), dim=-1)  # (B, V)
-    return logp.index_fill(1, torch.tensor(never, device=logp.device), -math.inf)  # a copy: SCST
+    # ids 0 <PAD> and 1 <SOS> never come; 2 <EOS> not first, as no caption may be empty
+    never = torch.arange(3 if first else 2, device=logp.device)
+    return logp.index_fill(1, never, -math.inf)  # a copy: SCST's gradient needs the original
 
 
 def sample_captions(decoder, image_embeds, n, max_len, greedy=False):
@@ -688,8 +676,8 @@ def scst_step(run, inputs, images, lr):
     mask = words != Vocabulary.PAD  # (B*n, T): up to and with <EOS>, so that it learns where to end
     loss = -(advantage * logps * mask).sum() / mask.sum()  # REINFORCE: -advantage * log p(word)
     optimizer_step(run.optimizer, loss, lr)
-    figures = torch.stack([rewards.mean(), greedy_reward.mean()]).float()  # not all have float64
-    figures = 100 * figures  # recorded x100, as every metric the outputs store and show
+    # recorded x100, as every metric the outputs store and show; float32: not all have float64
+    figures = 100 * torch.stack([rewards.mean(), greedy_reward.mean()]).float()
     return torch.cat([loss.detach().float().view(1), figures.to(run.device)])
 
 
@@ -772,9 +760,7 @@ def record_losses(run):
     scst = len(rows[0]) > 5  # (epoch, step, phase, lr, loss[, reward, greedy_cider])
     check_losses(rows, scst, run)
     if is_main_process():
-        columns = ["epoch", "step", "phase", "lr", "loss"]
-        if scst:
-            columns += ["reward", "greedy_cider"]
+        columns = ["epoch", "step", "phase", "lr", "loss", "reward", "greedy_cider"][:len(rows[0])]
         append_csv(Path(run.cfg.output_dir) / "loss_per_batch.csv", rows, columns)
     progress = run.progress
     # one at a time, in float64: a resume that groups steps otherwise sums the same
@@ -798,7 +784,7 @@ def end_epoch(run, train_seconds):
     cfg, progress = run.cfg, run.progress
     start = time.time()
     val_loss, token_accuracy = validation_loss(run.model, run.val_set, cfg, run.device)
-    metrics, _ = evaluate_split(run.model, run.data, "val", cfg, run.device)
+    metrics, captions = evaluate_split(run.model, run.data, "val", cfg, run.device)
     metrics |= demo_scores(run.model, run.data, "val", cfg, run.device)
     progress.epoch += 1
     row = {"epoch": progress.epoch, **epoch_training_figures(run)}
@@ -815,9 +801,7 @@ def end_epoch(run, train_seconds):
         append_csv(out / "loss_per_epoch.csv", [row], list(row))
         log_epoch(row, best, cfg)
         plot_history(out, cfg.best_metric)
-    val_names = run.data.images("val")[:3]
-    print_samples(run.model, run.data.source, val_names, cfg, run.device,
-                  f"end of epoch {progress.epoch}")
+    print_samples(run, f"end of epoch {progress.epoch}", captions)
 
 
 def train(cfg, device):
@@ -867,9 +851,7 @@ def train(cfg, device):
                 if len(run.pending) >= cfg.log_every or batch + 1 == epoch_steps:
                     record_losses(run)
                 if cfg.sample_every and progress.step % cfg.sample_every == 0:
-                    names = run.data.images("val")[:3]
-                    print_samples(run.model, run.data.source, names, cfg, device,
-                                  f"step {progress.step}")
+                    print_samples(run, f"step {progress.step}")
         finally:
             run.bar.close()  # before any error's one line, which must start a line of its own
         if any_process(stop.requested, device):  # also during the last validation: no test report
@@ -968,7 +950,7 @@ def beam_search(decoder, image_embeds, beam_size, max_len, n_best=False):
     seqs = torch.zeros(n * k, 0, dtype=torch.long, device=dev)  # (n*k, t): each beam's words
     scores = torch.full((n, k), float("-inf"), device=dev)  # (n, k): summed log-probabilities
     scores[:, 0] = 0.0  # all beams start as the same hypothesis: one of them goes on
-    ended = [[] for _ in range(n)]  # each image's ended hypotheses: (per word, log-prob, ids)
+    ended = [[] for _ in range(n)]  # each image's ended hypotheses: (ids, log-prob, per token)
     finished = torch.zeros(n, dtype=torch.long, device=dev)  # (n,): hypotheses ended so far
     for t in range(max_len):
         logp, state = decoder.step(tokens, state, first=t == 0)  # (n*k, V)
@@ -986,7 +968,7 @@ def beam_search(decoder, image_embeds, beam_size, max_len, n_best=False):
         if images_ended:
             ended_seqs = seqs[(offsets + beam)[ends]].tolist()  # (e, t): in the same order
             for i, log_p, ids in zip(images_ended, top[ends].tolist(), ended_seqs):
-                ended[i].append((log_p / (t + 1), log_p, ids))  # per word: ranks any length
+                ended[i].append((ids, log_p, log_p / (t + 1)))  # per token: ranks any length
         finished += ends.sum(1)
         order = place + eos.long() * top.size(1)  # (n, 2k): the <EOS> candidates last
         keep = order.argsort(1)[:, :k]  # (n, k): the k best that go on
@@ -999,17 +981,15 @@ def beam_search(decoder, image_embeds, beam_size, max_len, n_best=False):
             break
     going_score, going_beam = scores.max(1)  # (n,) each: the best going on, if none ended
     going = seqs[offsets[:, 0] + going_beam].tolist()  # (n, t)
-    hypotheses = []
-    for found, score, ids in zip(ended, going_score.tolist(), going):
-        # sorted() keeps the order of equals: of equal scores, the one that ended first
-        ranked = sorted(found, key=lambda h: -h[0]) or [(score / max_len, score, ids)]
-        hypotheses.append([(ids, log_p, per_word) for per_word, log_p, ids in ranked[:k]])
+    # sorted() keeps the order of equals: of equal scores, the one that ended first
+    hypotheses = [sorted(found, key=lambda h: -h[2])[:k] or [(ids, score, score / max_len)]
+                  for found, score, ids in zip(ended, going_score.tolist(), going)]
     return hypotheses if n_best else [image[0][0] for image in hypotheses]
 
 
 def generate_captions(model, source, names, cfg, device, n_best=False):
-    """{name: caption} of the images (n_best: beam_search's hypotheses, as generate gives them)
-    and the names left out; under torchrun, shared and gathered. cfg.beam_size beams."""
+    """{name: caption} of the images, in their order (n_best: beam_search's hypotheses, as
+    generate gives them); under torchrun, shared out and gathered. cfg.beam_size beams."""
     rank, size = rank_and_size()
     share = names[rank::size]
     captions = {}
@@ -1021,7 +1001,7 @@ def generate_captions(model, source, names, cfg, device, n_best=False):
             texts = model.generate(features, cfg.beam_size, cfg.max_caption_len, n_best)
             captions.update(zip(chunk, texts))
     captions = merge_over_processes(captions)
-    return {n: captions[n] for n in names if n in captions}, [n for n in names if n not in captions]
+    return {name: captions[name] for name in names}
 
 
 @contextlib.contextmanager
@@ -1067,16 +1047,19 @@ def references_of(frame):
 
 def evaluate_split(model, data, split, cfg, device):
     """The metrics (in process 0; {} in the others) and captions of the model on a split."""
-    captions, _ = generate_captions(model, data.source, data.images(split), cfg, device)
+    captions = generate_captions(model, data.source, data.images(split), cfg, device)
     if not is_main_process():
         return {}, captions
     return caption_metrics(references_of(data.split(split)), captions)[0], captions
 
 
-def print_samples(model, source, names, cfg, device, label):
-    captions, _ = generate_captions(model, source, names, cfg, device)
-    for name, caption in captions.items():
-        log(f"  [{label}] {name}: {caption}")
+def print_samples(run, label, captions=None):
+    """Three validation images' captions, to watch the model learn: generated unless given."""
+    names = run.data.images("val")[:3]
+    if captions is None:
+        captions = generate_captions(run.model, run.data.source, names, run.cfg, run.device)
+    for name in names:
+        log(f"  [{label}] {name}: {captions[name]}")
 
 
 # ==================================================================================================
@@ -1661,11 +1644,6 @@ def demo_accuracy(captions_by_image, shapes_file, n_shapes=1):
     return sum(right.values()) / max(1, len(right)), len(right)
 
 
-def demo_judgement(cfg, captions):
-    """On the demo, whether each caption names its image's shapes right ({} elsewhere)."""
-    return demo_right(captions, Path(cfg.data_dir) / "shapes.csv") if cfg.dataset == "demo" else {}
-
-
 def demo_right(captions_by_image, shapes_file, n_shapes=None):
     """{image: whether its caption names its shapes right}, for images with n_shapes (None: any)."""
     truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()  # as drawn
@@ -1712,7 +1690,7 @@ def demo_scores(model, data, split, cfg, device, say=False):
     if cfg.dataset != "demo":
         return {}
     greedy_cfg = dataclasses.replace(cfg, beam_size=1)
-    greedy, _ = generate_captions(model, data.source, data.images(split), greedy_cfg, device)
+    greedy = generate_captions(model, data.source, data.images(split), greedy_cfg, device)
     shapes = Path(cfg.data_dir) / "shapes.csv"
     single, n_single = demo_accuracy(greedy, shapes, 1)
     two, n_two = demo_accuracy(greedy, shapes, 2)
@@ -2055,7 +2033,7 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
     """Captions, splits, tokens, the training vocabulary (build_vocab) and each image's features."""
     prepare_demo(cfg)
     frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
-    frame = frame.assign(tokens=Vocabulary.tokenize_many(frame["caption"].tolist()))
+    frame = frame.assign(tokens=[Vocabulary.tokenize(caption) for caption in frame["caption"]])
     training = frame[frame["split"] == "train"]
     train_sha256 = names_sha256(training["image"].unique())
     vocab = None
@@ -2161,16 +2139,10 @@ def check_resume(ckpt, cfg):
 
 
 def save_checkpoint(path, model, optimizer, cfg, data, progress):
-    """What a run needs to go on, or a model to be rebuilt; config.json beside it."""
+    """What a run needs to go on, or a model to be rebuilt."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise UserError(f"the model's weights are not finite at step {progress.step}: "
                         f"{path.name} unwritten")
-    # config.json: the settings that ran, with the ResNet50 file that was used, written whole
-    settings = dataclasses.asdict(cfg) | {"encoder_weights": str(data.weights)}
-    if data.weights == DEMO_WEIGHTS.resolve():
-        settings["encoder"] = "random ResNet50 (demo only)"
-    text = json.dumps(settings, indent=2)
-    write_whole(path.parent, {path.parent / "config.json": text.encode()})
     ckpt = {
         "model_args": model.args,  # MODEL_ARGS: Captioner(vocab, model_args) rebuilds the model
         "model": model.state_dict(),  # its weights: the frozen ResNet50 is not part of it
@@ -2420,6 +2392,11 @@ def start_run(cfg, device):
     if is_main_process():
         mend_outputs(run, out)
         model.vocab.save(out / "vocab.json")
+        # config.json: the settings that ran, with the ResNet50 file that was used
+        settings = dataclasses.asdict(cfg) | {"encoder_weights": str(data.weights)}
+        if data.weights == DEMO_WEIGHTS.resolve():
+            settings["encoder"] = "random ResNet50 (demo only)"
+        write_whole(out, {out / "config.json": json.dumps(settings, indent=2).encode()})
         meteor_scorer()  # its JVM loads while the first epoch trains
     return run
 
@@ -2446,12 +2423,9 @@ def read_back(pending, device):
     stats = stats / rank_and_size()[1]
     totals = sum_over_processes(stats.flatten().tolist(), device)
     stats = torch.tensor(totals).view(len(pending), -1)  # (steps, 1 or 3)
-    phases = {1: "cross-entropy", 3: "self-critical"}
-    phase = phases[stats.size(1)]
-    rows = []
-    for (epoch, step, lr, _), figures in zip(pending, stats.tolist()):
-        rows.append((epoch, step, phase, lr, *figures))
-    return rows
+    phase = {1: "cross-entropy", 3: "self-critical"}[stats.size(1)]
+    return [(epoch, step, phase, lr, *figures)
+            for (epoch, step, lr, _), figures in zip(pending, stats.tolist())]
 
 
 def check_losses(rows, scst, run):
@@ -2654,7 +2628,7 @@ def test_report(restored, data, cfg, device, tag=""):
     model, ckpt = restored
     start = time.time()
     model = model.to(device)
-    captions, _ = generate_captions(model, data.source, data.images("test"), cfg, device)
+    captions = generate_captions(model, data.source, data.images("test"), cfg, device)
     demo = demo_scores(model, data, "test", cfg, device, say=True)  # each process does a share
     if not is_main_process():
         return
@@ -2667,10 +2641,10 @@ def test_report(restored, data, cfg, device, tag=""):
     metrics |= times_100(demo)
     for name in random.Random(cfg.seed).sample(sorted(captions), min(6, len(captions))):
         log(f"  {name}: {captions[name]}\n      reference: {refs[name][0]}")
-    for name, right in demo_judgement(cfg, captions).items():
-        scores[name]["right"] = right
     shapes = {}
-    if cfg.dataset == "demo":  # the page's filter by one or two shapes
+    if cfg.dataset == "demo":  # each caption right or wrong; the page's filter by one or two shapes
+        for name, right in demo_right(captions, Path(cfg.data_dir) / "shapes.csv").items():
+            scores[name]["right"] = right
         shapes = pd.read_csv(Path(cfg.data_dir) / "shapes.csv").set_index("image")["shapes"]
         shapes = shapes.str.count(";").add(1).to_dict()
     out = Path(cfg.output_dir)
@@ -2912,7 +2886,7 @@ def caption_images(cfg, paths, restored, device):
     source = ImageSource(Path("/"), features, names)
     readable = [name for i, name in enumerate(names) if i not in set(unread)]
     json_lines = cfg.caption_format == "json"
-    found, _ = generate_captions(model, source, readable, cfg, device, n_best=json_lines)
+    found = generate_captions(model, source, readable, cfg, device, n_best=json_lines)
     captions = {name: f[0][0] for name, f in found.items()} if json_lines else found
     for file, name in zip(files, names):
         line = caption_line(file, found.get(name), json_lines)
