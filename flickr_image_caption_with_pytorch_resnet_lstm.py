@@ -819,7 +819,8 @@ def train(cfg, device):
     epoch_start = time.time()
     run.bar = tqdm(disable=True)
     run.model.train()
-    with CtrlC() as stop:
+    stop = CtrlC()
+    with signals_to(stop.request):
         try:
             while True:
                 # the step about to be taken: its epoch and batch
@@ -2277,17 +2278,21 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
-def stopping_on_signals():
-    """Inside, SIGTERM and SIGHUP stop the process like Ctrl-C: what is being written is cleaned."""
-    if "LOCAL_RANK" in os.environ:  # torchrun's agent stops the others with SIGTERM: let it
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in STOP_SIGNALS}
+def signals_to(handler):
+    """Inside, Ctrl-C, SIGTERM and SIGHUP go to handler; after, to where they went before."""
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def stopping_on_signals():
+    """Inside, SIGTERM and SIGHUP stop the process like Ctrl-C: what is being written is cleaned."""
+    if "LOCAL_RANK" in os.environ:  # torchrun's agent stops the others with SIGTERM: let it
+        return contextlib.nullcontext()
+    return signals_to(signal.default_int_handler)
 
 
 class CtrlC:
@@ -2295,20 +2300,12 @@ class CtrlC:
     # under torchrun, whose agent passes one Ctrl-C on twice, every signal only asks
     requested = False
 
-    def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self.request) for sig in STOP_SIGNALS}
-        return self
-
     def request(self, signum, frame):
         if self.requested and "LOCAL_RANK" not in os.environ:
             raise SystemExit(130)
         if not self.requested:
             log("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)")
         self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def append_csv(path, rows, columns):
@@ -2582,13 +2579,8 @@ def meteor_scorer():
         return None
     # a terminal's Ctrl-C signals every process of its group, and Java would die mid-score while the
     # run finishes its step; a signal ignored when the JVM starts stays ignored in it
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    handlers = [signal.signal(number, signal.SIG_IGN) for number in stops]
-    try:
+    with signals_to(signal.SIG_IGN):
         meteor = Meteor()
-    finally:
-        for number, handler in zip(stops, handlers):
-            signal.signal(number, handler)
     atexit.register(close_meteor, meteor)
     return meteor
 
