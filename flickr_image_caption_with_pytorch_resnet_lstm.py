@@ -227,20 +227,14 @@ class FlickrDataset:
     def __len__(self):
         return len(self.captions)
 
-    def batch(self, indices):
-        """The captions at indices, cut to the longest, with their images' features."""
+    def batch(self, indices, device="cpu"):
+        """The captions at indices, cut to the longest, with their images' features, on device."""
         index = torch.tensor(indices)
         longest = int(self.lengths[index].max())  # on the host: no wait for a GPU
         rows = self.rows[index].to(self.source.features.device)
         features = self.source.features[rows]  # (B, 2048) or (B, L, 2048)
-        return features, self.padded[index, :longest].long()  # (B, T)
-
-
-def caption_batches(dataset, batches, device):
-    """(features, padded captions) on the device, one pair per batch of caption indices."""
-    for indices in batches:
-        features, captions = dataset.batch(indices)
-        yield features.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+        captions = self.padded[index, :longest].long()  # (B, T)
+        return features.to(device, non_blocking=True), captions.to(device, non_blocking=True)
 
 
 @dataclasses.dataclass
@@ -899,7 +893,7 @@ def open_epoch(run, epoch, batch, epoch_steps, all_epochs):
     phase = " (self-critical)" if scst else ""
     run.bar = tqdm(total=epoch_steps, initial=batch, unit="batch", leave=False,
                    desc=f"epoch {epoch + 1}/{all_epochs}{phase}")
-    return zip(shares, caption_batches(dataset, shares, run.device))
+    return ((indices, dataset.batch(indices, run.device)) for indices in shares)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -914,7 +908,8 @@ def validation_loss(model, dataset, cfg, device):
     batches = batches[rank::size]
     total_loss, correct, tokens = 0.0, 0, 0
     with evaluating(model):
-        for inputs, captions in caption_batches(dataset, batches, device):
+        for indices in batches:
+            inputs, captions = dataset.batch(indices, device)
             loss, logits, targets = model(inputs, captions)
             mask = targets != Vocabulary.PAD
             total_loss += loss.item() * mask.sum().item()
