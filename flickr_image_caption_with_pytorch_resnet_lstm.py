@@ -906,16 +906,18 @@ def validation_loss(model, dataset, cfg, device):
     rank, size = rank_and_size()
     batches = [b.tolist() for b in torch.arange(len(dataset)).split(cfg.batch_size)]
     batches = batches[rank::size]
-    total_loss, correct, tokens = 0.0, 0, 0
+    sums = [torch.zeros(3, device=device)]  # a batch's (loss x tokens, tokens right, tokens)
     with evaluating(model):
         for indices in batches:
             inputs, captions = dataset.batch(indices, device)
             loss, logits, targets = model(inputs, captions)
-            mask = targets != Vocabulary.PAD
-            total_loss += loss.item() * mask.sum().item()
-            correct += ((logits.argmax(-1) == targets) & mask).sum().item()
-            tokens += mask.sum().item()
-    total_loss, correct, tokens = sum_over_processes([total_loss, correct, tokens], device)
+            mask = targets != Vocabulary.PAD  # (B, T-1)
+            count = mask.sum().float()
+            right = ((logits.argmax(-1) == targets) & mask).sum().float()
+            sums.append(torch.stack([loss.float() * count, right, count]))  # (3,)
+    # read once at the end: each read waits for the GPU; added up in float64 (not on every device)
+    totals = torch.stack(sums).cpu().double().sum(0).tolist()
+    total_loss, correct, tokens = sum_over_processes(totals, device)
     return total_loss / max(tokens, 1), correct / max(tokens, 1)
 
 
