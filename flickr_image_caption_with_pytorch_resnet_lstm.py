@@ -107,8 +107,9 @@ preset = "auto"             # 'auto' (the dataset's own settings: PRESETS) or 'n
 
 CONFIG_NAMES = [k for k, v in globals().items()
                 if not k.startswith("_") and k.islower() and isinstance(v, (bool, int, float, str))]
+DEFAULTS = {name: globals()[name] for name in CONFIG_NAMES}  # the constants as written above
 # Settings resolved once per run, then frozen: cfg.learning_rate, never a dictionary code changes.
-Config = dataclasses.make_dataclass("Config", [(n, type(globals()[n])) for n in CONFIG_NAMES],
+Config = dataclasses.make_dataclass("Config", [(n, type(v)) for n, v in DEFAULTS.items()],
                                     frozen=True)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
@@ -167,11 +168,6 @@ class Vocabulary:
         if self.EOS in ids:
             ids = ids[:ids.index(self.EOS)]
         return " ".join(self.itos[i] for i in ids if i not in (self.PAD, self.SOS))
-
-    def save(self, path):
-        # a word a line; the keys are __init__'s arguments: Vocabulary(**json.load(file))
-        text = json.dumps({"freq_threshold": self.freq_threshold, "itos": self.itos}, indent=0)
-        write_whole(Path(path).parent, {Path(path): text.encode()})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -246,6 +242,7 @@ class Data:
     feature_stats: tuple        # mean and std (2048,) of the training split's features
     train_images_sha256: str    # which images the split trains on, as checkpoints record it
     vocab: "Vocabulary" = None  # of the training split, when asked for
+    shapes: dict = None         # the demo's: each image's shapes as drawn, which score captions
 
     def split(self, name):
         return self.frame[self.frame["split"] == name]
@@ -275,24 +272,27 @@ def process_batches(n, cfg, epoch):
 # AttentionDecoder (Show, Attend and Tell) writes the caption; Captioner holds both and the
 # vocabulary, and hands training a loss, SCST sampled captions, and validation beam search's words
 
-def resnet_grid(resnet, images):
-    """ResNet50's last convolutional grid: L = h*w vectors (B, L, 2048), whose mean is pooled."""
-    out = resnet(images.contiguous(memory_format=torch.channels_last)).float()  # (B, 2048*L)
-    return out.view(out.size(0), 2048, -1).transpose(1, 2)  # (B, L, 2048)
-
-
 class EncoderCNN(nn.Module):
-    """The frozen ResNet50's cached features, standardised, and their trained projection."""
-    # the ResNet50 itself runs once per image, before training (extract_features): only its
-    # features reach the model, and a checkpoint holds no copy of its weights
+    """The frozen ResNet50 (from the local .pth) and the trained projection of its features."""
+    # the ResNet50 runs once per image, to fill the feature cache (and on --caption's new images):
+    # training reads its cached features, and a checkpoint holds only what was trained
 
-    def __init__(self, embed_size):
+    def __init__(self, embed_size, resnet=None):
         super().__init__()
+        # in a tuple, not a submodule: neither Adam nor a checkpoint ever sees the frozen weights
+        self.resnet = (resnet,) if resnet else ()
         # standardising with the training set's statistics (per channel, over every grid cell for
         # the attention decoder) is what lets the decoder read random-weight features
         self.register_buffer("feature_mean", torch.zeros(2048))
         self.register_buffer("feature_std", torch.ones(2048))
         self.embed = nn.Linear(2048, embed_size)
+
+    @torch.inference_mode()
+    def grid(self, images):
+        """ResNet50's last convolutional grid of images: L = h*w vectors (B, L, 2048)."""
+        images = images.contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
+        out = self.resnet[0](images).float()  # (B, 2048*L): the pooled mean is the grid's
+        return out.view(out.size(0), 2048, -1).transpose(1, 2)  # (B, L, 2048)
 
     def forward(self, features):
         """Pooled features (B, 2048) or grids (B, L, 2048) -> (B, E) or (B, L, E)."""
@@ -453,6 +453,11 @@ class AttentionDecoder(nn.Module):
 DECODERS = {"lstm": DecoderRNN, "attention": AttentionDecoder}
 
 
+# the model's shape: every mode takes it from a checkpoint, as nanoGPT forces its model_args, since
+# its weights fit no other; a command line that contradicts one of these is refused
+MODEL_ARGS = ("decoder", "embed_size", "hidden_size", "num_layers", "dropout", "image_size")
+
+
 class Captioner(nn.Module):
     """The trained model: the encoder's projection, the decoder, the vocabulary and the sizes."""
 
@@ -466,11 +471,16 @@ class Captioner(nn.Module):
         self.decoder = decoder(args["embed_size"], args["hidden_size"], len(vocab),
                                args["num_layers"], args["dropout"])
 
-    def forward(self, inputs, captions=None, samples=1, max_len=20, greedy=False):
-        """Loss (with attention's penalty in training), logits (B, T-1, V), targets; or samples."""
+    def forward(self, inputs, captions=None, samples=0, max_len=20):
+        """DistributedDataParallel's way in, which a step must take for DDP to average its
+        gradients: loss(inputs, captions), or with samples, sample(inputs, samples, max_len)."""
+        if samples:
+            return self.sample(inputs, samples, max_len)
+        return self.loss(inputs, captions)
+
+    def loss(self, inputs, captions):
+        """Cross-entropy (with attention's penalty in training), logits (B, T-1, V) and targets."""
         embeds = self.encoder(inputs)  # (B, E), or (B, L, E) for the attention decoder
-        if captions is None:  # here, so that DistributedDataParallel averages SCST's gradients
-            return sample_captions(self.decoder, embeds, samples, max_len, greedy)
         targets = captions[:, 1:]  # (B, T-1): each word after the ones before it
         penalty = 0.0
         if self.attention and self.training:
@@ -483,6 +493,10 @@ class Captioner(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1),  # (B*(T-1), V)
                                ignore_index=Vocabulary.PAD)
         return loss + penalty, logits, targets
+
+    def sample(self, inputs, n, max_len, greedy=False):
+        """n captions an image, drawn word by word (greedy: the likeliest): sample_captions's."""
+        return sample_captions(self.decoder, self.encoder(inputs), n, max_len, greedy)
 
     @torch.no_grad()
     def generate(self, inputs, beam_size=3, max_len=20, n_best=False):
@@ -658,7 +672,7 @@ def scst_step(run, inputs, images, lr):
     with autocast(run.device):
         words, logps = run.ddp(inputs, samples=n, max_len=max_len)  # (B*n, T) each
     with torch.no_grad(), evaluating(run.model):
-        greedy, _ = run.model(inputs, max_len=max_len, greedy=True)  # (B, T)
+        greedy, _ = run.model.sample(inputs, 1, max_len, greedy=True)  # (B, T)
     images = torch.as_tensor(images)  # (B,)
     rewards = run.reward(words.cpu(), images.repeat_interleave(n)).view(-1, n)  # (B, n)
     greedy_reward = run.reward(greedy.cpu(), images)  # (B,)
@@ -671,8 +685,19 @@ def scst_step(run, inputs, images, lr):
     loss = -(advantage * logps * mask).sum() / mask.sum()  # REINFORCE: -advantage * log p(word)
     optimizer_step(run.optimizer, loss, lr)
     # recorded x100, as every metric the outputs store and show; float32: not all have float64
-    figures = 100 * torch.stack([rewards.mean(), greedy_reward.mean()]).float()
-    return torch.cat([loss.detach().float().view(1), figures.to(run.device)])
+    figures = 100 * torch.stack([rewards.mean(), greedy_reward.mean()]).float()  # (2,)
+    return loss.detach().float(), *figures.to(run.device)
+
+
+class StepFigures(NamedTuple):
+    """A training step's row of loss_per_batch.csv; tensors on the device until read back."""
+    epoch: int  # 1-based, as the CSVs count
+    step: int
+    phase: str  # 'cross-entropy' or 'self-critical'
+    lr: float
+    loss: float
+    reward: float = None  # self-critical: its sampled captions' mean CIDEr-D x100
+    greedy_cider: float = None  # and its greedy captions', Rennie et al.'s baseline
 
 
 @dataclasses.dataclass
@@ -682,11 +707,12 @@ class Progress:
     step: int = 0  # optimizer steps taken
     best_score: float = float("-inf")  # of best_metric, higher is better
     best_step: int = 0  # the step best.pt was saved at
+    best_epoch: int = 0
     loss_sum: float = 0.0  # over the recorded steps of the epoch under way
     loss_count: int = 0
     reward_sum: float = 0.0  # self-critical steps: their sampled and greedy captions' CIDEr-D
     greedy_sum: float = 0.0
-    epoch_row: dict = dataclasses.field(default_factory=dict)  # the last epoch's loss_per_epoch row
+    history: list = dataclasses.field(default_factory=list)  # each epoch's loss_per_epoch.csv row
 
 
 def epoch_and_batch(step, steps_per_epoch, scst_steps, cfg):
@@ -724,8 +750,155 @@ class Run:
     val_set: FlickrDataset = None
     scst_set: FlickrDataset = None  # an image an item
     reward: CiderD = None  # SCST's reward
-    pending: list = dataclasses.field(default_factory=list)  # steps whose losses are not read yet
+    pending: list = dataclasses.field(default_factory=list)  # StepFigures not read back yet
     bar: object = None  # the epoch's progress bar
+
+
+def start_run(cfg, device, restored):
+    """The data, model, Adam, progress and datasets of a fresh run, or of last.pt's (restored) on
+    --resume, in a Run."""
+    model, ckpt = restored or (None, None)
+    # refuses data, a vocabulary or ResNet50 weights that the checkpoint does not fit, before
+    # any image is read
+    data = prepare_data(cfg, device, build_vocab=True, trained=ckpt)
+    features = data.source.features
+    if device.type == "cuda" and features.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
+        data.source.features = features.to(device)  # batches are then gathered on the GPU
+    torch.manual_seed(cfg.seed)  # after the data: the initial weights never depend on the cache
+    progress = Progress()
+    if cfg.resume:
+        progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress)})
+    else:
+        fresh = Captioner(data.vocab, {name: getattr(cfg, name) for name in MODEL_ARGS})
+        fresh.encoder.feature_mean.copy_(data.feature_stats[0])
+        fresh.encoder.feature_std.copy_(data.feature_stats[1])
+        if cfg.init_from:  # its weights go on here, with the feature statistics they fit
+            fresh.load_state_dict(model.state_dict())
+            log(f"starting from the weights of {cfg.init_from} (epoch {ckpt['epoch']}), with a "
+                f"fresh optimizer")
+        model = fresh
+    fused = True if device.type == "cuda" else None  # one kernel for all the parameters on a GPU
+    optimizer = torch.optim.Adam(model.to(device).parameters(), lr=cfg.learning_rate, fused=fused)
+    if cfg.resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng_state"])  # mid-epoch: dropout goes on as it would have
+        if torch.cuda.is_available() and ckpt["cuda_rng_state"]:
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng_state"][:torch.cuda.device_count()])
+        log(f"resuming from {ckpt['path']}: epoch {progress.epoch} done, step {progress.step}")
+        if progress.epoch >= cfg.num_epochs + cfg.scst_epochs:
+            log(f"nothing is left to train: its {progress.epoch} epochs are all done (raise "
+                f"--num_epochs or --scst_epochs to train on); best.pt's test report follows")
+    run = Run(cfg, device, data, model, optimizer, progress)
+    # with torchrun, DDP averages the gradients of the processes; else the model as it is
+    run.ddp = model
+    if rank_and_size()[1] > 1:
+        run.ddp = DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+    run.train_set = FlickrDataset(data.split("train"), model.vocab, data.source,
+                                  cfg.max_train_caption_len)
+    run.val_set = FlickrDataset(data.split("val"), model.vocab, data.source)
+    if cfg.scst_epochs:
+        run.scst_set, run.reward = scst_data(data, model.vocab, cfg.max_train_caption_len)
+    return run
+
+
+def count_steps(dataset, cfg, what):
+    """This process's steps in an epoch of dataset; none at all is one clear error."""
+    steps = len(process_batches(len(dataset), cfg, 1))
+    if steps == 0:
+        raise UserError(f"{len(dataset)} {what} cannot be shared by {rank_and_size()[1]} "
+                        f"processes: use more")
+    return steps
+
+
+def train(cfg, device, restored=None):
+    """The whole run: set-up (fresh, --resume or --init_from), the loop over steps with each
+    epoch's end (validation, last.pt, best.pt, the CSVs and graphs), then the test report."""
+    out, size = Path(cfg.output_dir), rank_and_size()[1]
+    lock = claim_output_dir(out, fresh=not cfg.resume) if is_main_process() else None
+    # ---- set-up
+    run = start_run(cfg, device, restored)
+    prepare_outputs(run, out)  # the logs as last.pt left them; vocab.json and config.json
+    steps_per_epoch = count_steps(run.train_set, cfg, "training captions")
+    scst_steps = count_steps(run.scst_set, cfg, "training images") if cfg.scst_epochs else 0
+    total_steps = cfg.num_epochs * steps_per_epoch  # of cross-entropy: the schedule's length
+    all_epochs = cfg.num_epochs + cfg.scst_epochs
+    progress = run.progress
+    batches = None
+    epoch_start = time.time()
+    run.bar = tqdm(disable=True)
+    run.model.train()
+    # ---- the loop over steps: each step's epoch and batch follow from the step alone
+    with CtrlC() as stop:  # Ctrl-C, SIGTERM and SIGHUP ask the loop to save and stop
+        try:
+            while True:
+                # the step about to be taken: its epoch and batch
+                epoch, batch = epoch_and_batch(progress.step, steps_per_epoch, scst_steps, cfg)
+                scst = epoch >= cfg.num_epochs
+                epoch_steps = scst_steps if scst else steps_per_epoch
+                # every process stops at the same step; asking is a collective, so not every step
+                asking = size == 1 or batch % cfg.log_every == 0  # batch 0 too
+                if asking and any_process(stop.requested, device):
+                    break
+                # ---- the epoch's end: validation, last.pt, best.pt, the CSV row and the graphs
+                if batch == 0 and epoch > progress.epoch:  # the previous epoch's training is done
+                    run.bar.close()
+                    end_epoch(run, time.time() - epoch_start)
+                if epoch >= all_epochs:  # num_epochs may be lowered on resume
+                    break
+                if scst and epoch == cfg.num_epochs and batch == 0:  # SCST's first step
+                    keep_cross_entropy_results(run)
+                # a new epoch, or the first batch of a resumed one
+                if batch == 0 or batches is None:
+                    batches = open_epoch(run, epoch, batch, epoch_steps, all_epochs)
+                    epoch_start = time.time()
+                indices, (inputs, captions) = next(batches)
+                progress.step += 1
+                lr = learning_rate_at(progress.step, total_steps, cfg)
+                if scst:
+                    figures = scst_step(run, inputs, indices, lr)
+                else:
+                    figures = [train_step(run, inputs, captions, lr)]
+                phase = "self-critical" if scst else "cross-entropy"
+                run.pending.append(StepFigures(epoch + 1, progress.step, phase, lr, *figures))
+                run.bar.update()
+                if len(run.pending) >= cfg.log_every or batch + 1 == epoch_steps:
+                    record_losses(run)
+                if cfg.sample_every and progress.step % cfg.sample_every == 0:
+                    print_samples(run, f"step {progress.step}")
+        finally:
+            run.bar.close()  # before any error's one line, which must start a line of its own
+        if any_process(stop.requested, device):  # also during the last validation: no test report
+            record_losses(run)  # then last.pt at the last step taken: --resume goes on from there
+            save_checkpoint(out / "last.pt", run.model, run.optimizer, cfg, run.data, progress)
+            return resume_hint(out, progress.step, size)
+    # ---- the test report, of best.pt
+    wait_for_all()  # for best.pt
+    test_report(restore(out / "best.pt"), run.data, cfg, device)
+    if device.type == "cuda":
+        log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
+    xe = ", with the cross-entropy run's as best-xe.pt, report-xe.html, test_*-xe.*" * bool(
+        cfg.scst_epochs)
+    log(f"outputs in {out}: report.html (open it in a browser), loss_per_batch.csv, "
+        f"loss_per_epoch.csv, loss_graph.png, metrics_graph.png, test_metrics.json, "
+        f"test_captions.csv, test_captions.json, test_references.json, best.pt, last.pt, "
+        f"vocab.json, config.json{xe}")
+    del lock
+    return 0
+
+
+def open_epoch(run, epoch, batch, epoch_steps, all_epochs):
+    """The epoch's batches from batch on, each with its dataset indices; its progress bar."""
+    cfg = run.cfg
+    rank, size = rank_and_size()
+    scst = epoch >= cfg.num_epochs
+    if batch == 0:  # epochs are reproducible one by one; each process has its own dropout
+        torch.manual_seed((cfg.seed * 1000 + epoch + 1) * size + rank)
+    dataset = run.scst_set if scst else run.train_set
+    shares = process_batches(len(dataset), cfg, epoch + 1)[batch:]
+    phase = " (self-critical)" if scst else ""
+    run.bar = tqdm(total=epoch_steps, initial=batch, unit="batch", leave=False,
+                   desc=f"epoch {epoch + 1}/{all_epochs}{phase}")
+    return ((indices, dataset.batch(indices, run.device)) for indices in shares)
 
 
 def train_step(run, inputs, captions, lr):
@@ -746,31 +919,53 @@ def optimizer_step(optimizer, loss, lr):
 
 
 def record_losses(run):
-    """Reads back the pending steps' losses, checks them and appends them to loss_per_batch.csv."""
+    """Reads back the pending steps' figures, checks them, appends them to loss_per_batch.csv."""
     if not run.pending:
         return
     rows = read_back(run.pending, run.device)
     run.pending.clear()
-    scst = len(rows[0]) > 5  # (epoch, step, phase, lr, loss[, reward, greedy_cider])
+    scst = rows[0].phase == "self-critical"  # an epoch's last step reads back: never both
     check_losses(rows, scst, run)
     if is_main_process():
-        columns = ["epoch", "step", "phase", "lr", "loss", "reward", "greedy_cider"][:len(rows[0])]
-        append_csv(Path(run.cfg.output_dir) / "loss_per_batch.csv", rows, columns)
+        columns = StepFigures._fields if scst else StepFigures._fields[:5]  # SCST's add two
+        append_csv(Path(run.cfg.output_dir) / "loss_per_batch.csv",
+                   [row[:len(columns)] for row in rows], columns)
     progress = run.progress
     # one at a time, in float64: a resume that groups steps otherwise sums the same
     for row in rows:
-        progress.loss_sum += row[4]
+        progress.loss_sum += row.loss
         progress.loss_count += 1
         if scst:
-            progress.reward_sum += row[5]
-            progress.greedy_sum += row[6]
+            progress.reward_sum += row.reward
+            progress.greedy_sum += row.greedy_cider
     average = progress.reward_sum if scst else progress.loss_sum
     average /= progress.loss_count
-    run.bar.set_postfix({"loss": f"{rows[-1][4]:.3f}", "avg": f"{average:.3f}"})
-    if run.bar.disable and is_main_process():  # a log file, not a terminal: a plain line instead
-        epoch, step, phase, lr, loss = rows[-1][:5]
-        log(f"step {step} (epoch {epoch}, {phase}): loss {loss:.4f}, avg {average:.4f}, "
-            f"lr {lr:.3g}")
+    last = rows[-1]
+    run.bar.set_postfix({"loss": f"{last.loss:.3f}", "avg": f"{average:.3f}"})
+    if run.bar.disable:  # a log file, not a terminal: a plain line instead
+        log(f"step {last.step} (epoch {last.epoch}, {last.phase}): loss {last.loss:.4f}, avg "
+            f"{average:.4f}, lr {last.lr:.3g}")
+
+
+def read_back(pending, device):
+    """The pending StepFigures with numbers, averaged over the processes: one wait for the GPU."""
+    measured = [torch.stack([f for f in row[4:] if f is not None]) for row in pending]
+    stats = torch.stack(measured) / rank_and_size()[1]  # (steps, 1), or (steps, 3) with SCST's
+    totals = sum_over_processes(stats.flatten().tolist(), device)
+    stats = torch.tensor(totals).view(len(pending), -1)  # (steps, 1 or 3)
+    return [StepFigures(*row[:4], *figures) for row, figures in zip(pending, stats.tolist())]
+
+
+def check_losses(rows, scst, run):
+    """Stops a run whose loss diverged, before any checkpoint saves the diverged weights."""
+    # a fresh model's loss is about log(vocab_size): ten times that is no learning
+    limit = math.inf if scst else 10 * math.log(len(run.model.vocab))
+    for row in rows:
+        if not math.isfinite(row.loss) or row.loss > limit:
+            rate = "scst_learning_rate" if scst else "learning_rate"
+            raise UserError(f"the training loss diverged at epoch {row.epoch}, step {row.step} "
+                            f"(loss {row.loss:.4g}): lower --{rate} (now "
+                            f"{getattr(run.cfg, rate)}). No checkpoint was written after that step")
 
 
 def end_epoch(run, train_seconds):
@@ -786,114 +981,69 @@ def end_epoch(run, train_seconds):
     row |= {"epoch_seconds": round(train_seconds, 2), "eval_seconds": round(time.time() - start, 2)}
     if is_main_process():
         best = is_best(progress, row, cfg)
-        progress.epoch_row = row
+        progress.history.append(row)
         out = Path(cfg.output_dir)
-        # last.pt first: a kill before the row is written is mended from it on --resume
+        # last.pt first, with the epoch's row: a kill after it is mended from it on --resume
         save_checkpoint(out / "last.pt", run.model, run.optimizer, cfg, run.data, progress)
         if best:
             save_checkpoint(out / "best.pt", run.model, run.optimizer, cfg, run.data, progress)
-        append_csv(out / "loss_per_epoch.csv", [row], list(row))
+        write_history(out, progress.history, progress.best_epoch, best_metric_of(progress, cfg))
         log_epoch(row, best, cfg)
-        plot_history(out, cfg.best_metric)
     print_samples(run, f"end of epoch {progress.epoch}", captions)
 
 
-def train(cfg, device):
-    """Trains, validates each epoch, keeps best.pt (by best_metric) and last.pt, reports on test."""
-    out, size = Path(cfg.output_dir), rank_and_size()[1]
-    lock = claim_output_dir(out, fresh=not cfg.resume) if is_main_process() else None
-    run = start_run(cfg, device)
-    prepare_epochs(run)
-    steps_per_epoch = count_steps(run.train_set, cfg, "training captions")
-    scst_steps = count_steps(run.scst_set, cfg, "training images") if cfg.scst_epochs else 0
-    total_steps = cfg.num_epochs * steps_per_epoch  # of cross-entropy: the schedule's length
-    all_epochs = cfg.num_epochs + cfg.scst_epochs
+def epoch_training_figures(run):
+    """The epoch's phase and mean training loss (SCST: its rewards); the sums start again."""
     progress = run.progress
-    batches = None
-    epoch_start = time.time()
-    run.bar = tqdm(disable=True)
-    run.model.train()
-    stop = CtrlC()
-    with signals_to(stop.request):
-        try:
-            while True:
-                # the step about to be taken: its epoch and batch
-                epoch, batch = epoch_and_batch(progress.step, steps_per_epoch, scst_steps, cfg)
-                scst = epoch >= cfg.num_epochs
-                epoch_steps = scst_steps if scst else steps_per_epoch
-                # every process stops at the same step; asking is a collective, so not every step
-                asking = size == 1 or batch % cfg.log_every == 0  # batch 0 too
-                if asking and any_process(stop.requested, device):
-                    break
-                if batch == 0 and epoch > progress.epoch:  # the previous epoch's training is done
-                    run.bar.close()
-                    end_epoch(run, time.time() - epoch_start)
-                if epoch >= all_epochs:  # num_epochs may be lowered on resume
-                    break
-                # a new epoch, or the first batch of a resumed one
-                if batch == 0 or batches is None:
-                    batches = open_epoch(run, epoch, batch, epoch_steps, all_epochs)
-                    epoch_start = time.time()
-                indices, (inputs, captions) = next(batches)
-                progress.step += 1
-                lr = learning_rate_at(progress.step, total_steps, cfg)
-                if scst:
-                    figures = scst_step(run, inputs, indices, lr)
-                else:
-                    figures = train_step(run, inputs, captions, lr)
-                run.pending.append((epoch + 1, progress.step, lr, figures))
-                run.bar.update()
-                if len(run.pending) >= cfg.log_every or batch + 1 == epoch_steps:
-                    record_losses(run)
-                if cfg.sample_every and progress.step % cfg.sample_every == 0:
-                    print_samples(run, f"step {progress.step}")
-        finally:
-            run.bar.close()  # before any error's one line, which must start a line of its own
-        if any_process(stop.requested, device):  # also during the last validation: no test report
-            stop_and_save(run)
-            return resume_hint(out, progress.step, size)
-    wait_for_all()  # for best.pt
-    test_report(restore(out / "best.pt"), run.data, cfg, device)
-    if device.type == "cuda":
-        log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
-    log(f"outputs in {out}: report.html (open it in a browser), loss_per_batch.csv, "
-        f"loss_per_epoch.csv, loss_graph.png, metrics_graph.png, test_metrics.json, "
-        f"test_captions.csv, test_captions.json, test_references.json, best.pt, last.pt, "
-        f"vocab.json, config.json")
-    del lock
-    return 0
+    count = max(progress.loss_count, 1)
+    figures = {"phase": "cross-entropy", "train_loss": progress.loss_sum / count}
+    if progress.epoch > run.cfg.num_epochs:  # SCST's loss is no cross-entropy: its rewards tell
+        figures["phase"] = "self-critical"
+        figures["reward"] = progress.reward_sum / count
+        figures["greedy_cider"] = progress.greedy_sum / count
+        if progress.reward_sum == 0:
+            warn("every sampled caption's reward was 0 this epoch, so SCST learned nothing: its "
+                 "captions match no reference n-gram (one training image, or identical captions?)")
+    progress.loss_sum = progress.reward_sum = progress.greedy_sum = 0.0
+    progress.loss_count = 0
+    return figures
 
 
-def prepare_epochs(run):
-    """The datasets an epoch goes through, the SCST reward, and the model to step (DDP or not)."""
-    cfg, data, vocab = run.cfg, run.data, run.model.vocab
-    # with torchrun, DDP averages the gradients of the processes; else the model as it is
-    run.ddp = run.model
-    if rank_and_size()[1] > 1:
-        run.ddp = DistributedDataParallel(
-            run.model, [run.device] if run.device.type == "cuda" else None)
-    run.train_set = FlickrDataset(data.split("train"), vocab, data.source,
-                                  cfg.max_train_caption_len)
-    run.val_set = FlickrDataset(data.split("val"), vocab, data.source)
-    if cfg.scst_epochs:
-        run.scst_set, run.reward = scst_data(data, vocab, cfg.max_train_caption_len)
+def best_metric_of(progress, cfg):
+    """What compares the epochs for best.pt: best_metric; but SCST, which raises the cross-entropy,
+    compares its epochs among themselves by the CIDEr it raises, where best_metric is val_loss
+    or demo_accuracy. The rule of best.pt and of the graphs' 'best' mark alike."""
+    scst = progress.epoch > cfg.num_epochs
+    return "CIDEr" if scst and cfg.best_metric in ("val_loss", "demo_accuracy") else cfg.best_metric
 
 
-def open_epoch(run, epoch, batch, epoch_steps, all_epochs):
-    """The epoch's batches from batch on, each with its dataset indices; its progress bar."""
-    cfg = run.cfg
-    rank, size = rank_and_size()
-    scst = epoch >= cfg.num_epochs
-    if scst and epoch == cfg.num_epochs and batch == 0:
-        keep_cross_entropy_results(run)
-    if batch == 0:  # epochs are reproducible one by one; each process has its own dropout
-        torch.manual_seed((cfg.seed * 1000 + epoch + 1) * size + rank)
-    dataset = run.scst_set if scst else run.train_set
-    shares = process_batches(len(dataset), cfg, epoch + 1)[batch:]
-    phase = " (self-critical)" if scst else ""
-    run.bar = tqdm(total=epoch_steps, initial=batch, unit="batch", leave=False,
-                   desc=f"epoch {epoch + 1}/{all_epochs}{phase}")
-    return ((indices, dataset.batch(indices, run.device)) for indices in shares)
+def is_best(progress, row, cfg):
+    """Whether the epoch's row is the best yet by best_metric_of (higher is better); records it."""
+    metric = best_metric_of(progress, cfg)
+    if metric != cfg.best_metric and progress.epoch == cfg.num_epochs + 1:
+        progress.best_score = float("-inf")
+        log(f"self-critical epochs are compared with each other by CIDEr for best.pt, not by "
+            f"{cfg.best_metric}, which SCST does not optimise")
+    score = -row["val_loss"] if metric == "val_loss" else row[metric]
+    # of equals the later: on the demo ties are common, and the later epoch is more trained
+    best = score >= progress.best_score
+    if best:
+        progress.best_score = score
+        progress.best_step = progress.step
+        progress.best_epoch = progress.epoch
+    return best
+
+
+def keep_cross_entropy_results(run):
+    """Before SCST's first epoch: the cross-entropy best.pt and its test report, kept as best-xe.pt,
+    report-xe.html and test_*-xe.*, to compare with what SCST makes of them."""
+    out = Path(run.cfg.output_dir)
+    if is_main_process():
+        write_whole(out, {out / "best-xe.pt": (out / "best.pt").read_bytes()})
+    wait_for_all()
+    log(f"self-critical training begins: the cross-entropy run's best.pt is kept as "
+        f"{out / 'best-xe.pt'}")
+    test_report(restore(out / "best-xe.pt"), run.data, run.cfg, run.device, "-xe")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -910,7 +1060,7 @@ def validation_loss(model, dataset, cfg, device):
     with evaluating(model):
         for indices in batches:
             inputs, captions = dataset.batch(indices, device)
-            loss, logits, targets = model(inputs, captions)
+            loss, logits, targets = model.loss(inputs, captions)
             mask = targets != Vocabulary.PAD  # (B, T-1)
             count = mask.sum().float()
             right = ((logits.argmax(-1) == targets) & mask).sum().float()
@@ -1060,6 +1210,77 @@ def print_samples(run, label, captions=None):
         log(f"  [{label}] {name}: {captions[name]}")
 
 
+class TestResults(NamedTuple):
+    """A checkpoint's test report, as write_test_report writes it out."""
+    captions: dict  # {image: caption}, by beam search
+    references: dict  # {image: [its reference captions]}
+    scores: dict  # {image: {"CIDEr": .., "BLEU-4": ..}}, x100
+    metrics: dict  # the split's, x100, with the demo's figures
+    maps: dict  # {image: [(word, attention map (h, w))]} of an attention model, else {}
+    seconds: float
+
+
+def test_report(restored, data, cfg, device, tag=""):
+    """A checkpoint's captions and metrics on the test split, logged, and written out with the
+    results page (tag in the files' names). Every process captions a share; process 0 writes."""
+    model, ckpt = restored
+    start = time.time()
+    model = model.to(device)
+    captions = generate_captions(model, data.source, data.images("test"), cfg, device)
+    demo = demo_scores(model, data, "test", cfg, device, say=True)  # each process does a share
+    if not is_main_process():
+        return
+    refs = references_of(data.split("test"))
+    metrics, scores = caption_metrics(refs, captions)
+    metrics = times_100(metrics)
+    log(f"test split, {len(captions)} images, beam {cfg.beam_size} ({ckpt['path']}): "
+        f"{format_metrics(metrics)}")
+    for name in random.Random(cfg.seed).sample(sorted(captions), min(6, len(captions))):
+        log(f"  {name}: {captions[name]}\n      reference: {refs[name][0]}")
+    scores = {name: times_100(each) for name, each in scores.items()}
+    maps = word_maps(model, data.source, captions, device)
+    results = TestResults(captions, refs, scores, metrics | times_100(demo), maps,
+                          round(time.time() - start, 2))
+    write_test_report(results, data, cfg, ckpt, tag)
+
+
+def demo_scores(model, data, split, cfg, device, say=False):
+    """The demo's figures from greedy captions, named alike on every split ({} elsewhere): the
+    share of all images captioned right, of the single-shape ones, of the two-shape ones."""
+    if data.shapes is None:
+        return {}
+    greedy_cfg = dataclasses.replace(cfg, beam_size=1)
+    greedy = generate_captions(model, data.source, data.images(split), greedy_cfg, device)
+    single, n_single = demo_accuracy(greedy, data.shapes, 1)
+    two, n_two = demo_accuracy(greedy, data.shapes, 2)
+    if say:
+        log(f"demo: the greedy captions name the right colour and shape of {single:.1%} of "
+            f"{n_single} held-out single-shape images, and both shapes with their colours on the "
+            f"right sides of {two:.1%} of {n_two} two-shape images")
+    return {"demo_accuracy": demo_accuracy(greedy, data.shapes, None)[0],
+            "demo_colour_shape_accuracy": single, "demo_two_shape_accuracy": two}
+
+
+@torch.no_grad()
+def word_maps(model, source, captions, device):
+    """{name: [(word, its attention map (h, w))]} of an attention model's captions; {} if pooled."""
+    if not model.attention:
+        return {}
+    maps, items = {}, [(name, caption.split()) for name, caption in captions.items()]
+    for chunk in (items[i:i + 64] for i in range(0, len(items), 64)):
+        ids = pad_sequence([torch.tensor([Vocabulary.SOS, *model.vocab.numericalize(w),
+                                          Vocabulary.EOS]) for _, w in chunk],
+                           batch_first=True).to(device)  # (N, T)
+        inputs = torch.stack([source.get(name) for name, _ in chunk]).to(device)
+        with evaluating(model):
+            _, alphas = model.decoder(model.encoder(inputs), ids, alphas=True)  # (N, T-1, L)
+        side = math.isqrt(alphas.size(-1))
+        maps |= {name: list(zip(words, a.view(-1, side, side).cpu().numpy()))  # (T-1, h, w)
+                 for (name, words), a in zip(chunk, alphas)}
+    return maps
+
+
+
 # ==================================================================================================
 # ==== plumbing: a first reading can stop here. Below: settings, data formats, the demo set, the
 # feature cache, checkpoints, torchrun, the results page, --caption and main.
@@ -1121,7 +1342,7 @@ def parse_args(argv):
     for name, (section, comment) in setting_comments().items():
         if section not in groups:  # as the constants are grouped at the top of the script
             groups[section] = parser.add_argument_group(section)
-        default = globals()[name]
+        default = DEFAULTS[name]
         bare = dict(nargs="?", const=True) if isinstance(default, bool) else {}  # --flag sets it
         kind = parse_bool if isinstance(default, bool) else type(default)
         groups[section].add_argument(f"--{name}", type=kind, metavar=type(default).__name__.upper(),
@@ -1156,7 +1377,7 @@ def setting_help(name, comment):
     rules = "".join(f"; must be {must_be}" for names, _, must_be in SETTING_RULES if name in names)
     presets = "".join(f", {key} preset: {values[name]!r}" for key, values in PRESETS.items()
                       if name in values)
-    return f"{comment}{rules}. default: {globals()[name]!r}{presets}".replace("%", "%%")
+    return f"{comment}{rules}. default: {DEFAULTS[name]!r}{presets}".replace("%", "%%")
 
 
 # made absolute when the settings are resolved; shown relative to output_dir on the results page
@@ -1167,7 +1388,7 @@ def resolve_settings(overrides=None, trained=None, echo=None):
     """The constants < the dataset's preset < a checkpoint's settings < the command line."""
     overrides = dict(overrides or {})
     trained = dict(trained or {})
-    values = {name: globals()[name] for name in CONFIG_NAMES}
+    values = dict(DEFAULTS)
     origin = {}
     given = values | trained | overrides
     dataset, why = pick_dataset(given)
@@ -1204,13 +1425,19 @@ def fill_in(values, origin, overrides):
     if values["best_metric"] == "auto":  # the demo's CIDEr rewards one of three arbitrary phrasings
         metric = "demo_accuracy" if values["dataset"] == "demo" else "CIDEr"
         layer(values, origin, {"best_metric": metric}, "auto")
-    for name in PATHS:  # the defaults are in the project; a user's own, relative to where they are
+    for name in PATHS:
         if values[name]:
-            values[name] = str((Path.cwd() if name in overrides else ROOT) / values[name])
+            values[name] = str(absolute(name, values, overrides))
     for name, folder in (("data_dir", "input"), ("output_dir", "output")):
         if not values[name]:
             default = str(ROOT / "resources" / folder / values["dataset"])
             layer(values, origin, {name: default}, f"default for {values['dataset']}")
+
+
+def absolute(name, values, overrides):
+    """A path setting made absolute: the defaults are in the project; a user's own, relative to
+    where they are."""
+    return (Path.cwd() if name in overrides else ROOT) / values[name]
 
 
 def layer(values, origin, new, where):
@@ -1222,7 +1449,7 @@ def show_settings(values, origin, trained, echo):
     """Each setting that differs from its constant (or the checkpoint's), and where it came from."""
     lines = []
     for name in CONFIG_NAMES:
-        before = trained.get(name, globals()[name])
+        before = trained.get(name, DEFAULTS[name])
         if name in origin and values[name] != before:
             was = f"; the checkpoint's: {before!r}" if name in trained else ""
             lines.append(f"  {name:15s} = {values[name]!r:30s} ({origin[name]}{was})")
@@ -1636,15 +1863,19 @@ def demo_placement(caption):
     return f"{by_side['left']};{by_side['right']}"
 
 
-def demo_accuracy(captions_by_image, shapes_file, n_shapes=1):
+def demo_truth(folder):
+    """{image: its shapes as drawn, 'colour shape[;colour shape]' left to right}: shapes.csv."""
+    return pd.read_csv(Path(folder) / "shapes.csv").set_index("image")["shapes"].to_dict()
+
+
+def demo_accuracy(captions_by_image, truth, n_shapes=1):
     """The share of the images with n_shapes shapes (None: any) captioned right; their number."""
-    right = demo_right(captions_by_image, shapes_file, n_shapes)
+    right = demo_right(captions_by_image, truth, n_shapes)
     return sum(right.values()) / max(1, len(right)), len(right)
 
 
-def demo_right(captions_by_image, shapes_file, n_shapes=None):
+def demo_right(captions_by_image, truth, n_shapes=None):
     """{image: whether its caption names its shapes right}, for images with n_shapes (None: any)."""
-    truth = pd.read_csv(shapes_file).set_index("image")["shapes"].to_dict()  # as drawn
     right = {}
     for name, caption in captions_by_image.items():
         if n_shapes not in (None, truth[name].count(";") + 1):
@@ -1680,24 +1911,6 @@ def encoder_weights_file(cfg):
         random_resnet50_weights(DEMO_WEIGHTS)
     wait_for_all()
     return DEMO_WEIGHTS
-
-
-def demo_scores(model, data, split, cfg, device, say=False):
-    """The demo's figures from greedy captions, named alike on every split ({} elsewhere): the
-    share of all images captioned right, of the single-shape ones, of the two-shape ones."""
-    if cfg.dataset != "demo":
-        return {}
-    greedy_cfg = dataclasses.replace(cfg, beam_size=1)
-    greedy = generate_captions(model, data.source, data.images(split), greedy_cfg, device)
-    shapes = Path(cfg.data_dir) / "shapes.csv"
-    single, n_single = demo_accuracy(greedy, shapes, 1)
-    two, n_two = demo_accuracy(greedy, shapes, 2)
-    if say:
-        log(f"demo: the greedy captions name the right colour and shape of {single:.1%} of "
-            f"{n_single} held-out single-shape images, and both shapes with their colours on the "
-            f"right sides of {two:.1%} of {n_two} two-shape images")
-    return {"demo_accuracy": demo_accuracy(greedy, shapes, None)[0],
-            "demo_colour_shape_accuracy": single, "demo_two_shape_accuracy": two}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1840,7 +2053,7 @@ def decoding_workers(cfg):
     return min(wanted, (soft - 48) // 16)
 
 
-def extract_features(resnet, paths, cfg, device, into=None):
+def extract_features(encoder, paths, cfg, device, into=None):
     """Pooled (N, 2048) or, for attention, fp16 grid (N, L, 2048) features; unreadable indices."""
     grid_cells = feature_grid_cells(cfg)
     shape = (len(paths), grid_cells, 2048) if grid_cells else (len(paths), 2048)
@@ -1857,13 +2070,13 @@ def extract_features(resnet, paths, cfg, device, into=None):
     loader = DataLoader(files, batch_size, num_workers=workers,
                         collate_fn=stack_readable, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
-    resnet = resnet.to(device).eval().to(memory_format=torch.channels_last)
+    encoder.resnet[0].to(device).eval().to(memory_format=torch.channels_last)  # in place
     bar = tqdm(total=len(paths), desc=f"ResNet50 features ({workers} decoding processes)",
                unit="img", leave=False)
     with torch.inference_mode(), autocast(device), bar:
         for images, index in loader:
             if images is not None:
-                cells = resnet_grid(resnet, images.to(device, non_blocking=True))  # (B, L, 2048)
+                cells = encoder.grid(images.to(device, non_blocking=True))  # (B, L, 2048)
                 pooled = cells if grid_cells else cells.mean(1)  # (B, L, 2048) or (B, 2048)
                 features[index] = pooled.cpu().to(features.dtype)
                 read[index] = True
@@ -1966,8 +2179,8 @@ def write_feature_cache(weights, files, path, key, cfg, device):
     scratch = path.with_name(f"{path.name}.{os.getpid()}.scratch")  # COCO's grids outgrow RAM
     # the scratch file goes also on a full disk, Ctrl-C or SIGTERM (main makes it an exception)
     try:
-        resnet = load_resnet50(weights)
-        features, unread = extract_features(resnet, list(files.values()), cfg, device, scratch)
+        encoder = EncoderCNN(cfg.embed_size, load_resnet50(weights))
+        features, unread = extract_features(encoder, list(files.values()), cfg, device, scratch)
         names = list(files)
         failed = [names[i] for i in unread]
         cache = {"key": key, "images": names, "failed": failed, "features": features}
@@ -2039,7 +2252,7 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
         vocab = build_vocabulary(training["tokens"], cfg.freq_threshold)
     weights = encoder_weights_file(cfg)
     if trained:
-        check_data(trained, vocab, weights, train_sha256, cfg.data_dir)
+        check_data(trained, vocab, weights, train_sha256, cfg)
     names = sorted(frame["image"].unique())
     cache = cached_features(weights, image_dir, names, cfg, device)
     source = ImageSource(image_dir, cache["features"], cache["images"])
@@ -2051,7 +2264,8 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
         check_splits(frame, cfg.data_dir)
     train_names = sorted(frame.loc[frame["split"] == "train", "image"].unique())
     stats = feature_statistics(cache["features"], [source.row[n] for n in train_names])
-    return Data(frame, source, Path(weights).resolve(), stats, train_sha256, vocab)
+    shapes = demo_truth(cfg.data_dir) if cfg.dataset == "demo" else None
+    return Data(frame, source, Path(weights).resolve(), stats, train_sha256, vocab, shapes)
 
 
 def build_vocabulary(train_tokens, freq_threshold):
@@ -2067,9 +2281,6 @@ def build_vocabulary(train_tokens, freq_threshold):
 # checkpoints and the output folder: a checkpoint is one flat dict, as nanoGPT's, loaded with
 # weights_only=True; its settings drive --resume, --evaluate and --caption, its weights --init_from
 
-# the model's shape: every mode takes it from a checkpoint, as nanoGPT forces its model_args, since
-# its weights fit no other; a command line that contradicts one of these is refused
-MODEL_ARGS = ("decoder", "embed_size", "hidden_size", "num_layers", "dropout", "image_size")
 # --resume keeps these as well, or it would be another run: they decide the batches (as
 # max_train_caption_len cuts them), the vocabulary, or which epoch best.pt keeps
 RESUME_FIXED = MODEL_ARGS + ("dataset", "data_dir", "max_images", "demo_images", "freq_threshold",
@@ -2085,19 +2296,17 @@ RUN_OUTPUTS = ["loss_per_*.csv", "*_graph.png", "vocab.json", "config.json", "be
 
 
 def settings_and_checkpoint(overrides, captioning):
-    """The run's Config, and the checkpoint it starts from, as restore gives it, or None."""
-    given = {name: globals()[name] for name in CONFIG_NAMES} | overrides
-    from_checkpoint = [given[name] for name in ("resume", "evaluate", "init_from", "checkpoint")]
-    if not captioning and not any(from_checkpoint):
-        return resolve_settings(overrides, echo=log), None  # a fresh run's, resolved once
-    cfg = resolve_settings(overrides)  # first: where the checkpoint is (output_dir, --checkpoint)
-    path = checkpoint_of(cfg, captioning)
+    """The run's Config, resolved once, and the checkpoint it starts from (restore's), or None."""
+    given = DEFAULTS | overrides
+    path = checkpoint_path(given, overrides, captioning)
+    if path is None:  # a fresh run
+        return resolve_settings(overrides, echo=log), None
     restored = restore(path)
-    names = MODEL_ARGS if cfg.init_from else [n for n in CONFIG_NAMES if n not in THIS_COMMAND]
+    names = MODEL_ARGS if given["init_from"] else [n for n in CONFIG_NAMES if n not in THIS_COMMAND]
     trained = {name: restored[1]["config"][name] for name in names}
     if not Path(trained.get("encoder_weights", "")).is_file():  # moved since: the one given is
         trained.pop("encoder_weights", None)  # checked against the sha256 the checkpoint records
-    if not cfg.init_from and not overrides.get("output_dir", output_dir):
+    if not given["init_from"] and not given["output_dir"]:
         trained["output_dir"] = str(path.parent)  # --caption and --evaluate write beside it
     cfg = resolve_settings(overrides, trained, stderr if captioning else log)
     if cfg.resume and not (captioning or cfg.evaluate):
@@ -2105,17 +2314,24 @@ def settings_and_checkpoint(overrides, captioning):
     return cfg, restored
 
 
-def checkpoint_of(cfg, captioning):
-    """The checkpoint of --evaluate and --caption, --resume's last.pt, or --init_from's."""
-    if cfg.init_from and (captioning or cfg.evaluate or cfg.resume):
-        raise UserError(f"--init_from={cfg.init_from} starts a new training run: leave it out of "
-                        f"--resume, --evaluate and --caption (which take --checkpoint)")
-    if captioning or cfg.evaluate:
-        return Path(cfg.checkpoint or Path(cfg.output_dir) / "best.pt")
-    if cfg.checkpoint:
-        raise UserError(f"--checkpoint={cfg.checkpoint} is for --evaluate and --caption: to train "
-                        f"on from a checkpoint, use --resume (its run goes on) or --init_from")
-    return Path(cfg.output_dir) / "last.pt" if cfg.resume else Path(cfg.init_from)
+def checkpoint_path(given, overrides, captioning):
+    """The checkpoint of --evaluate and --caption, --resume's last.pt or --init_from's (None for a
+    fresh run), found from the settings given: resolving them needs the checkpoint's own."""
+    if given["init_from"] and (captioning or given["evaluate"] or given["resume"]):
+        raise UserError(f"--init_from={given['init_from']} starts a new training run: leave it out "
+                        f"of --resume, --evaluate and --caption (which take --checkpoint)")
+    if given["checkpoint"] and not (captioning or given["evaluate"]):
+        raise UserError(f"--checkpoint={given['checkpoint']} is for --evaluate and --caption: "
+                        f"to train on from a checkpoint, use --resume (its run goes on) or "
+                        f"--init_from")
+    out = absolute("output_dir", given, overrides)
+    if not given["output_dir"]:  # the dataset's default folder
+        out = ROOT / "resources" / "output" / pick_dataset(given)[0]
+    if captioning or given["evaluate"]:
+        return absolute("checkpoint", given, overrides) if given["checkpoint"] else out / "best.pt"
+    if given["resume"]:
+        return out / "last.pt"
+    return absolute("init_from", given, overrides) if given["init_from"] else None
 
 
 def check_resume(ckpt, cfg):
@@ -2137,7 +2353,9 @@ def check_resume(ckpt, cfg):
 
 
 def save_checkpoint(path, model, optimizer, cfg, data, progress):
-    """What a run needs to go on, or a model to be rebuilt."""
+    """What a run needs to go on, or a model to be rebuilt; written by process 0."""
+    if not is_main_process():
+        return
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise UserError(f"the model's weights are not finite at step {progress.step}: "
                         f"{path.name} unwritten")
@@ -2184,7 +2402,7 @@ def restore(path):
         if ckpt["model_sha256"] != model_sha256(ckpt):
             raise ValueError("its weights or settings are not those its sha256 was taken of")
         # how a command runs is never taken from a checkpoint: an older one may lack a new setting
-        config = {name: globals()[name] for name in THIS_COMMAND} | ckpt["config"]
+        config = {name: DEFAULTS[name] for name in THIS_COMMAND} | ckpt["config"]
         for field in dataclasses.fields(Config):  # its settings, typed as the command line's are
             value = config[field.name]
             if type(value) is not field.type:
@@ -2212,29 +2430,23 @@ def check_weights(ckpt, weights):
                         f"with{gone}")
 
 
-def check_data(ckpt, vocab, weights, train_sha256, data_dir):
-    """Refuses data other than the checkpoint was trained on, before any feature is computed."""
+def check_data(ckpt, vocab, weights, train_sha256, cfg):
+    """Refuses data other than the checkpoint was trained on (--init_from: another vocabulary or
+    ResNet50), before any image is read."""
+    if cfg.init_from and vocab.itos != ckpt["vocab"]:
+        raise UserError(f"--init_from={cfg.init_from}: its vocabulary ({len(ckpt['vocab'])} words) "
+                        f"is not this run's ({len(vocab)}): train on the captions it was trained "
+                        f"on, with --freq_threshold={ckpt['config']['freq_threshold']}")
     if vocab is not None and vocab.itos != ckpt["vocab"]:
         raise UserError(f"checkpoint {ckpt['path']} has a different vocabulary "
                         f"({len(ckpt['vocab'])} words, now {len(vocab)}): the captions in "
-                        f"{data_dir} changed; train afresh")
+                        f"{cfg.data_dir} changed; train afresh")
     check_weights(ckpt, weights)
-    if train_sha256 != ckpt["train_images_sha256"]:
+    data_dir = cfg.data_dir
+    if train_sha256 != ckpt["train_images_sha256"] and not cfg.init_from:
         raise UserError(f"the training split of {data_dir} is not the one {ckpt['path']} was "
                         f"trained on: its test split may hold training images. Use its data, or "
                         f"train afresh")
-
-
-def init_weights(model, path, weights):
-    """--init_from: a new run's model takes a checkpoint's weights, if their vocabulary is its."""
-    trained, ckpt = restore(path)
-    if ckpt["vocab"] != model.vocab.itos:
-        raise UserError(f"--init_from={path}: its vocabulary ({len(ckpt['vocab'])} words) is not "
-                        f"this run's ({len(model.vocab)}): train on the captions it was trained "
-                        f"on, with --freq_threshold={ckpt['config']['freq_threshold']}")
-    check_weights(ckpt, weights)
-    model.load_state_dict(trained.state_dict())  # its feature statistics too: its weights fit them
-    log(f"starting from the weights of {path} (epoch {ckpt['epoch']}), with a fresh optimizer")
 
 
 def claim_output_dir(out, fresh=False):
@@ -2292,10 +2504,19 @@ def stopping_on_signals():
     return signals_to(signal.default_int_handler)
 
 
-class CtrlC:
-    """Ctrl-C, SIGTERM or SIGHUP asks the loop to save last.pt and stop; a second stops at once."""
+class CtrlC(contextlib.AbstractContextManager):
+    """Inside, Ctrl-C, SIGTERM or SIGHUP asks the loop to save last.pt and stop (requested); a
+    second stops at once. After, the signals go where they went before."""
     # under torchrun, whose agent passes one Ctrl-C on twice, every signal only asks
     requested = False
+
+    def __enter__(self):
+        self.routed = signals_to(self.request)
+        self.routed.__enter__()
+        return self
+
+    def __exit__(self, *error):
+        return self.routed.__exit__(*error)
 
     def request(self, signum, frame):
         if self.requested and "LOCAL_RANK" not in os.environ:
@@ -2322,14 +2543,55 @@ def append_csv(path, rows, columns):
 
 
 def truncate_csv(path, column, last):
-    """Keeps the rows up to a checkpoint, so a resumed run neither repeats nor loses any."""
-    if Path(path).is_file():
-        try:
-            frame = pd.read_csv(path)
-        except pd.errors.EmptyDataError:  # killed before its first row: nothing to keep
-            Path(path).unlink()
-            return
-        frame[frame[column] <= last].to_csv(path, index=False)
+    """Keeps the rows up to a checkpoint, so a resumed run neither repeats nor loses any; how many
+    rows it kept (0: none, or the file was missing or unreadable, and is moved aside)."""
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path)
+        frame = frame[frame[column] <= last]
+    except FileNotFoundError:
+        return 0
+    except pd.errors.EmptyDataError:  # killed before its first row: nothing to keep
+        path.unlink()
+        return 0
+    except (ValueError, KeyError):  # garbage, or not this script's: kept aside, not overwritten
+        os.replace(path, path.with_suffix(".unreadable.csv"))
+        return 0
+    frame.to_csv(path, index=False)
+    return len(frame)
+
+
+def prepare_outputs(run, out):
+    """In process 0: the run's vocab.json and config.json; and its logs and best.pt as last.pt
+    left them, so that a kill -9 at any instant resumes exactly."""
+    if not is_main_process():
+        return
+    write_run_files(run, out)
+    # end_epoch writes last.pt (which holds every epoch's row) first, then best.pt, then the CSV
+    # and graphs: what a kill skipped is redone here; loss_per_batch.csv's rows past it go
+    progress = run.progress
+    kept = truncate_csv(out / "loss_per_batch.csv", "step", progress.step)
+    if kept < progress.step:
+        warn(f"{out / 'loss_per_batch.csv'} held the rows of {kept} of the {progress.step} steps "
+             f"taken (deleted or damaged?): the others are lost; the run goes on from step "
+             f"{progress.step + 1}")
+    if not progress.history:  # a fresh run, or a resume before the first epoch ended
+        return
+    if progress.best_step == progress.step:  # last.pt was written with best.pt, at an epoch end
+        write_whole(out, {out / "best.pt": (out / "last.pt").read_bytes()})
+    write_history(out, progress.history, progress.best_epoch, best_metric_of(progress, run.cfg))
+
+
+def write_run_files(run, out):
+    """vocab.json, and config.json: the settings that ran, with the ResNet50 file that was used."""
+    vocab = run.model.vocab  # a word a line; the keys are Vocabulary's: Vocabulary(**json.load(f))
+    vocab = json.dumps({"freq_threshold": vocab.freq_threshold, "itos": vocab.itos}, indent=0)
+    settings = dataclasses.asdict(run.cfg) | {"encoder_weights": str(run.data.weights)}
+    if run.data.weights == DEMO_WEIGHTS.resolve():
+        settings["encoder"] = "random ResNet50 (demo only)"
+    write_whole(out, {out / "vocab.json": vocab.encode(),
+                      out / "config.json": json.dumps(settings, indent=2).encode()})
+    meteor_scorer()  # its JVM loads while the first epoch trains
 
 
 def resume_hint(out, step, size):
@@ -2339,178 +2601,6 @@ def resume_hint(out, step, size):
     runner = "torchrun ... " if size > 1 else ".venv/bin/python "
     log(f"\ninterrupted: saved {out / 'last.pt'} at step {step}. Resume with:\n  {runner}{command}")
     return 130
-
-
-# --------------------------------------------------------------------------------------------------
-# the run's bookkeeping: start_run makes (or resumes) a Run; the loss logs and their checks,
-# the epoch's row, best.pt and last.pt, SCST's kept cross-entropy results; train() calls them
-
-
-def count_steps(dataset, cfg, what):
-    """This process's steps in an epoch of dataset; none at all is one clear error."""
-    steps = len(process_batches(len(dataset), cfg, 1))
-    if steps == 0:
-        raise UserError(f"{len(dataset)} {what} cannot be shared by {rank_and_size()[1]} "
-                        f"processes: use more")
-    return steps
-
-
-def start_run(cfg, device):
-    """A fresh run's data, model, optimizer and progress, or last.pt's (--resume), in a Run."""
-    out = Path(cfg.output_dir)
-    model, ckpt = restore(out / "last.pt") if cfg.resume else (None, None)
-    data = prepare_data(cfg, device, build_vocab=True, trained=ckpt)
-    features = data.source.features
-    if device.type == "cuda" and features.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
-        data.source.features = features.to(device)  # batches are then gathered on the GPU
-    torch.manual_seed(cfg.seed)  # after the data: the initial weights never depend on the cache
-    if ckpt:
-        progress = Progress(**{f.name: ckpt[f.name] for f in dataclasses.fields(Progress)})
-    else:
-        model = Captioner(data.vocab, {name: getattr(cfg, name) for name in MODEL_ARGS})
-        model.encoder.feature_mean.copy_(data.feature_stats[0])
-        model.encoder.feature_std.copy_(data.feature_stats[1])
-        progress = Progress()
-        if cfg.init_from:
-            init_weights(model, cfg.init_from, data.weights)
-    fused = True if device.type == "cuda" else None  # one kernel for all the parameters on a GPU
-    trained = [p for p in model.to(device).parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trained, lr=cfg.learning_rate, fused=fused)
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng_state"])  # mid-epoch: dropout goes on as it would have
-        if torch.cuda.is_available() and ckpt["cuda_rng_state"]:
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng_state"][:torch.cuda.device_count()])
-        log(f"resuming from {out / 'last.pt'}: epoch {progress.epoch} done, step {progress.step}")
-    run = Run(cfg, device, data, model, optimizer, progress)
-    if is_main_process():
-        mend_outputs(run, out)
-        model.vocab.save(out / "vocab.json")
-        # config.json: the settings that ran, with the ResNet50 file that was used
-        settings = dataclasses.asdict(cfg) | {"encoder_weights": str(data.weights)}
-        if data.weights == DEMO_WEIGHTS.resolve():
-            settings["encoder"] = "random ResNet50 (demo only)"
-        write_whole(out, {out / "config.json": json.dumps(settings, indent=2).encode()})
-        meteor_scorer()  # its JVM loads while the first epoch trains
-    return run
-
-
-def mend_outputs(run, out):
-    """The logs and best.pt as last.pt left them: a kill -9 at any instant resumes exactly."""
-    # end_epoch writes last.pt first, then best.pt, then the epoch's row: what a kill skipped is
-    # redone here from last.pt; rows past it (steps taken after last.pt) go
-    progress = run.progress
-    truncate_csv(out / "loss_per_batch.csv", "step", progress.step)
-    truncate_csv(out / "loss_per_epoch.csv", "epoch", progress.epoch)
-    if not progress.epoch_row:  # a fresh run, or a resume before the first epoch ended
-        return
-    epochs = out / "loss_per_epoch.csv"
-    if not epochs.is_file() or pd.read_csv(epochs)["epoch"].max() < progress.epoch:
-        append_csv(epochs, [progress.epoch_row], list(progress.epoch_row))
-    if progress.best_step == progress.step:  # last.pt was written with best.pt, at an epoch end
-        write_whole(out, {out / "best.pt": (out / "last.pt").read_bytes()})
-
-
-def read_back(pending, device):
-    """Each pending step's row, its figures averaged over the processes: one wait for the GPU."""
-    stats = torch.stack([figures for *_, figures in pending])  # (steps,) or (steps, 3) with SCST
-    stats = stats / rank_and_size()[1]
-    totals = sum_over_processes(stats.flatten().tolist(), device)
-    stats = torch.tensor(totals).view(len(pending), -1)  # (steps, 1 or 3)
-    phase = {1: "cross-entropy", 3: "self-critical"}[stats.size(1)]
-    return [(epoch, step, phase, lr, *figures)
-            for (epoch, step, lr, _), figures in zip(pending, stats.tolist())]
-
-
-def check_losses(rows, scst, run):
-    """Stops a run whose loss diverged, before any checkpoint saves the diverged weights."""
-    # a fresh model's loss is about log(vocab_size): ten times that is no learning
-    limit = math.inf if scst else 10 * math.log(len(run.model.vocab))
-    for epoch, step, _, _, loss, *_ in rows:
-        if not math.isfinite(loss) or loss > limit:
-            rate = "scst_learning_rate" if scst else "learning_rate"
-            raise UserError(f"the training loss diverged at epoch {epoch}, step {step} (loss "
-                            f"{loss:.4g}): lower --{rate} (now {getattr(run.cfg, rate)}). No "
-                            f"checkpoint was written after that step")
-
-
-def epoch_training_figures(run):
-    """The epoch's phase and mean training loss (SCST: its rewards); the sums start again."""
-    progress = run.progress
-    count = max(progress.loss_count, 1)
-    figures = {"phase": "cross-entropy", "train_loss": progress.loss_sum / count}
-    if progress.epoch > run.cfg.num_epochs:  # SCST's loss is no cross-entropy: its rewards tell
-        figures["phase"] = "self-critical"
-        figures["reward"] = progress.reward_sum / count
-        figures["greedy_cider"] = progress.greedy_sum / count
-        if progress.reward_sum == 0:
-            warn("every sampled caption's reward was 0 this epoch, so SCST learned nothing: its "
-                 "captions match no reference n-gram (one training image, or identical captions?)")
-    progress.loss_sum = progress.reward_sum = progress.greedy_sum = 0.0
-    progress.loss_count = 0
-    return figures
-
-
-def is_best(progress, row, cfg):
-    """Whether the epoch's row is the best yet by best_metric (higher is better); records it."""
-    metric = cfg.best_metric
-    scst = row["phase"] == "self-critical"
-    if scst and metric in ("demo_accuracy", "val_loss"):  # SCST raises the cross-entropy: its
-        metric = "CIDEr"  # epochs are compared among themselves by the figure they optimise
-        if progress.epoch == cfg.num_epochs + 1:
-            progress.best_score = float("-inf")
-    score = -row["val_loss"] if metric == "val_loss" else row[metric]
-    # of equals the later: on the demo ties are common, and the later epoch is more trained
-    best = score >= progress.best_score
-    if best:
-        progress.best_score = score
-        progress.best_step = progress.step
-    return best
-
-
-def times_100(metrics):
-    """Metrics x100, as papers give them and as every output stores and shows them."""
-    return {k: v if v is None else 100 * v for k, v in metrics.items()}
-
-
-def format_metrics(metrics):
-    return ", ".join(f"{k} {'n/a' if v is None else f'{v:.1f}'}" for k, v in metrics.items())
-
-
-def log_epoch(row, best, cfg):
-    if row["phase"] == "self-critical":
-        said = (f"self-critical: reward {row['reward']:.1f}, greedy CIDEr-D "
-                f"{row['greedy_cider']:.1f}")
-    else:
-        said = f"train loss {row['train_loss']:.3f}"
-    metrics = {k: v for k, v in row.items()
-               if k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
-                        "demo_accuracy")}
-    log(f"epoch {row['epoch']}: {said}, val loss {row['val_loss']:.3f}, token accuracy "
-        f"{row['val_token_accuracy']:.1f}%, {format_metrics(metrics)}; "
-        f"{row['epoch_seconds']:.1f} s training, {row['eval_seconds']:.1f} s validation "
-        f"(beam {cfg.beam_size})"
-        + ("; best.pt" if best else ""))
-
-
-def keep_cross_entropy_results(run):
-    """Before SCST's first epoch: the cross-entropy best.pt and its test report, kept as best-xe.pt,
-    report-xe.html and test_*-xe.*, to compare with what SCST makes of them."""
-    out = Path(run.cfg.output_dir)
-    if is_main_process():
-        write_whole(out, {out / "best-xe.pt": (out / "best.pt").read_bytes()})
-    wait_for_all()
-    log(f"self-critical training begins: the cross-entropy run's best.pt is kept as "
-        f"{out / 'best-xe.pt'}")
-    test_report(restore(out / "best-xe.pt"), run.data, run.cfg, run.device, "-xe")
-
-
-def stop_and_save(run):
-    """last.pt at the last step taken, with its losses recorded, so --resume goes on from there."""
-    record_losses(run)
-    if is_main_process():
-        out = Path(run.cfg.output_dir)
-        save_checkpoint(out / "last.pt", run.model, run.optimizer, run.cfg, run.data, run.progress)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2612,47 +2702,56 @@ def meteor_score(refs, hyps):
 # with its caption, references and scores; beside it the test split's captions (CSV, and COCO's
 # results format), references (COCO's annotation format) and metrics, x100, each written whole.
 
-def test_report(restored, data, cfg, device, tag=""):
-    """The test split's captions, scores and metrics, and report.html; tag in their names."""
-    model, ckpt = restored
-    start = time.time()
-    model = model.to(device)
-    captions = generate_captions(model, data.source, data.images("test"), cfg, device)
-    demo = demo_scores(model, data, "test", cfg, device, say=True)  # each process does a share
-    if not is_main_process():
-        return
-    refs = references_of(data.split("test"))
-    metrics, scores = caption_metrics(refs, captions)
-    metrics = times_100(metrics)
-    scores = {name: times_100(each) for name, each in scores.items()}
-    log(f"test split, {len(captions)} images, beam {cfg.beam_size} ({ckpt['path']}): "
-        f"{format_metrics(metrics)}")
-    metrics |= times_100(demo)
-    for name in random.Random(cfg.seed).sample(sorted(captions), min(6, len(captions))):
-        log(f"  {name}: {captions[name]}\n      reference: {refs[name][0]}")
+def times_100(metrics):
+    """Metrics x100, as papers give them and as every output stores and shows them."""
+    return {k: v if v is None else 100 * v for k, v in metrics.items()}
+
+
+def format_metrics(metrics):
+    return ", ".join(f"{k} {'n/a' if v is None else f'{v:.1f}'}" for k, v in metrics.items())
+
+
+def log_epoch(row, best, cfg):
+    if row["phase"] == "self-critical":
+        said = (f"self-critical: reward {row['reward']:.1f}, greedy CIDEr-D "
+                f"{row['greedy_cider']:.1f}")
+    else:
+        said = f"train loss {row['train_loss']:.3f}"
+    metrics = {k: v for k, v in row.items()
+               if k in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
+                        "demo_accuracy")}
+    log(f"epoch {row['epoch']}: {said}, val loss {row['val_loss']:.3f}, token accuracy "
+        f"{row['val_token_accuracy']:.1f}%, {format_metrics(metrics)}; "
+        f"{row['epoch_seconds']:.1f} s training, {row['eval_seconds']:.1f} s validation "
+        f"(beam {cfg.beam_size})"
+        + ("; best.pt" if best else ""))
+
+
+def write_test_report(results, data, cfg, ckpt, tag):
+    """The test split's captions (CSV, COCO's results format), references (COCO's annotation
+    format), metrics (JSON) and report.html, tag in their names, each written whole."""
+    captions, refs, scores = results.captions, results.references, results.scores
     shapes = {}
-    if cfg.dataset == "demo":  # each caption right or wrong; the page's filter by one or two shapes
-        for name, right in demo_right(captions, Path(cfg.data_dir) / "shapes.csv").items():
+    if data.shapes is not None:  # each caption right or wrong; the page's filter by shape count
+        for name, right in demo_right(captions, data.shapes).items():
             scores[name]["right"] = right
-        shapes = pd.read_csv(Path(cfg.data_dir) / "shapes.csv").set_index("image")["shapes"]
-        shapes = shapes.str.count(";").add(1).to_dict()
+        shapes = {name: truth.count(";") + 1 for name, truth in data.shapes.items()}
     out = Path(cfg.output_dir)
     frame = pd.DataFrame([{"image": n, "caption": c, "references": " | ".join(refs[n]), **scores[n]}
                           for n, c in captions.items()])
     report = {"checkpoint": str(ckpt["path"]), "split": "test", "images": len(captions),
-              "beam_size": cfg.beam_size, "scale": 100, **metrics,
-              "seconds": round(time.time() - start, 2)}
-    results, references = coco_files(refs, captions)
+              "beam_size": cfg.beam_size, "scale": 100, **results.metrics,
+              "seconds": results.seconds}
+    coco_results, coco_references = coco_files(refs, captions)
     outputs = {out / f"test_captions{tag}.csv": frame.to_csv(index=False).encode(),
-               out / f"test_captions{tag}.json": results.encode(),
-               out / f"test_references{tag}.json": references.encode(),
+               out / f"test_captions{tag}.json": coco_results.encode(),
+               out / f"test_references{tag}.json": coco_references.encode(),
                out / f"test_metrics{tag}.json": json.dumps(report, indent=2).encode()}
-    maps = word_maps(model, data.source, captions, device)
     rows = [{"path": data.source.image_dir / n, "name": n, "caption": c, "references": refs[n],
-             "scores": scores[n], "maps": maps.get(n), "shapes": shapes.get(n)}
+             "scores": scores[n], "maps": results.maps.get(n), "shapes": shapes.get(n)}
             for n, c in captions.items()]
     page = write_report(out, f"report{tag}", f"{cfg.dataset}: the test split's {len(rows)} images",
-                        report_header(cfg, ckpt, metrics), rows, outputs)
+                        report_header(cfg, ckpt, results.metrics), rows, outputs)
     log(f"results page: {page}")
 
 
@@ -2671,32 +2770,15 @@ def coco_files(references, captions):
                                         for k, (n, c) in enumerate(pairs)]}))
 
 
-@torch.no_grad()
-def word_maps(model, source, captions, device):
-    """{name: [(word, its attention map (h, w))]} of an attention model's captions; {} if pooled."""
-    if not model.attention:
-        return {}
-    maps, items = {}, [(name, caption.split()) for name, caption in captions.items()]
-    for chunk in (items[i:i + 64] for i in range(0, len(items), 64)):
-        ids = pad_sequence([torch.tensor([Vocabulary.SOS, *model.vocab.numericalize(w),
-                                          Vocabulary.EOS]) for _, w in chunk],
-                           batch_first=True).to(device)  # (N, T)
-        inputs = torch.stack([source.get(name) for name, _ in chunk]).to(device)
-        with evaluating(model):
-            _, alphas = model.decoder(model.encoder(inputs), ids, alphas=True)  # (N, T-1, L)
-        side = math.isqrt(alphas.size(-1))
-        maps |= {name: list(zip(words, a.view(-1, side, side).cpu().numpy()))  # (T-1, h, w)
-                 for (name, words), a in zip(chunk, alphas)}
-    return maps
-
-
-def plot_history(out, best_metric="CIDEr"):
-    """loss_graph.png (per batch) and metrics_graph.png (per epoch, with the best epoch by
-    best_metric, as best.pt keeps it, and the start of SCST marked), a panel a row."""
+def write_history(out, history, best_epoch, best_metric):
+    """loss_per_epoch.csv, whole, from every epoch's row (as last.pt records them), and the graphs:
+    loss_graph.png (per batch) and metrics_graph.png (per epoch, with the best epoch, as best.pt
+    keeps it by best_metric, and the start of SCST marked), a panel a row."""
     from matplotlib.figure import Figure  # not pyplot's: no window, no display, nothing to close
     from matplotlib.ticker import MaxNLocator
+    table = pd.DataFrame(history)
     batches = pd.read_csv(out / "loss_per_batch.csv").set_index("step")
-    epochs = pd.read_csv(out / "loss_per_epoch.csv").set_index("epoch")
+    epochs = table.set_index("epoch")
     scst = epochs.index[epochs["phase"] == "self-critical"]
     epochs.loc[scst, "train_loss"] = None  # a self-critical step's loss is no cross-entropy
     scores = epochs.filter(regex=r"^(val_token_accuracy|BLEU-[14]|METEOR|ROUGE-L|demo_.*)$")
@@ -2707,11 +2789,7 @@ def plot_history(out, best_metric="CIDEr"):
     per_epoch = {"loss per epoch": epochs[["train_loss", "val_loss"]],
                  "validation x 100": scores.dropna(axis=1, how="all"),
                  "validation CIDEr x 100": epochs[["CIDEr"]]}
-    score = -epochs["val_loss"] if best_metric == "val_loss" else epochs[best_metric]
-    if len(scst) and best_metric in ("demo_accuracy", "val_loss"):  # as end_epoch picks best.pt:
-        best_metric, score = "CIDEr", epochs.loc[scst, "CIDEr"]  # SCST's epochs by what it raises
-    best = score[::-1].idxmax()  # of equals the later, as end_epoch keeps it
-    files = {}
+    files = {out / "loss_per_epoch.csv": table.to_csv(index=False).encode()}
     for file, panels in (("loss_graph.png", per_batch), ("metrics_graph.png", per_epoch)):
         figure = Figure(figsize=(6.4, 3.6 * len(panels)), layout="constrained")
         for ax, (title, frame) in zip(figure.subplots(len(panels), squeeze=False).flat,
@@ -2719,14 +2797,16 @@ def plot_history(out, best_metric="CIDEr"):
             frame.plot(ax=ax, title=title, legend=False)
             if frame.index.name == "epoch":
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epoch 3, not 2.5
-                ax.axvline(best, color="tab:green", linestyle="--", label=f"best {best_metric}")
+                ax.axvline(best_epoch, color="tab:green", linestyle="--",
+                           label=f"best {best_metric}")
             if frame.index.name == "epoch" and len(scst):
                 ax.axvline(scst[0] - 0.5, color="tab:purple", linestyle=":", label="SCST begins")
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3,  # off the lines
                       fontsize="small", frameon=False)
-        files[out / file] = io.BytesIO()
-        figure.savefig(files[out / file], format="png", dpi=90)
-    write_whole(out, {path: buffer.getvalue() for path, buffer in files.items()})
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=90)
+        files[out / file] = buffer.getvalue()
+    write_whole(out, files)
 
 
 def evaluate_checkpoint(cfg, device, restored):
@@ -2795,7 +2875,7 @@ def report_header(cfg, ckpt, metrics=None):
              f"{ckpt['model_args']['decoder']} decoder), beam {cfg.beam_size}; "
              f"encoder: {encoder}; trained on {ckpt['config']['dataset']} "
              f"({os.path.relpath(ckpt['config']['data_dir'], out)})")
-    settings = {n: repr(getattr(cfg, n)) for n in CONFIG_NAMES if getattr(cfg, n) != globals()[n]}
+    settings = {n: repr(getattr(cfg, n)) for n in CONFIG_NAMES if getattr(cfg, n) != DEFAULTS[n]}
     settings |= {n: os.path.relpath(getattr(cfg, n), out) for n in PATHS if n in settings}
     graphs = [g for g in ("loss_graph.png", "metrics_graph.png") if (Path(out) / g).is_file()]
     return {"about": about, "metrics": metrics or {}, "settings": settings, "graphs": graphs}
@@ -2863,15 +2943,16 @@ def caption_images(cfg, paths, restored, device):
     """--caption: prints a line per image (caption_format); writes report-captions.html."""
     files, missing = image_files(paths)
     weights = encoder_weights_file(cfg)
-    resnet = load_resnet50(weights)  # first: a missing or damaged file is its own clear error
     model, ckpt = restored
+    # first: a missing or damaged file is its own clear error
+    model.encoder.resnet = (load_resnet50(weights),)
     check_weights(ckpt, weights)
     model = model.to(device)
     stderr(f"captioning with {ckpt['path']}")
     if not files:
         stderr(f"error: no images found in {' '.join(map(one_line, paths))}")
     names = [str(f.resolve()) for f in files]
-    features, unread = extract_features(resnet, names, cfg, device)
+    features, unread = extract_features(model.encoder, names, cfg, device)
     source = ImageSource(Path("/"), features, names)
     readable = [name for i, name in enumerate(names) if i not in set(unread)]
     json_lines = cfg.caption_format == "json"
@@ -2924,7 +3005,7 @@ def run_mode(argv):
         device = start_processes(device)  # under torchrun: this process's GPU, and the others
         if cfg.evaluate:
             return evaluate_checkpoint(cfg, device, restored)
-        return train(cfg, device)
+        return train(cfg, device, restored)
     except UserError as error:
         say_once(f"error: {error}")
         return 2
