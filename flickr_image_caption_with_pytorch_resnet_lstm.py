@@ -111,7 +111,6 @@ DEFAULTS = {name: globals()[name] for name in CONFIG_NAMES}  # the constants as 
 # Settings resolved once per run, then frozen: cfg.learning_rate, never a dictionary code changes.
 Config = dataclasses.make_dataclass("Config", [(n, type(v)) for n, v in DEFAULTS.items()],
                                     frozen=True)
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
 
 # The demo's settings over the constants, to finish in minutes on a 2-core CPU: its 36-word
@@ -194,9 +193,6 @@ class ImageSource:
         self.image_dir = Path(image_dir)
         self.features = features
         self.row = {name: i for i, name in enumerate(names)}
-
-    def get(self, name):
-        return self.features[self.row[name]]
 
 
 class FlickrDataset:
@@ -708,6 +704,7 @@ class Progress:
     best_score: float = float("-inf")  # of best_metric, higher is better
     best_step: int = 0  # the step best.pt was saved at
     best_epoch: int = 0
+    best_metric: str = ""  # what picked it: best_metric, or CIDEr among SCST's epochs (is_best)
     loss_sum: float = 0.0  # over the recorded steps of the epoch under way
     loss_count: int = 0
     reward_sum: float = 0.0  # self-critical steps: their sampled and greedy captions' CIDEr-D
@@ -922,7 +919,12 @@ def record_losses(run):
     """Reads back the pending steps' figures, checks them, appends them to loss_per_batch.csv."""
     if not run.pending:
         return
-    rows = read_back(run.pending, run.device)
+    # one wait for the GPU; each figure averaged over the processes
+    measured = [torch.stack([f for f in row[4:] if f is not None]) for row in run.pending]
+    stats = torch.stack(measured) / rank_and_size()[1]  # (steps, 1), or (steps, 3) with SCST's
+    totals = sum_over_processes(stats.flatten().tolist(), run.device)
+    stats = torch.tensor(totals).view(len(run.pending), -1)  # (steps, 1 or 3)
+    rows = [StepFigures(*row[:4], *figures) for row, figures in zip(run.pending, stats.tolist())]
     run.pending.clear()
     scst = rows[0].phase == "self-critical"  # an epoch's last step reads back: never both
     check_losses(rows, scst, run)
@@ -947,15 +949,6 @@ def record_losses(run):
             f"{average:.4f}, lr {last.lr:.3g}")
 
 
-def read_back(pending, device):
-    """The pending StepFigures with numbers, averaged over the processes: one wait for the GPU."""
-    measured = [torch.stack([f for f in row[4:] if f is not None]) for row in pending]
-    stats = torch.stack(measured) / rank_and_size()[1]  # (steps, 1), or (steps, 3) with SCST's
-    totals = sum_over_processes(stats.flatten().tolist(), device)
-    stats = torch.tensor(totals).view(len(pending), -1)  # (steps, 1 or 3)
-    return [StepFigures(*row[:4], *figures) for row, figures in zip(pending, stats.tolist())]
-
-
 def check_losses(rows, scst, run):
     """Stops a run whose loss diverged, before any checkpoint saves the diverged weights."""
     # a fresh model's loss is about log(vocab_size): ten times that is no learning
@@ -977,7 +970,7 @@ def end_epoch(run, train_seconds):
     metrics |= demo_scores(run.model, run.data, "val", cfg, run.device)
     progress.epoch += 1
     row = {"epoch": progress.epoch, **epoch_training_figures(run)}
-    row |= {"val_loss": val_loss, "val_token_accuracy": 100 * token_accuracy, **times_100(metrics)}
+    row |= {"val_loss": val_loss, "val_token_accuracy": 100 * token_accuracy, **metrics}
     row |= {"epoch_seconds": round(train_seconds, 2), "eval_seconds": round(time.time() - start, 2)}
     if is_main_process():
         best = is_best(progress, row, cfg)
@@ -987,7 +980,7 @@ def end_epoch(run, train_seconds):
         save_checkpoint(out / "last.pt", run.model, run.optimizer, cfg, run.data, progress)
         if best:
             save_checkpoint(out / "best.pt", run.model, run.optimizer, cfg, run.data, progress)
-        write_history(out, progress.history, progress.best_epoch, best_metric_of(progress, cfg))
+        write_history(out, progress)
         log_epoch(row, best, cfg)
     print_samples(run, f"end of epoch {progress.epoch}", captions)
 
@@ -1009,17 +1002,14 @@ def epoch_training_figures(run):
     return figures
 
 
-def best_metric_of(progress, cfg):
-    """What compares the epochs for best.pt: best_metric; but SCST, which raises the cross-entropy,
-    compares its epochs among themselves by the CIDEr it raises, where best_metric is val_loss
-    or demo_accuracy. The rule of best.pt and of the graphs' 'best' mark alike."""
-    scst = progress.epoch > cfg.num_epochs
-    return "CIDEr" if scst and cfg.best_metric in ("val_loss", "demo_accuracy") else cfg.best_metric
-
-
 def is_best(progress, row, cfg):
-    """Whether the epoch's row is the best yet by best_metric_of (higher is better); records it."""
-    metric = best_metric_of(progress, cfg)
+    """Whether the epoch's row is the best yet by best_metric (higher is better); records it.
+    The one rule of best.pt and the graphs' mark: SCST, which raises the cross-entropy, compares
+    its epochs among themselves by the CIDEr it raises where best_metric is val_loss or
+    demo_accuracy."""
+    metric = cfg.best_metric
+    if progress.epoch > cfg.num_epochs and metric in ("val_loss", "demo_accuracy"):
+        metric = "CIDEr"
     if metric != cfg.best_metric and progress.epoch == cfg.num_epochs + 1:
         progress.best_score = float("-inf")
         log(f"self-critical epochs are compared with each other by CIDEr for best.pt, not by "
@@ -1031,6 +1021,7 @@ def is_best(progress, row, cfg):
         progress.best_score = score
         progress.best_step = progress.step
         progress.best_epoch = progress.epoch
+        progress.best_metric = metric
     return best
 
 
@@ -1170,7 +1161,8 @@ def metric_text(caption):
 
 
 def caption_metrics(references, hypotheses):
-    """coco-caption's BLEU-1..4, METEOR (None without Java), ROUGE-L, CIDEr; and each image's."""
+    """coco-caption's BLEU-1..4, METEOR (None without Java), ROUGE-L, CIDEr, and each image's CIDEr
+    and BLEU-4: x100, as papers give them and as every output stores and shows them."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -1178,15 +1170,16 @@ def caption_metrics(references, hypotheses):
     hyps = {i: [metric_text(hypotheses[i])] for i in hypotheses}
     with contextlib.redirect_stdout(io.StringIO()):  # the scorers print their progress
         bleu, bleu_each = Bleu(4).compute_score(refs, hyps)
-        metrics = {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
+        metrics = {f"BLEU-{n + 1}": 100 * float(b) for n, b in enumerate(bleu)}
         metrics["METEOR"] = meteor_score(refs, hyps)
-        metrics["ROUGE-L"] = float(Rouge().compute_score(refs, hyps)[0])
+        metrics["ROUGE-L"] = 100 * float(Rouge().compute_score(refs, hyps)[0])
         cider, cider_each = 0.0, np.zeros(len(hyps))  # Cider fails where no reference has a word
         if any(any(captions) for captions in refs.values()):
             cider, cider_each = Cider().compute_score(refs, hyps)
-    metrics["CIDEr"] = float(cider)
+    metrics["CIDEr"] = 100 * float(cider)
     each = zip(hyps, cider_each, bleu_each[3])  # in the order of hyps
-    return metrics, {name: {"CIDEr": float(c), "BLEU-4": float(b)} for name, c, b in each}
+    each = {name: {"CIDEr": 100 * float(c), "BLEU-4": 100 * float(b)} for name, c, b in each}
+    return metrics, each
 
 
 def references_of(frame):
@@ -1215,13 +1208,12 @@ class TestResults(NamedTuple):
     captions: dict  # {image: caption}, by beam search
     references: dict  # {image: [its reference captions]}
     scores: dict  # {image: {"CIDEr": .., "BLEU-4": ..}}, x100
-    metrics: dict  # the split's, x100, with the demo's figures
-    maps: dict  # {image: [(word, attention map (h, w))]} of an attention model, else {}
+    metrics: dict  # the split's, x100, the demo's figures with them
     seconds: float
 
 
 def test_report(restored, data, cfg, device, tag=""):
-    """A checkpoint's captions and metrics on the test split, logged, and written out with the
+    """A checkpoint's captions and metrics on the test split, logged and written out with the
     results page (tag in the files' names). Every process captions a share; process 0 writes."""
     model, ckpt = restored
     start = time.time()
@@ -1232,53 +1224,17 @@ def test_report(restored, data, cfg, device, tag=""):
         return
     refs = references_of(data.split("test"))
     metrics, scores = caption_metrics(refs, captions)
-    metrics = times_100(metrics)
-    log(f"test split, {len(captions)} images, beam {cfg.beam_size} ({ckpt['path']}): "
-        f"{format_metrics(metrics)}")
-    for name in random.Random(cfg.seed).sample(sorted(captions), min(6, len(captions))):
-        log(f"  {name}: {captions[name]}\n      reference: {refs[name][0]}")
-    scores = {name: times_100(each) for name, each in scores.items()}
-    maps = word_maps(model, data.source, captions, device)
-    results = TestResults(captions, refs, scores, metrics | times_100(demo), maps,
-                          round(time.time() - start, 2))
-    write_test_report(results, data, cfg, ckpt, tag)
+    results = TestResults(captions, refs, scores, metrics | demo, round(time.time() - start, 2))
+    write_test_report(results, model, data, cfg, ckpt, tag)
 
 
 def demo_scores(model, data, split, cfg, device, say=False):
-    """The demo's figures from greedy captions, named alike on every split ({} elsewhere): the
-    share of all images captioned right, of the single-shape ones, of the two-shape ones."""
+    """The demo's figures ({} elsewhere), from the greedy captions of a split: demo_figures."""
     if data.shapes is None:
         return {}
     greedy_cfg = dataclasses.replace(cfg, beam_size=1)
     greedy = generate_captions(model, data.source, data.images(split), greedy_cfg, device)
-    single, n_single = demo_accuracy(greedy, data.shapes, 1)
-    two, n_two = demo_accuracy(greedy, data.shapes, 2)
-    if say:
-        log(f"demo: the greedy captions name the right colour and shape of {single:.1%} of "
-            f"{n_single} held-out single-shape images, and both shapes with their colours on the "
-            f"right sides of {two:.1%} of {n_two} two-shape images")
-    return {"demo_accuracy": demo_accuracy(greedy, data.shapes, None)[0],
-            "demo_colour_shape_accuracy": single, "demo_two_shape_accuracy": two}
-
-
-@torch.no_grad()
-def word_maps(model, source, captions, device):
-    """{name: [(word, its attention map (h, w))]} of an attention model's captions; {} if pooled."""
-    if not model.attention:
-        return {}
-    maps, items = {}, [(name, caption.split()) for name, caption in captions.items()]
-    for chunk in (items[i:i + 64] for i in range(0, len(items), 64)):
-        ids = pad_sequence([torch.tensor([Vocabulary.SOS, *model.vocab.numericalize(w),
-                                          Vocabulary.EOS]) for _, w in chunk],
-                           batch_first=True).to(device)  # (N, T)
-        inputs = torch.stack([source.get(name) for name, _ in chunk]).to(device)
-        with evaluating(model):
-            _, alphas = model.decoder(model.encoder(inputs), ids, alphas=True)  # (N, T-1, L)
-        side = math.isqrt(alphas.size(-1))
-        maps |= {name: list(zip(words, a.view(-1, side, side).cpu().numpy()))  # (T-1, h, w)
-                 for (name, words), a in zip(chunk, alphas)}
-    return maps
-
+    return demo_figures(greedy, data.shapes, say)
 
 
 # ==================================================================================================
@@ -1538,6 +1494,7 @@ def pick_device(name):
 # dataset formats and splits: Flickr8k/30k caption files, Karpathy's JSON (COCO), split by image
 # hands load_captions' table (image, caption, split) and the image folder to prepare_data
 
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 CAPTION_FILES = ["dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json",
                  "captions.txt", "results.csv", "Flickr8k.token.txt"]
 IMAGE_DIRS = ["Images", "flickr30k_images/flickr30k_images", "flickr30k_images",
@@ -1872,6 +1829,19 @@ def demo_accuracy(captions_by_image, truth, n_shapes=1):
     """The share of the images with n_shapes shapes (None: any) captioned right; their number."""
     right = demo_right(captions_by_image, truth, n_shapes)
     return sum(right.values()) / max(1, len(right)), len(right)
+
+
+def demo_figures(captions, truth, say=False):
+    """The share (x100) of all images captioned right, of the single-shape ones and of the
+    two-shape ones, named alike on every split."""
+    single, n_single = demo_accuracy(captions, truth, 1)
+    two, n_two = demo_accuracy(captions, truth, 2)
+    if say:
+        log(f"demo: the greedy captions name the right colour and shape of {single:.1%} of "
+            f"{n_single} held-out single-shape images, and both shapes with their colours on the "
+            f"right sides of {two:.1%} of {n_two} two-shape images")
+    return {"demo_accuracy": 100 * demo_accuracy(captions, truth, None)[0],
+            "demo_colour_shape_accuracy": 100 * single, "demo_two_shape_accuracy": 100 * two}
 
 
 def demo_right(captions_by_image, truth, n_shapes=None):
@@ -2336,10 +2306,11 @@ def checkpoint_path(given, overrides, captioning):
 
 def check_resume(ckpt, cfg):
     """Refuses a resume whose steps would count otherwise: other processes, moved SCST epochs."""
-    if ckpt.get("metrics_scale") != 100:  # its run's CSVs and best_score hold fractions
-        raise UserError(f"{ckpt['path']} was written by an older version of this script, which "
-                        f"stored metrics as fractions, not x100: resuming would mix the two. "
-                        f"Start a new run from its weights with --init_from={ckpt['path']}")
+    # older versions stored metrics as fractions (no metrics_scale), or kept no epoch history
+    if ckpt.get("metrics_scale") != 100 or "history" not in ckpt:
+        raise UserError(f"{ckpt['path']} was written by an older version of this script, whose "
+                        f"records a resume would mix with this one's. Start a new run from its "
+                        f"weights with --init_from={ckpt['path']}")
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # a step's batch is batch_size a process
     if ckpt["processes"] != processes:
         raise UserError(f"checkpoint {ckpt['path']} was written by {ckpt['processes']} process(es),"
@@ -2394,11 +2365,13 @@ def restore(path):
         raise UserError(f"no checkpoint at {path}: train one first with `.venv/bin/python "
                         f"{Path(__file__).name}` (it writes best.pt and last.pt to output_dir)")
     try:  # unreadable, damaged, tampered with, of other types or shapes: one line naming the file
-        with zipfile.ZipFile(path) as archive:  # torch.save's zip keeps each part's CRC32
+        raw = io.BytesIO(path.read_bytes())  # read once, checked and loaded from memory
+        with zipfile.ZipFile(raw) as archive:  # torch.save's zip keeps each part's CRC32
             damaged = archive.testzip()
         if damaged:
             raise ValueError(f"its part {damaged} fails its CRC32")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # runs no pickled code
+        raw.seek(0)
+        ckpt = torch.load(raw, map_location="cpu", weights_only=True)  # runs no pickled code
         if ckpt["model_sha256"] != model_sha256(ckpt):
             raise ValueError("its weights or settings are not those its sha256 was taken of")
         # how a command runs is never taken from a checkpoint: an older one may lack a new setting
@@ -2577,9 +2550,12 @@ def prepare_outputs(run, out):
              f"{progress.step + 1}")
     if not progress.history:  # a fresh run, or a resume before the first epoch ended
         return
-    if progress.best_step == progress.step:  # last.pt was written with best.pt, at an epoch end
-        write_whole(out, {out / "best.pt": (out / "last.pt").read_bytes()})
-    write_history(out, progress.history, progress.best_epoch, best_metric_of(progress, run.cfg))
+    best, last = out / "best.pt", out / "last.pt"
+    # last.pt was to be written with best.pt, at an epoch end, and best.pt is older or absent
+    stale = not best.is_file() or best.stat().st_mtime_ns < last.stat().st_mtime_ns
+    if progress.best_step == progress.step and stale:
+        write_whole(out, {best: last.read_bytes()})
+    write_history(out, progress)
 
 
 def write_run_files(run, out):
@@ -2686,12 +2662,13 @@ def close_meteor(meteor):
 
 
 def meteor_score(refs, hyps):
-    """coco-caption's METEOR, or None without Java; an exception while scoring ends the process."""
+    """coco-caption's METEOR x100, or None without Java; an exception while scoring ends the
+    process."""
     meteor = meteor_scorer()
     if meteor is None:
         return None
     try:
-        return float(meteor.compute_score(refs, hyps)[0])
+        return 100 * float(meteor.compute_score(refs, hyps)[0])
     except BaseException:  # a second Ctrl-C, say
         close_meteor(meteor)
         raise
@@ -2701,11 +2678,6 @@ def meteor_score(refs, hyps):
 # the results page: report.html (resources/report.html with the data filled in), every test image
 # with its caption, references and scores; beside it the test split's captions (CSV, and COCO's
 # results format), references (COCO's annotation format) and metrics, x100, each written whole.
-
-def times_100(metrics):
-    """Metrics x100, as papers give them and as every output stores and shows them."""
-    return {k: v if v is None else 100 * v for k, v in metrics.items()}
-
 
 def format_metrics(metrics):
     return ", ".join(f"{k} {'n/a' if v is None else f'{v:.1f}'}" for k, v in metrics.items())
@@ -2727,10 +2699,15 @@ def log_epoch(row, best, cfg):
         + ("; best.pt" if best else ""))
 
 
-def write_test_report(results, data, cfg, ckpt, tag):
+def write_test_report(results, model, data, cfg, ckpt, tag):
     """The test split's captions (CSV, COCO's results format), references (COCO's annotation
     format), metrics (JSON) and report.html, tag in their names, each written whole."""
     captions, refs, scores = results.captions, results.references, results.scores
+    figures = {k: v for k, v in results.metrics.items() if not k.startswith("demo_")}
+    log(f"test split, {len(captions)} images, beam {cfg.beam_size} ({ckpt['path']}): "
+        f"{format_metrics(figures)}")
+    for name in random.Random(cfg.seed).sample(sorted(captions), min(6, len(captions))):
+        log(f"  {name}: {captions[name]}\n      reference: {refs[name][0]}")
     shapes = {}
     if data.shapes is not None:  # each caption right or wrong; the page's filter by shape count
         for name, right in demo_right(captions, data.shapes).items():
@@ -2747,8 +2724,10 @@ def write_test_report(results, data, cfg, ckpt, tag):
                out / f"test_captions{tag}.json": coco_results.encode(),
                out / f"test_references{tag}.json": coco_references.encode(),
                out / f"test_metrics{tag}.json": json.dumps(report, indent=2).encode()}
+    device = next(model.parameters()).device
+    maps = word_maps(model, data.source, captions, device)
     rows = [{"path": data.source.image_dir / n, "name": n, "caption": c, "references": refs[n],
-             "scores": scores[n], "maps": results.maps.get(n), "shapes": shapes.get(n)}
+             "scores": scores[n], "maps": maps.get(n), "shapes": shapes.get(n)}
             for n, c in captions.items()]
     page = write_report(out, f"report{tag}", f"{cfg.dataset}: the test split's {len(rows)} images",
                         report_header(cfg, ckpt, results.metrics), rows, outputs)
@@ -2770,14 +2749,37 @@ def coco_files(references, captions):
                                         for k, (n, c) in enumerate(pairs)]}))
 
 
-def write_history(out, history, best_epoch, best_metric):
+@torch.no_grad()
+def word_maps(model, source, captions, device):
+    """{name: [(word, its attention map (h, w))]} of an attention model's captions; {} if pooled."""
+    if not model.attention:
+        return {}
+    maps, items = {}, [(name, caption.split()) for name, caption in captions.items()]
+    for chunk in (items[i:i + 64] for i in range(0, len(items), 64)):
+        ids = pad_sequence([torch.tensor([Vocabulary.SOS, *model.vocab.numericalize(w),
+                                          Vocabulary.EOS]) for _, w in chunk],
+                           batch_first=True).to(device)  # (N, T)
+        rows = [source.row[name] for name, _ in chunk]
+        inputs = source.features[rows].to(device)  # (N, 2048) or (N, L, 2048)
+        _, alphas = model.eval().decoder(model.encoder(inputs), ids, alphas=True)  # (N, T-1, L)
+        side = math.isqrt(alphas.size(-1))
+        maps |= {name: list(zip(words, a.view(-1, side, side).cpu().numpy()))  # (T-1, h, w)
+                 for (name, words), a in zip(chunk, alphas)}
+    return maps
+
+
+
+def write_history(out, progress):
     """loss_per_epoch.csv, whole, from every epoch's row (as last.pt records them), and the graphs:
-    loss_graph.png (per batch) and metrics_graph.png (per epoch, with the best epoch, as best.pt
-    keeps it by best_metric, and the start of SCST marked), a panel a row."""
+    loss_graph.png (per batch) and metrics_graph.png (per epoch, with best.pt's epoch and the start
+    of SCST marked), a panel a row."""
     from matplotlib.figure import Figure  # not pyplot's: no window, no display, nothing to close
     from matplotlib.ticker import MaxNLocator
-    table = pd.DataFrame(history)
-    batches = pd.read_csv(out / "loss_per_batch.csv").set_index("step")
+    table = pd.DataFrame(progress.history)
+    batches = pd.DataFrame({"step": [], "phase": [], "loss": []})  # a resume may find it lost
+    with contextlib.suppress(FileNotFoundError):
+        batches = pd.read_csv(out / "loss_per_batch.csv")
+    batches = batches.set_index("step")
     epochs = table.set_index("epoch")
     scst = epochs.index[epochs["phase"] == "self-critical"]
     epochs.loc[scst, "train_loss"] = None  # a self-critical step's loss is no cross-entropy
@@ -2797,8 +2799,8 @@ def write_history(out, history, best_epoch, best_metric):
             frame.plot(ax=ax, title=title, legend=False)
             if frame.index.name == "epoch":
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epoch 3, not 2.5
-                ax.axvline(best_epoch, color="tab:green", linestyle="--",
-                           label=f"best {best_metric}")
+                ax.axvline(progress.best_epoch, color="tab:green", linestyle="--",
+                           label=f"best {progress.best_metric}")
             if frame.index.name == "epoch" and len(scst):
                 ax.axvline(scst[0] - 0.5, color="tab:purple", linestyle=":", label="SCST begins")
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3,  # off the lines

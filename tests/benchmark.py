@@ -134,7 +134,8 @@ def extraction(cfg, device, image_dir, weights):
     alone = len(tensors) / timed(forward_only, device)
     workers = cap.decoding_workers(cfg)
     paths = [image_dir / n for n in names]
-    seconds = timed(lambda: cap.extract_features(resnet, paths, cfg, device), device)
+    encoder = cap.EncoderCNN(1, resnet)
+    seconds = timed(lambda: cap.extract_features(encoder, paths, cfg, device), device)
     with_decoding = len(names) / seconds
     note(f"extraction: {len(names)} JPEGs in {seconds:.1f} s, batch {batch}, {workers} "
          f"decoding workers; bare forward on {len(tensors)} decoded tensors on {device}")

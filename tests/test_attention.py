@@ -17,7 +17,7 @@ def test_an_attention_run_records_its_decoder_and_its_demo_figures_are_its_capti
     report = json.loads((trained_attention / "test_metrics.json").read_text())
     captions = pd.read_csv(trained_attention / "test_captions.csv", keep_default_na=False)
     assert report["beam_size"] == 1 and report["images"] == len(captions) == 100  # so these are the greedy ones
-    greedy, shapes = dict(zip(captions["image"], captions["caption"])), demo_dirs["data_dir"] / "shapes.csv"
+    greedy, shapes = dict(zip(captions["image"], captions["caption"])), cap.demo_truth(demo_dirs["data_dir"])
     (single, n_single), (two, n_two) = (cap.demo_accuracy(greedy, shapes, n) for n in (1, 2))
     assert n_single + n_two == 100 and n_two > 10
     assert report["scale"] == 100  # figures are stored x100, as they are shown

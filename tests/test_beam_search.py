@@ -150,7 +150,7 @@ def test_captions_without_words_score_zero_rather_than_fail():
     # ValueError when no reference had one
     refs = {"a.jpg": ["_", "_ ."], "b.jpg": ["_"]}
     metrics, each = cap.caption_metrics(refs, {"a.jpg": "_", "b.jpg": "a red circle"})
-    assert metrics["CIDEr"] == 0 and metrics["BLEU-4"] == pytest.approx(0, abs=1e-6)
+    assert metrics["CIDEr"] == 0 and metrics["BLEU-4"] == pytest.approx(0, abs=1e-4)
     assert set(each) == {"a.jpg", "b.jpg"} and all(scores["CIDEr"] == 0 for scores in each.values())
     assert cap.metric_text("_ . _") == "" and cap.metric_text("_ a dog _") == "a dog"
 

@@ -264,7 +264,7 @@ def moved_weights_checkpoint(tmp_path, trained_demo):
 def test_an_edited_encoder_weights_constant_reaches_caption(tmp_path, trained_demo, demo_dirs, capsys, monkeypatch):
     checkpoint, moved = moved_weights_checkpoint(tmp_path, trained_demo)
     image = demo_image(demo_dirs)
-    monkeypatch.setattr(cap, "encoder_weights", str(moved))  # as if edited at the top of the script
+    monkeypatch.setitem(cap.DEFAULTS, "encoder_weights", str(moved))  # as if edited at the top of the script
     code, out, err = caption(capsys, image, f"--checkpoint={checkpoint}")
     assert code == 0, err
     assert out == caption(capsys, image, f"--checkpoint={trained_demo / 'best.pt'}")[1]  # the same weights
@@ -273,7 +273,7 @@ def test_an_edited_encoder_weights_constant_reaches_caption(tmp_path, trained_de
 def test_the_command_line_then_the_checkpoints_file_then_the_constant(tmp_path, trained_demo, demo_dirs, capsys,
                                                                      monkeypatch, random_weights):
     image = demo_image(demo_dirs)
-    monkeypatch.setattr(cap, "encoder_weights", str(tmp_path / "constant.pth"))  # absent: never reached here
+    monkeypatch.setitem(cap.DEFAULTS, "encoder_weights", str(tmp_path / "constant.pth"))  # absent: never reached here
     code, out, err = caption(capsys, image, f"--checkpoint={trained_demo / 'best.pt'}")
     assert code == 0  # the checkpoint's file, not the absent constant
     code, out, err = caption(capsys, image, f"--checkpoint={trained_demo / 'best.pt'}",

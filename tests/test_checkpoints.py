@@ -47,7 +47,7 @@ def caption_with(capsys, base, checkpoint):
 def test_a_checkpoint_is_one_flat_dict_that_rebuilds_its_model(lstm_run):
     ckpt = torch.load(lstm_run / "best.pt", weights_only=True)
     assert set(ckpt) == {"model_args", "model", "vocab", "config", "optimizer", "epoch", "step", "best_score", "metrics_scale",
-                         "best_step", "epoch_row", "loss_sum", "loss_count", "reward_sum", "greedy_sum", "rng_state", "cuda_rng_state",
+                         "best_step", "best_epoch", "history", "loss_sum", "loss_count", "reward_sum", "greedy_sum", "rng_state", "cuda_rng_state",
                          "processes", "encoder_weights", "encoder_weights_sha256", "train_images_sha256",
                          "model_sha256"}
     assert ckpt["model_sha256"] == cap.model_sha256(ckpt)
@@ -128,25 +128,26 @@ def test_checkpoint_while_training_is_refused_naming_resume_and_init_from(tmp_pa
     assert line.startswith("error: --init_from=")
 
 
-def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path, lstm_run, tiny, capsys, random_weights):
-    model, ckpt = cap.restore(lstm_run / "best.pt")
-    fresh = cap.Captioner(model.vocab, ckpt["model_args"])
-    cap.init_weights(fresh, lstm_run / "best.pt", random_weights)
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(fresh.state_dict()[name], tensor), name
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path, lstm_run, tiny, capsys, monkeypatch):
+    ckpt = torch.load(lstm_run / "best.pt", weights_only=True)
     out = tmp_path / "out"
+    monkeypatch.setattr(cap, "learning_rate_at", lambda step, total_steps, cfg: 0.0)  # Adam moves nothing
     assert cap.main([*tiny, f"--output_dir={out}", f"--init_from={lstm_run / 'best.pt'}"]) == 0
     assert "starting from the weights of" in capsys.readouterr().out
     started = torch.load(out / "last.pt", weights_only=True)
     assert started["step"] == 3 and started["epoch"] == 1  # its own counters, from 0
+    for name, tensor in ckpt["model"].items():  # its weights and feature statistics, exactly
+        assert torch.equal(started["model"][name], tensor), name
     first = pd.read_csv(out / "loss_per_batch.csv")["loss"].iloc[0]
     assert first < pd.read_csv(lstm_run / "loss_per_batch.csv")["loss"].iloc[0]  # not a random start
 
 
 def test_init_from_with_another_vocabulary_or_model_shape_is_refused(tmp_path, lstm_run, tiny, capsys):
     best = lstm_run / "best.pt"
-    line = refused(capsys, *tiny, f"--output_dir={tmp_path / 'a'}", f"--init_from={best}", "--freq_threshold=50")
+    line = refused(capsys, *tiny, f"--output_dir={tmp_path / 'a'}", f"--init_from={best}", "--freq_threshold=50",
+                   f"--cache_dir={tmp_path / 'no-cache'}")
     assert line.startswith(f"error: --init_from={best}: its vocabulary")
+    assert not (tmp_path / "no-cache").exists()  # refused before any image was read
     line = refused(capsys, *tiny, f"--output_dir={tmp_path / 'b'}", f"--init_from={best}", "--hidden_size=32")
     assert line.startswith("error: --hidden_size=32, but the checkpoint was trained with hidden_size=64")
 

@@ -119,8 +119,8 @@ def test_auto_dataset_is_resolved_even_when_given(tmp_path):
 
 
 def test_an_edited_constant_acts_and_every_difference_is_printed(monkeypatch):
-    monkeypatch.setattr(cap, "beam_size", 7)  # as if edited at the top of the script
-    monkeypatch.setattr(cap, "learning_rate", 0.01)
+    monkeypatch.setitem(cap.DEFAULTS, "beam_size", 7)  # as if edited at the top of the script
+    monkeypatch.setitem(cap.DEFAULTS, "learning_rate", 0.01)
     printed = []
     cfg = settings("--dataset=demo", "--num_epochs=1", echo=printed.append)
     assert cfg.beam_size == 7

@@ -135,9 +135,10 @@ def test_demo_accuracy_scores_single_and_two_shape_images_apart(tmp_path):
     captions = {"a.jpg": "a red circle .", "b.jpg": "a red circle to the left of a blue square .",
                 "c.jpg": "a red circle on the left and a green square on the right .",  # swapped sides: wrong
                 "d.jpg": "a blue triangle next to a blue square ."}  # an extra object: wrong
-    assert cap.demo_accuracy(captions, tmp_path / "shapes.csv") == (0.5, 2)
-    assert cap.demo_accuracy(captions, tmp_path / "shapes.csv", n_shapes=2) == (0.5, 2)
-    assert cap.demo_accuracy(captions, tmp_path / "shapes.csv", n_shapes=None) == (0.5, 4)
+    truth = cap.demo_truth(tmp_path)
+    assert cap.demo_accuracy(captions, truth) == (0.5, 2)
+    assert cap.demo_accuracy(captions, truth, n_shapes=2) == (0.5, 2)
+    assert cap.demo_accuracy(captions, truth, n_shapes=None) == (0.5, 4)
 
 
 def greedy_settings(cfg):
@@ -151,7 +152,7 @@ def test_the_demo_figures_are_what_demo_accuracy_makes_of_the_greedy_captions(tr
     model, data, cfg = trained_run
     report = json.loads((trained_demo / "test_metrics.json").read_text())
     greedy = cap.generate_captions(model, data.source, data.images("test"), greedy_settings(cfg), torch.device("cpu"))
-    shapes = Path(cfg.data_dir) / "shapes.csv"
+    shapes = cap.demo_truth(cfg.data_dir)
     (single, n_single), (two, n_two) = (cap.demo_accuracy(greedy, shapes, n) for n in (1, 2))
     assert sorted(greedy) == sorted(data.images("test")) and n_single + n_two == report["images"] == 100 and n_two > 10
     assert report["demo_colour_shape_accuracy"] == pytest.approx(100 * single)  # stored x100
@@ -167,7 +168,7 @@ def test_demo_model_reads_the_image(trained_demo, trained_run):
     blind_source = cap.ImageSource(data.source.image_dir,
                                    model.encoder.feature_mean.expand(len(names), -1), names)
     blind = cap.generate_captions(model, blind_source, names, greedy_settings(cfg), torch.device("cpu"))
-    blind_accuracy, singles = cap.demo_accuracy(blind, f"{cfg.data_dir}/shapes.csv")
+    blind_accuracy, singles = cap.demo_accuracy(blind, cap.demo_truth(cfg.data_dir))
     assert singles >= 50
     assert seeing >= DEMO_ACCURACY_FLOOR and blind_accuracy <= BLIND_ACCURACY_CEILING, (seeing, blind_accuracy)
 
@@ -228,10 +229,10 @@ def second_renderer_accuracy(checkpoint, weights, folder, n_images=90):
     model, _ = cap.restore(checkpoint)
     cfg = cap.resolve_settings({"dataset": "flickr8k", "num_workers": 0, "image_size": model.args["image_size"]})
     names = sorted(truth)
-    features, unread = cap.extract_features(cap.load_resnet50(weights), [Path(folder) / n for n in names], cfg,
+    features, unread = cap.extract_features(cap.EncoderCNN(1, cap.load_resnet50(weights)), [Path(folder) / n for n in names], cfg,
                                             torch.device("cpu"))
     assert not unread
     source = cap.ImageSource(folder, features, names)
     captions = cap.generate_captions(model.eval(), source, names, greedy_settings(cfg), torch.device("cpu"))
     assert list(captions) == names
-    return tuple(cap.demo_accuracy(captions, Path(folder) / "shapes.csv", n)[0] for n in (1, 2))
+    return tuple(cap.demo_accuracy(captions, cap.demo_truth(folder), n)[0] for n in (1, 2))

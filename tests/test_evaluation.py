@@ -24,9 +24,9 @@ def test_bleu_and_rouge_l_of_one_caption_as_worked_out_by_hand():
     penalty, precisions = math.exp(1 - 6 / 5), [1, 3 / 4, 2 / 3, 1 / 2]
     for n in range(1, 5):
         expected = penalty * math.prod(precisions[:n]) ** (1 / n)
-        assert metrics[f"BLEU-{n}"] == pytest.approx(expected, abs=1e-8), n
+        assert metrics[f"BLEU-{n}"] == pytest.approx(100 * expected, abs=1e-6), n  # x100
     recall, beta2 = 5 / 6, 1.2 ** 2
-    assert metrics["ROUGE-L"] == pytest.approx((1 + beta2) * recall / (recall + beta2), abs=1e-8)
+    assert metrics["ROUGE-L"] == pytest.approx(100 * (1 + beta2) * recall / (recall + beta2), abs=1e-6)
     assert metrics["CIDEr"] == 0  # one image: every n-gram is in every document, and its IDF is log(1) = 0
     assert each == {1: {"CIDEr": 0, "BLEU-4": pytest.approx(metrics["BLEU-4"])}}  # one image: the corpus figures
 
@@ -39,9 +39,9 @@ def test_metrics_rank_the_same_perfect_partial_and_swapped_captions_in_order():
         assert scores[0][name] > scores[1][name] > scores[2][name] >= 0, name
     assert scores[1]["BLEU-1"] > scores[2]["BLEU-1"]  # the partial captions' words are all in their references
     for name in ("BLEU-1", "BLEU-4", "ROUGE-L") + (("METEOR",) if shutil.which("java") else ()):
-        assert scores[0][name] == pytest.approx(1.0, abs=1e-6), name  # a reference itself: the top score
-    assert scores[2]["CIDEr"] == 0 and scores[2]["BLEU-4"] < 1e-6  # no 2-gram in common with its references
-    assert scores[0]["CIDEr"] > 3  # CIDEr's scale is not 1: x10 by definition
+        assert scores[0][name] == pytest.approx(100, abs=1e-4), name  # a reference itself: the top score
+    assert scores[2]["CIDEr"] == 0 and scores[2]["BLEU-4"] < 1e-4  # no 2-gram in common with its references
+    assert scores[0]["CIDEr"] > 300  # CIDEr's scale is not 100: x10 by definition, and x100
 
 
 def test_metric_text_is_lowercased_without_punctuation():
@@ -50,7 +50,7 @@ def test_metric_text_is_lowercased_without_punctuation():
 
 def test_identical_caption_scores_bleu_4_of_one():
     caption = "a little girl in a pink dress climbs the stairs"
-    assert cap.caption_metrics({1: [caption]}, {1: caption})[0]["BLEU-4"] == pytest.approx(1.0)
+    assert cap.caption_metrics({1: [caption]}, {1: caption})[0]["BLEU-4"] == pytest.approx(100)
 
 
 def test_meteor_is_absent_without_java(monkeypatch, capsys):

@@ -41,10 +41,9 @@ def features(tmp_path, weights, folder, names, size=32, grid_cells=0):
 
 def resnet_features(weights, paths, size=32):
     """The pooled features of images, decoded and encoded here, one by one."""
-    resnet = cap.load_resnet50(weights).eval()
+    encoder = cap.EncoderCNN(1, cap.load_resnet50(weights).eval())
     images = torch.stack([cap.image_transform(size)(cap.open_rgb(path)) for path in paths])
-    with torch.no_grad():
-        return cap.resnet_grid(resnet, images).mean(1)
+    return encoder.grid(images).mean(1)
 
 
 def cache_file(tmp_path):
@@ -277,7 +276,7 @@ def test_decoding_processes_give_the_features_one_process_gives(tmp_path, random
     Image.open(real[0]).rotate(90, expand=True).save(tmp_path / "turned.png")
     (tmp_path / "broken.jpg").write_bytes(real[1].read_bytes()[:500])
     paths = sorted(tmp_path.iterdir())
-    resnet = cap.load_resnet50(random_weights)
+    resnet = cap.EncoderCNN(1, cap.load_resnet50(random_weights))
     device = torch.device("cpu")
     alone, unread = cap.extract_features(resnet, paths, settings(tmp_path, 64), device)
     workers, unread_too = cap.extract_features(resnet, paths, settings(tmp_path, 64, num_workers=2), device)

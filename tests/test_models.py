@@ -28,7 +28,7 @@ def test_the_weights_file_is_loaded_and_extraction_never_changes_it(tmp_path, ra
     before = {k: v.clone() for k, v in resnet.state_dict().items()}
     Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
     cfg = SimpleNamespace(image_size=64, batch_size=4, num_workers=0, decoder="lstm")
-    cap.extract_features(resnet, [tmp_path / "red.png"], cfg, torch.device("cpu"))
+    cap.extract_features(cap.EncoderCNN(1, resnet), [tmp_path / "red.png"], cfg, torch.device("cpu"))
     after = resnet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -190,7 +190,7 @@ def test_loading_the_backbone_leaves_the_global_rng_alone(random_weights):
     tensors = {**dict(resnet.named_parameters()), **dict(resnet.named_buffers())}
     assert all(t.device.type == "cpu" for t in tensors.values()) and len(tensors) == len(saved) - 2  # less fc
     assert all(torch.equal(t, saved[k]) for k, t in tensors.items())
-    assert cap.resnet_grid(resnet, torch.randn(1, 3, 64, 64)).shape == (1, 4, 2048)  # a 2x2 grid at 64 px
+    assert cap.EncoderCNN(1, resnet).grid(torch.randn(1, 3, 64, 64)).shape == (1, 4, 2048)  # a 2x2 grid at 64 px
 
 
 def test_weights_that_cannot_be_read_are_one_line(tmp_path, random_weights, monkeypatch):

@@ -339,8 +339,8 @@ def test_a_demo_checkpoint_says_its_encoder_was_random(tmp_path):
 
 
 def test_the_graphs_mark_the_best_epoch_and_the_start_of_scst(tmp_path, monkeypatch):
-    """best.pt's epoch as end_epoch picks it (by best_metric, of equals the later; once SCST has
-    begun, its epochs by CIDEr where best_metric is demo_accuracy or val_loss) and SCST's start."""
+    """best.pt's epoch, as is_best picks it (by best_metric, of equals the later; once SCST has
+    begun, its epochs by CIDEr where best_metric is demo_accuracy or val_loss), and SCST's start."""
     import matplotlib.axes
     lines, real = [], matplotlib.axes.Axes.axvline
     monkeypatch.setattr(matplotlib.axes.Axes, "axvline",
@@ -355,13 +355,20 @@ def test_the_graphs_mark_the_best_epoch_and_the_start_of_scst(tmp_path, monkeypa
     for scst, metric, best in [(True, "CIDEr", 2), (True, "BLEU-4", 4), (True, "val_loss", 4),
                                (True, "demo_accuracy", 4), (False, "val_loss", 2),
                                (False, "demo_accuracy", 2), (False, "BLEU-4", 2)]:
-        rows = slice(None) if scst else slice(0, 3)
-        epochs[rows].to_csv(tmp_path / "loss_per_epoch.csv", index=False)
-        batches[rows].to_csv(tmp_path / "loss_per_batch.csv", index=False)
+        rows = epochs[:4 if scst else 3].to_dict("records")
+        batches[:len(rows)].to_csv(tmp_path / "loss_per_batch.csv", index=False)
+        cfg = SimpleNamespace(best_metric=metric, num_epochs=3)
+        progress = cap.Progress()
+        for row in rows:  # as end_epoch keeps best.pt
+            progress.epoch += 1
+            cap.is_best(progress, row, cfg)
+        assert progress.best_epoch == best, (scst, metric)
         lines.clear()
-        cap.plot_history(tmp_path, metric)
+        progress.history = rows
+        cap.write_history(tmp_path, progress)
         label = "best CIDEr" if scst and metric in ("val_loss", "demo_accuracy") else f"best {metric}"
         assert set(lines) == {(best, label), *[(3.5, "SCST begins")] * scst}, (scst, metric)
         assert len(lines) == 3 * (1 + scst)  # on each of the three panels of metrics_graph.png
+        assert pd.read_csv(tmp_path / "loss_per_epoch.csv")["epoch"].tolist() == list(range(1, len(rows) + 1))
     for name in ("loss_graph.png", "metrics_graph.png"):
         assert Image.open(tmp_path / name).size[0] >= 500

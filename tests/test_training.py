@@ -461,13 +461,15 @@ def test_a_fresh_run_sets_aside_only_what_a_run_writes(tmp_path, demo_dirs, rand
         p.name for p in previous.iterdir()}
 
 
-def test_scst_added_to_a_finished_run_keeps_its_cross_entropy_results(tmp_path, random_weights):
+def test_scst_added_to_a_finished_run_keeps_its_cross_entropy_results(tmp_path, random_weights, capsys):
     out = tmp_path / "out"
     args = [*TINY_DEMO, "--num_epochs=1", "--max_batches_per_epoch=4", f"--data_dir={tmp_path / 'data'}",
             f"--cache_dir={tmp_path / 'cache'}", f"--encoder_weights={random_weights}", f"--output_dir={out}"]
     assert cap.main(args) == 0
     cross_entropy = json.loads((out / "test_metrics.json").read_text())
+    capsys.readouterr()
     assert cap.main([*args, "--resume", "--scst_epochs=1"]) == 0
+    assert "best-xe.pt, report-xe.html, test_*-xe.*" in capsys.readouterr().out.splitlines()[-1]  # outputs
     kept = json.loads((out / "test_metrics-xe.json").read_text())
     assert {k: v for k, v in kept.items() if k not in ("checkpoint", "seconds")} == \
         {k: v for k, v in cross_entropy.items() if k not in ("checkpoint", "seconds")}
@@ -510,3 +512,55 @@ def test_config_json_names_the_random_resnet50_the_demo_used(tmp_path):
     ran = json.loads((tmp_path / "out" / "config.json").read_text())
     assert ran["encoder"] == "random ResNet50 (demo only)"
     assert ran["encoder_weights"] == str(cap.DEMO_WEIGHTS.resolve())
+
+
+def test_a_resume_rewrites_a_lost_or_damaged_epoch_log_from_last_pt_and_names_lost_step_rows(
+        tmp_path, demo_dirs, random_weights, uninterrupted, capsys):
+    """last.pt holds every epoch's row: loss_per_epoch.csv is written whole from it. The per-step
+    log is too large for that: its lost rows are named in a warning, and the run goes on."""
+    out = copy_run(uninterrupted, tmp_path / "out")
+    (out / "loss_per_epoch.csv").write_bytes(bytes(range(256)) * 4)  # garbage, not UTF-8
+    (out / "loss_per_batch.csv").unlink()
+    assert cap.main(quick_args(demo_dirs, random_weights, out, "--resume")) == 0  # 3 of 3 done
+    printed = capsys.readouterr()
+    assert "nothing is left to train" in printed.out
+    assert "held the rows of 0 of the 36 steps taken" in printed.err and "Traceback" not in printed.err
+    epochs, reference = (pd.read_csv(d / "loss_per_epoch.csv") for d in (out, uninterrupted))
+    assert epochs["epoch"].dtype == "int64" and epochs["epoch"].tolist() == [1, 2, 3]
+    pd.testing.assert_frame_equal(epochs, reference)
+    # rows edited by hand, an epoch that never ran and one without a number: rewritten, not trusted
+    reference.assign(epoch=[1, None, 99]).to_csv(out / "loss_per_epoch.csv", index=False)
+    (out / "loss_per_batch.csv").write_bytes(b"\xff\xfe garbage")
+    assert cap.main(quick_args(demo_dirs, random_weights, out, "--resume")) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "loss_per_epoch.csv"), reference)
+    assert (out / "loss_per_batch.unreadable.csv").read_bytes() == b"\xff\xfe garbage"  # kept aside
+
+
+OPENS = """
+import os, sys
+sys.path.insert(0, {root!r})
+opened = {{}}
+def count(event, args):
+    if event == "open" and isinstance(args[0], (str, os.PathLike)):
+        name = os.path.basename(os.fspath(args[0]))
+        if name in ("last.pt", "shapes.csv"):
+            opened[name] = opened.get(name, 0) + 1
+sys.addaudithook(count)
+import flickr_image_caption_with_pytorch_resnet_lstm as cap
+assert cap.main({args!r}) == 0
+print("opened", opened)
+"""
+
+
+@pytest.mark.parametrize("mode", ["--resume", "--evaluate"])
+def test_a_run_reads_its_checkpoint_and_the_demos_shapes_once(tmp_path, demo_dirs, random_weights, uninterrupted,
+                                                               mode):
+    """Counted by an audit hook on open(): at most one read and one format check of each."""
+    out = copy_run(uninterrupted, tmp_path / "out")
+    args = quick_args(demo_dirs, random_weights, out, mode)
+    result = subprocess.run([sys.executable, "-c", OPENS.format(root=str(ROOT), args=args)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    opened = eval(result.stdout.splitlines()[-1].removeprefix("opened "))
+    assert opened.get("shapes.csv", 0) <= 2 and opened.get("last.pt", 0) <= 2, opened
+    assert opened.get("shapes.csv", 0) >= 1 and (mode == "--evaluate" or opened.get("last.pt", 0) >= 1)

@@ -23,11 +23,10 @@ def test_specials_and_threshold():
     assert vocab.decode([1, vocab.stoi["a"], 3, 2, vocab.stoi["dog"]]) == "a <UNK>"
 
 
-def test_json_round_trip(tmp_path):
-    vocab = Vocabulary(1).build_vocab(["a red circle .", "a blue square"])
-    vocab.save(tmp_path / "vocab.json")
-    loaded = Vocabulary(**json.loads((tmp_path / "vocab.json").read_text()))  # as Vocabulary.save says
-    assert loaded.itos == vocab.itos and loaded.stoi == vocab.stoi and loaded.freq_threshold == 1
+def test_a_runs_vocab_json_rebuilds_its_vocabulary(trained_demo):
+    vocab = cap.restore(trained_demo / "best.pt")[0].vocab
+    loaded = Vocabulary(**json.loads((trained_demo / "vocab.json").read_text()))  # as write_run_files says
+    assert loaded.itos == vocab.itos and loaded.stoi == vocab.stoi and loaded.freq_threshold == vocab.freq_threshold
 
 
 def test_real_flickr8k_vocabulary_has_2994_entries():
