@@ -260,7 +260,10 @@ def process_batches(n, cfg, epoch):
     """This process's share of each step's batch: any number of processes takes the same steps."""
     rank, size = rank_and_size()
     batches = epoch_batches(n, cfg.batch_size * size, cfg.seed, epoch, cfg.max_batches_per_epoch)
-    return [batch[rank::size] for batch in batches if len(batch) >= size]
+    shares = [batch[rank::size] for batch in batches if len(batch) >= size]
+    if not shares:
+        raise UserError(f"{n} training items cannot be shared by {size} processes: use fewer")
+    return shares
 
 
 # --------------------------------------------------------------------------------------------------
@@ -798,15 +801,6 @@ def start_run(cfg, device, restored):
     return run
 
 
-def count_steps(dataset, cfg, what):
-    """This process's steps in an epoch of dataset; none at all is one clear error."""
-    steps = len(process_batches(len(dataset), cfg, 1))
-    if steps == 0:
-        raise UserError(f"{len(dataset)} {what} cannot be shared by {rank_and_size()[1]} "
-                        f"processes: use more")
-    return steps
-
-
 def train(cfg, device, restored=None):
     """The whole run: set-up (fresh, --resume or --init_from), the loop over steps with each
     epoch's end (validation, last.pt, best.pt, the CSVs and graphs), then the test report."""
@@ -815,8 +809,8 @@ def train(cfg, device, restored=None):
     # ---- set-up
     run = start_run(cfg, device, restored)
     prepare_outputs(run, out)  # the logs as last.pt left them; vocab.json and config.json
-    steps_per_epoch = count_steps(run.train_set, cfg, "training captions")
-    scst_steps = count_steps(run.scst_set, cfg, "training images") if cfg.scst_epochs else 0
+    steps_per_epoch = len(process_batches(len(run.train_set), cfg, 1))
+    scst_steps = len(process_batches(len(run.scst_set), cfg, 1)) if cfg.scst_epochs else 0
     total_steps = cfg.num_epochs * steps_per_epoch  # of cross-entropy: the schedule's length
     all_epochs = cfg.num_epochs + cfg.scst_epochs
     progress = run.progress
@@ -825,7 +819,8 @@ def train(cfg, device, restored=None):
     run.bar = tqdm(disable=True)
     run.model.train()
     # ---- the loop over steps: each step's epoch and batch follow from the step alone
-    with CtrlC() as stop:  # Ctrl-C, SIGTERM and SIGHUP ask the loop to save and stop
+    stop = CtrlC()
+    with signals_to(stop.request):  # Ctrl-C, SIGTERM and SIGHUP ask the loop to save and stop
         try:
             while True:
                 # the step about to be taken: its epoch and batch
@@ -2294,9 +2289,9 @@ def checkpoint_path(given, overrides, captioning):
         raise UserError(f"--checkpoint={given['checkpoint']} is for --evaluate and --caption: "
                         f"to train on from a checkpoint, use --resume (its run goes on) or "
                         f"--init_from")
-    out = absolute("output_dir", given, overrides)
-    if not given["output_dir"]:  # the dataset's default folder
-        out = ROOT / "resources" / "output" / pick_dataset(given)[0]
+    out = ROOT / "resources" / "output" / pick_dataset(given)[0]  # the dataset's default
+    if given["output_dir"]:
+        out = absolute("output_dir", given, overrides)
     if captioning or given["evaluate"]:
         return absolute("checkpoint", given, overrides) if given["checkpoint"] else out / "best.pt"
     if given["resume"]:
@@ -2415,9 +2410,8 @@ def check_data(ckpt, vocab, weights, train_sha256, cfg):
                         f"({len(ckpt['vocab'])} words, now {len(vocab)}): the captions in "
                         f"{cfg.data_dir} changed; train afresh")
     check_weights(ckpt, weights)
-    data_dir = cfg.data_dir
     if train_sha256 != ckpt["train_images_sha256"] and not cfg.init_from:
-        raise UserError(f"the training split of {data_dir} is not the one {ckpt['path']} was "
+        raise UserError(f"the training split of {cfg.data_dir} is not the one {ckpt['path']} was "
                         f"trained on: its test split may hold training images. Use its data, or "
                         f"train afresh")
 
@@ -2477,19 +2471,10 @@ def stopping_on_signals():
     return signals_to(signal.default_int_handler)
 
 
-class CtrlC(contextlib.AbstractContextManager):
-    """Inside, Ctrl-C, SIGTERM or SIGHUP asks the loop to save last.pt and stop (requested); a
-    second stops at once. After, the signals go where they went before."""
+class CtrlC:
+    """Ctrl-C, SIGTERM or SIGHUP asks the loop to save last.pt and stop; a second stops at once."""
     # under torchrun, whose agent passes one Ctrl-C on twice, every signal only asks
     requested = False
-
-    def __enter__(self):
-        self.routed = signals_to(self.request)
-        self.routed.__enter__()
-        return self
-
-    def __exit__(self, *error):
-        return self.routed.__exit__(*error)
 
     def request(self, signum, frame):
         if self.requested and "LOCAL_RANK" not in os.environ:
@@ -2539,7 +2524,14 @@ def prepare_outputs(run, out):
     left them, so that a kill -9 at any instant resumes exactly."""
     if not is_main_process():
         return
-    write_run_files(run, out)
+    vocab = run.model.vocab  # a word a line; the keys are Vocabulary's: Vocabulary(**json.load(f))
+    vocab = json.dumps({"freq_threshold": vocab.freq_threshold, "itos": vocab.itos}, indent=0)
+    settings = dataclasses.asdict(run.cfg) | {"encoder_weights": str(run.data.weights)}
+    if run.data.weights == DEMO_WEIGHTS.resolve():
+        settings["encoder"] = "random ResNet50 (demo only)"
+    write_whole(out, {out / "vocab.json": vocab.encode(),
+                      out / "config.json": json.dumps(settings, indent=2).encode()})
+    meteor_scorer()  # its JVM loads while the first epoch trains
     # end_epoch writes last.pt (which holds every epoch's row) first, then best.pt, then the CSV
     # and graphs: what a kill skipped is redone here; loss_per_batch.csv's rows past it go
     progress = run.progress
@@ -2556,18 +2548,6 @@ def prepare_outputs(run, out):
     if progress.best_step == progress.step and stale:
         write_whole(out, {best: last.read_bytes()})
     write_history(out, progress)
-
-
-def write_run_files(run, out):
-    """vocab.json, and config.json: the settings that ran, with the ResNet50 file that was used."""
-    vocab = run.model.vocab  # a word a line; the keys are Vocabulary's: Vocabulary(**json.load(f))
-    vocab = json.dumps({"freq_threshold": vocab.freq_threshold, "itos": vocab.itos}, indent=0)
-    settings = dataclasses.asdict(run.cfg) | {"encoder_weights": str(run.data.weights)}
-    if run.data.weights == DEMO_WEIGHTS.resolve():
-        settings["encoder"] = "random ResNet50 (demo only)"
-    write_whole(out, {out / "vocab.json": vocab.encode(),
-                      out / "config.json": json.dumps(settings, indent=2).encode()})
-    meteor_scorer()  # its JVM loads while the first epoch trains
 
 
 def resume_hint(out, step, size):
@@ -2724,8 +2704,7 @@ def write_test_report(results, model, data, cfg, ckpt, tag):
                out / f"test_captions{tag}.json": coco_results.encode(),
                out / f"test_references{tag}.json": coco_references.encode(),
                out / f"test_metrics{tag}.json": json.dumps(report, indent=2).encode()}
-    device = next(model.parameters()).device
-    maps = word_maps(model, data.source, captions, device)
+    maps = word_maps(model, data.source, captions, next(model.parameters()).device)
     rows = [{"path": data.source.image_dir / n, "name": n, "caption": c, "references": refs[n],
              "scores": scores[n], "maps": maps.get(n), "shapes": shapes.get(n)}
             for n, c in captions.items()]
