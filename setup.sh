@@ -254,6 +254,7 @@ setup_test_requirements() {
 
 RESNET50_DIR="resources/models"
 RESNET50_FILE="resnet50-0676ba61.pth"
+RESNET50_SHA256="0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a"  # the whole file's
 
 setup_resnet50() {
     local target="$RESNET50_DIR/$RESNET50_FILE"
@@ -305,6 +306,8 @@ resnet50_failed() {
     warn "  To fetch the weights by hand, download $RESNET50_URL"
     warn "  to $RESNET50_DIR/$RESNET50_FILE, e.g.:"
     warn "    curl -fL -o $RESNET50_DIR/$RESNET50_FILE $RESNET50_URL"
+    warn "  (sha256 $RESNET50_SHA256). Without them, --encoder_weights=random checks the"
+    warn "  pipeline on real data: a random frozen ResNet50, whose captions mean nothing."
 }
 
 # ---------------------------------------------------------------- 3. Flickr8k

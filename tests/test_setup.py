@@ -338,6 +338,8 @@ def test_weights_offline_carries_on(project, tmp_path):
     assert "demo needs no download" in out
     assert "https://download.pytorch.org" not in out  # the env URL was used
     assert str(WEIGHTS_REL) in out  # how to fetch it by hand
+    assert "sha256 0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a" in out
+    assert "--encoder_weights=random checks the" in out  # real data without them
     assert not (project / WEIGHTS_REL).exists()
     assert not (project / f"{WEIGHTS_REL}.part").exists()
     assert ".venv/bin/python flickr_image_caption_with_pytorch_resnet_lstm.py" in out
