@@ -296,9 +296,11 @@ def test_caption_writes_a_page_of_the_users_images(tmp_path, trained_demo, brows
     photos.mkdir()
     for i, colour in enumerate([(220, 40, 40), (40, 80, 230)]):
         Image.new("RGB", (96, 96), colour).save(photos / f"photo {i}.jpg")
-    out = tmp_path / "out"
-    assert cap.main(["--caption", str(photos), f"--checkpoint={trained_demo / 'best.pt'}",
-                     f"--output_dir={out}", "--num_workers=0"]) == 0
+    out = tmp_path / "run"  # a copy of the run: the page goes beside its checkpoint, with its graphs
+    out.mkdir()
+    for name in ("best.pt", "loss_graph.png", "metrics_graph.png"):
+        shutil.copy(trained_demo / name, out)
+    assert cap.main(["--caption", str(photos), f"--checkpoint={out / 'best.pt'}", "--num_workers=0"]) == 0
     printed = capsys.readouterr()
     assert f"results page: {out / 'report-captions.html'}" in printed.err
     assert "results page" not in printed.out  # stdout holds only the captions
