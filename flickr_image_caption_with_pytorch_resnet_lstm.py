@@ -60,6 +60,7 @@ ROOT = Path(__file__).resolve().parent
 dataset = "auto"            # which data; 'auto': Flickr8k if it is there, else the built-in demo
 data_dir = ""               # '' means resources/input/<dataset>
 encoder_weights = "resources/models/resnet50-0676ba61.pth"  # ImageNet's, from ./setup.sh
+                            # ('random': a random ResNet50, to check the pipeline without them)
 output_dir = ""             # '' means resources/output/<dataset>, or the checkpoint's folder
 cache_dir = "resources/cache"  # the frozen ResNet50's features, computed once per image
 image_size = 224            # images are resized and centre-cropped to this many pixels
@@ -96,8 +97,8 @@ scst_baseline = "mean"      # 'mean' of the other samples (Luo 2020) or 'greedy'
 max_caption_len = 20        # generated captions stop after this many words
 max_train_caption_len = 100  # longer training captions are cut to this many words (Flickr8k's: 40)
 beam_size = 3               # beams of the beam search (1: greedy decoding)
-best_metric = "auto"        # what picks best.pt: 'CIDEr', 'BLEU-4', 'val_loss' (lowest) or
-                            # 'demo_accuracy' (demo captions right); 'auto': that, or off it CIDEr
+best_metric = "auto"        # what picks best.pt: 'CIDEr', 'BLEU-4', 'val_loss' (lowest) or the
+                            # demo's 'demo_accuracy'; 'auto': demo_accuracy on the demo, else CIDEr
 # modes
 evaluate = False            # evaluate a checkpoint on the test split and exit
 checkpoint = ""             # for --evaluate and --caption; '' means best.pt in output_dir
@@ -868,8 +869,8 @@ def train(cfg, device, restored=None):
     test_report(restore(out / "best.pt"), run.data, cfg, device)
     if device.type == "cuda":
         log(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB")
-    xe = ", with the cross-entropy run's as best-xe.pt, report-xe.html, test_*-xe.*" * bool(
-        cfg.scst_epochs)
+    xe = ", with the cross-entropy run's: best-xe.pt, report-xe.html, test_*-xe.*"  # SCST kept
+    xe = xe if cfg.scst_epochs else ""
     log(f"outputs in {out}: report.html (open it in a browser), loss_per_batch.csv, "
         f"loss_per_epoch.csv, loss_graph.png, metrics_graph.png, test_metrics.json, "
         f"test_captions.csv, test_captions.json, test_references.json, best.pt, last.pt, "
@@ -1301,6 +1302,9 @@ def parse_args(argv):
     parser.add_argument("--caption", nargs="+", metavar="PATH",
                         help="caption these image files or folders, from --checkpoint")
     overrides = vars(parser.parse_args(argv))
+    for name in overrides.keys() & CHOICES:  # a value in another case is that value: flickr8k
+        same = [word for word in CHOICES[name] if word.lower() == overrides[name].lower()]
+        overrides[name] = (same or [overrides[name]])[0]  # the choices differ in more than case
     return overrides, overrides.pop("caption", None)
 
 
@@ -1376,6 +1380,8 @@ def fill_in(values, origin, overrides):
     if values["best_metric"] == "auto":  # the demo's CIDEr rewards one of three arbitrary phrasings
         metric = "demo_accuracy" if values["dataset"] == "demo" else "CIDEr"
         layer(values, origin, {"best_metric": metric}, "auto")
+    if values["encoder_weights"] == "random":  # one fixed draw: a run with it can be repeated
+        values["encoder_weights"] = str(DEMO_WEIGHTS)
     for name in PATHS:
         if values[name]:
             values[name] = str(absolute(name, values, overrides))
@@ -1416,6 +1422,10 @@ def valid_best_metric(value, values):
 
 
 DATASETS = ("auto", "demo", "flickr8k", "flickr30k", "coco")
+# the settings that take a word from a list: the nearest is suggested for one that is not there
+CHOICES = {"dataset": DATASETS, "preset": ("auto", "none", *PRESETS), "caption_format": ("text",
+           "json"), "decoder": ("lstm", "attention"), "lr_schedule": ("constant", "cosine"),
+           "scst_baseline": ("mean", "greedy"), "best_metric": ("CIDEr", "BLEU-4", "val_loss")}
 SETTING_RULES = [  # (names, valid(value, values), what the value must be)
     (["dataset"], lambda v, _: v in DATASETS, ", ".join(DATASETS)),
     (["preset"], lambda v, _: v in ("auto", "none", *PRESETS),
@@ -1428,15 +1438,13 @@ SETTING_RULES = [  # (names, valid(value, values), what the value must be)
     (["num_workers"], lambda v, _: v >= -1, "-1 or more"),
     (["learning_rate", "scst_learning_rate"], lambda v, _: 0 < v <= 1,
      "a positive number up to 1, such as 0.0002"),
-    (["scst_baseline"], lambda v, _: v in ("mean", "greedy"), "'mean' or 'greedy'"),
-    (["caption_format"], lambda v, _: v in ("text", "json"), "'text' or 'json'"),
+    *[([name], lambda v, _, name=name: v in CHOICES[name], " or ".join(map(repr, CHOICES[name])))
+      for name in ("lr_schedule", "decoder", "scst_baseline", "caption_format")],
     (["scst_samples"], lambda v, values: (2 if values["scst_baseline"] == "mean" else 1) <= v <= 20,
      "from 1 to 20 (a batch's samples are decoded at once), and at least 2 with "
      "scst_baseline='mean' (the baseline is the other samples' mean)"),
     (["dropout"], lambda v, _: 0 <= v < 1, "at least 0 and below 1, such as 0.3"),
     (["seed"], lambda v, _: 0 <= v < 2 ** 32, f"between 0 and {2 ** 32 - 1}"),
-    (["lr_schedule"], lambda v, _: v in ("constant", "cosine"), "'constant' or 'cosine'"),
-    (["decoder"], lambda v, _: v in ("lstm", "attention"), "'lstm' or 'attention'"),
     (["best_metric"], valid_best_metric,
      "'CIDEr', 'BLEU-4', 'val_loss' or, on the demo, 'demo_accuracy'"),
     (["cache_dir"], lambda v, _: v != "", "a folder, such as resources/cache"),
@@ -1452,7 +1460,10 @@ def check_settings(values):
     for names, valid, must_be in SETTING_RULES:
         for name in names:
             if not valid(values[name], values):
-                raise UserError(f"--{name}={values[name]}: must be {must_be}")
+                low = {choice.lower(): choice for choice in CHOICES.get(name, ())}  # the nearest
+                near = difflib.get_close_matches(str(values[name]).lower(), low, 1)
+                hint = "".join(f"did you mean {low[w]}? " for w in near if low[w] != values[name])
+                raise UserError(f"--{name}={values[name]}: {hint}must be {must_be}")
     out = Path(values["output_dir"]).resolve()
     if out in (Path("/"), ROOT, Path.home()):
         raise UserError(f"--output_dir={out}: a run writes a dozen files there; choose a folder of "
@@ -1730,6 +1741,7 @@ SIDES = {"on the left": ["left"], "on the right": ["right"], "to the left of": [
          "to the right of": ["right", "left"]}
 DEMO_IMAGES = "demo_[0-9][0-9][0-9][0-9][0-9].jpg"  # the demo's own: other files in Images/ stay
 DEMO_WEIGHTS = ROOT / "resources/models/resnet50-random-init.pth"  # without ./setup.sh's download
+RANDOM_ENCODER = "random ResNet50 (pipeline check only; captions meaningless)"  # as outputs say
 
 
 def make_demo_dataset(folder, n_images, size, seed=0):
@@ -1855,23 +1867,24 @@ def demo_right(captions_by_image, truth, n_shapes=None):
 def prepare_demo(cfg):
     """On the demo: says so and makes its data set (in process 0, while the others wait)."""
     if cfg.dataset == "demo" and is_main_process():
-        log(f"{'=' * 100}\nDEMO: no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this "
-            f"run trains on the built-in demo set\n({cfg.demo_images} generated images of coloured "
-            f"shapes). For real captions: ./setup.sh --flickr8k, then run this again (README: "
-            f"Data).\n{'=' * 100}")
+        why = "this run scores a checkpoint of" if cfg.evaluate else (
+            f"no Flickr8k at {ROOT / 'resources/input/flickr8k'}, so this run trains on")
+        log(f"{'=' * 100}\nDEMO: {why} the built-in demo set\n({cfg.demo_images} generated "
+            f"images of coloured shapes). For real captions: ./setup.sh --flickr8k, then run this "
+            f"again (README: Data).\n{'=' * 100}")
         make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
     wait_for_all()
 
 
 def encoder_weights_file(cfg):
-    """--encoder_weights or, on the demo without them at the default path, a random ResNet50."""
+    """--encoder_weights; 'random' or, on the demo without the default file, a random ResNet50."""
     path = Path(cfg.encoder_weights)
-    if path.is_file():
+    if path.is_file() and path.resolve() != DEMO_WEIGHTS:  # that: --encoder_weights=random
         return path
-    if cfg.dataset != "demo" or path != ROOT / encoder_weights:
+    if path.resolve() != DEMO_WEIGHTS and (cfg.dataset != "demo" or path != ROOT / encoder_weights):
         raise UserError(f"ResNet50 weights {path} not found: {FETCH_WEIGHTS}")
-    warn(f"no ResNet50 weights at {path}: the demo uses a randomly initialised (still frozen) "
-         f"ResNet50. ./setup.sh downloads the ImageNet weights.")
+    warn(f"no ImageNet weights: the encoder is a {RANDOM_ENCODER}, still frozen; its features "
+         f"tell the demo's shapes apart, not photos. ./setup.sh downloads the ImageNet weights.")
     if is_main_process():  # written once, before the other processes read it
         random_resnet50_weights(DEMO_WEIGHTS)
     wait_for_all()
@@ -1881,7 +1894,9 @@ def encoder_weights_file(cfg):
 # --------------------------------------------------------------------------------------------------
 # feature cache: the frozen ResNet50 runs once per image, and its features are cached by content
 
-FETCH_WEIGHTS = "run ./setup.sh to download it (or see the README)"
+FETCH_WEIGHTS = ("run ./setup.sh to download it, or fetch https://download.pytorch.org/models/"
+                 "resnet50-0676ba61.pth (sha256 0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c"
+                 "9e683e722fb8a); --encoder_weights=random: a pipeline check, captions meaningless")
 
 
 # torchvision's names carry a sha256 prefix
@@ -2154,8 +2169,8 @@ def write_feature_cache(weights, files, path, key, cfg, device):
         scratch.unlink(missing_ok=True)
     seconds = time.time() - start
     read = len(files) - len(failed)
-    log(f"features: {read} images in {seconds:.1f} s ({read / max(seconds, 1e-9):.1f} images/s), "
-        f"cached in {path}")
+    log(f"features: {read} images in {seconds:.1f} s ({read / max(seconds, 1e-9):.1f} images/s, "
+        f"{decoding_workers(cfg)} decoding processes), cached in {path}")
 
 
 def check_writable(folder, setting):
@@ -2528,7 +2543,7 @@ def prepare_outputs(run, out):
     vocab = json.dumps({"freq_threshold": vocab.freq_threshold, "itos": vocab.itos}, indent=0)
     settings = dataclasses.asdict(run.cfg) | {"encoder_weights": str(run.data.weights)}
     if run.data.weights == DEMO_WEIGHTS.resolve():
-        settings["encoder"] = "random ResNet50 (demo only)"
+        settings["encoder"] = RANDOM_ENCODER
     write_whole(out, {out / "vocab.json": vocab.encode(),
                       out / "config.json": json.dumps(settings, indent=2).encode()})
     meteor_scorer()  # its JVM loads while the first epoch trains
@@ -2750,8 +2765,8 @@ def word_maps(model, source, captions, device):
 
 def write_history(out, progress):
     """loss_per_epoch.csv, whole, from every epoch's row (as last.pt records them), and the graphs:
-    loss_graph.png (per batch) and metrics_graph.png (per epoch, with best.pt's epoch and the start
-    of SCST marked), a panel a row."""
+    loss_graph.png (the losses, SCST's rewards) and metrics_graph.png (validation scores), a panel
+    a row, with best.pt's epoch and SCST's start marked."""
     from matplotlib.figure import Figure  # not pyplot's: no window, no display, nothing to close
     from matplotlib.ticker import MaxNLocator
     table = pd.DataFrame(progress.history)
@@ -2762,28 +2777,31 @@ def write_history(out, progress):
     epochs = table.set_index("epoch")
     scst = epochs.index[epochs["phase"] == "self-critical"]
     epochs.loc[scst, "train_loss"] = None  # a self-critical step's loss is no cross-entropy
-    scores = epochs.filter(regex=r"^(val_token_accuracy|BLEU-[14]|METEOR|ROUGE-L|demo_.*)$")
-    per_batch = {"loss per batch": batches.loc[batches["phase"] != "self-critical", ["loss"]]}
+    # the panels of the two files match in number, so that side by side neither leaves a gap
+    per_batch = {"loss per batch": batches.loc[batches["phase"] != "self-critical", ["loss"]],
+                 "loss per epoch": epochs[["train_loss", "val_loss"]]}
     if len(scst):
         per_batch["self-critical: CIDEr-D x 100 of sampled and greedy captions"] = \
             batches[["reward", "greedy_cider"]].dropna()
-    per_epoch = {"loss per epoch": epochs[["train_loss", "val_loss"]],
-                 "validation x 100": scores.dropna(axis=1, how="all"),
+    per_epoch = {"validation x 100: against the references":  # at most 4 lines a panel, told apart
+                 epochs.filter(regex=r"^(BLEU-[14]|METEOR|ROUGE-L)$").dropna(axis=1, how="all"),
+                 "validation x 100: accuracy":
+                 epochs.filter(regex=r"^(val_token_accuracy|demo_.*)$"),
                  "validation CIDEr x 100": epochs[["CIDEr"]]}
     files = {out / "loss_per_epoch.csv": table.to_csv(index=False).encode()}
     for file, panels in (("loss_graph.png", per_batch), ("metrics_graph.png", per_epoch)):
-        figure = Figure(figsize=(6.4, 3.6 * len(panels)), layout="constrained")
+        figure = Figure((6.4, 3.6 * max(len(per_batch), len(per_epoch))), layout="constrained")
         for ax, (title, frame) in zip(figure.subplots(len(panels), squeeze=False).flat,
                                       panels.items()):
             frame.plot(ax=ax, title=title, legend=False)
             if frame.index.name == "epoch":
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epoch 3, not 2.5
-                ax.axvline(progress.best_epoch, color="tab:green", linestyle="--",
+                ax.axvline(progress.best_epoch, color="black", linestyle="--",
                            label=f"best {progress.best_metric}")
             if frame.index.name == "epoch" and len(scst):
                 ax.axvline(scst[0] - 0.5, color="tab:purple", linestyle=":", label="SCST begins")
-            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3,  # off the lines
-                      fontsize="small", frameon=False)
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncols=2,  # off the lines;
+                      fontsize="large", frameon=False)  # large: shrunk to a phone's width
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=90)
         files[out / file] = buffer.getvalue()
@@ -2849,9 +2867,8 @@ def report_header(cfg, ckpt, metrics=None):
     shown from output_dir."""
     out = cfg.output_dir
     weights = ckpt["encoder_weights"]  # what the checkpoint records
-    encoder = f"ResNet50 weights {os.path.relpath(weights, out)}"
-    if Path(weights).resolve() == DEMO_WEIGHTS.resolve():
-        encoder = "random ResNet50 (demo only)"
+    drawn = Path(weights).resolve() == DEMO_WEIGHTS  # --encoder_weights=random, or the demo's
+    encoder = RANDOM_ENCODER if drawn else f"ResNet50 weights {os.path.relpath(weights, out)}"
     about = (f"checkpoint {os.path.relpath(ckpt['path'], out)} (epoch {ckpt['epoch']}, "
              f"{ckpt['model_args']['decoder']} decoder), beam {cfg.beam_size}; "
              f"encoder: {encoder}; trained on {ckpt['config']['dataset']} "
@@ -2894,17 +2911,19 @@ def one_line(text):
 
 
 def image_files(paths):
-    """The image files that paths name (a folder: its images, sorted), and the paths not found."""
-    given = [Path(p) for p in paths]
-    missing = [p for p in given if not p.is_dir() and not p.is_file()]
+    """The image files that paths name (a folder: its images, sorted); a missing path is refused."""
     files = []
-    for path in given:
+    for path in map(Path, paths):
         if path.is_file():  # named: any suffix
             files.append(path)
         elif path.is_dir():
             files += [f for f in sorted(path.iterdir())
                       if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
-    return files, missing
+        else:
+            raise UserError(f"no such file or folder: {one_line(path)}")
+    if not files:
+        raise UserError(f"no images in {' '.join(map(one_line, paths))}")
+    return files
 
 
 def caption_line(file, found, json_lines):
@@ -2922,7 +2941,7 @@ def caption_line(file, found, json_lines):
 
 def caption_images(cfg, paths, restored, device):
     """--caption: prints a line per image (caption_format); writes report-captions.html."""
-    files, missing = image_files(paths)
+    files = image_files(paths)
     weights = encoder_weights_file(cfg)
     model, ckpt = restored
     # first: a missing or damaged file is its own clear error
@@ -2930,8 +2949,11 @@ def caption_images(cfg, paths, restored, device):
     check_weights(ckpt, weights)
     model = model.to(device)
     stderr(f"captioning with {ckpt['path']}")
-    if not files:
-        stderr(f"error: no images found in {' '.join(map(one_line, paths))}")
+    header = report_header(cfg, ckpt)
+    if ckpt["config"]["dataset"] == "demo":  # else a photo's caption of shapes reads as a finding
+        header["note"] = ("this checkpoint was trained on the demo set: it knows only coloured "
+                          "shapes. To caption photos, train on Flickr8k (./setup.sh --flickr8k)")
+        stderr(f"note: {header['note']}")
     names = [str(f.resolve()) for f in files]
     features, unread = extract_features(model.encoder, names, cfg, device)
     source = ImageSource(Path("/"), features, names)
@@ -2945,8 +2967,6 @@ def caption_images(cfg, paths, restored, device):
             print(line, flush=True)
         if name not in captions:
             stderr(f"error: cannot read image {one_line(file)}")
-    for file in missing:
-        stderr(f"error: no such file or folder: {one_line(file)}")
     if not captions:
         return 1
     maps = word_maps(model, source, captions, device)
@@ -2956,12 +2976,12 @@ def caption_images(cfg, paths, restored, device):
     # output_dir is the checkpoint's folder unless --output_dir is given: never another run's
     out = cfg.output_dir
     try:  # the captions are out: a folder that cannot be written only warns
-        page = write_report(out, "report-captions", f"{len(rows)} images captioned",
-                            report_header(cfg, ckpt), rows)
+        title = f"captions of {len(rows)} images" if len(rows) > 1 else "the caption of 1 image"
+        page = write_report(out, "report-captions", title, header, rows)
         stderr(f"results page: {page}")
     except (OSError, UserError) as error:
         stderr(f"warning: no results page in {out}: {getattr(error, 'strerror', None) or error}")
-    return 1 if unread or missing else 0
+    return 1 if unread else 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,10 @@ Usage: ./setup.sh [--test] [--flickr8k] [--help]
 Sets up this project for training (it can be run from any folder, and again at
 any time; the second time it takes seconds). Nothing is installed system-wide:
   1. creates the Python virtual environment .venv/ if it is missing and installs
-     requirements.txt into it (again only when requirements.txt has changed);
+     requirements.txt into it (again only when requirements.txt has changed),
+     with the torch build that fits the machine: where no NVIDIA GPU is found,
+     the CPU-only build (about a tenth of the default build's size), else the
+     default build with CUDA; it says which build it installed;
   2. downloads the ImageNet ResNet50 weights to
      resources/models/resnet50-0676ba61.pth and checks their sha256 (if the
      download fails, e.g. offline, it says so and carries on: the built-in demo
@@ -34,11 +37,12 @@ Options:
   -h, --help   show this help and exit
 
 Environment variables:
-  TORCH_INDEX_URL      install torch and torchvision from this pip index before
-                       the rest, e.g. the CPU-only build (a tenth of the default
-                       build's size) on a machine without an NVIDIA GPU:
-                         TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu ./setup.sh
-                       (to switch the build of an existing .venv, delete .venv)
+  TORCH_BUILD          which torch build to install: auto (the default: CPU-only
+                       where no NVIDIA GPU is found), cpu, or default (PyPI's,
+                       with CUDA); to switch an existing .venv, delete .venv
+  TORCH_INDEX_URL      where the CPU-only build comes from (default
+                       https://download.pytorch.org/whl/cpu); where it cannot be
+                       reached, the default build is installed, with a note
   RESNET50_URL         where to get the ResNet50 weights
                        (default https://download.pytorch.org/models/resnet50-0676ba61.pth)
   FLICKR8K_IMAGES_URL  Flickr8k image zip (default
@@ -163,16 +167,53 @@ pip_install() {
     say "Python packages of $1 installed"
 }
 
-# torch and torchvision as requirements.txt pins them, from TORCH_INDEX_URL (e.g. the CPU-only build).
-# pip then takes them as given: torch==2.14.1 is met by the index's 2.14.1+cpu.
-install_torch_from_index() {
+TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+
+# has_nvidia_gpu: true where an NVIDIA driver is loaded, i.e. a GPU the CUDA build could use.
+# (SETUP_PROC_NVIDIA lets the tests point the check elsewhere.)
+has_nvidia_gpu() {
+    [ -d "${SETUP_PROC_NVIDIA:-/proc/driver/nvidia}" ] \
+        || { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+}
+
+# install_cpu_torch: where no NVIDIA GPU is found (or TORCH_BUILD=cpu), torch and torchvision as
+# requirements.txt pins them, from the CPU-only index, before the rest: pip then takes them as
+# given (torch==2.14.1 is met by the index's 2.14.1+cpu). Where that index cannot be reached,
+# nothing: requirements.txt then brings the default build.
+install_cpu_torch() {
+    case "${TORCH_BUILD:-auto}" in
+        default) say "TORCH_BUILD=default: torch's default build (with CUDA)"; return 0 ;;
+        cpu) say "TORCH_BUILD=cpu: torch's CPU-only build" ;;
+        auto)
+            if has_nvidia_gpu; then
+                say "an NVIDIA GPU is here: torch's default build (with CUDA); TORCH_BUILD=cpu for the CPU-only one"
+                return 0
+            fi
+            say "no NVIDIA GPU found: torch's CPU-only build, a tenth of the size (TORCH_BUILD=default for the CUDA one)" ;;
+        *) die "TORCH_BUILD=$TORCH_BUILD: must be auto, cpu or default" ;;
+    esac
     local pins
-    pins="$(grep -E '^(torch|torchvision)==' requirements.txt | awk '{print $1}' | xargs)"
+    pins="$(grep -E '^(torch|torchvision)==' requirements.txt | awk '{print $1}' | xargs)" || true
     if [ -z "$pins" ]; then pins="torch torchvision"; fi
-    say "installing $pins from $TORCH_INDEX_URL (TORCH_INDEX_URL)"
+    # a quick look first: pip would retry an unreachable index for minutes
+    if ! curl -fsS -o /dev/null --connect-timeout 5 --max-time 30 "$TORCH_INDEX_URL/torch/"; then
+        warn "$TORCH_INDEX_URL cannot be reached (set TORCH_INDEX_URL to another index):"
+        warn "  installing torch's default build instead, which is larger and works on a CPU too"
+        return 0
+    fi
+    say "installing $pins from $TORCH_INDEX_URL"
     # shellcheck disable=SC2086  # the pins are words
     .venv/bin/pip install $pins --index-url "$TORCH_INDEX_URL" \
         || die "'.venv/bin/pip install $pins --index-url $TORCH_INDEX_URL' failed (see the messages above)"
+}
+
+# say_torch_build: which torch build .venv holds now.
+say_torch_build() {
+    local build
+    build="$(.venv/bin/python -c 'import torch
+print(torch.__version__, f"(CUDA {torch.version.cuda})" if torch.version.cuda else "(CPU-only)")' \
+        2>/dev/null)" || true
+    say "torch in .venv: ${build:-not importable}"
 }
 
 setup_venv() {
@@ -191,10 +232,9 @@ setup_venv() {
         say "Python packages are up to date with requirements.txt"
         return 0
     fi
-    if [ -n "${TORCH_INDEX_URL:-}" ]; then
-        install_torch_from_index
-    fi
+    install_cpu_torch
     pip_install requirements.txt .requirements.sha256
+    say_torch_build
 }
 
 setup_test_requirements() {
@@ -214,6 +254,7 @@ setup_test_requirements() {
 
 RESNET50_DIR="resources/models"
 RESNET50_FILE="resnet50-0676ba61.pth"
+RESNET50_SHA256="0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a"  # the whole file's
 
 setup_resnet50() {
     local target="$RESNET50_DIR/$RESNET50_FILE"
@@ -265,6 +306,8 @@ resnet50_failed() {
     warn "  To fetch the weights by hand, download $RESNET50_URL"
     warn "  to $RESNET50_DIR/$RESNET50_FILE, e.g.:"
     warn "    curl -fL -o $RESNET50_DIR/$RESNET50_FILE $RESNET50_URL"
+    warn "  (sha256 $RESNET50_SHA256). Without them, --encoder_weights=random checks the"
+    warn "  pipeline on real data: a random frozen ResNet50, whose captions mean nothing."
 }
 
 # ---------------------------------------------------------------- 3. Flickr8k

@@ -292,3 +292,24 @@ def test_other_resnet50_weights_than_the_checkpoints_are_refused_naming_its_file
     assert (code, out) == (2, "")
     assert refusal(err) == (f"error: checkpoint {trained_demo / 'best.pt'} was trained on other ResNet50 weights than "
                             f"{other}: use --encoder_weights={random_weights}, the file it was trained with")
+
+
+# --- what --caption says besides the captions -------------------------------------------------------------------
+def test_a_path_that_is_not_there_is_one_line_and_exit_code_2(tmp_path, trained_demo, demo_dirs, capsys):
+    for paths in ([tmp_path / "nope.jpg"], [demo_image(demo_dirs), tmp_path / "nope.jpg"]):
+        code, out, err = caption(capsys, *paths, f"--checkpoint={trained_demo / 'best.pt'}")
+        assert (code, out) == (2, "") and refusal(err) == f"error: no such file or folder: {tmp_path / 'nope.jpg'}"
+    (tmp_path / "empty").mkdir()
+    code, out, err = caption(capsys, tmp_path / "empty", f"--checkpoint={trained_demo / 'best.pt'}")
+    assert (code, out) == (2, "") and refusal(err) == f"error: no images in {tmp_path / 'empty'}"
+
+
+def test_a_demo_checkpoint_says_once_that_it_knows_only_shapes(tmp_path, trained_demo, demo_dirs, capsys):
+    code, out, err = caption(capsys, demo_image(demo_dirs), demo_image(demo_dirs, 1),
+                             f"--checkpoint={trained_demo / 'best.pt'}", f"--output_dir={tmp_path}")
+    note = ("note: this checkpoint was trained on the demo set: it knows only coloured shapes. To caption "
+            "photos, train on Flickr8k (./setup.sh --flickr8k)")
+    assert code == 0 and err.count(note) == 1 and len(out.splitlines()) == 2 and note not in out
+    page = (tmp_path / "report-captions.html").read_text()
+    data = json.loads(page.split('type="application/json">')[1].split("</script>")[0])
+    assert data["note"] == note.removeprefix("note: ") and data["title"] == "captions of 2 images"

@@ -64,6 +64,8 @@ def test_help_lists_every_setting_with_its_comment_rule_default_and_preset():
     result = run_script("--help", timeout=60)
     assert result.returncode == 0 and all(f"--{name}" in result.stdout for name in cap.CONFIG_NAMES)
     text = " ".join(result.stdout.split())  # argparse wraps the help at the terminal's width
+    assert "'auto': demo_accuracy on the demo, else CIDEr" in text and "off it" not in text
+    assert "'random': a random ResNet50, to check the pipeline without them" in text
     assert "--num_epochs INT epochs of cross-entropy training; must be at least 1. default: 2, demo preset: 20" in text
     assert "--num_workers INT image-decoding processes; -1: one per CPU core, at most 16; must be -1 or more" in text
     assert "training:" in result.stdout and "model:" in result.stdout  # the constants' sections
@@ -149,7 +151,7 @@ def test_import_has_no_side_effects(tmp_path):
                                           ("--preset=huge", "--preset=huge: must be 'auto', 'none' or a preset"),
                                           ("--dataset=mnist", "--dataset=mnist: must be auto, demo, flickr8k"),
                                           ("--warmup_steps=-5", "must be 0 or more"),
-                                          ("--best_metric=cider", "--best_metric=cider: must be 'CIDEr', 'BLEU-4'"),
+                                          ("--best_metric=cidr", "--best_metric=cidr: did you mean CIDEr? must be 'CIDEr'"),
                                           ("--best_metric=demo_accuracy", "or, on the demo, 'demo_accuracy'"),
                                           ("--learning_rate=1e308", "--learning_rate=1e+308: must be a positive "
                                                                     "number up to 1, such as 0.0002"),
@@ -262,3 +264,18 @@ def test_a_command_line_that_contradicts_the_checkpoint_where_it_cannot_is_refus
 def test_outside_a_resume_the_data_and_batches_may_differ_from_the_checkpoints():
     cfg = settings("--batch_size=8", "--max_train_caption_len=5", trained=trained())  # --evaluate, --caption
     assert (cfg.batch_size, cfg.max_train_caption_len) == (8, 5)
+
+
+def test_a_value_in_another_case_is_taken_and_a_near_miss_named(capsys):
+    """--dataset=flickr8K is flickr8k; --dataset=flickr8 gets the nearest value, as a mistyped name does."""
+    cfg = settings("--dataset=Flickr8K", "--decoder=LSTM", "--best_metric=cider", "--preset=NONE")
+    assert (cfg.dataset, cfg.decoder, cfg.best_metric, cfg.preset) == ("flickr8k", "lstm", "CIDEr", "none")
+    assert cfg.data_dir == str(cap.ROOT / "resources/input/flickr8k")
+    assert cap.main(["--dataset=flickr8", "--output_dir=/tmp/never-made"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: --dataset=flickr8: did you mean flickr8k? must be auto, demo")
+    for arg, near in [("--decoder=atention", "attention"), ("--scst_baseline=greddy", "greedy"),
+                      ("--lr_schedule=cosin", "cosine"), ("--caption_format=jsn", "json")]:
+        with pytest.raises(cap.UserError, match=f"did you mean {near}\\? must be"):
+            settings("--dataset=flickr8k", arg)
+

@@ -95,6 +95,7 @@ def test_evaluate_writes_tagged_outputs_beside_the_training_runs_own(trained_dem
     assert cap.main(demo_args(demo_dirs, random_weights, trained_demo, "--evaluate", "--beam_size=2")) == 0
     printed = capsys.readouterr().out
     assert "test split, 100 images, beam 2" in printed and "CIDEr" in printed
+    assert "this run scores a checkpoint of the built-in demo set" in printed and "trains" not in printed
     tagged = [trained_demo / f"{name}-best-beam2.{ext}" for name, ext in [
         ("test_metrics", "json"), ("test_captions", "csv"), ("test_captions", "json"), ("test_references", "json"),
         ("report", "html")]]

@@ -86,7 +86,7 @@ def test_the_demo_page_shows_every_test_image_sorted_worst_first(trained_demo, b
     assert cider == sorted(cider) and cider[0] == captions["CIDEr"].min()  # worst first, x100
     by_name = dict(zip(captions["image"], zip(captions["caption"], captions["right"])))
     assert all(by_name[name] == (caption, scores["right"]) for name, caption, scores in rows)
-    assert browser.find_element("id", "count").text == "100 of 100 images"
+    assert browser.find_element("id", "count").text == "100 images"  # all of them
     assert len(browser.find_elements("css selector", ".row .wrong")) == (~captions["right"]).sum()
     choose(browser, sort="CIDEr|desc")
     cider = [r[2]["CIDEr"] for r in visible_rows(browser)]
@@ -139,10 +139,17 @@ def test_the_page_fits_a_desktop_and_a_phone(trained_demo, browser, width):
                                    .filter(e => e.offsetParent && e.textContent.trim()).map(size)),
                 graphs: [...document.querySelectorAll('#graphs a')].map(
                     a => [a.getAttribute('href'), a.querySelector('img').getBoundingClientRect().width,
-                          a.querySelector('img').naturalWidth])};""")
+                          a.querySelector('img').naturalWidth]),
+                heights: [...document.querySelectorAll('#graphs img')].map(i => i.getBoundingClientRect().height),
+                // each caption's last word and its ' .' in one unbroken box: the dot never wraps alone
+                tails: [...document.querySelectorAll('#rows .caption')].map(c => [c.textContent,
+                    c.querySelector('.nowrap') && c.querySelector('.nowrap').getClientRects().length])};""")
     assert page["width"] == width and page["scroll"] <= width + 2, page  # no sideways scrolling
     assert page["caption"] >= 16 and page["smallest"] >= 13, page
     assert [href for href, _, _ in page["graphs"]] == ["loss_graph.png", "metrics_graph.png"]
+    assert abs(page["heights"][0] - page["heights"][1]) < 2, page  # side by side, neither leaves a gap
+    ended = [lines for caption, lines in page["tails"] if caption.endswith(" .")]
+    assert len(ended) > 90 and ended == [1] * len(ended), page["tails"]
     for _, shown, natural in page["graphs"]:
         assert shown >= min(natural, width - 40) - 1, page  # at full size, or the width of the page
     browser.set_window_size(width, browser.execute_script("return document.body.scrollHeight") + 100)
@@ -186,7 +193,7 @@ def test_hostile_captions_and_file_names_show_as_text_and_the_page_works_copied(
         open_page(browser, folder / page.name)
         assert browser.execute_script("return window.hacked === undefined && !document.querySelector('b, i')")
         assert browser.title == HOSTILE and browser.find_element("tag name", "h1").text == HOSTILE
-        assert browser.find_element("id", "count").text == "4 of 4 images"  # the page's script ran
+        assert browser.find_element("id", "count").text == "4 images"  # the page's script ran
         shown = visible_rows(browser)
         assert sorted(r[0] for r in shown) == sorted(names) and {r[1] for r in shown} == {HOSTILE}
         assert all(thumbnails_load(browser))  # relative links: the copy shows them too
@@ -289,17 +296,30 @@ def test_caption_writes_a_page_of_the_users_images(tmp_path, trained_demo, brows
     photos.mkdir()
     for i, colour in enumerate([(220, 40, 40), (40, 80, 230)]):
         Image.new("RGB", (96, 96), colour).save(photos / f"photo {i}.jpg")
-    out = tmp_path / "out"
-    assert cap.main(["--caption", str(photos), f"--checkpoint={trained_demo / 'best.pt'}",
-                     f"--output_dir={out}", "--num_workers=0"]) == 0
+    out = tmp_path / "run"  # a copy of the run: the page goes beside its checkpoint, with its graphs
+    out.mkdir()
+    for name in ("best.pt", "loss_graph.png", "metrics_graph.png"):
+        shutil.copy(trained_demo / name, out)
+    assert cap.main(["--caption", str(photos), f"--checkpoint={out / 'best.pt'}", "--num_workers=0"]) == 0
     printed = capsys.readouterr()
     assert f"results page: {out / 'report-captions.html'}" in printed.err
     assert "results page" not in printed.out  # stdout holds only the captions
     captions = dict(line.split("\t") for line in printed.out.splitlines())
-    open_page(browser, out / "report-captions.html")
-    shown = visible_rows(browser)
-    assert {name: caption for name, caption, _ in shown} == captions and all(thumbnails_load(browser))
-    assert all(scores == {} for _, _, scores in shown) and not browser.find_elements("css selector", ".row li")
+    for width in (1280, 400):
+        open_page(browser, out / "report-captions.html", width)
+        shown = visible_rows(browser)
+        assert {name: caption for name, caption, _ in shown} == captions and all(thumbnails_load(browser))
+        assert all(scores == {} for _, _, scores in shown) and not browser.find_elements("css selector", ".row li")
+        # the user's captions first, in the first screenful; the checkpoint's graphs after them, folded
+        page = browser.execute_script("""
+            const top = e => e.getBoundingClientRect().top, box = document.getElementById('graph-box');
+            return {row: top(document.querySelector('#rows .row')), graphs: top(box), open: box.open,
+                    note: document.getElementById('note').offsetParent !== null,
+                    count: document.getElementById('count').textContent};""")
+        assert page["row"] < 600 and page["row"] < page["graphs"] and not page["open"], page
+        assert page["note"] and page["count"] == "2 images", page  # not '2 of 2 images'
+        browser.set_window_size(width, browser.execute_script("return document.body.scrollHeight") + 100)
+        assert browser.get_screenshot_as_file(str(SCREENSHOTS / f"report-captions-{width}px.png"))
 
 
 def test_coco_files_use_coco_ids_or_the_place_in_sorted_order():
@@ -335,7 +355,7 @@ def test_a_demo_checkpoint_says_its_encoder_was_random(tmp_path):
             "config": {"dataset": "demo", "data_dir": str(cap.ROOT / "resources/input/demo")}}
     header = cap.report_header(cfg, ckpt)
     assert header["about"] == ("checkpoint best.pt (epoch 3, lstm decoder), beam 3; encoder: random ResNet50 "
-                               "(demo only); trained on demo (../../input/demo)")
+                               "(pipeline check only; captions meaningless); trained on demo (../../input/demo)")
 
 
 def test_the_graphs_mark_the_best_epoch_and_the_start_of_scst(tmp_path, monkeypatch):
@@ -368,7 +388,34 @@ def test_the_graphs_mark_the_best_epoch_and_the_start_of_scst(tmp_path, monkeypa
         cap.write_history(tmp_path, progress)
         label = "best CIDEr" if scst and metric in ("val_loss", "demo_accuracy") else f"best {metric}"
         assert set(lines) == {(best, label), *[(3.5, "SCST begins")] * scst}, (scst, metric)
-        assert len(lines) == 3 * (1 + scst)  # on each of the three panels of metrics_graph.png
+        assert len(lines) == 4 * (1 + scst)  # on loss per epoch and the three panels of metrics_graph.png
         assert pd.read_csv(tmp_path / "loss_per_epoch.csv")["epoch"].tolist() == list(range(1, len(rows) + 1))
     for name in ("loss_graph.png", "metrics_graph.png"):
         assert Image.open(tmp_path / name).size[0] >= 500
+
+
+def test_each_panel_has_at_most_four_coloured_lines_and_the_best_marker_a_colour_of_its_own(tmp_path, monkeypatch):
+    """The demo's validation once drew 9 lines in one panel, its 'best' marker the green of BLEU-4."""
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+    epochs = pd.DataFrame({"epoch": [1, 2, 3], "phase": ["cross-entropy"] * 3, "train_loss": [3.0, 2, 1],
+                           "val_loss": [2.5, 2.0, 2.1], "val_token_accuracy": [50, 60, 70],
+                           **{name: [0.1, 0.3, 0.2] for name in ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
+                                                                 "demo_accuracy", "demo_colour_shape_accuracy",
+                                                                 "demo_two_shape_accuracy"]}})
+    epochs.to_csv(tmp_path / "loss_per_epoch.csv", index=False)
+    pd.DataFrame({"epoch": [1, 2, 3], "step": [1, 2, 3], "phase": epochs["phase"], "loss": [4.0, 3, 2],
+                  "reward": [None] * 3, "greedy_cider": [None] * 3}).to_csv(tmp_path / "loss_per_batch.csv",
+                                                                           index=False)
+    figures, real = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *a, **kw: figures.append(figure) or real(figure, *a, **kw))
+    cap.plot_history(tmp_path, "demo_accuracy")
+    heights = {figure.get_size_inches()[1] for figure in figures}
+    assert len(figures) == 2 and len(heights) == 1  # side by side on the page: no gap under either
+    panels = [ax for figure in figures for ax in figure.axes]
+    drawn = {line.get_label() for ax in panels for line in ax.get_lines()}
+    assert {"val_token_accuracy", "BLEU-4", "demo_two_shape_accuracy", "CIDEr", "loss"} <= drawn
+    for ax in panels:
+        best = [to_hex(line.get_color()) for line in ax.get_lines() if line.get_label().startswith("best")]
+        data = [to_hex(line.get_color()) for line in ax.get_lines() if not line.get_label().startswith("best")]
+        assert len(data) <= 4 and not set(best) & set(data), ax.get_title()

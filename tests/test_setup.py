@@ -60,6 +60,7 @@ def run_setup(proj, *args, env=None, cwd=None):
         RESNET50_URL="file:///nonexistent/setup-test/resnet50.pth",
         FLICKR8K_IMAGES_URL=MISSING_URL,
         FLICKR8K_TEXT_URL=MISSING_URL,
+        TORCH_INDEX_URL="file:///nonexistent/setup-test/torch-index",  # never the network
     )
     full_env.update(env or {})
     proc = subprocess.run(
@@ -135,6 +136,7 @@ def test_help(project):
     assert "resources/input/flickr30k" in out
     assert "--test" in out and "tests/requirements.txt" in out
     assert "TORCH_INDEX_URL" in out and "https://download.pytorch.org/whl/cpu" in out
+    assert "TORCH_BUILD" in out and "no NVIDIA GPU" in out
     # --help does nothing else.
     assert not (project / "resources").exists()
 
@@ -153,7 +155,7 @@ def fake_venv(project):
     bin_dir = project / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     log = project / "pip.log"
-    (bin_dir / "python").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "python").write_text('#!/bin/sh\necho "${FAKE_TORCH:-2.14.1 (CUDA 12.8)}"\n')
     (bin_dir / "pip").write_text(
         f'#!/bin/sh\necho "$*" >> "{log}"\nexit "${{FAKE_PIP_RC:-0}}"\n'
     )
@@ -235,18 +237,70 @@ def test_test_requirements_only_with_test_and_only_when_changed(project):
     assert stamp.read_text().strip() == sha256_text("pytest\n")
 
 
-def test_torch_index_url_installs_torch_first(project):
+def machine(tmp_path, gpu):
+    """setup.sh's view of the machine: an NVIDIA GPU (nvidia-smi answers) or none, and a reachable
+    CPU-only index (a local folder) at the returned URL."""
+    stub(tmp_path / "gpu", "nvidia-smi", "exit 0" if gpu else "exit 9")
+    index = tmp_path / "cpu-index"
+    (index / "torch").mkdir(parents=True)
+    return {"PATH": f"{tmp_path / 'gpu'}{os.pathsep}{os.environ['PATH']}", "SETUP_PROC_NVIDIA": "/nonexistent",
+            "TORCH_INDEX_URL": file_url(index)}
+
+
+PINS = "torch==2.14.1\ntorchvision==0.29.1  # pinned\nnumpy\n"
+
+
+def test_without_an_nvidia_gpu_the_cpu_only_build_is_installed_once(project, tmp_path):
     log = fake_venv(project)
-    pins = "torch==2.14.1\ntorchvision==0.29.1  # pinned\nnumpy\n"
-    (project / "requirements.txt").write_text(pins)
-    url = "https://download.pytorch.org/whl/cpu"
-    rc, out = run_setup(project, env={**VENV, "TORCH_INDEX_URL": url})
+    (project / "requirements.txt").write_text(PINS)
+    env = {**VENV, **machine(tmp_path, gpu=False), "FAKE_TORCH": "2.14.1+cpu (CPU-only)"}
+    rc, out = run_setup(project, env=env)
     assert rc == 0, out
-    assert pip_calls(log) == [f"install torch==2.14.1 torchvision==0.29.1 --index-url {url}",
+    assert pip_calls(log) == [f"install torch==2.14.1 torchvision==0.29.1 --index-url {env['TORCH_INDEX_URL']}",
                               "install -r requirements.txt"]
-    rc, out = run_setup(project, env={**VENV, "TORCH_INDEX_URL": url})
+    assert "no NVIDIA GPU found: torch's CPU-only build" in out
+    assert "torch in .venv: 2.14.1+cpu (CPU-only)" in out  # which build it installed
+    rc, out = run_setup(project, env=env)
+    assert rc == 0 and len(pip_calls(log)) == 2, out  # installed: nothing to do
+
+
+def test_an_unreachable_cpu_index_falls_back_to_the_default_build_with_a_note(project, tmp_path):
+    log = fake_venv(project)
+    (project / "requirements.txt").write_text(PINS)
+    env = {**VENV, **machine(tmp_path, gpu=False), "TORCH_INDEX_URL": "file:///nonexistent/cpu-index"}
+    rc, out = run_setup(project, env=env)
     assert rc == 0, out
-    assert len(pip_calls(log)) == 2  # installed: nothing to do
+    assert pip_calls(log) == ["install -r requirements.txt"]  # pip never waits on the unreachable index
+    assert "file:///nonexistent/cpu-index cannot be reached" in out and "default build instead" in out
+    assert "torch in .venv: 2.14.1 (CUDA 12.8)" in out
+
+
+@pytest.mark.parametrize("gpu, build, cpu_index", [(True, "", False), (True, "cpu", True),
+                                                   (False, "default", False), (False, "cpu", True)])
+def test_an_nvidia_gpu_gets_the_default_build_and_torch_build_overrides_either_way(project, tmp_path, gpu,
+                                                                                   build, cpu_index):
+    log = fake_venv(project)
+    (project / "requirements.txt").write_text(PINS)
+    rc, out = run_setup(project, env={**VENV, **machine(tmp_path, gpu), "TORCH_BUILD": build})
+    assert rc == 0, out
+    assert any("--index-url" in call for call in pip_calls(log)) == cpu_index, out
+    assert pip_calls(log)[-1] == "install -r requirements.txt"
+    assert ("NVIDIA GPU is here" in out) == (gpu and not build)
+    assert "torch in .venv:" in out
+
+
+def test_a_gpu_driver_without_nvidia_smi_counts(project, tmp_path):
+    log = fake_venv(project)
+    (project / "requirements.txt").write_text(PINS)
+    env = {**VENV, **machine(tmp_path, gpu=False), "SETUP_PROC_NVIDIA": str(tmp_path)}  # the driver's folder
+    rc, out = run_setup(project, env=env)
+    assert rc == 0 and pip_calls(log) == ["install -r requirements.txt"] and "NVIDIA GPU is here" in out, out
+
+
+def test_an_unknown_torch_build_is_refused(project, tmp_path):
+    fake_venv(project)
+    rc, out = run_setup(project, env={**VENV, "TORCH_BUILD": "rocm"})
+    assert rc != 0 and "TORCH_BUILD=rocm: must be auto, cpu or default" in out
 
 
 def test_requirements_split():
@@ -284,6 +338,8 @@ def test_weights_offline_carries_on(project, tmp_path):
     assert "demo needs no download" in out
     assert "https://download.pytorch.org" not in out  # the env URL was used
     assert str(WEIGHTS_REL) in out  # how to fetch it by hand
+    assert "sha256 0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a" in out
+    assert "--encoder_weights=random checks the" in out  # real data without them
     assert not (project / WEIGHTS_REL).exists()
     assert not (project / f"{WEIGHTS_REL}.part").exists()
     assert ".venv/bin/python flickr_image_caption_with_pytorch_resnet_lstm.py" in out

@@ -3,6 +3,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -192,9 +193,10 @@ def test_best_metric_val_loss_keeps_the_lowest_validation_loss(tmp_path, random_
     assert best["epoch"] == epochs["epoch"][epochs["val_loss"][::-1].idxmin()]
 
 
-def test_one_short_epoch_on_real_flickr8k_jpegs(tmp_path, random_weights):
+def test_one_short_epoch_on_real_flickr8k_jpegs(tmp_path, capsys):
+    """Without the ImageNet download: --encoder_weights=random, and every output says what that means."""
     data = shared("flickr8k-mini")
-    args = ["--dataset=flickr8k", f"--data_dir={data}", f"--encoder_weights={random_weights}",
+    args = ["--dataset=flickr8k", f"--data_dir={data}", "--encoder_weights=random",
             f"--output_dir={tmp_path / 'out'}", f"--cache_dir={tmp_path / 'cache'}", "--image_size=96",
             "--num_epochs=1", "--max_batches_per_epoch=8", "--embed_size=32", "--hidden_size=64",
             "--freq_threshold=2", "--sample_every=4", "--num_workers=2"]
@@ -205,6 +207,24 @@ def test_one_short_epoch_on_real_flickr8k_jpegs(tmp_path, random_weights):
     assert report["images"] == 30 and "demo_colour_shape_accuracy" not in report
     captions = pd.read_csv(tmp_path / "out" / "test_captions.csv")
     assert captions["references"].str.count(r" \| ").eq(4).all()  # five real references per image
+    label = "random ResNet50 (pipeline check only; captions meaningless)"
+    printed = capsys.readouterr()
+    assert f"warning: no ImageNet weights: the encoder is a {label}" in printed.err
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["encoder"] == label
+    assert f"encoder: {label}; trained on flickr8k" in (tmp_path / "out" / "report.html").read_text()
+    assert "demo only" not in printed.out + printed.err
+    assert re.search(r"features: 300 images in .* s \(.*, 2 decoding processes\)", printed.out)  # README: Training
+
+
+def test_missing_weights_name_the_download_its_sha256_and_the_random_encoder(tmp_path):
+    cfg = cap.resolve_settings({"dataset": "flickr8k", "encoder_weights": str(tmp_path / "absent.pth")})
+    with pytest.raises(cap.UserError) as error:
+        cap.encoder_weights_file(cfg)
+    message = str(error.value)
+    assert message.startswith(f"ResNet50 weights {tmp_path / 'absent.pth'} not found: run ./setup.sh") and "\n" not in message
+    assert "https://download.pytorch.org/models/resnet50-0676ba61.pth" in message
+    assert "0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a" in message
+    assert "--encoder_weights=random" in message and "captions meaningless" in message
 
 
 def contents(folder):
@@ -469,7 +489,7 @@ def test_scst_added_to_a_finished_run_keeps_its_cross_entropy_results(tmp_path, 
     cross_entropy = json.loads((out / "test_metrics.json").read_text())
     capsys.readouterr()
     assert cap.main([*args, "--resume", "--scst_epochs=1"]) == 0
-    assert "best-xe.pt, report-xe.html, test_*-xe.*" in capsys.readouterr().out.splitlines()[-1]  # outputs
+    assert "run's: best-xe.pt, report-xe.html, test_*-xe.*" in capsys.readouterr().out.splitlines()[-1]  # outputs
     kept = json.loads((out / "test_metrics-xe.json").read_text())
     assert {k: v for k, v in kept.items() if k not in ("checkpoint", "seconds")} == \
         {k: v for k, v in cross_entropy.items() if k not in ("checkpoint", "seconds")}
@@ -510,7 +530,7 @@ def test_config_json_names_the_random_resnet50_the_demo_used(tmp_path):
         pytest.skip("the ImageNet weights are here: the demo uses them")
     assert cap.main(args) == 0
     ran = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert ran["encoder"] == "random ResNet50 (demo only)"
+    assert ran["encoder"] == "random ResNet50 (pipeline check only; captions meaningless)"
     assert ran["encoder_weights"] == str(cap.DEMO_WEIGHTS.resolve())
 
 
