@@ -1777,14 +1777,10 @@ def random_resnet50_weights(path, seed=0):
     return path
 
 
-def features_cache_key(weights_sha, transform, image_dir, names, precision="fp32"):
+def features_cache_key(weights_sha, transform, image_dir, names, precision, cache_dir):
     """What the features depend on, hashed: the weights, the transform and every image's content."""
-    # by content: an image replaced under the same name, even with its old size and time, is new
     names = sorted(names)
-    paths = [Path(image_dir) / n for n in names]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        hashes = list(tqdm(pool.map(file_sha256, paths), total=len(names), desc="hashing images",
-                           unit="img", leave=False, mininterval=1))
+    hashes = content_sha256s([str(Path(image_dir).resolve() / n) for n in names], cache_dir)
     spec = {
         "weights": weights_sha,
         "transform": repr(transform),
@@ -1794,6 +1790,49 @@ def features_cache_key(weights_sha, transform, image_dir, names, precision="fp32
         "version": 4,
     }
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+
+def content_sha256s(paths, cache_dir):
+    """Each file's sha256 (None: unreadable), hashed only when its stat is new to the index."""
+    # by content: an image replaced under its name, size and mtime has a new ctime and inode
+    index = sha256_index(cache_dir)
+    stats = {path: file_stat(path) for path in paths}
+    new = [path for path in paths if index.get(path, [None])[:4] != stats[path]]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        hashes = dict(zip(new, tqdm(pool.map(file_sha256, new), total=len(new), unit="img",
+                                    desc="hashing images", leave=False, mininterval=1)))
+    sha256_index(cache_dir, {p: [*stats[p], sha] for p, sha in hashes.items() if stats[p] and sha})
+    return [hashes[path] if path in hashes else index[path][4] for path in paths]
+
+
+def file_stat(path):
+    """What git's index compares: size, mtime and ctime in ns, inode; None if there is no file."""
+    with contextlib.suppress(OSError):
+        stat = os.stat(path)
+        return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+    return None
+
+
+def sha256_index(cache_dir, new=None):
+    """{file: [its stat, its sha256]} as hashed before, with new's entries added to the file. A
+    lost or unwritable index only means hashing again."""
+    path, index = Path(cache_dir) / "sha256-index.json", {}
+    with contextlib.suppress(OSError, ValueError):
+        index = json.loads(path.read_bytes())
+    if new:
+        with contextlib.suppress(UserError):
+            write_whole(path.parent, {path: json.dumps(index | new).encode()})
+    return index | (new or {})
+
+
+def kept(path, compute):
+    """What compute() returned, as JSON at path: computed once, then read back."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(Path(path).read_bytes())
+    value = compute()
+    with contextlib.suppress(UserError):  # a read-only folder: computed at each start
+        write_whole(Path(path).parent, {Path(path): json.dumps(value).encode()})
+    return value
 
 
 def tensor_sha256(tensor):
@@ -1885,9 +1924,13 @@ def load_cached_features(path, key):
         return None
     # a truncated or corrupt file fails in many ways; all mean rebuild
     with contextlib.suppress(Exception):
-        # mmap: read as pages are used
+        # mmap: read as pages are used; the tensor is hashed again only if the file is not the one
+        # whose stat was recorded (right after it was written, or last verified)
         cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if cache["key"] == key and tensor_sha256(cache["features"]) == cache["sha256"]:
+        entry = [*file_stat(path), cache["sha256"]]
+        known = sha256_index(path.parent).get(path.name) == entry
+        if cache["key"] == key and (known or tensor_sha256(cache["features"]) == cache["sha256"]):
+            sha256_index(path.parent, {} if known else {path.name: entry})
             return cache
     warn(f"feature cache {path} is damaged or stale: rebuilding it")
     return None
@@ -1932,7 +1975,7 @@ def cached_features(weights, image_dir, names, cfg, device):
     key = {}
     if first_here:
         key["key"] = features_cache_key(weights_sha256(weights), transform, image_dir, names,
-                                        precision)
+                                        precision, cfg.cache_dir)
     key = merge_over_processes(key)["key"]
     path = Path(cfg.cache_dir) / f"features-{key[:20]}.pt"
     with contextlib.suppress(OSError):  # a read-only cache_dir may still hold the features
@@ -1971,7 +2014,9 @@ def write_feature_cache(weights, files, path, key, cfg, device):
         names = list(files)
         failed = [names[i] for i in unread]
         cache = {"key": key, "images": names, "failed": failed, "features": features}
-        atomic_save(cache | {"sha256": tensor_sha256(features)}, path)
+        sha = tensor_sha256(features)
+        atomic_save(cache | {"sha256": sha}, path)
+        sha256_index(path.parent, {path.name: [*file_stat(path), sha]})
     finally:
         scratch.unlink(missing_ok=True)
     seconds = time.time() - start
@@ -2031,7 +2076,12 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
     """Captions, splits, tokens, the training vocabulary (build_vocab) and each image's features."""
     prepare_demo(cfg)
     frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
-    frame = frame.assign(tokens=[Vocabulary.tokenize(caption) for caption in frame["caption"]])
+    # spaCy's tokens of these captions, kept in cache_dir: a new caption text means new tokens
+    captions = frame["caption"].unique().tolist()
+    sha = hashlib.sha256(json.dumps(captions).encode()).hexdigest()
+    tokens = kept(Path(cfg.cache_dir) / f"tokens-{sha[:20]}.json",
+                  lambda: {text: Vocabulary.tokenize(text) for text in captions})
+    frame = frame.assign(tokens=frame["caption"].map(tokens))
     training = frame[frame["split"] == "train"]
     train_sha256 = names_sha256(training["image"].unique())
     vocab = None
@@ -2050,7 +2100,12 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
         frame = frame[~frame["image"].isin(set(failed))].reset_index(drop=True)
         check_splits(frame, cfg.data_dir)
     train_names = sorted(frame.loc[frame["split"] == "train", "image"].unique())
-    stats = feature_statistics(cache["features"], [source.row[n] for n in train_names])
+    rows = [source.row[n] for n in train_names]
+    # kept in cache_dir too, by the features and the training images they are of
+    stats_file = f"stats-{cache['key'][:20]}-{names_sha256(train_names)[:20]}.json"
+    stats = kept(Path(cfg.cache_dir) / stats_file,
+                 lambda: [s.tolist() for s in feature_statistics(cache["features"], rows)])
+    stats = tuple(torch.tensor(s) for s in stats)  # mean and std (2048,) each
     return Data(frame, source, Path(weights).resolve(), stats, train_sha256, vocab)
 
 
