@@ -209,23 +209,21 @@ class FlickrDataset:
     def __init__(self, captions, vocab, source, max_len=None):
         self.images = captions["image"].tolist()
         self.source = source
-        if "tokens" in captions:
-            tokens = captions["tokens"]
-        else:
-            tokens = [Vocabulary.tokenize(caption) for caption in captions["caption"]]
+        tokens = captions["tokens"]  # prepare_data's
         cut = sum(len(t) > max_len for t in tokens) if max_len else 0
         if cut:  # one 10,000-word caption once made two batches take 420 s
             tokens = [t[:max_len] for t in tokens]
             log(f"{cut} caption(s) longer than {max_len} words cut to {max_len} words")
-        self.captions = [torch.tensor([vocab.SOS, *vocab.numericalize(t), vocab.EOS])
-                         for t in tokens]
-        self.lengths = torch.tensor([len(c) for c in self.captions])
+        ids = [[vocab.SOS, *vocab.numericalize(t), vocab.EOS] for t in tokens]
+        self.lengths = torch.tensor([len(c) for c in ids])  # (N,)
         # every batch is indexed from these two, in place: no DataLoader, no copies per item
-        self.padded = pad_sequence(self.captions, batch_first=True).int()  # (N, T)
+        self.padded = torch.zeros(len(ids), int(self.lengths.max()), dtype=torch.int)  # (N, T)
+        words = torch.arange(self.padded.size(1)) < self.lengths[:, None]  # (N, T): not padding
+        self.padded[words] = torch.tensor([i for c in ids for i in c], dtype=torch.int)
         self.rows = torch.tensor([source.row[name] for name in self.images])  # (N,) feature rows
 
     def __len__(self):
-        return len(self.captions)
+        return len(self.lengths)
 
     def batch(self, indices, device="cpu"):
         """The captions at indices, cut to the longest, with their images' features, on device."""
@@ -1777,32 +1775,32 @@ def random_resnet50_weights(path, seed=0):
     return path
 
 
-def features_cache_key(weights_sha, transform, image_dir, names, precision, cache_dir):
+def features_cache_key(weights, image_dir, names, cfg, device):
     """What the features depend on, hashed: the weights, the transform and every image's content."""
+    precision = "bf16" if uses_bf16(device) else "fp32"
+    if feature_grid_cells(cfg):
+        precision += f" grid {feature_grid_cells(cfg)}"
+    # by content, each image hashed only when its stat is new to the index (as git's): an image
+    # replaced under its name, size and mtime has a new ctime and inode
     names = sorted(names)
-    hashes = content_sha256s([str(Path(image_dir).resolve() / n) for n in names], cache_dir)
+    paths = [str(Path(image_dir).resolve() / name) for name in names]
+    index = sha256_index(cfg.cache_dir)
+    stats = {path: file_stat(path) for path in paths}
+    new = [path for path in paths if index.get(path, [None])[:4] != stats[path]]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        hashed = dict(zip(new, tqdm(pool.map(file_sha256, new), total=len(new), unit="img",
+                                    desc="hashing images", leave=False, mininterval=1)))
+    sha256_index(cfg.cache_dir, {p: [*stats[p], h] for p, h in hashed.items() if stats[p] and h})
+    hashes = [hashed[path] if path in hashed else index[path][4] for path in paths]
     spec = {
-        "weights": weights_sha,
-        "transform": repr(transform),
+        "weights": weights_sha256(weights),
+        "transform": repr(image_transform(cfg.image_size)),
         "image_dir": str(Path(image_dir).resolve()),
         "images": dict(zip(names, hashes)),
         "precision": precision,
         "version": 4,
     }
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
-
-
-def content_sha256s(paths, cache_dir):
-    """Each file's sha256 (None: unreadable), hashed only when its stat is new to the index."""
-    # by content: an image replaced under its name, size and mtime has a new ctime and inode
-    index = sha256_index(cache_dir)
-    stats = {path: file_stat(path) for path in paths}
-    new = [path for path in paths if index.get(path, [None])[:4] != stats[path]]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        hashes = dict(zip(new, tqdm(pool.map(file_sha256, new), total=len(new), unit="img",
-                                    desc="hashing images", leave=False, mininterval=1)))
-    sha256_index(cache_dir, {p: [*stats[p], sha] for p, sha in hashes.items() if stats[p] and sha})
-    return [hashes[path] if path in hashes else index[path][4] for path in paths]
 
 
 def file_stat(path):
@@ -1814,13 +1812,12 @@ def file_stat(path):
 
 
 def sha256_index(cache_dir, new=None):
-    """{file: [its stat, its sha256]} as hashed before, with new's entries added to the file. A
-    lost or unwritable index only means hashing again."""
+    """{file: [its stat, its sha256]} as hashed before; new's entries are added to the file."""
     path, index = Path(cache_dir) / "sha256-index.json", {}
     with contextlib.suppress(OSError, ValueError):
         index = json.loads(path.read_bytes())
     if new:
-        with contextlib.suppress(UserError):
+        with contextlib.suppress(UserError):  # unwritable: hashed again next time
             write_whole(path.parent, {path: json.dumps(index | new).encode()})
     return index | (new or {})
 
@@ -1966,16 +1963,11 @@ def exclusive(path):
 
 def cached_features(weights, image_dir, names, cfg, device):
     """The images' features, memory-mapped from the cache; extracted and cached first if missing."""
-    precision = "bf16" if uses_bf16(device) else "fp32"
-    if feature_grid_cells(cfg):
-        precision += f" grid {feature_grid_cells(cfg)}"
-    transform = image_transform(cfg.image_size)
     # on each machine, local process 0 hashes, extracts and writes; the others wait and read
     first_here = os.environ.get("LOCAL_RANK", "0") == "0"
     key = {}
     if first_here:
-        key["key"] = features_cache_key(weights_sha256(weights), transform, image_dir, names,
-                                        precision, cfg.cache_dir)
+        key["key"] = features_cache_key(weights, image_dir, names, cfg, device)
     key = merge_over_processes(key)["key"]
     path = Path(cfg.cache_dir) / f"features-{key[:20]}.pt"
     with contextlib.suppress(OSError):  # a read-only cache_dir may still hold the features
