@@ -1470,8 +1470,18 @@ def load_captions(folder, seed, max_images=0):
     frame, dropped = read_captions(caption_file)
     names = frame["image"].unique()
     inside = image_dir.resolve()
-    outside = sorted(n for n in names if not (image_dir / n).resolve().is_relative_to(inside))
-    missing = sorted(n for n in set(names) - set(outside) if not (image_dir / n).is_file())
+    # the files listed in image_dir's folders that no link or '..' leads out of are inside and
+    # there: a folder's listing, not a realpath per image; only the other names are looked up
+    plain = set()
+    for sub in {os.path.dirname(name) for name in names}:
+        real = (image_dir / sub).resolve()
+        if real == inside / sub and real.is_relative_to(inside):
+            with contextlib.suppress(OSError), os.scandir(real) as files:
+                plain |= {os.path.join(sub, f.name) for f in files
+                          if f.is_file(follow_symlinks=False)}
+    others = [name for name in names if name not in plain]
+    outside = sorted(n for n in others if not (image_dir / n).resolve().is_relative_to(inside))
+    missing = sorted(n for n in set(others) - set(outside) if not (image_dir / n).is_file())
     for bad, why in ((outside, f"point outside {image_dir}"), (missing, f"are not in {image_dir}")):
         if bad:
             warn(f"{len(bad)} image name(s) in {caption_file.name} {why}, skipped: "
