@@ -1792,8 +1792,8 @@ def features_cache_key(weights, image_dir, names, cfg, device):
         precision += f" grid {feature_grid_cells(cfg)}"
     # by content, each image hashed only when its stat is new to the index (as git's): an image
     # replaced under its name, size and mtime has a new ctime and inode
-    names = sorted(names)
-    paths = [str(Path(image_dir).resolve() / name) for name in names]
+    names, root = sorted(names), Path(image_dir).resolve()
+    paths = [os.path.join(root, name) for name in names]  # strings: a Path costs what a stat does
     index = sha256_index(cfg.cache_dir)
     stats = {path: file_stat(path) for path in paths}
     new = [path for path in paths if index.get(path, [None])[:4] != stats[path]]
@@ -1805,7 +1805,7 @@ def features_cache_key(weights, image_dir, names, cfg, device):
     spec = {
         "weights": weights_sha256(weights),
         "transform": repr(image_transform(cfg.image_size)),
-        "image_dir": str(Path(image_dir).resolve()),
+        "image_dir": str(root),
         "images": dict(zip(names, hashes)),
         "precision": precision,
         "version": 4,
@@ -1823,9 +1823,8 @@ def file_stat(path):
 
 def sha256_index(cache_dir, new=None):
     """{file: [its stat, its sha256]} as hashed before; new's entries are added to the file."""
-    path, index = Path(cache_dir) / "sha256-index.json", {}
-    with contextlib.suppress(OSError, ValueError):
-        index = json.loads(path.read_bytes())
+    path = Path(cache_dir) / "sha256-index.json"
+    index = kept(path, dict)
     if new:
         with contextlib.suppress(UserError):  # unwritable: hashed again next time
             write_whole(path.parent, {path: json.dumps(index | new).encode()})
