@@ -1936,7 +1936,8 @@ def load_cached_features(path, key):
         entry = [*file_stat(path), cache["sha256"]]
         known = sha256_index(path.parent).get(path.name) == entry
         if cache["key"] == key and (known or tensor_sha256(cache["features"]) == cache["sha256"]):
-            sha256_index(path.parent, {} if known else {path.name: entry})
+            if not known:  # a cache copied in, or the index lost: verified once, then known
+                sha256_index(path.parent, {path.name: entry})
             return cache
     warn(f"feature cache {path} is damaged or stale: rebuilding it")
     return None
