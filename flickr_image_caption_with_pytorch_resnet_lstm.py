@@ -1470,8 +1470,7 @@ def load_captions(folder, seed, max_images=0):
     frame, dropped = read_captions(caption_file)
     names = frame["image"].unique()
     inside = image_dir.resolve()
-    # the files listed in image_dir's folders that no link or '..' leads out of are inside and
-    # there: a folder's listing, not a realpath per image; only the other names are looked up
+    # listed files of folders no link or '..' leads out of are there and inside: no realpath each
     plain = set()
     for sub in {os.path.dirname(name) for name in names}:
         real = (image_dir / sub).resolve()
@@ -1790,8 +1789,7 @@ def features_cache_key(weights, image_dir, names, cfg, device):
     precision = "bf16" if uses_bf16(device) else "fp32"
     if feature_grid_cells(cfg):
         precision += f" grid {feature_grid_cells(cfg)}"
-    # by content, each image hashed only when its stat is new to the index (as git's): an image
-    # replaced under its name, size and mtime has a new ctime and inode
+    # by content, hashed when its stat is new (as git's index): a copy kept its mtime, not its ctime
     names, root = sorted(names), Path(image_dir).resolve()
     paths = [os.path.join(root, name) for name in names]  # strings: a Path costs what a stat does
     index = sha256_index(cfg.cache_dir)
@@ -1930,8 +1928,7 @@ def load_cached_features(path, key):
         return None
     # a truncated or corrupt file fails in many ways; all mean rebuild
     with contextlib.suppress(Exception):
-        # mmap: read as pages are used; the tensor is hashed again only if the file is not the one
-        # whose stat was recorded (right after it was written, or last verified)
+        # mmap: read as pages are used; hashed again only if its stat is not the one recorded
         cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         entry = [*file_stat(path), cache["sha256"]]
         known = sha256_index(path.parent).get(path.name) == entry
