@@ -262,8 +262,6 @@ def main(argv):
         "--dataset=flickr8k", f"--data_dir={work / 'data'}", f"--encoder_weights={weights}"]
     cfg = cap.resolve_settings(cap.parse_args([*common, f"--cache_dir={work / 'job-cache'}"])[0])
     device = cap.pick_device(cfg.device)
-    if chosen == {"start"}:  # its own images
-        return
     note(f"{n_images} JPEGs of 500x375, {n_images * 5} captions, batch {cfg.batch_size}, image "
          f"size {cfg.image_size}, device {device}, {torch.get_num_threads()} threads, "
          f"{cap.decoding_workers(cfg)} decoding workers, torch {torch.__version__}")
