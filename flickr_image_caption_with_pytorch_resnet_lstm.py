@@ -202,23 +202,21 @@ class FlickrDataset:
     def __init__(self, captions, vocab, source, max_len=None):
         self.images = captions["image"].tolist()
         self.source = source
-        if "tokens" in captions:
-            tokens = captions["tokens"]
-        else:
-            tokens = [Vocabulary.tokenize(caption) for caption in captions["caption"]]
+        tokens = captions["tokens"]  # prepare_data's
         cut = sum(len(t) > max_len for t in tokens) if max_len else 0
         if cut:  # one 10,000-word caption once made two batches take 420 s
             tokens = [t[:max_len] for t in tokens]
             log(f"{cut} caption(s) longer than {max_len} words cut to {max_len} words")
-        self.captions = [torch.tensor([vocab.SOS, *vocab.numericalize(t), vocab.EOS])
-                         for t in tokens]
-        self.lengths = torch.tensor([len(c) for c in self.captions])
+        ids = [[vocab.SOS, *vocab.numericalize(t), vocab.EOS] for t in tokens]
+        self.lengths = torch.tensor([len(c) for c in ids])  # (N,)
         # every batch is indexed from these two, in place: no DataLoader, no copies per item
-        self.padded = pad_sequence(self.captions, batch_first=True).int()  # (N, T)
+        self.padded = torch.zeros(len(ids), int(self.lengths.max()), dtype=torch.int)  # (N, T)
+        words = torch.arange(self.padded.size(1)) < self.lengths[:, None]  # (N, T): not padding
+        self.padded[words] = torch.tensor([i for c in ids for i in c], dtype=torch.int)
         self.rows = torch.tensor([source.row[name] for name in self.images])  # (N,) feature rows
 
     def __len__(self):
-        return len(self.captions)
+        return len(self.lengths)
 
     def batch(self, indices, device="cpu"):
         """The captions at indices, cut to the longest, with their images' features, on device."""
@@ -1662,8 +1660,17 @@ def load_captions(folder, seed, max_images=0):
     frame, dropped = read_captions(caption_file)
     names = frame["image"].unique()
     inside = image_dir.resolve()
-    outside = sorted(n for n in names if not (image_dir / n).resolve().is_relative_to(inside))
-    missing = sorted(n for n in set(names) - set(outside) if not (image_dir / n).is_file())
+    # listed files of folders no link or '..' leads out of are there and inside: no realpath each
+    plain = set()
+    for sub in {os.path.dirname(name) for name in names}:
+        real = (image_dir / sub).resolve()
+        if real == inside / sub and real.is_relative_to(inside):
+            with contextlib.suppress(OSError), os.scandir(real) as files:
+                plain |= {os.path.join(sub, f.name) for f in files
+                          if f.is_file(follow_symlinks=False)}
+    others = [name for name in names if name not in plain]
+    outside = sorted(n for n in others if not (image_dir / n).resolve().is_relative_to(inside))
+    missing = sorted(n for n in set(others) - set(outside) if not (image_dir / n).is_file())
     for bad, why in ((outside, f"point outside {image_dir}"), (missing, f"are not in {image_dir}")):
         if bad:
             warn(f"{len(bad)} image name(s) in {caption_file.name} {why}, skipped: "
@@ -1970,23 +1977,59 @@ def random_resnet50_weights(path, seed=0):
     return path
 
 
-def features_cache_key(weights_sha, transform, image_dir, names, precision="fp32"):
+def features_cache_key(weights, image_dir, names, cfg, device):
     """What the features depend on, hashed: the weights, the transform and every image's content."""
-    # by content: an image replaced under the same name, even with its old size and time, is new
-    names = sorted(names)
-    paths = [Path(image_dir) / n for n in names]
+    precision = "bf16" if uses_bf16(device) else "fp32"
+    if feature_grid_cells(cfg):
+        precision += f" grid {feature_grid_cells(cfg)}"
+    # by content, hashed when its stat is new (as git's index): a copy kept its mtime, not its ctime
+    names, root = sorted(names), Path(image_dir).resolve()
+    paths = [os.path.join(root, name) for name in names]  # strings: a Path costs what a stat does
+    index = sha256_index(cfg.cache_dir)
+    stats = {path: file_stat(path) for path in paths}
+    new = [path for path in paths if index.get(path, [None])[:4] != stats[path]]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        hashes = list(tqdm(pool.map(file_sha256, paths), total=len(names), desc="hashing images",
-                           unit="img", leave=False, mininterval=1))
+        hashed = dict(zip(new, tqdm(pool.map(file_sha256, new), total=len(new), unit="img",
+                                    desc="hashing images", leave=False, mininterval=1)))
+    sha256_index(cfg.cache_dir, {p: [*stats[p], h] for p, h in hashed.items() if stats[p] and h})
+    hashes = [hashed[path] if path in hashed else index[path][4] for path in paths]
     spec = {
-        "weights": weights_sha,
-        "transform": repr(transform),
-        "image_dir": str(Path(image_dir).resolve()),
+        "weights": weights_sha256(weights),
+        "transform": repr(image_transform(cfg.image_size)),
+        "image_dir": str(root),
         "images": dict(zip(names, hashes)),
         "precision": precision,
         "version": 4,
     }
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+
+def file_stat(path):
+    """What git's index compares: size, mtime and ctime in ns, inode; None if there is no file."""
+    with contextlib.suppress(OSError):
+        stat = os.stat(path)
+        return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+    return None
+
+
+def sha256_index(cache_dir, new=None):
+    """{file: [its stat, its sha256]} as hashed before; new's entries are added to the file."""
+    path = Path(cache_dir) / "sha256-index.json"
+    index = kept(path, dict)
+    if new:
+        with contextlib.suppress(UserError):  # unwritable: hashed again next time
+            write_whole(path.parent, {path: json.dumps(index | new).encode()})
+    return index | (new or {})
+
+
+def kept(path, compute):
+    """What compute() returned, as JSON at path: computed once, then read back."""
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(Path(path).read_bytes())
+    value = compute()
+    with contextlib.suppress(UserError):  # a read-only folder: computed at each start
+        write_whole(Path(path).parent, {Path(path): json.dumps(value).encode()})
+    return value
 
 
 def tensor_sha256(tensor):
@@ -2078,9 +2121,13 @@ def load_cached_features(path, key):
         return None
     # a truncated or corrupt file fails in many ways; all mean rebuild
     with contextlib.suppress(Exception):
-        # mmap: read as pages are used
+        # mmap: read as pages are used; hashed again only if its stat is not the one recorded
         cache = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if cache["key"] == key and tensor_sha256(cache["features"]) == cache["sha256"]:
+        entry = [*file_stat(path), cache["sha256"]]
+        known = sha256_index(path.parent).get(path.name) == entry
+        if cache["key"] == key and (known or tensor_sha256(cache["features"]) == cache["sha256"]):
+            if not known:  # a cache copied in, or the index lost: verified once, then known
+                sha256_index(path.parent, {path.name: entry})
             return cache
     warn(f"feature cache {path} is damaged or stale: rebuilding it")
     return None
@@ -2116,16 +2163,11 @@ def exclusive(path):
 
 def cached_features(weights, image_dir, names, cfg, device):
     """The images' features, memory-mapped from the cache; extracted and cached first if missing."""
-    precision = "bf16" if uses_bf16(device) else "fp32"
-    if feature_grid_cells(cfg):
-        precision += f" grid {feature_grid_cells(cfg)}"
-    transform = image_transform(cfg.image_size)
     # on each machine, local process 0 hashes, extracts and writes; the others wait and read
     first_here = os.environ.get("LOCAL_RANK", "0") == "0"
     key = {}
     if first_here:
-        key["key"] = features_cache_key(weights_sha256(weights), transform, image_dir, names,
-                                        precision)
+        key["key"] = features_cache_key(weights, image_dir, names, cfg, device)
     key = merge_over_processes(key)["key"]
     path = Path(cfg.cache_dir) / f"features-{key[:20]}.pt"
     with contextlib.suppress(OSError):  # a read-only cache_dir may still hold the features
@@ -2164,7 +2206,9 @@ def write_feature_cache(weights, files, path, key, cfg, device):
         names = list(files)
         failed = [names[i] for i in unread]
         cache = {"key": key, "images": names, "failed": failed, "features": features}
-        atomic_save(cache | {"sha256": tensor_sha256(features)}, path)
+        sha = tensor_sha256(features)
+        atomic_save(cache | {"sha256": sha}, path)
+        sha256_index(path.parent, {path.name: [*file_stat(path), sha]})
     finally:
         scratch.unlink(missing_ok=True)
     seconds = time.time() - start
@@ -2224,7 +2268,12 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
     """Captions, splits, tokens, the training vocabulary (build_vocab) and each image's features."""
     prepare_demo(cfg)
     frame, image_dir = load_captions(cfg.data_dir, cfg.seed, cfg.max_images)
-    frame = frame.assign(tokens=[Vocabulary.tokenize(caption) for caption in frame["caption"]])
+    # spaCy's tokens of these captions, kept in cache_dir: a new caption text means new tokens
+    captions = frame["caption"].unique().tolist()
+    sha = hashlib.sha256(json.dumps(captions).encode()).hexdigest()
+    tokens = kept(Path(cfg.cache_dir) / f"tokens-{sha[:20]}.json",
+                  lambda: {text: Vocabulary.tokenize(text) for text in captions})
+    frame = frame.assign(tokens=frame["caption"].map(tokens))
     training = frame[frame["split"] == "train"]
     train_sha256 = names_sha256(training["image"].unique())
     vocab = None
@@ -2243,7 +2292,12 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
         frame = frame[~frame["image"].isin(set(failed))].reset_index(drop=True)
         check_splits(frame, cfg.data_dir)
     train_names = sorted(frame.loc[frame["split"] == "train", "image"].unique())
-    stats = feature_statistics(cache["features"], [source.row[n] for n in train_names])
+    rows = [source.row[n] for n in train_names]
+    # kept in cache_dir too, by the features and the training images they are of
+    stats_file = f"stats-{cache['key'][:20]}-{names_sha256(train_names)[:20]}.json"
+    stats = kept(Path(cfg.cache_dir) / stats_file,
+                 lambda: [s.tolist() for s in feature_statistics(cache["features"], rows)])
+    stats = tuple(torch.tensor(s) for s in stats)  # mean and std (2048,) each
     shapes = demo_truth(cfg.data_dir) if cfg.dataset == "demo" else None
     return Data(frame, source, Path(weights).resolve(), stats, train_sha256, vocab, shapes)
 

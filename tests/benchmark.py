@@ -15,13 +15,19 @@ measures the figures that --figures names (a comma-separated list; default: all 
               against attention;
   scst        the CIDEr-D reward's throughput, and an SCST step against a cross-entropy step.
               --scst_only means --figures=scst;
-  help        how long --help takes in a fresh process (the aim: under 3 s).
+  help        how long --help takes in a fresh process (the aim: under 3 s);
+  start       seconds from launch to the first training step on a warm cache, at 2,000 and 20,000
+              noise-textured JPEGs of a photo's file size (about 130 KB) with five real Flickr8k
+              captions each (made once in --work, which may then be reused), and where they go;
+              --script=FILE measures another version of the script (the aim: the larger at most
+              50 us an image slower).
 Every figure is one line `name: value` (a number, or n/a or timeout), printed as soon as it is
 known; lines starting with '#' say what was measured. tests/gpu_check.sh reads these lines.
 """
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,8 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import flickr_image_caption_with_pytorch_resnet_lstm as cap  # noqa: E402
 
 SCRIPT = Path(cap.__file__)
-FIGURES = ("extraction", "job", "epoch", "decoders", "scst", "help")
-OWN_FLAGS = ("--images=", "--figures=", "--work=", "--job_timeout=", "--scst_only")
+FIGURES = ("extraction", "job", "epoch", "decoders", "scst", "help", "start")
+OWN_FLAGS = ("--images=", "--figures=", "--work=", "--job_timeout=", "--scst_only", "--script=")
+FLICKR8K_CAPTIONS = SCRIPT.parent.parent / "shared" / "data" / "flickr8k" / "captions.txt"
 # a Flickr8k-sized vocabulary, so that the softmax costs what it costs there
 WORDS = [f"w{i}" for i in range(3000)]
 
@@ -247,7 +254,10 @@ def main(argv):
         sys.exit(f"--figures: unknown {', '.join(sorted(unknown))}; choose among {FIGURES}")
     n_images = int(own.get("images", 256))
     work = Path(own["work"]) if "work" in own else Path(tempfile.mkdtemp(prefix="caption-bench-"))
-    make_jpegs(work / "data", n_images)
+    if "start" in chosen:  # first: the others' processes would share the CPU with it
+        start_figures(work, Path(own.get("script", SCRIPT)))
+    if not chosen <= {"start", "help"}:
+        make_jpegs(work / "data", n_images)
     weights = cap.random_resnet50_weights(work / "resnet50-random.pth")
     common = [f"--{k}={v}" for k, v in overrides.items()] + [
         "--dataset=flickr8k", f"--data_dir={work / 'data'}", f"--encoder_weights={weights}"]
@@ -279,6 +289,111 @@ def main(argv):
             [*common, f"--cache_dir={work / 'cache'}", "--freq_threshold=1"])[0]), device)
 
 
+def noise_jpeg(path):
+    """A 500x375 JPEG of a real photo's file size (about 130 KB): per-pixel noise over a ramp."""
+    rng = np.random.default_rng(int(path.stem))
+    ramp = np.linspace(0, 120, 500)[None, :, None]
+    pixels = (rng.random((375, 500, 3)) * 130 + ramp).astype(np.uint8)  # (375, 500, 3)
+    Image.fromarray(pixels).save(path, quality=90)
+
+
+def start_set(work, n, images):
+    """A data folder of the first n of images' JPEGs (hard links), five captions each: Flickr8k's
+    real captions in turn, or random words where they are absent."""
+    folder = work / f"start-{n}"
+    if (folder / "captions.txt").is_file():
+        return folder
+    (folder / "Images").mkdir(parents=True, exist_ok=True)
+    names = [f"{i:05d}.jpg" for i in range(n)]
+    for name in names:
+        if not (folder / "Images" / name).exists():
+            os.link(images / name, folder / "Images" / name)
+    if FLICKR8K_CAPTIONS.is_file():
+        real = cap.read_captions(FLICKR8K_CAPTIONS)[0]["caption"].tolist()
+    else:
+        rng = np.random.default_rng(0)
+        real = [" ".join(rng.choice(WORDS, rng.integers(8, 16))) for _ in range(40000)]
+    rows = [(name, real[(5 * i + k) % len(real)]) for i, name in enumerate(names) for k in range(5)]
+    pd.DataFrame(rows, columns=["image", "caption"]).to_csv(folder / "captions.txt", index=False)
+    return folder
+
+
+# Run in a fresh process: the script as launched, with a timestamp after each phase, stopped at the
+# end of its first training step. METEOR's JVM is not started: it loads beside the first epoch. The
+# run that fills the cache (cold: 1) stores random features instead of ResNet50's: a warm start
+# reads the file, whatever its numbers, and 20,000 JPEGs take half an hour to extract on 2 cores.
+START_PROBE = """
+import os, sys, time
+launched, folder, cold = float(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+sys.path.insert(0, folder)
+import flickr_image_caption_with_pytorch_resnet_lstm as cap
+print("MARK imports", time.time() - launched, flush=True)
+if cold:
+    import torch
+    cap.extract_features = lambda resnet, paths, *_, **__: (torch.rand(len(paths), 2048), [])
+def after(name, phase):
+    inner = getattr(cap, name)
+    def timed(*args, **kwargs):
+        result = inner(*args, **kwargs)
+        print("MARK", phase, time.time() - launched, flush=True)
+        if phase == "first_step":
+            os._exit(0)
+        return result
+    setattr(cap, name, timed)
+for name, phase in [("load_captions", "captions"), ("build_vocabulary", "vocabulary"),
+                    ("prepare_data", "cache"), ("prepare_epochs", "model"),
+                    ("train_step", "first_step")]:
+    after(name, phase)
+cap.meteor_scorer = lambda: None
+sys.exit(cap.main(sys.argv[4:]))
+"""
+
+
+def start_marks(script, args, cold=False):
+    """{phase: seconds from launch to its end} of one run of script that stops at its first step."""
+    out = tempfile.mkdtemp(prefix="start-out-")  # a fresh run's: nothing to set aside
+    launched = time.time()
+    done = subprocess.run([sys.executable, "-c", START_PROBE, str(launched), str(script.parent),
+                           str(int(cold)), *args, f"--output_dir={out}"], capture_output=True,
+                          text=True)
+    shutil.rmtree(out)
+    marks = [line.split() for line in done.stdout.splitlines() if line.startswith("MARK ")]
+    if not marks or marks[-1][1] != "first_step":
+        sys.exit(f"start: no first step ({done.returncode}): {done.stderr[-2000:]}")
+    return {phase: float(seconds) for _, phase, seconds in marks}
+
+
+def start_figures(work, script, sizes=(2000, 20000), tries=3):
+    """Launch to first step on a warm cache: the best of tries, each phase's share, per image."""
+    images = work / "start-images"
+    images.mkdir(parents=True, exist_ok=True)
+    paths = [images / f"{i:05d}.jpg" for i in range(max(sizes))]
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(noise_jpeg, [p for p in paths if not p.exists()], chunksize=64))
+    weights = cap.random_resnet50_weights(work / "resnet50-random.pth")
+    note(f"start: {script}; load {os.getloadavg()[0]:.2f}; JPEGs of "
+         f"{sum(p.stat().st_size for p in paths) / len(paths) / 1000:.0f} KB on average")
+    best = {}
+    for n in sizes:
+        folder = start_set(work, n, images)
+        args = ["--dataset=flickr8k", f"--data_dir={folder}", f"--encoder_weights={weights}",
+                f"--cache_dir={work / 'start-cache'}",
+                "--sample_every=0"]
+        start_marks(script, args, cold=True)  # fills the cache, and the page cache
+        runs = [start_marks(script, args) for _ in range(tries)]
+        best[n] = min(runs, key=lambda marks: marks["first_step"])
+        ends = list(best[n].items())
+        phases = [(p, s - (ends[i - 1][1] if i else 0)) for i, (p, s) in enumerate(ends)]
+        tried = ", ".join(f"{marks['first_step']:.2f}" for marks in runs)
+        note(f"start at {n} images, the best of {tried} s, in seconds: "
+             + ", ".join(f"{p} {s:.2f}" for p, s in phases))
+        figure(f"start_{n}_s", best[n]["first_step"])
+    small, large = sizes[0], sizes[-1]
+    extra = (best[large]["first_step"] - best[small]["first_step"]) / (large - small)
+    figure("start_us_per_extra_image", extra * 1e6, 0)
+    note(f"load after: {os.getloadavg()[0]:.2f}")
+
+
 def help_seconds():
     """--help's wall time in a fresh process, as a user waits for it (the best of three)."""
     runs = []
@@ -299,8 +414,7 @@ def self_critical(cfg, device):
     start = time.perf_counter()
     images, reward = cap.scst_data(data, data.vocab, cfg.max_train_caption_len)
     setup = time.perf_counter() - start
-    words = [c[1:] for c in train_set.captions]  # words, <EOS>
-    hyps = torch.nn.utils.rnn.pad_sequence(words, batch_first=True)
+    hyps = train_set.padded[:, 1:].long()  # words, <EOS>
     position = {name: i for i, name in enumerate(images.images)}
     # each caption's image, as the reward has it
     owners = torch.tensor([position[name] for name in train_set.images])

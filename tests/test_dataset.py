@@ -202,6 +202,7 @@ def test_missing_inputs_give_one_clear_error(tmp_path, capsys, broken, message):
 
 def test_a_batch_pads_its_captions_to_the_longest(tmp_path):
     frame = pd.DataFrame([("a.jpg", "a red circle"), ("a.jpg", "red")], columns=["image", "caption"])
+    frame["tokens"] = frame["caption"].map(cap.Vocabulary.tokenize)  # as prepare_data gives them
     vocab = cap.Vocabulary(1).build_vocab(frame["caption"])
     source = cap.ImageSource(tmp_path, torch.arange(4.0).view(1, 4), ["a.jpg"])
     dataset = cap.FlickrDataset(frame, vocab, source)
@@ -334,12 +335,13 @@ def test_the_real_split_lists_do_not_overlap(tmp_path, capsys):
 
 def test_a_very_long_training_caption_is_cut(tmp_path, capsys):
     frame = pd.DataFrame([("a.jpg", " ".join(["dog"] * 10_000)), ("a.jpg", "a dog")], columns=["image", "caption"])
+    frame["tokens"] = frame["caption"].map(cap.Vocabulary.tokenize)
     source = cap.ImageSource(tmp_path, torch.zeros(1, 4), ["a.jpg"])
     dataset = cap.FlickrDataset(frame, cap.Vocabulary(1).build_vocab(["a dog"]), source, max_len=100)
-    assert [len(c) for c in dataset.captions] == [102, 4]  # <SOS>, 100 words, <EOS>
-    assert dataset.captions[0][-1] == cap.Vocabulary.EOS
+    assert dataset.lengths.tolist() == [102, 4] and dataset.padded.shape == (2, 102)  # <SOS>, 100 words, <EOS>
+    assert dataset.padded[0, -1] == cap.Vocabulary.EOS and dataset.padded[1].tolist()[4:] == [0] * 98
     assert "1 caption(s) longer than 100 words" in capsys.readouterr().out
-    assert len(cap.FlickrDataset(frame, cap.Vocabulary(1), source).captions[0]) == 10_002  # no limit by default
+    assert cap.FlickrDataset(frame, cap.Vocabulary(1), source).lengths[0] == 10_002  # no limit by default
 
 
 def write_coco(folder, n_images=30):

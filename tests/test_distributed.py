@@ -78,8 +78,10 @@ def test_two_processes_train_as_one_with_the_same_vocabulary_cache_and_losses(tm
     a, b = (torch.load(p, weights_only=True) for p in (shared, alone))
     assert a["images"] == b["images"] and a["failed"] == b["failed"] == []
     torch.testing.assert_close(a["features"], b["features"], rtol=1e-4, atol=1e-5)
-    # local process 0 extracted alone, the other read its cache: no share, scratch or temporary file
-    assert sorted(p.suffix for p in tiny.cache.iterdir()) == [".lock", ".pt"]
+    # local process 0 extracted alone, the other read its cache: no share, scratch or temporary file; beside it
+    # the sha256 index, the captions' tokens and the training features' statistics
+    assert sorted(p.name.split("-")[0] for p in tiny.cache.iterdir()) == ["features"] * 2 + ["sha256", "stats",
+                                                                                            "tokens"]
     losses = [pd.read_csv(d / "loss_per_batch.csv") for d in (one, two)]
     assert list(losses[0]["step"]) == list(losses[1]["step"]) and len(losses[0]) > 50
     assert list(losses[0]["phase"]) == list(losses[1]["phase"]) == ["cross-entropy"] * 72 + ["self-critical"] * 12

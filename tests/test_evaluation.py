@@ -74,6 +74,7 @@ def test_evaluation_helpers_leave_the_model_in_its_mode(tmp_path):
     names = ["a.jpg", "b.jpg"]
     source = cap.ImageSource(tmp_path, torch.randn(2, 2048), names)
     frame = pd.DataFrame([("a.jpg", "a red circle ."), ("b.jpg", "a blue square .")], columns=["image", "caption"])
+    frame["tokens"] = frame["caption"].map(cap.Vocabulary.tokenize)
     dataset = cap.FlickrDataset(frame, vocab, source)
     cfg = cap.resolve_settings({"dataset": "flickr8k", "num_workers": 0, "batch_size": 2, "beam_size": 2,
                                 "max_caption_len": 5})

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -124,6 +125,79 @@ def test_an_image_replaced_under_the_same_name_rebuilds(tmp_path, images, random
     assert torch.equal(second["features"][[0, 1, 3, 4]], first["features"][[0, 1, 3, 4]])
 
 
+def counted(monkeypatch, name):
+    """cap.<name> still working, with a list of the first argument of each of its calls."""
+    calls, inner = [], getattr(cap, name)
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(cap, name, counting)
+    return calls
+
+
+def test_an_image_is_hashed_again_only_when_its_stat_is_new(tmp_path, images, random_weights, monkeypatch):
+    folder, names = images
+    hashed, tensor_hashes = counted(monkeypatch, "file_sha256"), counted(monkeypatch, "tensor_sha256")
+    first = features(tmp_path, random_weights, folder, names)["features"].clone()
+    assert sorted(Path(p).name for p in hashed) == names and len(tensor_hashes) == 1  # when written
+    hashed.clear()
+    again = features(tmp_path, random_weights, folder, names)["features"]
+    assert hashed == [] and len(tensor_hashes) == 1 and torch.equal(again, first)  # nothing read again
+    (folder / "3.jpg").write_bytes((folder / "3.jpg").read_bytes())  # the same content, a new mtime
+    features(tmp_path, random_weights, folder, names)
+    assert hashed == [str(folder.resolve() / "3.jpg")] and len(tensor_hashes) == 1  # the same cache
+
+
+def test_a_cache_replaced_by_a_copy_is_verified_once(tmp_path, images, random_weights, monkeypatch, capsys):
+    folder, names = images
+    features(tmp_path, random_weights, folder, names)
+    path = cache_file(tmp_path)
+    shutil.copy(path, tmp_path / "copy.pt")
+    os.replace(tmp_path / "copy.pt", path)  # a new inode: hashed at the next load, then known
+    tensor_hashes = counted(monkeypatch, "tensor_sha256")
+    for _ in range(2):
+        features(tmp_path, random_weights, folder, names)
+    assert len(tensor_hashes) == 1 and "reusing" in capsys.readouterr().out and cache_file(tmp_path) == path
+
+
+def test_tokens_and_statistics_are_kept_until_the_captions_or_the_split_change(tmp_path, random_weights,
+                                                                             monkeypatch):
+    folder = tmp_path / "data"
+    (folder / "Images").mkdir(parents=True)
+    names = [f"{i}.jpg" for i in range(10)]
+    for i, name in enumerate(names):
+        Image.new("RGB", (40, 30), (25 * i, 90, 200 - 20 * i)).save(folder / "Images" / name)
+    rows = [(name, f"a picture , number {i} .") for i, name in enumerate(names)]
+    pd.DataFrame(rows, columns=["image", "caption"]).to_csv(folder / "captions.txt", index=False)
+
+    def prepared(*extra):
+        args = ["--dataset=flickr8k", f"--data_dir={folder}", f"--cache_dir={tmp_path / 'cache'}", "--image_size=32",
+                f"--encoder_weights={random_weights}", "--num_workers=0", "--freq_threshold=1", *extra]
+        return cap.prepare_data(cap.resolve_settings(cap.parse_args(args)[0]), torch.device("cpu"), build_vocab=True)
+
+    tokenized, statistics = [], counted(monkeypatch, "feature_statistics")
+    tokenize = cap.Vocabulary.tokenize
+    monkeypatch.setattr(cap.Vocabulary, "tokenize", staticmethod(lambda text: tokenized.append(text) or tokenize(text)))
+    first = prepared()
+    assert len(tokenized) == 10 and len(statistics) == 1
+    tokenized.clear()
+    again = prepared()  # a warm start: both read back, the same
+    assert tokenized == [] and len(statistics) == 1
+    assert again.frame["tokens"].tolist() == first.frame["tokens"].tolist() == [
+        ["a", "picture", ",", "number", str(i), "."] for i in range(10)]
+    assert all(torch.equal(a, b) and a.dtype == torch.float32 for a, b in zip(again.feature_stats, first.feature_stats))
+    other_split = prepared("--seed=5")
+    assert tokenized == [] and len(statistics) == 2
+    assert other_split.images("train") != first.images("train")
+    rows[3] = ("3.jpg", "a new caption")
+    pd.DataFrame(rows, columns=["image", "caption"]).to_csv(folder / "captions.txt", index=False)
+    changed = prepared()
+    assert "a new caption" in tokenized and changed.frame["tokens"][3] == ["a", "new", "caption"]
+    assert len(statistics) == 2  # the same images and split
+
+
 def test_the_grid_cache_is_float16_memory_mapped_and_reused(tmp_path, images, random_weights, capsys):
     folder, names = images
     pooled = features(tmp_path, random_weights, folder, names, size=64)["features"]
@@ -156,7 +230,8 @@ def test_too_little_disk_space_is_said_before_extracting(tmp_path, images, rando
                                             f"while it is written, but only 0.00 GB is free: free some space"):
         features(tmp_path, random_weights, folder, names, size=224, grid_cells=49)
     # said before extracting: neither a scratch file nor a cache was started
-    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
+    # the images' sha256 index alone
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == ["sha256-index.json"]
 
 
 def test_an_image_replaced_by_one_of_the_same_size_and_time_is_extracted_again(tmp_path, random_weights):
@@ -218,7 +293,8 @@ def test_two_runs_sharing_a_cache_dir_take_turns(tmp_path, images, random_weight
                 run.kill()
     assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
     (path,) = cache.glob("features-*.pt")
-    assert sorted(p.name for p in cache.iterdir()) == [path.name, path.name + ".lock"]  # no scratch or tmp left
+    # no scratch or tmp left; the index of the images' and the cache's sha256
+    assert sorted(p.name for p in cache.iterdir()) == [path.name, path.name + ".lock", "sha256-index.json"]
     extracted = [out for out, _ in outputs if f"cached in {path}" in out]
     reused = [out for out, _ in outputs if f"features: reusing {path} (5 images)" in out]
     assert len(extracted) == 1 and len(reused) == 1  # the second waited for the first, then read its cache
@@ -257,8 +333,10 @@ def test_a_cache_that_cannot_be_written_is_one_line_and_leaves_nothing_behind(tm
                              str(random_weights), str(tmp_path / "cache"), str(5 * 2048 * 4)], capture_output=True,
                             text=True, env=env, cwd=tmp_path, timeout=180)
     assert result.returncode == 2, result.stderr[-3000:]
-    (lock,) = (tmp_path / "cache").iterdir()  # no cache, no temporary file, no scratch file of the features
+    # no cache, no temporary file, no scratch file of the features: the lock and the images' sha256 index
+    lock, index = sorted((tmp_path / "cache").iterdir())
     path = lock.with_suffix("")
+    assert index.name == "sha256-index.json" and str(path.name) not in index.read_text()
     assert lock.name.endswith(".pt.lock") and "cached in" not in result.stdout
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert line.startswith(f"error: cannot write {path}: ") and "Traceback" not in result.stderr
