@@ -1868,8 +1868,7 @@ def extract_features(resnet, paths, cfg, device, into=None):
     bar = tqdm(total=len(paths), desc=f"ResNet50 features ({workers} decoding processes)",
                unit="img", leave=False)
     # the decoders start with Ctrl-C, SIGTERM and SIGHUP blocked, and keep them so: the main process
-    # stops them, whichever process of the group a signal reaches first. It acts on one once they
-    # have all started (another of its threads may take it meanwhile)
+    # stops them once all have started, whichever process of the group a signal reaches first
     pending = []
     held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     with signals_to(lambda signum, frame: pending.append(signum)):
@@ -2101,8 +2100,8 @@ RESUME_FIXED = MODEL_ARGS + ("dataset", "data_dir", "max_images", "demo_images",
 # take every other setting from it, --init_from takes MODEL_ARGS
 THIS_COMMAND = ("resume", "evaluate", "checkpoint", "init_from", "preset", "output_dir",
                 "cache_dir", "device", "num_workers", "caption_format")
-# what a checkpoint holds besides its model, by type: every mode reads these, and --resume also
-# Progress's fields and RESUME_KEYS (which an older checkpoint may lack: it is not resumed)
+# what a checkpoint holds besides its model: every mode reads these; --resume also RESUME_KEYS
+# and Progress's fields (which an older checkpoint may lack: it is then not resumed)
 CHECKPOINT_KEYS = {"epoch": int, "encoder_weights": str, "encoder_weights_sha256": str,
                    "train_images_sha256": str}
 RESUME_KEYS = {"optimizer": dict, "rng_state": torch.Tensor, "cuda_rng_state": list,
@@ -2302,9 +2301,8 @@ def claim_output_dir(out):
 
 
 def set_aside_earlier_run(out):
-    """A fresh run, once its inputs are checked, moves aside the files that an earlier run's
-    config.json records as its own: never a folder that mixes two runs, nor anything lost. A file
-    the run would write over, which no run recorded, is refused in one line, and nothing moved."""
+    """A fresh run, its inputs checked, moves aside what an earlier run's config.json records as its
+    own: a folder never mixes two runs. A file it would replace that no run recorded is refused."""
     out = Path(out)
     recorded = []
     with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):  # none, or not ours
@@ -2796,8 +2794,8 @@ def evaluate_checkpoint(cfg, device, restored):
 
 def write_report(out, name, title, header, rows, outputs=None):
     """out/name.html, its thumbnails in out/name/ and outputs {path: bytes}: each file the old one
-    or the new one, whole. A thumbnail is named by its content: the old page keeps its own. The
-    page's path, or None where the script was copied without its template (a warning says so)."""
+    or the new one, whole. A thumbnail is named by its content: the old page keeps its own. None:
+    the script was copied without its template, and no page is written."""
     out = Path(out)
     files = dict(outputs or {})
     entries = []
@@ -2898,7 +2896,7 @@ def one_line(text):
 def image_files(paths):
     """The image files that paths name (a folder: its images, sorted), and the paths not found."""
     given = [Path(p) for p in paths]
-    # os.path's: a name too long is not there, as pathlib's would raise
+    # os.path's: a name too long is not there, where pathlib's would raise
     missing = [p for p in given if not os.path.isdir(p) and not os.path.isfile(p)]
     files = []
     for path in given:
@@ -3015,10 +3013,8 @@ def fault_line(error):
     """The line of a fault of the machine (None: of anything else): an OSError's errno and file, a
     symlink loop, memory that cannot be had; '' for a reader that has gone (| head), as cat."""
     text = " ".join(str(error).split())[:300]  # torch's span lines
-    if isinstance(error, BrokenPipeError):
-        return ""
     if isinstance(error, OSError) or text.startswith("Symlink loop"):
-        return f"error: {text}"
+        return "" if isinstance(error, BrokenPipeError) else f"error: {text}"
     if isinstance(error, MemoryError) or re.search("can't allocate|unable to mmap|of memory", text):
         return (f"error: out of memory ({text or 'MemoryError'}): lower --batch_size, "
                 f"--beam_size, --hidden_size, --embed_size or --num_workers")
