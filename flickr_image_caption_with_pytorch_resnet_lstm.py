@@ -1563,6 +1563,8 @@ def make_demo_dataset(folder, n_images, size, seed=0):
     """Writes Images/, captions.txt and shapes.csv; again only when the settings change."""
     folder = Path(folder)
     stamp = {"images": n_images, "size": size, "seed": seed, "version": 9}
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--data_dir={folder} is a file and the demo needs a folder: choose one")
     if (folder / "demo.json").is_file() and json.loads((folder / "demo.json").read_text()) == stamp:
         return folder
     if folder.is_dir() and any(folder.iterdir()) and not (folder / "demo.json").is_file():
@@ -1667,7 +1669,12 @@ def prepare_demo(cfg):
             f"run trains on the built-in demo set\n({cfg.demo_images} generated images of coloured "
             f"shapes). For real captions: ./setup.sh --flickr8k, then run this again (README: "
             f"Data).\n{'=' * 100}")
-        make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
+        try:
+            make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
+        except OSError as error:  # a full disk (PIL names no file), a file above data_dir
+            raise UserError(f"cannot write the demo set in --data_dir={cfg.data_dir}: "
+                            f"{error.strerror or error}; free some space or choose another"
+                            ) from None
     wait_for_all()
 
 
