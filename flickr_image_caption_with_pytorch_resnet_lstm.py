@@ -804,7 +804,7 @@ def train(cfg, device, restored=None):
     """The whole run: set-up (fresh, --resume or --init_from), the loop over steps with each
     epoch's end (validation, last.pt, best.pt, the CSVs and graphs), then the test report."""
     out, size = Path(cfg.output_dir), rank_and_size()[1]
-    lock = claim_output_dir(out, fresh=not cfg.resume) if is_main_process() else None
+    lock = claim_output_dir(out) if is_main_process() else None
     # ---- set-up
     run = start_run(cfg, device, restored)
     prepare_outputs(run, out)  # the logs as last.pt left them; vocab.json and config.json
@@ -1281,6 +1281,10 @@ class ArgumentParser(argparse.ArgumentParser):
             message += f" ({hint}valid: {' '.join('--' + n for n in CONFIG_NAMES)} --caption)"
         raise UserError(message)
 
+    def print_help(self, file=None):  # argparse's ignores a failed write, as > /dev/full's
+        (file or sys.stdout).write(self.format_help())
+        (file or sys.stdout).flush()
+
 
 def parse_args(argv):
     """({name: value} for each --name=value given, type-checked; the --caption paths or None)."""
@@ -1297,7 +1301,7 @@ def parse_args(argv):
         kind = parse_bool if isinstance(default, bool) else type(default)
         groups[section].add_argument(f"--{name}", type=kind, metavar=type(default).__name__.upper(),
                                      help=setting_help(name, comment), **bare)
-    parser.add_argument("--caption", nargs="+", metavar="PATH",
+    parser.add_argument("--caption", nargs="+", action="extend", metavar="PATH",
                         help="caption these image files or folders, from --checkpoint")
     overrides = vars(parser.parse_args(argv))
     for name in overrides.keys() & CHOICES:  # a value in another case is that value: flickr8k
@@ -1462,8 +1466,8 @@ def check_settings(values):
                 near = difflib.get_close_matches(str(values[name]).lower(), low, 1)
                 hint = "".join(f"did you mean {low[w]}? " for w in near if low[w] != values[name])
                 raise UserError(f"--{name}={values[name]}: {hint}must be {must_be}")
-    out = Path(values["output_dir"]).resolve()
-    if out in (Path("/"), ROOT, Path.home()):
+    out = Path(os.path.realpath(values["output_dir"]))  # a symlink loop: claim_output_dir says so
+    if ROOT.is_relative_to(out) or out in (Path.home(), ROOT / "resources"):  # "/" and the project
         raise UserError(f"--output_dir={out}: a run writes a dozen files there; choose a folder of "
                         f"its own, such as resources/output/mine")
     if values["dataset"] == "demo" and out.is_relative_to(Path(values["data_dir"]).resolve()):
@@ -1662,19 +1666,21 @@ def load_captions(folder, seed, max_images=0):
     inside = image_dir.resolve()
     # listed files of folders no link or '..' leads out of are there and inside: no realpath each
     plain = set()
-    for sub in {os.path.dirname(name) for name in names}:
-        real = (image_dir / sub).resolve()
+    for sub in {os.path.dirname(name) for name in names if "\0" not in name}:
+        real = Path(os.path.realpath(image_dir / sub))
         if real == inside / sub and real.is_relative_to(inside):
             with contextlib.suppress(OSError), os.scandir(real) as files:
                 plain |= {os.path.join(sub, f.name) for f in files
                           if f.is_file(follow_symlinks=False)}
     others = [name for name in names if name not in plain]
-    outside = sorted(n for n in others if not (image_dir / n).resolve().is_relative_to(inside))
-    missing = sorted(n for n in set(others) - set(outside) if not (image_dir / n).is_file())
+    # os.path's: a name the system refuses (too long, a symlink loop, a NUL byte) is not there
+    outside = sorted(n for n in others if "\0" not in n and not Path(
+        os.path.realpath(image_dir / n)).is_relative_to(inside))
+    missing = sorted(n for n in set(others) - set(outside) if not os.path.isfile(image_dir / n))
     for bad, why in ((outside, f"point outside {image_dir}"), (missing, f"are not in {image_dir}")):
         if bad:
             warn(f"{len(bad)} image name(s) in {caption_file.name} {why}, skipped: "
-                 f"{', '.join(bad[:5])}")
+                 f"{', '.join(map(one_line, bad[:5]))}")
     frame = frame[~frame["image"].isin(outside + missing)]
     if max_images:  # a random subset before splitting, so that every split keeps its share
         keep = sorted(frame["image"].unique())
@@ -1879,7 +1885,12 @@ def prepare_demo(cfg):
         log(f"{'=' * 100}\nDEMO: {why} the built-in demo set\n({cfg.demo_images} generated "
             f"images of coloured shapes). For real captions: ./setup.sh --flickr8k, then run this "
             f"again (README: Data).\n{'=' * 100}")
-        make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
+        try:
+            make_demo_dataset(cfg.data_dir, cfg.demo_images, cfg.image_size)
+        except OSError as error:  # a full disk (PIL names no file), a file above data_dir
+            raise UserError(f"cannot write the demo set in --data_dir={cfg.data_dir}: "
+                            f"{error.strerror or error}; free some space or choose another"
+                            ) from None
     wait_for_all()
 
 
@@ -2081,7 +2092,10 @@ def extract_features(encoder, paths, cfg, device, into=None):
     grid_cells = feature_grid_cells(cfg)
     shape = (len(paths), grid_cells, 2048) if grid_cells else (len(paths), 2048)
     dtype = torch.float16 if grid_cells else torch.float
-    if into:  # the kernel writes the features out to the file as memory runs short
+    if into:  # the kernel writes the features out to the file as memory runs short. Its space is
+        # reserved first: a disk that fills is then an OSError here, not a SIGBUS while writing
+        with open(into, "wb") as file:
+            os.posix_fallocate(file.fileno(), 0, max(1, math.prod(shape) * dtype.itemsize))
         features = torch.from_file(str(into), True, math.prod(shape), dtype=dtype).view(shape)
     else:
         features = torch.zeros(shape, dtype=dtype)
@@ -2096,8 +2110,19 @@ def extract_features(encoder, paths, cfg, device, into=None):
     encoder.resnet[0].to(device).eval().to(memory_format=torch.channels_last)  # in place
     bar = tqdm(total=len(paths), desc=f"ResNet50 features ({workers} decoding processes)",
                unit="img", leave=False)
+    # the decoders start with Ctrl-C, SIGTERM and SIGHUP blocked, and keep them so: the main process
+    # stops them once all have started, whichever process of the group a signal reaches first
+    pending = []
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    with signals_to(lambda signum, frame: pending.append(signum)):
+        try:
+            batches = iter(loader)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    if pending:
+        signal.raise_signal(pending[0])
     with torch.inference_mode(), autocast(device), bar:
-        for images, index in loader:
+        for images, index in batches:
             if images is not None:
                 cells = encoder.grid(images.to(device, non_blocking=True))  # (B, L, 2048)
                 pooled = cells if grid_cells else cells.mean(1)  # (B, L, 2048) or (B, 2048)
@@ -2209,6 +2234,9 @@ def write_feature_cache(weights, files, path, key, cfg, device):
         sha = tensor_sha256(features)
         atomic_save(cache | {"sha256": sha}, path)
         sha256_index(path.parent, {path.name: [*file_stat(path), sha]})
+    except OSError as error:  # such as ENOSPC, as another process fills the disk
+        raise UserError(f"cannot write the features ({needed:.2f} GB) in --cache_dir={path.parent}"
+                        f": {error.strerror or error}; free some space or use another") from None
     finally:
         scratch.unlink(missing_ok=True)
     seconds = time.time() - start
@@ -2324,9 +2352,19 @@ RESUME_FIXED = MODEL_ARGS + ("dataset", "data_dir", "max_images", "demo_images",
 # take every other setting from it, --init_from takes MODEL_ARGS
 THIS_COMMAND = ("resume", "evaluate", "checkpoint", "init_from", "preset", "output_dir",
                 "cache_dir", "device", "num_workers", "caption_format")
-# what a fresh run sets aside, and nothing else: a cache_dir may share the folder
-RUN_OUTPUTS = ["loss_per_*.csv", "*_graph.png", "vocab.json", "config.json", "best*.pt", "last.pt",
-               "test_*", "report*"]
+# what a checkpoint holds besides its model: every mode reads these; --resume also RESUME_KEYS
+# and Progress's fields (which an older checkpoint may lack: it is then not resumed)
+CHECKPOINT_KEYS = {"epoch": int, "encoder_weights": str, "encoder_weights_sha256": str,
+                   "train_images_sha256": str}
+RESUME_KEYS = {"optimizer": dict, "rng_state": torch.Tensor, "cuda_rng_state": list,
+               "processes": int}
+# what a training run writes in output_dir (report/ holds the page's thumbnails; -xe: SCST's
+# cross-entropy results), recorded in its config.json: a fresh run sets aside these alone
+RUN_OUTPUTS = ["loss_per_batch.csv", "loss_per_epoch.csv", "loss_graph.png", "metrics_graph.png",
+               "vocab.json", "config.json", "best.pt", "best-xe.pt", "last.pt"] + [
+    f"{name}{tag}{ext}" for tag in ("", "-xe") for name, ext in [
+        ("test_captions", ".csv"), ("test_captions", ".json"), ("test_references", ".json"),
+        ("test_metrics", ".json"), ("report", ".html"), ("report", "")]]
 
 
 def settings_and_checkpoint(overrides, captioning):
@@ -2335,7 +2373,8 @@ def settings_and_checkpoint(overrides, captioning):
     path = checkpoint_path(given, overrides, captioning)
     if path is None:  # a fresh run
         return resolve_settings(overrides, echo=log), None
-    restored = restore(path)
+    resuming = given["resume"] and not (captioning or given["evaluate"])
+    restored = restore(path, resuming)
     names = MODEL_ARGS if given["init_from"] else [n for n in CONFIG_NAMES if n not in THIS_COMMAND]
     trained = {name: restored[1]["config"][name] for name in names}
     if not Path(trained.get("encoder_weights", "")).is_file():  # moved since: the one given is
@@ -2343,7 +2382,7 @@ def settings_and_checkpoint(overrides, captioning):
     if not given["init_from"] and not given["output_dir"]:
         trained["output_dir"] = str(path.parent)  # --caption and --evaluate write beside it
     cfg = resolve_settings(overrides, trained, stderr if captioning else log)
-    if cfg.resume and not (captioning or cfg.evaluate):
+    if resuming:
         check_resume(restored[1], cfg)
     return cfg, restored
 
@@ -2422,8 +2461,9 @@ def model_sha256(ckpt):
     return digest.hexdigest()
 
 
-def restore(path):
-    """A checkpoint: its model (from model_args, its weights loaded strictly) and its dict."""
+def restore(path, resuming=False):
+    """A checkpoint: its model (from model_args, its weights loaded strictly) and its dict, every
+    key that a mode reads (resuming: --resume's too) checked there and of its type."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no checkpoint at {path}: train one first with `.venv/bin/python "
@@ -2438,6 +2478,12 @@ def restore(path):
         ckpt = torch.load(raw, map_location="cpu", weights_only=True)  # runs no pickled code
         if ckpt["model_sha256"] != model_sha256(ckpt):
             raise ValueError("its weights or settings are not those its sha256 was taken of")
+        # an older version's lacks the epoch history: check_resume refuses it, naming --init_from
+        progress = {field.name: field.type for field in dataclasses.fields(Progress)
+                    if "history" in ckpt}
+        for key, kind in (CHECKPOINT_KEYS | (progress | RESUME_KEYS if resuming else {})).items():
+            if not isinstance(ckpt[key], kind):  # one that is absent: KeyError, named
+                raise TypeError(f"{key} is {type(ckpt[key]).__name__}, not {kind.__name__}")
         # how a command runs is never taken from a checkpoint: an older one may lack a new setting
         config = {name: DEFAULTS[name] for name in THIS_COMMAND} | ckpt["config"]
         for field in dataclasses.fields(Config):  # its settings, typed as the command line's are
@@ -2485,8 +2531,8 @@ def check_data(ckpt, vocab, weights, train_sha256, cfg):
                         f"train afresh")
 
 
-def claim_output_dir(out, fresh=False):
-    """Creates and locks output_dir for this run; a fresh run sets an earlier run's files aside."""
+def claim_output_dir(out):
+    """Creates and locks output_dir for this run, and clears what a killed run left half-written."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -2504,18 +2550,31 @@ def claim_output_dir(out, fresh=False):
     lock.write(str(os.getpid()))
     lock.flush()
     # only this run may write its outputs here now: their temporary files are a dead run's
-    for stale in {p for pattern in RUN_OUTPUTS for p in out.glob(f"{pattern}.*tmp")}:
+    for stale in {p for name in RUN_OUTPUTS for p in out.glob(f"{name}.*tmp")}:
         stale.unlink()
     for staging in out.glob("writing-*"):  # write_whole's, left by a kill -9
         shutil.rmtree(staging, ignore_errors=True)
-    earlier = [p for pattern in RUN_OUTPUTS for p in out.glob(pattern)]
-    if fresh and earlier:  # never a folder that mixes two runs, and nothing of the earlier one lost
+    return lock  # held open until the process ends
+
+
+def set_aside_earlier_run(out):
+    """A fresh run, its inputs checked, moves aside what an earlier run's config.json records as its
+    own: a folder never mixes two runs. A file it would replace that no run recorded is refused."""
+    out = Path(out)
+    recorded = []
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):  # none, or not ours
+        recorded = list(json.loads((out / "config.json").read_bytes()).get("outputs", []))
+    earlier = [out / name for name in RUN_OUTPUTS if os.path.lexists(out / name)]
+    unknown = [path.name for path in earlier if path.name not in recorded]
+    if unknown:
+        raise UserError(f"--output_dir={out} holds {', '.join(unknown)}, which no run of this "
+                        f"script recorded as its own: move them, or choose another output_dir")
+    if earlier:
         stamp = f"previous-{datetime.datetime.now():%Y%m%d-%H%M%S}-"
         aside = Path(tempfile.mkdtemp(prefix=stamp, dir=out))
         for path in earlier:
             os.replace(path, aside / path.name)
         log(f"{out} held an earlier run: its files are now in {aside} (--resume continues a run)")
-    return lock  # held open until the process ends
 
 
 # Ctrl-C, a scheduler, a closed terminal
@@ -2593,13 +2652,18 @@ def prepare_outputs(run, out):
     left them, so that a kill -9 at any instant resumes exactly."""
     if not is_main_process():
         return
+    if not run.cfg.resume:  # every input checked, --init_from's checkpoint read: the first write
+        set_aside_earlier_run(out)
     vocab = run.model.vocab  # a word a line; the keys are Vocabulary's: Vocabulary(**json.load(f))
     vocab = json.dumps({"freq_threshold": vocab.freq_threshold, "itos": vocab.itos}, indent=0)
-    settings = dataclasses.asdict(run.cfg) | {"encoder_weights": str(run.data.weights)}
+    # the settings that ran, the ResNet50 file that was used and the files a run writes here
+    settings = dataclasses.asdict(run.cfg) | {"encoder_weights": str(run.data.weights),
+                                              "outputs": RUN_OUTPUTS}
     if run.data.weights == DEMO_WEIGHTS.resolve():
         settings["encoder"] = RANDOM_ENCODER
-    write_whole(out, {out / "vocab.json": vocab.encode(),
-                      out / "config.json": json.dumps(settings, indent=2).encode()})
+    # config.json first: it records every file a run writes before any of them is there
+    write_whole(out, {out / "config.json": json.dumps(settings, indent=2).encode(),
+                      out / "vocab.json": vocab.encode()})
     meteor_scorer()  # its JVM loads while the first epoch trains
     # end_epoch writes last.pt (which holds every epoch's row) first, then best.pt, then the CSV
     # and graphs: what a kill skipped is redone here; loss_per_batch.csv's rows past it go
@@ -2779,7 +2843,8 @@ def write_test_report(results, model, data, cfg, ckpt, tag):
             for n, c in captions.items()]
     page = write_report(out, f"report{tag}", f"{cfg.dataset}: the test split's {len(rows)} images",
                         report_header(cfg, ckpt, results.metrics), rows, outputs)
-    log(f"results page: {page}")
+    if page:
+        log(f"results page: {page}")
 
 
 def coco_files(references, captions):
@@ -2873,7 +2938,8 @@ def evaluate_checkpoint(cfg, device, restored):
 
 def write_report(out, name, title, header, rows, outputs=None):
     """out/name.html, its thumbnails in out/name/ and outputs {path: bytes}: each file the old one
-    or the new one, whole. A thumbnail is named by its content: the old page keeps its own."""
+    or the new one, whole. A thumbnail is named by its content: the old page keeps its own. None:
+    the script was copied without its template, and no page is written."""
     out = Path(out)
     files = dict(outputs or {})
     entries = []
@@ -2888,12 +2954,17 @@ def write_report(out, name, title, header, rows, outputs=None):
                         "maps": [[w, m.astype(float).round(3).flatten().tolist()] for w, m in
                                  row.get("maps") or []]})
     data = json.dumps(header | {"title": title, "rows": entries}, ensure_ascii=False)
-    page = (ROOT / "resources/report.html").read_text(encoding="utf-8")
-    files[out / f"{name}.html"] = page.replace("$data", data.translate(IN_SCRIPT)).encode()
+    template = ROOT / "resources/report.html"
+    page = out / f"{name}.html" if template.is_file() else None
+    if page:  # a name that is not UTF-8 holds lone surrogates: \udcff in the JSON, read as such
+        html = template.read_text(encoding="utf-8").replace("$data", data.translate(IN_SCRIPT))
+        files[page] = html.encode(errors="backslashreplace")
+    else:
+        warn(f"no {name}.html: its template {template} is not beside the script; copy it there")
     write_whole(out, files)  # the page last: its thumbnails are there before it
     for old in set((out / name).glob("*")) - set(files):  # the earlier page's
         old.unlink()
-    return out / f"{name}.html"
+    return page
 
 
 # what the page's JSON must not hold raw: '</script>', and bidi controls (U+202A-U+202E,
@@ -2955,10 +3026,11 @@ def write_whole(out, files):
 
 def one_line(text):
     """text as one field of a line: control, bidi and line-separator characters escaped."""
-    # \t, \n, U+2028, U+0085 would break the line; U+202E would reverse what follows it
+    # \t, \n, U+2028, U+0085 would break the line; U+202E would reverse what follows it; a byte of
+    # a name that is not UTF-8 is a lone surrogate (Cs), which no UTF-8 output can hold
     escaped = []
     for char in str(text):
-        if char == "\\" or unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+        if char == "\\" or unicodedata.category(char) in ("Cc", "Cf", "Cs", "Zl", "Zp"):
             char = char.encode("unicode_escape").decode("ascii")
         escaped.append(char)
     return "".join(escaped)
@@ -2968,9 +3040,10 @@ def image_files(paths):
     """The image files that paths name (a folder: its images, sorted); a missing path is refused."""
     files = []
     for path in map(Path, paths):
-        if path.is_file():  # named: any suffix
+        # os.path's: a name too long is not there, where pathlib's would raise
+        if os.path.isfile(path):  # named: any suffix
             files.append(path)
-        elif path.is_dir():
+        elif os.path.isdir(path):
             files += [f for f in sorted(path.iterdir())
                       if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
         else:
@@ -2985,12 +3058,13 @@ def caption_line(file, found, json_lines):
     beam's n-best, each with its log-probability and that per token (which ranks them)."""
     if not json_lines:
         return f"{one_line(file)}\t{one_line(found)}" if found is not None else None
+    path = str(file).encode(errors="backslashreplace").decode()  # not UTF-8: \udcff, as text
     if found is None:
-        return json.dumps({"path": str(file), "error": "cannot read image"})
+        return json.dumps({"path": path, "error": "cannot read image"})
     n_best = [{"caption": caption, "log_prob": round(log_p, 4),
                "log_prob_per_token": round(per_token, 4)} for caption, log_p, per_token in found]
     # ensure_ascii: control, line-separator and bidi characters come out as \uXXXX: one line
-    return json.dumps({"path": str(file), "caption": n_best[0]["caption"], "n_best": n_best})
+    return json.dumps({"path": path, "caption": n_best[0]["caption"], "n_best": n_best})
 
 
 def caption_images(cfg, paths, restored, device):
@@ -3032,7 +3106,8 @@ def caption_images(cfg, paths, restored, device):
     try:  # the captions are out: a folder that cannot be written only warns
         title = f"captions of {len(rows)} images" if len(rows) > 1 else "the caption of 1 image"
         page = write_report(out, "report-captions", title, header, rows)
-        stderr(f"results page: {page}")
+        if page:
+            stderr(f"results page: {page}")
     except (OSError, UserError) as error:
         stderr(f"warning: no results page in {out}: {getattr(error, 'strerror', None) or error}")
     return 1 if unread else 0
@@ -3067,12 +3142,30 @@ def run_mode(argv):
     except KeyboardInterrupt:  # outside the training loop (which saves first): nothing to save
         say_once("interrupted")
         return 130
-    except Exception:
-        say_once(None)  # another process's failure (a lost connection) is not shown as this one's
-        raise
+    except Exception as error:
+        line = fault_line(error)
+        say_once(line)  # None: another process's failure (a lost connection) is not shown as ours
+        if line is None:
+            raise
+        with contextlib.suppress(OSError):  # what stdout can still take; the rest to devnull, as
+            sys.stdout.flush()  # the flush at exit would fail again, with a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141 if isinstance(error, BrokenPipeError) else 1  # 141: a SIGPIPE, as cat's
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def fault_line(error):
+    """The line of a fault of the machine (None: of anything else): an OSError's errno and file, a
+    symlink loop, memory that cannot be had; '' for a reader that has gone (| head), as cat."""
+    text = " ".join(str(error).split())[:300]  # torch's span lines
+    if isinstance(error, OSError) or text.startswith("Symlink loop"):
+        return "" if isinstance(error, BrokenPipeError) else f"error: {text}"
+    if isinstance(error, MemoryError) or re.search("can't allocate|unable to mmap|of memory", text):
+        return (f"error: out of memory ({text or 'MemoryError'}): lower --batch_size, "
+                f"--beam_size, --hidden_size, --embed_size or --num_workers")
+    return None
 
 
 def stderr(message):

@@ -1,11 +1,17 @@
 """Checkpoints: what one holds, what refuses one, and how a checkpoint's settings drive every mode."""
+import json
+import os
+import shutil
+import subprocess
 import sys
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import TINY_DEMO, cap, error_line, rewritten
+from PIL import Image
+
+from conftest import SCRIPT, TINY_DEMO, cap, error_line, rewritten, run_script
 
 
 @pytest.fixture(scope="module")
@@ -191,21 +197,115 @@ def test_caption_writes_beside_its_checkpoint(tmp_path, lstm_run, base):
     assert (folder / "report-captions.html").is_file()
 
 
-def test_a_fresh_run_sets_aside_its_outputs_but_not_a_cache_in_the_same_folder(tmp_path):
-    for name in ["features-0123.pt", "features-0123.pt.lock", "best.pt", "best-xe.pt", "last.pt",
-                 "loss_per_batch.csv", "report.html", "test_metrics.json", "notes.txt"]:
+def test_a_fresh_run_sets_aside_only_the_files_an_earlier_run_recorded_as_its_own(tmp_path):
+    """Those its config.json lists; a file the run would write over that no run recorded is refused, and nothing
+    is moved. Claiming the folder clears what a killed run left half-written, and only that."""
+    for name in ["features-0123.pt", "features-0123.pt.lock", "best.pt", "best-xe.pt", "last.pt", "report.html",
+                 "report-best-beam3.html", "notes.txt"]:
         (tmp_path / name).write_text("x")
+    (tmp_path / "report").mkdir()  # the page's thumbnails
     (tmp_path / "last.pt.4242.tmp").write_text("half")  # a killed run's
     (tmp_path / "features-0123.pt.77.tmp").write_text("half")  # another run's cache, being written
     (tmp_path / "writing-k1ll9" / "0").parent.mkdir()  # write_whole's staging, left by a kill -9
     (tmp_path / "writing-k1ll9" / "0").write_text("half a page")
-    lock = cap.claim_output_dir(tmp_path, fresh=True)
-    lock.close()
+    cap.claim_output_dir(tmp_path).close()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert "last.pt.4242.tmp" not in before and "writing-k1ll9" not in before and "features-0123.pt.77.tmp" in before
+    with pytest.raises(cap.UserError, match=r"holds best.pt, best-xe.pt, last.pt, report.html, report, which no run"):
+        cap.set_aside_earlier_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    (tmp_path / "config.json").write_text(json.dumps({"outputs": cap.RUN_OUTPUTS}))
+    cap.set_aside_earlier_run(tmp_path)
     (aside,) = tmp_path.glob("previous-*")
-    assert sorted(p.name for p in aside.iterdir()) == ["best-xe.pt", "best.pt", "last.pt", "loss_per_batch.csv",
-                                                      "report.html", "test_metrics.json"]
+    assert sorted(p.name for p in aside.iterdir()) == ["best-xe.pt", "best.pt", "config.json", "last.pt", "report",
+                                                      "report.html"]
     assert sorted(p.name for p in tmp_path.iterdir() if p != aside) == [
-        ".lock", "features-0123.pt", "features-0123.pt.77.tmp", "features-0123.pt.lock", "notes.txt"]
+        ".lock", "features-0123.pt", "features-0123.pt.77.tmp", "features-0123.pt.lock", "notes.txt",
+        "report-best-beam3.html"]
+
+
+def test_a_refused_fresh_run_leaves_its_output_dir_as_it_found_it(tmp_path, lstm_run, tiny, capsys):
+    out = shutil.copytree(lstm_run, tmp_path / "out")
+    before = sorted(p.name for p in out.iterdir())
+    line = refused(capsys, *tiny, f"--output_dir={out}", "--dataset=flickr8k", f"--data_dir={tmp_path / 'typo'}")
+    assert "does not exist" in line and sorted(p.name for p in out.iterdir()) == before
+
+
+def test_init_from_the_output_dirs_own_best_pt_reads_it_before_setting_it_aside(tmp_path, lstm_run, tiny, capsys):
+    out = shutil.copytree(lstm_run, tmp_path / "out")
+    assert cap.main([*tiny, f"--output_dir={out}", f"--init_from={out / 'best.pt'}"]) == 0
+    assert "starting from the weights of" in capsys.readouterr().out
+    (previous,) = out.glob("previous-*")
+    assert (previous / "best.pt").read_bytes() == (lstm_run / "best.pt").read_bytes()
+
+
+@pytest.mark.parametrize("key, mode", [("optimizer", "--resume"), ("epoch_row", "--resume"),
+                                       ("train_images_sha256", "--evaluate"), ("encoder_weights_sha256", "--caption"),
+                                       ("encoder_weights_sha256", "--init_from")])
+def test_a_checkpoint_lacking_a_key_its_mode_reads_is_one_line(tmp_path, lstm_run, base, tiny, capsys, key, mode):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("best.pt", "last.pt"):
+        rewritten(lstm_run / name, out / name, lambda ckpt: ckpt.pop(key))
+    args = {"--resume": [*tiny, f"--output_dir={out}", "--resume"],
+            "--evaluate": [*tiny, f"--output_dir={out}", "--evaluate"],
+            "--caption": ["--caption", an_image(base), f"--checkpoint={out / 'best.pt'}", "--num_workers=0"],
+            "--init_from": [*tiny, f"--output_dir={tmp_path / 'new'}", f"--init_from={out / 'best.pt'}"]}[mode]
+    line = refused(capsys, *args)
+    assert f"is damaged or not one of this script's (KeyError: '{key}')" in line
+    if mode == "--resume":  # only --resume reads it: the other modes still load such a checkpoint
+        assert cap.restore(out / "last.pt")[1]["epoch"] == 1
+
+
+def test_every_caption_path_is_captioned_and_a_name_that_is_not_utf8_is_escaped(tmp_path, lstm_run, base):
+    """--caption A --caption B captions both; a file name with the byte 0xff is escaped on stdout, in JSON and on
+    the page, and the run completes. (Here, as lstm_run is the cheapest trained checkpoint.)"""
+    plain, odd = tmp_path / "a.png", tmp_path / os.fsdecode(b"b\xff.png")
+    for path in [plain, odd]:
+        Image.open(an_image(base)).save(path)
+    escaped = f"{tmp_path}/b\\udcff.png"
+    for form in ("text", "json"):
+        result = run_script("--caption", plain, "--caption", odd, f"--checkpoint={lstm_run / 'best.pt'}",
+                            f"--output_dir={tmp_path / form}", f"--caption_format={form}", "--num_workers=0")
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        lines = result.stdout.splitlines()
+        if form == "json":
+            assert [json.loads(line)["path"] for line in lines] == [str(plain), escaped]
+        else:
+            assert [line.split("\t")[0] for line in lines] == [str(plain), escaped]
+        assert "b\\udcff.png" in (tmp_path / form / "report-captions.html").read_text()
+
+
+def test_captions_to_a_full_device_a_reader_gone_or_a_memory_cap_end_in_one_line(lstm_run, base):
+    """> /dev/full: one line and exit 1; | head -n 0: quiet, exit 141 as cat's; a beam that cannot fit under
+    ulimit -v: one line naming the settings that size memory."""
+    args = [sys.executable, str(SCRIPT), "--caption", str(an_image(base)), f"--checkpoint={lstm_run / 'best.pt'}",
+            "--num_workers=0"]
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(args, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert result.returncode == 1 and "No space left on device" in error_line(result.stderr)
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # the reader has gone before the first caption
+    err = process.stderr.read()
+    assert process.wait(timeout=300) == 141 and "error" not in err and "Traceback" not in err, err[-2000:]
+    capped = subprocess.run(["bash", "-c", 'ulimit -v 8000000 && exec "$@"', "bash", *args, "--beam_size=100000000"],
+                            capture_output=True, text=True, timeout=300)
+    line = error_line(capped.stderr)
+    assert capped.returncode == 1 and "out of memory" in line and "--beam_size" in line, capped.stderr[-2000:]
+
+
+def test_a_copy_of_the_script_without_resources_writes_every_output_but_the_page(tmp_path, lstm_run, tiny):
+    """Users copy single-file scripts: without resources/report.html beside it, the test report is written all the
+    same, and a warning says that no page was. (--evaluate, which writes the test report a run ends with.)"""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(SCRIPT, alone)
+    out = shutil.copytree(lstm_run, tmp_path / "out")
+    result = subprocess.run([sys.executable, str(alone / SCRIPT.name), *tiny, f"--output_dir={out}", "--evaluate"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"warning: no report-best-beam1.html: its template {alone / 'resources'}" in result.stderr
+    assert (out / "test_metrics-best-beam1.json").is_file() and not (out / "report-best-beam1.html").exists()
 
 
 def test_the_resume_hint_runs_as_printed(tmp_path, monkeypatch, capsys):

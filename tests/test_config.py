@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SCRIPT, cap, run_script
+from conftest import ROOT, SCRIPT, cap, error_line, run_script
 
 
 def settings(*argv, **kw):
@@ -77,6 +77,13 @@ def test_every_setting_has_a_comment_for_help():
     assert list(comments) == cap.CONFIG_NAMES and all(comment for _, comment in comments.values())
     assert comments["decoder"] == ["model", "'lstm' (Show and Tell: the pooled feature is the LSTM's first input) or "
                                             "'attention' (Show, Attend and Tell: attention over image regions)"]
+
+
+def test_help_to_a_full_device_fails_in_one_line():
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, str(SCRIPT), "--help"], stdout=full, stderr=subprocess.PIPE,
+                                text=True, timeout=120)
+    assert result.returncode == 1 and "No space left on device" in error_line(result.stderr)
 
 
 def test_help_does_not_import_torchvision():

@@ -164,6 +164,20 @@ def test_image_names_outside_the_image_folder_are_skipped(tmp_path, capsys):
     assert len(warning) == 1 and "3 image name(s)" in warning[0] and "../beside.jpg" in warning[0]
 
 
+def test_image_names_the_system_refuses_are_skipped_and_named(tmp_path, capsys):
+    """A NUL byte, a name too long for the file system, a symlink loop: each skipped like a missing image."""
+    names = [f"{i}.jpg" for i in range(12)]
+    make_images(tmp_path / "Images", names)
+    (tmp_path / "Images" / "loop.jpg").symlink_to("loop.jpg")
+    refused = ["nul\0byte.jpg", "x" * 300 + ".jpg", "loop.jpg"]
+    pd.DataFrame([(n, "a caption") for n in names + refused], columns=["image", "caption"]).to_csv(
+        tmp_path / "captions.txt", index=False)
+    frame, _ = cap.load_captions(tmp_path, seed=1)
+    assert set(frame["image"]) == set(names)
+    (warning,) = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert "3 image name(s)" in warning and "nul\\x00byte.jpg" in warning and "loop.jpg" in warning
+
+
 def test_captions_without_a_word_are_dropped_and_counted(tmp_path):
     (tmp_path / "captions.txt").write_text('image,caption\na.jpg,A dog .\na.jpg,.\nb.jpg," ... !"\nb.jpg,-- 2 --\n')
     frame, dropped = cap.read_captions(tmp_path / "captions.txt")

@@ -2,6 +2,7 @@
 demo model reads the image, even shapes another renderer drew."""
 import dataclasses
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cap, error_line
+from conftest import cap, error_line, run_script
 
 # Measured on tests/conftest.py's SMALL_DEMO (2-core CPU): about 77% of held-out single-shape images got the right
 # colour and shape on the fixed-rendering demo, 38% on issue 10's first varied demo (8 epochs, five captions of
@@ -82,6 +83,27 @@ def test_the_demo_refuses_a_data_dir_that_is_a_file(tmp_path, random_weights, ca
     line = error_line(capsys.readouterr().err)
     assert f"--data_dir={tmp_path / 'afile'} is a file" in line
     assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "full_disk"])
+def test_a_demo_data_dir_under_a_file_or_on_a_disk_that_fills_is_one_line(tmp_path, random_weights, where):
+    """One line naming data_dir and the system's reason, no traceback (a tmpfs of 64 KiB fills)."""
+    (tmp_path / "afile").write_text("mine")
+    data = tmp_path / "afile" / "data" if where == "under_a_file" else tmp_path / "small"
+    if where == "full_disk":
+        data.mkdir()
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(data)], capture_output=True)
+        if mounted.returncode:
+            pytest.skip(f"no tmpfs can be mounted here (it takes root): {mounted.stderr.strip()}")
+    try:
+        result = run_script("--dataset=demo", "--demo_images=30", f"--data_dir={data}", f"--output_dir={tmp_path / 'o'}",
+                            f"--cache_dir={tmp_path / 'cache'}", f"--encoder_weights={random_weights}")
+        line = error_line(result.stderr)
+        assert result.returncode == 2 and ("No space left" if where == "full_disk" else "Not a directory") in line
+        assert f"--data_dir={data}" in line and (tmp_path / "afile").read_text() == "mine"
+    finally:
+        if where == "full_disk":
+            subprocess.run(["umount", str(data)])
 
 
 @pytest.mark.parametrize("n", [3, 1])

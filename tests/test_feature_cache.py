@@ -391,20 +391,50 @@ def test_a_read_only_cache_dir_without_the_features_is_one_line(tmp_path, random
     assert result.returncode == 2 and "--cache_dir=/proc/no-cache-here" in error_line(result.stderr)
 
 
-def test_sigterm_during_extraction_leaves_no_scratch_file(tmp_path, random_weights):
+def decoders(pid):
+    """The processes pid started (the DataLoader's decoding workers)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return path.read_text().split() if path.exists() else []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_to_the_process_group_during_extraction_leaves_no_scratch_file(tmp_path, random_weights, sig):
+    """As a scheduler or a closed terminal sends it, to every process: the decoding processes leave it to the main
+    one, which stops them, so the end is the same whichever process it reaches first."""
     cache = tmp_path / "cache"
-    args = [*TINY_DEMO, "--demo_images=300", f"--data_dir={tmp_path / 'data'}", f"--cache_dir={cache}",
-            f"--encoder_weights={random_weights}", f"--output_dir={tmp_path / 'out'}"]
+    args = [*TINY_DEMO, "--demo_images=300", "--num_workers=2", f"--data_dir={tmp_path / 'data'}",
+            f"--cache_dir={cache}", f"--encoder_weights={random_weights}", f"--output_dir={tmp_path / 'out'}"]
     process = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
-    while not list(cache.glob("*.scratch")) and time.time() < deadline and process.poll() is None:
+    while len(decoders(process.pid)) < 2 and time.time() < deadline and process.poll() is None:
         time.sleep(0.02)
-    assert list(cache.glob("*.scratch")), "extraction never started"
-    process.send_signal(signal.SIGTERM)
+    assert list(cache.glob("*.scratch")) and len(decoders(process.pid)) == 2, "extraction never started"
+    os.killpg(process.pid, sig)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 130 and "interrupted" in err
+    assert process.returncode == 130 and "interrupted" in err, err[-2000:]
+    assert "Traceback" not in err and "Exception ignored" not in err and "killed by signal" not in err, err[-2000:]
     assert not list(cache.glob("*.scratch")) and not list(cache.glob("*.tmp"))
+
+
+def test_a_disk_that_fills_during_extraction_is_one_line_and_leaves_no_scratch_file(tmp_path, images, random_weights,
+                                                                                    monkeypatch):
+    """The free-space check passes (here: it is told of more room than there is, as when another process fills the
+    disk after it), then the scratch file's space is reserved: ENOSPC, one line, and not a SIGBUS while the
+    features are written through its memory map."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(cache)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"no tmpfs can be mounted here (it takes root): {mounted.stderr.strip()}")
+    try:
+        monkeypatch.setattr(cap.shutil, "disk_usage", lambda path: SimpleNamespace(free=10 ** 12))
+        with pytest.raises(cap.UserError, match=r"^cannot write the features \(0.00 GB\) in --cache_dir=.*cache: "
+                                                r"No space left on device; free some space or use another$"):
+            features(tmp_path, random_weights, *images)
+        assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
+    finally:
+        subprocess.run(["umount", str(cache)])
 
 
 def test_a_killed_runs_scratch_is_removed_and_a_read_only_cache_is_reused(tmp_path, images, random_weights,

@@ -68,7 +68,8 @@ def test_checkpoint_loads_without_pickle(trained_demo):
     ran = json.loads((trained_demo / "config.json").read_text())
     assert ran["encoder_weights"] == ckpt["encoder_weights"]  # the ResNet50 file that was used
     assert {k: v for k, v in ckpt["config"].items() if k != "encoder_weights"} == \
-        {k: v for k, v in ran.items() if k != "encoder_weights"}
+        {k: v for k, v in ran.items() if k not in ("encoder_weights", "outputs")}
+    assert set(ran["outputs"]) >= {*OUTPUTS, "report"}  # what a later fresh run sets aside
 
 
 def quick_args(demo_dirs, weights, out, *extra):
@@ -288,10 +289,12 @@ def test_a_second_run_into_a_busy_output_dir_is_refused(tmp_path, demo_dirs, ran
     lock.close()
 
 
-@pytest.mark.parametrize("where", ["file", "under_file", "refused"])
+@pytest.mark.parametrize("where", ["file", "under_file", "refused", "symlink_loop"])
 def test_an_unusable_output_dir_is_one_line(tmp_path, demo_dirs, random_weights, capsys, where):
     (tmp_path / "afile").write_text("x")
-    out = {"file": tmp_path / "afile", "under_file": tmp_path / "afile" / "out", "refused": Path("/sys/captions")}
+    (tmp_path / "loop").symlink_to("loop")
+    out = {"file": tmp_path / "afile", "under_file": tmp_path / "afile" / "out", "refused": Path("/sys/captions"),
+           "symlink_loop": tmp_path / "loop"}
     if where == "refused" and not Path("/sys").is_dir():
         pytest.skip("no /sys here to refuse a folder")
     assert cap.main(quick_args(demo_dirs, random_weights, out[where])) == 2
@@ -449,6 +452,7 @@ sys.exit(cap.main({[str(a) for a in args]!r}))
 @pytest.mark.parametrize("setting, message", [
     ("--output_dir=/", "--output_dir=/: a run writes a dozen files there"),
     (f"--output_dir={ROOT}", f"--output_dir={ROOT}: a run writes a dozen files there"),
+    (f"--output_dir={ROOT / 'resources'}", f"--output_dir={ROOT / 'resources'}: a run writes"),
     ("--cache_dir=", "--cache_dir=: must be a folder")])
 def test_the_root_or_the_project_as_output_dir_and_an_empty_cache_dir_are_refused(tmp_path, random_weights, capsys,
                                                                                   setting, message):
