@@ -53,7 +53,7 @@ def caption_with(capsys, base, checkpoint):
 def test_a_checkpoint_is_one_flat_dict_that_rebuilds_its_model(lstm_run):
     ckpt = torch.load(lstm_run / "best.pt", weights_only=True)
     assert set(ckpt) == {"model_args", "model", "vocab", "config", "optimizer", "epoch", "step", "best_score", "metrics_scale",
-                         "best_step", "best_epoch", "history", "loss_sum", "loss_count", "reward_sum", "greedy_sum", "rng_state", "cuda_rng_state",
+                         "best_step", "best_epoch", "best_metric", "history", "loss_sum", "loss_count", "reward_sum", "greedy_sum", "rng_state", "cuda_rng_state",
                          "processes", "encoder_weights", "encoder_weights_sha256", "train_images_sha256",
                          "model_sha256"}
     assert ckpt["model_sha256"] == cap.model_sha256(ckpt)
@@ -239,7 +239,7 @@ def test_init_from_the_output_dirs_own_best_pt_reads_it_before_setting_it_aside(
     assert (previous / "best.pt").read_bytes() == (lstm_run / "best.pt").read_bytes()
 
 
-@pytest.mark.parametrize("key, mode", [("optimizer", "--resume"), ("epoch_row", "--resume"),
+@pytest.mark.parametrize("key, mode", [("optimizer", "--resume"), ("best_epoch", "--resume"),
                                        ("train_images_sha256", "--evaluate"), ("encoder_weights_sha256", "--caption"),
                                        ("encoder_weights_sha256", "--init_from")])
 def test_a_checkpoint_lacking_a_key_its_mode_reads_is_one_line(tmp_path, lstm_run, base, tiny, capsys, key, mode):

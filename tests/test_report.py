@@ -403,13 +403,13 @@ def test_each_panel_has_at_most_four_coloured_lines_and_the_best_marker_a_colour
                            **{name: [0.1, 0.3, 0.2] for name in ["BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
                                                                  "demo_accuracy", "demo_colour_shape_accuracy",
                                                                  "demo_two_shape_accuracy"]}})
-    epochs.to_csv(tmp_path / "loss_per_epoch.csv", index=False)
     pd.DataFrame({"epoch": [1, 2, 3], "step": [1, 2, 3], "phase": epochs["phase"], "loss": [4.0, 3, 2],
                   "reward": [None] * 3, "greedy_cider": [None] * 3}).to_csv(tmp_path / "loss_per_batch.csv",
                                                                            index=False)
     figures, real = [], Figure.savefig
     monkeypatch.setattr(Figure, "savefig", lambda figure, *a, **kw: figures.append(figure) or real(figure, *a, **kw))
-    cap.plot_history(tmp_path, "demo_accuracy")
+    progress = cap.Progress(epoch=3, best_epoch=2, best_metric="demo_accuracy", history=epochs.to_dict("records"))
+    cap.write_history(tmp_path, progress)
     heights = {figure.get_size_inches()[1] for figure in figures}
     assert len(figures) == 2 and len(heights) == 1  # side by side on the page: no gap under either
     panels = [ax for figure in figures for ax in figure.axes]
