@@ -2090,8 +2090,7 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
 def build_vocabulary(train_tokens, freq_threshold):
     vocab = Vocabulary(freq_threshold).build_vocab(train_tokens)
     # what captions end on (learned_endings): each one's last word, and the punctuation after it
-    lasts = [max((i for i, w in enumerate(t) if is_word(w)), default=len(t))
-             for t in train_tokens]
+    lasts = [max([i for i, w in enumerate(t) if is_word(w)], default=len(t)) for t in train_tokens]
     ends = sorted({w for t, last in zip(train_tokens, lasts) for w in t[last:]})
     vocab.endings = sorted({vocab.itos[i] for i in vocab.numericalize(ends)})
     if len(vocab) == len(Vocabulary.SPECIALS):
