@@ -86,6 +86,7 @@ device = "auto"             # 'auto' picks cuda, then mps, then cpu
 num_workers = -1            # image-decoding processes; -1: one per CPU core, at most 16
 sample_every = 200          # print sample captions every this many batches (0: never)
 log_every = 10              # read the loss back from the device every this many batches
+label_smoothing = 0.0       # the training cross-entropy's label smoothing (val_loss stays plain)
 resume = False              # continue from last.pt in output_dir, with the settings it records
 init_from = ""              # a checkpoint whose weights start a new run (its vocabulary must match)
 # self-critical sequence training (SCST): after num_epochs of cross-entropy, optimise CIDEr-D itself
@@ -97,6 +98,10 @@ scst_baseline = "mean"      # 'mean' of the other samples (Luo 2020) or 'greedy'
 max_caption_len = 20        # generated captions stop after this many words
 max_train_caption_len = 100  # longer training captions are cut to this many words (Flickr8k's: 40)
 beam_size = 3               # beams of the beam search (1: greedy decoding)
+length_penalty = 0.0        # GNMT's alpha: beams rank by log p / ((5 + |Y|) / 6)^alpha; 0: per word
+block_trigrams = False      # beam search never repeats a trigram a caption already holds
+learned_endings = False     # no caption ends on a word no training caption ends on ('a', 'with')
+suppress_unk = True         # <UNK> is never generated (beam search, greedy, SCST's samples)
 best_metric = "auto"        # what picks best.pt: 'CIDEr', 'BLEU-4', 'val_loss' (lowest) or the
                             # demo's 'demo_accuracy'; 'auto': demo_accuracy on the demo, else CIDEr
 # modes
@@ -136,8 +141,9 @@ class Vocabulary:
     PAD, SOS, EOS, UNK = 0, 1, 2, 3
     SPECIALS = ["<PAD>", "<SOS>", "<EOS>", "<UNK>"]
 
-    def __init__(self, freq_threshold=5, itos=None):
+    def __init__(self, freq_threshold=5, itos=None, endings=()):
         self.freq_threshold = freq_threshold
+        self.endings = list(endings)  # what training captions end on: last words, punctuation after
         self.itos = list(self.SPECIALS if itos is None else itos)
         if self.itos[:4] != self.SPECIALS:
             raise ValueError(f"a vocabulary must start with {self.SPECIALS}")
@@ -340,15 +346,16 @@ def next_word_logp(logits, first):
     return logp.index_fill(1, never, -math.inf)  # a copy: SCST's gradient needs the original
 
 
-def sample_captions(decoder, image_embeds, n, max_len, greedy=False):
-    """n captions an image, word by word: ids (B*n, T), <EOS> then <PAD>; each word's log-prob."""
-    rows = torch.arange(len(image_embeds), device=image_embeds.device).repeat_interleave(n)
+def sample_captions(decoder, image_embeds, samples=1, max_len=20, greedy=False, never=()):
+    """n samples an image, word by word: ids (B*n, T), <EOS> then <PAD>; each word's log-prob."""
+    rows = torch.arange(len(image_embeds), device=image_embeds.device).repeat_interleave(samples)
     state = decoder.reorder(decoder.start(image_embeds), rows)  # rows (B*n,): 0, .., 0, 1, ..
     tokens = torch.full_like(rows, Vocabulary.SOS)  # (B*n,)
     ended = torch.zeros_like(tokens, dtype=torch.bool)  # (B*n,)
     words, logps = [], []  # each step's (B*n,)
     for t in range(max_len):
         logp, state = decoder.step(tokens, state, first=t == 0)  # (B*n, V)
+        logp[:, never] = -math.inf  # in place: next_word_logp's copy, which no gradient needs
         if greedy:
             tokens = logp.argmax(-1)  # (B*n,)
         else:  # at temperature 1
@@ -454,6 +461,24 @@ DECODERS = {"lstm": DecoderRNN, "attention": AttentionDecoder}
 # the model's shape: every mode takes it from a checkpoint, as nanoGPT forces its model_args, since
 # its weights fit no other; a command line that contradicts one of these is refused
 MODEL_ARGS = ("decoder", "embed_size", "hidden_size", "num_layers", "dropout", "image_size")
+class Rules(NamedTuple):
+    """What decoding never emits beyond next_word_logp's bans, and how ended beams rank."""
+    never: tuple = ()  # ids never generated: <UNK> with suppress_unk
+    length_penalty: float = 0.0  # GNMT's alpha; 0: log-probability per token
+    block_trigrams: bool = False
+    ends: torch.Tensor = None  # (V,) bool, learned_endings: the tokens training captions end on,
+    closing: torch.Tensor = None  # (V,) bool: which alone may follow them: <EOS>, a final "."
+
+    def forbid(self, logp, seqs, tokens):
+        """logp (R, V) of the word after seqs (R, t) ending in tokens (R,), -inf where forbidden."""
+        logp[:, self.never] = -math.inf
+        if self.block_trigrams:  # the pair that ends seqs began a trigram before: its third word
+            repeats = (seqs[:, :-2] == seqs[:, -2:-1]) & (seqs[:, 1:-1] == seqs[:, -1:])  # (R, t-2)
+            hits = torch.zeros_like(logp).scatter_add(1, seqs[:, 2:], repeats.float())  # (R, V)
+            logp = logp.masked_fill(hits > 0, -math.inf)
+        if self.ends is not None:  # learned_endings: neither <EOS> nor a final "." after 'the'
+            logp = logp.masked_fill(~self.ends[tokens].unsqueeze(1) & self.closing, -math.inf)
+        return logp
 
 
 class Captioner(nn.Module):
@@ -464,16 +489,17 @@ class Captioner(nn.Module):
         self.vocab = vocab
         self.args = args  # a dict of MODEL_ARGS, which rebuild the model, as nanoGPT's model_args
         self.attention = args["decoder"] == "attention"
+        self.label_smoothing = 0.0  # the training loss's; start_run sets the run's
         self.encoder = EncoderCNN(args["embed_size"])
         decoder = DECODERS[args["decoder"]]
         self.decoder = decoder(args["embed_size"], args["hidden_size"], len(vocab),
                                args["num_layers"], args["dropout"])
 
-    def forward(self, inputs, captions=None, samples=0, max_len=20):
+    def forward(self, inputs, captions=None, **sampling):
         """DistributedDataParallel's way in, which a step must take for DDP to average its
-        gradients: loss(inputs, captions), or with samples, sample(inputs, samples, max_len)."""
-        if samples:
-            return self.sample(inputs, samples, max_len)
+        gradients: loss(inputs, captions), or without captions, sample(inputs, **sampling)."""
+        if captions is None:
+            return self.sample(inputs, **sampling)
         return self.loss(inputs, captions)
 
     def loss(self, inputs, captions):
@@ -489,18 +515,19 @@ class Captioner(nn.Module):
         else:
             logits = self.decoder(embeds, captions)  # (B, T-1, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1),  # (B*(T-1), V)
-                               ignore_index=Vocabulary.PAD)
+                               ignore_index=Vocabulary.PAD,  # validation's loss: plain
+                               label_smoothing=self.label_smoothing if self.training else 0.0)
         return loss + penalty, logits, targets
 
-    def sample(self, inputs, n, max_len, greedy=False):
-        """n captions an image, drawn word by word (greedy: the likeliest): sample_captions's."""
-        return sample_captions(self.decoder, self.encoder(inputs), n, max_len, greedy)
+    def sample(self, inputs, **sampling):
+        """Captions drawn word by word (greedy: the likeliest), as sample_captions says."""
+        return sample_captions(self.decoder, self.encoder(inputs), **sampling)
 
     @torch.no_grad()
-    def generate(self, inputs, beam_size=3, max_len=20, n_best=False):
+    def generate(self, inputs, beam_size=3, max_len=20, n_best=False, rules=Rules()):
         """Captions (strings) of cached features; beam_size=1 is greedy decoding. n_best: each
         image's beam_search hypotheses, best first: (caption, log-probability, that per token)."""
-        found = beam_search(self.decoder, self.encoder(inputs), beam_size, max_len, n_best)
+        found = beam_search(self.decoder, self.encoder(inputs), beam_size, max_len, n_best, rules)
         if n_best:
             return [[(self.vocab.decode(ids), *scores) for ids, *scores in hypotheses]
                     for hypotheses in found]
@@ -658,7 +685,7 @@ def scst_data(data, vocab, max_len=0):
     images = pd.DataFrame({"image": refs.index, "tokens": [r[0] for r in refs]})
     ids = [[vocab.numericalize(t[:max_len or None]) + [Vocabulary.EOS] for t in r] for r in refs]
     # the words the metrics score (metric_text drops punctuation), and <EOS>: it rewards ending
-    scored = torch.tensor([any(c.isalnum() or c in "<>" for c in w) for w in vocab.itos])
+    scored = torch.tensor([is_word(w) for w in vocab.itos])
     scored[[Vocabulary.PAD, Vocabulary.SOS]] = False
     return FlickrDataset(images, vocab, data.source), CiderD(ids, len(vocab), scored)
 
@@ -667,10 +694,11 @@ def scst_step(run, inputs, images, lr):
     """A step on sampled captions' CIDEr-D above a baseline: loss, mean reward, greedy CIDEr-D."""
     n = run.cfg.scst_samples
     max_len = run.cfg.max_caption_len
+    never = [Vocabulary.UNK] if run.cfg.suppress_unk else []
     with autocast(run.device):
-        words, logps = run.ddp(inputs, samples=n, max_len=max_len)  # (B*n, T) each
+        words, logps = run.ddp(inputs, samples=n, max_len=max_len, never=never)  # (B*n, T) each
     with torch.no_grad(), evaluating(run.model):
-        greedy, _ = run.model.sample(inputs, 1, max_len, greedy=True)  # (B, T)
+        greedy, _ = run.model.sample(inputs, max_len=max_len, greedy=True, never=never)  # (B, T)
     images = torch.as_tensor(images)  # (B,)
     rewards = run.reward(words.cpu(), images.repeat_interleave(n)).view(-1, n)  # (B, n)
     greedy_reward = run.reward(greedy.cpu(), images)  # (B,)
@@ -776,6 +804,7 @@ def start_run(cfg, device, restored):
             log(f"starting from the weights of {cfg.init_from} (epoch {ckpt['epoch']}), with a "
                 f"fresh optimizer")
         model = fresh
+    model.label_smoothing = cfg.label_smoothing  # in training only: validation's stays plain
     fused = True if device.type == "cuda" else None  # one kernel for all the parameters on a GPU
     optimizer = torch.optim.Adam(model.to(device).parameters(), lr=cfg.learning_rate, fused=fused)
     if cfg.resume:
@@ -1067,8 +1096,8 @@ def validation_loss(model, dataset, cfg, device):
 # go on: their rows are offsets + beam, and every state tensor is reordered to those rows.
 
 @torch.no_grad()
-def beam_search(decoder, image_embeds, beam_size, max_len, n_best=False):
-    """Each image's best word ids by log-probability per word; beam_size=1 is greedy decoding.
+def beam_search(decoder, image_embeds, beam_size, max_len, n_best=False, rules=Rules()):
+    """Each image's best word ids by log p per word (rules: or GNMT's); beam_size=1 is greedy.
     n_best: each image's hypotheses instead, best first, as (word ids, summed log-probability, its
     mean per token): those that ended (at most beam_size), or if none did, the best going on."""
     # decoder: start(embeds) -> state; step(tokens, state, first) -> (log-probs, state);
@@ -1087,6 +1116,7 @@ def beam_search(decoder, image_embeds, beam_size, max_len, n_best=False):
     finished = torch.zeros(n, dtype=torch.long, device=dev)  # (n,): hypotheses ended so far
     for t in range(max_len):
         logp, state = decoder.step(tokens, state, first=t == 0)  # (n*k, V)
+        logp = rules.forbid(logp, seqs, tokens)
         vocab_size = logp.size(-1)
         candidates = scores.unsqueeze(-1) + logp.view(n, k, -1)  # (n, k, V)
         candidates = candidates.view(n, -1)  # (n, k*V): index = beam*V + word
@@ -1114,8 +1144,10 @@ def beam_search(decoder, image_embeds, beam_size, max_len, n_best=False):
             break
     going_score, going_beam = scores.max(1)  # (n,) each: the best going on, if none ended
     going = seqs[offsets[:, 0] + going_beam].tolist()  # (n, t)
+    a = rules.length_penalty  # log p / lp(Y), GNMT's lp(Y) = ((5 + |Y|) / 6)^a; a = 0: per token
     # sorted() keeps the order of equals: of equal scores, the one that ended first
-    hypotheses = [sorted(found, key=lambda h: -h[2])[:k] or [(ids, score, score / max_len)]
+    hypotheses = [sorted(found, key=lambda h: -h[1] / ((6 + len(h[0])) / 6) ** a if a else -h[2])
+                  [:k] or [(ids, score, score / max_len)]
                   for found, score, ids in zip(ended, going_score.tolist(), going)]
     return hypotheses if n_best else [image[0][0] for image in hypotheses]
 
@@ -1126,12 +1158,13 @@ def generate_captions(model, source, names, cfg, device, n_best=False):
     rank, size = rank_and_size()
     share = names[rank::size]
     captions = {}
+    rules = decoding_rules(model.vocab, cfg, device)
     with evaluating(model):
         for start in tqdm(range(0, len(share), 64), desc="captioning", unit="batch", leave=False):
             chunk = share[start:start + 64]
             rows = [source.row[name] for name in chunk]
             features = source.features[rows].to(device)  # (B, 2048) or (B, L, 2048)
-            texts = model.generate(features, cfg.beam_size, cfg.max_caption_len, n_best)
+            texts = model.generate(features, cfg.beam_size, cfg.max_caption_len, n_best, rules)
             captions.update(zip(chunk, texts))
     captions = merge_over_processes(captions)
     return {name: captions[name] for name in names}
@@ -1149,8 +1182,7 @@ def evaluating(model):
 
 def metric_text(caption):
     # coco-caption's PTB tokenizer drops punctuation before scoring; so do we, with the vocabulary's
-    # tokenizer. A word needs a letter or digit (or is <unk>): "_" alone is none
-    words = [t for t in Vocabulary.tokenize(caption) if any(ch.isalnum() or ch in "<>" for ch in t)]
+    words = [t for t in Vocabulary.tokenize(caption) if is_word(t)]
     return " ".join(words)
 
 
@@ -1436,7 +1468,7 @@ SETTING_RULES = [  # (names, valid(value, values), what the value must be)
       "num_layers", "freq_threshold", "image_size", "log_every", "demo_images"],
      lambda v, _: v >= 1, "at least 1"),
     (["max_images", "max_batches_per_epoch", "sample_every", "warmup_steps",
-      "max_train_caption_len", "scst_epochs"], lambda v, _: v >= 0, "0 or more"),
+      "max_train_caption_len", "scst_epochs", "length_penalty"], lambda v, _: v >= 0, "0 or more"),
     (["num_workers"], lambda v, _: v >= -1, "-1 or more"),
     (["learning_rate", "scst_learning_rate"], lambda v, _: 0 < v <= 1,
      "a positive number up to 1, such as 0.0002"),
@@ -1445,7 +1477,7 @@ SETTING_RULES = [  # (names, valid(value, values), what the value must be)
     (["scst_samples"], lambda v, values: (2 if values["scst_baseline"] == "mean" else 1) <= v <= 20,
      "from 1 to 20 (a batch's samples are decoded at once), and at least 2 with "
      "scst_baseline='mean' (the baseline is the other samples' mean)"),
-    (["dropout"], lambda v, _: 0 <= v < 1, "at least 0 and below 1, such as 0.3"),
+    (["dropout", "label_smoothing"], lambda v, _: 0 <= v < 1, "at least 0 and below 1"),
     (["seed"], lambda v, _: 0 <= v < 2 ** 32, f"between 0 and {2 ** 32 - 1}"),
     (["best_metric"], valid_best_metric,
      "'CIDEr', 'BLEU-4', 'val_loss' or, on the demo, 'demo_accuracy'"),
@@ -2332,11 +2364,29 @@ def prepare_data(cfg, device, build_vocab=False, trained=None):
 
 def build_vocabulary(train_tokens, freq_threshold):
     vocab = Vocabulary(freq_threshold).build_vocab(train_tokens)
+    # what captions end on (learned_endings): each one's last word, and the punctuation after it
+    lasts = [max([i for i, w in enumerate(t) if is_word(w)], default=len(t)) for t in train_tokens]
+    ends = sorted({w for t, last in zip(train_tokens, lasts) for w in t[last:]})
+    vocab.endings = sorted({vocab.itos[i] for i in vocab.numericalize(ends)})
     if len(vocab) == len(Vocabulary.SPECIALS):
         raise UserError(f"--freq_threshold={freq_threshold} leaves no word in the vocabulary "
                         f"(no training word occurs that often): lower it, e.g. --freq_threshold=2")
     log(f"vocabulary: {len(vocab)} words (from the training split, threshold {freq_threshold})")
     return vocab
+
+
+def is_word(token):
+    """What the metrics score: a token with a letter or digit (or <unk>); "_" or "." is none."""
+    return any(ch.isalnum() or ch in "<>" for ch in token)
+
+
+def decoding_rules(vocab, cfg, device):
+    """The settings' Rules, with the tokens the training captions end on (learned_endings)."""
+    rules = Rules((Vocabulary.UNK,) * cfg.suppress_unk, cfg.length_penalty, cfg.block_trigrams)
+    words = torch.tensor([is_word(w) for w in vocab.itos], device=device)  # (V,)
+    ends = torch.tensor([w in vocab.endings for w in vocab.itos], device=device)  # (V,)
+    closing = ends & ~words | (torch.arange(len(vocab), device=device) == Vocabulary.EOS)  # (V,)
+    return rules._replace(ends=ends, closing=closing) if cfg.learned_endings else rules
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2347,7 +2397,7 @@ def build_vocabulary(train_tokens, freq_threshold):
 # max_train_caption_len cuts them), the vocabulary, or which epoch best.pt keeps
 RESUME_FIXED = MODEL_ARGS + ("dataset", "data_dir", "max_images", "demo_images", "freq_threshold",
                              "seed", "batch_size", "max_batches_per_epoch", "max_train_caption_len",
-                             "best_metric")
+                             "best_metric", "label_smoothing")
 # how and where this command runs, never taken from a checkpoint; --resume, --evaluate and --caption
 # take every other setting from it, --init_from takes MODEL_ARGS
 THIS_COMMAND = ("resume", "evaluate", "checkpoint", "init_from", "preset", "output_dir",
@@ -2437,6 +2487,7 @@ def save_checkpoint(path, model, optimizer, cfg, data, progress):
         "model_args": model.args,  # MODEL_ARGS: Captioner(vocab, model_args) rebuilds the model
         "model": model.state_dict(),  # its weights: the frozen ResNet50 is not part of it
         "vocab": model.vocab.itos,
+        "endings": model.vocab.endings,  # learned_endings: the tokens training captions end on
         "config": dataclasses.asdict(cfg),  # every setting it was trained with
         "optimizer": optimizer.state_dict(),
         **dataclasses.asdict(progress),  # epoch, step, best_score and the epoch's running sums
@@ -2453,7 +2504,7 @@ def save_checkpoint(path, model, optimizer, cfg, data, progress):
 
 def model_sha256(ckpt):
     """sha256 of what makes the model: its args, vocabulary, settings and its weights' bytes."""
-    made_of = [ckpt["model_args"], ckpt["vocab"], ckpt["config"]]
+    made_of = [ckpt["model_args"], ckpt["vocab"], ckpt["endings"], ckpt["config"]]
     digest = hashlib.sha256(json.dumps(made_of, sort_keys=True).encode())
     for name in sorted(ckpt["model"]):
         digest.update(name.encode())
@@ -2494,7 +2545,8 @@ def restore(path, resuming=False):
         args = {name: config[name] for name in MODEL_ARGS}  # typed and checked
         if ckpt["model_args"] != args:
             raise ValueError("its model_args are not its config's")
-        model = Captioner(Vocabulary(config["freq_threshold"], ckpt["vocab"]), args)
+        vocab = Vocabulary(config["freq_threshold"], ckpt["vocab"], ckpt["endings"])
+        model = Captioner(vocab, args)
         model.load_state_dict(ckpt["model"])
     except Exception as error:
         reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]  # torch's span lines
@@ -2655,7 +2707,7 @@ def prepare_outputs(run, out):
     if not run.cfg.resume:  # every input checked, --init_from's checkpoint read: the first write
         set_aside_earlier_run(out)
     vocab = run.model.vocab  # a word a line; the keys are Vocabulary's: Vocabulary(**json.load(f))
-    vocab = json.dumps({"freq_threshold": vocab.freq_threshold, "itos": vocab.itos}, indent=0)
+    vocab = json.dumps({k: v for k, v in vars(vocab).items() if k != "stoi"}, indent=0)
     # the settings that ran, the ResNet50 file that was used and the files a run writes here
     settings = dataclasses.asdict(run.cfg) | {"encoder_weights": str(run.data.weights),
                                               "outputs": RUN_OUTPUTS}

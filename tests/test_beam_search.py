@@ -1,5 +1,7 @@
 """Beam search: batched and per image, beam 1 is greedy, both decoders; on the trained demo model, ids are words.
 And the metrics' failures: captions without words, and METEOR's process at an interrupted exit."""
+import dataclasses
+import math
 import os
 import select
 import shutil
@@ -8,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -143,6 +146,110 @@ def test_reorder_takes_batch_rows_of_every_state_tensor(decoder):
     # sampling and beam search copy each image's state n times with it, as repeat_interleave did
     repeated = decoder.reorder(state, torch.arange(3).repeat_interleave(2))
     assert all(torch.equal(p, s.repeat_interleave(2, dim=1)) for p, s in zip(repeated, state))
+
+
+class TableDecoder:
+    """A decoder whose next word hangs on the last one alone: log-probabilities from table[last word] (V, V), where
+    moves {(word, next word): probability} say, each listed row's next words impossible but those."""
+
+    def __init__(self, vocab_size, moves):
+        self.table = torch.zeros(vocab_size, vocab_size)  # rows not listed: every word alike
+        for word in {word for word, _ in moves}:
+            self.table[word] = -torch.inf
+        for (word, following), p in moves.items():
+            self.table[word, following] = math.log(p)
+
+    def start(self, embeds):
+        return embeds
+
+    def step(self, tokens, state, first=False):
+        return cap.next_word_logp(self.table[tokens], first), state
+
+    @staticmethod
+    def reorder(state, rows):
+        return state[rows]
+
+
+SOS, EOS, UNK = cap.Vocabulary.SOS, cap.Vocabulary.EOS, cap.Vocabulary.UNK
+OFF = dict(suppress_unk=False, length_penalty=0.0, block_trigrams=False, learned_endings=False)
+
+
+def rules(vocab=None, **on):
+    return cap.decoding_rules(vocab or cap.Vocabulary(1), SimpleNamespace(**OFF | on), "cpu")
+
+
+def repeats_a_trigram(ids):
+    trigrams = list(zip(ids, ids[1:], ids[2:]))
+    return len(set(trigrams)) < len(trigrams)
+
+
+def test_block_trigrams_never_repeats_one_on_a_model_forced_to_repeat():
+    a, b, c, d = 4, 5, 6, 7  # a b c a b c ... unless c ends (rarely) or b turns to d, which ends
+    decoder = TableDecoder(8, {(SOS, a): 1, (a, b): 1, (b, c): 0.9, (b, d): 0.1, (c, a): 0.8, (c, EOS): 0.2,
+                               (d, EOS): 1})
+    embeds = torch.zeros(3, 1)
+    assert cap.beam_search(decoder, embeds, 1, 12) == [[a, b, c] * 4] * 3  # repeats, left alone
+    for k in (1, 3):
+        found = cap.beam_search(decoder, embeds, k, 12, n_best=True, rules=rules(block_trigrams=True))
+        assert all(not repeats_a_trigram(ids) for image in found for ids, *_ in image) and len(found) == 3
+    assert cap.beam_search(decoder, embeds, 1, 12, rules=rules(block_trigrams=True))[0] == [a, b, c, a, b, d]
+
+
+def test_the_length_penalty_reorders_two_fixed_hypotheses_as_gnmt_s_formula_says():
+    """'a' (p 0.6, |Y| 2 with <EOS>) against 'b c d e' (p 0.4, |Y| 5): per token the long one is better; divided by
+    lp(Y) = ((5 + |Y|) / 6)^alpha with alpha 1 the short one is."""
+    a, b, c, d, e = 4, 5, 6, 7, 8
+    decoder = TableDecoder(9, {(SOS, a): 0.6, (SOS, b): 0.4, (a, EOS): 1, (b, c): 1, (c, d): 1, (d, e): 1, (e, EOS): 1})
+    embeds = torch.zeros(1, 1)
+    for alpha, best in [(0.0, [b, c, d, e]), (1.0, [a])]:
+        found = cap.beam_search(decoder, embeds, 2, 10, n_best=True, rules=rules(length_penalty=alpha))[0]
+        assert [ids for ids, *_ in found] == [best, [a] if best != [a] else [b, c, d, e]]
+        lp = (lambda length: ((5 + length) / 6) ** alpha) if alpha else (lambda length: length)  # 0: per token
+        ranks = [log_p / lp(len(ids) + 1) for ids, log_p, _ in found]
+        assert ranks == sorted(ranks, reverse=True)
+        assert found[0][1] == pytest.approx(math.log(0.6 if best == [a] else 0.4))
+
+
+def test_learned_endings_never_end_on_a_word_no_training_caption_ends_on():
+    vocab = cap.Vocabulary(1, [*cap.Vocabulary.SPECIALS, "a", "dog", "with", "ball", "."], endings=[".", "ball", "dog"])
+    a, dog, with_, ball, stop = 4, 5, 6, 7, 8
+    decoder = TableDecoder(9, {(SOS, a): 1, (a, dog): 1, (dog, with_): 0.7, (dog, stop): 0.3, (with_, stop): 0.6,
+                               (with_, EOS): 0.3, (with_, ball): 0.1, (ball, stop): 1, (stop, EOS): 1})
+    embeds = torch.zeros(2, 1)
+    assert cap.beam_search(decoder, embeds, 1, 10) == [[a, dog, with_, stop]] * 2  # 'with' then the final '.'
+    learned = rules(vocab, learned_endings=True)
+    assert cap.beam_search(decoder, embeds, 1, 10, rules=learned) == [[a, dog, with_, ball, stop]] * 2
+    for image in cap.beam_search(decoder, embeds, 3, 10, n_best=True, rules=learned):
+        assert all(ids[-2] in (dog, ball) and ids[-1] == stop for ids, *_ in image)
+
+
+def test_with_every_option_off_the_captions_are_today_s():
+    """Off, the options change nothing: greedy decoding is conftest's reference, <UNK> and repeats included, and
+    wider beams are beam_search's own; suppress_unk alone removes the <UNK>s."""
+    torch.manual_seed(3)
+    decoder = cap.DecoderRNN(16, 32, vocab_size=12).eval()
+    with torch.no_grad():
+        decoder.to_vocab.bias[UNK] += 3.0  # a model that says <UNK> often
+    embeds = torch.randn(6, 16)
+    vocab = cap.Vocabulary(1).build_vocab([" ".join("abcdefgh")])
+    off = rules(vocab)
+    assert off == cap.Rules()
+    greedy = cap.beam_search(decoder, embeds, 1, 10, rules=off)
+    assert greedy == greedy_decode(decoder, embeds, 10) and any(UNK in ids for ids in greedy)
+    assert any(repeats_a_trigram(ids) for ids in greedy)
+    assert cap.beam_search(decoder, embeds, 3, 10, True, off) == cap.beam_search(decoder, embeds, 3, 10, True)
+    for k in (1, 3):
+        assert all(UNK not in ids for ids in cap.beam_search(decoder, embeds, k, 10, rules=rules(suppress_unk=True)))
+
+
+def test_the_trained_demo_never_says_unk_so_suppress_unk_leaves_its_captions_as_they_were(trained, trained_run):
+    model, cfg, _, _ = trained
+    _, data, _ = trained_run
+    names = data.images("test")
+    assert cfg.suppress_unk  # the default
+    on = cap.generate_captions(model, data.source, names, cfg, torch.device("cpu"))
+    off = cap.generate_captions(model, data.source, names, dataclasses.replace(cfg, **OFF), torch.device("cpu"))
+    assert on == off and len(on) == len(names)
 
 
 def test_captions_without_words_score_zero_rather_than_fail():

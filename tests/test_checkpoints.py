@@ -52,7 +52,7 @@ def caption_with(capsys, base, checkpoint):
 
 def test_a_checkpoint_is_one_flat_dict_that_rebuilds_its_model(lstm_run):
     ckpt = torch.load(lstm_run / "best.pt", weights_only=True)
-    assert set(ckpt) == {"model_args", "model", "vocab", "config", "optimizer", "epoch", "step", "best_score", "metrics_scale",
+    assert set(ckpt) == {"model_args", "model", "vocab", "endings", "config", "optimizer", "epoch", "step", "best_score", "metrics_scale",
                          "best_step", "best_epoch", "best_metric", "history", "loss_sum", "loss_count", "reward_sum", "greedy_sum", "rng_state", "cuda_rng_state",
                          "processes", "encoder_weights", "encoder_weights_sha256", "train_images_sha256",
                          "model_sha256"}
@@ -61,6 +61,7 @@ def test_a_checkpoint_is_one_flat_dict_that_rebuilds_its_model(lstm_run):
     model, restored = cap.restore(lstm_run / "best.pt")
     assert restored["path"] == lstm_run / "best.pt" and model.args == ckpt["model_args"]
     assert model.vocab.itos == ckpt["vocab"] and restored["epoch"] == ckpt["epoch"] == 1
+    assert model.vocab.endings == ckpt["endings"] and "." in ckpt["endings"]  # learned_endings' list
     for name, tensor in ckpt["model"].items():
         assert torch.equal(model.state_dict()[name], tensor), name
 

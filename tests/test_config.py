@@ -261,11 +261,24 @@ def test_a_checkpoints_settings_come_under_the_command_line():
 
 @pytest.mark.parametrize("args, name", [(["--hidden_size=64"], "hidden_size"), (["--decoder=attention"], "decoder"),
                                         (["--resume", "--max_train_caption_len=5"], "max_train_caption_len"),
-                                        (["--resume", "--batch_size=8"], "batch_size")])
+                                        (["--resume", "--batch_size=8"], "batch_size"),
+                                        (["--resume", "--label_smoothing=0.1"], "label_smoothing")])
 def test_a_command_line_that_contradicts_the_checkpoint_where_it_cannot_is_refused(args, name):
     with pytest.raises(cap.UserError, match=f"^--{name}=") as error:
         settings(*args, trained=trained())
     assert f"trained with {name}=" in str(error.value)
+
+
+def test_evaluate_and_caption_may_decode_otherwise_than_the_checkpoint():
+    """Decoding changes no weight: --evaluate and --caption (no --resume) override the checkpoint's options."""
+    decoding = ["--beam_size=5", "--length_penalty=0.7", "--block_trigrams", "--learned_endings", "--suppress_unk=false"]
+    cfg = settings(*decoding, trained=trained())
+    assert (cfg.beam_size, cfg.length_penalty, cfg.block_trigrams, cfg.learned_endings, cfg.suppress_unk) == \
+        (5, 0.7, True, True, False)
+    assert settings("--label_smoothing=0.1", trained=trained()).label_smoothing == 0.1  # --init_from's new run
+    for bad in ["--label_smoothing=1", "--label_smoothing=-0.1", "--length_penalty=-1"]:
+        with pytest.raises(cap.UserError, match=bad.split("=")[0]):
+            settings("--dataset=flickr8k", bad)
 
 
 def test_outside_a_resume_the_data_and_batches_may_differ_from_the_checkpoints():

@@ -70,6 +70,23 @@ def test_a_vocabulary_too_big_for_the_codes_is_refused():
         cap.CiderD([[[1, 2]]], vocab_size=60_000)
 
 
+def test_suppress_unk_keeps_unk_out_of_scst_samples_and_their_greedy_baseline():
+    torch.manual_seed(0)
+    model = cap.Captioner(cap.Vocabulary(1).build_vocab([["a", "b", "c"]]), model_args())
+    with torch.no_grad():
+        model.decoder.to_vocab.bias[cap.Vocabulary.UNK] += 4.0  # a model that says <UNK> most
+    inputs = torch.randn(4, 2048)
+    words, logps = model(inputs, samples=5, max_len=6)
+    assert (words == cap.Vocabulary.UNK).any()
+    words, logps = model(inputs, samples=5, max_len=6, never=[cap.Vocabulary.UNK])
+    assert not (words == cap.Vocabulary.UNK).any() and logps.isfinite().all()
+    logps.sum().backward()  # still a gradient for REINFORCE
+    assert model.decoder.to_vocab.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        greedy, _ = model.eval()(inputs, max_len=6, greedy=True, never=[cap.Vocabulary.UNK])
+    assert not (greedy == cap.Vocabulary.UNK).any()
+
+
 @pytest.mark.parametrize("decoder", ["lstm", "attention"])
 def test_sampled_captions_end_with_eos_and_respect_max_len(decoder):
     torch.manual_seed(0)

@@ -23,6 +23,22 @@ OUTPUTS = ["loss_per_batch.csv", "loss_per_epoch.csv", "loss_graph.png", "metric
            "report.html"]
 
 
+def test_label_smoothing_is_its_formula_in_training_and_the_validation_loss_stays_plain():
+    """(1 - eps) * -log p(target) + eps * mean over the vocabulary of -log p, averaged over the words, never <PAD>."""
+    from test_models import model_args
+    torch.manual_seed(0)
+    model = cap.Captioner(cap.Vocabulary(1).build_vocab(["a b c d"]), model_args(dropout=0.0))
+    model.label_smoothing = 0.2
+    inputs = torch.randn(2, 2048)
+    captions = torch.tensor([[1, 4, 5, 6, 2], [1, 7, 2, 0, 0]])  # <SOS> ... <EOS> <PAD>
+    loss, logits, targets = model.train()(inputs, captions)
+    logp = logits.log_softmax(-1)  # (2, 4, V)
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (2, 4)
+    words = targets != cap.Vocabulary.PAD
+    assert loss.item() == pytest.approx(((1 - 0.2) * nll - 0.2 * logp.mean(-1))[words].mean().item())
+    assert model.eval()(inputs, captions)[0].item() == pytest.approx(nll[words].mean().item())  # validation's
+
+
 def test_demo_run_writes_every_output(trained_demo):
     for name in OUTPUTS:
         assert (trained_demo / name).is_file() and (trained_demo / name).stat().st_size > 0, name
