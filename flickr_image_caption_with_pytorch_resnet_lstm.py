@@ -119,9 +119,8 @@ Config = dataclasses.make_dataclass("Config", [(n, type(v)) for n, v in DEFAULTS
                                     frozen=True)
 
 
-# The demo's settings over the constants, to finish in minutes on a 2-core CPU: its 36-word
-# vocabulary needs no 2-layer 512-unit LSTM, and one layer of 256 reads the shapes as well in half
-# the time
+# The demo's settings over the constants, to finish in minutes on a 2-core CPU: its 36 words need
+# no 2-layer 512-unit LSTM, and one layer of 256 reads the shapes as well in half the time
 PRESETS = {"demo": dict(image_size=128, num_epochs=20, batch_size=64, learning_rate=0.002,
                         lr_schedule="cosine", embed_size=128, hidden_size=256, num_layers=1,
                         max_caption_len=24)}  # room to end its longest caption: 20 words, a stop
@@ -178,19 +177,14 @@ class Vocabulary:
 
 # --------------------------------------------------------------------------------------------------
 # dataset and batches: one item per caption, its image's cached ResNet50 features and its word ids
-# hands (features, padded captions) batches, in an order fixed by seed and epoch, to the training
-# loop
+# hands (features, padded captions) batches, in an order fixed by seed and epoch, to training
 
 def image_transform(size):
     """What the frozen ResNet50 sees: resized, centre-cropped, normalised as for ImageNet."""
     from torchvision.transforms import v2 as T  # here, not above: --help skips its second
-    return T.Compose([
-        T.ToImage(),
-        T.Resize(size, antialias=True),
-        T.CenterCrop(size),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-    ])
+    return T.Compose([T.ToImage(), T.Resize(size, antialias=True), T.CenterCrop(size),
+                      T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
 
 
 class ImageSource:
@@ -536,8 +530,7 @@ class Captioner(nn.Module):
 
 # --------------------------------------------------------------------------------------------------
 # training: the cross-entropy step, the self-critical (SCST) step and its CIDEr-D reward, the
-# learning-rate schedule and the loop over steps; hands best.pt and the logs to validation and the
-# report
+# learning-rate schedule, and the whole run: set-up, the loop over steps, the epoch's end, the test
 
 # The reward: coco-caption's CIDEr-D (Vedantam et al., 2015) of a caption c of an image whose
 # references are s_1..s_m, among N training images, as pycocoevalcap's Cider computes it:
@@ -782,11 +775,9 @@ class Run:
 
 
 def start_run(cfg, device, restored):
-    """The data, model, Adam, progress and datasets of a fresh run, or of last.pt's (restored) on
-    --resume, in a Run."""
+    """A fresh run's data, model, Adam, progress and datasets, or last.pt's (--resume): a Run."""
     model, ckpt = restored or (None, None)
-    # refuses data, a vocabulary or ResNet50 weights that the checkpoint does not fit, before
-    # any image is read
+    # refuses data, vocabulary or ResNet50 weights the checkpoint does not fit: before any image
     data = prepare_data(cfg, device, build_vocab=True, trained=ckpt)
     features = data.source.features
     if device.type == "cuda" and features.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
@@ -830,8 +821,7 @@ def start_run(cfg, device, restored):
 
 
 def train(cfg, device, restored=None):
-    """The whole run: set-up (fresh, --resume or --init_from), the loop over steps with each
-    epoch's end (validation, last.pt, best.pt, the CSVs and graphs), then the test report."""
+    """The whole run: set-up, the loop over steps with each epoch's end, then the test report."""
     out, size = Path(cfg.output_dir), rank_and_size()[1]
     lock = claim_output_dir(out) if is_main_process() else None
     # ---- set-up
@@ -851,7 +841,6 @@ def train(cfg, device, restored=None):
     with signals_to(stop.request):  # Ctrl-C, SIGTERM and SIGHUP ask the loop to save and stop
         try:
             while True:
-                # the step about to be taken: its epoch and batch
                 epoch, batch = epoch_and_batch(progress.step, steps_per_epoch, scst_steps, cfg)
                 scst = epoch >= cfg.num_epochs
                 epoch_steps = scst_steps if scst else steps_per_epoch
@@ -963,8 +952,7 @@ def record_losses(run):
         if scst:
             progress.reward_sum += row.reward
             progress.greedy_sum += row.greedy_cider
-    average = progress.reward_sum if scst else progress.loss_sum
-    average /= progress.loss_count
+    average = (progress.reward_sum if scst else progress.loss_sum) / progress.loss_count
     last = rows[-1]
     run.bar.set_postfix({"loss": f"{last.loss:.3f}", "avg": f"{average:.3f}"})
     if run.bar.disable:  # a log file, not a terminal: a plain line instead
@@ -1026,10 +1014,9 @@ def epoch_training_figures(run):
 
 
 def is_best(progress, row, cfg):
-    """Whether the epoch's row is the best yet by best_metric (higher is better); records it.
-    The one rule of best.pt and the graphs' mark: SCST, which raises the cross-entropy, compares
-    its epochs among themselves by the CIDEr it raises where best_metric is val_loss or
-    demo_accuracy."""
+    """Whether the epoch's row is the best yet by best_metric (higher is better), recorded: the one
+    rule of best.pt and the graphs' mark. SCST, which raises the cross-entropy, compares its epochs
+    by the CIDEr it raises where best_metric is val_loss or demo_accuracy."""
     metric = cfg.best_metric
     if progress.epoch > cfg.num_epochs and metric in ("val_loss", "demo_accuracy"):
         metric = "CIDEr"
@@ -1049,8 +1036,7 @@ def is_best(progress, row, cfg):
 
 
 def keep_cross_entropy_results(run):
-    """Before SCST's first epoch: the cross-entropy best.pt and its test report, kept as best-xe.pt,
-    report-xe.html and test_*-xe.*, to compare with what SCST makes of them."""
+    """Before SCST: the cross-entropy best.pt and its test report, kept as best-xe.pt and -xe."""
     out = Path(run.cfg.output_dir)
     if is_main_process():
         write_whole(out, {out / "best-xe.pt": (out / "best.pt").read_bytes()})
@@ -1068,8 +1054,7 @@ def keep_cross_entropy_results(run):
 def validation_loss(model, dataset, cfg, device):
     """Teacher-forced loss and token accuracy: the share of non-padding targets argmax predicts."""
     rank, size = rank_and_size()
-    batches = [b.tolist() for b in torch.arange(len(dataset)).split(cfg.batch_size)]
-    batches = batches[rank::size]
+    batches = [b.tolist() for b in torch.arange(len(dataset)).split(cfg.batch_size)][rank::size]
     sums = [torch.zeros(3, device=device)]  # a batch's (loss x tokens, tokens right, tokens)
     with evaluating(model):
         for indices in batches:
@@ -1153,8 +1138,7 @@ def beam_search(decoder, image_embeds, beam_size, max_len, n_best=False, rules=R
 
 
 def generate_captions(model, source, names, cfg, device, n_best=False):
-    """{name: caption} of the images, in their order (n_best: beam_search's hypotheses, as
-    generate gives them); under torchrun, shared out and gathered. cfg.beam_size beams."""
+    """{name: caption (n_best: generate's hypotheses)}, in order; torchrun's processes share."""
     rank, size = rank_and_size()
     share = names[rank::size]
     captions = {}
@@ -1239,8 +1223,7 @@ class TestResults(NamedTuple):
 
 
 def test_report(restored, data, cfg, device, tag=""):
-    """A checkpoint's captions and metrics on the test split, logged and written out with the
-    results page (tag in the files' names). Every process captions a share; process 0 writes."""
+    """A checkpoint's test captions and metrics, with the page (tag in the names); 0 writes."""
     model, ckpt = restored
     start = time.time()
     model = model.to(device)
