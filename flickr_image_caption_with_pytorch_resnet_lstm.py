@@ -2241,7 +2241,7 @@ def write_feature_cache(weights, files, path, key, cfg, device):
     scratch = path.with_name(f"{path.name}.{os.getpid()}.scratch")  # COCO's grids outgrow RAM
     # the scratch file goes also on a full disk, Ctrl-C or SIGTERM (main makes it an exception)
     try:
-        encoder = EncoderCNN(cfg.embed_size, load_resnet50(weights))
+        encoder = EncoderCNN(1, load_resnet50(weights))  # its frozen ResNet50 alone runs here
         features, unread = extract_features(encoder, list(files.values()), cfg, device, scratch)
         names = list(files)
         failed = [names[i] for i in unread]
