@@ -1433,11 +1433,6 @@ def show_settings(values, origin, trained, echo):
              + "\n".join(lines))
 
 
-def valid_best_metric(value, values):
-    demo = (value, values["dataset"]) == ("demo_accuracy", "demo")
-    return value in ("CIDEr", "BLEU-4", "val_loss") or demo
-
-
 DATASETS = ("auto", "demo", "flickr8k", "flickr30k", "coco")
 # the settings that take a word from a list: the nearest is suggested for one that is not there
 CHOICES = {"dataset": DATASETS, "preset": ("auto", "none", *PRESETS), "caption_format": ("text",
@@ -1462,7 +1457,8 @@ SETTING_RULES = [  # (names, valid(value, values), what the value must be)
      "scst_baseline='mean' (the baseline is the other samples' mean)"),
     (["dropout", "label_smoothing"], lambda v, _: 0 <= v < 1, "at least 0 and below 1"),
     (["seed"], lambda v, _: 0 <= v < 2 ** 32, f"between 0 and {2 ** 32 - 1}"),
-    (["best_metric"], valid_best_metric,
+    (["best_metric"], lambda v, values: v in ("CIDEr", "BLEU-4", "val_loss")
+     or (v, values["dataset"]) == ("demo_accuracy", "demo"),
      "'CIDEr', 'BLEU-4', 'val_loss' or, on the demo, 'demo_accuracy'"),
     (["cache_dir"], lambda v, _: v != "", "a folder, such as resources/cache"),
     (["device"], lambda v, _: re.fullmatch(r"auto|cpu|mps|cuda(:[1-9]?\d)?", v),
@@ -1624,15 +1620,12 @@ def find_dataset_files(folder):
         raise UserError(f"no caption file in {folder}: expected one of {', '.join(CAPTION_FILES)}")
     if found[0].name == "dataset_coco.json":  # its images are in train2014/ and val2014/, named so
         return found[0], folder
-    image_dirs = [folder / d for d in IMAGE_DIRS if holds_images(folder / d)]
+    image_dirs = [folder / d for d in IMAGE_DIRS if (folder / d).is_dir() and any(
+        p.suffix.lower() in IMAGE_EXTENSIONS for p in (folder / d).iterdir())]
     if not image_dirs:
         raise UserError(f"no image folder with images in {folder}: expected one of "
                         f"{', '.join(IMAGE_DIRS)}")
     return found[0], image_dirs[0]
-
-
-def holds_images(folder):
-    return folder.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
 
 
 def assign_splits(frame, folder, seed, holdout_fraction=0.1):
@@ -2914,7 +2907,6 @@ def word_maps(model, source, captions, device):
         maps |= {name: list(zip(words, a.view(-1, side, side).cpu().numpy()))  # (T-1, h, w)
                  for (name, words), a in zip(chunk, alphas)}
     return maps
-
 
 
 def write_history(out, progress):
